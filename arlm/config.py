@@ -1,0 +1,120 @@
+"""Model configuration: one dataclass for both transformer families arlm runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and layout of a decoder-only transformer.
+
+    ``family`` picks the layout: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases) or
+    ``llama`` (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases).
+    """
+
+    family: str = "gpt2"
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # context length: the most positions the model is trained to see
+    n_kv_head: int | None = None  # None: same as n_head; fewer is grouped-query attention
+    intermediate_size: int | None = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd (llama)
+    norm_eps: float = 1e-5
+    bias: bool | None = None  # biases on linears and norms; None: True for gpt2, False for llama
+    qkv_bias: bool | None = None  # bias on the q/k/v projection only (Qwen2); None: same as bias
+    tie_embeddings: bool = True  # the output projection shares the token-embedding matrix
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3", ...} as in HF configs
+    dropout: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance (e.g. the HF model_type)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not supported; choose one of {FAMILIES}")
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            )
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_kv_head={self.n_kv_head} must be a positive divisor of n_head={self.n_head}"
+            )
+        if self.intermediate_size is None:
+            if self.family == "gpt2":
+                self.intermediate_size = 4 * self.n_embd
+            else:  # SwiGLU has three matrices: 2/3 of 4*n_embd keeps the parameter count
+                self.intermediate_size = 64 * -(-(8 * self.n_embd // 3) // 64)
+        if self.bias is None:
+            self.bias = self.family == "gpt2"
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise ValueError(
+                    f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'default'"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def positions(self) -> str:
+        """``learned`` absolute position embeddings or ``rope`` rotary embeddings."""
+        return "learned" if self.family == "gpt2" else "rope"
+
+    @property
+    def norm(self) -> str:
+        return "layernorm" if self.family == "gpt2" else "rmsnorm"
+
+    @property
+    def mlp(self) -> str:
+        return "gelu" if self.family == "gpt2" else "swiglu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named configuration (see ``PRESETS``), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~1M parameters: for tests and quick experiments.
+    "tiny": dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=128, block_size=128),
+    # The default: learns the built-in corpus in about five minutes on two CPU cores.
+    "small": dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=256, block_size=256),
+    # A Llama-layout counterpart of tiny, with grouped-query attention.
+    "llama-tiny": dict(
+        family="llama", vocab_size=2048, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        block_size=128,
+    ),
+    # GPT-2 small (124M).
+    "gpt2": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024),
+}

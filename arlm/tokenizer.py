@@ -1,0 +1,143 @@
+"""Byte-level BPE on Hugging Face ``tokenizers``: train, save, load, encode, decode, stream."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Text to token ids and back; wraps a ``tokenizers.Tokenizer``.
+
+    ``eos_token_ids`` are the ids that end a generation; ``chat_template`` is the Jinja template
+    of a Hugging Face model folder, when it has one.
+    """
+
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        eos_token_ids: Iterable[int] | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        self._tk = tokenizer
+        if eos_token_ids is None:
+            eot = tokenizer.token_to_id(EOT)
+            eos_token_ids = [] if eot is None else [eot]
+        self.eos_token_ids = list(eos_token_ids)
+        self.chat_template = chat_template
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Learn a byte-level BPE of ``vocab_size`` ids (256 bytes, merges, and ``EOT``)."""
+        if vocab_size < 257:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+                "and the end-of-text token, so at least 257"
+            )
+        tk = _HFTokenizer(models.BPE())
+        # every byte maps to a printable symbol first, so any UTF-8 text encodes and round-trips
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        try:
+            tk = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+        return cls(tk)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` atomically (temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+    def to_json(self) -> str:
+        return self._tk.to_str()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. Special tokens written in the text map to their ids;
+        ``add_special_tokens`` lets a model's post-processor add its markers (e.g. Llama's BOS)."""
+        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def decoder(self) -> IncrementalDecoder:
+        """A fresh streaming decoder; see ``IncrementalDecoder``."""
+        return IncrementalDecoder(self)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids})"
+
+
+class IncrementalDecoder:
+    """Turns token ids into text pieces as they arrive, never splitting a character.
+
+    One character may span several tokens (a byte-level BPE can cut an emoji in the middle), so a
+    piece is released only when the text decoded so far no longer ends in an incomplete sequence
+    (U+FFFD). Decoding a short window (``prefix``) along with the new ids keeps each step cheap and
+    lets tokenizers that look at neighbours (leading-space rules) decode as they would in full.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context
+        self._read = 0  # ids before this index have been released as text
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that became complete (possibly empty)."""
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix : self._read])
+        text = decode(self._ids[self._prefix :])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            piece = text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self._ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """Release whatever is pending at the end of the stream, complete or not."""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix : self._read])
+        text = decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(prefix_text) :]
+
+
+def load_tokenizer_json(text: str) -> Tokenizer:
+    """A ``Tokenizer`` from the JSON text of a ``tokenizer.json``."""
+    json.loads(text)  # a clear JSON error before the library's terse one
+    return Tokenizer(_HFTokenizer.from_str(text))
