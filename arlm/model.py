@@ -40,7 +40,8 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,), with Llama 3's long-context rescaling when configured."""
     dim = config.head_dim
     # float32 throughout, as the reference implementation computes it
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+    arange = torch.arange(0, dim, 2, device="cpu").float()  # cpu even under a meta-device init
+    inv_freq = 1.0 / (config.rope_theta ** (arange / dim))
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type", scaling.get("type")) == "llama3":
         # long wavelengths are slowed by `factor`, short ones kept, the band between blended
@@ -150,8 +151,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if config.positions == "rope":
-            self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        # kept in float32 outside the module's buffers, so casting the model to bfloat16 does not
+        # round the rotation frequencies (and the reference implementation does not round them)
+        self.inv_freq = rope_frequencies(config) if config.positions == "rope" else None
         self.apply(self._init_weights)
         # residual projections scaled down so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
@@ -171,7 +173,10 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _rope(self, start_pos: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(start_pos, start_pos + T, device=self.inv_freq.device, dtype=torch.float32)
+        device = self.wte.weight.device
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        pos = torch.arange(start_pos, start_pos + T, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq)  # (T, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)

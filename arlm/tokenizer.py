@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,8 +15,9 @@ EOT = "<|endoftext|>"
 class Tokenizer:
     """Text to token ids and back; wraps a ``tokenizers.Tokenizer``.
 
-    ``eos_token_ids`` are the ids that end a generation; ``chat_template`` is the Jinja template
-    of a Hugging Face model folder, when it has one.
+    ``eos_token_ids`` are the ids that end a generation; ``bos_token_id`` is the id that starts a
+    text when there is no other context; ``chat_template`` is the Jinja template of a Hugging Face
+    model folder, when it has one.
     """
 
     def __init__(
@@ -25,12 +25,15 @@ class Tokenizer:
         tokenizer: _HFTokenizer,
         eos_token_ids: Iterable[int] | None = None,
         chat_template: str | None = None,
+        bos_token_id: int | None = None,
     ) -> None:
         self._tk = tokenizer
+        eot = tokenizer.token_to_id(EOT)
         if eos_token_ids is None:
-            eot = tokenizer.token_to_id(EOT)
             eos_token_ids = [] if eot is None else [eot]
         self.eos_token_ids = list(eos_token_ids)
+        # the token that starts a text when there is no other context (GPT-2 uses end-of-text)
+        self.bos_token_id = eot if bos_token_id is None else bos_token_id
         self.chat_template = chat_template
 
     @classmethod
@@ -136,8 +139,3 @@ class IncrementalDecoder:
         self._prefix = self._read = len(self._ids)
         return text[len(prefix_text) :]
 
-
-def load_tokenizer_json(text: str) -> Tokenizer:
-    """A ``Tokenizer`` from the JSON text of a ``tokenizer.json``."""
-    json.loads(text)  # a clear JSON error before the library's terse one
-    return Tokenizer(_HFTokenizer.from_str(text))

@@ -1,0 +1,139 @@
+"""The transformer: causal masking, teacher forcing, and cached decoding equal to a full pass."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arlm.config import ModelConfig
+from arlm.kv_cache import KVCache
+from tests.conftest import make_model
+
+FAMILIES = ["gpt2", "llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_changing_later_tokens_leaves_earlier_logits_unchanged(family):
+    model = make_model(family)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 512, (2, 40), generator=g)
+    y = x.clone()
+    t = 17
+    y[:, t + 1 :] = torch.randint(0, 512, (2, 40 - t - 1), generator=g)
+    with torch.no_grad():
+        lx, _ = model(x)
+        ly, _ = model(y)
+    torch.testing.assert_close(lx[:, : t + 1], ly[:, : t + 1], rtol=0, atol=1e-5)
+    assert not torch.allclose(lx[:, t + 1 :], ly[:, t + 1 :], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cached_decoding_matches_full_forward_at_every_step(family, batch):
+    model = make_model(family)
+    g = torch.Generator().manual_seed(2)
+    seq = torch.randint(0, 512, (batch, 48), generator=g)
+    prompt = 16
+    cache = KVCache.for_model(model.config, batch, 48)
+    with torch.no_grad():
+        full, _ = model(seq)
+        logits, _ = model(seq[:, :prompt], kv_cache=cache)
+        torch.testing.assert_close(logits, full[:, :prompt], rtol=0, atol=1e-5)
+        for pos in range(prompt, 48):
+            step, _ = model(seq[:, pos : pos + 1], kv_cache=cache, start_pos=pos)
+            torch.testing.assert_close(step[:, 0], full[:, pos], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunk_appended_after_cached_positions_sees_the_right_mask(family):
+    model = make_model(family)
+    seq = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(3))
+    cache = KVCache.for_model(model.config, 2, 30)
+    with torch.no_grad():
+        full, _ = model(seq)
+        model(seq[:, :10], kv_cache=cache)
+        chunk, _ = model(seq[:, 10:25], kv_cache=cache, start_pos=10)
+        rest, _ = model(seq[:, 25:], kv_cache=cache, start_pos=25)
+    torch.testing.assert_close(chunk, full[:, 10:25], rtol=0, atol=1e-5)
+    torch.testing.assert_close(rest, full[:, 25:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_with_cache_equal_greedy_tokens_by_recomputation(family):
+    model = make_model(family)
+    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(4))
+    cache = KVCache.for_model(model.config, 2, 40)
+    with torch.no_grad():
+        seq = prompt
+        for _ in range(30):  # no cache: rerun the whole sequence each step
+            logits, _ = model(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits, _ = model(prompt, kv_cache=cache, last_only=True)
+        cached = [logits[:, -1].argmax(-1)]
+        for pos in range(5, 34):
+            logits, _ = model(cached[-1][:, None], kv_cache=cache, start_pos=pos)
+            cached.append(logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(cached, 1), seq[:, 5:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_forcing_loss_is_mean_next_token_nll(family):
+    model = make_model(family)
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(5))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        _, loss = model(x, y)
+        nll = []
+        for b in range(2):
+            for t in range(32):  # each prediction from its own prefix, one forward per position
+                logits, _ = model(x[b : b + 1, : t + 1])
+                nll.append(-F.log_softmax(logits[0, -1], -1)[y[b, t]])
+    torch.testing.assert_close(loss, torch.stack(nll).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_learned_positions_refuse_positions_past_the_context():
+    model = make_model("gpt2")
+    with pytest.raises(ValueError, match="context length 128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_cache_refuses_writes_past_its_capacity():
+    model = make_model("llama")
+    cache = KVCache.for_model(model.config, 1, 8)
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
+
+
+def test_cache_reports_the_bytes_it_allocated():
+    config = ModelConfig.preset("llama-tiny")
+    cache = KVCache.for_model(config, 2, 64, dtype=torch.bfloat16)
+    expected = 2 * config.n_layer * 2 * config.n_kv_head * 64 * config.head_dim * 2
+    assert cache.nbytes == expected
+    assert cache.bytes_per_token == 2 * config.n_layer * config.n_kv_head * config.head_dim * 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"family": "mamba"}, "family='mamba'"),
+        ({"n_embd": 130}, "divisible by n_head"),
+        ({"n_kv_head": 3}, "divisor of n_head"),
+        ({"n_layer": 0}, "n_layer=0"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_config_rejects_bad_values_with_a_clear_message(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.preset("tiny", **overrides)
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ValueError, match="choose one of"):
+        ModelConfig.preset("huge")
+
+
+def test_presets_have_the_documented_sizes():
+    from arlm.model import Transformer
+
+    assert 0.8e6 < Transformer(ModelConfig.preset("tiny")).num_params() < 1.3e6
+    with torch.device("meta"):
+        assert round(Transformer(ModelConfig.preset("gpt2")).num_params() / 1e6) == 124
