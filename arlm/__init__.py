@@ -7,5 +7,12 @@ from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
 
 __all__ = [
-    "LM", "Chunk", "Completion", "ModelConfig", "SamplingParams", "Score", "Tokenizer", "load",
+    "LM",
+    "Chunk",
+    "Completion",
+    "ModelConfig",
+    "SamplingParams",
+    "Score",
+    "Tokenizer",
+    "load",
 ]

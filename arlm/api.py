@@ -12,25 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from arlm.checkpoint import load_model
+from arlm.config import resolve_dtype
 from arlm.generate import Chunk, Completion, complete, stream
 from arlm.model import Transformer
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
-
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A torch dtype from a dtype or its name (``float32``, ``bfloat16``, ``float16``)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 @dataclass

@@ -19,7 +19,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an arlm checkpoint directory or a Hugging Face model folder")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
         help="weights' dtype (default: float32)",
     )
 
@@ -28,13 +30,21 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     d = SAMPLING_DEFAULTS
     p.add_argument("--max-tokens", type=int, help=f"tokens to generate (default: {d.max_tokens})")
     p.add_argument("--temperature", type=float, help=f"0 is greedy (default: {d.temperature})")
-    p.add_argument("--top-k", type=int, help=f"keep the k likeliest tokens, 0 = off (default: {d.top_k})")
+    p.add_argument(
+        "--top-k", type=int, help=f"keep the k likeliest tokens, 0 = off (default: {d.top_k})"
+    )
     p.add_argument("--top-p", type=float, help=f"nucleus sampling mass (default: {d.top_p})")
-    p.add_argument("--min-p", type=float, help=f"drop tokens below min-p x the top one (default: {d.min_p})")
+    p.add_argument(
+        "--min-p", type=float, help=f"drop tokens below min-p x the top one (default: {d.min_p})"
+    )
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--ignore-eos", action="store_true", default=None,
-                   help="keep generating past the end-of-text token")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=None,
+        help="keep generating past the end-of-text token",
+    )
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -49,11 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = TRAIN_DEFAULTS
-    p = sub.add_parser("train", help="train a model by teacher forcing",
-                       description="Train a model on a corpus; progress, eval and checkpoints "
-                                   "go to --out.")
-    p.add_argument("--corpus", help=f"'builtin', a text file, a folder of .txt/.md files or a "
-                                    f"glob (default: {d.corpus})")
+    p = sub.add_parser(
+        "train",
+        help="train a model by teacher forcing",
+        description="Train a model on a corpus; progress, eval and checkpoints go to --out.",
+    )
+    p.add_argument(
+        "--corpus",
+        help=f"'builtin', a text file, a folder of .txt/.md files or a glob (default: {d.corpus})",
+    )
     p.add_argument("--preset", help=f"model size (default: {d.preset})")
     p.add_argument("--steps", type=int, help=f"optimizer steps to train to (default: {d.steps})")
     p.add_argument("--out", help=f"run folder (default: {d.out})")
@@ -61,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
     p.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
     p.add_argument("--block-size", type=int, help="context length (default: the preset's)")
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default: {d.grad_accum})")
+    p.add_argument(
+        "--grad-accum", type=int, help=f"micro-batches per step (default: {d.grad_accum})"
+    )
     p.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr})")
     p.add_argument("--warmup-steps", type=int, help=f"(default: {d.warmup_steps})")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary (default: the preset's)")
@@ -102,13 +118,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = TrainConfig(**given)
     trainer = Trainer(cfg, resume=args.resume)
     n_params = trainer.model.num_params()
-    print(f"model: {trainer.cfg.preset}, {n_params / 1e6:.2f}M parameters, "
-          f"vocabulary {trainer.tokenizer.vocab_size}; "
-          f"corpus: {len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens")
+    print(
+        f"model: {trainer.cfg.preset}, {n_params / 1e6:.2f}M parameters, "
+        f"vocabulary {trainer.tokenizer.vocab_size}; "
+        f"corpus: {len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
+    )
     result = trainer.fit()
-    print(f"trained to step {result.step} in {result.seconds:.0f}s; "
-          f"final validation loss {result.val_loss:.4f} "
-          f"(perplexity {math.exp(result.val_loss):.2f}); checkpoint in {result.out}")
+    print(
+        f"trained to step {result.step} in {result.seconds:.0f}s; "
+        f"final validation loss {result.val_loss:.4f} "
+        f"(perplexity {math.exp(result.val_loss):.2f}); checkpoint in {result.out}"
+    )
     if result.step == trainer.cfg.steps and args.sample:
         lm = LM(trainer.model, trainer.tokenizer)
         print(f"sample (temperature 0.8, seed 0):\n{args.sample}", end="")
@@ -153,11 +173,13 @@ def cmd_score(args: argparse.Namespace) -> None:
     lm = arlm.load(args.model, device=args.device, dtype=args.dtype)
     score = lm.score(text)
     if args.per_token:
-        for token_id, lp in zip(score.token_ids, score.token_logprobs):
+        for token_id, lp in zip(score.token_ids, score.token_logprobs, strict=False):
             print(f"{lp:10.4f}  {lm.tokenizer.decode([token_id])!r}")
     n = len(score.token_logprobs)
-    print(f"tokens: {n}  total logprob: {score.total_logprob:.4f}  "
-          f"mean: {score.total_logprob / n:.4f}  perplexity: {score.perplexity:.4f}")
+    print(
+        f"tokens: {n}  total logprob: {score.total_logprob:.4f}  "
+        f"mean: {score.total_logprob / n:.4f}  perplexity: {score.perplexity:.4f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

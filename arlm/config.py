@@ -6,7 +6,32 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 FAMILIES = ("gpt2", "llama")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from a dtype or its name; ``None`` means float32, which every device runs."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(
+        f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)} "
+        "or torch.float32, torch.bfloat16, torch.float16"
+    )
 
 
 @dataclass
@@ -44,9 +69,7 @@ class ModelConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(
                 f"n_kv_head={self.n_kv_head} must be a positive divisor of n_head={self.n_head}"
@@ -112,7 +135,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(vocab_size=4096, n_layer=4, n_head=4, n_embd=256, block_size=256),
     # A Llama-layout counterpart of tiny, with grouped-query attention.
     "llama-tiny": dict(
-        family="llama", vocab_size=2048, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+        family="llama",
+        vocab_size=2048,
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=128,
         block_size=128,
     ),
     # GPT-2 small (124M).

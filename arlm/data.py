@@ -66,8 +66,11 @@ def prepare_shards(documents: list[str], tokenizer: Tokenizer, cache_dir: Path) 
         _write_atomic(directory / "train.bin", tokens[:-n_val].tobytes())
         _write_atomic(directory / "val.bin", tokens[-n_val:].tobytes())
         # written last: its presence means both shards are complete
-        meta = {"dtype": np.dtype(dtype).name, "train_tokens": len(tokens) - n_val,
-                "val_tokens": n_val}
+        meta = {
+            "dtype": np.dtype(dtype).name,
+            "train_tokens": len(tokens) - n_val,
+            "val_tokens": n_val,
+        }
         _write_atomic(meta_path, json.dumps(meta).encode())
     meta = json.loads(meta_path.read_text())
     return Shards(

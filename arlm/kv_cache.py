@@ -48,8 +48,13 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> KVCache:
         return cls(
-            config.n_layer, batch_size, config.n_kv_head, config.head_dim, max_len,
-            device=device, dtype=dtype,
+            config.n_layer,
+            batch_size,
+            config.n_kv_head,
+            config.head_dim,
+            max_len,
+            device=device,
+            dtype=dtype,
         )
 
     def attn_mask(self, start_pos: int, T: int) -> torch.Tensor | None:

@@ -67,7 +67,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.n_head,
+            config.n_kv_head,
+            config.head_dim,
+        )
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         # one fused projection: a single pass over the input for q, k and v
         self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.qkv_bias)
@@ -84,8 +88,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-             self.n_kv_head * self.head_dim], dim=-1,
+            [
+                self.n_head * self.head_dim,
+                self.n_kv_head * self.head_dim,
+                self.n_kv_head * self.head_dim,
+            ],
+            dim=-1,
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
@@ -95,7 +103,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, S, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attn_mask,
             # without a mask, T > 1 queries line up with the last T keys only when S == T
             is_causal=attn_mask is None and T > 1,
@@ -112,7 +122,9 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         hidden = config.intermediate_size
         # SwiGLU's gate and up projections are fused into one matrix of 2*hidden rows
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_fc = nn.Linear(
+            config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias
+        )
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +156,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.wpe = (
+            nn.Embedding(config.block_size, config.n_embd)
+            if config.positions == "learned"
+            else None
+        )
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -155,7 +171,7 @@ class Transformer(nn.Module):
         # round the rotation frequencies (and the reference implementation does not round them)
         self.inv_freq = rope_frequencies(config) if config.positions == "rope" else None
         self.apply(self._init_weights)
-        # residual projections scaled down so the residual stream's variance does not grow with depth
+        # residual projections start smaller, so the residual stream's variance stays flat in depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -172,7 +188,9 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _rope(self, start_pos: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(
+        self, start_pos: int, T: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.wte.weight.device
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)

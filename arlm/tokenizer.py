@@ -138,4 +138,3 @@ class IncrementalDecoder:
         text = decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
         return text[len(prefix_text) :]
-

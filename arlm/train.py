@@ -71,8 +71,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_iters",
-                     "log_interval", "ckpt_interval"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "ckpt_interval",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -218,7 +225,9 @@ class Trainer:
             **opt_json,
         }
         save_model(
-            self.out, self.model, self.tokenizer,
+            self.out,
+            self.model,
+            self.tokenizer,
             extra_files={
                 STATE_TENSORS: tensors_to_bytes(tensors),
                 STATE_JSON: json.dumps(state, indent=2).encode(),
@@ -282,8 +291,11 @@ class Trainer:
         total = 0.0
         for _ in range(cfg.grad_accum):
             x, y = get_batch(
-                self.shards.train, cfg.batch_size, self.model.config.block_size,
-                self.batch_generator, self.device,
+                self.shards.train,
+                cfg.batch_size,
+                self.model.config.block_size,
+                self.batch_generator,
+                self.device,
             )
             with self._autocast():
                 _, loss = self.model(x, y)
@@ -310,7 +322,10 @@ class Trainer:
         signal.signal(signal.SIGINT, self._on_interrupt)
         started = time.perf_counter()
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
+            total=cfg.steps,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
             dynamic_ncols=True,
         )
         try:
@@ -323,12 +338,23 @@ class Trainer:
                     rate = (self.step - step_last) * tokens_per_step / (now - t_last)
                     t_last, step_last = now, self.step
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                    self._log({"step": self.step, "loss": loss, "lr": cfg.lr_at(self.step - 1),
-                               "tokens_per_sec": rate})
+                    self._log(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": cfg.lr_at(self.step - 1),
+                            "tokens_per_sec": rate,
+                        }
+                    )
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
                     self.last_val_loss = self.evaluate()
-                    self._log({"step": self.step, "val_loss": self.last_val_loss,
-                               "val_ppl": math.exp(self.last_val_loss)})
+                    self._log(
+                        {
+                            "step": self.step,
+                            "val_loss": self.last_val_loss,
+                            "val_ppl": math.exp(self.last_val_loss),
+                        }
+                    )
                     bar.write(
                         f"step {self.step}: val loss {self.last_val_loss:.4f}, "
                         f"perplexity {math.exp(self.last_val_loss):.2f}"
@@ -365,9 +391,9 @@ def plot_losses(out: Path) -> None:
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train", alpha=0.7)
+        ax.plot(*zip(*train, strict=False), label="train", alpha=0.7)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation")
+        ax.plot(*zip(*val, strict=False), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()

@@ -24,7 +24,7 @@ def make_model(family: str = "gpt2", vocab_size: int = 512, seed: int = 0, **ove
     model = Transformer(config).eval()
     if family == "llama":  # give the norms non-trivial gains so they are really tested
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for _name, p in model.named_parameters():
                 if p.dim() == 1:
                     p.add_(0.1 * torch.randn_like(p))
     return model
@@ -40,8 +40,16 @@ def trained_run(tmp_path_factory, cache_dir):
     """A tiny model trained on the built-in corpus: (Trainer, TrainResult)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = TrainConfig(
-        preset="tiny", steps=300, batch_size=16, lr=3e-3, warmup_steps=20, out=str(out),
-        eval_interval=100, ckpt_interval=300, cache_dir=str(cache_dir), vocab_size=1024,
+        preset="tiny",
+        steps=300,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=20,
+        out=str(out),
+        eval_interval=100,
+        ckpt_interval=300,
+        cache_dir=str(cache_dir),
+        vocab_size=1024,
     )
     trainer = Trainer(cfg, progress=False)
     return trainer, trainer.fit()
