@@ -1,5 +1,6 @@
 """arlm: a complete autoregressive language-model stack on PyTorch."""
 
+from arlm import loops
 from arlm.api import LM, Score, load
 from arlm.config import ModelConfig
 from arlm.generate import Chunk, Completion
@@ -15,4 +16,5 @@ __all__ = [
     "Score",
     "Tokenizer",
     "load",
+    "loops",
 ]

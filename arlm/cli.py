@@ -101,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a UTF-8 text file ('-' for standard input)")
     p.add_argument("--per-token", action="store_true", help="print each token's log-probability")
     p.set_defaults(run=cmd_score)
+
+    p = sub.add_parser("export", help="write a model in another format")
+    _add_model_options(p)
+    p.add_argument("out", help="the folder to write (must not exist or be empty)")
+    p.add_argument(
+        "--format",
+        default="hf",
+        choices=["hf"],
+        help="hf: a Hugging Face folder that transformers loads (default: hf)",
+    )
+    p.set_defaults(run=cmd_export)
     return parser
 
 
@@ -180,6 +191,15 @@ def cmd_score(args: argparse.Namespace) -> None:
         f"tokens: {n}  total logprob: {score.total_logprob:.4f}  "
         f"mean: {score.total_logprob / n:.4f}  perplexity: {score.perplexity:.4f}"
     )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import arlm
+    from arlm.hf import export_hf
+
+    lm = arlm.load(args.model, device=args.device, dtype=args.dtype)
+    export_hf(lm.model, lm.tokenizer, args.out)
+    print(f"wrote {args.out} ({args.format})")
 
 
 def main(argv: list[str] | None = None) -> int:
