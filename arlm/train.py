@@ -218,6 +218,8 @@ class Trainer:
             "rng.torch": torch.get_rng_state(),
             "rng.batches": self.batch_generator.get_state(),
         }
+        if self.device.type == "cuda":  # dropout on the GPU draws from the device's generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         state = {
             "step": self.step,
             "val_loss": self.last_val_loss,
@@ -242,6 +244,8 @@ class Trainer:
         _load_optimizer(self.optimizer, tensors, state["param_groups"])
         torch.set_rng_state(tensors["rng.torch"])
         self.batch_generator.set_state(tensors["rng.batches"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = state["step"]
         self.last_val_loss = state["val_loss"]
         self._trim_metrics()
