@@ -4,16 +4,19 @@ from arlm import loops
 from arlm.api import LM, Score, load
 from arlm.config import ModelConfig
 from arlm.generate import Chunk, Completion
-from arlm.sampling import SamplingParams
+from arlm.kv_cache import CacheConfig
+from arlm.sampling import SamplingParams, TokenLogprob
 from arlm.tokenizer import Tokenizer
 
 __all__ = [
     "LM",
+    "CacheConfig",
     "Chunk",
     "Completion",
     "ModelConfig",
     "SamplingParams",
     "Score",
+    "TokenLogprob",
     "Tokenizer",
     "load",
     "loops",

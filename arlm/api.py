@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from arlm.checkpoint import load_model
 from arlm.config import resolve_dtype
 from arlm.generate import Chunk, Completion, complete, stream
+from arlm.kv_cache import CacheConfig
 from arlm.model import Transformer
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
@@ -41,11 +42,16 @@ class Score:
 
 
 class LM:
-    """A loaded model with its tokenizer."""
+    """A loaded model with its tokenizer, and the KV cache settings it generates and scores with
+    (``cache_config``; None: the contiguous cache in the model's dtype)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, cache_config: CacheConfig | None = None
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.cache_config = cache_config or CacheConfig()
+        self.cache_config.check(model.config)
 
     @property
     def config(self):
@@ -69,7 +75,11 @@ class LM:
     ) -> Completion:
         """Continue ``prompt`` (text or token ids); keywords are ``SamplingParams`` fields."""
         return complete(
-            self.model, self.tokenizer, self._prompt_ids(prompt), self._params(params, kwargs)
+            self.model,
+            self.tokenizer,
+            self._prompt_ids(prompt),
+            self._params(params, kwargs),
+            self.cache_config,
         )
 
     def stream(
@@ -77,7 +87,11 @@ class LM:
     ) -> Iterator[Chunk]:
         """Like ``generate``, yielding text pieces as they are decoded (``Chunk``, a ``str``)."""
         return stream(
-            self.model, self.tokenizer, self._prompt_ids(prompt), self._params(params, kwargs)
+            self.model,
+            self.tokenizer,
+            self._prompt_ids(prompt),
+            self._params(params, kwargs),
+            self.cache_config,
         )
 
     @torch.inference_mode()
@@ -91,12 +105,17 @@ class LM:
         return self.model(idx)[0][0].float()
 
     @torch.inference_mode()
-    def score(self, text: str | list[int]) -> Score:
+    def score(self, text: str | list[int], chunk_size: int | None = None) -> Score:
         """Per-token log-probabilities of ``text`` (or token ids).
 
         The text is scored after the tokenizer's start token when it has one, so the first token
         is scored too. Texts longer than the context are scored in overlapping windows, each new
         token seeing at least half a context of the tokens before it.
+
+        With ``chunk_size``, the text goes through the KV cache this LM was loaded with, that
+        many tokens per forward, each chunk attending to the cached keys and values of the
+        chunks before: how the quality of a quantized or windowed cache is measured. The text
+        must then fit the context, unless the cache is windowed.
         """
         ids = self._prompt_ids(text)
         start = self.tokenizer.bos_token_id
@@ -104,6 +123,8 @@ class LM:
             ids = [start, *ids]
         if len(ids) < 2:
             raise ValueError("nothing to score: the text has no tokens after the start token")
+        if chunk_size is not None:
+            return Score(token_ids=ids[1:], token_logprobs=self._chunked_logprobs(ids, chunk_size))
         block = self.config.block_size
         stride = max(block // 2, 1)
         logprobs: list[float] = []
@@ -118,19 +139,59 @@ class LM:
             scored = end
         return Score(token_ids=ids[1:], token_logprobs=logprobs)
 
+    def _chunked_logprobs(self, ids: list[int], chunk_size: int) -> list[float]:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be a positive integer")
+        n = len(ids) - 1  # the last token is only predicted, never fed
+        if n > self.config.block_size and not self.cache_config.unbounded:
+            raise ValueError(
+                f"chunked scoring runs one KV cache over the whole text: {n} positions exceed "
+                f"the context of {self.config.block_size}; load with kv_window for longer texts, "
+                "or score without chunk_size (overlapping windows)"
+            )
+        cache = self.cache_config.build(
+            self.config, 1, n, device=self.device, dtype=self.model.wte.weight.dtype
+        )
+        logprobs: list[float] = []
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            chunk = torch.tensor([ids[start:end]], device=self.device)
+            logits = self.model(chunk, kv_cache=cache, start_pos=start)[0][0].float()
+            targets = torch.tensor(ids[start + 1 : end + 1], device=self.device)
+            lp = F.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+            logprobs.extend(lp.tolist())
+        return logprobs
+
 
 def load(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     allow_pickle: bool = False,
+    *,
+    kv_cache_dtype: str = "auto",
+    kv_block_size: int | None = None,
+    kv_window: int | None = None,
+    kv_sink_tokens: int = 4,
 ) -> LM:
     """Load an arlm checkpoint directory or a Hugging Face model folder.
 
     dtype: None keeps float32 (the default on CPU); ``bfloat16``/``float16`` halve the memory.
     allow_pickle: let a Hugging Face folder with only ``pytorch_model.bin`` load (with
     ``weights_only=True``); off by default because a pickle can run code.
+
+    The KV cache that generation and chunked scoring use (see ``arlm.kv_cache``):
+    kv_cache_dtype: ``auto`` (the model's dtype), ``float32``, ``bfloat16``, ``float16``, or
+    ``int8`` / ``int4`` (quantized with a scale per position and head: about 1/4 and 1/7 of
+    float32).
+    kv_block_size: a paged cache with blocks of this many positions (16 is usual); None:
+    contiguous.
+    kv_window: keep only the first ``kv_sink_tokens`` positions and the last ``kv_window``
+    (StreamingLLM): bounded memory, and generation past the context. Rotary models only.
     """
+    cache_config = CacheConfig(
+        dtype=kv_cache_dtype, block_size=kv_block_size, window=kv_window, sink_tokens=kv_sink_tokens
+    )
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: give an arlm checkpoint or HF model folder")
@@ -141,4 +202,4 @@ def load(
         model, tokenizer = hf.load_hf(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     else:
         model, tokenizer = load_model(path, device=device, dtype=dtype)
-    return LM(model, tokenizer)
+    return LM(model, tokenizer, cache_config)

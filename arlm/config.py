@@ -143,6 +143,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_embd=128,
         block_size=128,
     ),
+    # A Llama-layout counterpart of small: rotary positions, for the windowed KV cache.
+    "llama-small": dict(
+        family="llama",
+        vocab_size=4096,
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=256,
+        block_size=256,
+    ),
     # GPT-2 small (124M).
     "gpt2": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024),
 }

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arlm.config import ModelConfig
-from arlm.kv_cache import KVCache
+from arlm.kv_cache import Cache
 
 
 class RMSNorm(nn.Module):
@@ -82,8 +82,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        kv_cache: KVCache | None,
-        start_pos: int,
+        kv_cache: Cache | None,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
@@ -101,7 +100,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, S, hd)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hd)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -146,8 +145,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, kv_cache, start_pos, attn_mask) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache, start_pos, attn_mask))
+    def forward(self, x, rope, kv_cache, attn_mask) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache, attn_mask))
         return x + self.resid_dropout(self.mlp(self.ln_2(x)))
 
 
@@ -189,46 +188,62 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _rope(
-        self, start_pos: int, T: int, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.wte.weight.device
-        if self.inv_freq.device != device:
-            self.inv_freq = self.inv_freq.to(device)
-        pos = torch.arange(start_pos, start_pos + T, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq)  # (T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        """cos and sin for ``positions`` (T,) as (T, head_dim), or (B, T) as (B, 1, T, head_dim)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * self.inv_freq  # (..., T, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, head_dim)
+        if emb.dim() == 3:
+            emb = emb[:, None]  # one table per row, shared by the heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, n_kv_head, N, head_dim) turned by the rotary angles of ``positions`` (N,)."""
+        return apply_rope(x, *self._rope(positions, x.dtype))
 
     def forward(
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        kv_cache: Cache | None = None,
+        start_pos: int | torch.Tensor = 0,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for token ids ``idx`` (B, T) at positions ``start_pos .. start_pos+T-1``.
 
+        ``start_pos`` is one int for all rows, or a (B,) tensor of each row's own start (for a
+        cache that keeps rows at their own lengths, the paged one).
         With ``targets`` (B, T), also the mean cross-entropy; target -100 is ignored.
         ``last_only`` projects only the last position to the vocabulary (decoding needs no more).
         """
         B, T = idx.shape
-        if self.wpe is not None and start_pos + T > self.config.block_size:
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(idx.device)[:, None] + torch.arange(T, device=idx.device)
+            end = int(start_pos.max()) + T  # positions: (B, T)
+        else:
+            end = start_pos + T
+            positions = torch.arange(start_pos, end, device=idx.device)  # (T,)
+        if self.wpe is not None and end > self.config.block_size:
             raise ValueError(
-                f"positions up to {start_pos + T} exceed the context length "
+                f"positions up to {end} exceed the context length "
                 f"{self.config.block_size} of this model (learned positions cannot extrapolate)"
             )
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
+            x = x + self.wpe(positions)
         else:
-            rope = self._rope(start_pos, T, x.dtype)
+            rope = self._rope(positions, x.dtype)
         x = self.drop(x)
-        attn_mask = kv_cache.attn_mask(start_pos, T) if kv_cache is not None else None
+        attn_mask = None
+        if kv_cache is not None:
+            rotate = self._rotate if self.wpe is None else None
+            attn_mask = kv_cache.prepare(start_pos, T, rotate)
         for block in self.h:
-            x = block(x, rope, kv_cache, start_pos, attn_mask)
+            x = block(x, rope, kv_cache, attn_mask)
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:]

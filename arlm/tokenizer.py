@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -95,6 +96,13 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
+
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """Each id's text on its own, by id (a byte that is part of a longer character decodes
+        to U+FFFD); computed once per tokenizer."""
+        ids = [[i] for i in range(self.vocab_size)]
+        return self._tk.decode_batch(ids, skip_special_tokens=False)
 
     def decoder(self) -> IncrementalDecoder:
         """A fresh streaming decoder; see ``IncrementalDecoder``."""

@@ -43,7 +43,7 @@ def test_unknown_preset(capsys, tmp_path):
 def test_negative_max_tokens(capsys, trained_run):
     _, result = trained_run
     code, _, err = run(capsys, "generate", str(result.out), "x", "--max-tokens", "-3")
-    assert code == 1 and "max_tokens=-3 must be an integer >= 0" in err
+    assert code == 1 and "max_tokens=-3" in err and "integer >= 0" in err
 
 
 def test_prompt_longer_than_the_context(capsys, trained_run):

@@ -1,0 +1,263 @@
+"""GGUF export: one file that llama.cpp (and the tools built on it) loads.
+
+The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for its ``gpt2`` and
+``llama`` architectures: the same tensor names and metadata keys, q and k rows reordered for
+llama.cpp's RoPE, norms and biases kept in float32, and Q8_0 falling back to f16 for rows that are
+not a multiple of its 32-value blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from arlm.config import ModelConfig
+from arlm.model import Transformer, rope_frequencies
+from arlm.tokenizer import Tokenizer
+
+Q = gguf.GGMLQuantizationType
+# --type -> (general.file_type, the type of the matrices)
+TYPES = {
+    "f32": (gguf.LlamaFileType.ALL_F32, Q.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
+}
+
+# arlm module inside block i -> the llama.cpp tensors in blk.i its rows are split into, in order
+_GPT2_BLOCK = {
+    "ln_1": ("attn_norm",),
+    "attn.c_attn": ("attn_qkv",),  # llama.cpp's gpt2 reads q, k, v fused, in arlm's row order
+    "attn.c_proj": ("attn_output",),
+    "ln_2": ("ffn_norm",),
+    "mlp.c_fc": ("ffn_up",),
+    "mlp.c_proj": ("ffn_down",),
+}
+_LLAMA_BLOCK = {
+    "ln_1": ("attn_norm",),
+    "attn.c_attn": ("attn_q", "attn_k", "attn_v"),
+    "attn.c_proj": ("attn_output",),
+    "ln_2": ("ffn_norm",),
+    "mlp.c_fc": ("ffn_gate", "ffn_up"),
+    "mlp.c_proj": ("ffn_down",),
+}
+
+
+def _check_model(config: ModelConfig) -> None:
+    # llama.cpp's llama architecture treats every linear bias as optional, its gpt2 needs them all
+    if config.family == "gpt2" and not (config.bias and config.qkv_bias):
+        raise ValueError(
+            "llama.cpp's gpt2 architecture needs biases on every linear and norm; this model has "
+            f"bias={config.bias}, qkv_bias={config.qkv_bias} (supported: both True)"
+        )
+
+
+def _llama_rope_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q or k projection (weight or bias) from rotate-half order to llama.cpp's.
+
+    arlm, like Hugging Face, rotates element i of a head with element i + head_dim/2; llama.cpp's
+    llama architecture rotates neighbours 2i and 2i+1. Within each head, row i moves to 2i and row
+    i + head_dim/2 to 2i+1, which is the permutation llama.cpp's converter applies.
+    """
+    # (n_head, 2 halves, head_dim/2, ...) -> (n_head, head_dim/2, 2, ...)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _rope_factors(config: ModelConfig) -> torch.Tensor:
+    """Llama 3's per-frequency divisors: llama.cpp divides each base frequency by its factor."""
+    base = rope_frequencies(dataclasses.replace(config, rope_scaling=None))
+    return base / rope_frequencies(config)
+
+
+def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights in float32 under llama.cpp's names, split and reordered as it reads them.
+
+    A tied output projection is left out: llama.cpp then uses ``token_embd.weight`` for it.
+    """
+    config = model.config
+    _check_model(config)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    out = {"token_embd.weight": state["wte.weight"]}
+    if config.family == "gpt2":
+        out["position_embd.weight"] = state["wpe.weight"]
+    elif (
+        config.rope_scaling
+        and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "llama3"
+    ):
+        out["rope_freqs.weight"] = _rope_factors(config)
+
+    block = _GPT2_BLOCK if config.family == "gpt2" else _LLAMA_BLOCK
+    kv = config.n_kv_head * config.head_dim
+    sizes = {"attn.c_attn": [config.n_embd, kv, kv], "mlp.c_fc": [config.intermediate_size] * 2}
+    rope_heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head}
+    for i in range(config.n_layer):
+        for module, names in block.items():
+            for kind in ("weight", "bias"):
+                tensor = state.get(f"h.{i}.{module}.{kind}")
+                if tensor is None:
+                    continue
+                parts = tensor.split(sizes[module]) if len(names) > 1 else (tensor,)
+                for name, part in zip(names, parts, strict=True):
+                    if name in rope_heads:
+                        part = _llama_rope_order(part, rope_heads[name])
+                    out[f"blk.{i}.{name}.{kind}"] = part
+
+    for kind in ("weight", "bias"):
+        if f"ln_f.{kind}" in state:
+            out[f"output_norm.{kind}"] = state[f"ln_f.{kind}"]
+    if not config.tie_embeddings:
+        out["output.weight"] = state["lm_head.weight"]
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def _encode(name: str, data: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
+    # as llama.cpp's converter: vectors (norms, biases, rope factors) and learned positions stay
+    # float32, because most of llama.cpp reads them only in float32
+    if data.ndim == 1 or name == "position_embd.weight":
+        qtype = Q.F32
+    try:
+        return gguf.quants.quantize(data, qtype), qtype
+    except gguf.QuantError:
+        # Q8_0 packs each row in blocks of 32 values; other row lengths are stored as f16
+        return gguf.quants.quantize(data, Q.F16), Q.F16
+
+
+def _vocab(tokenizer: Tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens, token types and merges as llama.cpp's ``gpt2`` tokenizer model reads them."""
+    data = json.loads(tokenizer.to_json())
+    model, pre = data["model"], data.get("pre_tokenizer") or {}
+    if (
+        model["type"] != "BPE"
+        or data.get("normalizer") is not None
+        or pre.get("type") != "ByteLevel"
+        or not pre.get("use_regex", True)
+        or pre.get("add_prefix_space", False)
+    ):
+        raise ValueError(
+            "GGUF export supports byte-level BPE with GPT-2's pre-tokenization and no normalizer "
+            "(what arlm trains, and GPT-2's tokenizer); this tokenizer has model "
+            f"{model['type']!r}, pre_tokenizer {pre.get('type')!r} "
+            f"(use_regex={pre.get('use_regex')}, add_prefix_space={pre.get('add_prefix_space')}), "
+            f"normalizer {(data.get('normalizer') or {}).get('type')!r}"
+        )
+    tokens = {i: t for t, i in model["vocab"].items()}
+    types = dict.fromkeys(tokens, int(gguf.TokenType.NORMAL))
+    for added in data.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = int(
+            gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        )
+    if max(tokens) >= n_vocab:
+        raise ValueError(
+            f"the tokenizer has token id {max(tokens)}, but the model's vocab_size is {n_vocab}; "
+            "every id must have an embedding row"
+        )
+    # embedding rows no token uses (a vocabulary padded for speed) get placeholder tokens, as
+    # llama.cpp's converter writes them: llama.cpp needs one token per row
+    names = [tokens.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    kinds = [types.get(i, int(gguf.TokenType.UNUSED)) for i in range(n_vocab)]
+    # tokenizers >= 0.20 writes a merge as a pair, older ones as "a b"; byte-level tokens hold no
+    # spaces, so the joined form is unambiguous
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return names, kinds, merges
+
+
+def _add_metadata(
+    writer: gguf.GGUFWriter, config: ModelConfig, name: str, file_type: gguf.LlamaFileType
+) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_kv_head)
+    writer.add_vocab_size(config.vocab_size)
+    if config.family == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_rope_dimension_count(config.head_dim)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(
+    writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab: tuple[list[str], list[int], list[str]]
+) -> None:
+    names, kinds, merges = vocab
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, which ByteLevel(use_regex) applies
+    writer.add_token_list(names)
+    writer.add_token_types(kinds)
+    writer.add_token_merges(merges)
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    if tokenizer.eos_token_ids:
+        # GGUF has one eos id; llama.cpp also stops on tokens it recognises by their text
+        # (<|endoftext|>, <|eot_id|>, <|im_end|>, ...)
+        writer.add_eos_token_id(tokenizer.eos_token_ids[0])
+    # whether encoding adds markers (Llama's BOS comes from the tokenizer's post-processor)
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    marked = tokenizer.encode("a")
+    added = len(marked) > len(plain)
+    writer.add_add_bos_token(added and marked[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(added and marked[-1] in tokenizer.eos_token_ids)
+    if tokenizer.chat_template is not None:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export_gguf(
+    model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike, *, type: str = "f32"
+) -> None:
+    """Write ``model`` and ``tokenizer`` as one GGUF file for llama.cpp.
+
+    gpt2-family models become llama.cpp's ``gpt2`` architecture, llama-family ones ``llama``
+    (Llama 3 rope scaling as a ``rope_freqs`` tensor). ``type`` is how the matrices are stored:
+    ``f32`` (exact), ``f16`` or ``q8_0`` (8-bit blocks; rows not a multiple of 32 values as f16);
+    vectors and position embeddings are float32 whatever the type. ``general.name`` is the file
+    name without its suffix. ``path`` must not exist; the file appears complete or not at all.
+    """
+    if type not in TYPES:
+        raise ValueError(f"type={type!r} is not supported; choose one of {list(TYPES)}")
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose a new path")
+    config = model.config
+    file_type, qtype = TYPES[type]
+    tensors = gguf_tensors(model)  # checks the model, before any file is made
+    vocab = _vocab(tokenizer, config.vocab_size)  # checks the tokenizer, likewise
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # staged beside the target (same filesystem), so the final rename is atomic
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, config.family)  # arlm's family names are llama.cpp's
+        try:
+            _add_metadata(writer, config, path.stem, file_type)
+            _add_tokenizer(writer, tokenizer, vocab)
+            for name, tensor in tensors.items():
+                data, dtype = _encode(name, tensor.numpy(), qtype)
+                writer.add_tensor(name, data, raw_dtype=dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,79 @@
+"""The interface every cache kind offers attention, and the helpers the kinds share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from arlm.kv_cache.codec import Codec
+
+# rotate(x, positions): x (B, n_kv_head, N, head_dim) turned by the rotary angle of each of the
+# N positions (N,); the model provides it, so a cache can move keys without knowing RoPE's math
+Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Cache(Protocol):
+    """What the model calls, and what users read for accounting. All byte and token counts are
+    totals over every sequence the cache holds."""
+
+    def prepare(
+        self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
+    ) -> torch.Tensor | None: ...
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @property
+    def nbytes(self) -> int: ...  # bytes of the tensors the cache allocated
+
+    @property
+    def used_bytes(self) -> int: ...  # of those, the bytes holding positions now
+
+    @property
+    def bytes_per_token(self) -> int: ...  # one position of one sequence, all layers, k and v
+
+    @property
+    def tokens(self) -> int: ...  # positions held now
+
+    @property
+    def capacity(self) -> int: ...  # positions the allocated tensors can hold
+
+
+def alloc_planes(
+    codec: Codec,
+    n_layer: int,
+    lead: tuple[int, ...],
+    head_dim: int,
+    device: torch.device | str,
+) -> list[list[torch.Tensor]]:
+    """Per layer, the zeroed planes of ``codec`` with leading shape ``lead``."""
+    return [
+        [torch.zeros(*lead, p.width, dtype=p.dtype, device=device) for p in codec.planes(head_dim)]
+        for _ in range(n_layer)
+    ]
+
+
+def planes_nbytes(*layers: list[list[torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for planes in layers for ps in planes for t in ps)
+
+
+def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor | None:
+    """The mask for T queries at ``start_pos..`` over keys ``0..start_pos+T-1``; ``None`` where
+    plain causal alignment is right (one query sees every key; a prefill from 0 has S == T)."""
+    if T == 1 or start_pos == 0:
+        return None
+    keys = torch.arange(start_pos + T, device=device)
+    queries = torch.arange(start_pos, start_pos + T, device=device)
+    return keys[None, :] <= queries[:, None]  # (T, start_pos + T)
+
+
+def require_int_position(start_pos: int | torch.Tensor, kind: str) -> int:
+    if isinstance(start_pos, torch.Tensor):
+        raise ValueError(
+            f"the {kind} cache moves all rows together, so start_pos must be one int; "
+            "the paged cache (kv_block_size) takes a position per row"
+        )
+    return start_pos
