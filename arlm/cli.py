@@ -272,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="gguf only: how the weight matrices are stored; q8_0 is 8-bit (default: f32)",
     )
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser(
+        "bench",
+        help="prefill and decode speed, time to first token, peak memory",
+        description="Greedy generation after a random prompt, through the same decode loop as "
+        "generate; one warm-up run, then the median of the timed runs.",
+    )
+    _add_model_options(p)
+    _add_cache_options(p)
+    p.add_argument("--prompt-tokens", type=int, help="prompt length (default: 64)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per run (default: 128)")
+    p.add_argument("--runs", type=int, help="timed runs (default: 3)")
+    p.set_defaults(run=cmd_bench)
     _add_loops_parser(sub)
     return parser
 
@@ -456,6 +469,26 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         export_hf(lm.model, lm.tokenizer, args.out)
     print(f"wrote {args.out} ({args.format})")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import arlm
+    from arlm.bench import bench
+
+    lm = arlm.load(args.model, device=args.device, dtype=args.dtype, **_cache_kwargs(args))
+    given = {k: getattr(args, k) for k in ("prompt_tokens", "new_tokens", "runs")}
+    r = bench(lm, **{k: v for k, v in given.items() if v is not None})
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    dtype = str(lm.model.wte.weight.dtype).removeprefix("torch.")
+    print(
+        f"model: {args.model} ({n_params / 1e6:.1f}M parameters, {dtype}, {lm.device}); "
+        f"{r.prompt_tokens} prompt + {r.new_tokens} new tokens, median of {r.runs} runs"
+    )
+    print(f"prefill      {r.prefill_tokens_per_second:10.1f} tokens/s")
+    print(f"decode       {r.decode_tokens_per_second:10.1f} tokens/s")
+    print(f"first token  {r.time_to_first_token_ms:10.1f} ms")
+    print(f"KV cache     {r.kv_cache_bytes / 2**20:10.2f} MiB")
+    print(f"peak memory  {r.peak_memory_bytes / 2**20:10.1f} MiB")
 
 
 def cmd_loops_probe(args: argparse.Namespace) -> None:
