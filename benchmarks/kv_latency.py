@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
+from plots import save_figure  # benchmarks/plots.py, beside this script
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import CacheConfig
@@ -200,11 +200,7 @@ def plot(curves, totals, win_ms, full_ms) -> None:
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    out = Path(__file__).parent / "out" / "kv_latency.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"\nwrote {out}")
+    save_figure(fig, "kv_latency.png")
 
 
 if __name__ == "__main__":

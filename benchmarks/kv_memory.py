@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
-import torch
+from plots import save_figure  # benchmarks/plots.py, beside this script
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import CacheConfig, PagedKVCache
+from arlm.kv_cache.base import storage_bytes
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 CONFIG = ModelConfig.preset("llama-small")  # 4 layers, 2 kv heads of 64: rotary, so all kinds
@@ -44,25 +44,6 @@ KINDS = {
 }
 
 
-def tensor_bytes(obj) -> int:
-    """Bytes of every distinct tensor storage reachable from ``obj``'s public attributes."""
-    seen, total, stack = set(), 0, [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            storage = x.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(x, list | tuple):
-            stack.extend(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif type(x).__module__.startswith("arlm.kv_cache"):
-            stack.extend(v for k, v in vars(x).items() if not k.startswith("_"))
-    return total
-
-
 def formula(kv_dtype: str, positions: int) -> int:
     c = CONFIG
     return 2 * c.n_layer * c.n_kv_head * VECTOR_BYTES[kv_dtype](c.head_dim) * positions
@@ -75,11 +56,11 @@ def measure(label: str, kind: CacheConfig, n: int) -> tuple[int, int]:
         # a pool with room to spare: what the sequence holds is its blocks in use
         cache = kind.build(CONFIG, 1, 2 * n)
         cache.prepare(0, n)
-        per_block = tensor_bytes(cache) // cache.pool.num_blocks
+        per_block = storage_bytes(cache) // cache.pool.num_blocks
         return cache.pool.num_used * per_block, formula(dtype, math.ceil(n / 16) * 16)
     cache = kind.build(CONFIG, 1, n)
     held = n if kind.window is None else kind.sink_tokens + kind.window
-    return tensor_bytes(cache), formula(dtype, held)
+    return storage_bytes(cache), formula(dtype, held)
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -101,15 +82,15 @@ def many_sequences(n_seqs: int, max_len: int, seed: int = 0) -> list[list[str]]:
     for n in lengths:  # each sequence grows to its own length, in one pool
         cache.set_rows([cache.add_sequence()])
         cache.prepare(0, n)
-    used = cache.pool.num_used * (tensor_bytes(cache.pool) // cache.pool.num_blocks)
+    used = cache.pool.num_used * (storage_bytes(cache.pool) // cache.pool.num_blocks)
     needed = sum(lengths) * per_token
     return [
         ["exact need", f"{needed / 2**20:.1f}", "", "1.00x"],
         [
             "contiguous batch (padded to longest)",
-            f"{tensor_bytes(padded) / 2**20:.1f}",
-            f"{(tensor_bytes(padded) - needed) / per_token / n_seqs:.0f}",
-            f"{tensor_bytes(padded) / needed:.2f}x",
+            f"{storage_bytes(padded) / 2**20:.1f}",
+            f"{(storage_bytes(padded) - needed) / per_token / n_seqs:.0f}",
+            f"{storage_bytes(padded) / needed:.2f}x",
         ],
         [
             "paged pool, blocks of 16",
@@ -171,11 +152,7 @@ def plot(measured: dict[str, list[int]]) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(__file__).parent / "out" / "kv_memory.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"\nwrote {out}")
+    save_figure(fig, "kv_memory.png")
 
 
 if __name__ == "__main__":

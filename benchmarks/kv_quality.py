@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from plots import save_figure  # benchmarks/plots.py, beside this script
 
 import arlm
 from arlm.corpus import builtin_documents
@@ -210,11 +211,7 @@ def plot(curves: dict[str, list[float]], labels: list[str]) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(__file__).parent / "out" / "kv_quality.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"\nwrote {out}")
+    save_figure(fig, "kv_quality.png")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from arlm.kv_cache import (
     WindowedKVCache,
     make_codec,
 )
+from arlm.kv_cache.base import storage_bytes
 from arlm.kv_cache.codec import quantize_int4, quantize_int8
 from tests.conftest import make_model
 
@@ -53,26 +54,6 @@ def random_tokens(shape, seed):
 
 def codec(name):
     return make_codec(name, torch.float32)
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of every tensor storage reachable from a cache object's public attributes."""
-    seen, total, stack = set(), 0, [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            storage = x.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(x, list | tuple):
-            stack.extend(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif type(x).__module__.startswith("arlm.kv_cache"):
-            # private attributes hold the current forward's indices, not what the cache stores
-            stack.extend(v for k, v in vars(x).items() if not k.startswith("_"))
-    return total
 
 
 # --- every kind against the contiguous cache ---
@@ -241,7 +222,7 @@ def test_window_memory_stops_growing_once_full():
         for pos, token in enumerate(random_tokens((1, 288), 7)[0]):
             model(token.view(1, 1), kv_cache=cache, start_pos=pos)
             used.append(cache.used_bytes)
-            assert cache.nbytes == allocated == tensor_bytes(cache)
+            assert cache.nbytes == allocated == storage_bytes(cache)
     assert used[35] == cache.nbytes  # full at 4 + 32 positions
     assert used[35:] == [used[35]] * (288 - 35)
     assert cache.tokens == 36
@@ -274,7 +255,7 @@ def test_reported_bytes_equal_the_allocated_tensors_and_the_formula(kind, kv_dty
     cache = CacheConfig(dtype=kv_dtype, **settings).build(config, 2, 64)
     # per position: k and v, 4 layers, 2 kv heads, one vector of head_dim 32 each
     assert cache.bytes_per_token == 2 * 4 * 2 * per_vector
-    assert cache.nbytes == tensor_bytes(cache) == cache.bytes_per_token * cache.capacity
+    assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * cache.capacity
     assert cache.capacity == 2 * 64 and cache.tokens == 0
 
 

@@ -77,3 +77,26 @@ def require_int_position(start_pos: int | torch.Tensor, kind: str) -> int:
             "the paged cache (kv_block_size) takes a position per row"
         )
     return start_pos
+
+
+def storage_bytes(obj: object) -> int:
+    """Bytes of every distinct tensor storage reachable from a cache object's public attributes.
+
+    An independent count of what a cache really allocated, to check its ``nbytes`` against;
+    private attributes hold the current forward's indices, not what the cache stores.
+    """
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, list | tuple):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif type(x).__module__.startswith("arlm.kv_cache"):
+            stack.extend(v for k, v in vars(x).items() if not k.startswith("_"))
+    return total
