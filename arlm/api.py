@@ -16,6 +16,8 @@ from arlm.config import resolve_dtype
 from arlm.generate import Chunk, Completion, complete, stream
 from arlm.kv_cache import CacheConfig
 from arlm.model import Transformer
+from arlm.packing import pack
+from arlm.quantize import quantize as quantize_weights
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
 
@@ -173,6 +175,8 @@ def load(
     kv_block_size: int | None = None,
     kv_window: int | None = None,
     kv_sink_tokens: int = 4,
+    quantize: str | None = None,
+    group_size: int = 32,
 ) -> LM:
     """Load an arlm checkpoint directory or a Hugging Face model folder.
 
@@ -188,6 +192,11 @@ def load(
     contiguous.
     kv_window: keep only the first ``kv_sink_tokens`` positions and the last ``kv_window``
     (StreamingLLM): bounded memory, and generation past the context. Rotary models only.
+
+    quantize: ``int8`` or ``int4`` quantizes the linear layers' weights as they load (see
+    ``arlm.quantize``; ``group_size`` inputs share an int4 scale). A checkpoint saved quantized
+    loads quantized without this. On CPU the linear layers then get their fast kernels
+    (``arlm.packing``).
     """
     cache_config = CacheConfig(
         dtype=kv_cache_dtype, block_size=kv_block_size, window=kv_window, sink_tokens=kv_sink_tokens
@@ -202,4 +211,6 @@ def load(
         model, tokenizer = hf.load_hf(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     else:
         model, tokenizer = load_model(path, device=device, dtype=dtype)
-    return LM(model, tokenizer, cache_config)
+    if quantize is not None:
+        quantize_weights(model, quantize, group_size)
+    return LM(pack(model), tokenizer, cache_config)

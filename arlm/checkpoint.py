@@ -93,11 +93,16 @@ def read_json(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}); it may be truncated") from e
 
 
+def shares_embedding(config: ModelConfig) -> bool:
+    """Whether lm_head's weight is wte's (tied and not quantized), so it is stored once."""
+    return config.tie_embeddings and config.quantization is None
+
+
 def model_files(model: Transformer, tokenizer: Tokenizer) -> dict[str, bytes]:
     """The three files of a model checkpoint, serialised."""
     state = model.state_dict()
-    if model.config.tie_embeddings:
-        del state["lm_head.weight"]  # the same tensor as wte.weight; stored once
+    if shares_embedding(model.config):
+        state.pop("lm_head.weight", None)  # the same tensor as wte.weight; stored once
     return {
         "config.json": json.dumps(model.config.to_dict(), indent=2).encode(),
         "model.safetensors": tensors_to_bytes(state, {"format": "pt"}),
@@ -118,7 +123,7 @@ def save_model(
 def load_state(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model``, naming any missing, unexpected or misshapen tensor."""
     expected = model.state_dict()
-    if model.config.tie_embeddings:
+    if shares_embedding(model.config):
         expected.pop("lm_head.weight")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

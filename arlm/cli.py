@@ -7,7 +7,9 @@ import dataclasses
 import math
 import sys
 import time
+from pathlib import Path
 
+from arlm.config import INT4_GROUP_SIZES, QUANT_METHODS
 from arlm.kv_cache import KV_DTYPES, CacheConfig
 from arlm.loop_bench import BenchConfig
 from arlm.loops import LoopDetectorConfig
@@ -33,6 +35,28 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights' dtype (default: float32)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=QUANT_METHODS,
+        help="quantize the linear layers' weights as they load: int8 (a scale per output "
+        "channel) or int4 (a scale and minimum per group of inputs); a quantized checkpoint "
+        "needs no flag",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        help=f"with --quantize int4, inputs per group, one of {INT4_GROUP_SIZES} (default: 32)",
+    )
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+        "group_size": args.group_size,
+    }
 
 
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
@@ -256,14 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument(
         "out",
-        help="the folder (hf; must not exist or be empty) or file (gguf; must not exist) to write",
+        help="the folder (hf, arlm; must not exist or be empty) or file (gguf; must not exist) "
+        "to write",
     )
     p.add_argument(
         "--format",
         default="hf",
-        choices=["hf", "gguf"],
+        choices=["hf", "gguf", "arlm"],
         help="hf: a Hugging Face folder that transformers loads; gguf: one file that llama.cpp "
-        "loads (default: hf)",
+        "loads; arlm: an arlm checkpoint, e.g. quantized with --quantize (default: hf)",
     )
     p.add_argument(
         "--type",
@@ -397,7 +422,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import arlm
 
     params = SamplingParams(**_sampling_kwargs(args))
-    lm = arlm.load(args.model, device=args.device, dtype=args.dtype, **_cache_kwargs(args))
+    lm = arlm.load(args.model, **_model_kwargs(args), **_cache_kwargs(args))
     started = time.perf_counter()
     tokens = []
     for piece in lm.stream(args.prompt, params=params):
@@ -442,7 +467,7 @@ def cmd_score(args: argparse.Namespace) -> None:
                 text = f.read()
         except OSError as e:
             raise FileNotFoundError(f"cannot read {args.file}: {e.strerror}") from e
-    lm = arlm.load(args.model, device=args.device, dtype=args.dtype, **_cache_kwargs(args))
+    lm = arlm.load(args.model, **_model_kwargs(args), **_cache_kwargs(args))
     score = lm.score(text, chunk_size=args.chunk_size)
     if args.per_token:
         for token_id, lp in zip(score.token_ids, score.token_logprobs, strict=False):
@@ -457,13 +482,20 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import arlm
 
-    if args.format == "hf" and args.type != "f32":
+    if args.format != "gguf" and args.type != "f32":
         raise ValueError(f"--type {args.type}: --type applies to --format gguf only")
-    lm = arlm.load(args.model, device=args.device, dtype=args.dtype)
+    lm = arlm.load(args.model, **_model_kwargs(args))
     if args.format == "gguf":
         from arlm.gguf_export import export_gguf
 
         export_gguf(lm.model, lm.tokenizer, args.out, type=args.type)
+    elif args.format == "arlm":
+        from arlm.checkpoint import save_model
+
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} exists and is not an empty folder; choose a new path")
+        save_model(out, lm.model, lm.tokenizer)
     else:
         from arlm.hf import export_hf
 
@@ -475,10 +507,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import arlm
     from arlm.bench import bench
 
-    lm = arlm.load(args.model, device=args.device, dtype=args.dtype, **_cache_kwargs(args))
+    lm = arlm.load(args.model, **_model_kwargs(args), **_cache_kwargs(args))
     given = {k: getattr(args, k) for k in ("prompt_tokens", "new_tokens", "runs")}
     r = bench(lm, **{k: v for k, v in given.items() if v is not None})
-    n_params = sum(p.numel() for p in lm.model.parameters())
+    n_params = lm.model.num_params()
     dtype = str(lm.model.wte.weight.dtype).removeprefix("torch.")
     print(
         f"model: {args.model} ({n_params / 1e6:.1f}M parameters, {dtype}, {lm.device}); "
@@ -496,7 +528,7 @@ def cmd_loops_probe(args: argparse.Namespace) -> None:
     from arlm import probe
 
     config = ProbeConfig(**_given(args, ProbeConfig))
-    lm = arlm.load(args.model, device=args.device, dtype=args.dtype)
+    lm = arlm.load(args.model, **_model_kwargs(args))
     curves = probe.self_reinforcement_probe(lm, config, cache_dir=args.cache_dir)
     print(
         f"self-reinforcement probe (Xu et al. 2022): {curves[0].sentences} held-out sentences "
@@ -523,7 +555,7 @@ def cmd_loops_bench(args: argparse.Namespace) -> None:
     if detection:
         given["detector"] = LoopDetectorConfig(**detection)
     config = BenchConfig(**given)
-    lm = arlm.load(args.model, device=args.device, dtype=args.dtype)
+    lm = arlm.load(args.model, **_model_kwargs(args))
     rows = loop_bench.loop_bench(lm, config, cache_dir=args.cache_dir)
     print(
         f"loop bench: {config.prompts} held-out prompts of {config.prompt_tokens} tokens, "

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 FAMILIES = ("gpt2", "llama")
+QUANT_METHODS = ("int8", "int4")  # weight-only; see arlm.quantize
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 DTYPES = {
     "float32": torch.float32,
@@ -57,6 +59,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3", ...} as in HF configs
     dropout: float = 0.0
+    quantization: str | None = None  # weight-only "int8" or "int4" linear layers; None: float
+    quant_group_size: int = 32  # int4: input weights sharing one scale and minimum
     extra: dict[str, Any] = field(default_factory=dict)  # provenance (e.g. the HF model_type)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,16 @@ class ModelConfig:
             self.qkv_bias = self.bias
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.quantization is not None and self.quantization not in QUANT_METHODS:
+            raise ValueError(
+                f"quantization={self.quantization!r} is not supported; choose one of "
+                f"{QUANT_METHODS} (or None for float weights)"
+            )
+        if self.quant_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(
+                f"quant_group_size={self.quant_group_size!r} is not supported; choose one of "
+                f"{INT4_GROUP_SIZES}"
+            )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default"):

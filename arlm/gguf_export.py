@@ -20,6 +20,7 @@ import torch
 
 from arlm.config import ModelConfig
 from arlm.model import Transformer, rope_frequencies
+from arlm.quantize import require_float
 from arlm.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -50,6 +51,7 @@ _LLAMA_BLOCK = {
 
 
 def _check_model(config: ModelConfig) -> None:
+    require_float(config, "GGUF export")
     # llama.cpp's llama architecture treats every linear bias as optional, its gpt2 needs them all
     if config.family == "gpt2" and not (config.bias and config.qkv_bias):
         raise ValueError(

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from arlm.checkpoint import CheckpointError, read_json, tensors_to_bytes
 from arlm.config import ModelConfig, resolve_dtype
 from arlm.model import Transformer
+from arlm.quantize import require_float
 from arlm.tokenizer import Tokenizer
 
 HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")  # mistral and qwen2 run as the llama family
@@ -530,6 +531,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose a new path")
     config = model.config
+    require_float(config, "Hugging Face export")
     dtype = model.wte.weight.dtype
     hf_config = _hf_config(config, tokenizer, dtype)
     generation = {

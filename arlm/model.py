@@ -8,6 +8,7 @@ inference path: the new positions attend to themselves and to what the cache alr
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import Cache
+from arlm.quantize import quantized_linear
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +36,15 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def make_linear(config: ModelConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """A float linear layer, or an empty quantized one when the config says the weights are."""
+    if config.quantization is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return quantized_linear(
+        in_features, out_features, bias, config.quantization, config.quant_group_size
+    )
 
 
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -74,8 +85,8 @@ class Attention(nn.Module):
         )
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         # one fused projection: a single pass over the input for q, k and v
-        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = make_linear(config, config.n_embd, qkv_dim, config.qkv_bias)
+        self.c_proj = make_linear(config, config.n_embd, config.n_embd, config.bias)
         self.dropout = config.dropout
 
     def forward(
@@ -121,10 +132,10 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         hidden = config.intermediate_size
         # SwiGLU's gate and up projections are fused into one matrix of 2*hidden rows
-        self.c_fc = nn.Linear(
-            config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias
+        self.c_fc = make_linear(
+            config, config.n_embd, 2 * hidden if self.swiglu else hidden, config.bias
         )
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj = make_linear(config, hidden, config.n_embd, config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
@@ -163,8 +174,9 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+        self.lm_head = make_linear(config, config.n_embd, config.vocab_size, False)
+        # a quantized head keeps its own quantized copy of the embedding matrix
+        if config.tie_embeddings and config.quantization is None:
             self.lm_head.weight = self.wte.weight
         # kept in float32 outside the module's buffers, so casting the model to bfloat16 does not
         # round the rotation frequencies (and the reference implementation does not round them)
@@ -185,7 +197,11 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """The architecture's parameter count (a tied matrix once), however the weights are held
+        (quantized or packed layers keep theirs in other forms)."""
+        with torch.device("meta"):
+            reference = Transformer(replace(self.config, quantization=None))
+        return sum(p.numel() for p in reference.parameters())
 
     def _rope(
         self, positions: torch.Tensor, dtype: torch.dtype
