@@ -11,6 +11,7 @@ import torch
 
 from arlm.api import LM
 from arlm.generate import Completion
+from arlm.packing import weight_bytes
 
 
 @dataclass
@@ -25,6 +26,7 @@ class BenchResult:
     time_to_first_token_ms: float
     kv_cache_bytes: int
     peak_memory_bytes: int  # process peak RSS on CPU, peak allocated device memory on CUDA
+    weight_bytes: int  # of the linear layers' weights a decode step reads (see packing)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -65,4 +67,5 @@ def bench(lm: LM, prompt_tokens: int = 64, new_tokens: int = 128, runs: int = 3)
         time_to_first_token_ms=statistics.median(u.prefill_seconds for u in timed) * 1e3,
         kv_cache_bytes=timed[0].kv_cache_bytes,
         peak_memory_bytes=_peak_memory(lm.device),
+        weight_bytes=weight_bytes(lm.model),
     )

@@ -511,7 +511,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     given = {k: getattr(args, k) for k in ("prompt_tokens", "new_tokens", "runs")}
     r = bench(lm, **{k: v for k, v in given.items() if v is not None})
     n_params = lm.model.num_params()
-    dtype = str(lm.model.wte.weight.dtype).removeprefix("torch.")
+    dtype = lm.config.quantization or str(lm.model.wte.weight.dtype).removeprefix("torch.")
     print(
         f"model: {args.model} ({n_params / 1e6:.1f}M parameters, {dtype}, {lm.device}); "
         f"{r.prompt_tokens} prompt + {r.new_tokens} new tokens, median of {r.runs} runs"
@@ -521,6 +521,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"first token  {r.time_to_first_token_ms:10.1f} ms")
     print(f"KV cache     {r.kv_cache_bytes / 2**20:10.2f} MiB")
     print(f"peak memory  {r.peak_memory_bytes / 2**20:10.1f} MiB")
+    print(
+        f"weights      {r.weight_bytes / 2**20:10.1f} MiB read per decode step "
+        f"({r.weight_bytes * r.decode_tokens_per_second / 1e9:.1f} GB/s at that speed)"
+    )
 
 
 def cmd_loops_probe(args: argparse.Namespace) -> None:

@@ -40,8 +40,10 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, *, shared: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # the batch-size hint 1 is decoding's shape; other batches run as fast as unpacked
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        # A batch-size hint of 1 keeps the plain layout, for which oneDNN picks an AVX2 kernel;
+        # any larger hint blocks the weight for its AVX-512 kernel, which measured 1.5x faster
+        # at batch 1 and faster still at larger batches (benchmarks/decode.py -v)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 64)
         self.bias = linear.bias
         if shared:  # the embedding's matrix too: keeping a reference to it costs nothing
             self.weight = linear.weight

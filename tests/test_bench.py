@@ -1,6 +1,7 @@
 """arlm bench: speeds measured through the one decode loop, and its input checks."""
 
 import pytest
+import torch
 
 from arlm.api import LM
 from arlm.bench import bench
@@ -15,6 +16,8 @@ def test_bench_measures_every_run_in_full(tokenizer):
     assert result.time_to_first_token_ms > 0
     assert result.kv_cache_bytes == lm.model.config.n_layer * 2 * 2 * 23 * 32 * 4  # 23 positions
     assert result.peak_memory_bytes > 0
+    linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert result.weight_bytes == sum(m.weight.numel() * 4 for m in linears)
 
 
 def test_bench_refuses_a_run_that_does_not_fit_the_context(tokenizer):
@@ -33,3 +36,4 @@ def test_bench_command_prints_its_table(capsys, trained_run):
     out = capsys.readouterr().out
     assert code == 0
     assert "decode" in out and "tokens/s" in out and "first token" in out
+    assert "read per decode step" in out
