@@ -27,8 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 so bfloat16 weights give the reference implementation's numbers
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -97,19 +96,12 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(
-            [
-                self.n_head * self.head_dim,
-                self.n_kv_head * self.head_dim,
-                self.n_kv_head * self.head_dim,
-            ],
-            dim=-1,
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        heads = self.n_head + 2 * self.n_kv_head  # q heads, then k heads, then v heads
+        qkv = self.c_attn(x).view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k turn by the same angles: one pass for both
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hd)
         y = F.scaled_dot_product_attention(

@@ -364,7 +364,7 @@ def quality(run: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="gpt2,llama", help="gpt2, llama or both")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument("-v", "--verbose", action="store_true", help="profile a decode step")
     parser.add_argument(
         "--quality",
