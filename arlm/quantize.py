@@ -143,6 +143,11 @@ def quantize(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
                 swaps[name] = Int8Linear.from_linear(module)
             else:
                 swaps[name] = Int4Linear.from_linear(module, group_size)
+    if not swaps:
+        raise ValueError(
+            "the model has no float nn.Linear layers to quantize (a model from arlm.load has "
+            "packed ones); pass quantize= to arlm.load, or quantize the model load_model returns"
+        )
     for name, new in swaps.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)

@@ -161,6 +161,8 @@ def test_quantize_refuses_what_it_cannot_do():
     assert model.config.quantization is None and isinstance(model.h[0].attn.c_attn, torch.nn.Linear)
     with pytest.raises(ValueError, match="already quantized"):
         quantize(quantize(make_model("gpt2"), "int8"), "int8")
+    with pytest.raises(ValueError, match="no float nn.Linear layers"):
+        quantize(pack(make_model("gpt2")), "int8")
 
 
 def test_export_of_a_quantized_model_asks_for_float_weights(tmp_path, tokenizer):
