@@ -2,12 +2,14 @@
 matmul this machine offers.
 
 Decoding one token reads every weight once, so a decode step is as fast as its matrix-vector
-products stream weights from memory. PyTorch's default float kernel runs them on one thread at
-about a third of the memory bandwidth here; measured on 2 cores (benchmarks/decode.py -v):
+products stream weights from memory. PyTorch's default float kernel runs a batch-1 product on one
+thread, at about 17 GB/s on the 2 cores here. The kernels below were picked by measuring them there
+(benchmarks/decode.py -v prints the comparison for the output projection):
 
-- float32 / bfloat16: oneDNN with a prepacked weight, about twice ``F.linear``'s speed;
-- int8: fbgemm's dynamically quantized linear (activations quantized per row on the fly);
-- int4: the group-wise int4 kernel, which needs bfloat16 activations.
+- float32 / bfloat16: oneDNN with the weight reordered once, 2.5-3x ``F.linear``'s speed;
+- int8: fbgemm's dynamically quantized linear (it quantizes the activations on each call),
+  12x faster than ``aten._weight_int8pack_mm``;
+- int4: the group-wise int4 kernel, with bfloat16 activations (float32 ones run 40x slower).
 
 Packed layers compute the same function as the layers they replace and write the same
 ``state_dict``, but they are for inference only (no gradients). ``pack`` skips a layer whose
@@ -41,8 +43,8 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # A batch-size hint of 1 keeps the plain layout, for which oneDNN picks an AVX2 kernel;
-        # any larger hint blocks the weight for its AVX-512 kernel, which measured 1.5x faster
-        # at batch 1 and faster still at larger batches (benchmarks/decode.py -v)
+        # any larger hint blocks the weight for its AVX-512 kernel: GPT-2's 49 linear layers at
+        # batch 1 took 8.9 ms against 13.3 ms, and larger batches gain more
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 64)
         self.bias = linear.bias
         if shared:  # the embedding's matrix too: keeping a reference to it costs nothing
@@ -85,17 +87,17 @@ class PackedInt8Linear(nn.Module):
             )
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.bias = linear.bias  # the kernel holds a float32 copy; this one is what is saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, _REDUCE_RANGE)
         return y.to(x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        qweight, bias = torch.ops.quantized.linear_unpack(self.packed)
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias, as Int8Linear
+        qweight, _ = torch.ops.quantized.linear_unpack(self.packed)
         destination[prefix + "weight"] = qweight.int_repr()
         destination[prefix + "weight_scale"] = qweight.q_per_channel_scales().float()
-        if bias is not None:
-            destination[prefix + "bias"] = bias
 
 
 class PackedInt4Linear(nn.Module):

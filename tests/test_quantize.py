@@ -201,14 +201,22 @@ def test_quantize_from_the_command_line(tmp_path, capsys, trained_run):
     assert code == 1 and "quant_group_size=48" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_a_quantized_model_cast_to_bfloat16_keeps_its_scales_and_runs(method, tokenizer):
-    model = quantize(make_model("llama", vocab_size=tokenizer.vocab_size), method)
+def test_a_quantized_model_cast_to_bfloat16_keeps_its_scales_and_runs(family, method, tokenizer):
+    model = quantize(make_model(family, vocab_size=tokenizer.vocab_size), method)
     layer = model.h[0].attn.c_attn
     scale = layer.weight_scale.clone()
     model.to(torch.bfloat16)
     assert model.wte.weight.dtype == torch.bfloat16
     assert layer.weight_scale.dtype == scale.dtype and torch.equal(layer.weight_scale, scale)
-    for lm in (LM(model, tokenizer), LM(pack(copy.deepcopy(model)), tokenizer)):
+    packed = pack(copy.deepcopy(model))
+    state, packed_state = model.state_dict(), packed.state_dict()
+    assert list(packed_state) == list(state)
+    assert all(
+        packed_state[k].dtype == t.dtype and torch.equal(packed_state[k], t)
+        for k, t in state.items()
+    )
+    for lm in (LM(model, tokenizer), LM(packed, tokenizer)):
         out = lm.generate("The", max_tokens=8, temperature=0, ignore_eos=True)
         assert len(out.token_ids) == 8
