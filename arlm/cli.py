@@ -484,6 +484,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.format != "gguf" and args.type != "f32":
         raise ValueError(f"--type {args.type}: --type applies to --format gguf only")
+    out = Path(args.out)
+    if args.format == "arlm" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new path")
     lm = arlm.load(args.model, **_model_kwargs(args))
     if args.format == "gguf":
         from arlm.gguf_export import export_gguf
@@ -492,9 +495,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     elif args.format == "arlm":
         from arlm.checkpoint import save_model
 
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FileExistsError(f"{out} exists and is not an empty folder; choose a new path")
         save_model(out, lm.model, lm.tokenizer)
     else:
         from arlm.hf import export_hf
