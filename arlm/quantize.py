@@ -24,7 +24,14 @@ from arlm.config import INT4_GROUP_SIZES, QUANT_METHODS
 
 
 class _QuantizedLinear(nn.Module):
+    """What the quantized layers share: a forward through their dequantized weight, and scales
+    that keep their dtype."""
+
     _kept_dtype = ("weight_scale", "weight_min")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):
         # casting the model to bfloat16 moves the scales to its device but keeps them as they
@@ -59,10 +66,6 @@ class Int8Linear(_QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
 
 
 class Int4Linear(_QuantizedLinear):
@@ -113,10 +116,6 @@ class Int4Linear(_QuantizedLinear):
         q = self.codes().float().reshape(n, k // g, g)
         w = q * self.weight_scale.float()[..., None] + self.weight_min.float()[..., None]
         return w.reshape(n, k).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
 
 
 def quantized_linear(

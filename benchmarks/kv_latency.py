@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from plots import save_figure  # benchmarks/plots.py, beside this script
+from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import CacheConfig
@@ -77,14 +77,6 @@ def total_seconds(per_token_ms: list[float], positions: tuple[int, ...], n: int)
         w = (p - xs[i - 1]) / (xs[i] - xs[i - 1])
         total += (1 - w) * ys[i - 1] + w * ys[i]
     return total / 1e3
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 
-from plots import save_figure  # benchmarks/plots.py, beside this script
+from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import CacheConfig, PagedKVCache
@@ -61,14 +61,6 @@ def measure(label: str, kind: CacheConfig, n: int) -> tuple[int, int]:
     cache = kind.build(CONFIG, 1, n)
     held = n if kind.window is None else kind.sink_tokens + kind.window
     return storage_bytes(cache), formula(dtype, held)
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
 def many_sequences(n_seqs: int, max_len: int, seed: int = 0) -> list[list[str]]:

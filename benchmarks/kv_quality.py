@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from plots import save_figure  # benchmarks/plots.py, beside this script
+from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 import arlm
 from arlm.corpus import builtin_documents
@@ -71,14 +71,6 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
         for s, t in pairs
     ]
     return sum(same) / len(same), sum(first) / len(first)
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
 
 
 def compare_kinds(path: str, cache_dir: Path, n_segments: int) -> list[list[str]]:
