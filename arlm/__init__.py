@@ -3,7 +3,7 @@
 from arlm import loops
 from arlm.api import LM, Score, load
 from arlm.config import ModelConfig
-from arlm.generate import Chunk, Completion
+from arlm.engine import Chunk, Completion, Engine, EngineConfig
 from arlm.kv_cache import CacheConfig
 from arlm.sampling import SamplingParams, TokenLogprob
 from arlm.tokenizer import Tokenizer
@@ -13,6 +13,8 @@ __all__ = [
     "CacheConfig",
     "Chunk",
     "Completion",
+    "Engine",
+    "EngineConfig",
     "ModelConfig",
     "SamplingParams",
     "Score",

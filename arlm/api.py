@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from arlm.checkpoint import load_model
 from arlm.config import resolve_dtype
-from arlm.generate import Chunk, Completion, complete, stream
+from arlm.formats.checkpoint import load_model
+from arlm.engine import Chunk, Completion, Engine, EngineConfig
 from arlm.kv_cache import CacheConfig
-from arlm.model import Transformer
-from arlm.packing import pack
-from arlm.quantize import quantize as quantize_weights
+from arlm.model.packing import pack
+from arlm.model.quantize import quantize as quantize_weights
+from arlm.model.transformer import Transformer
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
 
@@ -44,16 +44,26 @@ class Score:
 
 
 class LM:
-    """A loaded model with its tokenizer, and the KV cache settings it generates and scores with
-    (``cache_config``; None: the contiguous cache in the model's dtype)."""
+    """A loaded model with its tokenizer, and the engine it generates through.
+
+    ``cache_config``: the KV cache kind (None: floats in the model's dtype); ``engine_config``:
+    the engine's limits (``EngineConfig``; None: defaults sized from the model and the machine).
+    The engine is built at the first generation.
+    """
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, cache_config: CacheConfig | None = None
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        cache_config: CacheConfig | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache_config = cache_config or CacheConfig()
         self.cache_config.check(model.config)
+        self.engine_config = engine_config or EngineConfig()
+        self._engine: Engine | None = None
 
     @property
     def config(self):
@@ -62,6 +72,12 @@ class LM:
     @property
     def device(self) -> torch.device:
         return self.model.wte.weight.device
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, self.cache_config, self.engine_config)
+        return self._engine
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -73,28 +89,54 @@ class LM:
         return params if params is not None else SamplingParams.from_kwargs(**kwargs)
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs
-    ) -> Completion:
-        """Continue ``prompt`` (text or token ids); keywords are ``SamplingParams`` fields."""
-        return complete(
-            self.model,
-            self.tokenizer,
-            self._prompt_ids(prompt),
-            self._params(params, kwargs),
-            self.cache_config,
-        )
+        self,
+        prompt: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        **kwargs,
+    ) -> Completion | list:
+        """Continue ``prompt`` (text or token ids); keywords are ``SamplingParams`` fields.
+
+        A list of prompts runs as one batch through the engine and returns one completion
+        each, in order; ``params`` may then be a list, one per prompt (as vLLM's
+        ``LLM.generate``). With ``n`` > 1 each prompt gives a list of ``n`` completions.
+        A single prompt whose generation fails raises ``ValueError``; in a list, a failed
+        prompt's completion has finish_reason "error" and the others complete.
+        """
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if isinstance(params, list):
+                if kwargs:
+                    raise TypeError("pass sampling settings either as params= or as keywords")
+                batch_params = params
+            else:
+                batch_params = self._params(params, kwargs)
+            return self.engine.generate(prompt, batch_params, progress=len(prompt) > 1)
+        (result,) = self.engine.generate([prompt], self._params(params, kwargs), progress=False)
+        for completion in result if isinstance(result, list) else [result]:
+            if completion.finish_reason == "error":
+                raise ValueError(completion.error)
+        return result
 
     def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs
     ) -> Iterator[Chunk]:
-        """Like ``generate``, yielding text pieces as they are decoded (``Chunk``, a ``str``)."""
-        return stream(
-            self.model,
-            self.tokenizer,
-            self._prompt_ids(prompt),
-            self._params(params, kwargs),
-            self.cache_config,
-        )
+        """Like ``generate``, yielding text pieces as they are decoded (``Chunk``, a ``str``).
+        The last chunk carries the finish reason and usage."""
+        params = self._params(params, kwargs)
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: stream one sample at a time (n=1)")
+        engine = self.engine
+        request_id = engine.add_request(prompt, params)
+        finished = False
+        try:
+            while not finished:
+                out = engine.next_output(request_id)
+                yield from out.chunks
+                finished = out.finished
+            if out.completion.finish_reason == "error":
+                raise ValueError(out.completion.error)
+        finally:  # a consumer that stops early frees the sequence at the next step
+            if not finished:
+                engine.abort(request_id)
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -177,6 +219,11 @@ def load(
     kv_sink_tokens: int = 4,
     quantize: str | None = None,
     group_size: int = 32,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    max_model_len: int | None = None,
+    kv_cache_memory_gib: float | None = None,
+    enable_prefix_caching: bool = True,
 ) -> LM:
     """Load an arlm checkpoint directory or a Hugging Face model folder.
 
@@ -194,18 +241,24 @@ def load(
     (StreamingLLM): bounded memory, and generation past the context. Rotary models only.
 
     quantize: ``int8`` or ``int4`` quantizes the linear layers' weights as they load (see
-    ``arlm.quantize``; ``group_size`` inputs share an int4 scale). A checkpoint saved quantized
+    ``arlm.model.quantize``; ``group_size`` inputs share an int4 scale). A checkpoint saved quantized
     loads quantized without this. On CPU the linear layers then get their fast kernels
-    (``arlm.packing``).
+    (``arlm.model.packing``).
     """
-    cache_config = CacheConfig(
-        dtype=kv_cache_dtype, block_size=kv_block_size, window=kv_window, sink_tokens=kv_sink_tokens
+    cache_config = CacheConfig(dtype=kv_cache_dtype, window=kv_window, sink_tokens=kv_sink_tokens)
+    engine_config = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        kv_cache_memory_gib=kv_cache_memory_gib,
+        kv_block_size=kv_block_size or EngineConfig.kv_block_size,
+        enable_prefix_caching=enable_prefix_caching,
     )
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: give an arlm checkpoint or HF model folder")
     dtype = resolve_dtype(dtype)
-    from arlm import hf  # the importer is only needed here
+    from arlm.formats import hf  # the importer is only needed here
 
     if hf.is_hf_dir(path):
         model, tokenizer = hf.load_hf(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -213,4 +266,4 @@ def load(
         model, tokenizer = load_model(path, device=device, dtype=dtype)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
-    return LM(pack(model), tokenizer, cache_config)
+    return LM(pack(model), tokenizer, cache_config, engine_config)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from arlm.api import LM
-from arlm.generate import Completion
-from arlm.packing import weight_bytes
+from arlm.engine import Completion
+from arlm.model.packing import weight_bytes
 
 
 @dataclass
@@ -24,7 +24,8 @@ class BenchResult:
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
     time_to_first_token_ms: float
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # allocated for the sequence (its slot)
+    kv_cache_peak_bytes: int  # of those, the most in use (whole blocks)
     peak_memory_bytes: int  # process peak RSS on CPU, peak allocated device memory on CUDA
     weight_bytes: int  # of the linear layers' weights a decode step reads (see packing)
 
@@ -66,6 +67,7 @@ def bench(lm: LM, prompt_tokens: int = 64, new_tokens: int = 128, runs: int = 3)
         decode_tokens_per_second=statistics.median(u.decode_tokens_per_second for u in timed),
         time_to_first_token_ms=statistics.median(u.prefill_seconds for u in timed) * 1e3,
         kv_cache_bytes=timed[0].kv_cache_bytes,
+        kv_cache_peak_bytes=timed[0].kv_cache_peak_bytes,
         peak_memory_bytes=_peak_memory(lm.device),
         weight_bytes=weight_bytes(lm.model),
     )

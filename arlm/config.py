@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from arlm.validate import check_int
+
 FAMILIES = ("gpt2", "llama")
-QUANT_METHODS = ("int8", "int4")  # weight-only; see arlm.quantize
+QUANT_METHODS = ("int8", "int4")  # weight-only; see arlm.model.quantize
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 DTYPES = {
@@ -67,9 +69,7 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r} is not supported; choose one of {FAMILIES}")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            check_int(name, getattr(self, name), 1)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_embd % self.n_head:

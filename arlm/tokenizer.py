@@ -10,6 +10,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from arlm.atomic import write_atomic
+
 EOT = "<|endoftext|>"
 
 
@@ -71,10 +73,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json().encode())
 
     def to_json(self) -> str:
         return self._tk.to_str()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from arlm.config import ModelConfig
-from arlm.corpus import builtin_documents
 from arlm.model import Transformer
 from arlm.tokenizer import Tokenizer
 from arlm.train import TrainConfig, Trainer
+from arlm.train.corpus import builtin_documents
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import arlm
-from arlm.checkpoint import CheckpointError, load_model, recover, save_model, write_files
+from arlm.formats.checkpoint import CheckpointError, load_model, recover, save_model, write_files
 from tests.conftest import make_model
 
 

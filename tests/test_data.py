@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from arlm.corpus import CorpusError, builtin_documents, load_documents
-from arlm.data import get_batch, prepare_shards
+from arlm.train.corpus import CorpusError, builtin_documents, load_documents
+from arlm.train.data import get_batch, prepare_shards
 
 
 def test_builtin_corpus_is_the_python_reference():

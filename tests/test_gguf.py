@@ -10,9 +10,9 @@ import pytest
 import tokenizers
 import torch
 
-from arlm.checkpoint import save_model
 from arlm.cli import main
-from arlm.gguf_export import export_gguf, gguf_tensors
+from arlm.formats.checkpoint import save_model
+from arlm.formats.gguf import export_gguf, gguf_tensors
 from arlm.model import apply_rope, rope_frequencies
 from arlm.tokenizer import Tokenizer
 from tests.conftest import make_model

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import arlm
-from arlm.checkpoint import CheckpointError
 from arlm.config import ModelConfig
-from arlm.hf import config_from_hf, export_hf, is_hf_dir, load_hf, resolve_dtype
+from arlm.formats.checkpoint import CheckpointError
+from arlm.formats.hf import config_from_hf, export_hf, is_hf_dir, load_hf, resolve_dtype
 from arlm.model import Transformer, rope_frequencies
 from arlm.tokenizer import EOT, Tokenizer
 

@@ -7,9 +7,10 @@ import math
 import pytest
 
 from arlm.api import LM
-from arlm.checkpoint import save_model
 from arlm.cli import main
-from arlm.loop_bench import (
+from arlm.formats.checkpoint import save_model
+from arlm.loops import LoopDetectorConfig
+from arlm.loops.bench import (
     HUMAN,
     BenchConfig,
     BenchRow,
@@ -19,7 +20,6 @@ from arlm.loop_bench import (
     ordering,
     plot,
 )
-from arlm.loops import LoopDetectorConfig
 from tests.conftest import make_model
 from tests.test_probe import write_corpus
 

@@ -138,11 +138,9 @@ def test_break_escalates_dry(tokenizer):
 
 @pytest.mark.parametrize(
     "family, cache",
-    [("gpt2", None), ("llama", None), ("llama", CacheConfig(window=96)), ("gpt2", "paged")],
+    [("gpt2", None), ("llama", None), ("llama", CacheConfig(window=96))],
 )
 def test_break_on_random_models_leaves_no_loop_and_a_consistent_cache(tokenizer, family, cache):
-    if cache == "paged":
-        cache = CacheConfig(block_size=16)
     for seed, prompt in ((0, "The"), (1, "if x"), (2, "class")):
         lm = LM(make_model(family, vocab_size=tokenizer.vocab_size, seed=seed), tokenizer, cache)
         out = lm.generate(

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from arlm.api import LM
-from arlm.checkpoint import save_model
 from arlm.cli import main
-from arlm.heldout import held_out_ids, held_out_sentences, held_out_windows
-from arlm.probe import (
+from arlm.formats.checkpoint import save_model
+from arlm.loops.heldout import held_out_ids, held_out_sentences, held_out_windows
+from arlm.loops.probe import (
     ProbeConfig,
     format_table,
     plot,

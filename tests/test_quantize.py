@@ -13,18 +13,18 @@ from safetensors import safe_open
 
 import arlm
 from arlm.api import LM
-from arlm.checkpoint import load_model, save_model
 from arlm.cli import main
-from arlm.gguf_export import export_gguf
-from arlm.hf import export_hf
-from arlm.packing import (
+from arlm.formats.checkpoint import load_model, save_model
+from arlm.formats.gguf import export_gguf
+from arlm.formats.hf import export_hf
+from arlm.model.packing import (
     PackedInt4Linear,
     PackedInt8Linear,
     PackedLinear,
     pack,
     weight_bytes,
 )
-from arlm.quantize import Int4Linear, Int8Linear, quantize
+from arlm.model.quantize import Int4Linear, Int8Linear, quantize
 from tests.conftest import make_model
 
 FAMILIES = ["gpt2", "llama"]

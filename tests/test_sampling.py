@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from transformers.generation import logits_process as hf
 
 from arlm.api import LM
-from arlm.dry import Dry, dry_penalties, dry_sequence_breakers
-from arlm.processors import (
+from arlm.sampling import SamplingParams, SequenceSampler, sample
+from arlm.sampling.dry import Dry, dry_penalties, dry_sequence_breakers
+from arlm.sampling.processors import (
     History,
     LogitBias,
     MinTokens,
@@ -26,7 +27,6 @@ from arlm.processors import (
     top_p_filter,
     typical_filter,
 )
-from arlm.sampling import Sampler, SamplingParams
 from tests.conftest import make_model
 
 V = 50
@@ -287,27 +287,54 @@ def test_json_style_values_are_accepted():
 def test_greedy_still_applies_penalties_and_bias():
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]])
     params = SamplingParams(temperature=0, logit_bias={3: 10.0})
-    assert Sampler(params, 4, [[0]])(logits).item() == 3
+    assert SequenceSampler(params, 4, [0], 1)(logits) == 3
     params = SamplingParams(temperature=0, repetition_penalty=2.0)
-    assert Sampler(params, 4, [[0]])(logits).item() == 1  # 5/2 < 4
+    assert SequenceSampler(params, 4, [0], 1)(logits) == 1  # 5/2 < 4
     params = SamplingParams(temperature=0, no_repeat_ngram_size=1)
-    sampler = Sampler(params, 4, [[0, 1, 2]])
-    assert sampler(logits).item() == 3
-    sampler.append([3])
+    ids = [0, 1, 2]
+    sampler = SequenceSampler(params, 4, ids, 3)
+    assert sampler(logits) == 3
+    ids.append(3)
+    sampler.appended()
     with pytest.raises(ValueError, match="every token is banned"):
         sampler(logits)
 
 
 def test_each_row_draws_from_its_own_generator():
     logits = torch.zeros(2, 1000)
-    params = SamplingParams(temperature=1.0)
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=50)]
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    both = Sampler(params, 1000, [[0], [0]], generators=gens)(logits).tolist()
+    both = sample(logits, params, gens).tolist()
     alone = [
-        Sampler(params, 1000, [[0]], generators=[torch.Generator().manual_seed(s)])(logits[:1])
-        for s in (1, 2)
+        int(sample(logits[:1], [p], [torch.Generator().manual_seed(s)])[0])
+        for p, s in zip(params, (1, 2), strict=True)
     ]
-    assert both == [int(t) for t in alone]
+    assert both == alone
+
+
+def test_rows_with_different_filters_match_each_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300)
+    params = [
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.5),
+        SamplingParams(temperature=1.0, min_p=0.2, typical_p=0.9),
+        SamplingParams(temperature=0),
+    ]
+    for seed in range(5):
+        gens = [torch.Generator().manual_seed(seed * 10 + i) for i in range(4)]
+        together = sample(logits, params, gens).tolist()
+        alone = [
+            int(sample(logits[i : i + 1], [p], [torch.Generator().manual_seed(seed * 10 + i)])[0])
+            for i, p in enumerate(params)
+        ]
+        assert together == alone
+    # each row's filter really applied: top_k=5 only ever draws from its 5 best
+    top5 = set(logits[0].topk(5).indices.tolist())
+    gens = [torch.Generator().manual_seed(s) for s in range(200)]
+    draws = [int(sample(logits[:1], params[:1], [g])[0]) for g in gens]
+    assert set(draws) <= top5 and len(set(draws)) > 1
+    assert int(sample(logits[3:], params[3:], [None])[0]) == int(logits[3].argmax())
 
 
 # -- through generation ---------------------------------------------------------------------
@@ -370,7 +397,7 @@ def hf_pair(tmp_path_factory, tokenizer):
     """The same random weights as an arlm LM and a transformers model."""
     import transformers
 
-    from arlm.hf import export_hf
+    from arlm.formats.hf import export_hf
 
     model = make_model("gpt2", vocab_size=tokenizer.vocab_size, seed=5)
     with torch.no_grad():  # spread the logits, so greedy choices are never near-ties

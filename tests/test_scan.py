@@ -7,7 +7,7 @@ import json
 import pytest
 
 from arlm.cli import main
-from arlm.scan import default_config, default_unit, scan_file
+from arlm.loops.scan import default_config, default_unit, scan_file
 
 
 def test_lines_loop_is_found_with_its_line_numbers(tmp_path):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from arlm.kv_cache.codec import Codec
 
@@ -18,13 +19,11 @@ class Cache(Protocol):
     """What the model calls, and what users read for accounting. All byte and token counts are
     totals over every sequence the cache holds."""
 
-    def prepare(
-        self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
-    ) -> torch.Tensor | None: ...
+    def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None: ...
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
 
     @property
     def nbytes(self) -> int: ...  # bytes of the tensors the cache allocated
@@ -40,6 +39,37 @@ class Cache(Protocol):
 
     @property
     def capacity(self) -> int: ...  # positions the allocated tensors can hold
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd); ``mask`` True where a
+    query may look, or None for plain causal alignment (the T queries are the last T keys)."""
+    T, S = q.size(2), k.size(2)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        # without a mask, T > 1 queries line up with the last T keys only when S == T
+        is_causal=mask is None and T > 1 and T == S,
+        enable_gqa=q.size(1) != k.size(1),
+    )
+
+
+class DenseCache:
+    """A cache that hands attention every key and value its queries see, in one tensor per
+    layer: ``_prepare`` makes room and returns the mask, ``update`` stores and returns k, v."""
+
+    _mask: torch.Tensor | None = None
+
+    def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
+        self._mask = self._prepare(start_pos, T, rotate)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = self.update(layer, k, v)
+        return sdpa(q, k, v, self._mask)
 
 
 def alloc_planes(
@@ -74,7 +104,7 @@ def require_int_position(start_pos: int | torch.Tensor, kind: str) -> int:
     if isinstance(start_pos, torch.Tensor):
         raise ValueError(
             f"the {kind} cache moves all rows together, so start_pos must be one int; "
-            "the paged cache (kv_block_size) takes a position per row"
+            "rows at their own positions run through the engine (arlm.engine)"
         )
     return start_pos
 

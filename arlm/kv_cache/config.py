@@ -10,18 +10,16 @@ from arlm.config import ModelConfig
 from arlm.kv_cache.base import Cache
 from arlm.kv_cache.codec import KV_DTYPES, make_codec
 from arlm.kv_cache.contiguous import KVCache
-from arlm.kv_cache.paged import PagedKVCache
 from arlm.kv_cache.windowed import WindowedKVCache
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The KV cache settings ``arlm.load`` takes as ``kv_cache_dtype``, ``kv_block_size``,
-    ``kv_window`` and ``kv_sink_tokens``. The defaults are the contiguous cache in the model's
-    dtype."""
+    """The KV cache settings ``arlm.load`` takes as ``kv_cache_dtype``, ``kv_window`` and
+    ``kv_sink_tokens``. The defaults: every position kept, in the model's dtype. (How the engine
+    lays sequences out, in slots of blocks, is ``EngineConfig``'s.)"""
 
     dtype: str = "auto"  # auto (the model's dtype), float32, bfloat16, float16, int8, int4
-    block_size: int | None = None  # paged, with blocks of this many positions (16 is usual)
     window: int | None = None  # keep only the sinks and the last `window` positions
     sink_tokens: int = 4  # with a window: the first positions, always kept (StreamingLLM's 4)
 
@@ -30,23 +28,15 @@ class CacheConfig:
             raise ValueError(
                 f"kv_cache_dtype={self.dtype!r} is not supported; choose one of {KV_DTYPES}"
             )
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"kv_block_size={self.block_size} must be a positive integer")
         if self.window is not None and self.window < 1:
             raise ValueError(f"kv_window={self.window} must be a positive integer")
         if self.sink_tokens < 0:
             raise ValueError(f"kv_sink_tokens={self.sink_tokens} must be >= 0")
-        if self.block_size is not None and self.window is not None:
-            raise ValueError(
-                "kv_block_size (paged) and kv_window (windowed) are two cache kinds; choose one"
-            )
 
     @property
     def kind(self) -> str:
-        """``contiguous``, ``paged`` or ``windowed``."""
-        if self.block_size is not None:
-            return "paged"
-        return "windowed" if self.window is not None else "contiguous"
+        """``full`` (every position kept) or ``windowed``."""
+        return "windowed" if self.window is not None else "full"
 
     @property
     def unbounded(self) -> bool:
@@ -80,10 +70,6 @@ class CacheConfig:
         self.check(config)
         codec = make_codec(self.dtype, dtype)
         kw = dict(device=device, dtype=dtype, codec=codec)
-        if self.block_size is not None:
-            return PagedKVCache.for_model(
-                config, batch_size, max_len, block_size=self.block_size, **kw
-            )
         if self.window is not None:
             return WindowedKVCache.for_model(
                 config, batch_size, self.window, self.sink_tokens, **kw

@@ -6,6 +6,7 @@ import torch
 
 from arlm.config import ModelConfig
 from arlm.kv_cache.base import (
+    DenseCache,
     Rotate,
     alloc_planes,
     causal_mask,
@@ -15,7 +16,7 @@ from arlm.kv_cache.base import (
 from arlm.kv_cache.codec import Codec, FloatCodec
 
 
-class KVCache:
+class KVCache(DenseCache):
     """Per-layer planes of shape (batch, n_kv_head, max_len, width): positions ``0..max_len-1``
     of ``batch`` rows that advance together. Float storage in the model's dtype (the default)
     returns views of the buffers, so a decode step allocates nothing."""
@@ -64,7 +65,7 @@ class KVCache:
             codec=codec,
         )
 
-    def prepare(
+    def _prepare(
         self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
     ) -> torch.Tensor | None:
         start_pos = require_int_position(start_pos, "contiguous")

@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 
 from arlm.config import ModelConfig
-from arlm.kv_cache.base import Rotate, alloc_planes, planes_nbytes, require_int_position
+from arlm.kv_cache.base import DenseCache, Rotate, alloc_planes, planes_nbytes, require_int_position
 from arlm.kv_cache.codec import Codec, FloatCodec
 
 
-class WindowedKVCache:
+class WindowedKVCache(DenseCache):
     """Per-layer planes of shape (batch, n_kv_head, sink_tokens + window, width); the rows
     advance together, and only by appending."""
 
@@ -96,7 +96,7 @@ class WindowedKVCache:
         ns = self.sink_tokens
         return pos if pos < ns else ns + (pos - ns) % self.window
 
-    def prepare(
+    def _prepare(
         self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
     ) -> torch.Tensor | None:
         if rotate is None:

@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass
 
+from arlm.validate import check_int
+
 # Single-token loops ("\n\n\n...", "the the the") are the commonest degenerate output.
 DEFAULT_MIN_PATTERN_SIZE = 1
 # Long enough for a block of several paragraphs (~750 English words in BPE tokens); the
@@ -42,11 +44,6 @@ DEFAULT_MIN_COUNT = 3
 DEFAULT_MIN_SPAN = 32
 
 
-def _check_int(name: str, value: object, low: int, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer {allowed}")
-
-
 @dataclass(frozen=True)
 class LoopDetectorConfig:
     """Thresholds of the loop rule; the first three names follow vLLM's repetition detection."""
@@ -57,15 +54,15 @@ class LoopDetectorConfig:
     min_span: int = DEFAULT_MIN_SPAN
 
     def __post_init__(self) -> None:
-        _check_int("min_pattern_size", self.min_pattern_size, 1, ">= 1")
-        _check_int(
+        check_int("min_pattern_size", self.min_pattern_size, 1, ">= 1")
+        check_int(
             "max_pattern_size",
             self.max_pattern_size,
             self.min_pattern_size,
             f">= min_pattern_size ({self.min_pattern_size})",
         )
-        _check_int("min_count", self.min_count, 2, ">= 2")
-        _check_int("min_span", self.min_span, 0, ">= 0")
+        check_int("min_count", self.min_count, 2, ">= 2")
+        check_int("min_span", self.min_span, 0, ">= 0")
 
 
 @dataclass(frozen=True, slots=True)

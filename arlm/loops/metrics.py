@@ -11,15 +11,12 @@ import re
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
+from arlm.validate import check_int
+
 Tokens = Sequence[Hashable]
 
 # A sentence ends at a run of . ! or ? followed by whitespace; a line break always ends one.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
-
-
-def _check_at_least(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
 
 
 def _ngrams(tokens: Tokens, n: int) -> list[tuple]:
@@ -32,7 +29,7 @@ def seq_rep_n(continuations: Sequence[Tokens], n: int = 4) -> float:
     Per continuation: ``1 - |unique n-grams| / |n-grams|``; the result is the mean over
     continuations. A continuation shorter than ``n`` (no n-grams) contributes 0.
     """
-    _check_at_least("n", n, 1)
+    check_int("n", n, 1)
     if not continuations:
         return 0.0
     total = 0.0
@@ -51,7 +48,7 @@ def rep_n(texts: Sequence[Tokens], n: int) -> float:
     long texts weigh more than in :func:`seq_rep_n`). SimCTG reports it x100. Its code also
     skips each text's last n-gram; this counts every n-gram.
     """
-    _check_at_least("n", n, 1)
+    check_int("n", n, 1)
     unique = total = 0
     for tokens in texts:
         grams = _ngrams(tokens, n)
@@ -70,7 +67,7 @@ def diversity(texts: Sequence[Tokens]) -> float:
 
 def _repeat_counts(gold_tokens: Tokens, predictions: Tokens, l: int) -> tuple[int, int]:  # noqa: E741
     """(repeats, wrong repeats) of the next-token predictions over ``gold_tokens``."""
-    _check_at_least("l", l, 1)
+    check_int("l", l, 1)
     if len(predictions) != len(gold_tokens):
         raise ValueError(
             f"len(predictions)={len(predictions)} must equal len(gold_tokens)={len(gold_tokens)}"
@@ -118,7 +115,7 @@ def distinct_n(texts: Sequence[Tokens], n: int) -> float:
     number of generated tokens; dividing by n-grams, as most later work does, keeps it in
     [0, 1] for every n.)
     """
-    _check_at_least("n", n, 1)
+    check_int("n", n, 1)
     distinct: set[tuple] = set()
     total = 0
     for tokens in texts:
@@ -137,8 +134,8 @@ def holtzman_repetition(tokens: Tokens, min_phrase: int = 2, min_repeats: int = 
     consecutive copies of one ``L``-token phrase. A run of one token qualifies once it is
     ``min_phrase * min_repeats`` long (the phrase is then that token ``min_phrase`` times).
     """
-    _check_at_least("min_phrase", min_phrase, 1)
-    _check_at_least("min_repeats", min_repeats, 2)
+    check_int("min_phrase", min_phrase, 1)
+    check_int("min_repeats", min_repeats, 2)
     size = len(tokens)
     tail = list(tokens)
     for length in range(min_phrase, size // min_repeats + 1):

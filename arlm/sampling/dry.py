@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from arlm.processors import History, Processor
+from arlm.sampling.processors import History, Processor
 
 # llama.cpp clamps DRY's exponent so that base ** exponent stays a finite float32.
 _FLOAT32_MAX_LOG = 88.7228391

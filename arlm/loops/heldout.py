@@ -1,6 +1,6 @@
 """Held-out text for the loop measurements: the validation split the trainer never trains on.
 
-The split is the trainer's own (``arlm.data.prepare_shards``: the last tenth of the corpus's
+The split is the trainer's own (``arlm.train.data.prepare_shards``: the last tenth of the corpus's
 token stream), so for a model trained on the corpus this text is unseen.
 """
 
@@ -10,10 +10,10 @@ import os
 import re
 from pathlib import Path
 
-from arlm.corpus import load_documents
-from arlm.data import default_cache_dir, prepare_shards
 from arlm.loops.metrics import split_sentences
 from arlm.tokenizer import Tokenizer
+from arlm.train.corpus import load_documents
+from arlm.train.data import default_cache_dir, prepare_shards
 
 # A prose sentence: a capital letter first, a word and a full stop last, no table rules, grammar
 # or prompts in between.

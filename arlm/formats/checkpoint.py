@@ -20,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from arlm.atomic import write_atomic
 from arlm.config import ModelConfig
-from arlm.model import Transformer
+from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -33,13 +34,6 @@ class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be used, with the reason."""
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_files(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
     """Replace ``files`` (name -> contents) in ``directory`` as one unit."""
     directory = Path(directory)
@@ -48,8 +42,8 @@ def write_files(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     for name, data in files.items():
-        _fsync_write(staging / name, data)
-    _fsync_write(staging / _COMPLETE, json.dumps(sorted(files)).encode())
+        write_atomic(staging / name, data)
+    write_atomic(staging / _COMPLETE, json.dumps(sorted(files)).encode())
     recover(directory)
 
 

@@ -1,8 +1,8 @@
 """What generation does when the loop detector fires: the stop, break and report policies.
 
 A ``LoopGuard`` watches one sequence's generated ids and decides; it holds no tensors. The
-decode loop (``arlm.generate.stream``) carries the decisions out: it cuts the ids, and for a
-break it rebuilds the KV cache and the sampler from the ids it keeps.
+engine (``arlm.engine.Engine``) carries the decisions out: it cuts the ids, and for a
+break it rolls the sequence's KV cache back and rebuilds its processors from the ids it keeps.
 
 Keeping one copy. A report says the ids from ``start`` on repeat a block of ``pattern_size``;
 the first copy, ``ids[start:start + pattern_size]``, is ordinary text, and the copies after it
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arlm.loops import LoopDetector, LoopDetectorConfig, LoopReport
+from arlm.loops.detector import LoopDetector, LoopDetectorConfig, LoopReport
 
 # Each break doubles DRY's strength, from the request's or from this floor, so the first break
 # with DRY off lands on llama.cpp's suggested dry_multiplier of 0.8, and a model that keeps

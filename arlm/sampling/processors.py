@@ -4,12 +4,12 @@ given each row's token history.
 Processors that depend on the history update their state one appended token at a time (counts
 go up for the new token and down for the one leaving a ``penalty_last_n`` window), so a step
 does not rescan the history. DRY, the one that must look at its whole window, is in
-``arlm.dry``.
+``arlm.sampling.dry``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -201,32 +201,41 @@ def _neg_inf(logits: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+# The filters take one value for all rows or a column (B, 1) of per-row values; a row whose
+# value means "off" (top_k 0, top_p or typical_p 1, min_p 0) keeps its logits.
+Value = float | torch.Tensor
+
+
+def top_k_filter(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    vocab = logits.size(-1)
+    k = torch.as_tensor(k, device=logits.device).reshape(-1, 1).long()
+    k = torch.where((k <= 0) | (k > vocab), vocab, k)
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1).expand(len(logits), 1))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, p: Value) -> torch.Tensor:
+    p = torch.as_tensor(p, dtype=logits.dtype, device=logits.device).reshape(-1, 1)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     # drop a token when the tokens before it already reach p; the most likely one always stays
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted = ((probs.cumsum(dim=-1) - probs) >= p) & (p < 1)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+def min_p_filter(logits: torch.Tensor, min_p: Value) -> torch.Tensor:
+    min_p = torch.as_tensor(min_p, dtype=logits.dtype, device=logits.device).reshape(-1, 1)
     probs = logits.softmax(dim=-1)
     threshold = min_p * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+def typical_filter(logits: torch.Tensor, mass: Value) -> torch.Tensor:
     """Locally typical sampling (Meister et al. 2022): rank tokens by how far their surprise
     ``-log p`` is from the entropy, and keep the closest ones until their mass reaches ``mass``
     (the one closest always stays)."""
+    mass = torch.as_tensor(mass, dtype=logits.dtype, device=logits.device).reshape(-1, 1)
     logp = logits.log_softmax(dim=-1)
     entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)  # 0 * -inf is nan: skip it
     distance = (-logp - entropy).abs()
@@ -234,21 +243,7 @@ def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
     cum = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
     # the last kept rank is the first whose cumulative mass reaches `mass`
     last = (cum < mass).sum(dim=-1, keepdim=True).clamp(max=logits.size(-1) - 1)
-    drop_sorted = sorted_distance > sorted_distance.gather(-1, last)
+    drop_sorted = (sorted_distance > sorted_distance.gather(-1, last)) & (mass < 1)
     drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
-
-
-class Filter(Processor):
-    """A stateless step: ``fn(logits, value)``."""
-
-    def __init__(self, fn: Callable[[torch.Tensor, float], torch.Tensor], value: float) -> None:
-        self.fn, self.value = fn, value
-
-    def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
-        return self.fn(logits, self.value)
-
-
-def temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
-    return logits / t

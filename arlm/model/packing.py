@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from arlm.quantize import Int4Linear, Int8Linear
+from arlm.model.quantize import Int4Linear, Int8Linear
 
 
 def _onednn_supports(dtype: torch.dtype) -> bool:

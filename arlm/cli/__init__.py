@@ -11,12 +11,12 @@ from pathlib import Path
 
 from arlm.config import INT4_GROUP_SIZES, QUANT_METHODS
 from arlm.kv_cache import KV_DTYPES, CacheConfig
-from arlm.loop_bench import BenchConfig
 from arlm.loops import LoopDetectorConfig
-from arlm.probe import ProbeConfig
+from arlm.loops.bench import BenchConfig
+from arlm.loops.probe import ProbeConfig
+from arlm.loops.scan import UNITS
 from arlm.sampling import SamplingParams
-from arlm.scan import UNITS
-from arlm.train import TrainConfig, TrainingError
+from arlm.train.trainer import TrainConfig, TrainingError
 
 TRAIN_DEFAULTS = TrainConfig()
 SAMPLING_DEFAULTS = SamplingParams()
@@ -387,7 +387,7 @@ def _given(args: argparse.Namespace, config_class) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from arlm.api import LM
-    from arlm.train import Trainer, saved_train_config
+    from arlm.train.trainer import Trainer, saved_train_config
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -489,15 +489,15 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new path")
     lm = arlm.load(args.model, **_model_kwargs(args))
     if args.format == "gguf":
-        from arlm.gguf_export import export_gguf
+        from arlm.formats.gguf import export_gguf
 
         export_gguf(lm.model, lm.tokenizer, args.out, type=args.type)
     elif args.format == "arlm":
-        from arlm.checkpoint import save_model
+        from arlm.formats.checkpoint import save_model
 
         save_model(out, lm.model, lm.tokenizer)
     else:
-        from arlm.hf import export_hf
+        from arlm.formats.hf import export_hf
 
         export_hf(lm.model, lm.tokenizer, args.out)
     print(f"wrote {args.out} ({args.format})")
@@ -519,7 +519,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"prefill      {r.prefill_tokens_per_second:10.1f} tokens/s")
     print(f"decode       {r.decode_tokens_per_second:10.1f} tokens/s")
     print(f"first token  {r.time_to_first_token_ms:10.1f} ms")
-    print(f"KV cache     {r.kv_cache_bytes / 2**20:10.2f} MiB")
+    print(
+        f"KV cache     {r.kv_cache_peak_bytes / 2**20:10.2f} MiB in use "
+        f"({r.kv_cache_bytes / 2**20:.2f} MiB allocated for the sequence)"
+    )
     print(f"peak memory  {r.peak_memory_bytes / 2**20:10.1f} MiB")
     print(
         f"weights      {r.weight_bytes / 2**20:10.1f} MiB read per decode step "
@@ -529,7 +532,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_loops_probe(args: argparse.Namespace) -> None:
     import arlm
-    from arlm import probe
+    from arlm.loops import probe
 
     config = ProbeConfig(**_given(args, ProbeConfig))
     lm = arlm.load(args.model, **_model_kwargs(args))
@@ -552,7 +555,7 @@ def cmd_loops_probe(args: argparse.Namespace) -> None:
 
 def cmd_loops_bench(args: argparse.Namespace) -> None:
     import arlm
-    from arlm import loop_bench
+    from arlm.loops import bench as loop_bench
 
     given = _given(args, BenchConfig)
     detection = _detector_kwargs(args)
@@ -573,7 +576,7 @@ def cmd_loops_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_loops_scan(args: argparse.Namespace) -> None:
-    from arlm.scan import scan_file
+    from arlm.loops.scan import scan_file
 
     tokenizer = None
     if args.model is not None:

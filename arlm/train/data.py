@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arlm.atomic import write_atomic
 from arlm.tokenizer import Tokenizer
 
 VAL_FRACTION = 0.1  # the last tenth of the token stream is held out for validation
@@ -37,12 +38,6 @@ class Shards:
     directory: Path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def prepare_shards(documents: list[str], tokenizer: Tokenizer, cache_dir: Path) -> Shards:
     """Encode ``documents`` (separated by the end-of-text token) and split them, or reuse the
     shards of an earlier run with the same corpus and tokenizer."""
@@ -63,15 +58,15 @@ def prepare_shards(documents: list[str], tokenizer: Tokenizer, cache_dir: Path) 
         tokens = np.asarray(ids, dtype=dtype)
         n_val = max(int(len(tokens) * VAL_FRACTION), 1)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "train.bin", tokens[:-n_val].tobytes())
-        _write_atomic(directory / "val.bin", tokens[-n_val:].tobytes())
+        write_atomic(directory / "train.bin", tokens[:-n_val].tobytes())
+        write_atomic(directory / "val.bin", tokens[-n_val:].tobytes())
         # written last: its presence means both shards are complete
         meta = {
             "dtype": np.dtype(dtype).name,
             "train_tokens": len(tokens) - n_val,
             "val_tokens": n_val,
         }
-        _write_atomic(meta_path, json.dumps(meta).encode())
+        write_atomic(meta_path, json.dumps(meta).encode())
     meta = json.loads(meta_path.read_text())
     return Shards(
         train=np.memmap(directory / "train.bin", dtype=meta["dtype"], mode="r"),

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from arlm.api import LM
-from arlm.heldout import held_out_ids, held_out_windows
 from arlm.loops import LoopDetector, LoopDetectorConfig, metrics
+from arlm.loops.heldout import held_out_ids, held_out_windows
 from arlm.sampling import SamplingParams
+from arlm.validate import check_int
 
 HUMAN = "human (held-out continuation)"
 
@@ -57,9 +58,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("prompts", "prompt_tokens", "max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
+            check_int(name, getattr(self, name), 1)
 
 
 @dataclass

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from arlm.checkpoint import (
+from arlm.atomic import atomic_path
+from arlm.config import PRESETS, ModelConfig
+from arlm.formats.checkpoint import (
     CheckpointError,
     load_model,
     read_json,
@@ -29,11 +31,11 @@ from arlm.checkpoint import (
     save_model,
     tensors_to_bytes,
 )
-from arlm.config import PRESETS, ModelConfig
-from arlm.corpus import load_documents
-from arlm.data import Shards, corpus_digest, default_cache_dir, get_batch, prepare_shards
-from arlm.model import Transformer
+from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
+from arlm.train.corpus import load_documents
+from arlm.train.data import Shards, corpus_digest, default_cache_dir, get_batch, prepare_shards
+from arlm.validate import check_int
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -80,9 +82,7 @@ class TrainConfig:
             "log_interval",
             "ckpt_interval",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            check_int(name, getattr(self, name), 1)
         if self.block_size is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be at least 2")
         if not self.lr > 0:
@@ -403,7 +403,6 @@ def plot_losses(out: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / "loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out / "loss.png")

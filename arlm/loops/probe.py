@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from arlm.api import LM
-from arlm.heldout import held_out_ids, held_out_sentences
+from arlm.loops.heldout import held_out_ids, held_out_sentences
+from arlm.validate import check_int
 
 
 @dataclass
@@ -40,9 +41,7 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("repeats", 2), ("sentences", 1), ("max_sentence_tokens", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
+            check_int(name, getattr(self, name), low)
 
 
 @dataclass

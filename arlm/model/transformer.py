@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import Cache
-from arlm.quantize import quantized_linear
+from arlm.model.quantize import quantized_linear
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +93,6 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: Cache | None,
-        attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         heads = self.n_head + 2 * self.n_kv_head  # q heads, then k heads, then v heads
@@ -103,17 +102,16 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)  # q and k turn by the same angles: one pass for both
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hd)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            # without a mask, T > 1 queries line up with the last T keys only when S == T
-            is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+            y = kv_cache.attend(self.layer_idx, q, k, v)  # (B, n_head, T, hd)
+        else:  # teacher forcing: the whole sequence, causally masked
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -148,8 +146,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, kv_cache, attn_mask) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache, attn_mask))
+    def forward(self, x, rope, kv_cache) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache))
         return x + self.resid_dropout(self.mlp(self.ln_2(x)))
 
 
@@ -217,24 +215,23 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         kv_cache: Cache | None = None,
-        start_pos: int | torch.Tensor = 0,
+        start_pos: int = 0,
+        positions: torch.Tensor | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for token ids ``idx`` (B, T) at positions ``start_pos .. start_pos+T-1``.
 
-        ``start_pos`` is one int for all rows, or a (B,) tensor of each row's own start (for a
-        cache that keeps rows at their own lengths, the paged one).
+        ``positions`` (B, T) gives every token its own position instead: the engine's flat
+        batches mix rows at different positions (its ``kv_cache`` knows which row each is).
         With ``targets`` (B, T), also the mean cross-entropy; target -100 is ignored.
-        ``last_only`` projects only the last position to the vocabulary (decoding needs no more).
+        ``last_only`` projects only the last position to the vocabulary (decoding needs no more);
+        ``logits_at`` (K,) only the given positions of a one-row batch: logits (1, K, vocab).
         """
         B, T = idx.shape
-        if isinstance(start_pos, torch.Tensor):
-            positions = start_pos.to(idx.device)[:, None] + torch.arange(T, device=idx.device)
-            end = int(start_pos.max()) + T  # positions: (B, T)
-        else:
-            end = start_pos + T
-            positions = torch.arange(start_pos, end, device=idx.device)  # (T,)
-        if self.wpe is not None and end > self.config.block_size:
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        if self.wpe is not None and (end := int(positions.max()) + 1) > self.config.block_size:
             raise ValueError(
                 f"positions up to {end} exceed the context length "
                 f"{self.config.block_size} of this model (learned positions cannot extrapolate)"
@@ -246,15 +243,15 @@ class Transformer(nn.Module):
         else:
             rope = self._rope(positions, x.dtype)
         x = self.drop(x)
-        attn_mask = None
         if kv_cache is not None:
-            rotate = self._rotate if self.wpe is None else None
-            attn_mask = kv_cache.prepare(start_pos, T, rotate)
+            kv_cache.prepare(start_pos, T, self._rotate if self.wpe is None else None)
         for block in self.h:
-            x = block(x, rope, kv_cache, attn_mask)
-        x = self.ln_f(x)
+            x = block(x, rope, kv_cache)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
+        x = self.ln_f(x)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

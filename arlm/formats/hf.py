@@ -12,8 +12,6 @@ import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +21,11 @@ import tokenizers
 import torch
 from safetensors import SafetensorError, safe_open
 
-from arlm.checkpoint import CheckpointError, read_json, tensors_to_bytes
+from arlm.atomic import atomic_path
 from arlm.config import ModelConfig, resolve_dtype
-from arlm.model import Transformer
-from arlm.quantize import require_float
+from arlm.formats.checkpoint import CheckpointError, read_json, tensors_to_bytes
+from arlm.model.quantize import require_float
+from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
 HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")  # mistral and qwen2 run as the llama family
@@ -546,15 +545,6 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
             _tokenizer_config(tokenizer, config), indent=2
         ).encode(),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # staged beside the target (same filesystem), so the final rename is atomic
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_path(out_dir, directory=True) as staging:
         for name, data in files.items():
             (staging / name).write_bytes(data)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

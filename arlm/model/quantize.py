@@ -8,8 +8,8 @@ scale and a minimum, w ~= q * scale + min with q in [0, 15] (GGUF's q4_1 idea).
 Activations stay in the model's dtype. Every linear layer in the blocks and the output
 projection is quantized; embeddings and norms are not (the embedding reads one row per token,
 so its size costs memory, not decode time). A tied output projection gets its own quantized copy.
-These modules compute by dequantizing the weight, which works on every device; ``arlm.packing``
-swaps in the fast CPU kernels.
+These modules compute by dequantizing the weight, which works on every device;
+``arlm.model.packing`` swaps in the fast CPU kernels. The arithmetic is ``arlm.quant``'s.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arlm import quant
 from arlm.config import INT4_GROUP_SIZES, QUANT_METHODS
 
 
@@ -57,9 +58,8 @@ class Int8Linear(_QuantizedLinear):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        module.weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        module.weight_scale = scale
+        codes, scale = quant.quantize_int8(w, torch.float32, 1e-12)
+        module.weight, module.weight_scale = codes, scale[:, 0]
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone())
         return module.to(linear.weight.device)
@@ -93,23 +93,16 @@ class Int4Linear(_QuantizedLinear):
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         n, k = linear.weight.shape
         w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
-        low, high = w.amin(-1), w.amax(-1)
-        # the stored (bfloat16) scale and minimum are what dequantization will use
-        scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16)
-        low = low.to(torch.bfloat16)
-        q = ((w - low.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
-        q = q.to(torch.uint8).reshape(n, k)
-        module.weight = q[:, 0::2] | (q[:, 1::2] << 4)
-        module.weight_scale, module.weight_min = scale, low
+        packed, scale, low = quant.quantize_int4(w, torch.bfloat16, 1e-8)
+        module.weight = packed.reshape(n, k // 2)
+        module.weight_scale, module.weight_min = scale[..., 0], low[..., 0]
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone())
         return module.to(linear.weight.device)
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes (out_features, in_features) as uint8 in [0, 15]."""
-        return torch.stack((self.weight & 15, self.weight >> 4), dim=-1).reshape(
-            self.out_features, self.in_features
-        )
+        return quant.unpack_int4(self.weight)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size

@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
+from arlm.atomic import atomic_path
 from arlm.config import ModelConfig
-from arlm.model import Transformer, rope_frequencies
-from arlm.quantize import require_float
+from arlm.model.quantize import require_float
+from arlm.model.transformer import Transformer, rope_frequencies
 from arlm.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -242,11 +242,7 @@ def export_gguf(
     tensors = gguf_tensors(model)  # checks the model, before any file is made
     vocab = _vocab(tokenizer, config.vocab_size)  # checks the tokenizer, likewise
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # staged beside the target (same filesystem), so the final rename is atomic
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, config.family)  # arlm's family names are llama.cpp's
         try:
             _add_metadata(writer, config, path.stem, file_type)
@@ -259,7 +255,3 @@ def export_gguf(
             writer.write_tensors_to_file()
         finally:
             writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,473 @@
+"""The engine: many sequences, one forward per step, joining and leaving between steps.
+
+``add_request`` queues a prompt; each ``step`` schedules (``Scheduler``), runs one forward over
+every scheduled row (``ModelRunner``), samples each row with its own parameters, and applies
+what follows a token (end ids, loop policy, stop strings, length) to each sequence on its own.
+A sequence whose sampling fails (say every token is banned) finishes alone with
+finish_reason "error"; the others go on. This is arlm's one decode loop: ``lm.generate``,
+``lm.stream``, the CLI and the server all run through ``Engine.step``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict, deque
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from arlm.engine.block_manager import BlockManager, block_hashes
+from arlm.engine.outputs import Completion, RequestOutput
+from arlm.engine.runner import ModelRunner
+from arlm.engine.scheduler import Scheduler
+from arlm.engine.sequence import Sequence, Status
+from arlm.engine.text import TextState
+from arlm.kv_cache.codec import make_codec
+from arlm.kv_cache.config import CacheConfig
+from arlm.loops.policy import LoopGuard
+from arlm.model.transformer import Transformer
+from arlm.sampling.dry import DryBreakers, dry_sequence_breakers
+from arlm.sampling.params import SamplingParams
+from arlm.sampling.sampler import SequenceSampler, sample, token_logprobs
+from arlm.tokenizer import Tokenizer
+from arlm.validate import check_float, check_int
+
+DEFAULT_MAX_NUM_SEQS = 16
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_KV_MEMORY_FRACTION = 0.25  # of the machine's memory, when no budget is given
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's limits. None picks a default sized from the model and the machine.
+
+    max_num_seqs: sequences running at once (default 16, fewer if their slots would not fit the
+    KV memory budget). max_num_batched_tokens: positions per forward (default 512): larger
+    prefill chunks finish prompts sooner and delay the running sequences' next token longer.
+    max_model_len: the longest prompt + generation a sequence may reach, the size of its slot
+    (default: the model's context). kv_cache_memory_gib: the KV cache's budget (default: a
+    quarter of the machine's memory). kv_block_size: positions per block (the prefix cache's
+    unit; default 16). enable_prefix_caching: reuse computed prompt blocks (default on).
+    """
+
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    kv_cache_memory_gib: float | None = None
+    kv_block_size: int = 16
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.kv_cache_memory_gib is not None:
+            check_float("kv_cache_memory_gib", self.kv_cache_memory_gib, lambda v: v > 0, "> 0")
+        check_int("kv_block_size", self.kv_block_size, 1)
+
+
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+class Engine:
+    """Continuous batching over ``model``; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        cache_config: CacheConfig | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.cache_config = cache_config or CacheConfig()
+        self.cache_config.check(model.config)
+        config = config or EngineConfig()
+        self.context = model.config.block_size
+        bs = config.kv_block_size
+        if self.cache_config.window is not None:
+            if config.max_num_seqs not in (None, 1):
+                raise ValueError(
+                    f"max_num_seqs={config.max_num_seqs}: the windowed KV cache (kv_window) runs "
+                    "one sequence at a time; use max_num_seqs=1, or a cache without a window"
+                )
+            num_slots, slot_len, prefix = 1, bs, False
+            self.max_len = None  # a window runs past the context
+        else:
+            max_len = config.max_model_len or self.context
+            if max_len > self.context:
+                raise ValueError(
+                    f"max_model_len={max_len} is longer than the model's context of "
+                    f"{self.context} tokens"
+                )
+            slot_len = math.ceil(max_len / bs) * bs
+            self.max_len = max_len
+            num_slots = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+            prefix = config.enable_prefix_caching
+            per_token = 2 * model.config.n_layer * model.config.n_kv_head
+            per_token *= make_codec(
+                self.cache_config.dtype, model.wte.weight.dtype
+            ).bytes_per_vector(model.config.head_dim)
+            num_slots = self._fit_memory(config, num_slots, slot_len * per_token)
+        self.runner = ModelRunner(model, self.cache_config, num_slots, slot_len)
+        self.block_manager = BlockManager(self.runner.cache, bs, prefix)
+        tokens = config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, num_slots)
+        self.scheduler = Scheduler(self.block_manager, num_slots, tokens)
+        self.sequences: dict[tuple[str, int], Sequence] = {}
+        # outputs kept for whoever reads that request (``next_output``), while others step
+        self._mailbox: dict[str, deque[RequestOutput]] = defaultdict(deque)
+        self._aborts: list[str] = []
+        self._ids = itertools.count()
+        self._breakers: dict[tuple[str, ...], DryBreakers] = {}
+        self.device = model.wte.weight.device
+        self.steps = 0
+        self.loops_detected = self.loops_broken = 0
+
+    @staticmethod
+    def _fit_memory(config: EngineConfig, num_slots: int, slot_bytes: int) -> int:
+        if config.kv_cache_memory_gib is not None:
+            budget = config.kv_cache_memory_gib * 2**30
+        else:
+            budget = DEFAULT_KV_MEMORY_FRACTION * _machine_memory()
+        fit = int(budget // slot_bytes)
+        if fit < 1:
+            raise ValueError(
+                f"one sequence of the longest allowed length needs {slot_bytes / 2**20:.1f} MiB of "
+                f"KV cache, more than the budget of {budget / 2**20:.1f} MiB; raise "
+                "kv_cache_memory_gib, lower max_model_len, or quantize the cache (kv_cache_dtype)"
+            )
+        if config.max_num_seqs is not None and fit < config.max_num_seqs:
+            raise ValueError(
+                f"max_num_seqs={config.max_num_seqs} sequences of {slot_bytes / 2**20:.1f} MiB of "
+                f"KV cache each need {config.max_num_seqs * slot_bytes / 2**30:.2f} GiB, more "
+                f"than the budget of {budget / 2**30:.2f} GiB; at most {fit} fit"
+            )
+        return min(num_slots, fit)
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.max_num_seqs
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue ``prompt`` (text or token ids); its request id. Refuses, with the reason, a
+        prompt the engine cannot run (empty without a start token, longer than the context)."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if any(key[0] == request_id for key in self.sequences):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.check_prompt(prompt)
+        seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
+        for seq in seqs:
+            self.sequences[(request_id, seq.index)] = seq
+            if params.max_tokens == 0:  # done before it starts; its output comes at the next step
+                seq.status, seq.finish_reason = Status.FINISHED, "length"
+                seq.finish_time = time.perf_counter()
+            else:
+                self.scheduler.add(seq)
+        return request_id
+
+    def check_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The token ids of ``prompt``, or a ValueError saying why the engine cannot run it."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            if self.tokenizer.bos_token_id is None:
+                raise ValueError("the prompt is empty and the tokenizer has no start token to use")
+            ids = [self.tokenizer.bos_token_id]
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:5]} are not in this vocabulary (ids 0..{vocab - 1})"
+            )
+        limit = self.context if self.max_len is None else self.max_len
+        if len(ids) > limit:
+            what = f"the model's context of {self.context} tokens"
+            if limit < self.context:
+                what = f"max_model_len={limit} (the model's context is {self.context} tokens)"
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens, longer than {what}; shorten it to at most "
+                f"{limit}"
+            )
+        return ids
+
+    def _new_sequence(
+        self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams
+    ) -> Sequence:
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed + index)
+        end_ids = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+        end_ids |= set(params.stop_token_ids)
+        token_ids = list(prompt_ids)
+        guard = None
+        if params.loop_policy is not None:
+            guard = LoopGuard(params.loop_policy, params.detector_config, params.max_loop_breaks)
+        seq = Sequence(
+            request_id=request_id,
+            index=index,
+            token_ids=token_ids,
+            prompt_len=len(prompt_ids),
+            params=params,
+            generator=generator,
+            sampler=self._sampler(params, token_ids, len(prompt_ids), end_ids),
+            text=TextState(self.tokenizer, params.stop, params.min_tokens),
+            end_ids=frozenset(end_ids),
+            guard=guard,
+            block_hashes=block_hashes(prompt_ids, self.block_manager.block_size),
+        )
+        return seq
+
+    def _sampler(
+        self,
+        params: SamplingParams,
+        token_ids: list[int],
+        prompt_len: int,
+        end_ids: Iterable[int],
+        dry_multiplier: float | None = None,
+    ) -> SequenceSampler:
+        """The request's processors, with DRY at ``dry_multiplier`` (None: as requested)."""
+        effective = params
+        if dry_multiplier is not None:
+            effective = replace(params, dry_multiplier=dry_multiplier)
+        breakers = None
+        if effective.dry_multiplier > 0:
+            key = tuple(params.dry_sequence_breakers)
+            if key not in self._breakers:
+                tk = self.tokenizer
+                self._breakers[key] = dry_sequence_breakers(
+                    tk.token_texts, lambda s: tk.encode(s, add_special_tokens=False), key
+                )
+            breakers = self._breakers[key]
+        return SequenceSampler(
+            effective,
+            self.model.config.vocab_size,
+            token_ids,
+            prompt_len,
+            end_ids=end_ids,
+            dry_breakers=breakers,
+            device=self.device,
+        )
+
+    def abort(self, request_id: str) -> None:
+        """End every sample of ``request_id`` at the next step, freeing its slots then."""
+        self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborts)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled rows; what each sequence produced in it."""
+        outputs: dict[int, RequestOutput] = {}
+        for request_id in self._aborts:
+            for seq in [s for key, s in self.sequences.items() if key[0] == request_id]:
+                if not seq.finished:
+                    self._finish(seq, "abort")
+                    self._emit(outputs, seq, [])
+        self._aborts.clear()
+        for seq in [s for s in self.sequences.values() if s.finished]:
+            self._emit(outputs, seq, [])  # finished before running (max_tokens 0)
+        batch = self.scheduler.schedule()
+        if batch:
+            self.steps += 1
+            logits, rows = self.runner.run(batch)
+            for seq in batch.decode:
+                seq.num_cached += 1
+            for seq, n in batch.prefill:
+                seq.num_cached += n
+            for seq in [*batch.decode, *(s for s, _ in batch.prefill)]:
+                self.block_manager.computed(seq)
+            now = time.perf_counter()
+            for seq, token, logprob in self._sample(logits, rows):
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                self._emit(outputs, seq, self._append(seq, token, logprob))
+        return list(outputs.values())
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]):
+        """(sequence, token, logprob or None) per row; a row whose processing fails finishes
+        with finish_reason "error" and gets no token."""
+        kept, processed = [], []
+        for i, seq in enumerate(rows):
+            row = logits[i : i + 1]
+            try:
+                banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
+                if banned:
+                    row = row.clone()
+                    row[:, sorted(banned)] = float("-inf")
+                processed.append(seq.sampler.process(row))
+                kept.append(i)
+            except ValueError as e:
+                self._finish(seq, "error", error=str(e))
+        if not kept:
+            return []
+        seqs = [rows[i] for i in kept]
+        tokens = sample(torch.cat(processed), [s.params for s in seqs], [s.generator for s in seqs])
+        out = []
+        for i, seq, token in zip(kept, seqs, tokens.tolist(), strict=True):
+            logprob = None
+            if seq.params.logprobs is not None:
+                chosen = torch.tensor([token], device=logits.device)
+                logprob = token_logprobs(logits[i : i + 1], chosen, seq.params.logprobs)[0]
+            out.append((seq, token, logprob))
+        return out
+
+    def _append(self, seq: Sequence, token: int, logprob) -> list:
+        """Apply one sampled token to ``seq``; the chunks it makes final."""
+        if token in seq.end_ids:
+            self._finish(seq, "stop")
+            return []
+        seq.token_ids.append(token)
+        seq.sampler.appended()
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        seq.text.push(token)
+        guard = seq.guard
+        action = guard.push(token) if guard is not None else None
+        if action is not None:
+            self.loops_detected += 1
+        if action is not None and action.kind != "report":
+            seq.truncate(action.keep)  # keep the ids up to the end of the loop's first copy
+            seq.text.truncate(action.keep)
+            if action.kind == "stop":
+                seq.loop = action.report
+                self._finish(seq, "repetition")
+                return []
+            self._break(seq)
+            return []
+        if action is not None:
+            seq.reported[seq.num_generated - 1] = action.report
+        if seq.text.find_stop():
+            self._finish(seq, "stop")
+            return []
+        settled = guard.settled if guard is not None else seq.num_generated
+        chunks = seq.chunks(settled)
+        limit = None if self.max_len is None else min(self.max_len, self.context)
+        full = limit is not None and len(seq.token_ids) > limit
+        if seq.num_generated == seq.params.max_tokens or full:
+            seq.text.flush()
+            self._finish(seq, "length")
+            return chunks
+        return chunks
+
+    def _break(self, seq: Sequence) -> None:
+        """Go on from the kept ids after a loop break: the guard, the text and the processors
+        restart from them (DRY escalated), and the cache rolls back to them."""
+        self.loops_broken += 1
+        kept = seq.generated
+        seq.guard.rewind(kept)
+        seq.text.restart(kept)
+        p = seq.params
+        dry = seq.guard.dry_multiplier(p.dry_multiplier)
+        seq.sampler = self._sampler(p, seq.token_ids, seq.prompt_len, seq.end_ids, dry)
+        if self.runner.rewindable:
+            self.block_manager.truncate(seq)
+        else:
+            self.runner.restart(seq)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finish_reason, seq.error = reason, error
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+
+    def _emit(self, outputs: dict[int, RequestOutput], seq: Sequence, chunks: list) -> None:
+        key = id(seq)
+        out = outputs.get(key)
+        if out is None:
+            out = outputs[key] = RequestOutput(seq.request_id, seq.index, [])
+        out.chunks.extend(chunks)
+        if seq.finished and not out.finished:
+            out.chunks.extend(seq.chunks(seq.num_generated, final=True))
+            usage = seq.usage(
+                self.runner.kv_bytes_per_token,
+                self.block_manager.cache.slot_len,
+                self.block_manager.block_size,
+            )
+            out.chunks.append(seq.closing_chunk(usage))
+            out.finished, out.completion = True, seq.completion(usage)
+            del self.sequences[(seq.request_id, seq.index)]
+
+    def next_output(self, request_id: str) -> RequestOutput:
+        """The next output of ``request_id``, stepping as needed; what the steps produce for
+        other requests is kept for their own readers (several streams can interleave)."""
+        while not self._mailbox[request_id]:
+            if not any(key[0] == request_id for key in self.sequences):
+                del self._mailbox[request_id]
+                raise KeyError(f"request {request_id!r} has no more outputs")
+            for out in self.step():
+                if out.completion is None or out.completion.finish_reason != "abort":
+                    self._mailbox[out.request_id].append(out)  # an aborted one has no reader
+        out = self._mailbox[request_id].popleft()
+        if not self._mailbox[request_id]:
+            del self._mailbox[request_id]
+        return out
+
+    # -- offline batches --------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        progress: bool = True,
+    ) -> list[Completion] | list[list[Completion]]:
+        """Run ``prompts`` to completion, with one ``params`` for all or one each; one
+        completion per prompt in order (a list of ``n`` per prompt when ``n`` > 1)."""
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} params for {len(prompts)} prompts; give one each")
+        else:
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        done: dict[tuple[str, int], Completion] = {}
+        total = sum(sp.n for sp in params)
+        with tqdm(total=total, desc="generating", unit="seq", disable=not progress) as bar:
+            for rid, sp in zip(ids, params, strict=True):
+                finished = 0
+                while finished < sp.n:
+                    out = self.next_output(rid)
+                    if out.finished:
+                        finished += 1
+                        done[(rid, out.index)] = out.completion
+                        bar.update(1)
+        grouped = [[done[(rid, i)] for i in range(sp.n)] for rid, sp in zip(ids, params)]
+        if all(sp.n == 1 for sp in params):
+            return [g[0] for g in grouped]
+        return grouped
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters of the engine now."""
+        bm = self.block_manager
+        running = self.scheduler.running
+        return {
+            "running": len(running),
+            "waiting": len(self.scheduler.waiting),
+            "blocks_in_use": sum(len(s.block_table) for s in running),
+            "num_blocks": bm.num_blocks,
+            "prefix_cache_hit_tokens": bm.hit_tokens,
+            "prefix_cache_queried_tokens": bm.queried_tokens,
+            "loops_detected": self.loops_detected,
+            "loops_broken": self.loops_broken,
+            "steps": self.steps,
+        }

@@ -1,0 +1,90 @@
+"""The model runner: one scheduled batch in, one forward, the logits of the rows that sample.
+
+The batch's tokens go in flat, (1, N): first one token per decoding sequence (in slot order,
+as the slot cache's batched decode attention wants), then each prefill chunk. Each token has its
+own position; the cache's step object knows which slot each writes and reads. Only the rows
+that sample next get their hidden state projected to the vocabulary: every decode row, and a
+prefill chunk only when it ends its prompt.
+
+A windowed cache (``kv_window``) holds one sequence: it runs the same batches of one row through
+``WindowedKVCache`` at that row's position, and cannot rewind (``rewindable``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arlm.engine.scheduler import ScheduledBatch
+from arlm.engine.sequence import Sequence
+from arlm.kv_cache.codec import make_codec
+from arlm.kv_cache.config import CacheConfig
+from arlm.kv_cache.slots import Chunk, SlotKVCache, StepLayout
+from arlm.kv_cache.windowed import WindowedKVCache
+from arlm.model.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(
+        self, model: Transformer, cache_config: CacheConfig, num_slots: int, slot_len: int
+    ) -> None:
+        self.model = model
+        self.device = model.wte.weight.device
+        dtype = model.wte.weight.dtype
+        codec = make_codec(cache_config.dtype, dtype)
+        kw = dict(device=self.device, dtype=dtype, codec=codec)
+        self.windowed: WindowedKVCache | None = None
+        if cache_config.window is not None:
+            self.windowed = WindowedKVCache.for_model(
+                model.config, 1, cache_config.window, cache_config.sink_tokens, **kw
+            )
+        # with a window, the slot cache is a one-block stand-in the block manager accounts
+        # against (the engine passes slot_len = one block); the windowed cache stores
+        self.cache = SlotKVCache.for_model(model.config, num_slots, slot_len, **kw)
+
+    @property
+    def rewindable(self) -> bool:
+        return self.windowed is None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return (self.windowed or self.cache).bytes_per_token
+
+    def restart(self, seq: Sequence) -> None:
+        """Forget ``seq``'s cached positions (a cache that cannot rewind refills from 0)."""
+        seq.num_cached = 0
+        if self.windowed is not None:
+            self.windowed.reset()
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Forward ``batch``; the next-token logits (K, vocab) of the K rows that sample, and
+        those rows' sequences, in the same order."""
+        decode = sorted(batch.decode, key=lambda s: s.slot)
+        tokens, positions, chunks, select, rows = [], [], [], [], []
+        for seq in decode:
+            tokens.append(seq.token_ids[seq.num_cached])
+            select.append(len(select))
+            rows.append(seq)
+        for seq, n in batch.prefill:
+            start = seq.num_cached
+            tokens.extend(seq.token_ids[start : start + n])
+            chunks.append(Chunk(seq.slot, start, n))
+            if start + n == len(seq.token_ids):
+                select.append(len(tokens) - 1)
+                rows.append(seq)
+        layout = StepLayout([s.slot for s in decode], [s.num_cached for s in decode], chunks)
+        idx = torch.tensor([tokens], device=self.device)
+        if self.windowed is not None:
+            (seq,) = [*decode, *(s for s, _ in batch.prefill)]
+            logits, _ = self.model(
+                idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
+            )
+            return logits[0, : len(rows)].float(), rows
+        positions = torch.tensor([layout.positions()], device=self.device)
+        logits, _ = self.model(
+            idx,
+            kv_cache=self.cache.step(layout),
+            positions=positions,
+            logits_at=torch.tensor(select, device=self.device),
+        )
+        return logits[0].float(), rows

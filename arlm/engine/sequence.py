@@ -1,0 +1,138 @@
+"""``Sequence``: everything the engine knows about one generation, in one object.
+
+Its token ids are one list, the prompt's and then the generated ones; the sampler's processors,
+the loop guard and the text state read that list or follow it one token at a time. The cache
+side is ``num_cached`` (how many leading positions have their keys and values in the cache),
+``slot`` and ``block_table``; the block manager and the scheduler keep those.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from arlm.engine.outputs import Chunk, Completion, Usage
+from arlm.engine.text import TextState
+from arlm.loops.detector import LoopReport
+from arlm.loops.policy import LoopGuard
+from arlm.sampling.params import SamplingParams, TokenLogprob
+from arlm.sampling.sampler import SequenceSampler
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of one request. ``index`` tells the ``n`` samples of a request apart."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]  # the prompt, then every generated id kept so far
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator
+    sampler: SequenceSampler
+    text: TextState
+    end_ids: frozenset[int]
+    guard: LoopGuard | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks
+
+    status: Status = Status.WAITING
+    num_cached: int = 0  # leading positions whose keys and values are in the cache
+    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)
+    peak_blocks: int = 0
+    cached_prompt_tokens: int = 0
+
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    reported: dict[int, LoopReport] = field(default_factory=dict)  # "report": index -> loop
+    finish_reason: str | None = None
+    loop: LoopReport | None = None  # the loop that ended it (finish_reason "repetition")
+    error: str | None = None
+
+    arrival_time: float = field(default_factory=time.perf_counter)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def generated(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_pending(self) -> int:
+        """Positions to feed before the next token can be sampled (1 when decoding)."""
+        return len(self.token_ids) - self.num_cached
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def truncate(self, keep: int) -> None:
+        """Keep the first ``keep`` generated ids (their logprobs and text too)."""
+        del self.token_ids[self.prompt_len + keep :]
+        del self.logprobs[keep:]
+        self.reported = {i: r for i, r in self.reported.items() if i < keep}
+        self.num_cached = min(self.num_cached, len(self.token_ids) - 1)
+
+    def chunks(self, settled: int, final: bool = False) -> list[Chunk]:
+        """One chunk per generated id now safe to stream, up to ``settled``."""
+        return [
+            Chunk(
+                piece,
+                self.token_ids[self.prompt_len + i],
+                logprob=self.logprobs[i] if self.logprobs else None,
+                loop=self.reported.get(i),
+            )
+            for i, piece in self.text.release(settled, final)
+        ]
+
+    def usage(self, kv_bytes_per_token: int, slot_len: int, block_size: int) -> Usage:
+        start = self.first_token_time or self.finish_time or self.arrival_time
+        return Usage(
+            prompt_tokens=self.prompt_len,
+            completion_tokens=self.num_generated,
+            prefill_seconds=start - self.arrival_time,
+            decode_seconds=(self.finish_time or start) - start,
+            queued_seconds=(self.scheduled_time or self.arrival_time) - self.arrival_time,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            kv_cache_bytes=slot_len * kv_bytes_per_token,
+            kv_cache_peak_bytes=self.peak_blocks * block_size * kv_bytes_per_token,
+        )
+
+    def closing_chunk(self, usage: Usage) -> Chunk:
+        guard = self.guard
+        return Chunk(
+            self.text.rest(),
+            finish_reason=self.finish_reason,
+            usage=usage,
+            loop=self.loop,
+            loop_reports=tuple(guard.reports) if guard is not None else (),
+            loops_broken=guard.breaks if guard is not None else 0,
+            error=self.error,
+        )
+
+    def completion(self, usage: Usage) -> Completion:
+        guard = self.guard
+        return Completion(
+            self.text.text,
+            self.generated,
+            self.finish_reason or "abort",
+            usage,
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            loop=self.loop,
+            loop_reports=list(guard.reports) if guard is not None else [],
+            loops_broken=guard.breaks if guard is not None else 0,
+            error=self.error,
+        )

@@ -1,0 +1,1 @@
+"""Model files: arlm checkpoint folders, Hugging Face import/export, GGUF export."""

@@ -1,0 +1,169 @@
+"""From next-token logits to tokens, for a batch of rows that each have their own parameters.
+
+Each sequence keeps its own ``SequenceSampler``: its processors (penalty counts, n-gram table,
+DRY) over its one list of token ids, updated one appended token at a time. A step runs
+
+    logit_bias, min_tokens, repetition_penalty, presence/frequency_penalty, DRY,
+    no_repeat_ngram_size                         (per row, only rows that ask; these change
+                                                  greedy choices too)
+    temperature, top_k, top_p, min_p, typical_p  (vectorised: one tensor op per step for all
+                                                  rows, each row's value in a column; skipped
+                                                  at temperature 0, which takes the argmax)
+
+and then one draw per row: the argmax at temperature 0, else a sample from the row's own
+generator, so a seeded request draws the same tokens alone or in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from arlm.sampling.dry import Dry, DryBreakers
+from arlm.sampling.params import SamplingParams, TokenLogprob
+from arlm.sampling.processors import (
+    History,
+    LogitBias,
+    MinTokens,
+    NoRepeatNGram,
+    OpenAIPenalty,
+    Processor,
+    RepetitionPenalty,
+    min_p_filter,
+    top_k_filter,
+    top_p_filter,
+    typical_filter,
+)
+
+
+class SequenceSampler:
+    """One sequence's processors over its token ids ``token_ids`` (the prompt's
+    ``prompt_len`` ids, then the generated ones), a list the sequence owns and appends to.
+
+    end_ids: the ids that end a generation (masked until ``min_tokens``). dry_breakers: from
+    ``dry_sequence_breakers``, needed when DRY is on.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        token_ids: list[int],
+        prompt_len: int,
+        *,
+        end_ids: Iterable[int] = (),
+        dry_breakers: DryBreakers | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.params = params
+        self.history = History([token_ids], [prompt_len])
+        device = torch.device(device)
+        p = params
+        self.processors: list[Processor] = []
+        if p.logit_bias:
+            self.processors.append(LogitBias(p.logit_bias, vocab_size, device))
+        if p.min_tokens:
+            self.processors.append(MinTokens(p.min_tokens, end_ids))
+        if p.repetition_penalty != 1.0:
+            self.processors.append(
+                RepetitionPenalty(p.repetition_penalty, vocab_size, p.penalty_last_n, device)
+            )
+        if p.presence_penalty or p.frequency_penalty:
+            self.processors.append(
+                OpenAIPenalty(
+                    p.presence_penalty, p.frequency_penalty, vocab_size, p.penalty_last_n, device
+                )
+            )
+        if p.dry_multiplier > 0:
+            if dry_breakers is None:
+                raise ValueError("DRY is on (dry_multiplier > 0) but no dry_breakers were given")
+            self.processors.append(
+                Dry(
+                    p.dry_multiplier,
+                    p.dry_base,
+                    p.dry_allowed_length,
+                    p.dry_penalty_last_n,
+                    dry_breakers,
+                )
+            )
+        if p.no_repeat_ngram_size:
+            self.processors.append(NoRepeatNGram(p.no_repeat_ngram_size))
+        self.reset()
+
+    def reset(self) -> None:
+        """Rebuild every processor's state from the token ids (at the start, after a rewind)."""
+        for proc in self.processors:
+            proc.reset(self.history)
+
+    def appended(self) -> None:
+        """Update the processors after one id was appended to the token ids."""
+        for proc in self.processors:
+            proc.append(self.history)
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The row's logits (1, vocab) after its processors."""
+        for proc in self.processors:
+            logits = proc(logits, self.history)
+        if self.processors and not torch.isfinite(logits).any():
+            raise ValueError(
+                "every token is banned at this step; loosen logit_bias, no_repeat_ngram_size, "
+                "min_tokens or the stop ids"
+            )
+        return logits
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """One token for this sequence alone (``sample`` over a batch of one)."""
+        return int(sample(self.process(logits.float()), [self.params], [generator])[0])
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """One token per row of ``logits`` (B, vocab), already processed, each row with its own
+    ``params`` and generator (None: torch's global one) -> (B,)."""
+    tokens = logits.argmax(dim=-1)
+    drawn = [b for b, p in enumerate(params) if p.temperature > 0]
+    if not drawn:
+        return tokens
+    x = logits.index_select(0, torch.tensor(drawn, device=logits.device))
+    ps = [params[b] for b in drawn]
+    x = x / _column([p.temperature for p in ps], x)
+    # each filter runs once for all rows when any row asks for it
+    if any(p.top_k for p in ps):
+        x = top_k_filter(x, torch.tensor([p.top_k for p in ps], device=x.device))
+    if any(p.top_p < 1 for p in ps):
+        x = top_p_filter(x, _column([p.top_p for p in ps], x))
+    if any(p.min_p > 0 for p in ps):
+        x = min_p_filter(x, _column([p.min_p for p in ps], x))
+    if any(p.typical_p < 1 for p in ps):
+        x = typical_filter(x, _column([p.typical_p for p in ps], x))
+    probs = x.softmax(dim=-1)
+    for i, b in enumerate(drawn):
+        tokens[b] = torch.multinomial(probs[i], 1, generator=generators[b])[0]
+    return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Per row, the log-probability of ``tokens`` (B,) under ``logits`` (B, vocab) and the
+    ``top`` likeliest alternatives."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+    top = min(top, logp.size(-1))
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        tops = [
+            tuple(zip(i, v, strict=True))
+            for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+    else:
+        tops = [()] * len(chosen)
+    return [
+        TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), chosen, tops, strict=True)
+    ]
