@@ -148,8 +148,9 @@ class Engine:
         if config.max_num_seqs is not None and fit < config.max_num_seqs:
             raise ValueError(
                 f"max_num_seqs={config.max_num_seqs} sequences of {slot_bytes / 2**20:.1f} MiB of "
-                f"KV cache each need {config.max_num_seqs * slot_bytes / 2**30:.2f} GiB, more "
-                f"than the budget of {budget / 2**30:.2f} GiB; at most {fit} fit"
+                f"KV cache each need {config.max_num_seqs * slot_bytes / 2**20:.1f} MiB, more "
+                f"than the budget of {budget / 2**20:.1f} MiB; at most {fit} fit (lower "
+                "max_model_len or quantize the cache to fit more)"
             )
         return min(num_slots, fit)
 

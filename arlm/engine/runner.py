@@ -52,8 +52,6 @@ class ModelRunner:
     def restart(self, seq: Sequence) -> None:
         """Forget ``seq``'s cached positions (a cache that cannot rewind refills from 0)."""
         seq.num_cached = 0
-        if self.windowed is not None:
-            self.windowed.reset()
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
@@ -76,6 +74,8 @@ class ModelRunner:
         idx = torch.tensor([tokens], device=self.device)
         if self.windowed is not None:
             (seq,) = [*decode, *(s for s, _ in batch.prefill)]
+            if seq.num_cached == 0:  # a new sequence, or one refilled after a break
+                self.windowed.reset()
             logits, _ = self.model(
                 idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
             )
@@ -85,6 +85,6 @@ class ModelRunner:
             idx,
             kv_cache=self.cache.step(layout),
             positions=positions,
-            logits_at=torch.tensor(select, device=self.device),
+            logits_at=torch.tensor(select, dtype=torch.long, device=self.device),
         )
         return logits[0].float(), rows
