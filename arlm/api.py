@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from arlm.config import resolve_dtype
-from arlm.formats.checkpoint import load_model
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
+from arlm.formats.checkpoint import load_model
 from arlm.kv_cache import CacheConfig
 from arlm.model.packing import pack
 from arlm.model.quantize import quantize as quantize_weights
@@ -235,15 +235,21 @@ def load(
     kv_cache_dtype: ``auto`` (the model's dtype), ``float32``, ``bfloat16``, ``float16``, or
     ``int8`` / ``int4`` (quantized with a scale per position and head: about 1/4 and 1/7 of
     float32).
-    kv_block_size: a paged cache with blocks of this many positions (16 is usual); None:
-    contiguous.
+    kv_block_size: the engine's block of positions, the prefix cache's unit (None: 16).
     kv_window: keep only the first ``kv_sink_tokens`` positions and the last ``kv_window``
     (StreamingLLM): bounded memory, and generation past the context. Rotary models only.
 
     quantize: ``int8`` or ``int4`` quantizes the linear layers' weights as they load (see
-    ``arlm.model.quantize``; ``group_size`` inputs share an int4 scale). A checkpoint saved quantized
-    loads quantized without this. On CPU the linear layers then get their fast kernels
+    ``arlm.model.quantize``; ``group_size`` inputs share an int4 scale). A checkpoint saved
+    quantized loads quantized without this. On CPU the linear layers then get their fast kernels
     (``arlm.model.packing``).
+
+    The engine that every generation runs through (see ``arlm.engine.EngineConfig``):
+    max_num_seqs: sequences decoded together (None: 16, fewer if the memory budget says so);
+    max_num_batched_tokens: positions per forward, so prompts prefill in chunks of at most
+    this (None: 512); max_model_len: the longest prompt + generation (None: the context);
+    kv_cache_memory_gib: the KV cache's budget (None: a quarter of the machine's memory);
+    enable_prefix_caching: prompts that start alike share the computed head.
     """
     cache_config = CacheConfig(dtype=kv_cache_dtype, window=kv_window, sink_tokens=kv_sink_tokens)
     engine_config = EngineConfig(
@@ -251,7 +257,7 @@ def load(
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
         kv_cache_memory_gib=kv_cache_memory_gib,
-        kv_block_size=kv_block_size or EngineConfig.kv_block_size,
+        kv_block_size=EngineConfig.kv_block_size if kv_block_size is None else kv_block_size,
         enable_prefix_caching=enable_prefix_caching,
     )
     path = Path(path)

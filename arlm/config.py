@@ -10,6 +10,16 @@ import torch
 
 from arlm.validate import check_int
 
+
+def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, **cli: Any):
+    """A dataclass field that is also a command-line option: ``help`` is its ``--help`` text,
+    ``cli`` extras (``flag``, ``choices``, ``metavar``) shape the flag ``arlm.cli`` derives."""
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 FAMILIES = ("gpt2", "llama")
 QUANT_METHODS = ("int8", "int4")  # weight-only; see arlm.model.quantize
 INT4_GROUP_SIZES = (32, 64, 128, 256)

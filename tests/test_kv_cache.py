@@ -1,24 +1,25 @@
-"""KV cache kinds against the contiguous cache, the block pool, the window, and accounting."""
+"""KV cache kinds against the contiguous cache, the engine's slot cache, the window, and
+accounting."""
 
 import math
-import random
 
 import pytest
 import torch
 
 from arlm.api import LM
 from arlm.config import ModelConfig
+from arlm.engine import EngineConfig
 from arlm.kv_cache import (
-    BlockPool,
     CacheConfig,
     KVCache,
-    OutOfBlocksError,
-    PagedKVCache,
+    SlotKVCache,
+    StepLayout,
     WindowedKVCache,
     make_codec,
 )
 from arlm.kv_cache.base import storage_bytes
 from arlm.kv_cache.codec import quantize_int4, quantize_int8
+from arlm.kv_cache.slots import Chunk
 from tests.conftest import make_model
 
 FAMILIES = ["gpt2", "llama"]
@@ -56,40 +57,104 @@ def codec(name):
     return make_codec(name, torch.float32)
 
 
+# --- the slot cache, driven as the engine drives it ---
+
+
+def step(model, cache, layout, seqs, logits_at=None):
+    """Logits (N or K, V) of one engine forward over ``layout``: the tokens laid out flat, the
+    decode rows' (slots ascending) and then each chunk's, each at its own position.
+    ``seqs[slot]`` is the token ids (1, L) of the sequence in that slot."""
+    tokens = [
+        int(seqs[s][0, p])
+        for s, p in zip(layout.decode_slots, layout.decode_positions, strict=True)
+    ]
+    for c in layout.chunks:
+        tokens.extend(seqs[c.slot][0, c.start : c.start + c.length].tolist())
+    assert len(tokens) == layout.num_tokens
+    with torch.no_grad():
+        logits, _ = model(
+            torch.tensor([tokens]),
+            kv_cache=cache.step(layout),
+            positions=torch.tensor([layout.positions()]),
+            logits_at=logits_at,
+        )
+    return logits[0]
+
+
+def slot_prefill_then_decode(model, cache, seq, prompt=16):
+    """Logits (B, L, V) of the B rows of ``seq``, row b in slot b: one forward prefilling every
+    row (a chunk each), then one decode forward per position with every row in it."""
+    B, L = seq.shape
+    cache.reserve(B)
+    seqs = {b: seq[b : b + 1] for b in range(B)}
+    chunks = [Chunk(b, 0, prompt) for b in range(B)]
+    out = [step(model, cache, StepLayout([], [], chunks), seqs).view(B, prompt, -1)]
+    for pos in range(prompt, L):
+        out.append(step(model, cache, StepLayout(list(range(B)), [pos] * B, []), seqs)[:, None])
+    return torch.cat(out, 1)
+
+
+def slot_greedy(model, cache, prompt, steps):
+    """Greedy tokens (B, steps) of the B prompts, one slot each, decoded in one forward per step;
+    the prefill projects only each chunk's last position (``logits_at``), as the engine does."""
+    B, n = prompt.shape
+    cache.reserve(B)
+    ids = prompt.clone()
+    prefill = StepLayout([], [], [Chunk(b, 0, n) for b in range(B)])
+    last = torch.arange(1, B + 1) * n - 1
+    logits = step(model, cache, prefill, dict(enumerate(ids[:, None])), logits_at=last)
+    for pos in range(n, n + steps):
+        ids = torch.cat((ids, logits.argmax(-1)[:, None]), 1)
+        if pos < n + steps - 1:
+            decode = StepLayout(list(range(B)), [pos] * B, [])
+            logits = step(model, cache, decode, dict(enumerate(ids[:, None])))
+    return ids[:, n:]
+
+
 # --- every kind against the contiguous cache ---
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_paged_cache_logits_equal_the_contiguous_cache_exactly(family):
+def test_slot_cache_logits_equal_the_contiguous_cache_exactly(family):
     model = make_model(family)
     seq = random_tokens((2, 50), 1)
     contiguous = prefill_then_decode(model, KVCache.for_model(model.config, 2, 50), seq)
-    paged = PagedKVCache.for_model(model.config, 2, 50, block_size=16)
-    assert torch.equal(prefill_then_decode(model, paged, seq), contiguous)
+    slots = SlotKVCache.for_model(model.config, 2, 50)
+    assert torch.equal(slot_prefill_then_decode(model, slots, seq), contiguous)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_paged_rows_at_their_own_lengths_match_each_sequence_alone(family):
+def test_slot_rows_at_their_own_lengths_in_one_forward_match_each_sequence_alone(family):
     model = make_model(family)
-    lengths = [37, 5, 20]
-    seqs = [random_tokens((1, n + 6), i) for i, n in enumerate(lengths)]
-    c = model.config
-    cache = PagedKVCache(BlockPool(c.n_layer, c.n_kv_head, c.head_dim, num_blocks=20, block_size=8))
-    ids = [cache.add_sequence() for _ in lengths]
+    # slot 0: a 37-token prompt; slot 1: a 20-token prompt prefilled in chunks of 12 and 8;
+    # slot 2: a 5-token prompt. Every forward mixes rows at different lengths.
+    seqs = {
+        0: random_tokens((1, 41), 10),
+        1: random_tokens((1, 23), 11),
+        2: random_tokens((1, 9), 12),
+    }
+    schedule = [
+        StepLayout([], [], [Chunk(0, 0, 37), Chunk(1, 0, 12), Chunk(2, 0, 5)]),
+        # decode rows in slots 0 and 2 with slot 1 between them prefilling: a dummy row
+        StepLayout([0, 2], [37, 5], [Chunk(1, 12, 8)]),
+        StepLayout([0, 1, 2], [38, 20, 6], []),
+        StepLayout([0, 2], [39, 7], []),  # slot 1 sits this one out: a dummy row again
+        StepLayout([1], [21], []),
+        StepLayout([0, 1, 2], [40, 22, 8], []),
+    ]
+    cache = SlotKVCache.for_model(model.config, num_slots=3, slot_len=48)
+    cache.reserve(3)
     with torch.no_grad():
-        for seq_id, seq, n in zip(ids, seqs, lengths, strict=True):  # prefill one by one
-            cache.set_rows([seq_id])
-            model(seq[:, :n], kv_cache=cache)
-        cache.set_rows(ids)
-        batched = []
-        for step in range(6):  # then decode all three rows in one forward per step
-            pos = torch.tensor(lengths) + step
-            tokens = torch.stack([s[0, p] for s, p in zip(seqs, pos.tolist(), strict=True)])
-            batched.append(model(tokens[:, None], kv_cache=cache, start_pos=pos)[0][:, 0])
-    batched = torch.stack(batched, 1)
-    for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
-        alone = prefill_then_decode(model, KVCache.for_model(model.config, 1, n + 6), seq, n)
-        torch.testing.assert_close(batched[row], alone[0, n:], rtol=0, atol=1e-5)
+        alone = {s: model(seq)[0][0] for s, seq in seqs.items()}  # each sequence by itself
+    checked = 0
+    for layout in schedule:
+        logits = step(model, cache, layout, seqs)
+        slots = [*layout.decode_slots, *(c.slot for c in layout.chunks for _ in range(c.length))]
+        for row, (slot, pos) in enumerate(zip(slots, layout.positions(), strict=True)):
+            torch.testing.assert_close(logits[row], alone[slot][pos], rtol=0, atol=1e-5)
+            checked += 1
+    assert checked == sum(s.size(1) for s in seqs.values())  # every position of every sequence
+    assert cache.lengths == [41, 23, 9]
 
 
 # measured on these random models: int8 differs by at most 0.005, int4 by 0.07 (logits ~2.5)
@@ -100,81 +165,98 @@ def test_quantized_cache_logits_are_within_a_measured_tolerance(family, kv_dtype
     seq = random_tokens((2, 50), 2)
     with torch.no_grad():
         full, _ = model(seq)
-    for cache in (
-        KVCache.for_model(model.config, 2, 50, codec=codec(kv_dtype)),
-        PagedKVCache.for_model(model.config, 2, 50, codec=codec(kv_dtype)),
-    ):
-        torch.testing.assert_close(prefill_then_decode(model, cache, seq), full, rtol=0, atol=atol)
+    contiguous = KVCache.for_model(model.config, 2, 50, codec=codec(kv_dtype))
+    cached = prefill_then_decode(model, contiguous, seq)
+    torch.testing.assert_close(cached, full, rtol=0, atol=atol)
+    slots = SlotKVCache.for_model(model.config, 2, 50, codec=codec(kv_dtype))
+    torch.testing.assert_close(slot_prefill_then_decode(model, slots, seq), full, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_paged_and_int8_caches_give_the_same_greedy_tokens(family):
+def test_slot_and_int8_caches_give_the_same_greedy_tokens(family):
     model = make_model(family)
     prompt = random_tokens((2, 6), 3)
     reference = greedy(model, KVCache.for_model(model.config, 2, 46), prompt, 40)
-    for cache in (
-        PagedKVCache.for_model(model.config, 2, 46, block_size=4),
-        KVCache.for_model(model.config, 2, 46, codec=codec("int8")),
-    ):
-        assert torch.equal(greedy(model, cache, prompt, 40), reference)
+    slots = SlotKVCache.for_model(model.config, 2, 46)
+    assert torch.equal(slot_greedy(model, slots, prompt, 40), reference)
+    int8 = KVCache.for_model(model.config, 2, 46, codec=codec("int8"))
+    assert torch.equal(greedy(model, int8, prompt, 40), reference)
 
 
-# --- the paged pool ---
+# --- the slot cache's storage ---
 
 
-def test_pool_allocates_and_frees_many_sequences_without_leaking_a_block():
-    cache = PagedKVCache(BlockPool(1, 4, 32, num_blocks=64, block_size=16))
-    rng = random.Random(0)
-    live: dict[int, int] = {}
-    for _ in range(300):
-        if live and (rng.random() < 0.3 or cache.pool.num_free < 8):
-            seq_id = rng.choice(sorted(live))
-            cache.free_sequence(seq_id)
-            del live[seq_id]
-        elif rng.random() < 0.3 or not live:
-            live[cache.add_sequence()] = 0
-        else:  # grow a random subset of the live sequences by the same number of positions
-            rows = rng.sample(sorted(live), rng.randint(1, len(live)))
-            grow = rng.randint(1, 20)
-            needed = sum(math.ceil((live[s] + grow) / 16) - math.ceil(live[s] / 16) for s in rows)
-            if needed > cache.pool.num_free:
-                continue
-            cache.set_rows(rows)
-            cache.prepare(torch.tensor([live[s] for s in rows]), grow)
-            for s in rows:
-                live[s] += grow
-        in_use = sum(math.ceil(n / 16) for n in live.values())
-        assert cache.pool.num_used == in_use
-        assert cache.tokens == sum(live.values())
-        # only each sequence's last block can be partly empty
-        assert in_use * 16 - cache.tokens < max(len(live), 1) * 16
-    for seq_id in list(live):
-        cache.free_sequence(seq_id)
-    assert cache.pool.num_free == cache.pool.num_blocks
+def test_reserving_more_slots_keeps_what_the_existing_slots_hold():
+    model = make_model("llama")
+    cache = SlotKVCache.for_model(model.config, num_slots=5, slot_len=32)
+    assert cache.allocated == 0 and cache.nbytes == 0 == storage_bytes(cache)  # lazily
+    seqs = {0: random_tokens((1, 26), 13), 3: random_tokens((1, 26), 14)}
+    cache.reserve(1)
+    step(model, cache, StepLayout([], [], [Chunk(0, 0, 20)]), seqs)
+    held = [p[0].clone() for planes in (*cache.k, *cache.v) for p in planes]
+    assert all(h.any() for h in held)
+    cache.reserve(4)  # slot 3: the planes grow
+    assert cache.allocated == 4
+    assert cache.nbytes == storage_bytes(cache) == cache.capacity * cache.bytes_per_token
+    grown = [p for planes in (*cache.k, *cache.v) for p in planes]
+    assert len(grown) == len(held) and all(p.size(0) == 4 for p in grown)
+    for plane, before in zip(grown, held, strict=True):
+        assert torch.equal(plane[0], before) and not plane[1:].any()
+    # and slot 0 goes on decoding as if nothing moved, beside the new slot 3
+    with torch.no_grad():
+        alone = {s: model(seq)[0][0] for s, seq in seqs.items()}
+    logits = step(model, cache, StepLayout([0], [20], [Chunk(3, 0, 21)]), seqs)
+    torch.testing.assert_close(logits[0], alone[0][20], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[1:], alone[3][:21], rtol=0, atol=1e-5)
+    for pos in range(21, 26):
+        logits = step(model, cache, StepLayout([0, 3], [pos, pos], []), seqs)
+        torch.testing.assert_close(logits[0], alone[0][pos], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[1], alone[3][pos], rtol=0, atol=1e-5)
+    cache.reserve(2)  # already there: nothing changes
+    assert cache.allocated == 4
+    cache.reserve(5)  # doubling stops at num_slots
+    assert cache.allocated == 5 and cache.capacity == 5 * 32
+    with pytest.raises(ValueError, match="slot 5 does not exist; the cache has 5"):
+        cache.reserve(6)
 
 
-def test_running_out_of_blocks_says_how_many_are_needed_and_free():
-    cache = PagedKVCache(BlockPool(1, 2, 8, num_blocks=4, block_size=4))
-    a, b = cache.add_sequence(), cache.add_sequence()
-    cache.set_rows([a])
-    cache.prepare(0, 12)  # 3 blocks
-    cache.set_rows([b])
-    with pytest.raises(
-        OutOfBlocksError, match="needs 2 more blocks of 4 positions but only 1 of 4"
-    ):
-        cache.prepare(0, 5)
-    assert cache.pool.num_free == 1 and cache.lengths[b] == 0  # the failed step took nothing
-    cache.free_sequence(a)
-    cache.prepare(0, 5)
-    assert cache.pool.num_used == 2
+def test_copy_moves_positions_of_every_layer_and_the_copy_decodes_as_computed():
+    model = make_model("llama")
+    cache = SlotKVCache.for_model(model.config, num_slots=3, slot_len=32)
+    cache.reserve(3)
+    seq = random_tokens((1, 30), 15)
+    seqs = {0: seq, 2: seq}
+    step(model, cache, StepLayout([], [], [Chunk(0, 0, 24)]), seqs)
+    cache.copy(0, 2, 0, 16)  # a prefix-cache hit: slot 2 reuses slot 0's first 16 positions
+    planes = [p for layer in (*cache.k, *cache.v) for p in layer]
+    assert len(planes) == 2 * model.config.n_layer  # float storage: one plane per k and v
+    for p in planes:
+        assert p[0, :, :16].any() and torch.equal(p[2, :, :16], p[0, :, :16])
+        assert not p[2, :, 16:].any() and not p[1].any()
+    # slot 2 computes only from position 16 on, and gets what the whole sequence gets
+    with torch.no_grad():
+        alone = model(seq)[0][0]
+    logits = [step(model, cache, StepLayout([], [], [Chunk(2, 16, 8)]), seqs)]
+    for pos in range(24, 30):
+        logits.append(step(model, cache, StepLayout([2], [pos], []), seqs))
+    torch.testing.assert_close(torch.cat(logits), alone[16:], rtol=0, atol=1e-5)
 
 
-def test_a_block_cannot_be_freed_twice():
-    pool = BlockPool(1, 2, 8, num_blocks=4)
-    blocks = pool.allocate(2)
-    pool.free(blocks)
-    with pytest.raises(ValueError, match="freed only once"):
-        pool.free(blocks[:1])
+@pytest.mark.parametrize("kv_dtype, per_vector", [("float32", 128), ("int8", 34), ("int4", 20)])
+def test_slot_cache_counts_allocated_slots_and_positions_in_use(kv_dtype, per_vector):
+    model = make_model("llama")  # 4 layers, 2 kv heads, head_dim 32
+    cache = SlotKVCache.for_model(model.config, num_slots=4, slot_len=32, codec=codec(kv_dtype))
+    assert cache.bytes_per_token == 2 * 4 * 2 * per_vector
+    assert cache.nbytes == storage_bytes(cache) == cache.capacity == cache.used_bytes == 0
+    cache.reserve(2)
+    assert cache.capacity == 2 * 32
+    assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * 2 * 32
+    seqs = {0: random_tokens((1, 12), 16), 1: random_tokens((1, 12), 17)}
+    step(model, cache, StepLayout([], [], [Chunk(0, 0, 10), Chunk(1, 0, 5)]), seqs)
+    assert cache.tokens == 15 and cache.used_bytes == 15 * cache.bytes_per_token
+    step(model, cache, StepLayout([0, 1], [10, 5], []), seqs)
+    assert cache.tokens == 17 and cache.used_bytes == 17 * cache.bytes_per_token
+    assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * cache.capacity
 
 
 # --- the window with attention sinks ---
@@ -248,15 +330,19 @@ def test_window_refuses_learned_positions_and_says_why(tokenizer):
 
 
 @pytest.mark.parametrize("kv_dtype, per_vector", [("float32", 128), ("int8", 34), ("int4", 20)])
-@pytest.mark.parametrize("kind", ["contiguous", "paged", "windowed"])
+@pytest.mark.parametrize("kind", ["contiguous", "slots", "windowed"])
 def test_reported_bytes_equal_the_allocated_tensors_and_the_formula(kind, kv_dtype, per_vector):
     config = ModelConfig.preset("llama-tiny")  # 4 layers, 2 kv heads, head_dim 32
-    settings = {"contiguous": {}, "paged": {"block_size": 16}, "windowed": {"window": 60}}[kind]
-    cache = CacheConfig(dtype=kv_dtype, **settings).build(config, 2, 64)
+    if kind == "slots":  # the engine's cache: 2 slots of 64 positions
+        cache = SlotKVCache.for_model(config, 2, 64, codec=codec(kv_dtype))
+        cache.reserve(2)
+    else:
+        settings = {"contiguous": {}, "windowed": {"window": 60}}[kind]
+        cache = CacheConfig(dtype=kv_dtype, **settings).build(config, 2, 64)
     # per position: k and v, 4 layers, 2 kv heads, one vector of head_dim 32 each
     assert cache.bytes_per_token == 2 * 4 * 2 * per_vector
     assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * cache.capacity
-    assert cache.capacity == 2 * 64 and cache.tokens == 0
+    assert cache.capacity == 2 * 64 and cache.tokens == 0 and cache.used_bytes == 0
 
 
 def test_quantized_caches_meet_the_memory_targets_at_head_dim_64():
@@ -266,14 +352,24 @@ def test_quantized_caches_meet_the_memory_targets_at_head_dim_64():
     assert KVCache.for_model(config, 1, 256, codec=codec("int4")).nbytes <= 0.15 * float32
 
 
-def test_paged_usage_counts_blocks_in_use(tokenizer):
-    model = make_model("gpt2")
-    lm = LM(model, tokenizer, CacheConfig(block_size=16))
+@pytest.mark.parametrize("block_size, max_model_len, slot_len", [(16, None, 128), (8, 100, 104)])
+def test_usage_reports_the_allocated_slot_and_the_peak_whole_blocks(
+    tokenizer, block_size, max_model_len, slot_len
+):
+    model = make_model("gpt2")  # context 128
+    config = EngineConfig(kv_block_size=block_size, max_model_len=max_model_len)
+    lm = LM(model, tokenizer, engine_config=config)
     out = lm.generate("The", max_tokens=40, temperature=0, ignore_eos=True)
-    positions = out.usage.prompt_tokens + len(out.token_ids) - 1
-    per_token = 2 * 4 * 4 * 32 * 4
-    assert out.usage.kv_cache_peak_bytes == math.ceil(positions / 16) * 16 * per_token
-    assert out.usage.kv_cache_bytes >= out.usage.kv_cache_peak_bytes
+    assert len(out.token_ids) == 40
+    positions = out.usage.prompt_tokens + len(out.token_ids) - 1  # the last token is not fed
+    per_token = 2 * 4 * 4 * 32 * 4  # k and v, 4 layers, 4 heads, head_dim 32, float32
+    # the sequence's slot: max_model_len rounded up to whole blocks
+    assert out.usage.kv_cache_bytes == slot_len * per_token
+    # in use at most: the positions fed, rounded up to whole blocks
+    assert (
+        out.usage.kv_cache_peak_bytes == math.ceil(positions / block_size) * block_size * per_token
+    )
+    assert out.usage.kv_cache_bytes > out.usage.kv_cache_peak_bytes
 
 
 # --- quantization primitives ---
@@ -319,18 +415,17 @@ def test_chunked_scoring_needs_the_text_to_fit_unless_the_cache_is_windowed(toke
 
 
 @pytest.mark.parametrize(
-    "settings, message",
+    "make, settings, message",
     [
-        ({"dtype": "int3"}, "kv_cache_dtype='int3'"),
-        ({"block_size": 0}, "kv_block_size=0"),
-        ({"window": 0}, "kv_window=0"),
-        ({"sink_tokens": -1}, "kv_sink_tokens=-1"),
-        ({"block_size": 16, "window": 64}, "choose one"),
+        (CacheConfig, {"dtype": "int3"}, "kv_cache_dtype='int3'"),
+        (CacheConfig, {"window": 0}, "kv_window=0"),
+        (CacheConfig, {"sink_tokens": -1}, "kv_sink_tokens=-1"),
+        (EngineConfig, {"kv_block_size": 0}, "kv_block_size=0"),  # blocks are the engine's
     ],
 )
-def test_cache_config_rejects_bad_settings(settings, message):
+def test_cache_config_rejects_bad_settings(make, settings, message):
     with pytest.raises(ValueError, match=message):
-        CacheConfig(**settings)
+        make(**settings)
 
 
 # --- choosing the kind when loading ---
@@ -338,7 +433,7 @@ def test_cache_config_rejects_bad_settings(settings, message):
 
 @pytest.fixture
 def llama_dir(tmp_path, tokenizer):
-    from arlm.checkpoint import save_model
+    from arlm.formats.checkpoint import save_model
 
     save_model(tmp_path / "llama", make_model("llama"), tokenizer)
     return tmp_path / "llama"
@@ -351,16 +446,42 @@ def test_load_carries_the_cache_settings_to_generation(llama_dir):
     assert lm.cache_config == CacheConfig(dtype="int8", window=32, sink_tokens=2)
     out = lm.generate("The", max_tokens=150, temperature=0, ignore_eos=True)
     assert len(out.token_ids) == 150  # past the context of 128
-    assert out.usage.kv_cache_bytes == 2 * 4 * 2 * (32 + 2) * 34  # k and v, int8 vectors of 34 B
+    # kv_block_size is the engine's: blocks of 8 in the usage of a full (unwindowed) cache
+    lm = arlm.load(llama_dir, kv_block_size=8)
+    assert lm.cache_config.kind == "full" and lm.engine_config.kv_block_size == 8
+    out = lm.generate("The", max_tokens=20, temperature=0, ignore_eos=True)
+    per_token = 2 * 4 * 2 * 32 * 4  # k and v, 4 layers, 2 kv heads, head_dim 32, float32
+    positions = out.usage.prompt_tokens + 20 - 1
+    assert out.usage.kv_cache_peak_bytes == math.ceil(positions / 8) * 8 * per_token
+    assert out.usage.kv_cache_bytes == 128 * per_token
 
 
-def test_cli_generate_stats_and_score_take_the_cache_flags(llama_dir, capsys):
+def test_windowed_usage_reports_the_window_it_allocated(tokenizer):
+    lm = LM(make_model("llama"), tokenizer, CacheConfig(dtype="int8", window=32, sink_tokens=2))
+    out = lm.generate("The", max_tokens=60, temperature=0, ignore_eos=True)
+    full = 2 * 4 * 2 * (32 + 2) * 34  # k and v, 4 layers, 2 kv heads, int8 vectors of 34 B
+    assert out.usage.kv_cache_bytes == out.usage.kv_cache_peak_bytes == full
+
+
+def test_cli_generate_stats_and_score_take_the_cache_flags(llama_dir, capsys, monkeypatch):
+    import arlm
     from arlm.cli import main
 
     argv = ["generate", str(llama_dir), "The", "--max-tokens", "140", "--temperature", "0"]
     assert main([*argv, "--ignore-eos", "--kv-window", "32", "--stats"]) == 0
     err = capsys.readouterr().err
     assert "140 generated" in err and "windowed" in err and "peak" in err
+    loaded, load = [], arlm.load
+
+    def spy(*args, **kwargs):
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(arlm, "load", spy)
+    short = ["generate", str(llama_dir), "The", "--max-tokens", "5", "--temperature", "0"]
+    assert main([*short, "--kv-block-size", "8", "--stats"]) == 0
+    assert "(full, auto)" in capsys.readouterr().err
+    assert loaded[-1].engine_config.kv_block_size == 8  # the flag sets the engine's blocks
     text = llama_dir / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 3)
     assert (
@@ -371,8 +492,8 @@ def test_cli_generate_stats_and_score_take_the_cache_flags(llama_dir, capsys):
 
 
 def test_cli_explains_why_gpt2_has_no_window(tmp_path, tokenizer, capsys):
-    from arlm.checkpoint import save_model
     from arlm.cli import main
+    from arlm.formats.checkpoint import save_model
 
     save_model(tmp_path / "gpt2", make_model("gpt2"), tokenizer)
     assert main(["generate", str(tmp_path / "gpt2"), "The", "--kv-window", "32"]) == 1

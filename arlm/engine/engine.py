@@ -11,16 +11,17 @@ finish_reason "error"; the others go on. This is arlm's one decode loop: ``lm.ge
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict, deque
 import math
 import os
 import time
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
+from arlm.config import option
 from arlm.engine.block_manager import BlockManager, block_hashes
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.engine.runner import ModelRunner
@@ -55,12 +56,20 @@ class EngineConfig:
     unit; default 16). enable_prefix_caching: reuse computed prompt blocks (default on).
     """
 
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
-    kv_cache_memory_gib: float | None = None
-    kv_block_size: int = 16
-    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = option(None, help="sequences running at once (default: 16)")
+    max_num_batched_tokens: int | None = option(
+        None, help="positions per forward; longer prompts prefill in chunks (default: 512)"
+    )
+    max_model_len: int | None = option(
+        None, help="longest prompt + generation of a sequence (default: the context)"
+    )
+    kv_cache_memory_gib: float | None = option(
+        None, help="the KV cache's memory budget (default: a quarter of the machine's)"
+    )
+    kv_block_size: int = option(16, help="positions per KV block, the prefix cache's unit")
+    enable_prefix_caching: bool = option(
+        True, help="reuse computed prompt blocks", flag="--prefix-caching"
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -400,11 +409,7 @@ class Engine:
         out.chunks.extend(chunks)
         if seq.finished and not out.finished:
             out.chunks.extend(seq.chunks(seq.num_generated, final=True))
-            usage = seq.usage(
-                self.runner.kv_bytes_per_token,
-                self.block_manager.cache.slot_len,
-                self.block_manager.block_size,
-            )
+            usage = seq.usage(*self.runner.kv_bytes(seq, self.block_manager.block_size))
             out.chunks.append(seq.closing_chunk(usage))
             out.finished, out.completion = True, seq.completion(usage)
             del self.sequences[(seq.request_id, seq.index)]
@@ -452,7 +457,9 @@ class Engine:
                         finished += 1
                         done[(rid, out.index)] = out.completion
                         bar.update(1)
-        grouped = [[done[(rid, i)] for i in range(sp.n)] for rid, sp in zip(ids, params)]
+        grouped = [
+            [done[(rid, i)] for i in range(sp.n)] for rid, sp in zip(ids, params, strict=True)
+        ]
         if all(sp.n == 1 for sp in params):
             return [g[0] for g in grouped]
         return grouped

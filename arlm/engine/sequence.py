@@ -98,7 +98,7 @@ class Sequence:
             for i, piece in self.text.release(settled, final)
         ]
 
-    def usage(self, kv_bytes_per_token: int, slot_len: int, block_size: int) -> Usage:
+    def usage(self, kv_cache_bytes: int, kv_cache_peak_bytes: int) -> Usage:
         start = self.first_token_time or self.finish_time or self.arrival_time
         return Usage(
             prompt_tokens=self.prompt_len,
@@ -107,8 +107,8 @@ class Sequence:
             decode_seconds=(self.finish_time or start) - start,
             queued_seconds=(self.scheduled_time or self.arrival_time) - self.arrival_time,
             cached_prompt_tokens=self.cached_prompt_tokens,
-            kv_cache_bytes=slot_len * kv_bytes_per_token,
-            kv_cache_peak_bytes=self.peak_blocks * block_size * kv_bytes_per_token,
+            kv_cache_bytes=kv_cache_bytes,
+            kv_cache_peak_bytes=kv_cache_peak_bytes,
         )
 
     def closing_chunk(self, usage: Usage) -> Chunk:

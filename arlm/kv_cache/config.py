@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from arlm.config import ModelConfig
+from arlm.config import ModelConfig, option
 from arlm.kv_cache.base import Cache
 from arlm.kv_cache.codec import KV_DTYPES, make_codec
 from arlm.kv_cache.contiguous import KVCache
@@ -19,9 +19,22 @@ class CacheConfig:
     ``kv_sink_tokens``. The defaults: every position kept, in the model's dtype. (How the engine
     lays sequences out, in slots of blocks, is ``EngineConfig``'s.)"""
 
-    dtype: str = "auto"  # auto (the model's dtype), float32, bfloat16, float16, int8, int4
-    window: int | None = None  # keep only the sinks and the last `window` positions
-    sink_tokens: int = 4  # with a window: the first positions, always kept (StreamingLLM's 4)
+    dtype: str = option(
+        "auto",
+        help="KV cache storage; int8/int4 are quantized (auto: the model's dtype)",
+        flag="--kv-cache-dtype",
+        choices=KV_DTYPES,
+    )
+    window: int | None = option(
+        None,
+        help="keep only the sink tokens and the last N positions: bounded memory, generation "
+        "past the context (rotary models)",
+        flag="--kv-window",
+    )
+    # StreamingLLM keeps 4
+    sink_tokens: int = option(
+        4, help="with --kv-window, the first positions always kept", flag="--kv-sink-tokens"
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in KV_DTYPES:

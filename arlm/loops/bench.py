@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from arlm.api import LM
+from arlm.config import option
 from arlm.loops import LoopDetector, LoopDetectorConfig, metrics
 from arlm.loops.heldout import held_out_ids, held_out_windows
 from arlm.sampling import SamplingParams
@@ -49,11 +50,11 @@ class BenchConfig:
     """prompts: how many held-out prompts; prompt_tokens, max_tokens: their length and the
     continuation's. detector: the loop detector's thresholds (its defaults when None)."""
 
-    prompts: int = 50
-    prompt_tokens: int = 32
-    max_tokens: int = 128
-    corpus: str = "builtin"
-    seed: int = 0
+    prompts: int = option(50, help="held-out prompts")
+    prompt_tokens: int = option(32, help="tokens per prompt")
+    max_tokens: int = option(128, help="tokens per continuation")
+    corpus: str = option("builtin", help="the held-out text's corpus")
+    seed: int = option(0, help="seed of the sampled setups")
     detector: LoopDetectorConfig = field(default_factory=LoopDetectorConfig)
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from arlm.api import LM
+from arlm.config import option
 from arlm.loops.heldout import held_out_ids, held_out_sentences
 from arlm.validate import check_int
 
@@ -33,11 +34,11 @@ class ProbeConfig:
     sentences (and as many random ones) to average over. max_sentence_tokens: longer sentences
     are skipped. corpus: where the held-out text comes from. seed: the random sentences'."""
 
-    repeats: int = 50
-    sentences: int = 100
-    max_sentence_tokens: int = 32
-    corpus: str = "builtin"
-    seed: int = 0
+    repeats: int = option(50, help="N, copies of each sentence")
+    sentences: int = option(100, help="held-out sentences, and as many random ones")
+    max_sentence_tokens: int = option(32, help="longer sentences are skipped")
+    corpus: str = option("builtin", help="the held-out text's corpus")
+    seed: int = option(0, help="seed of the random sentences")
 
     def __post_init__(self) -> None:
         for name, low in (("repeats", 2), ("sentences", 1), ("max_sentence_tokens", 1)):

@@ -7,8 +7,9 @@ Field names follow the OpenAI and vLLM APIs, and llama.cpp's for DRY. How they a
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from arlm.config import option
 from arlm.loops.detector import LoopDetectorConfig
 from arlm.validate import check_float, check_int
 
@@ -60,35 +61,48 @@ class SamplingParams:
     fields; None: its defaults). Giving it without a loop_policy means "stop".
     """
 
-    max_tokens: int = 256
-    n: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 0
-    no_repeat_ngram_size: int = 0
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = 0
-    dry_sequence_breakers: list[str] = field(
-        default_factory=lambda: list(DEFAULT_DRY_SEQUENCE_BREAKERS)
+    max_tokens: int = option(256, help="tokens to generate")
+    n: int = option(1, help="samples of each prompt")
+    temperature: float = option(1.0, help="0 is greedy")
+    top_k: int = option(0, help="keep the k likeliest tokens, 0 = off")
+    top_p: float = option(1.0, help="nucleus sampling mass, 1 = off")
+    min_p: float = option(0.0, help="drop tokens below min-p x the top one, 0 = off")
+    typical_p: float = option(1.0, help="typical sampling mass, 1 = off")
+    repetition_penalty: float = option(1.0, help="CTRL's penalty on seen tokens, 1 = off")
+    presence_penalty: float = option(0.0, help="OpenAI's, in [-2, 2]")
+    frequency_penalty: float = option(0.0, help="OpenAI's, in [-2, 2]")
+    penalty_last_n: int = option(0, help="the penalties see the last N tokens, 0 = all")
+    no_repeat_ngram_size: int = option(0, help="ban repeating any N-gram, 0 = off")
+    dry_multiplier: float = option(0.0, help="DRY's strength, 0 = off")
+    dry_base: float = option(1.75, help="DRY's growth per repeated token")
+    dry_allowed_length: int = option(2, help="repeats DRY lets pass")
+    dry_penalty_last_n: int = option(0, help="DRY's window, 0 = all")
+    dry_sequence_breakers: list[str] = option(
+        factory=lambda: list(DEFAULT_DRY_SEQUENCE_BREAKERS),
+        help="a string that ends a DRY repeat (repeatable; replaces the defaults)",
+        flag="--dry-sequence-breaker",
     )
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None
-    logprobs: int | None = None
-    loop_policy: str | None = None
+    logit_bias: dict[int, float] = option(
+        factory=dict,
+        help="add BIAS (-100..100) to token ID's logit (repeatable)",
+        metavar="ID=BIAS",
+    )
+    min_tokens: int = option(0, help="no stopping before N tokens")
+    stop: list[str] = option(factory=list, help="a stop string (repeatable)")
+    stop_token_ids: list[int] = option(
+        factory=list, help="a token id that ends generation (repeatable)", flag="--stop-token-id"
+    )
+    ignore_eos: bool = option(False, help="keep generating past the end-of-text token")
+    seed: int | None = option(None, help="seed for reproducible sampling")
+    logprobs: int | None = option(None, help="each token's logprob and N alternatives", metavar="N")
+    loop_policy: str | None = option(
+        None,
+        help="stop at a loop, break it and go on, or report it (default: no detection)",
+        choices=LOOP_POLICIES,
+    )
+    # set through the detector's own options (--loop-min-count, ...)
     repetition_detection: LoopDetectorConfig | dict | None = None
-    max_loop_breaks: int = 3
+    max_loop_breaks: int = option(3, help="breaks before a loop stops generation", metavar="N")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

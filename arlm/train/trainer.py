@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arlm.atomic import atomic_path
-from arlm.config import PRESETS, ModelConfig
+from arlm.config import PRESETS, ModelConfig, option
 from arlm.formats.checkpoint import (
     CheckpointError,
     load_model,
@@ -45,30 +45,35 @@ STATE_JSON = "train_state.json"
 class TrainConfig:
     """Everything a run needs; saved in the run folder so ``resume`` needs only the folder."""
 
-    corpus: str = "builtin"  # 'builtin', a text file, a folder of .txt/.md files, or a glob
-    preset: str = "small"  # a ModelConfig preset (see arlm.config.PRESETS)
-    out: str = "runs/small"
-    steps: int = 300  # with the small preset: about five minutes on two CPU cores
-    batch_size: int = 16
-    block_size: int | None = None  # None: the preset's context length
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3
-    min_lr: float | None = None  # None: lr / 10, reached at the last step
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    dropout: float = 0.0
-    vocab_size: int | None = None  # None: the preset's vocabulary size
-    eval_interval: int = 50
-    eval_iters: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 100
-    seed: int = 1337
-    device: str = "cpu"
-    bf16: bool = False  # bfloat16 autocast; off by default on CPU, where it is rarely faster
-    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/arlm or ~/.cache/arlm
+    corpus: str = option(
+        "builtin", help="'builtin', a text file, a folder of .txt/.md files or a glob"
+    )
+    preset: str = option("small", help=f"model size, one of {', '.join(sorted(PRESETS))}")
+    out: str = option("runs/small", help="run folder")
+    steps: int = option(300, help="optimizer steps to train to")  # small: ~5 min on 2 cores
+    batch_size: int = option(16, help="sequences per micro-batch")
+    block_size: int | None = option(None, help="context length (default: the preset's)")
+    grad_accum: int = option(1, help="micro-batches per optimizer step")
+    lr: float = option(2e-3, help="peak learning rate")
+    min_lr: float | None = option(None, help="learning rate at the last step (default: lr / 10)")
+    warmup_steps: int = option(30, help="linear warm-up steps")
+    weight_decay: float = option(0.1, help="AdamW weight decay (not on norms and biases)")
+    grad_clip: float = option(1.0, help="gradient norm clip")
+    beta1: float = option(0.9, help="AdamW beta1")
+    beta2: float = option(0.95, help="AdamW beta2")
+    dropout: float = option(0.0, help="dropout probability")
+    vocab_size: int | None = option(None, help="tokenizer vocabulary (default: the preset's)")
+    eval_interval: int = option(50, help="steps between evaluations")
+    eval_iters: int = option(20, help="batches per evaluation")
+    log_interval: int = option(10, help="steps between log lines")
+    ckpt_interval: int = option(100, help="steps between checkpoints")
+    seed: int = option(1337, help="seed of the model's initialization and the batches")
+    device: str = option("cpu", help="cpu, cuda, cuda:1, ...")
+    # off by default on CPU, where it is rarely faster
+    bf16: bool = option(False, help="bfloat16 autocast")
+    cache_dir: str | None = option(
+        None, help="where encoded corpora are cached (default: ~/.cache/arlm)"
+    )
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

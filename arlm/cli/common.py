@@ -1,0 +1,86 @@
+"""Options several commands share: the model to load, its KV cache and engine, sampling."""
+
+from __future__ import annotations
+
+import argparse
+
+from arlm.cli.options import add_options, given
+from arlm.config import INT4_GROUP_SIZES, QUANT_METHODS
+from arlm.engine import EngineConfig
+from arlm.kv_cache import CacheConfig
+from arlm.loops import LoopDetectorConfig
+from arlm.sampling import SamplingParams
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an arlm checkpoint directory or a Hugging Face model folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights' dtype (default: float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANT_METHODS,
+        help="quantize the linear layers' weights as they load: int8 (a scale per output "
+        "channel) or int4 (a scale and minimum per group of inputs); a quantized checkpoint "
+        "needs no flag",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        help=f"with --quantize int4, inputs per group, one of {INT4_GROUP_SIZES} (default: 32)",
+    )
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+        "group_size": args.group_size,
+    }
+
+
+def add_cache_options(p: argparse.ArgumentParser, engine: bool = True) -> None:
+    g = p.add_argument_group("KV cache")
+    add_options(g, CacheConfig, dest_prefix="kv_")
+    if engine:
+        g = p.add_argument_group("engine")
+        add_options(g, EngineConfig)
+
+
+def load_kwargs(args: argparse.Namespace) -> dict:
+    """``arlm.load`` keywords from the model, cache and engine options."""
+    cache = given(args, CacheConfig, dest_prefix="kv_")
+    kwargs = model_kwargs(args)
+    for name, value in cache.items():  # arlm.load's names for them
+        kwargs["kv_cache_dtype" if name == "dtype" else f"kv_{name}"] = value
+    kwargs.update(given(args, EngineConfig))
+    return kwargs
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    add_options(p.add_argument_group("sampling"), SamplingParams)
+    add_detector_options(p.add_argument_group("loop detection"))
+
+
+def add_detector_options(g) -> None:
+    add_options(
+        g, LoopDetectorConfig, prefix="loop-", dest_prefix="loop_", help="loop detector threshold"
+    )
+
+
+def detector_kwargs(args: argparse.Namespace) -> dict:
+    return given(args, LoopDetectorConfig, dest_prefix="loop_")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    kwargs = given(args, SamplingParams)
+    detection = detector_kwargs(args)
+    if detection:
+        kwargs["repetition_detection"] = detection
+    return SamplingParams(**kwargs)

@@ -1,0 +1,155 @@
+"""``arlm generate``: continue a prompt, streaming to the terminal, or a file of prompts as one
+batch through the engine, one JSON line per prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from arlm.atomic import write_atomic
+from arlm.cli.common import (
+    add_cache_options,
+    add_model_options,
+    add_sampling_options,
+    load_kwargs,
+    sampling_params,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt (streams to the terminal) or a file of prompts",
+        description="Continue PROMPT, streaming the text; or, with --prompts-file, run every "
+        "prompt of a file as one batch through the engine and write one JSON line each.",
+    )
+    add_model_options(p)
+    p.add_argument("prompt", nargs="?", help="the text to continue")
+    p.add_argument(
+        "--prompts-file",
+        help='a file of prompts: one per line, or JSON lines with a "prompt" field (text or '
+        "token ids); '-' for standard input",
+    )
+    p.add_argument(
+        "--output", help="with --prompts-file, where to write the JSON lines (default: stdout)"
+    )
+    add_sampling_options(p)
+    add_cache_options(p)
+    p.add_argument("--stats", action="store_true", help="print token counts and speeds")
+    p.set_defaults(run=run)
+
+
+def read_prompts(path: str) -> list[str | list[int]]:
+    """The prompts of a file: JSON lines with a ``prompt`` field, or else one prompt a line."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read {path}: {e.strerror}") from e
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} has no prompts")
+    if not lines[0].lstrip().startswith("{"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not (
+            isinstance(prompt, str)
+            or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))
+        ):
+            raise ValueError(
+                f'{path}:{number}: needs a "prompt" field, a string or a list of token ids'
+            )
+        prompts.append(prompt)
+    return prompts
+
+
+def run(args: argparse.Namespace) -> None:
+    import arlm
+
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give either a PROMPT or --prompts-file, not both or neither")
+    params = sampling_params(args)
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    lm = arlm.load(args.model, **load_kwargs(args))
+    if prompts is not None:
+        write_batch(lm, prompts, params, args.output)
+    else:
+        stream(lm, args, params)
+
+
+def write_batch(lm, prompts, params, output: str | None) -> None:
+    started = time.perf_counter()
+    results = lm.generate(prompts, params)
+    lines = []
+    for i, result in enumerate(results):
+        for c in result if isinstance(result, list) else [result]:
+            record = {
+                "index": i,
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason,
+                "usage": {
+                    "prompt_tokens": c.usage.prompt_tokens,
+                    "completion_tokens": c.usage.completion_tokens,
+                },
+            }
+            if c.error:
+                record["error"] = c.error
+            if c.loop is not None:
+                record["loop"] = asdict(c.loop)
+            lines.append(json.dumps(record) + "\n")
+    if output:
+        write_atomic(output, "".join(lines).encode())
+    else:
+        sys.stdout.writelines(lines)
+    flat = [c for r in results for c in (r if isinstance(r, list) else [r])]
+    tokens = sum(len(c.token_ids) for c in flat)
+    seconds = time.perf_counter() - started
+    print(
+        f"[{len(prompts)} prompts, {tokens} tokens generated in {seconds:.2f} s: "
+        f"{tokens / seconds:.1f} tok/s]",
+        file=sys.stderr,
+    )
+
+
+def stream(lm, args: argparse.Namespace, params) -> None:
+    started = time.perf_counter()
+    tokens = []
+    for piece in lm.stream(args.prompt, params=params):
+        print(piece, end="", flush=True)
+        if piece.token_id is not None:
+            tokens.append(piece)
+    print()
+    for lp in (t.logprob for t in tokens if t.logprob is not None):
+        alternatives = "  ".join(f"{lm.tokenizer.decode([i])!r} {v:.3f}" for i, v in lp.top)
+        print(f"{lp.logprob:9.4f}  {lm.tokenizer.decode([lp.token_id])!r:16} {alternatives}")
+    for report in piece.loop_reports:
+        print(
+            f"[loop: a block of {report.pattern_size} tokens repeated {report.count} times "
+            f"from generated token {report.start}]",
+            file=sys.stderr,
+        )
+    if piece.loops_broken:
+        print(f"[loops broken: {piece.loops_broken}]", file=sys.stderr)
+    if args.stats:
+        u = piece.usage
+        print(
+            f"[{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated, finish: "
+            f"{piece.finish_reason}; time to first token {u.prefill_seconds * 1e3:.1f} ms, "
+            f"prefill {u.prefill_tokens_per_second:.1f} tok/s, "
+            f"decode {u.decode_tokens_per_second:.1f} tok/s, "
+            f"KV cache ({lm.cache_config.kind}, {lm.cache_config.dtype}) "
+            f"{u.kv_cache_bytes / 2**20:.2f} MiB allocated, "
+            f"peak {u.kv_cache_peak_bytes / 2**20:.2f} MiB in use, "
+            f"total {time.perf_counter() - started:.2f} s]",
+            file=sys.stderr,
+        )

@@ -1,0 +1,54 @@
+"""``arlm train``: teacher forcing on a corpus; progress, eval and checkpoints go to --out."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+from arlm.cli.options import add_options, given
+from arlm.train.trainer import TrainConfig
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model by teacher forcing",
+        description="Train a model on a corpus; progress, eval and checkpoints go to --out.",
+    )
+    add_options(p, TrainConfig)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--sample", default="The", help="prompt for a sample after training")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from arlm.api import LM
+    from arlm.train.trainer import Trainer, saved_train_config
+
+    options = given(args, TrainConfig)
+    if args.resume:
+        out = options.get("out", TrainConfig.out)
+        steps = options.get("steps", saved_train_config(out).steps)
+        cfg = dataclasses.replace(TrainConfig(), out=out, steps=steps)
+    else:
+        cfg = TrainConfig(**options)
+    trainer = Trainer(cfg, resume=args.resume)
+    n_params = trainer.model.num_params()
+    print(
+        f"model: {trainer.cfg.preset}, {n_params / 1e6:.2f}M parameters, "
+        f"vocabulary {trainer.tokenizer.vocab_size}; "
+        f"corpus: {len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
+    )
+    result = trainer.fit()
+    print(
+        f"trained to step {result.step} in {result.seconds:.0f}s; "
+        f"final validation loss {result.val_loss:.4f} "
+        f"(perplexity {math.exp(result.val_loss):.2f}); checkpoint in {result.out}"
+    )
+    if result.step == trainer.cfg.steps and args.sample:
+        lm = LM(trainer.model, trainer.tokenizer)
+        print(f"sample (temperature 0.8, seed 0):\n{args.sample}", end="")
+        for piece in lm.stream(args.sample, max_tokens=120, temperature=0.8, top_k=50, seed=0):
+            print(piece, end="", flush=True)
+        print()

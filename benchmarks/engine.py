@@ -1,0 +1,390 @@
+"""Continuous batching: arlm's engine beside one request at a time, vLLM's CPU build and
+transformers' continuous batching, on the same random-weight models and requests.
+
+Models (random weights, float32): GPT-2 124M, and the Llama-GQA model of ``decode.py`` (12 x 768,
+4 KV heads, untied 32k vocabulary). Requests: 64 prompts of 32 to 512 random token ids, 128 new
+tokens each (end-of-text ignored), half greedy and half at temperature 0.8 with a seed each.
+
+Columns, each over the same requests:
+- arlm, one request at a time (``lm.generate`` per prompt; on the first 16 requests, enough for
+  a rate);
+- arlm's engine, 16 sequences at once (``lm.generate`` of the whole list);
+- transformers' continuous batching (``benchmarks/peers/transformers_cb.py``);
+- vLLM's CPU build, offline ``LLM.generate`` in its own virtual environment (a subprocess:
+  ``benchmarks/peers/vllm_offline.py``; how to install it is in that file's docstring). The
+  column is skipped, saying so, when that environment is missing.
+
+Then: batch-1 decode through ``lm.generate`` against a bare loop of the model over a contiguous
+KV cache (what arlm's batch-1 loop was before the engine); prefix caching (16 requests sharing a
+400-token head, prefill with and without it); and the peak of the KV blocks in use against what
+the sequences hold.
+
+``--attention`` measures one decode step's attention at 16 sequences x 250/500/1000 positions:
+slot views (what the engine does), and gathering each row's positions from a paged pool into a
+dense tensor (the alternative). ``--profile`` prints where one 16-sequence decode step's time
+goes.
+
+Run: ``python benchmarks/engine.py`` (about 20 minutes on 2 cores with vLLM installed);
+``--models gpt2`` for one model, ``--vllm-python PATH`` for another vLLM environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import arlm
+from arlm.engine import EngineConfig
+from arlm.kv_cache import KVCache
+from arlm.sampling import SamplingParams
+from arlm.tokenizer import Tokenizer
+from arlm.train.corpus import builtin_documents
+
+sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
+
+N_REQUESTS, CONCURRENCY, NEW = 64, 16, 128
+SINGLE = 16  # requests timed one at a time
+DEFAULT_VLLM = "/work/peers/vllm-venv/bin/python"
+
+
+def build(kind: str, root: Path) -> Path:
+    """A random-weight Hugging Face folder of ``kind``, with a tokenizer (prompts are ids)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=32000,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        )
+        hf = transformers.LlamaForCausalLM(config)
+    folder = root / kind
+    hf.save_pretrained(folder)
+    Tokenizer.train(builtin_documents(), 1000).save(folder / "tokenizer.json")
+    return folder
+
+
+def make_requests(vocab: int, n: int = N_REQUESTS, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        length = rng.randint(32, 512)
+        requests.append(
+            {
+                "prompt_token_ids": [rng.randrange(vocab) for _ in range(length)],
+                "max_tokens": NEW,
+                "temperature": 0.0 if i % 2 == 0 else 0.8,
+                "seed": None if i % 2 == 0 else 1000 + i,
+            }
+        )
+    return requests
+
+
+def params_of(r: dict) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r["seed"], ignore_eos=True
+    )
+
+
+def arlm_single(lm, requests: list[dict]) -> dict:
+    start = time.perf_counter()
+    outs = [lm.generate(r["prompt_token_ids"], params_of(r)) for r in requests]
+    seconds = time.perf_counter() - start
+    return summarize(outs, seconds)
+
+
+def arlm_engine(lm, requests: list[dict]) -> dict:
+    engine = lm.engine
+    ids = [engine.add_request(r["prompt_token_ids"], params_of(r)) for r in requests]
+    done, peak_blocks, over = {}, 0, 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.completion
+        running = engine.scheduler.running
+        in_use = sum(len(s.block_table) for s in running)
+        # what the sequences hold, in whole blocks, plus one block each
+        bound = sum(len(s.token_ids) // engine.block_manager.block_size + 1 for s in running)
+        peak_blocks = max(peak_blocks, in_use)
+        over += in_use > bound
+    seconds = time.perf_counter() - start
+    result = summarize([done[i] for i in ids], seconds)
+    bytes_per_block = engine.runner.kv_bytes_per_token * engine.block_manager.block_size
+    result.update(
+        peak_blocks=peak_blocks,
+        steps_over_bound=over,
+        peak_kv_mib=peak_blocks * bytes_per_block / 2**20,
+        allocated_kv_mib=engine.runner.cache.nbytes / 2**20,
+    )
+    return result
+
+
+def summarize(completions, seconds: float) -> dict:
+    tokens = sum(len(c.token_ids) for c in completions)
+    tpot = [
+        c.usage.decode_seconds / (len(c.token_ids) - 1) for c in completions if len(c.token_ids) > 1
+    ]
+    return {
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / seconds,
+        "tpot_ms": statistics.median(tpot) * 1e3,
+        "ttft_ms": statistics.median(c.usage.prefill_seconds for c in completions) * 1e3,
+        "outputs": [c.token_ids for c in completions],
+    }
+
+
+def vllm(python: str, folder: Path, requests: list[dict], root: Path) -> dict | str:
+    if not Path(python).exists():
+        return (
+            f"vLLM column skipped: no {python}; install it as benchmarks/peers/vllm_offline.py "
+            "says, or pass --vllm-python"
+        )
+    path = root / "requests.json"
+    path.write_text(json.dumps(requests))
+    script = Path(__file__).parent / "peers" / "vllm_offline.py"
+    cmd = [python, str(script), "--model", str(folder), "--requests", str(path)]
+    cmd += ["--max-num-seqs", str(CONCURRENCY), "--dtype", "float32"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        return f"vLLM failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}"
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result["tpot_ms"] = result["ttft_ms"] = float("nan")
+    return result
+
+
+def transformers_cb(folder: Path, requests: list[dict]) -> dict | str:
+    import transformers_cb as peer
+
+    reason = peer.available()
+    if reason is not None:
+        return f"transformers column skipped: {reason}"
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    result = peer.run_transformers_cb(model.eval(), requests, CONCURRENCY)
+    result["tpot_ms"] = result["ttft_ms"] = float("nan")
+    return result
+
+
+@torch.inference_mode()
+def bare_decode(model, prompt: list[int], new: int) -> float:
+    """Decode tokens/s of a bare greedy loop: the model over a contiguous KV cache."""
+    cache = KVCache.for_model(model.config, 1, len(prompt) + new, dtype=model.wte.weight.dtype)
+    logits, _ = model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
+    token = logits[:, -1].argmax(-1)
+    start = time.perf_counter()
+    for pos in range(len(prompt), len(prompt) + new - 1):
+        logits, _ = model(token[:, None], kv_cache=cache, start_pos=pos)
+        token = logits[:, -1].argmax(-1)
+    return (new - 1) / (time.perf_counter() - start)
+
+
+def batch1(lm, rounds: int = 5) -> tuple[float, float]:
+    """Median decode tokens/s at batch 1: (lm.generate, bare loop), alternating rounds."""
+    prompt = list(range(1, 65))
+    engine_rates, bare_rates = [], []
+    lm.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True)  # warm-up
+    for _ in range(rounds):
+        c = lm.generate(prompt, max_tokens=NEW, temperature=0, ignore_eos=True)
+        engine_rates.append(c.usage.decode_tokens_per_second)
+        bare_rates.append(bare_decode(lm.model, prompt, NEW))
+    return statistics.median(engine_rates), statistics.median(bare_rates)
+
+
+def prefix_caching(folder: Path) -> tuple[float, float]:
+    """Seconds to prefill 16 requests sharing a 400-token head: (without, with) the cache."""
+    rng = random.Random(1)
+    head = [rng.randrange(1000) for _ in range(400)]
+    prompts = [head + [rng.randrange(1000) for _ in range(16)] for _ in range(16)]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for enabled in (False, True):
+        lm = arlm.load(folder, max_num_seqs=16, enable_prefix_caching=enabled)
+        lm.generate(prompts[0][:64], params)  # warm-up, on another head
+        start = time.perf_counter()
+        lm.generate(prompts, params)
+        times.append(time.perf_counter() - start)
+    return times[0], times[1]
+
+
+def attention(n_layer: int = 12, heads: int = 12, head_dim: int = 64) -> None:
+    """One decode step's attention for 16 rows, per layer and for all layers."""
+    from arlm.kv_cache import SlotKVCache, StepLayout
+
+    print(f"\ndecode attention, 16 sequences, {heads} heads of {head_dim}, float32 (ms)")
+    print(f"  {'positions':>9}  {'slot views':>10}  {'paged gather':>12}  {'x layers':>9}")
+
+    def median_ms(fn, n=7):
+        fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    for S in (250, 500, 1000):
+        B = 16
+        cache = SlotKVCache(1, heads, head_dim, B, 1024)
+        cache.reserve(B)
+        for planes in (*cache.k, *cache.v):
+            planes[0].normal_()
+        lengths = [S - 7 * i for i in range(B)]  # rows at their own lengths
+        layout = StepLayout(list(range(B)), [n - 1 for n in lengths], [])
+        q = torch.randn(1, heads, B, head_dim)
+        kv = torch.randn(1, heads, B, head_dim)
+
+        def slots():
+            cache.step(layout).attend(0, q, kv, kv)
+
+        block = 16
+        pool_k = torch.randn(B * 1024, heads, head_dim)
+        pool_v = torch.randn_like(pool_k)
+        perm = torch.randperm(B * 1024 // block)
+        tables = perm[: B * (S // block + 1)].view(B, -1)
+        read = (tables[:, :, None] * block + torch.arange(block)).flatten(1)[:, :S]
+        mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]
+        qb = q[0].transpose(0, 1)[:, :, None]
+
+        def paged():
+            k = pool_k[read].transpose(1, 2)
+            v = pool_v[read].transpose(1, 2)
+            F.scaled_dot_product_attention(qb, k, v, attn_mask=mask)
+
+        a, b = median_ms(slots), median_ms(paged)
+        print(f"  {S:9d}  {a:10.2f}  {b:12.2f}  {a * n_layer:4.0f} / {b * n_layer:.0f}")
+
+
+def profile_step(folder: Path) -> None:
+    """Where one decode step of 16 sequences of about 300 positions spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lm = arlm.load(folder, max_num_seqs=16)
+    engine = lm.engine
+    for r in make_requests(lm.config.vocab_size, 16, seed=3):
+        engine.add_request(r["prompt_token_ids"][:300], params_of(r))
+    while any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        engine.step()
+        step_ms = (time.perf_counter() - start) * 1e3
+    print(f"\none decode step of 16 sequences (~300 positions each): {step_ms:.1f} ms")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def agreement(a: list[list[int]], b: list[list[int]], requests: list[dict]) -> str:
+    greedy = [i for i, r in enumerate(requests) if r["temperature"] == 0 and i < len(b)]
+    same = sum(a[i] == b[i] for i in greedy)
+    return f"{same}/{len(greedy)} greedy requests identical"
+
+
+def run_model(kind: str, root: Path, vllm_python: str) -> None:
+    folder = build(kind, root)
+    lm = arlm.load(folder, max_num_seqs=CONCURRENCY)
+    requests = make_requests(lm.config.vocab_size)
+    n_params = lm.model.num_params()
+    print(f"\n== {kind}: {n_params / 1e6:.0f}M parameters, random weights, float32 ==")
+    prompt_tokens = sum(len(r["prompt_token_ids"]) for r in requests)
+    print(f"{len(requests)} requests, {prompt_tokens} prompt tokens, {NEW} new tokens each")
+
+    results: dict[str, dict | str] = {}
+    results["arlm, one at a time"] = arlm_single(lm, requests[:SINGLE])
+    results[f"arlm engine, {CONCURRENCY} at once"] = arlm_engine(lm, requests)
+    results["transformers CB"] = transformers_cb(folder, requests)
+    results["vLLM (CPU)"] = vllm(vllm_python, folder, requests, root)
+
+    rows = []
+    for name, r in results.items():
+        if isinstance(r, str):
+            print(r)
+            continue
+        rows.append(
+            f"  {name:<26}{r['output_tokens_per_s']:10.1f}{r['tpot_ms']:10.1f}"
+            f"{r['ttft_ms']:10.0f}{r['seconds']:10.1f}"
+        )
+    print(f"  {'':<26}{'out tok/s':>10}{'TPOT ms':>10}{'TTFT ms':>10}{'wall s':>10}")
+    print("\n".join(rows))
+    single = results["arlm, one at a time"]
+    eng = results[f"arlm engine, {CONCURRENCY} at once"]
+    print("ratios:")
+    print(
+        f"  engine / one at a time, output tok/s: "
+        f"{eng['output_tokens_per_s'] / single['output_tokens_per_s']:.2f}x  (target >= 5)"
+    )
+    print(
+        f"  TPOT at {CONCURRENCY} concurrent / single stream: "
+        f"{eng['tpot_ms'] / single['tpot_ms']:.2f}x  (target <= 3)"
+    )
+    for peer in ("vLLM (CPU)", "transformers CB"):
+        r = results[peer]
+        if not isinstance(r, str):
+            target = "  (target >= 1.0)" if peer.startswith("vLLM") else ""
+            print(
+                f"  engine / {peer}, output tok/s: "
+                f"{eng['output_tokens_per_s'] / r['output_tokens_per_s']:.2f}x{target}; "
+                f"{agreement(eng['outputs'], r['outputs'], requests)}"
+            )
+    print(f"  engine vs one at a time: {agreement(eng['outputs'], single['outputs'], requests)}")
+    print(
+        f"KV blocks: peak {eng['peak_blocks']} in use ({eng['peak_kv_mib']:.0f} MiB of "
+        f"{eng['allocated_kv_mib']:.0f} MiB allocated); steps where blocks in use exceeded what "
+        f"the sequences hold plus one block each: {eng['steps_over_bound']}"
+    )
+
+    rate_engine, rate_bare = batch1(lm)
+    print(
+        f"batch-1 decode: lm.generate {rate_engine:.1f} tok/s, bare model + KV cache loop "
+        f"{rate_bare:.1f} tok/s: {rate_engine / rate_bare:.2f}x  (target >= 0.95)"
+    )
+    without, with_cache = prefix_caching(folder)
+    print(
+        f"prefix caching, 16 requests sharing a 400-token head: prefill {without:.2f} s without, "
+        f"{with_cache:.2f} s with: {without / with_cache:.1f}x  (target >= 4)"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
+    p.add_argument("--vllm-python", default=os.environ.get("ARLM_VLLM_PYTHON", DEFAULT_VLLM))
+    p.add_argument("--attention", action="store_true", help="only the attention measurement")
+    p.add_argument("--profile", action="store_true", help="only the 16-sequence step profile")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.attention:
+        attention()
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.profile:
+            profile_step(build("gpt2", Path(tmp)))
+            return
+        for kind in args.models.split(","):
+            run_model(kind, Path(tmp), args.vllm_python)
+
+
+if __name__ == "__main__":
+    main()
