@@ -92,6 +92,8 @@ class LM:
         self,
         prompt: str | list[int] | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        progress: bool | None = None,
         **kwargs,
     ) -> Completion | list:
         """Continue ``prompt`` (text or token ids); keywords are ``SamplingParams`` fields.
@@ -99,6 +101,7 @@ class LM:
         A list of prompts runs as one batch through the engine and returns one completion
         each, in order; ``params`` may then be a list, one per prompt (as vLLM's
         ``LLM.generate``). With ``n`` > 1 each prompt gives a list of ``n`` completions.
+        ``progress``: a progress bar (None: for a list of more than one prompt).
         A single prompt whose generation fails raises ``ValueError``; in a list, a failed
         prompt's completion has finish_reason "error" and the others complete.
         """
@@ -109,8 +112,10 @@ class LM:
                 batch_params = params
             else:
                 batch_params = self._params(params, kwargs)
-            return self.engine.generate(prompt, batch_params, progress=len(prompt) > 1)
-        (result,) = self.engine.generate([prompt], self._params(params, kwargs), progress=False)
+            show = len(prompt) > 1 if progress is None else progress
+            return self.engine.generate(prompt, batch_params, progress=show)
+        params = self._params(params, kwargs)
+        (result,) = self.engine.generate([prompt], params, progress=bool(progress))
         for completion in result if isinstance(result, list) else [result]:
             if completion.finish_reason == "error":
                 raise ValueError(completion.error)

@@ -9,8 +9,10 @@ alternating rounds, each engine prefills a 64-token prompt and greedily decodes 
 - transformers: ``model.generate`` in float32 and bfloat16 (decode = generate minus a prefill);
 - llama.cpp, through llama-cpp-python when it is installed (``pip install llama-cpp-python``;
   it compiles llama.cpp for this processor, a few minutes), f32 and q8_0; batch 1 only;
-- arlm: ``lm.generate`` (the one decode loop) at batch 1; at batch 8 (arlm and transformers)
-  prefill + decode steps over one KV cache, as a batching server would run them.
+- arlm: everything through its engine (continuous batching, one KV slot per sequence), with
+  prefix caching off so every row really prefills: ``lm.generate`` at batch 1, and at batch 8
+  eight requests submitted together, prefilled in one forward and decoded in one forward per
+  step, as a batching server runs them (transformers at batch 8: ``generate`` on 8 rows).
 
 Before timing, it checks that arlm and transformers (and llama.cpp f32) produce the same greedy
 tokens. It prints medians over the rounds, the ratios the targets are stated in, and the
@@ -18,8 +20,8 @@ bandwidth limit measured in the same run: a large float32 reduction's read speed
 the bytes of weights a decode step reads.
 
 Run: ``python benchmarks/decode.py`` (about ten minutes on two CPU cores); ``-v`` adds a
-profile of one arlm decode step and of the output projection's kernels; ``--quality RUN`` the
-held-out perplexity of a trained checkpoint with each weight format.
+profile of arlm's engine decode steps and of the output projection's kernels; ``--quality RUN``
+the held-out perplexity of a trained checkpoint with each weight format.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ import torch
 import torch.nn.functional as F
 
 import arlm
-from arlm.corpus import builtin_documents
-from arlm.generate import decode_step, prefill
-from arlm.gguf_export import export_gguf
-from arlm.kv_cache import KVCache
-from arlm.packing import weight_bytes
+from arlm.formats.gguf import export_gguf
+from arlm.model.packing import weight_bytes
+from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
+from arlm.train.corpus import builtin_documents
 
 PROMPT, NEW = 64, 128
+BATCH = 8  # the batched column
 
 try:
     import llama_cpp
@@ -117,7 +119,7 @@ class Engine(Protocol):
 
 
 class Transformers:
-    batches = (1, 8)
+    batches = (1, BATCH)
 
     def __init__(self, folder: Path, dtype: str, same_weights: Arlm) -> None:
         import transformers
@@ -146,36 +148,51 @@ class Transformers:
         )
 
 
+def load_arlm(folder: Path, **kwargs) -> arlm.LM:
+    """``arlm.load`` with an engine sized for this benchmark: room for the batch, its prompts
+    prefilled in one forward, and no prefix cache, so a repeated prompt is computed again."""
+    return arlm.load(
+        folder,
+        max_num_seqs=BATCH,
+        max_num_batched_tokens=BATCH * PROMPT,
+        max_model_len=PROMPT + NEW,
+        enable_prefix_caching=False,
+        **kwargs,
+    )
+
+
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+
+
 class Arlm:
-    batches = (1, 8)
+    batches = (1, BATCH)
 
     def __init__(self, folder: Path, dtype: str, quantize: str | None = None) -> None:
-        self.lm = arlm.load(folder, dtype=dtype, quantize=quantize)
+        self.lm = load_arlm(folder, dtype=dtype, quantize=quantize)
         self.label = f"arlm {quantize or dtype}"
         self.weight_bytes = weight_bytes(self.lm.model)
 
     def greedy(self, prompt, batch):
         if batch == 1:
-            c = self.lm.generate(prompt, max_tokens=NEW, temperature=0, ignore_eos=True)
+            c = self.lm.generate(prompt, GREEDY)
             u = c.usage
             return c.token_ids, u.prefill_tokens_per_second, u.decode_tokens_per_second
-        return batched_greedy(self.lm.model, prompt, batch)
+        return engine_batch(self.lm, prompt, batch)
 
 
-@torch.inference_mode()
-def batched_greedy(model, prompt: list[int], batch: int) -> tuple[list[int], float, float]:
-    ids = torch.tensor([prompt] * batch)
-    cache = KVCache.for_model(model.config, batch, len(prompt) + NEW, dtype=model.wte.weight.dtype)
+def engine_batch(lm: arlm.LM, prompt: list[int], batch: int) -> tuple[list[int], float, float]:
+    """``batch`` requests of ``prompt`` submitted together to the engine (``lm.generate`` on a
+    list, without its progress bar): greedy ids of the first, and prefill and decode tokens/s
+    over all of them. Usage is per sequence, so the batch's times come from the wall clock
+    around the call: every row's first token comes out of the same prefill forward, and decode
+    time is the rest of the call."""
     t0 = time.perf_counter()
-    token = prefill(model, ids, cache).argmax(-1)
-    t1 = time.perf_counter()
-    out = [token]
-    for pos in range(len(prompt), len(prompt) + NEW - 1):
-        token = decode_step(model, token, cache, pos).argmax(-1)
-        out.append(token)
-    t2 = time.perf_counter()
-    rows = torch.stack(out, 1)
-    return rows[0].tolist(), batch * len(prompt) / (t1 - t0), batch * (NEW - 1) / (t2 - t1)
+    done = lm.engine.generate([prompt] * batch, GREEDY, progress=False)
+    wall = time.perf_counter() - t0
+    prefill = max(c.usage.prefill_seconds for c in done)  # time to the last row's first token
+    prompt_tokens = sum(c.usage.prompt_tokens for c in done)
+    decoded = sum(c.usage.completion_tokens - 1 for c in done)  # the first came from prefill
+    return done[0].token_ids, prompt_tokens / prefill, decoded / (wall - prefill)
 
 
 class LlamaCpp:
@@ -271,7 +288,7 @@ def report(kind: str, found: dict[str, Engine], results: dict, bandwidth: float)
     )
     for e in found.values():
         prefill_1, decode_1 = results[(e.label, 1)]
-        decode_8 = results.get((e.label, 8), (0, 0))[1]
+        decode_8 = results.get((e.label, BATCH), (0, 0))[1]
         limit = bandwidth / e.weight_bytes
         b8 = f"{decode_8:12.1f}" if decode_8 else f"{'-':>12}"
         print(
@@ -291,7 +308,7 @@ def report(kind: str, found: dict[str, Engine], results: dict, bandwidth: float)
     )
     print(
         f"    decode, arlm float32 / transformers float32, B=8: "
-        f"{ratio('arlm float32', 'transformers float32', 8)}  (target >= 1.5)"
+        f"{ratio('arlm float32', 'transformers float32', BATCH)}  (target >= 1.5)"
     )
     print(
         f"    decode, arlm bfloat16 / transformers bfloat16, B=1: "
@@ -313,17 +330,24 @@ def report(kind: str, found: dict[str, Engine], results: dict, bandwidth: float)
 
 @torch.inference_mode()
 def profile_step(folder: Path) -> None:
-    """Where one arlm float32 decode step's time goes, and the output projection's kernels."""
+    """Where one arlm float32 decode step's time goes (an engine step: schedule, forward,
+    sample), and the output projection's kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    lm = arlm.load(folder)
-    model = lm.model
-    cache = KVCache.for_model(model.config, 1, PROMPT + 32)
-    token = prefill(model, torch.zeros(1, PROMPT, dtype=torch.long), cache).argmax(-1)
+    lm = arlm.load(folder)  # one request: the engine's defaults
+    model, engine = lm.model, lm.engine
+    steps = 32
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    request = engine.add_request([0] * PROMPT, params)
+    engine.step()  # the prefill, and the first token
+    engine.step()  # one decode step before profiling
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for pos in range(PROMPT, PROMPT + 32):
-            token = decode_step(model, token, cache, pos).argmax(-1)
-    print("\nprofile of 32 arlm float32 decode steps (batch 1):")
+        for _ in range(steps):
+            engine.step()
+    engine.abort(request)
+    while engine.has_unfinished():
+        engine.step()
+    print(f"\nprofile of {steps} arlm float32 engine decode steps (batch 1):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
     weight = model.lm_head.packed.to_dense()
@@ -347,7 +371,7 @@ def profile_step(folder: Path) -> None:
 
 def quality(run: str) -> None:
     """Perplexity of a trained checkpoint on its corpus's held-out split, per weight format."""
-    from arlm.heldout import held_out_ids
+    from arlm.loops.heldout import held_out_ids
 
     print(f"\nperplexity of {run} on the held-out split of the built-in corpus:")
     reference = None

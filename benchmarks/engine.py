@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 
 import arlm
-from arlm.engine import EngineConfig
 from arlm.kv_cache import KVCache
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
@@ -228,52 +227,53 @@ def prefix_caching(folder: Path) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def attention(n_layer: int = 12, heads: int = 12, head_dim: int = 64) -> None:
-    """One decode step's attention for 16 rows, per layer and for all layers."""
+def _median_ms(fn, n: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def attention_at(S: int, heads: int, head_dim: int, B: int = 16) -> tuple[float, float]:
+    """ms of one layer's decode attention for B rows of about S positions: (slot views, paged
+    gather)."""
     from arlm.kv_cache import SlotKVCache, StepLayout
 
+    cache = SlotKVCache(1, heads, head_dim, B, 1024)
+    cache.reserve(B)
+    for plane in (*cache.k[0], *cache.v[0]):
+        plane.normal_()
+    lengths = [S - 7 * i for i in range(B)]  # rows at their own lengths
+    layout = StepLayout(list(range(B)), [n - 1 for n in lengths], [])
+    q = torch.randn(1, heads, B, head_dim)
+    kv = torch.randn(1, heads, B, head_dim)
+    slot_ms = _median_ms(lambda: cache.step(layout).attend(0, q, kv, kv))
+
+    block = 16
+    pool_k = torch.randn(B * 1024, heads, head_dim)
+    pool_v = torch.randn_like(pool_k)
+    tables = torch.randperm(B * 1024 // block)[: B * (S // block + 1)].view(B, -1)
+    read = (tables[:, :, None] * block + torch.arange(block)).flatten(1)[:, :S]
+    mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]
+    qb = q[0].transpose(0, 1)[:, :, None]
+
+    def paged():
+        k, v = pool_k[read].transpose(1, 2), pool_v[read].transpose(1, 2)
+        F.scaled_dot_product_attention(qb, k, v, attn_mask=mask)
+
+    return slot_ms, _median_ms(paged)
+
+
+def attention(n_layer: int = 12, heads: int = 12, head_dim: int = 64) -> None:
+    """One decode step's attention for 16 rows, per layer and for all layers."""
     print(f"\ndecode attention, 16 sequences, {heads} heads of {head_dim}, float32 (ms)")
-    print(f"  {'positions':>9}  {'slot views':>10}  {'paged gather':>12}  {'x layers':>9}")
-
-    def median_ms(fn, n=7):
-        fn()
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e3
-
+    print(f"  {'positions':>9}  {'slot views':>10}  {'paged gather':>12}  {'x 12 layers':>13}")
     for S in (250, 500, 1000):
-        B = 16
-        cache = SlotKVCache(1, heads, head_dim, B, 1024)
-        cache.reserve(B)
-        for planes in (*cache.k, *cache.v):
-            planes[0].normal_()
-        lengths = [S - 7 * i for i in range(B)]  # rows at their own lengths
-        layout = StepLayout(list(range(B)), [n - 1 for n in lengths], [])
-        q = torch.randn(1, heads, B, head_dim)
-        kv = torch.randn(1, heads, B, head_dim)
-
-        def slots():
-            cache.step(layout).attend(0, q, kv, kv)
-
-        block = 16
-        pool_k = torch.randn(B * 1024, heads, head_dim)
-        pool_v = torch.randn_like(pool_k)
-        perm = torch.randperm(B * 1024 // block)
-        tables = perm[: B * (S // block + 1)].view(B, -1)
-        read = (tables[:, :, None] * block + torch.arange(block)).flatten(1)[:, :S]
-        mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]
-        qb = q[0].transpose(0, 1)[:, :, None]
-
-        def paged():
-            k = pool_k[read].transpose(1, 2)
-            v = pool_v[read].transpose(1, 2)
-            F.scaled_dot_product_attention(qb, k, v, attn_mask=mask)
-
-        a, b = median_ms(slots), median_ms(paged)
-        print(f"  {S:9d}  {a:10.2f}  {b:12.2f}  {a * n_layer:4.0f} / {b * n_layer:.0f}")
+        a, b = attention_at(S, heads, head_dim)
+        print(f"  {S:9d}  {a:10.2f}  {b:12.2f}  {a * n_layer:6.0f} / {b * n_layer:.0f}")
 
 
 def profile_step(folder: Path) -> None:

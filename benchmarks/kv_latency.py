@@ -2,9 +2,12 @@
 
 Without a cache every new token re-runs the whole context, so a token at position p costs O(p)
 (and the attention in it O(p^2)) and generating n tokens costs O(n^2); with a cache a token costs
-one token's work plus attention over p cached keys, and n tokens cost about O(n). The windowed
-cache holds a fixed number of positions, so past its window a token costs the same at any
-position. Random weights: latency does not depend on what a model learned.
+one token's work plus attention over p cached keys, and n tokens cost about O(n). The kinds: the
+contiguous cache (float32, int8, int4), and the engine's slot cache (``SlotKVCache``: the
+sequence's own slot, fed as the engine feeds it, prefill chunks and then one decode row per
+step, attended as a view of the slot). The windowed cache holds a fixed number of positions, so
+past its window a token costs the same at any position. Random weights: latency does not depend
+on what a model learned.
 
 Run: ``python benchmarks/kv_latency.py`` (about two minutes on two CPU cores). Prints the tables
 and writes ``benchmarks/out/kv_latency.png``.
@@ -19,7 +22,8 @@ import torch
 from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 from arlm.config import ModelConfig
-from arlm.kv_cache import CacheConfig
+from arlm.kv_cache import CacheConfig, SlotKVCache, StepLayout
+from arlm.kv_cache.slots import PrefillChunk
 from arlm.model import Transformer
 
 POSITIONS = (64, 128, 256, 512, 1024, 2048)
@@ -28,8 +32,34 @@ KINDS = {  # label -> settings; all in float32 unless quantized
     "contiguous": CacheConfig(),
     "int8": CacheConfig(dtype="int8"),
     "int4": CacheConfig(dtype="int4"),
-    "paged": CacheConfig(block_size=16),
+    "slot": None,  # the engine's SlotKVCache, one sequence in it
 }
+
+
+class OneSlot:
+    """One sequence in slot 0 of the engine's ``SlotKVCache``, driven with ``start_pos`` as
+    the contiguous cache is: each forward becomes the step layout the engine's runner would
+    build for it, a prefill chunk for several tokens, a decode row for one."""
+
+    def __init__(self, config: ModelConfig, max_len: int) -> None:
+        self.slots = SlotKVCache.for_model(config, 1, max_len)
+        self.slots.reserve(1)
+        self._step = None
+
+    def prepare(self, start_pos: int, T: int, rotate=None) -> None:
+        if T == 1:
+            layout = StepLayout([0], [start_pos], [])
+        else:
+            layout = StepLayout([], [], [PrefillChunk(0, start_pos, T)])
+        self._step = self.slots.step(layout)
+        self._step.prepare(start_pos, T, rotate)
+
+    def attend(self, layer: int, q, k, v):
+        return self._step.attend(layer, q, k, v)
+
+
+def build(kind: CacheConfig | None, config: ModelConfig, max_len: int):
+    return OneSlot(config, max_len) if kind is None else kind.build(config, 1, max_len)
 
 
 def make_model(preset: str, block_size: int) -> Transformer:
@@ -96,7 +126,7 @@ def main() -> None:
         curves["no cache"].append(uncached_ms(gpt2, tokens, p, reps=5))
     for label, kind in KINDS.items():
         curves[label] = [
-            cached_ms(gpt2, kind.build(cfg, 1, p + args.steps), tokens, p, args.steps)
+            cached_ms(gpt2, build(kind, cfg, p + args.steps), tokens, p, args.steps)
             for p in POSITIONS
         ]
     rows = [

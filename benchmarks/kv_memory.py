@@ -6,8 +6,16 @@ x bytes per stored head vector x positions, where a head vector costs head_dim x
 float32, head_dim x 2 in bfloat16, head_dim + 2 in int8 (a float16 scale) and head_dim / 2 + 4
 in int4 (codes packed two per byte, a float16 scale and zero point).
 
+The engine's slot cache (``SlotKVCache``) is shown the way the engine accounts for it: a
+sequence owns a slot sized for the longest sequence the engine accepts (``max_model_len``, here
+the longest length in the table: what is allocated, ``Usage.kv_cache_bytes``), and of it holds
+the blocks of 16 positions its length fills (what is in use, ``Usage.kv_cache_peak_bytes``). The
+blocks come from the engine's own block manager; their bytes are measured from the slot's
+tensors, and checked against what the engine reports in each sequence's ``Usage``.
+
 Then many sequences at once: a batch of sequences of random lengths in one contiguous buffer
-(every row padded to the longest) against the paged pool (blocks as each sequence needs them).
+(every row padded to the longest) against the slot cache (every sequence in a slot of the
+longest allowed length; in use, the blocks each sequence fills).
 
 Run: ``python benchmarks/kv_memory.py`` (seconds). Prints the tables and writes
 ``benchmarks/out/kv_memory.png``.
@@ -21,11 +29,16 @@ import random
 from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 from arlm.config import ModelConfig
-from arlm.kv_cache import CacheConfig, PagedKVCache
+from arlm.engine.block_manager import BlockManager
+from arlm.engine.runner import ModelRunner
+from arlm.engine.sequence import Sequence
+from arlm.kv_cache import CacheConfig
 from arlm.kv_cache.base import storage_bytes
+from arlm.model import Transformer
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 CONFIG = ModelConfig.preset("llama-small")  # 4 layers, 2 kv heads of 64: rotary, so all kinds
+MODEL = Transformer(CONFIG)  # random weights: only the engine's runner needs a model, none runs
 VECTOR_BYTES = {  # stored bytes of one head vector of head_dim d
     "float32": lambda d: 4 * d,
     "bfloat16": lambda d: 2 * d,
@@ -33,12 +46,15 @@ VECTOR_BYTES = {  # stored bytes of one head vector of head_dim d
     "int4": lambda d: d // 2 + 4,
 }
 WINDOW = CacheConfig(window=1020, sink_tokens=4)  # 1024 slots
-KINDS = {
+BLOCK = 16  # the engine's kv_block_size
+SLOT_ALLOCATED, SLOT_IN_USE = "slot f32 allocated", "slot f32 in use"
+KINDS = {  # label -> settings; None: the engine's slot cache, as allocated or as in use
     "float32": CacheConfig(dtype="float32"),
     "bfloat16": CacheConfig(dtype="bfloat16"),
     "int8": CacheConfig(dtype="int8"),
     "int4": CacheConfig(dtype="int4"),
-    "paged f32": CacheConfig(dtype="float32", block_size=16),
+    SLOT_ALLOCATED: None,
+    SLOT_IN_USE: None,
     "window f32": WINDOW,
     "window int8": CacheConfig(dtype="int8", window=1020, sink_tokens=4),
 }
@@ -49,48 +65,81 @@ def formula(kv_dtype: str, positions: int) -> int:
     return 2 * c.n_layer * c.n_kv_head * VECTOR_BYTES[kv_dtype](c.head_dim) * positions
 
 
-def measure(label: str, kind: CacheConfig, n: int) -> tuple[int, int]:
+class SlotAccounting:
+    """Sequences of given lengths placed by the engine's ``BlockManager`` in the float32
+    ``SlotKVCache`` of its ``ModelRunner``, slots of ``max_len`` positions: the bytes measured
+    from the cache's tensors, and what the engine reports in each sequence's ``Usage``
+    (``ModelRunner.kv_bytes``: allocated, and at most in use)."""
+
+    def __init__(self, lengths: list[int], max_len: int) -> None:
+        runner = ModelRunner(MODEL, CacheConfig(dtype="float32"), len(lengths), max_len)
+        self.cache = runner.cache
+        manager = BlockManager(self.cache, BLOCK, prefix_caching=False)
+        self.blocks: list[int] = []  # blocks each sequence holds
+        self.usages: list[tuple[int, int]] = []  # (kv_cache_bytes, kv_cache_peak_bytes)
+        for i, n in enumerate(lengths):
+            # only the fields the block manager reads: no forward runs here
+            seq = Sequence(
+                request_id=str(i),
+                index=0,
+                token_ids=list(range(n)),
+                prompt_len=n,
+                params=None,
+                generator=None,
+                sampler=None,
+                text=None,
+                end_ids=frozenset(),
+            )
+            manager.allocate(seq)  # gives it a slot (the cache allocates slots as needed)
+            seq.num_cached = n  # its n positions computed
+            manager.computed(seq)
+            self.blocks.append(len(seq.block_table))
+            self.usages.append(runner.kv_bytes(seq, BLOCK))
+        self.allocated = storage_bytes(self.cache)  # measured
+        self.block_bytes = self.allocated // (self.cache.allocated * manager.blocks_per_slot)
+        self.in_use = sum(self.blocks) * self.block_bytes
+
+    def usage_agrees(self) -> bool:
+        """Whether the engine's ``Usage`` (summed over sequences) says what was measured."""
+        return (
+            sum(allocated for allocated, _ in self.usages) == self.allocated
+            and sum(peak for _, peak in self.usages) == self.in_use
+        )
+
+
+def measure(label: str, kind: CacheConfig | None, n: int) -> tuple[int, int]:
     """(measured bytes, formula bytes) of a cache holding ``n`` positions of one sequence."""
+    if kind is None:  # the slot cache: a slot of the longest length, n positions in it
+        slots = SlotAccounting([n], LENGTHS[-1])
+        if label == SLOT_ALLOCATED:
+            return slots.allocated, formula("float32", LENGTHS[-1])
+        return slots.in_use, formula("float32", math.ceil(n / BLOCK) * BLOCK)
     dtype = "float32" if kind.dtype == "auto" else kind.dtype
-    if kind.block_size is not None:
-        # a pool with room to spare: what the sequence holds is its blocks in use
-        cache = kind.build(CONFIG, 1, 2 * n)
-        cache.prepare(0, n)
-        per_block = storage_bytes(cache) // cache.pool.num_blocks
-        return cache.pool.num_used * per_block, formula(dtype, math.ceil(n / 16) * 16)
     cache = kind.build(CONFIG, 1, n)
     held = n if kind.window is None else kind.sink_tokens + kind.window
     return storage_bytes(cache), formula(dtype, held)
 
 
-def many_sequences(n_seqs: int, max_len: int, seed: int = 0) -> list[list[str]]:
+def many_sequences(n_seqs: int, max_len: int, seed: int = 0) -> tuple[list[list[str]], bool]:
+    """The table's rows, and whether the engine's ``Usage`` agrees with what was measured."""
     rng = random.Random(seed)
     lengths = [rng.randint(1, max_len) for _ in range(n_seqs)]
     per_token = formula("float32", 1)
-    padded = KINDS["float32"].build(CONFIG, n_seqs, max(lengths))
-    cache = PagedKVCache.for_model(
-        CONFIG, 0, max_len, block_size=16, num_blocks=sum(math.ceil(n / 16) for n in lengths)
-    )
-    for n in lengths:  # each sequence grows to its own length, in one pool
-        cache.set_rows([cache.add_sequence()])
-        cache.prepare(0, n)
-    used = cache.pool.num_used * (storage_bytes(cache.pool) // cache.pool.num_blocks)
+    padded = storage_bytes(KINDS["float32"].build(CONFIG, n_seqs, max(lengths)))
+    slots = SlotAccounting(lengths, max_len)  # each sequence in its slot, in one cache
     needed = sum(lengths) * per_token
-    return [
+
+    def row(label: str, nbytes: int, digits: int) -> list[str]:
+        wasted = (nbytes - needed) / per_token / n_seqs
+        return [label, f"{nbytes / 2**20:.1f}", f"{wasted:.{digits}f}", f"{nbytes / needed:.2f}x"]
+
+    rows = [
         ["exact need", f"{needed / 2**20:.1f}", "", "1.00x"],
-        [
-            "contiguous batch (padded to longest)",
-            f"{storage_bytes(padded) / 2**20:.1f}",
-            f"{(storage_bytes(padded) - needed) / per_token / n_seqs:.0f}",
-            f"{storage_bytes(padded) / needed:.2f}x",
-        ],
-        [
-            "paged pool, blocks of 16",
-            f"{used / 2**20:.1f}",
-            f"{(used - needed) / per_token / n_seqs:.1f}",
-            f"{used / needed:.2f}x",
-        ],
+        row("contiguous batch (padded to longest)", padded, 0),
+        row(f"slot cache, allocated ({n_seqs} slots of {max_len})", slots.allocated, 0),
+        row(f"slot cache, blocks of {BLOCK} in use", slots.in_use, 1),
     ]
+    return rows, slots.usage_agrees()
 
 
 def main() -> None:
@@ -115,14 +164,23 @@ def main() -> None:
         f"measured == formula in {len(rows) * len(KINDS) - mismatches} of "
         f"{len(rows) * len(KINDS)} cells"
     )
+    agree = sum(
+        SlotAccounting([n], LENGTHS[-1]).usage_agrees() for n in LENGTHS
+    )  # the engine's own accounting of the one-sequence slot columns
+    print(
+        f"engine Usage (kv_cache_bytes, kv_cache_peak_bytes) == measured at {agree} of "
+        f"{len(LENGTHS)} lengths"
+    )
     base = measured["float32"]
     rows = [[label, f"{measured[label][-1] / base[-1]:.3f}"] for label in KINDS]
     print_table(f"bytes relative to float32 at n = {LENGTHS[-1]}", ["kind", "ratio"], rows)
+    rows, agrees = many_sequences(64, 2048)
     print_table(
         "64 sequences of random lengths 1..2048 at once, float32",
         ["layout", "MiB", "wasted positions per sequence", "of the exact need"],
-        many_sequences(64, 2048),
+        rows,
     )
+    print(f"engine Usage summed over the 64 == measured: {'yes' if agrees else 'NO'}")
     plot(measured)
 
 

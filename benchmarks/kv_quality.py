@@ -1,9 +1,13 @@
 """What each KV cache kind does to quality, against the contiguous float32 cache.
 
 1. Perplexity on held-out text (the last tenth of the built-in corpus, which training never
-   sees), fed through each cache kind in chunks (``lm.score(text, chunk_size=16)``), each chunk
-   attending to what the cache holds of the chunks before.
+   sees), fed through each cache kind in chunks of 16, each chunk attending to what the cache
+   holds of the chunks before: the contiguous kinds (float32, bfloat16, int8, int4) and the
+   window through ``lm.score(text, chunk_size=16)``; the engine's slot cache (``SlotKVCache``)
+   as the engine prefills prompts, every text in its own slot, one chunk of each per forward.
 2. Greedy agreement: the share of identical tokens over 256 greedy tokens, position by position.
+   The contiguous kinds and the window decode each prompt alone through that cache; the slot
+   kinds through the engine, the prompts submitted together and decoded in one batch.
 3. The window past the context: a rotary model scores texts 8x longer than its context through a
    dense cache (positions it was never trained on) and through windowed caches, with and without
    attention sinks; perplexity per 256-position stretch.
@@ -25,17 +29,21 @@ import torch.nn.functional as F
 from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 import arlm
-from arlm.corpus import builtin_documents
-from arlm.data import default_cache_dir, prepare_shards
-from arlm.kv_cache import Cache, CacheConfig, KVCache
+from arlm.kv_cache import Cache, CacheConfig, KVCache, SlotKVCache, StepLayout, make_codec
+from arlm.kv_cache.slots import PrefillChunk
+from arlm.sampling import SamplingParams
+from arlm.train.corpus import builtin_documents
+from arlm.train.data import default_cache_dir, prepare_shards
 
-KINDS = {  # label -> arlm.load keywords
+KINDS = {  # label -> arlm.load keywords; the contiguous cache, float32 the reference
     "float32": {},
     "bfloat16": {"kv_cache_dtype": "bfloat16"},
     "int8": {"kv_cache_dtype": "int8"},
     "int4": {"kv_cache_dtype": "int4"},
-    "paged": {"kv_block_size": 16},
-    "paged int8": {"kv_block_size": 16, "kv_cache_dtype": "int8"},
+}
+SLOT_KINDS = {  # the engine's slot cache
+    "slot": {},
+    "slot int8": {"kv_cache_dtype": "int8"},
 }
 ROPE_KINDS = {"window 4+60": {"kv_window": 60}}  # rotary models only: a quarter of the context
 CHUNK = 16
@@ -55,11 +63,76 @@ def perplexity(lm: arlm.LM, segments: list[list[int]], chunk_size: int | None) -
     return math.exp(-math.fsum(logprobs) / len(logprobs))
 
 
-def greedy(lm: arlm.LM, prompts: list[list[int]]) -> list[list[int]]:
-    return [
-        lm.generate(p, max_tokens=N_GREEDY, temperature=0, ignore_eos=True).token_ids
-        for p in prompts
-    ]
+def with_start(lm: arlm.LM, ids: list[int]) -> list[int]:
+    """``ids`` after the tokenizer's start token, as ``lm.score`` scores them."""
+    start = lm.tokenizer.bos_token_id
+    return ids if start is None or (ids and ids[0] == start) else [start, *ids]
+
+
+@torch.inference_mode()
+def slot_perplexity(lm: arlm.LM, segments: list[list[int]]) -> float:
+    """Perplexity of ``segments`` through the engine's slot cache: each segment in its own slot,
+    fed in chunks of ``CHUNK``, one chunk of every segment per forward (the flat layout the
+    engine's runner builds when it prefills several prompts)."""
+    model = lm.model
+    dtype = model.wte.weight.dtype
+    texts = [with_start(lm, seg) for seg in segments]
+    cache = SlotKVCache.for_model(
+        lm.config,
+        len(texts),
+        max(len(t) for t in texts),
+        device=lm.device,
+        dtype=dtype,
+        codec=make_codec(lm.cache_config.dtype, dtype),
+    )
+    cache.reserve(len(texts))
+    logprobs = []
+    for start in range(0, max(len(t) for t in texts) - 1, CHUNK):
+        chunks = [
+            PrefillChunk(slot, start, min(CHUNK, len(t) - 1 - start))
+            for slot, t in enumerate(texts)
+            if start < len(t) - 1
+        ]
+        layout = StepLayout([], [], chunks)
+        idx = [tok for c in chunks for tok in texts[c.slot][start : start + c.length]]
+        targets = [tok for c in chunks for tok in texts[c.slot][start + 1 : start + 1 + c.length]]
+        logits = model(
+            torch.tensor([idx], device=lm.device),
+            kv_cache=cache.step(layout),
+            positions=torch.tensor([layout.positions()], device=lm.device),
+        )[0][0]
+        lp = F.log_softmax(logits.float(), -1).gather(
+            -1, torch.tensor(targets, device=lm.device)[:, None]
+        )
+        logprobs += lp[:, 0].tolist()
+    return math.exp(-math.fsum(logprobs) / len(logprobs))
+
+
+@torch.inference_mode()
+def cache_greedy(lm: arlm.LM, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens of each prompt alone, through the cache kind ``lm`` was loaded with (the
+    contiguous cache, or the window): the prompt in one forward, then a token per forward."""
+    model = lm.model
+    out = []
+    for prompt in prompts:
+        cache = lm.cache_config.build(
+            lm.config, 1, len(prompt) + N_GREEDY, device=lm.device, dtype=model.wte.weight.dtype
+        )
+        ids, pos, tokens = torch.tensor([prompt], device=lm.device), 0, []
+        for _ in range(N_GREEDY):
+            logits = model(ids, kv_cache=cache, start_pos=pos, last_only=True)[0]
+            pos += ids.size(1)
+            tokens.append(int(logits[0, -1].float().argmax()))
+            ids = torch.tensor([tokens[-1:]], device=lm.device)
+        out.append(tokens)
+    return out
+
+
+def engine_greedy(lm: arlm.LM, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens of ``prompts`` submitted together to the engine (``lm.generate`` on a
+    list, without its progress bar): decoded in one batch over the slot cache."""
+    params = SamplingParams(max_tokens=N_GREEDY, temperature=0, ignore_eos=True)
+    return [c.token_ids for c in lm.engine.generate(prompts, params, progress=False)]
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
@@ -81,15 +154,22 @@ def compare_kinds(path: str, cache_dir: Path, n_segments: int) -> list[list[str]
     prompts = [seg[:1] for seg in segments[:N_PROMPTS]]  # 1 + 256 positions fit a 256 context
     one_pass = perplexity(reference, segments, None)
     base_ppl = perplexity(reference, segments, CHUNK)
-    base_tokens = greedy(reference, prompts)
-    kinds = dict(KINDS)
+    base_tokens = cache_greedy(reference, prompts)
+    kinds = {label: (kw, False) for label, kw in KINDS.items()}
     if reference.config.positions == "rope":
-        kinds.update(ROPE_KINDS)
+        kinds.update({label: (kw, False) for label, kw in ROPE_KINDS.items()})
+    kinds.update({label: (kw, True) for label, kw in SLOT_KINDS.items()})
     rows = [["one forward (no cache)", f"{one_pass:.3f}", f"{one_pass / base_ppl:.5f}", "", ""]]
-    for label, kw in kinds.items():
-        lm = arlm.load(path, **kw)
-        ppl = base_ppl if not kw else perplexity(lm, segments, CHUNK)
-        same, first = agreement(greedy(lm, prompts), base_tokens) if kw else (1.0, N_GREEDY)
+    for label, (kw, slot) in kinds.items():
+        if not kw and not slot:  # the reference itself
+            ppl, (same, first) = base_ppl, (1.0, N_GREEDY)
+        else:
+            lm = arlm.load(path, **kw)
+            if slot:
+                ppl, tokens = slot_perplexity(lm, segments), engine_greedy(lm, prompts)
+            else:
+                ppl, tokens = perplexity(lm, segments, CHUNK), cache_greedy(lm, prompts)
+            same, first = agreement(tokens, base_tokens)
         rows.append([label, f"{ppl:.3f}", f"{ppl / base_ppl:.5f}", f"{same:.3f}", f"{first:.0f}"])
     return rows
 

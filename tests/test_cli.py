@@ -121,3 +121,78 @@ def test_export_then_reload(capsys, trained_run, tmp_path):
     assert code == 0 and (tmp_path / "hf" / "config.json").is_file()
     code, _, err = run(capsys, "export", str(result.out), str(tmp_path / "hf"))
     assert code == 1 and "not an empty folder" in err
+
+
+def test_prompts_file_runs_as_one_batch_and_writes_json_lines(capsys, trained_run, tmp_path):
+    import json
+
+    import arlm
+
+    _, result = trained_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The for statement"}\n{"prompt": [5, 6, 7]}\n{"prompt": "x"}\n')
+    out_file = tmp_path / "out.jsonl"
+    argv = ["generate", str(result.out), "--prompts-file", str(prompts), "--max-tokens", "9"]
+    code, _, err = run(capsys, *argv, "--temperature", "0", "--output", str(out_file))
+    assert code == 0 and "3 prompts" in err
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["index"] for r in lines] == [0, 1, 2]
+    lm = arlm.load(result.out)
+    for record, prompt in zip(lines, ["The for statement", [5, 6, 7], "x"], strict=True):
+        alone = lm.generate(prompt, max_tokens=9, temperature=0)
+        assert record["token_ids"] == alone.token_ids and record["text"] == alone.text
+        assert record["finish_reason"] == alone.finish_reason
+    # plain text lines, to stdout, n samples each
+    (tmp_path / "p.txt").write_text("The\nA class\n")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        str(result.out),
+        "--prompts-file",
+        str(tmp_path / "p.txt"),
+        "--max-tokens",
+        "4",
+        "--n",
+        "2",
+        "--seed",
+        "1",
+    )
+    assert code == 0 and [json.loads(x)["index"] for x in out.splitlines()] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        ('{"prompt": "a"}\n{"text": "b"}\n', [], 'prompts.jsonl:2: needs a "prompt" field'),
+        ('{"prompt": "a"}\n{oops\n', [], "prompts.jsonl:2: not a JSON object"),
+        ("", [], "has no prompts"),
+        ("a\n", ["also a prompt"], "either a PROMPT or --prompts-file"),
+    ],
+)
+def test_prompts_file_errors_name_the_line(capsys, trained_run, tmp_path, content, args, message):
+    _, result = trained_run
+    (tmp_path / "prompts.jsonl").write_text(content)
+    argv = ["generate", str(result.out), *args, "--prompts-file", str(tmp_path / "prompts.jsonl")]
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and message in err
+
+
+def test_engine_and_cache_options_reach_the_engine(capsys, trained_run, monkeypatch):
+    import arlm
+
+    _, result = trained_run
+    seen = {}
+    real = arlm.load
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(arlm, "load", spy)
+    argv = ["generate", str(result.out), "x", "--max-tokens", "2", "--max-num-seqs", "3"]
+    argv += ["--max-num-batched-tokens", "64", "--no-prefix-caching", "--kv-cache-dtype", "int8"]
+    code, _, _ = run(capsys, *argv)
+    assert code == 0
+    assert seen["max_num_seqs"] == 3 and seen["max_num_batched_tokens"] == 64
+    assert seen["enable_prefix_caching"] is False and seen["kv_cache_dtype"] == "int8"
+    assert "max_model_len" not in seen  # options not given keep the library's defaults

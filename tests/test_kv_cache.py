@@ -19,7 +19,7 @@ from arlm.kv_cache import (
 )
 from arlm.kv_cache.base import storage_bytes
 from arlm.kv_cache.codec import quantize_int4, quantize_int8
-from arlm.kv_cache.slots import Chunk
+from arlm.kv_cache.slots import PrefillChunk
 from tests.conftest import make_model
 
 FAMILIES = ["gpt2", "llama"]
@@ -87,7 +87,7 @@ def slot_prefill_then_decode(model, cache, seq, prompt=16):
     B, L = seq.shape
     cache.reserve(B)
     seqs = {b: seq[b : b + 1] for b in range(B)}
-    chunks = [Chunk(b, 0, prompt) for b in range(B)]
+    chunks = [PrefillChunk(b, 0, prompt) for b in range(B)]
     out = [step(model, cache, StepLayout([], [], chunks), seqs).view(B, prompt, -1)]
     for pos in range(prompt, L):
         out.append(step(model, cache, StepLayout(list(range(B)), [pos] * B, []), seqs)[:, None])
@@ -100,7 +100,7 @@ def slot_greedy(model, cache, prompt, steps):
     B, n = prompt.shape
     cache.reserve(B)
     ids = prompt.clone()
-    prefill = StepLayout([], [], [Chunk(b, 0, n) for b in range(B)])
+    prefill = StepLayout([], [], [PrefillChunk(b, 0, n) for b in range(B)])
     last = torch.arange(1, B + 1) * n - 1
     logits = step(model, cache, prefill, dict(enumerate(ids[:, None])), logits_at=last)
     for pos in range(n, n + steps):
@@ -134,9 +134,9 @@ def test_slot_rows_at_their_own_lengths_in_one_forward_match_each_sequence_alone
         2: random_tokens((1, 9), 12),
     }
     schedule = [
-        StepLayout([], [], [Chunk(0, 0, 37), Chunk(1, 0, 12), Chunk(2, 0, 5)]),
+        StepLayout([], [], [PrefillChunk(0, 0, 37), PrefillChunk(1, 0, 12), PrefillChunk(2, 0, 5)]),
         # decode rows in slots 0 and 2 with slot 1 between them prefilling: a dummy row
-        StepLayout([0, 2], [37, 5], [Chunk(1, 12, 8)]),
+        StepLayout([0, 2], [37, 5], [PrefillChunk(1, 12, 8)]),
         StepLayout([0, 1, 2], [38, 20, 6], []),
         StepLayout([0, 2], [39, 7], []),  # slot 1 sits this one out: a dummy row again
         StepLayout([1], [21], []),
@@ -192,7 +192,7 @@ def test_reserving_more_slots_keeps_what_the_existing_slots_hold():
     assert cache.allocated == 0 and cache.nbytes == 0 == storage_bytes(cache)  # lazily
     seqs = {0: random_tokens((1, 26), 13), 3: random_tokens((1, 26), 14)}
     cache.reserve(1)
-    step(model, cache, StepLayout([], [], [Chunk(0, 0, 20)]), seqs)
+    step(model, cache, StepLayout([], [], [PrefillChunk(0, 0, 20)]), seqs)
     held = [p[0].clone() for planes in (*cache.k, *cache.v) for p in planes]
     assert all(h.any() for h in held)
     cache.reserve(4)  # slot 3: the planes grow
@@ -205,7 +205,7 @@ def test_reserving_more_slots_keeps_what_the_existing_slots_hold():
     # and slot 0 goes on decoding as if nothing moved, beside the new slot 3
     with torch.no_grad():
         alone = {s: model(seq)[0][0] for s, seq in seqs.items()}
-    logits = step(model, cache, StepLayout([0], [20], [Chunk(3, 0, 21)]), seqs)
+    logits = step(model, cache, StepLayout([0], [20], [PrefillChunk(3, 0, 21)]), seqs)
     torch.testing.assert_close(logits[0], alone[0][20], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits[1:], alone[3][:21], rtol=0, atol=1e-5)
     for pos in range(21, 26):
@@ -226,7 +226,7 @@ def test_copy_moves_positions_of_every_layer_and_the_copy_decodes_as_computed():
     cache.reserve(3)
     seq = random_tokens((1, 30), 15)
     seqs = {0: seq, 2: seq}
-    step(model, cache, StepLayout([], [], [Chunk(0, 0, 24)]), seqs)
+    step(model, cache, StepLayout([], [], [PrefillChunk(0, 0, 24)]), seqs)
     cache.copy(0, 2, 0, 16)  # a prefix-cache hit: slot 2 reuses slot 0's first 16 positions
     planes = [p for layer in (*cache.k, *cache.v) for p in layer]
     assert len(planes) == 2 * model.config.n_layer  # float storage: one plane per k and v
@@ -236,7 +236,7 @@ def test_copy_moves_positions_of_every_layer_and_the_copy_decodes_as_computed():
     # slot 2 computes only from position 16 on, and gets what the whole sequence gets
     with torch.no_grad():
         alone = model(seq)[0][0]
-    logits = [step(model, cache, StepLayout([], [], [Chunk(2, 16, 8)]), seqs)]
+    logits = [step(model, cache, StepLayout([], [], [PrefillChunk(2, 16, 8)]), seqs)]
     for pos in range(24, 30):
         logits.append(step(model, cache, StepLayout([2], [pos], []), seqs))
     torch.testing.assert_close(torch.cat(logits), alone[16:], rtol=0, atol=1e-5)
@@ -252,7 +252,7 @@ def test_slot_cache_counts_allocated_slots_and_positions_in_use(kv_dtype, per_ve
     assert cache.capacity == 2 * 32
     assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * 2 * 32
     seqs = {0: random_tokens((1, 12), 16), 1: random_tokens((1, 12), 17)}
-    step(model, cache, StepLayout([], [], [Chunk(0, 0, 10), Chunk(1, 0, 5)]), seqs)
+    step(model, cache, StepLayout([], [], [PrefillChunk(0, 0, 10), PrefillChunk(1, 0, 5)]), seqs)
     assert cache.tokens == 15 and cache.used_bytes == 15 * cache.bytes_per_token
     step(model, cache, StepLayout([0, 1], [10, 5], []), seqs)
     assert cache.tokens == 17 and cache.used_bytes == 17 * cache.bytes_per_token

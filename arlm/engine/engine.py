@@ -281,7 +281,8 @@ class Engine:
         self._aborts.append(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborts)
+        """Whether a step still has work: sequences to run, or outputs not yet handed out."""
+        return bool(self.sequences) or bool(self._aborts)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -311,6 +312,9 @@ class Engine:
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._emit(outputs, seq, self._append(seq, token, logprob))
+            for seq in rows:  # the ones whose sampling failed
+                if seq.finished:
+                    self._emit(outputs, seq, [])
         return list(outputs.values())
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]):

@@ -18,7 +18,7 @@ from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
 from arlm.kv_cache.codec import make_codec
 from arlm.kv_cache.config import CacheConfig
-from arlm.kv_cache.slots import Chunk, SlotKVCache, StepLayout
+from arlm.kv_cache.slots import PrefillChunk, SlotKVCache, StepLayout
 from arlm.kv_cache.windowed import WindowedKVCache
 from arlm.model.transformer import Transformer
 
@@ -74,7 +74,7 @@ class ModelRunner:
         for seq, n in batch.prefill:
             start = seq.num_cached
             tokens.extend(seq.token_ids[start : start + n])
-            chunks.append(Chunk(seq.slot, start, n))
+            chunks.append(PrefillChunk(seq.slot, start, n))
             if start + n == len(seq.token_ids):
                 select.append(len(tokens) - 1)
                 rows.append(seq)

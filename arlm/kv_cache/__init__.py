@@ -23,7 +23,7 @@ from arlm.kv_cache.base import Cache, Rotate
 from arlm.kv_cache.codec import KV_DTYPES, Codec, make_codec
 from arlm.kv_cache.config import CacheConfig
 from arlm.kv_cache.contiguous import KVCache
-from arlm.kv_cache.slots import SlotKVCache, SlotStep, StepLayout
+from arlm.kv_cache.slots import PrefillChunk, SlotKVCache, SlotStep, StepLayout
 from arlm.kv_cache.windowed import WindowedKVCache
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "CacheConfig",
     "Codec",
     "KVCache",
+    "PrefillChunk",
     "Rotate",
     "SlotKVCache",
     "SlotStep",

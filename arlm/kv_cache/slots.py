@@ -29,7 +29,7 @@ from arlm.kv_cache.codec import Codec, FloatCodec
 
 
 @dataclass(frozen=True)
-class Chunk:
+class PrefillChunk:
     """``length`` prompt positions of ``slot`` from ``start`` on, written and attended in one
     forward."""
 
@@ -45,7 +45,7 @@ class StepLayout:
 
     decode_slots: list[int]
     decode_positions: list[int]
-    chunks: list[Chunk]
+    chunks: list[PrefillChunk]
 
     @property
     def num_tokens(self) -> int:
