@@ -54,8 +54,8 @@ except ImportError:
     llama_cpp = None
 
 
-def build(kind: str, root: Path) -> Path:
-    """A random-weight model of ``kind`` as a Hugging Face folder with a tokenizer, plus GGUFs."""
+def build_hf(kind: str, root: Path) -> Path:
+    """A random-weight model of ``kind`` as a Hugging Face folder with a tokenizer."""
     import transformers
 
     torch.manual_seed(0)
@@ -78,6 +78,12 @@ def build(kind: str, root: Path) -> Path:
     hf.save_pretrained(folder)
     # the tokenizer only has to exist: prompts are random ids
     Tokenizer.train(builtin_documents(), 1000).save(folder / "tokenizer.json")
+    return folder
+
+
+def build(kind: str, root: Path) -> Path:
+    """The Hugging Face folder of ``build_hf``, plus its GGUF exports beside it."""
+    folder = build_hf(kind, root)
     lm = arlm.load(folder)
     for gguf_type in ("f32", "q8_0"):
         export_gguf(lm.model, lm.tokenizer, root / f"{kind}-{gguf_type}.gguf", type=gguf_type)

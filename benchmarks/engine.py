@@ -47,39 +47,13 @@ import torch.nn.functional as F
 import arlm
 from arlm.kv_cache import KVCache
 from arlm.sampling import SamplingParams
-from arlm.tokenizer import Tokenizer
-from arlm.train.corpus import builtin_documents
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
+from decode import build_hf as build  # noqa: E402  (the same models as decode.py)
 
 N_REQUESTS, CONCURRENCY, NEW = 64, 16, 128
 SINGLE = 16  # requests timed one at a time
 DEFAULT_VLLM = "/work/peers/vllm-venv/bin/python"
-
-
-def build(kind: str, root: Path) -> Path:
-    """A random-weight Hugging Face folder of ``kind``, with a tokenizer (prompts are ids)."""
-    import transformers
-
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config())
-    else:
-        config = transformers.LlamaConfig(
-            vocab_size=32000,
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-        )
-        hf = transformers.LlamaForCausalLM(config)
-    folder = root / kind
-    hf.save_pretrained(folder)
-    Tokenizer.train(builtin_documents(), 1000).save(folder / "tokenizer.json")
-    return folder
 
 
 def make_requests(vocab: int, n: int = N_REQUESTS, seed: int = 0) -> list[dict]:
