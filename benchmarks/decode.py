@@ -377,7 +377,7 @@ def profile_step(folder: Path) -> None:
 
 def quality(run: str) -> None:
     """Perplexity of a trained checkpoint on its corpus's held-out split, per weight format."""
-    from arlm.loops.heldout import held_out_ids
+    from arlm.measure.heldout import held_out_ids
 
     print(f"\nperplexity of {run} on the held-out split of the built-in corpus:")
     reference = None

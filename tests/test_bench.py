@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from arlm.api import LM
-from arlm.bench import bench
 from arlm.cli import main
+from arlm.measure.speed import bench
 from tests.conftest import make_model
 
 

@@ -10,7 +10,7 @@ from arlm.api import LM
 from arlm.cli import main
 from arlm.formats.checkpoint import save_model
 from arlm.loops import LoopDetectorConfig
-from arlm.loops.bench import (
+from arlm.measure.loop_bench import (
     HUMAN,
     BenchConfig,
     BenchRow,

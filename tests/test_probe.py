@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from arlm.api import LM
 from arlm.cli import main
 from arlm.formats.checkpoint import save_model
-from arlm.loops.heldout import held_out_ids, held_out_sentences, held_out_windows
-from arlm.loops.probe import (
+from arlm.measure.heldout import held_out_ids, held_out_sentences, held_out_windows
+from arlm.measure.probe import (
     ProbeConfig,
     format_table,
     plot,

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import arlm
-    from arlm.bench import bench
+    from arlm.measure.speed import bench
 
     lm = arlm.load(args.model, **load_kwargs(args))
     given = {k: getattr(args, k) for k in ("prompt_tokens", "new_tokens", "runs")}

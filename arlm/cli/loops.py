@@ -7,9 +7,9 @@ import argparse
 from arlm.cli.common import add_detector_options, add_model_options, detector_kwargs, model_kwargs
 from arlm.cli.options import add_options, given
 from arlm.loops import LoopDetectorConfig
-from arlm.loops.bench import BenchConfig
-from arlm.loops.probe import ProbeConfig
 from arlm.loops.scan import UNITS
+from arlm.measure.loop_bench import BenchConfig
+from arlm.measure.probe import ProbeConfig
 
 
 def add_parser(sub) -> None:
@@ -68,7 +68,7 @@ def add_held_out_options(q, plot: str) -> None:
 
 def run_probe(args: argparse.Namespace) -> None:
     import arlm
-    from arlm.loops import probe
+    from arlm.measure import probe
 
     config = ProbeConfig(**given(args, ProbeConfig))
     lm = arlm.load(args.model, **model_kwargs(args))
@@ -91,7 +91,7 @@ def run_probe(args: argparse.Namespace) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     import arlm
-    from arlm.loops import bench as loop_bench
+    from arlm.measure import loop_bench
 
     options = given(args, BenchConfig)
     detection = detector_kwargs(args)

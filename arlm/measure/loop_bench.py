@@ -19,7 +19,7 @@ from tqdm import tqdm
 from arlm.api import LM
 from arlm.config import option
 from arlm.loops import LoopDetector, LoopDetectorConfig, metrics
-from arlm.loops.heldout import held_out_ids, held_out_windows
+from arlm.measure.heldout import held_out_ids, held_out_windows
 from arlm.sampling import SamplingParams
 from arlm.validate import check_int
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from arlm.api import LM
 from arlm.config import option
-from arlm.loops.heldout import held_out_ids, held_out_sentences
+from arlm.measure.heldout import held_out_ids, held_out_sentences
 from arlm.validate import check_int
 
 
