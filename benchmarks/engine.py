@@ -12,7 +12,8 @@ Columns, each over the same requests:
 - transformers' continuous batching (``benchmarks/peers/transformers_cb.py``);
 - vLLM's CPU build, offline ``LLM.generate`` in its own virtual environment (a subprocess:
   ``benchmarks/peers/vllm_offline.py``; how to install it is in that file's docstring). The
-  column is skipped, saying so, when that environment is missing.
+  column is skipped, saying so, when that environment is missing. Its sampled requests run
+  without their seeds (vLLM's CPU build fails on seeded requests whose prefill is chunked).
 
 Then: batch-1 decode through ``lm.generate`` against a bare loop of the model over a contiguous
 KV cache (what arlm's batch-1 loop was before the engine); prefix caching (16 requests sharing a
@@ -134,13 +135,16 @@ def vllm(python: str, folder: Path, requests: list[dict], root: Path) -> dict | 
             "says, or pass --vllm-python"
         )
     path = root / "requests.json"
-    path.write_text(json.dumps(requests))
+    # vLLM 0.32's CPU build dies ("CPU Generator does not use offset") when a request with
+    # its own seed has its prefill split into chunks, so its sampled requests go unseeded
+    path.write_text(json.dumps([dict(r, seed=None) for r in requests]))
     script = Path(__file__).parent / "peers" / "vllm_offline.py"
     cmd = [python, str(script), "--model", str(folder), "--requests", str(path)]
     cmd += ["--max-num-seqs", str(CONCURRENCY), "--dtype", "float32"]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
-        return f"vLLM failed ({run.returncode}): {run.stderr.strip().splitlines()[-1:]}"
+        errors = [line for line in run.stderr.splitlines() if "Error" in line] or [run.stderr]
+        return f"vLLM failed (exit {run.returncode}): {errors[-1].strip()[-300:]}"
     result = json.loads(run.stdout.strip().splitlines()[-1])
     result["tpot_ms"] = result["ttft_ms"] = float("nan")
     return result

@@ -175,7 +175,12 @@ class SlotStep:
             self.lo, hi = slots[0], slots[-1]
             rows = hi - self.lo + 1  # slots in between that are not decoding get a dummy row
             self._slots = torch.tensor(slots, **long)
-            self._positions = torch.tensor(positions, **long)
+            H, L = cache.n_kv_head, cache.slot_len
+            # the rows (slot, head, position) the new vectors go to in a plane seen as
+            # (num_slots * n_kv_head * slot_len, width): one index for every layer's writes
+            heads = torch.arange(H, device=device)
+            rows_of = (self._slots[:, None] * H + heads) * L
+            self._write = (rows_of + torch.tensor(positions, **long)[:, None]).flatten()
             self._dense = rows == self.n_decode  # the rows are exactly the slots lo..hi
             self._rows = rows
             self._row_index = self._slots - self.lo
@@ -209,7 +214,8 @@ class SlotStep:
             for planes, x in ((k_planes, k), (v_planes, v)):
                 new = x[0, :, :nd].transpose(0, 1)  # (nd, n_kv_head, hd)
                 for plane, part in zip(planes, codec.encode(new), strict=True):
-                    plane[self._slots, :, self._positions] = part
+                    flat = plane.view(-1, plane.size(-1))
+                    flat.index_copy_(0, self._write, part.reshape(-1, part.size(-1)))
             view = slice(self.lo, self.lo + self._rows)
             keys = codec.decode([p[view, :, : self._S] for p in k_planes], cache.dtype)
             values = codec.decode([p[view, :, : self._S] for p in v_planes], cache.dtype)

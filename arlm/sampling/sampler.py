@@ -144,9 +144,16 @@ def sample(
         x = min_p_filter(x, _column([p.min_p for p in ps], x))
     if any(p.typical_p < 1 for p in ps):
         x = typical_filter(x, _column([p.typical_p for p in ps], x))
-    probs = x.softmax(dim=-1)
-    for i, b in enumerate(drawn):
-        tokens[b] = torch.multinomial(probs[i], 1, generator=generators[b])[0]
+    # inverse transform sampling: one uniform number per row from the row's own generator,
+    # located in the row's cumulative distribution (torch.multinomial draws a whole vocabulary
+    # of exponentials per row: 0.8 ms a row for GPT-2's 50k tokens here)
+    cdf = x.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.cat(
+        [torch.rand(1, generator=generators[b], device=x.device, dtype=cdf.dtype) for b in drawn]
+    )
+    # right=True skips tokens of probability 0, whose interval of the cdf is empty
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    tokens[drawn] = picked.clamp_(max=x.size(-1) - 1)
     return tokens
 
 
