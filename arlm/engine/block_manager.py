@@ -65,10 +65,6 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         return bool(self.free_slots)
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the slot has room for the positions ``seq`` will feed next."""
-        return len(seq.token_ids) <= self.cache.slot_len
-
     def allocate(self, seq: Sequence) -> None:
         """Give ``seq`` a slot and reuse what the prefix cache holds of its prompt."""
         if not self.free_slots:
@@ -160,10 +156,7 @@ class BlockManager:
     def _fit_table(self, seq: Sequence) -> None:
         # the blocks the positions fed so far (and the one fed next) fill
         n = math.ceil(min(len(seq.token_ids), self.cache.slot_len) / self.block_size)
-        base = seq.slot * self.blocks_per_slot
-        seq.block_table = list(range(base, base + n))
-        seq.peak_blocks = max(seq.peak_blocks, n)
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+        if n != len(seq.block_table):  # a new block every block_size steps, not every step
+            base = seq.slot * self.blocks_per_slot
+            seq.block_table = list(range(base, base + n))
+            seq.peak_blocks = max(seq.peak_blocks, n)

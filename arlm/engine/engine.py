@@ -163,10 +163,6 @@ class Engine:
             )
         return min(num_slots, fit)
 
-    @property
-    def max_num_seqs(self) -> int:
-        return self.scheduler.max_num_seqs
-
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(
@@ -320,22 +316,27 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]):
         """(sequence, token, logprob or None) per row; a row whose processing fails finishes
         with finish_reason "error" and gets no token."""
-        kept, processed = [], []
+        processed, kept = logits, []  # copied only when a row has bans or processors
         for i, seq in enumerate(rows):
-            row = logits[i : i + 1]
-            try:
-                banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
-                if banned:
-                    row = row.clone()
-                    row[:, sorted(banned)] = float("-inf")
-                processed.append(seq.sampler.process(row))
-                kept.append(i)
-            except ValueError as e:
-                self._finish(seq, "error", error=str(e))
+            banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
+            if banned or seq.sampler.processors:
+                row = logits[i : i + 1].clone()
+                row[:, sorted(banned)] = float("-inf")
+                try:
+                    row = seq.sampler.process(row)
+                except ValueError as e:
+                    self._finish(seq, "error", error=str(e))
+                    continue
+                if processed is logits:
+                    processed = logits.clone()
+                processed[i] = row[0]
+            kept.append(i)
         if not kept:
             return []
+        if len(kept) < len(rows):
+            processed = processed[kept]
         seqs = [rows[i] for i in kept]
-        tokens = sample(torch.cat(processed), [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
         out = []
         for i, seq, token in zip(kept, seqs, tokens.tolist(), strict=True):
             logprob = None
