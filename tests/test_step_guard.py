@@ -3,7 +3,13 @@ the exact-cycle rule against a brute-force reading, canonical forms, and bad inp
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -468,3 +474,136 @@ def test_guard_trace_replays_until_the_stop(tmp_path):
         guard_trace(tmp_path / "broken.jsonl")
     with pytest.raises(FileNotFoundError, match="no trace file"):
         guard_trace(tmp_path / "missing.jsonl")
+
+
+# --- the example agent, against a scripted model behind a local OpenAI-style server -------------
+
+
+@pytest.fixture(scope="module")
+def agent():
+    """examples/agent.py, loaded from its file (examples/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "agent.py"
+    spec = importlib.util.spec_from_file_location("example_agent", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@contextmanager
+def scripted_server(script):
+    """A local ``POST /v1/chat/completions`` answering with ``script(messages)``; yields the
+    base URL and the list of request bodies received. ``script`` may return an int: an HTTP
+    error status to answer with."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append(body)
+            reply = script(body["messages"]) if self.path == "/v1/chat/completions" else 404
+            if isinstance(reply, int):
+                self.send_response(reply)
+                self.end_headers()
+                self.wfile.write(b'{"error": "scripted failure"}')
+                return
+            data = json.dumps({"choices": [{"index": 0, "message": reply}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def tool_call(name: str, **arguments) -> dict:
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": f"call_{next(_ids)}",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)},
+            }
+        ],
+    }
+
+
+def stubborn(messages):
+    """A model that keeps reading a file that is not there."""
+    return tool_call("read_file", path="notes.txt")
+
+
+def heeding(messages):
+    """The same model, except that it changes course once it reads the guard's warning."""
+    last = messages[-1]
+    if last["role"] == "user" and last["content"].startswith("Loop warning"):
+        return tool_call("list_files")
+    if last["role"] == "tool" and "docs/notes.md" in last["content"]:
+        return tool_call("read_file", path="docs/notes.md")
+    if last["role"] == "tool" and last["content"].startswith("The answer"):
+        return {"role": "assistant", "content": "It says the answer is 42."}
+    return stubborn(messages)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.md").write_text("The answer is 42.\n")
+    return tmp_path
+
+
+def test_example_agent_warned_then_stopped(agent, workdir, capsys):
+    with scripted_server(stubborn) as (url, received):
+        assert (
+            agent.main(["What do the notes say?", "--workdir", str(workdir), "--base-url", url])
+            == 0
+        )
+    out = capsys.readouterr().out
+    assert "[6] assistant calls read_file" in out
+    assert "guard warn (repeated_action): Loop warning: the same call read_file" in out
+    assert "guard stop (repeated_action)" in out and out.endswith(
+        "stopped by the guard at message 9\n"
+    )
+    # the file was tried three times; the fourth call came after the warning and was not run
+    assert out.count("tool: Error: no such file 'notes.txt'") == 3 and len(received) == 4
+    assert received[3]["messages"][-1]["role"] == "user"
+    assert received[3]["messages"][-1]["content"].startswith("Loop warning: the call read_file")
+    assert received[0]["tools"][1]["function"]["name"] == "read_file"
+
+
+def test_example_agent_that_heeds_the_warning_answers(agent, workdir):
+    with scripted_server(heeding) as (url, _):
+        model = agent.chat_completion(url, "scripted")
+        run = agent.run_agent(
+            "What do the notes say?", model, agent.Folder(workdir), StepGuard(), log=lambda _: None
+        )
+    assert run.finish == "answer" and run.answer == "It says the answer is 42."
+    assert [(i, v.level, v.rule) for i, v in run.verdicts] == [
+        (6, "warn", "repeated_action"),
+        (7, "warn", "repeated_error"),
+    ]
+    assert run.messages[9]["tool_calls"][0]["function"]["name"] == "list_files"
+    # outside the folder is as missing as a missing file
+    assert (
+        agent.Folder(workdir).run("read_file", '{"path": "../x"}').startswith("Error: no such file")
+    )
+
+
+def test_example_agent_names_a_failing_server(agent, workdir, capsys):
+    with scripted_server(lambda messages: 503) as (url, _):
+        assert agent.main(["task", "--workdir", str(workdir), "--base-url", url]) == 1
+    assert "chat/completions answered 503" in capsys.readouterr().err
