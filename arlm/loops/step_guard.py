@@ -233,9 +233,10 @@ class _Lens:
             for rule, n, lo, hi in rules
         ]
         self.show = show  # item -> readable text
-        # A new loop begins at most about (count + 2) periods back (a loop reported while
-        # another was followed overlaps it by less than the two periods, by Fine and Wilf), so
-        # this many items keep every verdict's steps and onset.
+        # A loop is first reported count periods after its onset, or a little later when it
+        # is found as another loop breaks: two periodic runs overlap by less than the sum of
+        # their periods (Fine and Wilf). (count + 3) periods keep every onset and the steps of
+        # the last count copies; on random loopy streams onsets stay within (count + 1).
         self._items: deque[tuple[int, ...]] = deque(
             maxlen=max((n + 3) * hi for _, n, _, hi in rules)
         )

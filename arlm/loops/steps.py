@@ -175,8 +175,8 @@ class Canon:
         role = step["role"]
         if role in ENVIRONMENT_ROLES:
             return False, []
-        if role in RESULT_ROLES:
-            call_id = step.get("tool_call_id", step.get("name"))
+        if role in RESULT_ROLES:  # a legacy "function" result has no id: it answers in order
+            call_id = step.get("tool_call_id")
             return False, [self.result(step.get("content"), bool(step.get("is_error")), call_id)]
         if role not in AGENT_ROLES:
             allowed = AGENT_ROLES + RESULT_ROLES + ENVIRONMENT_ROLES

@@ -6,8 +6,8 @@ held-out passages the token after ``prefix_tokens`` clean ones, at position ``c`
 a wrong one of three kinds:
 
 - ``random``: a token drawn uniformly from the vocabulary (special tokens left out);
-- ``second choice``: the model's own most probable token there other than the true one (its
-  second choice when it ranks the true token first): the error a sampler is likeliest to make;
+- ``second choice``: the token the model itself ranks second there (its first, when its second
+  is the true token): an error the model finds plausible, as a sampler would make it;
 - ``copied``: a token the passage itself uses elsewhere, drawn from its other positions.
 
 Teacher-forced view: the text after the wrong token is the true text in both contexts, and for
@@ -188,10 +188,11 @@ def wrong_tokens(
     """For each kind, the wrong token to put at position ``at`` of each passage (never the true
     one, never a special token)."""
     tok = lm.tokenizer
-    special = set(tok.eos_token_ids) | {tok.bos_token_id}
+    special = {i for i in (*tok.eos_token_ids, tok.bos_token_id) if i is not None}
     vocab = [i for i in range(lm.config.vocab_size) if i not in special]
     prefix = torch.tensor([p[:at] for p in passages], device=lm.device)
     last = _logprobs(lm, prefix, torch.tensor([at - 1], device=lm.device))[:, 0]
+    last[:, sorted(special)] = -math.inf
     ranked = last.topk(2, dim=-1).indices.tolist()  # (B, 2)
     out: dict[str, list[int]] = {kind: [] for kind in KINDS}
     for p, (top1, top2) in zip(passages, ranked, strict=True):
@@ -362,7 +363,7 @@ def plot(result: CompoundResult, path: str | os.PathLike, title: str = "") -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     panels = (
         ("kl", "KL(clean || corrupted), nats"),
         ("agreement", "top-1 agreement"),
@@ -371,10 +372,11 @@ def plot(result: CompoundResult, path: str | os.PathLike, title: str = "") -> No
     for ax, (name, label) in zip(axes, panels, strict=True):
         for c, color in zip(result.curves, ("C0", "C1", "C2"), strict=False):
             ax.plot(c.distances, getattr(c, name), color=color, label=f"{c.kind} ({c.passages})")
-        for c, color in zip(result.controls, ("C0", "C1", "C2"), strict=False):
-            ax.plot(c.distances, getattr(c, name), "x", color=color, markersize=3)
+        for k, (c, color) in enumerate(zip(result.controls, ("C0", "C1", "C2"), strict=False)):
+            label = "control, past the context" if k == 0 else None
+            ax.plot(c.distances, getattr(c, name), "x", color=color, markersize=3, label=label)
         if result.controls:
-            ax.axvline(result.context, color="gray", linestyle=":", label="context")
+            ax.axvline(result.context, color="gray", linestyle=":", label="the context")
         ax.set_xscale("log")
         ax.set_xlabel("distance from the wrong token")
         ax.set_title(label)
@@ -382,7 +384,6 @@ def plot(result: CompoundResult, path: str | os.PathLike, title: str = "") -> No
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
