@@ -14,6 +14,13 @@ from arlm.atomic import write_atomic
 
 EOT = "<|endoftext|>"
 
+# For models without a template of their own (arlm-trained ones): one "role: content" line
+# per message, then "assistant:" for the model to continue.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
 
 class Tokenizer:
     """Text to token ids and back; wraps a ``tokenizers.Tokenizer``.
@@ -102,6 +109,36 @@ class Tokenizer:
         to U+FFFD); computed once per tokenizer."""
         ids = [[i] for i in range(self.vocab_size)]
         return self._tk.decode_batch(ids, skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation (``{"role", "content"}`` dicts), rendered with the
+        model's Jinja chat template as Hugging Face's ``apply_chat_template`` does, or with
+        ``DEFAULT_CHAT_TEMPLATE`` when the model has none. Encode the result with
+        ``add_special_tokens=False``: the template writes its own markers. A template that
+        refuses the conversation (``raise_exception``) raises ``ValueError``."""
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._token_text(self.bos_token_id),
+                eos_token=self._token_text(self.eos_token_ids[0] if self.eos_token_ids else None),
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template failed on these messages: {e}") from e
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else (self._tk.id_to_token(token_id) or "")
 
     def decoder(self) -> IncrementalDecoder:
         """A fresh streaming decoder; see ``IncrementalDecoder``."""

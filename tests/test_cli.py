@@ -11,7 +11,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "score", "export"])
+@pytest.mark.parametrize("command", ["train", "generate", "score", "export", "serve", "bench"])
 def test_every_command_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arlm.cli import bench, export, generate, loops, score, train
+from arlm.cli import bench, export, generate, loops, score, serve, train
 from arlm.train.trainer import TrainingError
 
 
@@ -15,13 +15,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="arlm", description="A complete autoregressive language-model stack."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (train, generate, score, export, bench, loops):
+    for command in (train, generate, score, export, serve, bench, loops):
         command.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(bench.expand(sys.argv[1:] if argv is None else argv))
     try:
         args.run(args)
     except (ValueError, OSError, TrainingError) as e:

@@ -3,8 +3,10 @@ request, for the server.
 
 The loop thread owns the engine: requests and aborts reach it through a queue and take effect
 between steps, and each step's outputs go back to the event loop that asked, one
-``asyncio.Queue`` per request. A consumer that stops reading (a client that went away) aborts
-its request, so its slot is freed at the next step.
+``asyncio.Queue`` per request. ``add_request`` is synchronous, so a caller can check and queue
+several requests with no other coroutine running in between (the server's admission control),
+then read each ``RequestStream``. A stream that is closed before its request finished aborts
+the request, so its slot is freed at the next step.
 """
 
 from __future__ import annotations
@@ -12,23 +14,85 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from arlm.engine.engine import Engine
 from arlm.engine.outputs import RequestOutput
 from arlm.sampling.params import SamplingParams
 
 
-class AsyncEngine:
-    """``generate`` streams one request's outputs; ``start`` / ``stop`` run the step loop."""
+class QueueFull(Exception):
+    """No room in the waiting queue (``max_queue`` sequences); try again later."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, waiting: int, max_queue: int) -> None:
+        super().__init__(
+            f"the server is busy: {waiting} sequences are waiting for a slot and it queues at "
+            f"most {max_queue}; retry later"
+        )
+        self.waiting, self.max_queue = waiting, max_queue
+
+
+class EngineDead(RuntimeError):
+    """The step loop stopped on an error; no request can run any more."""
+
+
+class RequestStream:
+    """The outputs of one or more requests added together, as their steps produce them, until
+    every sample of each has finished (``finished`` outputs). ``close()`` before the end aborts
+    the requests still running."""
+
+    def __init__(self, front: AsyncEngine, request_ids: list[str], num_seqs: int) -> None:
+        self.front, self.request_ids, self.num_seqs = front, request_ids, num_seqs
+        self.outputs: asyncio.Queue = asyncio.Queue()
+        self.num_finished = 0
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.num_finished >= self.num_seqs:
+            self.close()
+            raise StopAsyncIteration
+        item = await self.outputs.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        self.num_finished += item.finished
+        return item
+
+    def close(self) -> None:
+        """Stop listening; requests that have not finished are aborted at the next step."""
+        if not self.closed:
+            self.closed = True
+            self.front.release(self.request_ids, aborted=self.num_finished < self.num_seqs)
+
+
+class AsyncEngine:
+    """``add_request`` queues one request and returns its ``RequestStream``; ``start`` /
+    ``stop`` run the step loop.
+
+    ``max_queue``: the most sequences that may wait for a slot; a request that would go past it
+    raises ``QueueFull`` (None: no limit; see ``check_room``). ``on_output``: called in the
+    loop thread with every output of every step, aborted ones included (for metrics).
+    ``stats`` is the engine's ``stats()`` after the latest step, safe to read from any thread.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> None:
+        self.engine, self.max_queue, self.on_output = engine, max_queue, on_output
         self._inbox: queue.Queue = queue.Queue()  # ("add", ...) / ("abort", id) commands
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._queued = 0  # sequences in the inbox, not yet handed to the engine
+        self._lock = threading.Lock()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.stats = engine.stats()
         self.error: BaseException | None = None  # what ended the loop, if it failed
 
     def start(self) -> None:
@@ -45,33 +109,84 @@ class AsyncEngine:
 
     @property
     def num_unfinished(self) -> int:
+        """Requests with a stream still open."""
         return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued and not yet given a slot."""
+        return self._queued + len(self.engine.scheduler.waiting)
+
+    def check_room(self, num_seqs: int) -> None:
+        """Raise ``QueueFull`` if ``num_seqs`` more sequences would leave more than
+        ``max_queue`` waiting once the free slots are taken (``max_queue`` 0: admit only
+        what can run at once)."""
+        if self.max_queue is None:
+            return
+        scheduler = self.engine.scheduler
+        free = scheduler.max_num_seqs - len(scheduler.running)
+        waiting = self.num_waiting
+        if waiting + num_seqs - free > self.max_queue:
+            raise QueueFull(max(waiting - free, 0), self.max_queue)
+
+    def add_requests(
+        self, requests: list[tuple[str | list[int], SamplingParams, str]]
+    ) -> RequestStream:
+        """Queue (prompt, params, request id) triples, all or none; one stream of their
+        outputs. Must be called from a running event loop. Raises ``ValueError`` for a prompt
+        the engine cannot run or an id in use, ``QueueFull`` when the waiting queue has no room
+        for them all, ``EngineDead`` when the loop has stopped on an error."""
+        if self.error is not None:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        checked = []
+        for prompt, params, request_id in requests:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            checked.append((self.engine.check_prompt(prompt), params, request_id))
+        num_seqs = sum(params.n for _, params, _ in requests)
+        self.check_room(num_seqs)
+        self.start()
+        stream = RequestStream(self, [rid for _, _, rid in requests], num_seqs)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._queued += num_seqs
+        for prompt_ids, params, request_id in checked:
+            self._streams[request_id] = (loop, stream)
+            self._inbox.put(("add", prompt_ids, params, request_id))
+        self._wake.set()
+        return stream
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        """``add_requests`` of one request."""
+        return self.add_requests([(prompt, params, request_id)])
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """The outputs of one request as its steps produce them, the last with
-        ``finished``; with ``n`` > 1, until every sample has finished. Prompt errors raise
-        here, before anything is queued."""
-        self.start()
-        prompt_ids = self.engine.check_prompt(prompt)
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._inbox.put(("add", prompt_ids, params, request_id))
-        self._wake.set()
-        finished = 0
+        """The outputs of one request (``add_request`` and its stream in one); leaving the loop
+        early aborts the request."""
+        stream = self.add_request(prompt, params, request_id)
         try:
-            while finished < params.n:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished += item.finished
-                yield item
+            async for out in stream:
+                yield out
         finally:
-            if finished < params.n:  # the consumer left early: free the request's slots
-                self._inbox.put(("abort", request_id))
-                self._wake.set()
+            stream.close()
+
+    def abort_all(self) -> None:
+        """Abort every request still streaming (at the next step)."""
+        for request_id in list(self._streams):
+            self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def release(self, request_ids: list[str], aborted: bool) -> None:
+        """Forget the streams of ``request_ids``, aborting the requests when ``aborted``."""
+        for request_id in request_ids:
             self._streams.pop(request_id, None)
+            if aborted:  # a finished one has nothing left to abort: the engine skips it
+                self._inbox.put(("abort", request_id))
+        self._wake.set()
 
     def _run(self) -> None:
         engine = self.engine
@@ -79,15 +194,20 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_inbox()
                 if not engine.has_unfinished():
+                    self.stats = engine.stats()
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue
-                for out in engine.step():
+                outputs = engine.step()
+                self.stats = engine.stats()
+                for out in outputs:
+                    if self.on_output is not None:
+                        self.on_output(out)
                     self._deliver(out.request_id, out)
         except BaseException as e:  # the loop is dead: every waiting stream must hear it
             self.error = e
             for request_id in list(self._streams):
-                self._deliver(request_id, e)
+                self._deliver(request_id, EngineDead(f"the engine stopped: {e!r}"))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -103,9 +223,12 @@ class AsyncEngine:
                 self.engine.add_request(prompt_ids, params, request_id)
             except ValueError as e:
                 self._deliver(request_id, e)
+            finally:
+                with self._lock:
+                    self._queued -= params.n
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            loop, outputs = stream
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+            loop, target = stream
+            loop.call_soon_threadsafe(target.outputs.put_nowait, item)

@@ -126,7 +126,11 @@ class SamplingParams:
         check_float("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 means off)")
         check_float("typical_p", self.typical_p, lambda v: 0 < v <= 1, "in (0, 1] (1 means off)")
         if self.seed is not None:
-            check_int("seed", self.seed, 0, ">= 0, or None")
+            # torch generators take a signed 64-bit seed; sample i uses seed + i
+            top = 2**63 - self.n
+            check_int("seed", self.seed, 0, f"in [0, {top}], or None")
+            if self.seed > top:
+                raise ValueError(f"seed={self.seed} is not allowed; it must be in [0, {top}]")
         if self.logprobs is not None:
             check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}], or None for off")
             if self.logprobs > MAX_LOGPROBS:

@@ -137,7 +137,9 @@ def sample(
     x = x / _column([p.temperature for p in ps], x)
     # each filter runs once for all rows when any row asks for it
     if any(p.top_k for p in ps):
-        x = top_k_filter(x, torch.tensor([p.top_k for p in ps], device=x.device))
+        # above the vocabulary, k keeps everything (and could overflow a long)
+        top_k = [min(p.top_k, x.size(-1)) for p in ps]
+        x = top_k_filter(x, torch.tensor(top_k, device=x.device))
     if any(p.top_p < 1 for p in ps):
         x = top_p_filter(x, _column([p.top_p for p in ps], x))
     if any(p.min_p > 0 for p in ps):

@@ -1,0 +1,449 @@
+"""The HTTP app: OpenAI's completions and chat endpoints, models, health and metrics, on the
+engine's async front (``arlm.engine.AsyncEngine``).
+
+A request goes: ready? (503 while loading or draining) -> key (401) -> body size (413) ->
+JSON and fields (400) -> model name (404) -> prompt tokens and context length (400) -> queue
+room (429) -> the engine. Everything a client can get wrong ends in one of those, never a 500.
+A client that disconnects, streaming or not, has its sequences aborted at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from arlm.engine.async_engine import AsyncEngine, EngineDead, QueueFull, RequestStream
+from arlm.engine.outputs import Completion, RequestOutput
+from arlm.sampling.params import SamplingParams
+from arlm.serve import responses as rs
+from arlm.serve.config import ServeConfig
+from arlm.serve.errors import APIError
+from arlm.serve.metrics import ServerMetrics
+from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest, parse
+
+log = logging.getLogger("arlm.serve")
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+class Server:
+    """What the routes share: the settings, and once loaded the model, its async front and
+    the metrics. ``draining`` turns new requests away (503) while running ones finish."""
+
+    def __init__(self, config: ServeConfig, model_name: str) -> None:
+        self.config = config
+        self.model_name = config.served_model_name or model_name
+        self.lm = None
+        self.front: AsyncEngine | None = None
+        self.metrics: ServerMetrics | None = None
+        self.draining = False
+        self.created = int(time.time())
+
+    def attach(self, lm) -> None:
+        """Serve ``lm`` (an ``arlm.LM``) from now on."""
+        front = AsyncEngine(lm.engine, self.config.max_queue)
+        self.metrics = ServerMetrics(lambda: front.stats, lambda: front.num_waiting)
+        front.on_output = self.metrics.observe
+        front.start()
+        self.lm, self.front = lm, front
+
+    @property
+    def ready(self) -> bool:
+        return self.front is not None and not self.draining and self.front.error is None
+
+    @property
+    def max_len(self) -> int | None:
+        """The longest prompt + generation a sequence may reach (None: unbounded, windowed)."""
+        return self.lm.engine.max_len
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "1"})
+        if self.front is None:
+            raise APIError(503, "the model is loading", headers={"Retry-After": "1"})
+        if self.front.error is not None:
+            raise APIError(503, f"the engine stopped: {self.front.error!r}")
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # compare_digest takes as long whatever the first wrong byte: no timing hint
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+            raise APIError(
+                401,
+                "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def encode(
+        self, prompt: str | list[int], param: str, add_special_tokens: bool = True
+    ) -> list[int]:
+        if not isinstance(prompt, str):
+            return prompt
+        try:  # the tokenizer releases the GIL: long prompts do not stall the other requests
+            return await asyncio.to_thread(self.lm.tokenizer.encode, prompt, add_special_tokens)
+        except UnicodeEncodeError:
+            raise APIError.bad_request(f"{param} is not valid Unicode text", param) from None
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int, param: str) -> None:
+        limit = self.max_len
+        if limit is None:
+            return
+        total = len(prompt_ids) + max_tokens
+        if total > limit:
+            raise APIError.bad_request(
+                f"this model's maximum context length is {limit} tokens, but {total} "
+                f"were requested ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                "completion); shorten the prompt or lower max_tokens",
+                param,
+            )
+
+    def submit(
+        self, prompts: list[list[int]], params: SamplingParams, prefix: str
+    ) -> RequestStream:
+        try:
+            return self.front.add_requests(
+                [(ids, params, f"{prefix}-{i}") for i, ids in enumerate(prompts)]
+            )
+        except QueueFull as e:
+            raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
+        except EngineDead as e:
+            raise APIError(503, str(e)) from None
+        except ValueError as e:
+            raise APIError.bad_request(e, "prompt") from None
+
+
+def build_app(server: Server, lifespan=None) -> FastAPI:
+    app = FastAPI(title="arlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return APIError(500, f"internal error: {e!r}").response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not server.ready:
+            state = "draining" if server.draining else "loading"
+            return JSONResponse({"status": state}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = server.metrics.render() if server.metrics is not None else b""
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        server.authorize(request)
+        card = {
+            "id": server.model_name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "arlm",
+        }
+        if server.lm is not None and server.max_len is not None:
+            card["max_model_len"] = server.max_len
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req, params, prompts = await _start(request, server, CompletionRequest)
+        if req.best_of is not None and req.best_of != params.n:
+            raise APIError.bad_request("best_of is not supported; use n", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise APIError.bad_request(
+                "echo with logprobs would need the prompt's log-probabilities, which this "
+                "server does not compute (arlm score does)",
+                "echo",
+            )
+        echo = [server.lm.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+        stream = server.submit(prompts, params, f"cmpl-{uuid.uuid4().hex}")
+        reply = _CompletionReply(server, req, params, stream, echo)
+        if req.stream:
+            return _event_stream(reply.events(), stream)
+        return await _unless_disconnected(request, reply.whole(), stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req, params, prompts = await _start(request, server, ChatCompletionRequest)
+        stream = server.submit(prompts, params, f"chatcmpl-{uuid.uuid4().hex}")
+        reply = _ChatReply(server, req, params, stream)
+        if req.stream:
+            return _event_stream(reply.events(), stream)
+        return await _unless_disconnected(request, reply.whole(), stream)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = APIError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes",
+        code="request_too_large",
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+async def _start(request: Request, server: Server, model):
+    """The checks every generation request passes: (request, params, prompt token ids)."""
+    server.check_ready()
+    server.authorize(request)
+    req = parse(model, await _read_body(request, server.config.max_request_bytes))
+    server.check_model(req.model)
+    policy, detection = server.config.loop_policy, server.config.loop_detection
+    if isinstance(req, ChatCompletionRequest):
+        try:
+            text = server.lm.tokenizer.apply_chat_template(
+                req.chat_messages(), add_generation_prompt=req.add_generation_prompt
+            )
+        except ValueError as e:
+            raise APIError.bad_request(e, "messages") from None
+        prompt_ids = await server.encode(text, "messages", add_special_tokens=False)
+        prompts = [prompt_ids]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:  # the rest of the context, as vLLM does
+            limit = server.max_len
+            max_tokens = max(limit - len(prompt_ids), 0) if limit is not None else 256
+        params = req.sampling_params(max_tokens, req.requested_logprobs(), policy, detection)
+        param = "messages"
+    else:
+        prompts = [await server.encode(p, "prompt") for p in req.prompts()]
+        max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
+        params = req.sampling_params(max_tokens, req.logprobs, policy, detection)
+        param = "prompt"
+    for ids in prompts:
+        server.check_length(ids, params.max_tokens, param)
+    return req, params, prompts
+
+
+def _event_stream(events: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:  # the client left (the response is cancelled) or the stream ended
+            stream.close()
+
+    return StreamingResponse(guarded(), media_type="text/event-stream")
+
+
+async def _unless_disconnected(
+    request: Request, work: Awaitable[Response], stream: RequestStream
+) -> Response:
+    """``work``'s response, unless the client disconnects first: then its requests are
+    aborted and nobody reads the answer."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+        stream.close()
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Reply:
+    """One generation request's answer, whole or streamed; subclasses shape the choices."""
+
+    kind = ""
+    chunk_kind = ""
+
+    def __init__(self, server: Server, req, params: SamplingParams, stream: RequestStream):
+        self.server, self.req, self.params, self.stream = server, req, params, stream
+        self.id = stream.request_ids[0].rsplit("-", 1)[0]
+        self.created = int(time.time())
+        self.prompt_of = {rid: i for i, rid in enumerate(stream.request_ids)}
+        self.logprobs = rs.LogprobFormatter(server.lm.tokenizer)
+
+    def choice_index(self, out: RequestOutput) -> int:
+        return self.prompt_of[out.request_id] * self.params.n + out.index
+
+    async def finished(self) -> list[Completion]:
+        done: dict[int, Completion] = {}
+        async for out in self.stream:
+            if out.finished:
+                done[self.choice_index(out)] = out.completion
+        return [done[i] for i in sorted(done)]
+
+    def usage(self, completions: list[Completion]) -> dict:
+        n = self.params.n
+        firsts = completions[::n]  # one per prompt: the samples share it
+        return rs.usage(
+            sum(c.usage.prompt_tokens for c in firsts),
+            sum(c.usage.completion_tokens for c in completions),
+            sum(c.usage.cached_prompt_tokens for c in firsts),
+        )
+
+    async def whole(self) -> Response:
+        try:
+            completions = await self.finished()
+        except ValueError as e:
+            raise APIError.bad_request(e, "prompt") from None
+        except EngineDead as e:
+            raise APIError(503, str(e)) from None
+        for c in completions:
+            if c.finish_reason == "error":
+                raise APIError.bad_request(f"generation failed: {c.error}")
+        body = rs.envelope(self.id, self.kind, self.server.model_name, self.created)
+        body["choices"] = [self.choice(i, c) for i, c in enumerate(completions)]
+        body["usage"] = self.usage(completions)
+        return JSONResponse(body)
+
+    async def events(self) -> AsyncIterator[str]:
+        head = rs.envelope(self.id, self.chunk_kind, self.server.model_name, self.created)
+        completions: dict[int, Completion] = {}
+        for event in self.opening():
+            yield rs.sse({**head, "choices": [event]})
+        try:
+            async for out in self.stream:
+                index = self.choice_index(out)
+                if out.finished:
+                    completions[index] = out.completion
+                    if out.completion.finish_reason == "error":
+                        error = APIError.bad_request(f"generation failed: {out.completion.error}")
+                        yield rs.sse(error.body())
+                        break
+                event = self.delta(index, out)
+                if event is not None:
+                    yield rs.sse({**head, "choices": [event]})
+        except (ValueError, EngineDead) as e:
+            status = 400 if isinstance(e, ValueError) else 503
+            yield rs.sse(APIError(status, str(e)).body())
+        else:
+            options = self.req.stream_options
+            if options is not None and options.include_usage and completions:
+                done = [completions[i] for i in sorted(completions)]
+                yield rs.sse({**head, "choices": [], "usage": self.usage(done)})
+        yield rs.sse("[DONE]")
+
+    def opening(self) -> list[dict]:
+        return []
+
+
+class _CompletionReply(_Reply):
+    kind = chunk_kind = "text_completion"
+
+    def __init__(self, server, req, params, stream, echo: list[str]) -> None:
+        super().__init__(server, req, params, stream)
+        self.echo = echo
+        self.offsets: dict[int, int] = {}  # choice -> characters streamed so far
+
+    def choice(self, index: int, c: Completion) -> dict:
+        echo = self.echo[index // self.params.n]
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = self.logprobs.completions(c.logprobs, len(echo))
+        return {
+            "index": index,
+            "text": echo + c.text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            **rs.loop_fields(c),
+        }
+
+    def delta(self, index: int, out: RequestOutput) -> dict | None:
+        text = out.text
+        if index not in self.offsets:
+            text = self.echo[index // self.params.n] + text
+            self.offsets[index] = len(text) - len(out.text)
+        token_logprobs = rs.token_logprobs(out.chunks)
+        if not text and not token_logprobs and not out.finished:
+            return None
+        event = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+        if self.params.logprobs is not None:
+            event["logprobs"] = self.logprobs.completions(token_logprobs, self.offsets[index])
+        self.offsets[index] += len(out.text)
+        if out.finished:
+            event["finish_reason"] = out.completion.finish_reason
+            event.update(rs.loop_fields(out.chunks[-1]))
+        return event
+
+
+class _ChatReply(_Reply):
+    kind, chunk_kind = "chat.completion", "chat.completion.chunk"
+
+    def choice(self, index: int, c: Completion) -> dict:
+        logprobs = self.logprobs.chat(c.logprobs) if c.logprobs is not None else None
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            **rs.loop_fields(c),
+        }
+
+    def opening(self) -> list[dict]:
+        return [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(self.params.n)
+        ]
+
+    def delta(self, index: int, out: RequestOutput) -> dict | None:
+        token_logprobs = rs.token_logprobs(out.chunks)
+        text = out.text
+        if not text and not token_logprobs and not out.finished:
+            return None
+        event = {
+            "index": index,
+            "delta": {"content": text} if text else {},
+            "logprobs": self.logprobs.chat(token_logprobs)
+            if self.params.logprobs is not None
+            else None,
+            "finish_reason": None,
+        }
+        if out.finished:
+            event["finish_reason"] = out.completion.finish_reason
+            event.update(rs.loop_fields(out.chunks[-1]))
+        return event

@@ -1,0 +1,63 @@
+"""``ServeConfig``: the server's own settings (the model, cache and engine have theirs)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from arlm.config import option
+from arlm.loops.detector import LoopDetectorConfig
+from arlm.sampling.params import LOOP_POLICIES, SamplingParams
+from arlm.validate import check_float, check_int
+
+
+@dataclass
+class ServeConfig:
+    """The server's own settings (the model, cache and engine have theirs)."""
+
+    served_model_name: str | None = option(
+        None, help="the model name clients send (default: the model folder's name)"
+    )
+    max_queue: int | None = option(
+        None, help="sequences that may wait for a slot; beyond it 429 (default: no limit)"
+    )
+    api_key: str | None = option(None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    drain_timeout: float = option(
+        30.0, help="after SIGTERM, seconds running requests get to finish"
+    )
+    max_request_bytes: int = option(8 * 2**20, help="larger request bodies get 413")
+    loop_policy: str | None = option(
+        None,
+        help="loop policy for requests that set none (default: no detection)",
+        choices=LOOP_POLICIES,
+    )
+    repetition_detection: str | None = option(
+        None, help='loop detector thresholds for requests that set none, JSON: {"min_count": 4}'
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_queue is not None:
+            check_int("max_queue", self.max_queue, 0)
+        check_float("drain_timeout", self.drain_timeout, lambda v: v >= 0, ">= 0 seconds")
+        check_int("max_request_bytes", self.max_request_bytes, 1)
+        self.loop_detection = _loop_defaults(self.loop_policy, self.repetition_detection)
+
+
+def _loop_defaults(loop_policy: str | None, repetition_detection: str | None) -> dict | None:
+    """The server's ``--repetition-detection`` JSON as a dict, checked now so that a bad value
+    stops the server at start, not every request later."""
+    if repetition_detection is None:
+        return None
+    try:
+        fields = json.loads(repetition_detection)
+        if not isinstance(fields, dict):
+            raise ValueError("it must be a JSON object")
+        LoopDetectorConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"--repetition-detection {repetition_detection!r} is not allowed: {e}; give a JSON "
+            "object of min_pattern_size, max_pattern_size, min_count, min_span, e.g. "
+            "'{\"min_count\": 4}'"
+        ) from None
+    SamplingParams(loop_policy=loop_policy, repetition_detection=fields)
+    return fields

@@ -1,0 +1,99 @@
+"""Engine outputs in OpenAI's response shapes: whole completions, streamed chunks, logprobs
+(the completions API's and the chat API's), usage, and arlm's loop fields.
+
+Each choice is one sequence: prompt ``p``'s sample ``i`` is choice ``p * n + i``, as OpenAI
+numbers them. Loop fields are extras that OpenAI clients ignore: ``loop`` (the loop that ended
+the choice, finish_reason "repetition"), ``loop_reports`` (every loop reported or acted on)
+and ``loops_broken``; each only when it says something.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+from arlm.engine.outputs import Chunk, Completion
+from arlm.sampling.params import TokenLogprob
+from arlm.tokenizer import Tokenizer
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def envelope(request_id: str, kind: str, model: str, created: int | None = None) -> dict:
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    out = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def loop_fields(source: Chunk | Completion) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if source.loop is not None:
+        out["loop"] = _loop(source.loop)
+    if source.loop_reports:
+        out["loop_reports"] = [_loop(r) for r in source.loop_reports]
+    if source.loops_broken:
+        out["loops_broken"] = source.loops_broken
+    return out
+
+
+def _loop(report) -> dict:
+    out = asdict(report)
+    out["pattern"] = list(out["pattern"])
+    return out
+
+
+class LogprobFormatter:
+    """Token log-probabilities in the completions shape (``tokens``, ``token_logprobs``,
+    ``top_logprobs``, ``text_offset``) or the chat shape (``content``: ``token``, ``logprob``,
+    ``bytes``, ``top_logprobs``). A token's text is its own decoding."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.texts = tokenizer.token_texts
+
+    def completions(self, logprobs: list[TokenLogprob], offset: int) -> dict:
+        tokens = [self.texts[lp.token_id] for lp in logprobs]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{self.texts[t]: v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def chat(self, logprobs: list[TokenLogprob]) -> dict:
+        return {"content": [self._chat_entry(lp) for lp in logprobs]}
+
+    def _chat_entry(self, lp: TokenLogprob) -> dict:
+        entry = self._token(lp.token_id, lp.logprob)
+        entry["top_logprobs"] = [self._token(t, v) for t, v in lp.top]
+        return entry
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        text = self.texts[token_id]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def token_logprobs(chunks: list[Chunk]) -> list[TokenLogprob]:
+    return [c.logprob for c in chunks if c.token_id is not None and c.logprob is not None]
