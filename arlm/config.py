@@ -21,6 +21,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None
 
 
 FAMILIES = ("gpt2", "llama")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
 QUANT_METHODS = ("int8", "int4")  # weight-only; see arlm.model.quantize
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -53,7 +54,9 @@ class ModelConfig:
     """Sizes and layout of a decoder-only transformer.
 
     ``family`` picks the layout: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases) or
-    ``llama`` (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases).
+    ``llama`` (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases). The
+    llama family also covers Mistral, Qwen2 and Qwen3: a ``head_dim`` of its own, RMSNorm on each
+    head's queries and keys (``qk_norm``), and sliding-window attention on some or all layers.
     """
 
     family: str = "gpt2"
@@ -63,6 +66,7 @@ class ModelConfig:
     n_embd: int = 768
     block_size: int = 1024  # context length: the most positions the model is trained to see
     n_kv_head: int | None = None  # None: same as n_head; fewer is grouped-query attention
+    head_dim: int | None = None  # None: n_embd // n_head; rotary models may choose another
     intermediate_size: int | None = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd (llama)
     norm_eps: float = 1e-5
     bias: bool | None = None  # biases on linears and norms; None: True for gpt2, False for llama
@@ -70,6 +74,11 @@ class ModelConfig:
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3", ...} as in HF configs
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before the rotation (Qwen3)
+    # a query sees only itself and the sliding_window - 1 positions before it, on the layers
+    # layer_types names "sliding_attention" (None: every layer); the rest see every position
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"
     dropout: float = 0.0
     quantization: str | None = None  # weight-only "int8" or "int4" linear layers; None: float
     quant_group_size: int = 32  # int4: input weights sharing one scale and minimum
@@ -82,8 +91,23 @@ class ModelConfig:
             check_int(name, getattr(self, name), 1)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            self.head_dim = self.n_embd // self.n_head
+        check_int("head_dim", self.head_dim, 1)
+        if self.family == "gpt2" and self.head_dim * self.n_head != self.n_embd:
+            raise ValueError(
+                f"head_dim={self.head_dim} with n_head={self.n_head} must give n_embd="
+                f"{self.n_embd} in the gpt2 family; a head_dim of its own is for rotary models"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even: RoPE turns pairs of values")
+        if (self.qk_norm or self.sliding_window is not None) and self.family != "llama":
+            raise ValueError(
+                f"qk_norm and sliding_window are for the llama family, not {self.family!r}"
+            )
+        self._check_windows()
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(
                 f"n_kv_head={self.n_kv_head} must be a positive divisor of n_head={self.n_head}"
@@ -116,9 +140,32 @@ class ModelConfig:
                     f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'default'"
                 )
 
+    def _check_windows(self) -> None:
+        if self.sliding_window is not None:
+            check_int("sliding_window", self.sliding_window, 1)
+        if self.layer_types is None:
+            return
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.n_layer:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries; it needs one per layer "
+                f"(n_layer={self.n_layer})"
+            )
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ValueError(f"layer_types {bad} are not supported; supported: {LAYER_TYPES}")
+        if self.sliding_window is None and "sliding_attention" in self.layer_types:
+            raise ValueError(
+                "layer_types names sliding_attention layers, but sliding_window is None"
+            )
+
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's attention window: ``sliding_window``, or None where it sees everything."""
+        if self.sliding_window is None:
+            return [None] * self.n_layer
+        types = self.layer_types or ["sliding_attention"] * self.n_layer
+        return [self.sliding_window if t == "sliding_attention" else None for t in types]
 
     @property
     def positions(self) -> str:

@@ -393,9 +393,7 @@ def test_config_from_legacy_rope_keys():
     ("change", "match"),
     [
         ({"model_type": "bert"}, r"model_type='bert' is not supported; supported: \['gpt2'"),
-        ({"model_type": "mistral", "sliding_window": 1024}, "sliding_window=1024"),
-        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
-        ({"head_dim": 32}, "head_dim=32"),
+        ({"head_dim": 33}, "head_dim=33 must be even"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "mlp_bias"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),

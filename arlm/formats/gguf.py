@@ -1,9 +1,10 @@
 """GGUF export: one file that llama.cpp (and the tools built on it) loads.
 
-The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for its ``gpt2`` and
-``llama`` architectures: the same tensor names and metadata keys, q and k rows reordered for
-llama.cpp's RoPE, norms and biases kept in float32, and Q8_0 falling back to f16 for rows that are
-not a multiple of its 32-value blocks.
+The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for its ``gpt2``,
+``llama`` and ``qwen3`` architectures: the same tensor names and metadata keys, q and k rows
+reordered for the llama architecture's RoPE (qwen3's rotates halves, as arlm does), norms and
+biases kept in float32, and Q8_0 falling back to f16 for rows that are not a multiple of its
+32-value blocks.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _GPT2_BLOCK = {
 _LLAMA_BLOCK = {
     "ln_1": ("attn_norm",),
     "attn.c_attn": ("attn_q", "attn_k", "attn_v"),
+    "attn.q_norm": ("attn_q_norm",),
+    "attn.k_norm": ("attn_k_norm",),
     "attn.c_proj": ("attn_output",),
     "ln_2": ("ffn_norm",),
     "mlp.c_fc": ("ffn_gate", "ffn_up"),
@@ -50,8 +53,24 @@ _LLAMA_BLOCK = {
 }
 
 
+def architecture(config: ModelConfig) -> str:
+    """llama.cpp's architecture for ``config``: gpt2, llama, or qwen3 (q/k norms)."""
+    return "qwen3" if config.qk_norm else config.family
+
+
 def _check_model(config: ModelConfig) -> None:
     require_float(config, "GGUF export")
+    if config.sliding_window is not None:
+        raise ValueError(
+            f"sliding_window={config.sliding_window}: llama.cpp's {architecture(config)} "
+            "architecture has no sliding-window attention, so the file would compute another "
+            "model; supported: models without a sliding window (or one as long as the context)"
+        )
+    if config.qk_norm and (config.bias or config.qkv_bias):
+        raise ValueError(
+            f"qk_norm with bias={config.bias}, qkv_bias={config.qkv_bias}: llama.cpp's qwen3 "
+            "architecture has no biases; supported: qk_norm without biases"
+        )
     # llama.cpp's llama architecture treats every linear bias as optional, its gpt2 needs them all
     if config.family == "gpt2" and not (config.bias and config.qkv_bias):
         raise ValueError(
@@ -99,9 +118,11 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         out["rope_freqs.weight"] = _rope_factors(config)
 
     block = _GPT2_BLOCK if config.family == "gpt2" else _LLAMA_BLOCK
-    kv = config.n_kv_head * config.head_dim
-    sizes = {"attn.c_attn": [config.n_embd, kv, kv], "mlp.c_fc": [config.intermediate_size] * 2}
-    rope_heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head}
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    sizes = {"attn.c_attn": [q, kv, kv], "mlp.c_fc": [config.intermediate_size] * 2}
+    # llama.cpp's llama rotates neighbouring pairs; its qwen3 rotates halves, as arlm does
+    pairs = architecture(config) == "llama"
+    rope_heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head} if pairs else {}
     for i in range(config.n_layer):
         for module, names in block.items():
             for kind in ("weight", "bias"):
@@ -192,6 +213,8 @@ def _add_metadata(
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_rope_dimension_count(config.head_dim)
+        writer.add_key_length(config.head_dim)  # llama.cpp's default is n_embd / n_head
+        writer.add_value_length(config.head_dim)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -227,10 +250,12 @@ def export_gguf(
     """Write ``model`` and ``tokenizer`` as one GGUF file for llama.cpp.
 
     gpt2-family models become llama.cpp's ``gpt2`` architecture, llama-family ones ``llama``
-    (Llama 3 rope scaling as a ``rope_freqs`` tensor). ``type`` is how the matrices are stored:
-    ``f32`` (exact), ``f16`` or ``q8_0`` (8-bit blocks; rows not a multiple of 32 values as f16);
-    vectors and position embeddings are float32 whatever the type. ``general.name`` is the file
-    name without its suffix. ``path`` must not exist; the file appears complete or not at all.
+    (Llama 3 rope scaling as a ``rope_freqs`` tensor), or ``qwen3`` with q/k norms. A model with
+    a sliding window is refused: llama.cpp runs these architectures without one. ``type`` is how
+    the matrices are stored: ``f32`` (exact), ``f16`` or ``q8_0`` (8-bit blocks; rows not a
+    multiple of 32 values as f16); vectors and position embeddings are float32 whatever the type.
+    ``general.name`` is the file name without its suffix. ``path`` must not exist; the file
+    appears complete or not at all.
     """
     if type not in TYPES:
         raise ValueError(f"type={type!r} is not supported; choose one of {list(TYPES)}")
@@ -243,7 +268,7 @@ def export_gguf(
     vocab = _vocab(tokenizer, config.vocab_size)  # checks the tokenizer, likewise
 
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, config.family)  # arlm's family names are llama.cpp's
+        writer = gguf.GGUFWriter(tmp, architecture(config))
         try:
             _add_metadata(writer, config, path.stem, file_type)
             _add_tokenizer(writer, tokenizer, vocab)

@@ -1,4 +1,5 @@
-"""Hugging Face model folders: import GPT-2, Llama, Mistral and Qwen2 checkpoints; export to them.
+"""Hugging Face model folders: import GPT-2, Llama, Mistral, Qwen2 and Qwen3 checkpoints; export
+to them.
 
 Import reads ``config.json``, safetensors weights (one file or shards) and ``tokenizer.json`` with
 json, safetensors, tokenizers and torch alone: running an imported model does not need
@@ -22,13 +23,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from arlm.atomic import atomic_path
-from arlm.config import ModelConfig, resolve_dtype
+from arlm.config import LAYER_TYPES, ModelConfig, resolve_dtype
 from arlm.formats.checkpoint import CheckpointError, read_json, tensors_to_bytes
 from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
-HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")  # mistral and qwen2 run as the llama family
+# mistral, qwen2 and qwen3 run as the llama family
+HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+# config keys that change the math where set, which arlm does not implement: refused by name
+# rather than ignored (a family that has one of them is refused by its model_type already)
+_UNIMPLEMENTED = {
+    "attn_logit_softcapping": None,  # Gemma 2's tanh cap on attention scores
+    "final_logit_softcapping": None,  # Gemma 2/3's tanh cap on the logits
+    "partial_rotary_factor": 1.0,  # rotary angles on only part of each head
+}
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -41,6 +51,8 @@ _DERIVED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|\.rotary_emb\.in
 _LLAMA_BLOCK = {
     "ln_1": ("input_layernorm",),
     "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.q_norm": ("self_attn.q_norm",),
+    "attn.k_norm": ("self_attn.k_norm",),
     "attn.c_proj": ("self_attn.o_proj",),
     "ln_2": ("post_attention_layernorm",),
     "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
@@ -102,40 +114,69 @@ def _rope_fields(c: dict[str, Any]) -> dict[str, Any]:
     # transformers 5 writes one `rope_parameters` dict; older configs (most of the Hub) write
     # `rope_theta` and `rope_scaling` beside each other
     params = c.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(
+            f"rope_parameters per layer type ({sorted(params)}) is not supported for "
+            f"{c['model_type']}; supported: one rope_parameters dict for every layer"
+        )
     theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
-    scaling = c.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    scaling = dict(c.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"})
+    # transformers 5 moves partial_rotary_factor into the rope dict: checked with the others
+    if scaling.pop("partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise ValueError(
+            "rope_parameters.partial_rotary_factor is not supported for "
+            f"{c['model_type']}; supported: 1.0 (every channel rotates)"
+        )
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     return dict(rope_theta=float(theta), rope_scaling=scaling)
+
+
+def _window_fields(c: dict[str, Any], n_layer: int, block_size: int) -> dict[str, Any]:
+    """``sliding_window`` and ``layer_types`` the way transformers reads them: Mistral slides on
+    every layer; Qwen2 and Qwen3 only with ``use_sliding_window``, on the layers ``layer_types``
+    names (by default those from ``max_window_layers`` on); Llama never."""
+    model_type, window = c["model_type"], c.get("sliding_window")
+    types = None
+    if model_type == "llama" or (model_type != "mistral" and not c.get("use_sliding_window")):
+        window = None
+    elif model_type != "mistral" and window is not None:
+        types = c.get("layer_types")
+        if types is not None and set(types) - set(LAYER_TYPES):
+            raise ValueError(
+                f"layer_types {sorted(set(types) - set(LAYER_TYPES))} are not supported; "
+                f"supported: {LAYER_TYPES}"
+            )
+        if types is None:
+            start = c.get("max_window_layers", 28)
+            types = [
+                "sliding_attention" if i >= start else "full_attention" for i in range(n_layer)
+            ]
+    # a window as long as the context cuts nothing: the model runs as plain causal attention
+    if window is None or window >= block_size or types and "sliding_attention" not in types:
+        return dict(sliding_window=None, layer_types=None)
+    if types is not None and "full_attention" not in types:
+        types = None  # every layer slides: the config's default
+    return dict(sliding_window=window, layer_types=types)
 
 
 def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
     model_type = c["model_type"]
     hidden, heads = _require(c, "hidden_size"), _require(c, "num_attention_heads")
     block_size = _require(c, "max_position_embeddings")
-    head_dim = c.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        raise ValueError(
-            f"head_dim={head_dim} is not hidden_size/num_attention_heads={hidden}/{heads}; arlm "
-            "supports only head_dim == hidden_size / num_attention_heads"
-        )
+    n_layer = _require(c, "num_hidden_layers")
     act = c.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act={act!r} is not supported; supported: 'silu'")
-    window = c.get("sliding_window")
-    if model_type == "mistral" and window is not None and window < block_size:
-        raise ValueError(
-            f"sliding_window={window} is smaller than max_position_embeddings={block_size}: "
-            "arlm has no sliding-window attention; supported: sliding_window null or >= "
-            "max_position_embeddings"
-        )
-    if model_type == "qwen2" and c.get("use_sliding_window"):
-        raise ValueError(
-            "use_sliding_window=true is not supported (arlm has no sliding-window attention); "
-            "supported: use_sliding_window false"
-        )
     if model_type == "qwen2":  # Qwen2 has biases on q, k and v only
         bias, qkv_bias = False, True
+    elif model_type == "qwen3":  # attention_bias would put biases on q, k, v and o, not the MLP
+        if c.get("attention_bias", False):
+            raise ValueError(
+                "attention_bias=true is not supported for qwen3 (biases on the attention's four "
+                "projections but not the MLP's); supported: attention_bias false"
+            )
+        bias = qkv_bias = False
     else:
         bias = c.get("attention_bias", False)
         if c.get("mlp_bias", False) != bias:
@@ -146,27 +187,38 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
         qkv_bias = bias
     return dict(
         family="llama",
-        n_layer=_require(c, "num_hidden_layers"),
+        n_layer=n_layer,
         n_head=heads,
         n_embd=hidden,
         block_size=block_size,
         n_kv_head=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or hidden // heads,
         intermediate_size=_require(c, "intermediate_size"),
         norm_eps=c.get("rms_norm_eps", 1e-6),
         bias=bias,
         qkv_bias=qkv_bias,
         tie_embeddings=c.get("tie_word_embeddings", False),
+        qk_norm=model_type == "qwen3",
         **_rope_fields(c),
+        **_window_fields(c, n_layer, block_size),
     )
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
-    """The ``ModelConfig`` of a Hugging Face ``config.json`` (gpt2, llama, mistral or qwen2)."""
+    """The ``ModelConfig`` of a Hugging Face ``config.json`` (gpt2, llama, mistral, qwen2 or
+    qwen3). A setting that changes the math and that arlm does not implement is refused, by name.
+    """
     model_type = hf_config.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(
             f"model_type={model_type!r} is not supported; supported: {list(HF_MODEL_TYPES)}"
         )
+    for key, default in _UNIMPLEMENTED.items():
+        if hf_config.get(key, default) not in (None, default):
+            raise ValueError(
+                f"{key}={hf_config[key]!r} is not supported for {model_type}; arlm does not "
+                f"implement it (supported: {default})"
+            )
     fields = _gpt2_fields(hf_config) if model_type == "gpt2" else _llama_fields(hf_config)
     return ModelConfig(
         vocab_size=_require(hf_config, "vocab_size"),
@@ -468,20 +520,50 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
         attention_dropout=0.0,
         **common,
     )
+    windows = config.layer_windows
+    sliding = [w is not None for w in windows]
+    # Qwen's way to say which layers slide: every layer from max_window_layers on, and (since
+    # transformers 4.5x) layer_types, which says it per layer
+    qwen_windows = dict(
+        use_sliding_window=any(sliding),
+        sliding_window=config.sliding_window,
+        max_window_layers=sliding.index(True) if any(sliding) else config.n_layer,
+        layer_types=_layer_types(windows),
+    )
+    if config.qk_norm:
+        if config.bias or config.qkv_bias:
+            raise ValueError(
+                f"qk_norm with bias={config.bias}, qkv_bias={config.qkv_bias} has no Hugging Face "
+                "layout; supported: qk_norm without biases (qwen3)"
+            )
+        return dict(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            attention_bias=False,
+            **qwen_windows,
+            **llama,
+        )
     if config.qkv_bias and not config.bias:
         # note: transformers 5 tokenizes any qwen2 folder with Qwen2's own pre-tokenizer, not the
         # one in tokenizer.json; right for a model that came from Qwen2, not for other tokenizers
-        return dict(
-            architectures=["Qwen2ForCausalLM"],
-            model_type="qwen2",
-            use_sliding_window=False,
-            sliding_window=None,
-            **llama,
-        )
+        return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", **qwen_windows, **llama)
     if config.qkv_bias != config.bias:
         raise ValueError(
             f"bias={config.bias} with qkv_bias={config.qkv_bias} has no Hugging Face layout; "
             "supported: biases everywhere or nowhere (llama), or on q/k/v only (qwen2)"
+        )
+    if any(sliding):
+        if config.bias or not all(sliding):
+            raise ValueError(
+                f"a sliding window with bias={config.bias} on layers {_layer_types(windows)} has "
+                "no Hugging Face layout; supported: every layer sliding without biases (mistral), "
+                "or q/k/v biases (qwen2) or qk_norm (qwen3) with any layers sliding"
+            )
+        return dict(
+            architectures=["MistralForCausalLM"],
+            model_type="mistral",
+            sliding_window=config.sliding_window,
+            **llama,
         )
     return dict(
         architectures=["LlamaForCausalLM"],
@@ -490,6 +572,10 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
         mlp_bias=config.bias,
         **llama,
     )
+
+
+def _layer_types(windows: list[int | None]) -> list[str]:
+    return ["full_attention" if w is None else "sliding_attention" for w in windows]
 
 
 def _hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:

@@ -60,16 +60,17 @@ def sdpa(
 
 class DenseCache:
     """A cache that hands attention every key and value its queries see, in one tensor per
-    layer: ``_prepare`` makes room and returns the mask, ``update`` stores and returns k, v."""
+    layer: ``_prepare`` makes room and returns each layer's mask, ``update`` stores and returns
+    k, v."""
 
-    _mask: torch.Tensor | None = None
+    _masks: list[torch.Tensor | None]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
-        self._mask = self._prepare(start_pos, T, rotate)
+        self._masks = self._prepare(start_pos, T, rotate)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k, v = self.update(layer, k, v)
-        return sdpa(q, k, v, self._mask)
+        return sdpa(q, k, v, self._masks[layer])
 
 
 def alloc_planes(
@@ -98,6 +99,38 @@ def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor | 
     keys = torch.arange(start_pos + T, device=device)
     queries = torch.arange(start_pos, start_pos + T, device=device)
     return keys[None, :] <= queries[:, None]  # (T, start_pos + T)
+
+
+def window_mask(
+    start_pos: int, T: int, window: int | None, device: torch.device
+) -> tuple[int, torch.Tensor | None]:
+    """(first key, mask) for T queries at ``start_pos..`` over keys ``first..start_pos+T-1``
+    when each query sees only the keys less than ``window`` positions before it (sliding-window
+    attention); ``window`` None sees every earlier key. Keys before ``first`` are out of every
+    query's window, so attention need not read them; ``None`` is plain causal alignment."""
+    if window is None or start_pos + T <= window:  # the window cuts nothing
+        return 0, causal_mask(start_pos, T, device)
+    first = max(0, start_pos - window + 1)
+    if T == 1:
+        return first, None
+    keys = torch.arange(first, start_pos + T, device=device)
+    queries = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+    return first, (keys <= queries) & (keys > queries - window)  # (T, start_pos + T - first)
+
+
+def layer_views(
+    windows: list[int | None], start_pos: int, T: int, device: torch.device
+) -> list[tuple[int, torch.Tensor | None]]:
+    """``window_mask`` for each layer's window, computed once per distinct window."""
+    views = {w: window_mask(start_pos, T, w, device) for w in set(windows)}
+    return [views[w] for w in windows]
+
+
+def layer_masks(
+    windows: list[int | None], start_pos: int, T: int, device: torch.device
+) -> list[torch.Tensor | None]:
+    """Each layer's mask for T queries over the same T keys (teacher forcing: no cache)."""
+    return [mask for _, mask in layer_views(windows, start_pos, T, device)]
 
 
 def require_int_position(start_pos: int | torch.Tensor, kind: str) -> int:

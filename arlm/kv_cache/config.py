@@ -66,6 +66,13 @@ class CacheConfig:
                 "window) and runs past the context, and a learned table has neither relative "
                 "positions to shift nor embeddings past its last row; use a Llama-family model"
             )
+        if self.window is not None and config.sliding_window is not None:
+            raise ValueError(
+                f"kv_window={self.window} with a model whose layers have a sliding_window of "
+                f"{config.sliding_window}: the StreamingLLM cache would show those layers its "
+                "sink tokens, which the model's own window hides; load without kv_window (the "
+                "model's window already bounds what its sliding layers attend to)"
+            )
         make_codec(self.dtype, torch.float32).planes(config.head_dim)  # int4 needs an even dim
 
     def build(

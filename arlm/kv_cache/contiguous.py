@@ -9,7 +9,7 @@ from arlm.kv_cache.base import (
     DenseCache,
     Rotate,
     alloc_planes,
-    causal_mask,
+    layer_views,
     planes_nbytes,
     require_int_position,
 )
@@ -19,7 +19,9 @@ from arlm.kv_cache.codec import Codec, FloatCodec
 class KVCache(DenseCache):
     """Per-layer planes of shape (batch, n_kv_head, max_len, width): positions ``0..max_len-1``
     of ``batch`` rows that advance together. Float storage in the model's dtype (the default)
-    returns views of the buffers, so a decode step allocates nothing."""
+    returns views of the buffers, so a decode step allocates nothing. A layer with a sliding
+    window (``windows``, one per layer; None: every layer sees every position) is handed only
+    the positions its queries' windows reach."""
 
     def __init__(
         self,
@@ -32,6 +34,7 @@ class KVCache(DenseCache):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         codec: Codec | None = None,
+        windows: list[int | None] | None = None,
     ) -> None:
         self.codec = codec or FloatCodec(dtype)
         self.dtype = dtype  # what attention gets back
@@ -40,8 +43,10 @@ class KVCache(DenseCache):
         self.v = alloc_planes(self.codec, n_layer, lead, head_dim, device)
         self.batch_size = batch_size
         self.max_len = max_len
+        self.windows = windows or [None] * n_layer
         self.length = 0  # positions written so far (the same for every row)
         self._start = self._end = 0  # the positions the current forward writes
+        self._first = [0] * n_layer  # per layer, the first position the current forward reads
 
     @classmethod
     def for_model(
@@ -63,11 +68,12 @@ class KVCache(DenseCache):
             device=device,
             dtype=dtype,
             codec=codec,
+            windows=config.layer_windows,
         )
 
     def _prepare(
         self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
-    ) -> torch.Tensor | None:
+    ) -> list[torch.Tensor | None]:
         start_pos = require_int_position(start_pos, "contiguous")
         if start_pos + T > self.max_len:
             raise ValueError(
@@ -76,17 +82,19 @@ class KVCache(DenseCache):
             )
         self._start, self._end = start_pos, start_pos + T
         self.length = self._end
-        return causal_mask(start_pos, T, self.k[0][0].device)
+        views = layer_views(self.windows, start_pos, T, self.k[0][0].device)
+        self._first = [first for first, _ in views]
+        return [mask for _, mask in views]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        s, e = self._start, self._end
+        s, e, first = self._start, self._end, self._first[layer]
         out = []
         for planes, x in ((self.k[layer], k), (self.v[layer], v)):
             for plane, part in zip(planes, self.codec.encode(x), strict=True):
                 plane[:, :, s:e] = part
-            out.append(self.codec.decode([p[:, :, :e] for p in planes], self.dtype))
+            out.append(self.codec.decode([p[:, :, first:e] for p in planes], self.dtype))
         return out[0], out[1]
 
     def reset(self) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from arlm.config import ModelConfig
-from arlm.kv_cache.base import Rotate, alloc_planes, causal_mask, planes_nbytes, sdpa
+from arlm.kv_cache.base import Rotate, alloc_planes, layer_views, planes_nbytes, sdpa
 from arlm.kv_cache.codec import Codec, FloatCodec
 
 
@@ -62,7 +62,9 @@ class StepLayout:
 class SlotKVCache:
     """``num_slots`` slots of ``slot_len`` positions per layer, through a codec (floats, or
     int8/int4 with a scale per position and head). Slots are allocated as they are first needed,
-    up to ``num_slots``, so a model that serves one request at a time holds one slot."""
+    up to ``num_slots``, so a model that serves one request at a time holds one slot. A layer
+    with a sliding window (``windows``, one per layer; None: none has one) attends only to the
+    positions in its queries' windows; its slot still holds every position."""
 
     def __init__(
         self,
@@ -75,12 +77,14 @@ class SlotKVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         codec: Codec | None = None,
+        windows: list[int | None] | None = None,
     ) -> None:
         if num_slots < 1 or slot_len < 1:
             raise ValueError(f"num_slots={num_slots} and slot_len={slot_len} must be positive")
         self.codec = codec or FloatCodec(dtype)
         self.dtype = dtype
         self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
+        self.windows = windows or [None] * n_layer
         self.num_slots, self.slot_len = num_slots, slot_len
         self.device = torch.device(device)
         self.k: list[list[torch.Tensor]] = []
@@ -108,6 +112,7 @@ class SlotKVCache:
             device=device,
             dtype=dtype,
             codec=codec,
+            windows=config.layer_windows,
         )
 
     def reserve(self, slots: int) -> None:
@@ -188,15 +193,34 @@ class SlotStep:
             for s, p in zip(slots, positions, strict=True):
                 lengths[s - self.lo] = p + 1
             self._S = max(lengths)
-            self._mask = None
-            if min(lengths) < self._S:
-                keys = torch.arange(self._S, device=device)
-                self._mask = (keys < torch.tensor(lengths, **long)[:, None])[:, None, None, :]
-        self._chunk_masks = [causal_mask(c.start, c.length, device) for c in layout.chunks]
+            views = {w: self._decode_view(lengths, w) for w in set(cache.windows)}
+            self._decode_views = [views[w] for w in cache.windows]
+        # per chunk, per layer: (first key, mask)
+        self._chunk_views = [
+            layer_views(cache.windows, c.start, c.length, device) for c in layout.chunks
+        ]
         for s, p in zip(layout.decode_slots, layout.decode_positions, strict=True):
             cache.lengths[s] = p + 1
         for c in layout.chunks:
             cache.lengths[c.slot] = c.start + c.length
+
+    def _decode_view(
+        self, lengths: list[int], window: int | None
+    ) -> tuple[int, torch.Tensor | None]:
+        """(first key, mask) of the decode rows, each seeing the last ``window`` of its
+        ``lengths`` positions (None: all of them); the mask is (rows, 1, 1, keys), or None where
+        every row sees every key from the first on."""
+        S = self._S
+        lows = [0 if window is None else max(0, n - window) for n in lengths]
+        first = min(lows)
+        if min(lengths) == S and max(lows) == first:
+            return first, None
+        long = dict(dtype=torch.long, device=self.cache.device)
+        keys = torch.arange(first, S, device=self.cache.device)
+        visible = (keys < torch.tensor(lengths, **long)[:, None]) & (
+            keys >= torch.tensor(lows, **long)[:, None]
+        )
+        return first, visible[:, None, None, :]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
         """Nothing to do: the layout already says where every token goes."""
@@ -217,27 +241,29 @@ class SlotStep:
                     flat = plane.view(-1, plane.size(-1))
                     flat.index_copy_(0, self._write, part.reshape(-1, part.size(-1)))
             view = slice(self.lo, self.lo + self._rows)
-            keys = codec.decode([p[view, :, : self._S] for p in k_planes], cache.dtype)
-            values = codec.decode([p[view, :, : self._S] for p in v_planes], cache.dtype)
+            first, mask = self._decode_views[layer]
+            keys = codec.decode([p[view, :, first : self._S] for p in k_planes], cache.dtype)
+            values = codec.decode([p[view, :, first : self._S] for p in v_planes], cache.dtype)
             queries = q[0, :, :nd].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
             if not self._dense:
                 rows = queries.new_zeros(self._rows, *queries.shape[1:])
                 queries = rows.index_copy_(0, self._row_index, queries)
-            y = sdpa(queries, keys, values, self._mask)  # (rows, n_head, 1, hd)
+            y = sdpa(queries, keys, values, mask)  # (rows, n_head, 1, hd)
             if not self._dense:
                 y = y.index_select(0, self._row_index)
             out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, n_head, nd, hd)
         offset = nd
-        for chunk, mask in zip(self.layout.chunks, self._chunk_masks, strict=True):
+        for chunk, views in zip(self.layout.chunks, self._chunk_views, strict=True):
             s, start, T = chunk.slot, chunk.start, chunk.length
+            first, mask = views[layer]
             end = start + T
             for planes, x in ((k_planes, k), (v_planes, v)):
                 for plane, part in zip(
                     planes, codec.encode(x[0, :, offset : offset + T]), strict=True
                 ):
                     plane[s, :, start:end] = part
-            keys = codec.decode([p[s : s + 1, :, :end] for p in k_planes], cache.dtype)
-            values = codec.decode([p[s : s + 1, :, :end] for p in v_planes], cache.dtype)
+            keys = codec.decode([p[s : s + 1, :, first:end] for p in k_planes], cache.dtype)
+            values = codec.decode([p[s : s + 1, :, first:end] for p in v_planes], cache.dtype)
             out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask))
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)

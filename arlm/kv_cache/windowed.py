@@ -98,6 +98,11 @@ class WindowedKVCache(DenseCache):
 
     def _prepare(
         self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
+    ) -> list[torch.Tensor | None]:
+        return [self._mask(start_pos, T, rotate)] * len(self.k)  # every layer alike
+
+    def _mask(
+        self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None
     ) -> torch.Tensor | None:
         if rotate is None:
             raise ValueError(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import Cache
+from arlm.kv_cache.base import layer_masks
 from arlm.model.quantize import quantized_linear
 
 
@@ -85,7 +86,11 @@ class Attention(nn.Module):
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         # one fused projection: a single pass over the input for q, k and v
         self.c_attn = make_linear(config, config.n_embd, qkv_dim, config.qkv_bias)
-        self.c_proj = make_linear(config, config.n_embd, config.n_embd, config.bias)
+        attn_dim = config.n_head * config.head_dim  # n_embd, unless the config sets head_dim
+        self.c_proj = make_linear(config, attn_dim, config.n_embd, config.bias)
+        # Qwen3 normalises each head's queries and keys (one gain per channel, shared by heads)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
     def forward(
@@ -93,26 +98,31 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: Cache | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         heads = self.n_head + 2 * self.n_kv_head  # q heads, then k heads, then v heads
         qkv = self.c_attn(x).view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
         qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        if self.q_norm is not None:
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k turn by the same angles: one pass for both
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
-        if kv_cache is not None:
+        if kv_cache is not None:  # the cache applies the layer's window itself
             y = kv_cache.attend(self.layer_idx, q, k, v)  # (B, n_head, T, hd)
-        else:  # teacher forcing: the whole sequence, causally masked
+        else:  # teacher forcing: the whole sequence, causally masked (and windowed, by mask)
             y = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                is_causal=T > 1,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)
 
 
@@ -146,8 +156,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, kv_cache) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache))
+    def forward(self, x, rope, kv_cache, mask) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache, mask))
         return x + self.resid_dropout(self.mlp(self.ln_2(x)))
 
 
@@ -171,6 +181,9 @@ class Transformer(nn.Module):
         # kept in float32 outside the module's buffers, so casting the model to bfloat16 does not
         # round the rotation frequencies (and the reference implementation does not round them)
         self.inv_freq = rope_frequencies(config) if config.positions == "rope" else None
+        # teacher forcing masks only the sliding-window layers; the rest run plain causal
+        self.windows = config.layer_windows
+        self._no_masks = [None] * config.n_layer
         self.apply(self._init_weights)
         # residual projections start smaller, so the residual stream's variance stays flat in depth
         for name, p in self.named_parameters():
@@ -243,10 +256,13 @@ class Transformer(nn.Module):
         else:
             rope = self._rope(positions, x.dtype)
         x = self.drop(x)
+        masks = self._no_masks
         if kv_cache is not None:
             kv_cache.prepare(start_pos, T, self._rotate if self.wpe is None else None)
-        for block in self.h:
-            x = block(x, rope, kv_cache)
+        elif self.config.sliding_window is not None:
+            masks = layer_masks(self.windows, 0, T, idx.device)
+        for block, mask in zip(self.h, masks, strict=True):
+            x = block(x, rope, kv_cache, mask)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
