@@ -464,8 +464,9 @@ def test_bench_serve_reports_throughput_and_latency(live, tmp_path, capsys):
     assert summary["median_ttft_ms"] > 0 and summary["p99_itl_ms"] >= summary["median_itl_ms"]
 
 
-def test_sigterm_drains_running_requests_then_exits_zero(model, tokenizer, tmp_path):
-    save_model(tmp_path / "ckpt", model, tokenizer)
+def test_sigterm_drains_running_requests_then_exits_zero(tokenizer, tmp_path):
+    # a long context, so the request in flight outlasts the signal by seconds
+    save_model(tmp_path / "ckpt", make_model(block_size=2048), tokenizer)
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
@@ -497,16 +498,23 @@ def test_sigterm_drains_running_requests_then_exits_zero(model, tokenizer, tmp_p
         finished = {}
 
         def long_request():
-            body = {"prompt": "x", "max_tokens": 120, "ignore_eos": True, "stream": True}
-            text = []
+            body = {
+                "prompt": "x",
+                "max_tokens": 1500,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        choice = json.loads(line[6:])["choices"][0]
-                        text.append(choice["text"])
-                        if len(text) == 1:
-                            started.set()
-                        finished["reason"] = choice["finish_reason"]
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    started.set()
+                    if event["choices"]:
+                        finished["reason"] = event["choices"][0]["finish_reason"]
+                    else:
+                        finished["tokens"] = event["usage"]["completion_tokens"]
 
         started = threading.Event()
         worker = threading.Thread(target=long_request)
@@ -518,7 +526,7 @@ def test_sigterm_drains_running_requests_then_exits_zero(model, tokenizer, tmp_p
         assert late.status_code == 503
         assert httpx.get(url + "/health").status_code == 503
         worker.join(120)
-        assert finished["reason"] == "length"
+        assert finished["reason"] == "length" and finished["tokens"] == 1500
         assert process.wait(60) == 0
     finally:
         if process.poll() is None:

@@ -1,0 +1,279 @@
+"""Serving: ``arlm serve`` beside vLLM's CPU OpenAI server and llama.cpp's ``llama-server``, on
+the same random-weight GPT-2 124M, each measured in turn with ``arlm bench serve``.
+
+Servers (each its own process, started here and stopped after its runs):
+- arlm, float32, and arlm with int8 weights (``--quantize int8``), 16 sequences, ``--max-queue
+  32``;
+- vLLM's CPU build (``python -m vllm.entrypoints.openai.api_server``) from its own virtual
+  environment, float32 (install: ``benchmarks/peers/install_vllm.sh``);
+- llama.cpp's ``llama-server`` on arlm's own GGUF exports, f32 and q8_0, ``--parallel 16``
+  (install: ``benchmarks/peers/install_llama_cpp.sh``).
+A missing peer is skipped, saying how to install it.
+
+Load: random 64-token prompts (token ids, so every server sees exactly 64), 128 output tokens
+with ``ignore_eos``, greedy, at 1, 4 and 16 concurrent streams (8, 16 and 64 requests). Then
+overload, for arlm: Poisson arrivals at 4x the request rate it sustained at 16 streams, with
+``--max-queue 32``: how fast the excess is refused (429), the TPOT of the accepted requests,
+and the server's memory (RSS) over the run.
+
+Run: ``python benchmarks/serve.py`` (about 10 minutes on 2 cores with both peers);
+``--servers arlm,vllm`` for some, ``--vllm-python`` / ``--llama-server`` for other installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from arlm.measure.serve_bench import ServeBenchConfig, run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import build  # noqa: E402  (the same GPT-2 folder and GGUF files as decode.py)
+
+CONCURRENCY = {1: 8, 4: 16, 16: 64}  # streams -> requests sent
+INPUT_LEN, OUTPUT_LEN = 64, 128
+DEFAULT_VLLM = "/work/peers/vllm-venv/bin/python"
+DEFAULT_LLAMA = "/work/peers/llama.cpp-build/bin/llama-server"
+
+
+@dataclass
+class Peer:
+    name: str
+    command: list[str]
+    env: dict = field(default_factory=dict)
+    missing: str | None = None  # why it cannot run, with the command that installs it
+
+
+def peers(root: Path, folder: Path, args: argparse.Namespace, port: int) -> list[Peer]:
+    arlm = [sys.executable, "-m", "arlm", "serve", str(folder), "--port", str(port)]
+    arlm += ["--max-num-seqs", "16", "--max-queue", "32", "--log-level", "warning"]
+    vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    vllm += ["--port", str(port), "--dtype", "float32", "--max-num-seqs", "16"]
+    vllm += ["--served-model-name", "gpt2", "--disable-uvicorn-access-log"]
+    llama = [args.llama_server, "--port", str(port), "--parallel", "16", "--threads", "2"]
+    llama += ["-c", str(16 * 256), "--cont-batching", "--no-webui", "--alias", "gpt2"]
+    no_vllm = (
+        None
+        if Path(args.vllm_python).exists()
+        else (f"{args.vllm_python} not found; install: benchmarks/peers/install_vllm.sh")
+    )
+    no_llama = (
+        None
+        if Path(args.llama_server).exists()
+        else (f"{args.llama_server} not found; install: benchmarks/peers/install_llama_cpp.sh")
+    )
+    vllm_env = {
+        "VLLM_CPU_KVCACHE_SPACE": "4",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    return [
+        Peer("arlm", arlm + ["--served-model-name", "gpt2"]),
+        Peer("arlm int8", arlm + ["--served-model-name", "gpt2", "--quantize", "int8"]),
+        Peer("vLLM", vllm, vllm_env, no_vllm),
+        Peer("llama f32", llama + ["-m", str(root / "gpt2-f32.gguf")], missing=no_llama),
+        Peer("llama q8_0", llama + ["-m", str(root / "gpt2-q8_0.gguf")], missing=no_llama),
+    ]
+
+
+def process_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants (vLLM runs its engine in a child)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class Running:
+    """A peer's server process, up until ``stop``; ``rss`` samples its memory every 0.2 s."""
+
+    def __init__(self, peer: Peer, port: int, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            peer.command, env={**os.environ, **peer.env}, stdout=self.log, stderr=self.log
+        )
+        self.rss: list[tuple[float, int]] = []
+        self._sampling = True
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while self._sampling and self.process.poll() is None:
+            self.rss.append((time.monotonic(), process_rss(self.process.pid)))
+            time.sleep(0.2)
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"not ready after {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self._sampling = False
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def bench(url: str, concurrency: int | None, num_prompts: int, rate: float = float("inf")):
+    config = ServeBenchConfig(
+        num_prompts=num_prompts,
+        max_concurrency=concurrency,
+        request_rate=rate,
+        input_len=INPUT_LEN,
+        output_len=OUTPUT_LEN,
+        model="gpt2",
+        seed=concurrency or 0,
+    )
+    return asyncio.run(run(url, config))
+
+
+def overload(server: Running, sustained: float) -> dict:
+    """Poisson arrivals at 4x ``sustained`` requests/s for 30 s worth of requests."""
+    rate = 4 * sustained
+    before = len(server.rss)
+    summary = bench(server.url, None, max(int(rate * 30), 64), rate)
+    during = [b for _, b in server.rss[before:]] or [process_rss(server.process.pid)]
+    summary["rss_start"], summary["rss_max"] = during[0], max(during)
+    summary["rss_end"] = during[-1]
+    summary["rate"] = rate
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", default="arlm,arlm int8,vLLM,llama f32,llama q8_0")
+    p.add_argument("--vllm-python", default=DEFAULT_VLLM)
+    p.add_argument("--llama-server", default=DEFAULT_LLAMA)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", default="benchmarks/out/serve.json", help="the results as JSON")
+    args = p.parse_args()
+    wanted = [s.strip() for s in args.servers.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="arlm-serve-bench-"))
+    folder = build("gpt2", root)
+    import torch
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; GPT-2 124M, random weights")
+    print(f"{INPUT_LEN}-token prompts, {OUTPUT_LEN} output tokens (ignore_eos), greedy\n")
+    results: dict[str, dict[int, dict]] = {}
+    overloaded = None
+    for peer in peers(root, folder, args, args.port):
+        if peer.name not in wanted:
+            continue
+        if peer.missing:
+            print(f"{peer.name}: skipped ({peer.missing})")
+            continue
+        server = Running(peer, args.port, root / f"{peer.name.replace(' ', '-')}.log")
+        try:
+            ready = server.wait_ready()
+            bench(server.url, 4, 8)  # warm-up: first-call allocations and compilation
+            results[peer.name] = {}
+            for c, n in CONCURRENCY.items():
+                r = results[peer.name][c] = bench(server.url, c, n)
+                print(
+                    f"{peer.name:11} c={c:<3} {r['output_throughput']:7.1f} tok/s  TTFT p50 "
+                    f"{r.get('median_ttft_ms', float('nan')):7.0f} ms  TPOT p50 "
+                    f"{r.get('median_tpot_ms', float('nan')):6.1f} ms  ({r['failed']} failed; "
+                    f"ready in {ready:.0f} s)",
+                    flush=True,
+                )
+            if peer.name == "arlm":
+                overloaded = overload(server, results["arlm"][16]["request_throughput"])
+        finally:
+            server.stop()
+    report(results, overloaded)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"runs": results, "overload": overloaded}, indent=1))
+
+
+def report(results: dict, overloaded: dict | None) -> None:
+    print("\n                 output tok/s            TTFT p50 ms             TPOT p50 ms")
+    print("server         " + "  ".join(f"{'c=' + str(c):>6}" for c in CONCURRENCY) * 3)
+    for name, runs in results.items():
+        row = [runs[c]["output_throughput"] for c in CONCURRENCY]
+        row += [runs[c].get("median_ttft_ms", float("nan")) for c in CONCURRENCY]
+        row += [runs[c].get("median_tpot_ms", float("nan")) for c in CONCURRENCY]
+        print(f"{name:14} " + "  ".join(f"{v:6.0f}" if v >= 10 else f"{v:6.1f}" for v in row))
+    if "arlm" not in results:
+        return
+    a = results["arlm"]
+
+    def tput(name, c):
+        return results[name][c]["output_throughput"]
+
+    print("\nratios:")
+    print(
+        f"  arlm 16 streams / 1 stream, output tok/s: {tput('arlm', 16) / tput('arlm', 1):.2f}x"
+        "  (target >= 5)"
+    )
+    print(
+        f"  arlm TPOT p50 at 16 / at 1: "
+        f"{a[16]['median_tpot_ms'] / a[1]['median_tpot_ms']:.2f}x  (target <= 3)"
+    )
+    for mine, theirs in (
+        ("arlm", "vLLM"),
+        ("arlm", "llama f32"),
+        ("arlm int8", "llama q8_0"),
+        ("arlm int8", "vLLM"),
+    ):
+        if mine not in results or theirs not in results:
+            continue
+        ratios = "  ".join(f"c={c}: {tput(mine, c) / tput(theirs, c):.2f}x" for c in CONCURRENCY)
+        ttft = results[mine][16]["median_ttft_ms"] / results[theirs][16]["median_ttft_ms"]
+        print(f"  {mine} / {theirs}, output tok/s: {ratios};  TTFT p50 at 16: {ttft:.2f}x")
+    if overloaded is not None:
+        o = overloaded
+        refused = o["status_counts"].get("429", 0)
+        print(
+            f"\noverload (arlm, --max-queue 32): {o['num_prompts']} requests at "
+            f"{o['rate']:.1f}/s (4x the {o['rate'] / 4:.2f}/s sustained at 16 streams)\n"
+            f"  accepted {o['completed']}, refused with 429: {refused}; 429 latency p50 "
+            f"{o.get('median_rejected_ms', float('nan')):.1f} ms, p99 "
+            f"{o.get('p99_rejected_ms', float('nan')):.1f} ms  (target <= 50)\n"
+            f"  accepted TPOT p50 {o.get('median_tpot_ms', float('nan')):.1f} ms against "
+            f"{a[16]['median_tpot_ms']:.1f} ms at 16 streams; TTFT p50 "
+            f"{o.get('median_ttft_ms', float('nan')):.0f} ms (queueing)\n"
+            f"  server RSS: {o['rss_start'] / 2**20:.0f} MiB at the start, "
+            f"{o['rss_max'] / 2**20:.0f} MiB at most, {o['rss_end'] / 2**20:.0f} MiB at the end"
+        )
+
+
+if __name__ == "__main__":
+    main()
