@@ -4,9 +4,10 @@ report what its users feel.
 Requests arrive all at once or as a Poisson process (``request_rate``), with at most
 ``max_concurrency`` in flight; each streams. Prompts are random token ids (exact lengths on any
 server, for /v1/completions), random words (for chat), or a file. Per request: time to first
-token (TTFT: to the first chunk with text), time per output token after the first (TPOT),
-the gaps between chunks (ITL) and end-to-end latency (E2EL). The summary uses vLLM's JSON
-field names (``output_throughput``, ``median_ttft_ms``, ``p99_itl_ms``, ...), plus
+token (TTFT: to the first event with a token, text or not), time per output token after the
+first (TPOT), the gaps between token events (ITL) and end-to-end latency (E2EL). The summary
+uses vLLM's JSON field names (``output_throughput``, ``median_ttft_ms``, ``p99_itl_ms``, ...),
+plus
 ``status_counts`` and the latency of refused requests (``p50_rejected_ms``): how fast an
 overloaded server says no.
 """
@@ -180,7 +181,7 @@ async def _one(client, config: ServeBenchConfig, model: str, prompt) -> RequestR
                 if event.get("usage"):
                     result.output_tokens = event["usage"].get("completion_tokens", 0)
                     result.prompt_len = event["usage"].get("prompt_tokens") or result.prompt_len
-                if not _has_text(event):
+                if not _is_token(event):
                     continue
                 now = time.perf_counter()
                 if chunks == 0:
@@ -197,11 +198,11 @@ async def _one(client, config: ServeBenchConfig, model: str, prompt) -> RequestR
     return result
 
 
-def _has_text(event: dict) -> bool:
-    for choice in event.get("choices") or []:
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
-            return True
-    return False
+def _is_token(event: dict) -> bool:
+    """Whether a streamed event carries generated tokens: any with choices, as vLLM's client
+    counts them, except a chat stream's opening ``role`` event."""
+    choices = event.get("choices") or []
+    return bool(choices) and "role" not in (choices[0].get("delta") or {})
 
 
 async def run(base_url: str, config: ServeBenchConfig) -> dict:

@@ -394,7 +394,7 @@ class _CompletionReply(_Reply):
             text = self.echo[index // self.params.n] + text
             self.offsets[index] = len(text) - len(out.text)
         token_logprobs = rs.token_logprobs(out.chunks)
-        if not text and not token_logprobs and not out.finished:
+        if not text and not rs.has_tokens(out) and not out.finished:
             return None
         event = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
         if self.params.logprobs is not None:
@@ -433,7 +433,7 @@ class _ChatReply(_Reply):
     def delta(self, index: int, out: RequestOutput) -> dict | None:
         token_logprobs = rs.token_logprobs(out.chunks)
         text = out.text
-        if not text and not token_logprobs and not out.finished:
+        if not text and not rs.has_tokens(out) and not out.finished:
             return None
         event = {
             "index": index,

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from arlm.engine.outputs import Chunk, Completion
+from arlm.engine.outputs import Chunk, Completion, RequestOutput
 from arlm.sampling.params import TokenLogprob
 from arlm.tokenizer import Tokenizer
 
@@ -93,6 +93,12 @@ class LogprobFormatter:
     def _token(self, token_id: int, logprob: float) -> dict:
         text = self.texts[token_id]
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def has_tokens(out: RequestOutput) -> bool:
+    """Whether a step gave ``out`` tokens. Each gets an event even when its text is held back
+    (a possible stop string, half a character) or empty, so a client sees every token come."""
+    return any(c.token_id is not None for c in out.chunks)
 
 
 def token_logprobs(chunks: list[Chunk]) -> list[TokenLogprob]:
