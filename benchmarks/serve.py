@@ -61,8 +61,8 @@ def peers(root: Path, folder: Path, args: argparse.Namespace, port: int) -> list
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     vllm += ["--port", str(port), "--dtype", "float32", "--max-num-seqs", "16"]
     vllm += ["--served-model-name", "gpt2", "--disable-uvicorn-access-log"]
-    llama = [args.llama_server, "--port", str(port), "--parallel", "16", "--threads", "2"]
-    llama += ["-c", str(16 * 256), "--cont-batching", "--no-webui", "--alias", "gpt2"]
+    llama = [args.llama_server, "--port", str(port), "--parallel", "16"]
+    llama += ["-t", str(args.llama_threads), "-c", str(16 * 1024), "--alias", "gpt2"]
     no_vllm = (
         None
         if Path(args.vllm_python).exists()
@@ -118,7 +118,11 @@ class Running:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log.open("w")
         self.process = subprocess.Popen(
-            peer.command, env={**os.environ, **peer.env}, stdout=self.log, stderr=self.log
+            peer.command,
+            env={**os.environ, **peer.env},
+            stdout=self.log,
+            stderr=self.log,
+            cwd=log.parent,  # not the checkout: nothing there may shadow a peer's imports
         )
         self.rss: list[tuple[float, int]] = []
         self._sampling = True
@@ -182,6 +186,12 @@ def main() -> None:
     p.add_argument("--servers", default="arlm,arlm int8,vLLM,llama f32,llama q8_0")
     p.add_argument("--vllm-python", default=DEFAULT_VLLM)
     p.add_argument("--llama-server", default=DEFAULT_LLAMA)
+    p.add_argument(
+        "--llama-threads",
+        type=int,
+        default=2,
+        help="llama-server's threads (1 does better than 2 when the machine is busy)",
+    )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="benchmarks/out/serve.json", help="the results as JSON")
     args = p.parse_args()

@@ -282,6 +282,13 @@ def test_loop_policy_and_repetition_detection_through_the_api(live, reference, m
     assert expected.finish_reason == choice["finish_reason"] == "repetition"
     assert choice["text"] == expected.text
     assert choice["loop"]["pattern_size"] == expected.loop.pattern_size
+    report = dict(body, loop_policy="report")
+    choice = httpx.post(live.url + "/v1/completions", json=report).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and "loop" not in choice
+    assert choice["loop_reports"][0]["start"] == expected.loop.start
+    broken = dict(body, loop_policy="break")
+    choice = httpx.post(live.url + "/v1/completions", json=broken).json()["choices"][0]
+    assert choice["loops_broken"] >= 1
     # the operator's default stops every client's loops
     defaults = ServeConfig(
         loop_policy="stop", repetition_detection='{"min_count": 3, "min_span": 6}'

@@ -3,8 +3,8 @@
 
 Each choice is one sequence: prompt ``p``'s sample ``i`` is choice ``p * n + i``, as OpenAI
 numbers them. Loop fields are extras that OpenAI clients ignore: ``loop`` (the loop that ended
-the choice, finish_reason "repetition"), ``loop_reports`` (every loop reported or acted on)
-and ``loops_broken``; each only when it says something.
+the choice, finish_reason "repetition"), ``loop_reports`` (every loop reported or broken, when
+that is more than ``loop``) and ``loops_broken``; each only when it says something.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def loop_fields(source: Chunk | Completion) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if source.loop is not None:
         out["loop"] = _loop(source.loop)
-    if source.loop_reports:
+    if source.loop_reports and list(source.loop_reports) != [source.loop]:
         out["loop_reports"] = [_loop(r) for r in source.loop_reports]
     if source.loops_broken:
         out["loops_broken"] = source.loops_broken
