@@ -137,3 +137,31 @@ def test_presets_have_the_documented_sizes():
     assert 0.8e6 < Transformer(ModelConfig.preset("tiny")).num_params() < 1.3e6
     with torch.device("meta"):
         assert round(Transformer(ModelConfig.preset("gpt2")).num_params() / 1e6) == 124
+
+
+def test_sliding_window_sees_only_the_last_window_positions():
+    # one layer: the logits at t are those of a forward over just tokens t-W+1..t at their
+    # positions, whatever came before
+    window = 5
+    model = make_model("llama", n_layer=1, sliding_window=window)
+    seq = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full, _ = model(seq)
+        for t in range(window, 24):
+            alone, _ = model(seq[:, t - window + 1 : t + 1], start_pos=t - window + 1)
+            torch.testing.assert_close(full[0, t], alone[0, -1], rtol=0, atol=1e-5)
+        plain, _ = make_model("llama", n_layer=1)(seq)
+    assert not torch.allclose(full[:, window:], plain[:, window:], atol=1e-3)
+
+
+def test_head_dim_qk_norm_and_windows_survive_a_checkpoint(tmp_path, tokenizer):
+    from arlm.formats.checkpoint import load_model, save_model
+
+    types = ["sliding_attention", "full_attention"] * 2
+    model = make_model("llama", head_dim=48, qk_norm=True, sliding_window=5, layer_types=types)
+    save_model(tmp_path / "ck", model, tokenizer)
+    again, _ = load_model(tmp_path / "ck")
+    assert again.config == model.config and again.config.layer_windows == [5, None, 5, None]
+    seq = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(again(seq)[0], model(seq)[0])

@@ -211,15 +211,15 @@ class SlotStep:
         ``lengths`` positions (None: all of them); the mask is (rows, 1, 1, keys), or None where
         every row sees every key from the first on."""
         S = self._S
-        lows = [0 if window is None else max(0, n - window) for n in lengths]
-        first = min(lows)
-        if min(lengths) == S and max(lows) == first:
+        lows = None if window is None or window >= S else [max(0, n - window) for n in lengths]
+        first = 0 if lows is None else min(lows)
+        if min(lengths) == S and (lows is None or max(lows) == first):
             return first, None
         long = dict(dtype=torch.long, device=self.cache.device)
         keys = torch.arange(first, S, device=self.cache.device)
-        visible = (keys < torch.tensor(lengths, **long)[:, None]) & (
-            keys >= torch.tensor(lows, **long)[:, None]
-        )
+        visible = keys < torch.tensor(lengths, **long)[:, None]
+        if lows is not None:
+            visible &= keys >= torch.tensor(lows, **long)[:, None]
         return first, visible[:, None, None, :]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
