@@ -364,12 +364,15 @@ def plot(result: CompoundResult, path: str | os.PathLike, title: str = "") -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    # KL falls by orders of magnitude and the control sits at 0: a scale linear near 0
     panels = (
-        ("kl", "KL(clean || corrupted), nats"),
-        ("agreement", "top-1 agreement"),
-        ("delta_logprob", "Δ log p(true token)"),
+        ("kl", "KL(clean || corrupted), nats", 1e-4),
+        ("agreement", "top-1 agreement", None),
+        ("delta_logprob", "Δ log p(true token)", 1e-2),
     )
-    for ax, (name, label) in zip(axes, panels, strict=True):
+    for ax, (name, label, linear_below) in zip(axes, panels, strict=True):
+        if linear_below is not None:
+            ax.set_yscale("symlog", linthresh=linear_below)
         for c, color in zip(result.curves, ("C0", "C1", "C2"), strict=False):
             ax.plot(c.distances, getattr(c, name), color=color, label=f"{c.kind} ({c.passages})")
         for k, (c, color) in enumerate(zip(result.controls, ("C0", "C1", "C2"), strict=False)):
