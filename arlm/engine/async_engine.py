@@ -1,12 +1,12 @@
-"""The asynchronous front: the engine's step loop in a background thread, one async stream per
-request, for the server.
+"""The asynchronous front: the engine's step loop in a background thread, async streams of
+outputs, for the server.
 
 The loop thread owns the engine: requests and aborts reach it through a queue and take effect
 between steps, and each step's outputs go back to the event loop that asked, one
-``asyncio.Queue`` per request. ``add_request`` is synchronous, so a caller can check and queue
-several requests with no other coroutine running in between (the server's admission control),
-then read each ``RequestStream``. A stream that is closed before its request finished aborts
-the request, so its slot is freed at the next step.
+``asyncio.Queue`` per ``RequestStream`` (one request, or several added together). Adding is
+synchronous, so a caller can check room for several requests and queue them with no other
+coroutine running in between (the server's admission control). A stream closed before its
+requests finished aborts them, so their slots are freed at the next step.
 """
 
 from __future__ import annotations

@@ -238,10 +238,11 @@ async def _start(request: Request, server: Server, model):
             raise APIError.bad_request(e, "messages") from None
         prompt_ids = await server.encode(text, "messages", add_special_tokens=False)
         prompts = [prompt_ids]
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is None:  # the rest of the context, as vLLM does
-            limit = server.max_len
-            max_tokens = max(limit - len(prompt_ids), 0) if limit is not None else 256
+        max_tokens = req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = req.max_tokens
+        if max_tokens is None and server.max_len is not None:
+            max_tokens = max(server.max_len - len(prompt_ids), 0)  # the rest, as vLLM does
         params = req.sampling_params(max_tokens, req.requested_logprobs(), policy, detection)
         param = "messages"
     else:

@@ -77,19 +77,22 @@ class _Request(_Body):
 
     def sampling_params(
         self,
-        max_tokens: int,
+        max_tokens: int | None,
         logprobs: int | None,
         loop_policy: str | None = None,
         repetition_detection: dict | None = None,
     ) -> SamplingParams:
-        """The request's ``SamplingParams``; ``loop_policy`` and ``repetition_detection`` are
-        the server's defaults, used where the request gives none."""
+        """The request's ``SamplingParams`` (``max_tokens`` None: their default);
+        ``loop_policy`` and ``repetition_detection`` are the server's defaults, used where the
+        request gives none."""
         kwargs: dict[str, Any] = {
             name: value
             for name in SamplingParams.__dataclass_fields__
             if name in type(self).model_fields and (value := getattr(self, name)) is not None
         }
-        kwargs["max_tokens"], kwargs["logprobs"] = max_tokens, logprobs
+        kwargs["logprobs"] = logprobs
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
         if kwargs.get("top_k") == -1:  # vLLM's "off"
             kwargs["top_k"] = 0
         if kwargs.get("n", 1) > MAX_N:
