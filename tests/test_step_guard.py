@@ -371,6 +371,8 @@ def test_ignored_fields_and_result_shapes():
     ]
     assert first_fired(verdicts(guard, steps)) == 3
     canon = Canon()
+    assert canon.result("[]", False).text == "[]" and canon.result([], False).text == ""
+    assert canon.result('{"b": 1, "a": null}', False).text == '{"a":null,"b":1}'
     assert canon.result('{"error": "quota"}', False).error
     assert canon.result("Traceback (most recent call last): ...", False).error
     assert canon.result("all good", True).error and not canon.result("all good", False).error
@@ -519,7 +521,7 @@ def scripted_server(script):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1", received

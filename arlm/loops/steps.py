@@ -145,13 +145,16 @@ class Canon:
                 parsed = json.loads(content)
             except json.JSONDecodeError:
                 parsed = None
-            if isinstance(parsed, dict | list):
-                content = parsed
-        if isinstance(content, str) or content is None or _is_parts(content):
-            text = canonical_text(_text_of(content))
+            # a JSON object or array in the text is compared as JSON ("[]" is not empty parts)
+            structured = isinstance(parsed, dict | list)
+            content = parsed if structured else content
         else:
+            structured = content is not None and not _is_parts(content)
+        if structured:
             error = error or (isinstance(content, dict) and bool(content.get("error")))
             text = canonical_json(content, self.ignore)
+        else:
+            text = canonical_text(_text_of(content))
         low = text.lower()
         error = error or any(low.startswith(p) for p in self.error_prefixes)
         return Result(self._finish(text), error, None if call_id is None else str(call_id))
