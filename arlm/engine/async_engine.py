@@ -200,14 +200,14 @@ class AsyncEngine:
                     continue
                 outputs = engine.step()
                 self.stats = engine.stats()
-                for out in outputs:
-                    if self.on_output is not None:
+                if self.on_output is not None:
+                    for out in outputs:
                         self.on_output(out)
-                    self._deliver(out.request_id, out)
+                self._deliver([(out.request_id, out) for out in outputs])
         except BaseException as e:  # the loop is dead: every waiting stream must hear it
             self.error = e
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDead(f"the engine stopped: {e!r}"))
+            dead = EngineDead(f"the engine stopped: {e!r}")
+            self._deliver([(request_id, dead) for request_id in list(self._streams)])
 
     def _drain_inbox(self) -> None:
         while True:
@@ -222,13 +222,24 @@ class AsyncEngine:
             try:
                 self.engine.add_request(prompt_ids, params, request_id)
             except ValueError as e:
-                self._deliver(request_id, e)
+                self._deliver([(request_id, e)])
             finally:
                 with self._lock:
                     self._queued -= params.n
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, target = stream
-            loop.call_soon_threadsafe(target.outputs.put_nowait, item)
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand each item to its request's stream: one wake-up of each event loop per step,
+        not one per sequence, so the loop thread and the event loop contend less."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            entry = self._streams.get(request_id)
+            if entry is not None:
+                loop, stream = entry
+                by_loop.setdefault(loop, []).append((stream.outputs, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for outputs, item in batch:
+        outputs.put_nowait(item)
