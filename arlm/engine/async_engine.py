@@ -76,6 +76,8 @@ class AsyncEngine:
     raises ``QueueFull`` (None: no limit; see ``check_room``). ``on_output``: called in the
     loop thread with every output of every step, aborted ones included (for metrics).
     ``stats`` is the engine's ``stats()`` after the latest step, safe to read from any thread.
+    ``background``: ``start`` runs the loop in a thread of its own; when False, the owner
+    calls ``run`` in a thread of its choosing.
     """
 
     def __init__(
@@ -83,8 +85,10 @@ class AsyncEngine:
         engine: Engine,
         max_queue: int | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        background: bool = True,
     ) -> None:
         self.engine, self.max_queue, self.on_output = engine, max_queue, on_output
+        self.background = background
         self._inbox: queue.Queue = queue.Queue()  # ("add", ...) / ("abort", id) commands
         self._queued = 0  # sequences in the inbox, not yet handed to the engine
         self._lock = threading.Lock()
@@ -96,9 +100,18 @@ class AsyncEngine:
         self.error: BaseException | None = None  # what ended the loop, if it failed
 
     def start(self) -> None:
-        if self._thread is None:
+        """Run the step loop in a background thread, unless it runs (``background`` False) in
+        a thread of the owner's through ``run``."""
+        if self.background and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="arlm-engine", daemon=True)
             self._thread.start()
+
+    def run(self) -> None:
+        """Run the step loop in the calling thread until ``stop``. On CPU the thread matters:
+        the model's forward ran 20-25% slower in a thread started later than in the process's
+        main thread here (oneDNN and OpenMP under torch 2.13), so ``arlm serve`` steps the
+        engine in the main thread and answers HTTP in another."""
+        self._run()
 
     def stop(self) -> None:
         self._stopping = True

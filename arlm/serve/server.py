@@ -1,9 +1,13 @@
-"""``arlm serve``'s process: uvicorn on the app, the model loading in the background (``/health``
-answers 503 until it is ready), and a graceful drain on SIGTERM.
+"""``arlm serve``'s process: uvicorn answering HTTP in a thread, the model loading and then the
+engine's step loop in the main thread (``/health`` answers 503 until the model is ready), and
+a graceful drain on SIGTERM.
 
-The drain: the first SIGTERM (or Ctrl-C) turns new requests away with 503 while running ones
-finish; once none is left, or ``drain_timeout`` seconds have passed (the rest are then aborted,
-finish_reason "abort"), uvicorn closes and the process exits 0. A second signal exits at once.
+The step loop gets the main thread because the model's forward runs faster there on CPU (see
+``AsyncEngine.run``); the event loop only moves requests and outputs. The drain: the first
+SIGTERM (or Ctrl-C) turns new requests away with 503 while running ones finish; once none is
+left, or ``drain_timeout`` seconds have passed (the rest are then aborted, finish_reason
+"abort"), uvicorn closes, the step loop stops and the process exits 0. A second signal exits at
+once.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -23,23 +28,6 @@ from arlm.serve.config import ServeConfig
 log = logging.getLogger("arlm.serve")
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn, whose first exit signal starts a drain instead of closing the listener."""
-
-    def __init__(self, config: uvicorn.Config, server: Server) -> None:
-        super().__init__(config)
-        self.server = server
-
-    def handle_exit(self, sig: int, frame) -> None:
-        # not uvicorn's handler: it would re-raise the signal after shutdown (exit code 143)
-        if self.server.draining or self.server.front is None:
-            self.should_exit = True
-            self.force_exit = self.force_exit or self.server.draining and sig == signal.SIGINT
-            return
-        log.warning("%s: draining; new requests get 503", signal.Signals(sig).name)
-        self.server.draining = True
-
-
 def serve(
     load: Callable[[], object],
     config: ServeConfig,
@@ -50,24 +38,21 @@ def serve(
     access_log: bool = False,
 ) -> None:
     """Serve the model ``load()`` returns (an ``arlm.LM``) until a signal drains the server.
-    Raises what ``load`` raised, after the server has closed."""
+    Must run in the main thread (it handles SIGTERM and SIGINT)."""
     server = Server(config, model_name)
-    failure: list[BaseException] = []
 
     @asynccontextmanager
     async def lifespan(app):
-        tasks = [asyncio.create_task(_load(server, load, failure, uv))]
-        tasks.append(asyncio.create_task(_drain_when_asked(server, uv)))
+        drain = asyncio.create_task(_drain_when_asked(server, web))
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
+            drain.cancel()
             if server.front is not None:
-                server.front.stop()
+                server.front.stop()  # the main thread's step loop returns
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uv = _DrainingServer(
+    web = uvicorn.Server(
         uvicorn.Config(
             build_app(server, lifespan),
             host=host,
@@ -75,35 +60,47 @@ def serve(
             log_level=log_level,
             access_log=access_log,
             timeout_graceful_shutdown=5,
-        ),
-        server,
+        )
     )
-    uv.run()
-    if failure:
-        raise failure[0]
 
+    def on_signal(sig: int, frame) -> None:
+        if server.draining or server.front is None:  # a second signal, or still loading
+            web.should_exit = True
+            web.force_exit = server.draining
+            return
+        log.warning("%s: draining; new requests get 503", signal.Signals(sig).name)
+        server.draining = True
 
-async def _load(server: Server, load, failure: list, uv: uvicorn.Server) -> None:
-    started = time.perf_counter()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    http = threading.Thread(target=web.run, name="arlm-http")
+    http.start()
     try:
-        lm = await asyncio.to_thread(load)
-    except Exception as e:  # reported by serve() after uvicorn has closed
-        failure.append(e)
-        uv.should_exit = True
-        return
-    server.attach(lm)
-    engine = lm.engine
-    log.info(
-        "serving %r: %d sequences at once, %d positions per step, max length %s; loaded in %.1f s",
-        server.model_name,
-        engine.scheduler.max_num_seqs,
-        engine.scheduler.max_num_batched_tokens,
-        engine.max_len,
-        time.perf_counter() - started,
-    )
+        started = time.perf_counter()
+        lm = load()
+        if web.should_exit or not http.is_alive():
+            return  # a signal came, or uvicorn could not start (its error is logged)
+        server.attach(lm, background=False)
+        engine = lm.engine
+        log.info(
+            "serving %r: %d sequences at once, %d positions per step, max length %s; loaded in "
+            "%.1f s",
+            server.model_name,
+            engine.scheduler.max_num_seqs,
+            engine.scheduler.max_num_batched_tokens,
+            engine.max_len,
+            time.perf_counter() - started,
+        )
+        server.front.run()
+        if server.front.error is not None:
+            raise RuntimeError("the engine's step loop failed") from server.front.error
+    finally:
+        web.should_exit = True
+        http.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-async def _drain_when_asked(server: Server, uv: uvicorn.Server) -> None:
+async def _drain_when_asked(server: Server, web: uvicorn.Server) -> None:
     while not server.draining:
         await asyncio.sleep(0.05)
     deadline = time.monotonic() + server.config.drain_timeout
@@ -117,4 +114,4 @@ async def _drain_when_asked(server: Server, uv: uvicorn.Server) -> None:
             if not front.num_unfinished:
                 break
             await asyncio.sleep(0.02)
-    uv.should_exit = True
+    web.should_exit = True
