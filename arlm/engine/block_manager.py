@@ -98,14 +98,19 @@ class BlockManager:
         self._fit_table(seq)
 
     def _pick_slot(self, hashes: list[bytes]) -> int:
-        """The free slot holding most of ``hashes`` in place, else the least recently used."""
-        best, best_common = next(iter(self.free_slots)), 0
+        """The free slot holding most of ``hashes`` in place; else the least recently used of
+        the slots the cache has allocated, so it grows only when they are all busy (growing
+        touches new memory: seconds for a few hundred MB in a VM); else the next one to grow."""
+        best, best_common = None, 0
         if hashes:
             for slot in self.free_slots:
                 common = self._common(self.slot_hashes.get(slot, []), hashes)
                 if common > best_common:
                     best, best_common = slot, common
-        return best
+        if best is not None:
+            return best
+        allocated = self.cache.allocated
+        return next((s for s in self.free_slots if s < allocated), min(self.free_slots))
 
     @staticmethod
     def _common(a: list[bytes], b: list[bytes]) -> int:

@@ -163,6 +163,12 @@ class Engine:
             )
         return min(num_slots, fit)
 
+    def preallocate(self) -> None:
+        """Allocate every slot's KV memory now rather than as concurrency first needs it: a
+        server's memory is then flat from the start and no request waits while new memory is
+        touched."""
+        self.runner.cache.reserve(self.runner.cache.num_slots)
+
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(

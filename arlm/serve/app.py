@@ -50,6 +50,7 @@ class Server:
     def attach(self, lm, background: bool = True) -> None:
         """Serve ``lm`` (an ``arlm.LM``) from now on; the engine's step loop runs in a thread
         of its own, or (``background`` False) wherever the caller runs ``front.run()``."""
+        lm.engine.preallocate()
         front = AsyncEngine(lm.engine, self.config.max_queue, background=background)
         self.metrics = ServerMetrics(lambda: front.stats, lambda: front.num_waiting)
         front.on_output = self.metrics.observe
