@@ -4,9 +4,11 @@ a free port."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from arlm.serve.app import Server, build_app
@@ -18,6 +20,19 @@ def free_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Until ``url/health`` answers 200; fails if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+        time.sleep(0.05)
 
 
 class LiveServer:

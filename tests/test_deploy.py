@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 from arlm.api import LM
 from arlm.engine import EngineConfig
 from tests.conftest import make_model
-from tests.serving import LiveServer, free_socket
+from tests.serving import LiveServer, free_socket, wait_healthy
 
 NGINX = shutil.which("nginx") or next(
     (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
@@ -53,15 +52,7 @@ def test_nginx_spreads_requests_and_routes_around_a_dead_replica(tokenizer, tmp_
             [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
         )
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and nginx.poll() is None
-                time.sleep(0.05)
+            wait_healthy(url, nginx, 20)
             body = {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
             texts = set()
             for _ in range(10):

@@ -25,7 +25,7 @@ from arlm.engine import EngineConfig
 from arlm.formats.checkpoint import save_model
 from arlm.serve.config import ServeConfig
 from tests.conftest import make_model
-from tests.serving import LiveServer, free_socket
+from tests.serving import LiveServer, free_socket, wait_healthy
 
 GREEDY = {"temperature": 0}
 LOOP = {"loop_policy": "stop", "repetition_detection": {"min_count": 3, "min_span": 6}}
@@ -493,15 +493,7 @@ def test_sigterm_drains_running_requests_then_exits_zero(tokenizer, tmp_path):
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.1)
+        wait_healthy(url, process, 120)
         finished = {}
 
         def long_request():
