@@ -99,7 +99,7 @@ class _Request(_Body):
             raise APIError.bad_request(f"n={self.n} is not allowed; at most {MAX_N}", "n")
         if self.repetition_detection is not None:
             kwargs["repetition_detection"] = self.repetition_detection.model_dump(exclude_none=True)
-        elif self.loop_policy is None and repetition_detection is not None:
+        elif repetition_detection is not None:
             kwargs["repetition_detection"] = repetition_detection
         if self.loop_policy is None and loop_policy is not None:
             kwargs["loop_policy"] = loop_policy
