@@ -530,3 +530,16 @@ def test_sigterm_drains_running_requests_then_exits_zero(tokenizer, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_an_address_in_use_is_a_clear_error(model, tokenizer, tmp_path, capsys):
+    from arlm.cli import main
+
+    save_model(tmp_path / "ckpt", model, tokenizer)
+    with free_socket() as taken:
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", str(tmp_path / "ckpt"), "--port", port]) == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nothing")]) == 1
+    assert "no model at" in capsys.readouterr().err

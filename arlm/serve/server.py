@@ -71,14 +71,24 @@ def serve(
         log.warning("%s: draining; new requests get 503", signal.Signals(sig).name)
         server.draining = True
 
+    def run_http() -> None:
+        try:
+            web.run()
+        except SystemExit:  # how uvicorn ends a failed start; it has logged why
+            pass
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    http = threading.Thread(target=web.run, name="arlm-http")
+    http = threading.Thread(target=run_http, name="arlm-http")
     http.start()
     try:
+        while not web.started and http.is_alive():
+            time.sleep(0.01)
+        if not web.started:  # uvicorn logged why (an address in use, say)
+            raise OSError(f"cannot serve on {host}:{port}; see the error above")
         started = time.perf_counter()
         lm = load()
-        if web.should_exit or not http.is_alive():
-            return  # a signal came, or uvicorn could not start (its error is logged)
+        if web.should_exit:
+            return  # a signal came while the model loaded
         server.attach(lm, background=False)
         engine = lm.engine
         log.info(
