@@ -13,12 +13,12 @@ once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
 
 import uvicorn
 
@@ -41,7 +41,7 @@ def serve(
     Must run in the main thread (it handles SIGTERM and SIGINT)."""
     server = Server(config, model_name)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         drain = asyncio.create_task(_drain_when_asked(server, web))
         try:
@@ -72,10 +72,8 @@ def serve(
         server.draining = True
 
     def run_http() -> None:
-        try:
+        with contextlib.suppress(SystemExit):  # how uvicorn ends a failed start; it logged why
             web.run()
-        except SystemExit:  # how uvicorn ends a failed start; it has logged why
-            pass
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     http = threading.Thread(target=run_http, name="arlm-http")
