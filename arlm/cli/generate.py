@@ -8,7 +8,6 @@ import json
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 from arlm.atomic import write_atomic
 from arlm.cli.common import (
@@ -18,6 +17,7 @@ from arlm.cli.common import (
     load_kwargs,
     sampling_params,
 )
+from arlm.formats.prompts import read_prompts
 
 
 def add_parser(sub) -> None:
@@ -41,35 +41,6 @@ def add_parser(sub) -> None:
     add_cache_options(p)
     p.add_argument("--stats", action="store_true", help="print token counts and speeds")
     p.set_defaults(run=run)
-
-
-def read_prompts(path: str) -> list[str | list[int]]:
-    """The prompts of a file: JSON lines with a ``prompt`` field, or else one prompt a line."""
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read {path}: {e.strerror}") from e
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{path} has no prompts")
-    if not lines[0].lstrip().startswith("{"):
-        return lines
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if not (
-            isinstance(prompt, str)
-            or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))
-        ):
-            raise ValueError(
-                f'{path}:{number}: needs a "prompt" field, a string or a list of token ids'
-            )
-        prompts.append(prompt)
-    return prompts
 
 
 def run(args: argparse.Namespace) -> None:

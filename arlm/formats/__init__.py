@@ -1,1 +1,1 @@
-"""Model files: arlm checkpoint folders, Hugging Face import/export, GGUF export."""
+"""Files: arlm checkpoint folders, Hugging Face import/export, GGUF export, prompt files."""

@@ -21,9 +21,9 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from arlm.config import option
+from arlm.formats.prompts import read_prompts
 from arlm.validate import check_float, check_int
 
 PERCENTILES = (50, 90, 99)
@@ -69,7 +69,9 @@ class ServeBenchConfig:
         True, help="ask for all output_len tokens of every request (ignore_eos)"
     )
     prompts_file: str | None = option(
-        None, help='JSON lines with a "prompt" field (text or token ids) instead of random ones'
+        None,
+        help='prompts instead of random ones: JSON lines with a "prompt" field (text or token '
+        "ids), or one a line; used in turn",
     )
     token_range: str = option(
         "100:1000", help="random prompt token ids are drawn from LOW:HIGH", metavar="LOW:HIGH"
@@ -115,29 +117,13 @@ class RequestResult:
 
 def make_prompts(config: ServeBenchConfig) -> list[str | list[int]]:
     if config.prompts_file is not None:
-        return _read_prompts(config.prompts_file, config.num_prompts)
+        prompts = read_prompts(config.prompts_file)
+        return [prompts[i % len(prompts)] for i in range(config.num_prompts)]
     rng = random.Random(config.seed)
     if config.endpoint == "/v1/chat/completions":
         return [" ".join(rng.choices(WORDS, k=config.input_len)) for _ in range(config.num_prompts)]
     ids = config.token_ids
     return [[rng.choice(ids) for _ in range(config.input_len)] for _ in range(config.num_prompts)]
-
-
-def _read_prompts(path: str, n: int) -> list[str | list[int]]:
-    try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read {path}: {e.strerror}") from e
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            prompt = json.loads(line)["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f'{path}:{number}: not a JSON object with a "prompt" field') from None
-        prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"{path} has no prompts")
-    return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def _body(config: ServeBenchConfig, model: str, prompt: str | list[int]) -> dict:

@@ -10,7 +10,6 @@ that is more than ``loop``) and ``loops_broken``; each only when it says somethi
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from typing import Any
 
@@ -24,13 +23,8 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def envelope(request_id: str, kind: str, model: str, created: int | None = None) -> dict:
-    return {
-        "id": request_id,
-        "object": kind,
-        "created": int(time.time()) if created is None else created,
-        "model": model,
-    }
+def envelope(request_id: str, kind: str, model: str, created: int) -> dict:
+    return {"id": request_id, "object": kind, "created": created, "model": model}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
