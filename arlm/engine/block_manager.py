@@ -13,6 +13,13 @@ them: in place when the slot it is given is the one holding them, else by a copy
 that does (one memory copy of those positions instead of a forward over them). A finished
 sequence's blocks stay registered until its slot is given to a sequence that overwrites them;
 free slots are handed out least recently used first, so the oldest cached prefixes go first.
+
+Sliding-window layers keep only the last W positions of a slot (a ring, ``arlm.kv_cache.slots``),
+so what a registered block holds there is soon overwritten. A hit is taken only as far as the
+slots it comes from still hold, in every layer, what going on from its end reads
+(``SlotKVCache.holds``): for a prompt within the window of the sequence it comes from, say.
+Likewise a rollback (a loop break) goes back in place only while the rings hold the window
+before it; else the sequence is computed again from the start.
 """
 
 from __future__ import annotations
@@ -78,24 +85,42 @@ class BlockManager:
         slot = self._pick_slot(wanted[:hits])
         del self.free_slots[slot]
         in_place = self._common(self.slot_hashes.get(slot, []), wanted[:hits])
+        while (copies := self._copies(slot, wanted, hits, in_place)) is None:
+            hits -= 1  # a sliding-window ring has lost what going on from the hit's end reads
+            in_place = min(in_place, hits)
         self._unregister(slot, keep=in_place)
         self.cache.reserve(slot + 1)
-        # copy the hit blocks this slot does not hold, a run of blocks per source slot
-        j = in_place
-        while j < hits:
-            src = min(self.cached[wanted[j]])
-            end = j
-            while end < hits and src in self.cached[wanted[end]]:
-                end += 1
-            self.cache.copy(src, slot, j * self.block_size, end * self.block_size)
-            j = end
+        for src, start, end in copies:
+            self.cache.copy(src, slot, start, end)
         for k in range(in_place, hits):
             self._register(slot, k, wanted[k])
         seq.slot = slot
-        seq.num_cached = seq.cached_prompt_tokens = hits * self.block_size
+        seq.num_cached = self.cache.rewind(slot, hits * self.block_size)  # it goes on from here
+        seq.cached_prompt_tokens = seq.num_cached
         self.hit_tokens += seq.num_cached
         self.queried_tokens += seq.prompt_len
         self._fit_table(seq)
+
+    def _copies(
+        self, slot: int, wanted: list[bytes], hits: int, in_place: int
+    ) -> list[tuple[int, int, int]] | None:
+        """(source slot, start, end) runs that bring ``slot``, which holds the first
+        ``in_place`` blocks of ``wanted``, to its first ``hits``, each run from the lowest slot
+        holding its blocks; None where what going on from there reads is no longer held."""
+        bs, resume = self.block_size, hits * self.block_size
+        if not self.cache.holds(slot, 0, in_place * bs, resume):
+            return None
+        runs: list[tuple[int, int, int]] = []
+        for j in range(in_place, hits):
+            start, end = j * bs, (j + 1) * bs
+            holders = [s for s in self.cached[wanted[j]] if self.cache.holds(s, start, end, resume)]
+            if not holders:
+                return None
+            if runs and runs[-1][0] in holders and runs[-1][2] == start:
+                runs[-1] = (runs[-1][0], runs[-1][1], end)  # the run's slot holds this one too
+            else:
+                runs.append((min(holders), start, end))
+        return runs
 
     def _pick_slot(self, hashes: list[bytes]) -> int:
         """The free slot holding most of ``hashes`` in place; else the least recently used of
@@ -145,7 +170,9 @@ class BlockManager:
                 self._register(seq.slot, j, seq.block_hashes[j])
 
     def truncate(self, seq: Sequence) -> None:
-        """After ``seq`` was rolled back: drop blocks and registrations past what it holds."""
+        """After ``seq`` was rolled back: drop blocks and registrations past what it holds (all
+        of them when a sliding-window ring lost the window it goes on from: it starts over)."""
+        seq.num_cached = self.cache.rewind(seq.slot, seq.num_cached)
         self._unregister(seq.slot, keep=min(seq.num_cached, seq.prompt_len) // self.block_size)
         self._fit_table(seq)
 

@@ -28,6 +28,7 @@ from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
 from arlm.engine.sequence import Sequence, Status
 from arlm.engine.text import TextState
+from arlm.kv_cache.base import layer_lengths
 from arlm.kv_cache.codec import make_codec
 from arlm.kv_cache.config import CacheConfig
 from arlm.loops.policy import LoopGuard
@@ -122,11 +123,13 @@ class Engine:
             self.max_len = max_len
             num_slots = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS
             prefix = config.enable_prefix_caching
-            per_token = 2 * model.config.n_layer * model.config.n_kv_head
-            per_token *= make_codec(
+            # one position in one layer, k and v; a sliding-window layer stores at most its window
+            per_position = 2 * model.config.n_kv_head
+            per_position *= make_codec(
                 self.cache_config.dtype, model.wte.weight.dtype
             ).bytes_per_vector(model.config.head_dim)
-            num_slots = self._fit_memory(config, num_slots, slot_len * per_token)
+            positions = sum(layer_lengths(model.config.layer_windows, slot_len))
+            num_slots = self._fit_memory(config, num_slots, positions * per_position)
         self.runner = ModelRunner(model, self.cache_config, num_slots, slot_len)
         self.block_manager = BlockManager(self.runner.cache, bs, prefix)
         tokens = config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, num_slots)

@@ -51,11 +51,11 @@ class ModelRunner:
 
     def kv_bytes(self, seq: Sequence, block_size: int) -> tuple[int, int]:
         """(allocated, most in use) KV cache bytes for ``seq``: its slot and its peak in whole
-        blocks, or the windowed cache's own."""
+        blocks (a sliding-window layer's at most its window), or the windowed cache's own."""
         if self.windowed is not None:
             return self.windowed.nbytes, self.windowed.used_bytes
-        per_token = self.cache.bytes_per_token
-        return self.cache.slot_len * per_token, seq.peak_blocks * block_size * per_token
+        cache = self.cache
+        return cache.slot_bytes(cache.slot_len), cache.slot_bytes(seq.peak_blocks * block_size)
 
     def restart(self, seq: Sequence) -> None:
         """Forget ``seq``'s cached positions (a cache that cannot rewind refills from 0)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,13 +33,18 @@ class Cache(Protocol):
     def used_bytes(self) -> int: ...  # of those, the bytes holding positions now
 
     @property
-    def bytes_per_token(self) -> int: ...  # one position of one sequence, all layers, k and v
+    def bytes_per_token(self) -> int: ...  # one position of one sequence in every layer, k and v
 
     @property
-    def tokens(self) -> int: ...  # positions held now
+    def tokens(self) -> int: ...  # positions held now (by the layers that hold the most)
 
     @property
-    def capacity(self) -> int: ...  # positions the allocated tensors can hold
+    def capacity(self) -> int: ...  # positions the allocated tensors can hold (likewise)
+
+    # per layer: a sliding-window layer holds at most its window (``layer_lengths``)
+    def layer_tokens(self, layer: int) -> int: ...  # positions ``layer`` holds now
+
+    def layer_capacity(self, layer: int) -> int: ...  # positions ``layer``'s tensors can hold
 
 
 def sdpa(
@@ -124,6 +130,62 @@ def layer_views(
     """``window_mask`` for each layer's window, computed once per distinct window."""
     views = {w: window_mask(start_pos, T, w, device) for w in set(windows)}
     return [views[w] for w in windows]
+
+
+def layer_lengths(windows: list[int | None], max_len: int) -> list[int]:
+    """Positions each layer stores per sequence of up to ``max_len``: all of them, or, for a
+    sliding-window layer whose window W is shorter, W in a ring (position p at offset p % W).
+    A query sees only the last W positions, so the ring holds everything it reads."""
+    return [w if w is not None and w < max_len else max_len for w in windows]
+
+
+def rings_hold(
+    lengths: list[int], max_len: int, held: int, start: int, end: int, resume: int
+) -> bool:
+    """Whether a sequence stored in layers of ``lengths`` positions (``layer_lengths``) that
+    has written positions ``0..held-1`` in order still holds, in every layer, the positions of
+    ``start..end-1`` that going on from position ``resume`` reads. A layer of ``max_len`` holds
+    them all; a ring of W holds only positions ``held-W..held-1``, and going on from ``resume``
+    needs ``resume-W..resume-1`` of it: the window of the query at ``resume``, and the ring full
+    behind it, as after any write (so it can be rewound or copied from again)."""
+    for span in set(lengths):
+        lo = max(start, resume - span)
+        if span < max_len and lo < end and (end > held or lo < held - span):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class RingChunk:
+    """Where a forward of positions ``start..end-1`` reads and writes a ring of ``span``
+    positions that holds the positions before ``start``: its queries see keys ``first..end-1``,
+    the old ones at offsets ``held``; of the new ones, the last ``span`` stay (``keep``, indices
+    0..T-1) at offsets ``dst``. Reading the old keys before writing lets a chunk of any length
+    attend to its whole window through a ring of just the window."""
+
+    held: torch.Tensor
+    keep: torch.Tensor
+    dst: torch.Tensor
+
+    @classmethod
+    def make(cls, first: int, start: int, end: int, span: int, device: torch.device) -> RingChunk:
+        long = dict(dtype=torch.long, device=device)
+        keep = torch.arange(max(start, end - span), end, **long)
+        held = torch.arange(first, start, **long) % span
+        return cls(held, keep - start, keep % span)
+
+    def update(
+        self, codec: Codec, planes: list[torch.Tensor], x: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Store the new vectors ``x`` (B, n_kv_head, T, hd) in the ring ``planes`` (B,
+        n_kv_head, span, width); the keys (or values) ``first..end-1`` the queries see, as they
+        read back (quantized like the stored ones)."""
+        parts = [part.to(p.dtype) for part, p in zip(codec.encode(x), planes, strict=True)]
+        old = codec.decode([p.index_select(2, self.held) for p in planes], dtype)
+        new = codec.decode(parts, dtype)
+        for plane, part in zip(planes, parts, strict=True):
+            plane.index_copy_(2, self.dst, part.index_select(2, self.keep))
+        return torch.cat((old, new), dim=2)
 
 
 def layer_masks(

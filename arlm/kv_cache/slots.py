@@ -9,6 +9,14 @@ into a dense tensor per layer per step) measured 3 to 10 times slower at 16 sequ
 1,024 positions on this CPU, because the gather copies the whole history of every row in every
 layer (see ``benchmarks/engine.py --attention``).
 
+A sliding-window layer whose window W is shorter than the slot keeps only W positions per slot:
+its planes are (num_slots, n_kv_head, W, width), a ring with position ``p`` at offset ``p % W``
+(``layer_lengths``), so its memory stops growing at W. A decode query sees exactly the ring, so
+it still reads a view (in ring order: attention does not care); a prefill chunk reads the window
+before it from the ring, then stores its own last W positions. A ring holds only the last W
+positions its slot wrote, so a sequence goes on from where it stopped: ``rewind`` and ``holds``
+say what is still there for a rollback or a prefix-cache copy.
+
 Block accounting, prefix caching and which sequence owns which slot belong to the engine's block
 manager (``arlm.engine.block_manager``); this module only stores and attends.
 
@@ -24,7 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from arlm.config import ModelConfig
-from arlm.kv_cache.base import Rotate, alloc_planes, layer_views, planes_nbytes, sdpa
+from arlm.kv_cache.base import (
+    RingChunk,
+    Rotate,
+    alloc_planes,
+    layer_lengths,
+    layer_views,
+    planes_nbytes,
+    rings_hold,
+    sdpa,
+)
 from arlm.kv_cache.codec import Codec, FloatCodec
 
 
@@ -64,7 +81,8 @@ class SlotKVCache:
     int8/int4 with a scale per position and head). Slots are allocated as they are first needed,
     up to ``num_slots``, so a model that serves one request at a time holds one slot. A layer
     with a sliding window (``windows``, one per layer; None: none has one) attends only to the
-    positions in its queries' windows; its slot still holds every position."""
+    positions in its queries' windows, and stores only those: ``layer_len[i]`` positions per
+    slot, the window where it is shorter than ``slot_len``."""
 
     def __init__(
         self,
@@ -86,10 +104,13 @@ class SlotKVCache:
         self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
         self.windows = windows or [None] * n_layer
         self.num_slots, self.slot_len = num_slots, slot_len
+        self.layer_len = layer_lengths(self.windows, slot_len)  # positions each layer stores
+        # one position of one slot in one layer, k and v
+        self.position_bytes = 2 * n_kv_head * self.codec.bytes_per_vector(head_dim)
         self.device = torch.device(device)
         self.k: list[list[torch.Tensor]] = []
         self.v: list[list[torch.Tensor]] = []
-        self.lengths = [0] * num_slots  # positions each slot holds
+        self.lengths = [0] * num_slots  # positions each slot has written, in order
         self.allocated = 0
 
     @classmethod
@@ -123,9 +144,11 @@ class SlotKVCache:
         if slots > self.num_slots:
             raise ValueError(f"slot {slots - 1} does not exist; the cache has {self.num_slots}")
         n = min(self.num_slots, max(slots, 2 * self.allocated))
-        lead = (n, self.n_kv_head, self.slot_len)
-        k = alloc_planes(self.codec, self.n_layer, lead, self.head_dim, self.device)
-        v = alloc_planes(self.codec, self.n_layer, lead, self.head_dim, self.device)
+        k, v = [], []
+        for span in self.layer_len:
+            for planes in (k, v):
+                lead = (n, self.n_kv_head, span)
+                planes += alloc_planes(self.codec, 1, lead, self.head_dim, self.device)
         for new, old in ((k, self.k), (v, self.v)):
             for new_planes, old_planes in zip(new, old, strict=False):
                 for a, b in zip(new_planes, old_planes, strict=True):
@@ -134,10 +157,34 @@ class SlotKVCache:
 
     def copy(self, src: int, dst: int, start: int, end: int) -> None:
         """Copy positions ``start..end-1`` of slot ``src`` into slot ``dst`` (a prefix-cache hit:
-        the same tokens at the same positions have the same keys and values)."""
-        for planes in (*self.k, *self.v):
+        the same tokens at the same positions have the same keys and values); ``dst`` then holds
+        positions up to ``end``. A ring copies the last of them it has room for; what ``src``
+        still holds is for the caller to ask first (``holds``)."""
+        for layer, span in enumerate(self.layer_len):
+            planes = (*self.k[layer], *self.v[layer])
+            if span == self.slot_len:
+                for plane in planes:
+                    plane[dst, :, start:end] = plane[src, :, start:end]
+                continue
+            offsets = torch.arange(max(start, end - span), end, device=self.device) % span
             for plane in planes:
-                plane[dst, :, start:end] = plane[src, :, start:end]
+                plane[dst].index_copy_(1, offsets, plane[src].index_select(1, offsets))
+        self.lengths[dst] = end
+
+    def holds(self, slot: int, start: int, end: int, resume: int) -> bool:
+        """Whether every layer of ``slot`` still holds the positions of ``start..end-1`` that a
+        sequence going on from position ``resume`` reads (``rings_hold``): always where no layer
+        is a ring, and in a ring only the last positions the slot wrote."""
+        return rings_hold(self.layer_len, self.slot_len, self.lengths[slot], start, end, resume)
+
+    def rewind(self, slot: int, position: int) -> int:
+        """Go on in ``slot`` from ``position``, at most what it has written: ``position``, or 0
+        where a sliding-window ring no longer holds the window before it (it was overwritten
+        since), and the sequence must be computed again from the start."""
+        if not self.holds(slot, 0, position, position):
+            position = 0
+        self.lengths[slot] = position
+        return position
 
     def step(self, layout: StepLayout) -> SlotStep:
         """The cache as one forward over ``layout`` sees it."""
@@ -149,20 +196,32 @@ class SlotKVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        per_vector = self.codec.bytes_per_vector(self.head_dim)
-        return 2 * self.n_layer * self.n_kv_head * per_vector
+        """Bytes one position of one slot costs stored in every layer."""
+        return self.n_layer * self.position_bytes
+
+    def slot_bytes(self, positions: int) -> int:
+        """Bytes one slot holding ``positions`` positions uses, each layer up to its length
+        (``slot_bytes(slot_len)``: what a slot allocates)."""
+        return sum(min(positions, span) for span in self.layer_len) * self.position_bytes
 
     @property
     def tokens(self) -> int:
-        return sum(self.lengths)
+        return max(self.layer_tokens(i) for i in range(self.n_layer))
 
     @property
     def capacity(self) -> int:
-        return self.allocated * self.slot_len
+        return self.allocated * max(self.layer_len)
+
+    def layer_tokens(self, layer: int) -> int:
+        span = self.layer_len[layer]
+        return sum(min(n, span) for n in self.lengths)
+
+    def layer_capacity(self, layer: int) -> int:
+        return self.allocated * self.layer_len[layer]
 
     @property
     def used_bytes(self) -> int:
-        return self.tokens * self.bytes_per_token
+        return sum(self.layer_tokens(i) for i in range(self.n_layer)) * self.position_bytes
 
 
 class SlotStep:
@@ -180,12 +239,18 @@ class SlotStep:
             self.lo, hi = slots[0], slots[-1]
             rows = hi - self.lo + 1  # slots in between that are not decoding get a dummy row
             self._slots = torch.tensor(slots, **long)
-            H, L = cache.n_kv_head, cache.slot_len
-            # the rows (slot, head, position) the new vectors go to in a plane seen as
-            # (num_slots * n_kv_head * slot_len, width): one index for every layer's writes
+            H = cache.n_kv_head
+            # the rows (slot, head, offset) the new vectors go to in a plane seen as
+            # (num_slots * n_kv_head * span, width), span the layer's length: one index per length
             heads = torch.arange(H, device=device)
-            rows_of = (self._slots[:, None] * H + heads) * L
-            self._write = (rows_of + torch.tensor(positions, **long)[:, None]).flatten()
+            at = torch.tensor(positions, **long)[:, None]
+            self._write = {
+                span: (
+                    (self._slots[:, None] * H + heads) * span
+                    + (at if span == cache.slot_len else at % span)
+                ).flatten()
+                for span in set(cache.layer_len)
+            }
             self._dense = rows == self.n_decode  # the rows are exactly the slots lo..hi
             self._rows = rows
             self._row_index = self._slots - self.lo
@@ -193,34 +258,37 @@ class SlotStep:
             for s, p in zip(slots, positions, strict=True):
                 lengths[s - self.lo] = p + 1
             self._S = max(lengths)
-            views = {w: self._decode_view(lengths, w) for w in set(cache.windows)}
-            self._decode_views = [views[w] for w in cache.windows]
+            views = {span: self._decode_view(lengths, span) for span in set(cache.layer_len)}
+            self._decode_views = [views[span] for span in cache.layer_len]
         # per chunk, per layer: (first key, mask)
         self._chunk_views = [
             layer_views(cache.windows, c.start, c.length, device) for c in layout.chunks
+        ]
+        # per chunk, per ring length: where the chunk reads and writes the ring
+        self._chunk_rings = [
+            {
+                span: RingChunk.make(first, c.start, c.start + c.length, span, device)
+                for span, (first, _) in zip(cache.layer_len, views, strict=True)
+                if span < cache.slot_len
+            }
+            for c, views in zip(layout.chunks, self._chunk_views, strict=True)
         ]
         for s, p in zip(layout.decode_slots, layout.decode_positions, strict=True):
             cache.lengths[s] = p + 1
         for c in layout.chunks:
             cache.lengths[c.slot] = c.start + c.length
 
-    def _decode_view(
-        self, lengths: list[int], window: int | None
-    ) -> tuple[int, torch.Tensor | None]:
-        """(first key, mask) of the decode rows, each seeing the last ``window`` of its
-        ``lengths`` positions (None: all of them); the mask is (rows, 1, 1, keys), or None where
-        every row sees every key from the first on."""
-        S = self._S
-        lows = None if window is None or window >= S else [max(0, n - window) for n in lengths]
-        first = 0 if lows is None else min(lows)
-        if min(lengths) == S and (lows is None or max(lows) == first):
-            return first, None
+    def _decode_view(self, lengths: list[int], span: int) -> tuple[int, torch.Tensor | None]:
+        """(keys, mask) of the decode rows in a layer of ``span`` positions per slot: the rows read
+        offsets ``0..keys-1``, each its first min(length, span) (all of a ring once it is full, its
+        row's window); the mask is (rows, 1, 1, keys), or None where every row sees them all."""
+        seen = [min(n, span) for n in lengths]
+        end = min(self._S, span)
+        if min(seen) == end:
+            return end, None
         long = dict(dtype=torch.long, device=self.cache.device)
-        keys = torch.arange(first, S, device=self.cache.device)
-        visible = keys < torch.tensor(lengths, **long)[:, None]
-        if lows is not None:
-            visible &= keys >= torch.tensor(lows, **long)[:, None]
-        return first, visible[:, None, None, :]
+        visible = torch.arange(end, **long) < torch.tensor(seen, **long)[:, None]
+        return end, visible[:, None, None, :]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
         """Nothing to do: the layout already says where every token goes."""
@@ -232,18 +300,20 @@ class SlotStep:
         cache = self.cache
         codec = cache.codec
         k_planes, v_planes = cache.k[layer], cache.v[layer]
+        span = cache.layer_len[layer]
         out = []
         nd = self.n_decode
         if nd:
+            write = self._write[span]
             for planes, x in ((k_planes, k), (v_planes, v)):
                 new = x[0, :, :nd].transpose(0, 1)  # (nd, n_kv_head, hd)
                 for plane, part in zip(planes, codec.encode(new), strict=True):
                     flat = plane.view(-1, plane.size(-1))
-                    flat.index_copy_(0, self._write, part.reshape(-1, part.size(-1)))
+                    flat.index_copy_(0, write, part.reshape(-1, part.size(-1)))
             view = slice(self.lo, self.lo + self._rows)
-            first, mask = self._decode_views[layer]
-            keys = codec.decode([p[view, :, first : self._S] for p in k_planes], cache.dtype)
-            values = codec.decode([p[view, :, first : self._S] for p in v_planes], cache.dtype)
+            end, mask = self._decode_views[layer]
+            keys = codec.decode([p[view, :, :end] for p in k_planes], cache.dtype)
+            values = codec.decode([p[view, :, :end] for p in v_planes], cache.dtype)
             queries = q[0, :, :nd].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
             if not self._dense:
                 rows = queries.new_zeros(self._rows, *queries.shape[1:])
@@ -253,10 +323,22 @@ class SlotStep:
                 y = y.index_select(0, self._row_index)
             out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, n_head, nd, hd)
         offset = nd
-        for chunk, views in zip(self.layout.chunks, self._chunk_views, strict=True):
+        chunks = zip(self.layout.chunks, self._chunk_views, self._chunk_rings, strict=True)
+        for chunk, views, rings in chunks:
             s, start, T = chunk.slot, chunk.start, chunk.length
             first, mask = views[layer]
             end = start + T
+            if span in rings:  # the window before the chunk comes from the ring, read first
+                new = slice(offset, offset + T)
+                keys = rings[span].update(
+                    codec, [p[s : s + 1] for p in k_planes], k[:, :, new], cache.dtype
+                )
+                values = rings[span].update(
+                    codec, [p[s : s + 1] for p in v_planes], v[:, :, new], cache.dtype
+                )
+                out.append(sdpa(q[:, :, new], keys, values, mask))
+                offset += T
+                continue
             for planes, x in ((k_planes, k), (v_planes, v)):
                 for plane, part in zip(
                     planes, codec.encode(x[0, :, offset : offset + T]), strict=True

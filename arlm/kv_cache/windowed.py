@@ -203,6 +203,12 @@ class WindowedKVCache(DenseCache):
     def capacity(self) -> int:
         return self.slots * self.batch_size
 
+    def layer_tokens(self, layer: int) -> int:
+        return self.tokens  # every layer holds the same positions
+
+    def layer_capacity(self, layer: int) -> int:
+        return self.capacity
+
     @property
     def used_bytes(self) -> int:
         return self.tokens * self.bytes_per_token
