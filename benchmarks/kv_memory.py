@@ -17,6 +17,14 @@ Then many sequences at once: a batch of sequences of random lengths in one conti
 (every row padded to the longest) against the slot cache (every sequence in a slot of the
 longest allowed length; in use, the blocks each sequence fills).
 
+Then sliding-window models, whose windowed layers store only their window W (a ring): a
+Mistral-style model (every layer slides) and a Gemma-3-style one (5 sliding layers to 1 full),
+at W = 1,024 with llama-small's layer sizes, against the same model with every layer keeping
+every position (what the cache stored before the window bounded it). Measured from the tensors of
+the contiguous cache and of one engine slot, checked against the formula: per layer, min(n, W)
+positions where the layer slides, n where it does not; and how many sequences of the longest
+length the engine fits in 1 GiB.
+
 Run: ``python benchmarks/kv_memory.py`` (seconds). Prints the tables and writes
 ``benchmarks/out/kv_memory.png``.
 """
@@ -32,7 +40,7 @@ from arlm.config import ModelConfig
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.runner import ModelRunner
 from arlm.engine.sequence import Sequence
-from arlm.kv_cache import CacheConfig
+from arlm.kv_cache import CacheConfig, KVCache, SlotKVCache
 from arlm.kv_cache.base import storage_bytes
 from arlm.model import Transformer
 
@@ -142,6 +150,52 @@ def many_sequences(n_seqs: int, max_len: int, seed: int = 0) -> tuple[list[list[
     return rows, slots.usage_agrees()
 
 
+SLIDING_WINDOW = 1024
+SLIDING = {  # label -> a model whose sliding layers keep SLIDING_WINDOW positions
+    "mistral-style (4 of 4 slide)": ModelConfig.preset(
+        "llama-small", sliding_window=SLIDING_WINDOW
+    ),
+    "gemma3-style (5 of 6 slide)": ModelConfig.preset(
+        "llama-small",
+        n_layer=6,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    ),
+}
+
+
+def window_formula(config: ModelConfig, positions: int) -> int:
+    """float32 bytes of one sequence of ``positions``: each layer holds min(n, W) or n."""
+    per_position = 2 * config.n_kv_head * VECTOR_BYTES["float32"](config.head_dim)
+    return sum(min(positions, w or positions) for w in config.layer_windows) * per_position
+
+
+def sliding_models() -> tuple[list[list[str]], list[list[str]], bool]:
+    """(rows against n, rows for the engine's 1 GiB, whether measured == formula everywhere)."""
+    rows, engine_rows, agree = [], [], True
+    budget = 2**30
+    for label, config in SLIDING.items():
+        # the same layers, none sliding
+        unbounded = ModelConfig.preset("llama-small", n_layer=config.n_layer)
+        for n in LENGTHS:
+            bounded = storage_bytes(KVCache.for_model(config, 1, n))
+            full = storage_bytes(KVCache.for_model(unbounded, 1, n))
+            agree &= bounded == window_formula(config, n) and full == window_formula(unbounded, n)
+            saving = f"{full / bounded:.2f}x"
+            rows.append([label, str(n), f"{full / 2**20:.2f}", f"{bounded / 2**20:.2f}", saving])
+        slots = []
+        for cfg in (unbounded, config):
+            cache = SlotKVCache.for_model(cfg, 1, LENGTHS[-1])
+            cache.reserve(1)
+            slot = storage_bytes(cache)
+            agree &= slot == cache.slot_bytes(LENGTHS[-1]) == window_formula(cfg, LENGTHS[-1])
+            slots.append(slot)
+        full_slot, slot = slots
+        mib = [f"{full_slot / 2**20:.1f}", f"{slot / 2**20:.1f}"]
+        engine_rows.append([label, *mib, str(budget // full_slot), str(budget // slot)])
+    return rows, engine_rows, agree
+
+
 def main() -> None:
     measured = {label: [] for label in KINDS}
     rows, mismatches = [], 0
@@ -181,6 +235,20 @@ def main() -> None:
         rows,
     )
     print(f"engine Usage summed over the 64 == measured: {'yes' if agrees else 'NO'}")
+    rows, engine_rows, agree = sliding_models()
+    print_table(
+        f"sliding-window models, W = {SLIDING_WINDOW}: KV MiB for one sequence of n positions, "
+        "float32, every position kept vs sliding layers keeping W (measured)",
+        ["model", "n", "all positions", "window-bounded", "saving"],
+        rows,
+    )
+    print_table(
+        f"the engine: MiB per slot of {LENGTHS[-1]} positions, and sequences of that length in "
+        "1 GiB of KV cache",
+        ["model", "slot, all positions", "slot, bounded", "fit, all", "fit, bounded"],
+        engine_rows,
+    )
+    print(f"measured == formula (per layer min(n, W) or n): {'yes' if agree else 'NO'}")
     plot(measured)
 
 

@@ -14,9 +14,15 @@ The kinds: ``KVCache`` (contiguous rows that advance together: scoring), ``Windo
 (attention sinks + a recent window), and ``SlotKVCache``, the engine's: one contiguous slot per
 sequence, each at its own length, attended as views (``SlotStep`` is one forward's view of it).
 Each stores through a codec: floats, or int8/int4 with a scale per position and head,
-dequantized on the way to attention. ``CacheConfig`` picks kind and codec. Accounting on every
-kind: ``nbytes`` (allocated), ``used_bytes`` (holding positions), ``bytes_per_token``,
-``tokens``, ``capacity``.
+dequantized on the way to attention. ``CacheConfig`` picks kind and codec.
+
+A model's sliding-window layers (``ModelConfig.layer_windows``) store only their window in the
+contiguous and slot caches: a ring of W positions per row, so their memory stops growing at W
+while full-attention layers keep every position (``base.layer_lengths``).
+
+Accounting on every kind: ``nbytes`` (allocated), ``used_bytes`` (holding positions),
+``bytes_per_token`` (one position in every layer), ``tokens`` and ``capacity`` (positions, in
+the layers that hold the most), and per layer ``layer_tokens(i)`` and ``layer_capacity(i)``.
 """
 
 from arlm.kv_cache.base import Cache, Rotate
