@@ -1,8 +1,9 @@
-"""Model configuration: one dataclass for both transformer families arlm runs."""
+"""Model configuration: one dataclass for the transformer families arlm runs."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,11 @@ def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None
     return field(default=default, metadata=metadata)
 
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "gemma")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
+# RoPE variants: Llama 3's per-band rescaling, plain linear stretching (Gemma 3's global layers),
+# and LongRoPE's per-frequency factors (Phi-3); "default" is none
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 QUANT_METHODS = ("int8", "int4")  # weight-only; see arlm.model.quantize
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -49,14 +53,25 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     )
 
 
+def longrope_attention_factor(factor: float | None, original: int, block_size: int) -> float:
+    """LongRoPE's scaling of cos and sin where a config gives none, as transformers derives it:
+    from ``factor``, or how far the context was stretched (``block_size / original``)."""
+    factor = factor or block_size / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 @dataclass
 class ModelConfig:
     """Sizes and layout of a decoder-only transformer.
 
-    ``family`` picks the layout: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases) or
-    ``llama`` (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases). The
-    llama family also covers Mistral, Qwen2 and Qwen3: a ``head_dim`` of its own, RMSNorm on each
-    head's queries and keys (``qk_norm``), and sliding-window attention on some or all layers.
+    ``family`` picks the layout: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases),
+    ``llama`` (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases) or
+    ``gemma`` (Gemma 3: the llama layout with RMSNorm gains of 1 + weight computed in float32, a
+    second norm after attention and after the MLP, a GeGLU MLP with tanh GELU, and embeddings
+    scaled by sqrt(n_embd)). The rotary families also cover Mistral, Qwen2, Qwen3 and Phi-3: a
+    ``head_dim`` of its own, RMSNorm on each head's queries and keys (``qk_norm``), sliding-window
+    attention on some or all layers, rotation of part of each head (``rotary_dim``), and RoPE
+    scalings (``rope_scaling``).
     """
 
     family: str = "gpt2"
@@ -73,7 +88,15 @@ class ModelConfig:
     qkv_bias: bool | None = None  # bias on the q/k/v projection only (Qwen2); None: same as bias
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3", ...} as in HF configs
+    # {"rope_type": "llama3" | "linear" | "longrope", ...} with the keys HF configs give it;
+    # longrope also needs "original_max_position_embeddings" and gets its "attention_factor" here
+    rope_scaling: dict[str, Any] | None = None
+    rotary_dim: int | None = None  # channels of each head that rotate, the first; None: head_dim
+    # rope_theta of the sliding-window layers, which also turn unscaled (Gemma 3's local layers);
+    # None: every layer turns as the full-attention ones do
+    rope_local_theta: float | None = None
+    attn_scale: float | None = None  # attention scores' multiplier; None: 1/sqrt(head_dim)
+    logit_softcap: float | None = None  # logits become cap * tanh(logits / cap); None: no cap
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the rotation (Qwen3)
     # a query sees only itself and the sliding_window - 1 positions before it, on the layers
     # layer_types names "sliding_attention" (None: every layer); the rest see every position
@@ -103,10 +126,29 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even: RoPE turns pairs of values")
-        if (self.qk_norm or self.sliding_window is not None) and self.family != "llama":
+        rotary = (self.rotary_dim, self.rope_scaling, self.rope_local_theta)
+        if self.positions != "rope" and (
+            self.qk_norm or self.sliding_window is not None or any(x is not None for x in rotary)
+        ):
             raise ValueError(
-                f"qk_norm and sliding_window are for the llama family, not {self.family!r}"
+                "qk_norm, sliding_window, rotary_dim, rope_scaling and rope_local_theta are for "
+                f"the rotary families, not {self.family!r}"
             )
+        if self.rotary_dim is None and self.positions == "rope":
+            self.rotary_dim = self.head_dim
+        if self.rotary_dim is not None and (
+            not isinstance(self.rotary_dim, int)
+            or not 2 <= self.rotary_dim <= self.head_dim
+            or self.rotary_dim % 2
+        ):
+            raise ValueError(
+                f"rotary_dim={self.rotary_dim!r} must be an even number from 2 to "
+                f"head_dim={self.head_dim}"
+            )
+        for name in ("attn_scale", "logit_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number or None")
         self._check_windows()
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(
@@ -134,15 +176,60 @@ class ModelConfig:
                 f"{INT4_GROUP_SIZES}"
             )
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("llama3", "default"):
+            self._check_rope_scaling()
+
+    @property
+    def rope_type(self) -> str:
+        """The RoPE scaling in use: one of ``ROPE_TYPES``."""
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    def _check_rope_scaling(self) -> None:
+        kind = self.rope_type
+        if kind not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling type {kind!r} is not supported; supported: {ROPE_TYPES}"
+            )
+        needs = {
+            "llama3": (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ),
+            "linear": ("factor",),
+            "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+        }.get(kind, ())
+        missing = [k for k in needs if self.rope_scaling.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"rope_scaling type {kind!r} needs {missing}; it has {self.rope_scaling}"
+            )
+        if kind != "longrope":
+            return
+        scaling = self.rope_scaling = dict(self.rope_scaling)  # filled in below: not the caller's
+        for key in ("short_factor", "long_factor"):
+            if len(scaling[key]) != self.rotary_dim // 2:
                 raise ValueError(
-                    f"rope_scaling type {kind!r} is not supported; supported: 'llama3', 'default'"
+                    f"rope_scaling {key} has {len(scaling[key])} entries; it needs one per rotated "
+                    f"pair, rotary_dim / 2 = {self.rotary_dim // 2}"
                 )
+        check_int(
+            "original_max_position_embeddings", scaling["original_max_position_embeddings"], 1
+        )
+        if scaling.get("attention_factor") is None:
+            scaling["attention_factor"] = longrope_attention_factor(
+                scaling.get("factor"), scaling["original_max_position_embeddings"], self.block_size
+            )
 
     def _check_windows(self) -> None:
         if self.sliding_window is not None:
             check_int("sliding_window", self.sliding_window, 1)
+        if self.rope_local_theta is not None and self.sliding_window is None:
+            raise ValueError(
+                f"rope_local_theta={self.rope_local_theta} is the sliding-window layers' theta, "
+                "but sliding_window is None"
+            )
         if self.layer_types is None:
             return
         self.layer_types = list(self.layer_types)
@@ -174,11 +261,13 @@ class ModelConfig:
 
     @property
     def norm(self) -> str:
-        return "layernorm" if self.family == "gpt2" else "rmsnorm"
+        """``layernorm``, ``rmsnorm``, or ``rmsnorm_plus_one`` (Gemma's gain of 1 + weight)."""
+        return {"gpt2": "layernorm", "llama": "rmsnorm", "gemma": "rmsnorm_plus_one"}[self.family]
 
     @property
     def mlp(self) -> str:
-        return "gelu" if self.family == "gpt2" else "swiglu"
+        """``gelu`` (one hidden layer), ``swiglu`` or ``geglu`` (gated by SiLU or tanh GELU)."""
+        return {"gpt2": "gelu", "llama": "swiglu", "gemma": "geglu"}[self.family]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,5 @@
-"""Hugging Face model folders: import GPT-2, Llama, Mistral, Qwen2 and Qwen3 checkpoints; export
-to them.
+"""Hugging Face model folders: import GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3
+(text) checkpoints; export to them.
 
 Import reads ``config.json``, safetensors weights (one file or shards) and ``tokenizer.json`` with
 json, safetensors, tokenizers and torch alone: running an imported model does not need
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -23,22 +24,26 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from arlm.atomic import atomic_path
-from arlm.config import LAYER_TYPES, ModelConfig, resolve_dtype
+from arlm.config import LAYER_TYPES, ModelConfig, longrope_attention_factor, resolve_dtype
 from arlm.formats.checkpoint import CheckpointError, read_json, tensors_to_bytes
 from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
-# mistral, qwen2 and qwen3 run as the llama family
-HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+# mistral, qwen2, qwen3 and phi3 run as the llama family; gemma3_text, and the text model of a
+# gemma3 folder (which also holds a vision tower), as the gemma family
+HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3")
 
-# config keys that change the math where set, which arlm does not implement: refused by name
-# rather than ignored (a family that has one of them is refused by its model_type already)
+# config keys that change the math where set (to other than the default given here): refused by
+# name rather than ignored, except in the model_types that implement them
 _UNIMPLEMENTED = {
-    "attn_logit_softcapping": None,  # Gemma 2's tanh cap on attention scores
-    "final_logit_softcapping": None,  # Gemma 2/3's tanh cap on the logits
+    "attn_logit_softcapping": None,  # Gemma 2's tanh cap on attention scores (arlm's attention
+    # runs in fused kernels and KV caches that have no cap)
+    "final_logit_softcapping": None,  # Gemma's tanh cap on the logits
     "partial_rotary_factor": 1.0,  # rotary angles on only part of each head
+    "use_bidirectional_attention": False,  # EmbeddingGemma: not a causal language model
 }
+_IMPLEMENTED_BY = {"final_logit_softcapping": ("gemma3_text",), "partial_rotary_factor": ("phi3",)}
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -59,6 +64,30 @@ _LLAMA_BLOCK = {
     "mlp.c_proj": ("mlp.down_proj",),
 }
 _LLAMA_TOP = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+# Phi-3 stores q, k, v as one matrix and gate, up as another, in arlm's row order
+_PHI3_BLOCK = {
+    **_LLAMA_BLOCK,
+    "attn.c_attn": ("self_attn.qkv_proj",),
+    "mlp.c_fc": ("mlp.gate_up_proj",),
+}
+# Gemma 3 normalises before and after attention and the MLP; its post_attention_layernorm is the
+# norm after attention, not the norm before the MLP that Llama's is
+_GEMMA_BLOCK = {
+    **_LLAMA_BLOCK,
+    "post_attn_norm": ("post_attention_layernorm",),
+    "ln_2": ("pre_feedforward_layernorm",),
+    "post_mlp_norm": ("post_feedforward_layernorm",),
+}
+_BLOCKS = {"phi3": _PHI3_BLOCK, "gemma3_text": _GEMMA_BLOCK, "gemma3": _GEMMA_BLOCK}
+
+# a gemma3 folder's language model, under the names transformers 5 saves (model.language_model.)
+# or those on the Hub (language_model.model.); the vision tower and projector are not read
+_GEMMA3_TEXT_PREFIXES = {
+    "model.language_model.": "model.",
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "lm_head.": "lm_head.",
+}
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -110,26 +139,39 @@ def _gpt2_fields(c: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _rope_fields(c: dict[str, Any]) -> dict[str, Any]:
+def _rope_fields(c: dict[str, Any], head_dim: int) -> dict[str, Any]:
     # transformers 5 writes one `rope_parameters` dict; older configs (most of the Hub) write
     # `rope_theta` and `rope_scaling` beside each other
-    params = c.get("rope_parameters") or {}
+    model_type, params = c["model_type"], c.get("rope_parameters") or {}
     if any(isinstance(v, dict) for v in params.values()):
         raise ValueError(
             f"rope_parameters per layer type ({sorted(params)}) is not supported for "
-            f"{c['model_type']}; supported: one rope_parameters dict for every layer"
+            f"{model_type}; supported: one rope_parameters dict for every layer"
         )
     theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
     scaling = dict(c.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"})
-    # transformers 5 moves partial_rotary_factor into the rope dict: checked with the others
-    if scaling.pop("partial_rotary_factor", 1.0) not in (None, 1.0):
+    # transformers 5 moves partial_rotary_factor into the rope dict; older configs keep it beside
+    partial = scaling.pop("partial_rotary_factor", None)
+    if partial is None:
+        partial = c.get("partial_rotary_factor", 1.0)
+    if partial != 1.0 and model_type not in _IMPLEMENTED_BY["partial_rotary_factor"]:
         raise ValueError(
-            "rope_parameters.partial_rotary_factor is not supported for "
-            f"{c['model_type']}; supported: 1.0 (every channel rotates)"
+            f"rope_parameters.partial_rotary_factor is not supported for {model_type}; "
+            "supported: 1.0 (every channel rotates)"
         )
-    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return dict(rope_theta=float(theta), rope_scaling=scaling)
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if model_type == "phi3" and kind in ("su", "yarn"):
+        kind = "longrope"  # what transformers reads Phi-3's older names as
+    if kind == "longrope" and scaling.get("original_max_position_embeddings") is None:
+        # Phi-3 keeps it beside the rope dict (transformers' default: max_position_embeddings)
+        original = c.get("original_max_position_embeddings") or c["max_position_embeddings"]
+        scaling["original_max_position_embeddings"] = original
+    return dict(
+        rope_theta=float(theta),
+        rope_scaling=None if kind == "default" else {"rope_type": kind, **scaling},
+        # transformers rotates int(head_dim * factor) channels
+        rotary_dim=int(head_dim * partial),
+    )
 
 
 def _window_fields(c: dict[str, Any], n_layer: int, block_size: int) -> dict[str, Any]:
@@ -137,10 +179,11 @@ def _window_fields(c: dict[str, Any], n_layer: int, block_size: int) -> dict[str
     every layer; Qwen2 and Qwen3 only with ``use_sliding_window``, on the layers ``layer_types``
     names (by default those from ``max_window_layers`` on); Llama never."""
     model_type, window = c["model_type"], c.get("sliding_window")
+    every_layer = model_type in ("mistral", "phi3")  # slide on every layer where a window is set
     types = None
-    if model_type == "llama" or (model_type != "mistral" and not c.get("use_sliding_window")):
+    if model_type == "llama" or (not every_layer and not c.get("use_sliding_window")):
         window = None
-    elif model_type != "mistral" and window is not None:
+    elif not every_layer and window is not None:
         types = c.get("layer_types")
         if types is not None and set(types) - set(LAYER_TYPES):
             raise ValueError(
@@ -185,6 +228,7 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
                 "supported; arlm's Llama layout has biases on all linears or on none"
             )
         qkv_bias = bias
+    head_dim = c.get("head_dim") or hidden // heads
     return dict(
         family="llama",
         n_layer=n_layer,
@@ -192,16 +236,130 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
         n_embd=hidden,
         block_size=block_size,
         n_kv_head=c.get("num_key_value_heads") or heads,
-        head_dim=c.get("head_dim") or hidden // heads,
+        head_dim=head_dim,
         intermediate_size=_require(c, "intermediate_size"),
         norm_eps=c.get("rms_norm_eps", 1e-6),
         bias=bias,
         qkv_bias=qkv_bias,
         tie_embeddings=c.get("tie_word_embeddings", False),
         qk_norm=model_type == "qwen3",
-        **_rope_fields(c),
+        **_rope_fields(c, head_dim),
         **_window_fields(c, n_layer, block_size),
     )
+
+
+# Gemma3TextConfig's defaults, which transformers gives the keys a config.json leaves out (the
+# text_config of gemma3 folders on the Hub leaves out many)
+_GEMMA3_DEFAULTS = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=131_072,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    sliding_window_pattern=6,  # every 6th layer full attention, when layer_types is not given
+    rope_theta=1_000_000.0,  # the full-attention layers'
+    rope_local_base_freq=10_000.0,  # the sliding-window layers'
+)
+
+
+def _gemma3_rope(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The full-attention and sliding-window layers' rope dicts, each with its rope_theta."""
+    params = c.get("rope_parameters") or {}
+    if set(params) - set(LAYER_TYPES):
+        raise ValueError(
+            f"rope_parameters with keys {sorted(params)} is not supported for gemma3: its rope "
+            f"is given per layer type, under {list(LAYER_TYPES)}"
+        )
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    full.update(c.get("rope_scaling") or {})  # older configs: rope_scaling is the global layers'
+    full.setdefault("rope_theta", c["rope_theta"])
+    local.setdefault("rope_theta", c["rope_local_base_freq"])
+    for params, kind in ((full, "full_attention"), (local, "sliding_attention")):
+        params["rope_type"] = params.pop("rope_type", params.pop("type", "default"))
+        if params.pop("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"rope_parameters.{kind}.partial_rotary_factor is not supported for gemma3; "
+                "supported: 1.0"
+            )
+    if local["rope_type"] != "default":
+        raise ValueError(
+            f"rope_parameters.sliding_attention rope_type {local['rope_type']!r} is not supported "
+            "for gemma3; supported: 'default' (the sliding-window layers turn unscaled)"
+        )
+    return full, local
+
+
+def _gemma3_fields(c: dict[str, Any]) -> dict[str, Any]:
+    c = {**_GEMMA3_DEFAULTS, **c}
+    act = c["hidden_activation"]
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):  # both are the tanh approximation
+        raise ValueError(
+            f"hidden_activation={act!r} is not supported for gemma3; supported: "
+            "'gelu_pytorch_tanh', 'gelu_new'"
+        )
+    if c.get("attention_bias"):
+        raise ValueError(
+            "attention_bias=true is not supported for gemma3 (biases on the attention's four "
+            "projections but not the MLP's); supported: attention_bias false"
+        )
+    n_layer, window = c["num_hidden_layers"], c["sliding_window"]
+    types = c.get("layer_types")
+    if types is None:  # as transformers derives them
+        pattern = c["sliding_window_pattern"]
+        types = [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)
+        ]
+    bad = sorted(set(types) - set(LAYER_TYPES))
+    if bad:
+        raise ValueError(f"layer_types {bad} are not supported; supported: {LAYER_TYPES}")
+    if len(types) != n_layer:
+        raise ValueError(f"layer_types has {len(types)} entries for {n_layer} layers")
+    full, local = _gemma3_rope(c)
+    if "sliding_attention" not in types:
+        window = None
+    elif window is None:
+        raise ValueError("the config names sliding_attention layers but sets sliding_window: null")
+    # unlike the llama family's, a window as long as the context is kept: it says which layers
+    # turn by the local rope theta
+    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    return dict(
+        family="gemma",
+        n_layer=n_layer,
+        n_head=c["num_attention_heads"],
+        n_embd=c["hidden_size"],
+        block_size=c["max_position_embeddings"],
+        n_kv_head=c["num_key_value_heads"],
+        head_dim=c["head_dim"],
+        intermediate_size=c["intermediate_size"],
+        norm_eps=c["rms_norm_eps"],
+        bias=False,
+        tie_embeddings=c["tie_word_embeddings"],
+        qk_norm=True,
+        attn_scale=c["query_pre_attn_scalar"] ** -0.5,
+        logit_softcap=c.get("final_logit_softcapping"),
+        rope_theta=float(full["rope_theta"]),
+        rope_scaling=None if scaling["rope_type"] == "default" else scaling,
+        rope_local_theta=None if window is None else float(local["rope_theta"]),
+        sliding_window=window,
+        layer_types=None if window is None or "full_attention" not in types else list(types),
+        vocab_size=c["vocab_size"],
+    )
+
+
+def _text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the language model: a gemma3 folder's text_config, else the config."""
+    if hf_config.get("model_type") != "gemma3":
+        return hf_config
+    return {"model_type": "gemma3_text", **(hf_config.get("text_config") or {})}
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
@@ -213,18 +371,21 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         raise ValueError(
             f"model_type={model_type!r} is not supported; supported: {list(HF_MODEL_TYPES)}"
         )
+    c = _text_config(hf_config)
     for key, default in _UNIMPLEMENTED.items():
-        if hf_config.get(key, default) not in (None, default):
+        if c.get(key, default) not in (None, default) and c[
+            "model_type"
+        ] not in _IMPLEMENTED_BY.get(key, ()):
             raise ValueError(
-                f"{key}={hf_config[key]!r} is not supported for {model_type}; arlm does not "
+                f"{key}={c[key]!r} is not supported for {c['model_type']}; arlm does not "
                 f"implement it (supported: {default})"
             )
-    fields = _gpt2_fields(hf_config) if model_type == "gpt2" else _llama_fields(hf_config)
-    return ModelConfig(
-        vocab_size=_require(hf_config, "vocab_size"),
-        extra={"hf_model_type": model_type},
-        **fields,
-    )
+    if c["model_type"] == "gemma3_text":
+        fields = _gemma3_fields(c)
+    else:
+        fields = _gpt2_fields(c) if model_type == "gpt2" else _llama_fields(c)
+        fields["vocab_size"] = _require(c, "vocab_size")
+    return ModelConfig(extra={"hf_model_type": model_type}, **fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +401,12 @@ class _Source:
     transpose: bool  # GPT-2's Conv1D stores (in, out) where nn.Linear holds (out, in)
 
 
-def _layout(model: Transformer, prefix: str) -> dict[str, _Source]:
-    """arlm tensor name -> its Hugging Face source, for every tensor a checkpoint stores."""
+def _layout(model: Transformer, prefix: str, model_type: str) -> dict[str, _Source]:
+    """arlm tensor name -> its Hugging Face source, for every tensor a ``model_type`` checkpoint
+    stores."""
     config = model.config
     hd = config.head_dim
+    block = _BLOCKS.get(model_type, _LLAMA_BLOCK)
     layout = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -258,13 +421,13 @@ def _layout(model: Transformer, prefix: str) -> dict[str, _Source]:
             layout[name] = _Source((_LLAMA_TOP[name],), (tensor.shape[0],), False)
         else:
             layer, module, kind = re.fullmatch(r"h\.(\d+)\.(.+)\.(\w+)", name).groups()
-            parts = _LLAMA_BLOCK[module]
-            if module == "attn.c_attn":
-                sizes = (config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd)
-            elif module == "mlp.c_fc":
-                sizes = (config.intermediate_size, config.intermediate_size)
-            else:
+            parts = block[module]
+            if len(parts) == 1:
                 sizes = (tensor.shape[0],)
+            elif module == "attn.c_attn":
+                sizes = (config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd)
+            else:  # mlp.c_fc
+                sizes = (config.intermediate_size, config.intermediate_size)
             hf_names = tuple(f"model.layers.{layer}.{part}.{kind}" for part in parts)
             layout[name] = _Source(hf_names, sizes, False)
     return layout
@@ -340,7 +503,7 @@ def _load_state(
 ) -> dict[str, torch.Tensor]:
     """arlm's state dict from the stored tensors, each checked against the config's shape."""
     prefix = "transformer." if any(k.startswith("transformer.") for k in readers) else ""
-    layout = _layout(model, prefix)
+    layout = _layout(model, prefix, model.config.extra["hf_model_type"])
     # names first, so a wrong folder fails before gigabytes are read
     used = {hf_name: name for name, src in layout.items() for hf_name in src.hf_names}
     missing = [hf_name for hf_name in used if hf_name not in readers]
@@ -435,6 +598,19 @@ def _load_tokenizer(directory: Path, hf_config: dict[str, Any]) -> Tokenizer:
     )
 
 
+def _language_model(
+    readers: dict[str, Callable[[], torch.Tensor]],
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """A gemma3 folder's language-model tensors, under the names a gemma3_text folder gives them."""
+    out = {}
+    for name, read in readers.items():
+        for old, new in _GEMMA3_TEXT_PREFIXES.items():
+            if name.startswith(old):
+                out[new + name.removeprefix(old)] = read
+                break
+    return out
+
+
 def load_hf(
     path: str | os.PathLike,
     *,
@@ -459,6 +635,8 @@ def load_hf(
     dtype = resolve_dtype(dtype)
     tokenizer = _load_tokenizer(directory, hf_config)  # before the weights: fail fast
     readers = _open_weights(directory, allow_pickle)
+    if hf_config["model_type"] == "gemma3":
+        readers = _language_model(readers)
     # built on the meta device: no memory, no random init; the loaded tensors are then assigned
     # in place, so the weights exist once (the rotary frequencies are computed on the CPU anyway)
     with torch.device("meta"):
@@ -505,6 +683,8 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
             attn_pdrop=0.0,
             **common,
         )
+    if config.family == "gemma":
+        return _gemma3_config(config, common)
     llama = dict(
         hidden_size=config.n_embd,
         intermediate_size=config.intermediate_size,
@@ -530,6 +710,15 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
         max_window_layers=sliding.index(True) if any(sliding) else config.n_layer,
         layer_types=_layer_types(windows),
     )
+    if _phi3_layout(config):
+        return _phi3_config(config, llama)
+    if config.rotary_dim != config.head_dim:
+        raise ValueError(
+            f"rotary_dim={config.rotary_dim} (of head_dim={config.head_dim}) with bias="
+            f"{config.bias}, qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm} on layers "
+            f"{_layer_types(windows)} has no Hugging Face layout; supported: partial rotary in "
+            "phi3 (no biases, no qk_norm, a window on every layer or none)"
+        )
     if config.qk_norm:
         if config.bias or config.qkv_bias:
             raise ValueError(
@@ -578,11 +767,94 @@ def _layer_types(windows: list[int | None]) -> list[str]:
     return ["full_attention" if w is None else "sliding_attention" for w in windows]
 
 
-def _hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+def _phi3_layout(config: ModelConfig) -> bool:
+    """Whether a llama-family model exports as phi3: it must (partial rotary, LongRoPE) or came
+    from one, and phi3 can hold it (no biases, no q/k norms, a window on every layer or none)."""
+    windows = {w is None for w in config.layer_windows}
+    fits = not (config.bias or config.qkv_bias or config.qk_norm) and len(windows) == 1
+    wants = config.rotary_dim != config.head_dim or config.rope_type == "longrope"
+    return fits and (wants or config.extra.get("hf_model_type") == "phi3")
+
+
+def _phi3_config(config: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
+    # transformers rotates int(head_dim * partial_rotary_factor) channels: find the factor that
+    # gives rotary_dim back (rotary_dim / head_dim can land a hair below it)
+    partial = config.rotary_dim / config.head_dim
+    while int(config.head_dim * partial) < config.rotary_dim:
+        partial = math.nextafter(partial, 2.0)
+    rope = dict(config.rope_scaling or {})
+    original = rope.pop("original_max_position_embeddings", config.block_size)
+    # transformers derives the attention factor from the two context lengths; it is written only
+    # where the model's differs
+    derived = longrope_attention_factor(rope.get("factor"), original, config.block_size)
+    if rope.get("attention_factor") == derived:
+        del rope["attention_factor"]
+    return dict(
+        llama,
+        architectures=["Phi3ForCausalLM"],
+        model_type="phi3",
+        rope_scaling=rope or None,
+        partial_rotary_factor=partial,
+        original_max_position_embeddings=original,
+        sliding_window=config.sliding_window,
+        pad_token_id=None,  # transformers' default (32000) would be past a smaller vocabulary
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+    )
+
+
+def _gemma3_config(config: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    if not config.qk_norm or config.bias or config.qkv_bias:
+        raise ValueError(
+            f"a gemma-family model with qk_norm={config.qk_norm}, bias={config.bias}, "
+            f"qkv_bias={config.qkv_bias} has no Hugging Face layout; supported: gemma3_text "
+            "(q/k norms, no biases)"
+        )
+    windows = config.layer_windows
+    local_theta = config.rope_local_theta
+    if local_theta is None:  # the sliding-window layers turn as the global ones
+        if config.rope_scaling is not None and any(w is not None for w in windows):
+            raise ValueError(
+                f"rope_scaling={config.rope_scaling} on the sliding-window layers has no "
+                "Hugging Face layout; gemma3_text scales only the full-attention layers' rope "
+                "(set rope_local_theta)"
+            )
+        local_theta = config.rope_theta
+    # query_pre_attn_scalar is an int in transformers; attn_scale is its inverse square root
+    scalar = config.head_dim if config.attn_scale is None else config.attn_scale**-2
+    if abs(scalar - round(scalar)) < 1e-6 * scalar:
+        scalar = round(scalar)
+    return dict(
+        architectures=["Gemma3ForCausalLM"],
+        model_type="gemma3_text",
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.block_size,
+        rms_norm_eps=config.norm_eps,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=scalar,
+        sliding_window=config.sliding_window,
+        layer_types=_layer_types(windows),
+        final_logit_softcapping=config.logit_softcap,
+        attn_logit_softcapping=None,
+        rope_theta=config.rope_theta,
+        rope_local_base_freq=local_theta,
+        rope_scaling=config.rope_scaling,
+        attention_bias=False,
+        attention_dropout=0.0,
+        **common,
+    )
+
+
+def _hf_tensors(model: Transformer, model_type: str) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     out = {}
     # the names transformers' save_pretrained writes for GPT-2 carry the `transformer.` prefix
-    for name, src in _layout(model, "transformer.").items():
+    for name, src in _layout(model, "transformer.", model_type).items():
         parts = state[name].split(list(src.sizes))
         for hf_name, part in zip(src.hf_names, parts, strict=True):
             out[hf_name] = (part.t() if src.transpose else part).contiguous()
@@ -609,8 +881,10 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
     """Write ``model`` and ``tokenizer`` as a Hugging Face folder (safetensors, config.json,
     generation_config.json, tokenizer.json, tokenizer_config.json).
 
-    gpt2-family models become model_type gpt2; llama-family ones llama, or qwen2 when only q/k/v
-    have biases. ``out_dir`` must not exist or be empty; it appears complete or not at all.
+    gpt2-family models become model_type gpt2; llama-family ones llama, mistral (a window on every
+    layer), qwen2 (biases on q/k/v only), qwen3 (q/k norms) or phi3 (partial rotary, LongRoPE, or
+    a model that came from phi3); gemma-family ones gemma3_text. ``out_dir`` must not exist or be
+    empty; it appears complete or not at all.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -625,7 +899,9 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
     files = {
         "config.json": json.dumps(hf_config, indent=2).encode(),
         "generation_config.json": json.dumps(generation, indent=2).encode(),
-        SAFETENSORS: tensors_to_bytes(_hf_tensors(model), {"format": "pt"}),
+        SAFETENSORS: tensors_to_bytes(
+            _hf_tensors(model, hf_config["model_type"]), {"format": "pt"}
+        ),
         "tokenizer.json": tokenizer.to_json().encode(),
         "tokenizer_config.json": json.dumps(
             _tokenizer_config(tokenizer, config), indent=2

@@ -1,4 +1,4 @@
-"""A decoder-only transformer with causally masked attention, in GPT-2 and Llama layouts.
+"""A decoder-only transformer with causally masked attention, in GPT-2, Llama and Gemma layouts.
 
 ``forward(idx, targets)`` is teacher forcing: one parallel pass over a whole sequence, the loss
 against the same sequence shifted by one. ``forward(idx, kv_cache=..., start_pos=...)`` is the
@@ -7,6 +7,7 @@ inference path: the new positions attend to themselves and to what the cache alr
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -21,21 +22,27 @@ from arlm.model.quantize import quantized_linear
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """RMSNorm with a gain of ``weight`` (Llama), or of ``1 + weight`` (``plus_one``: Gemma)."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 so bfloat16 weights give the reference implementation's numbers
         h = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
+        if self.plus_one:  # Gemma applies its gain in float32 too, and rounds once at the end
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over ``dim`` features (None: n_embd)."""
+    dim = config.n_embd if dim is None else dim
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+    return RMSNorm(dim, config.norm_eps, plus_one=config.norm == "rmsnorm_plus_one")
 
 
 def make_linear(config: ModelConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -47,14 +54,28 @@ def make_linear(config: ModelConfig, in_features: int, out_features: int, bias: 
     )
 
 
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama 3's long-context rescaling when configured."""
-    dim = config.head_dim
+def rope_frequencies(
+    config: ModelConfig, *, local: bool = False, long: bool = False
+) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,) of the full-attention layers, with the config's RoPE
+    scaling; ``local``: of the sliding-window layers (their own theta, unscaled, where the config
+    sets ``rope_local_theta``); ``long``: LongRoPE's long factors instead of its short ones."""
+    if local and config.rope_local_theta is not None:
+        theta, scaling = config.rope_local_theta, {}
+    else:
+        theta, scaling = config.rope_theta, config.rope_scaling or {}
+    dim = config.rotary_dim
     # float32 throughout, as the reference implementation computes it
     arange = torch.arange(0, dim, 2, device="cpu").float()  # cpu even under a meta-device init
-    inv_freq = 1.0 / (config.rope_theta ** (arange / dim))
-    scaling = config.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "longrope":  # each frequency slowed by its own factor
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], device="cpu")
+        factors = factors.float()
+        return 1.0 / (factors * theta ** (arange / dim))
+    inv_freq = 1.0 / (theta ** (arange / dim))
+    if kind == "linear":  # every frequency slowed alike: positions stretched by `factor`
+        inv_freq = inv_freq / scaling["factor"]
+    if kind == "llama3":
         # long wavelengths are slowed by `factor`, short ones kept, the band between blended
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -69,7 +90,12 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, n_head, T, head_dim); the two halves of head_dim are the rotated pairs (HF layout)
+    # x: (B, n_head, T, head_dim); cos, sin: (..., T, rotary_dim). The first rotary_dim channels
+    # turn, the rest pass (partial rotary); the two halves of those are the pairs (HF layout)
+    rotary_dim = cos.size(-1)
+    if rotary_dim < x.size(-1):
+        turned = apply_rope(x[..., :rotary_dim], cos, sin)
+        return torch.cat((turned, x[..., rotary_dim:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -88,9 +114,15 @@ class Attention(nn.Module):
         self.c_attn = make_linear(config, config.n_embd, qkv_dim, config.qkv_bias)
         attn_dim = config.n_head * config.head_dim  # n_embd, unless the config sets head_dim
         self.c_proj = make_linear(config, attn_dim, config.n_embd, config.bias)
-        # Qwen3 normalises each head's queries and keys (one gain per channel, shared by heads)
-        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        # Qwen3 and Gemma 3 normalise each head's queries and keys (one gain per channel, shared
+        # by the heads)
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar): teacher forcing
+        # hands it to the attention kernel; the KV caches' attention takes none, so there it is
+        # folded into the queries (the same in float32; in bfloat16 the queries round once more)
+        self.scale = config.attn_scale
+        self.q_scale = None if self.scale is None else self.scale * math.sqrt(config.head_dim)
         self.dropout = config.dropout
 
     def forward(
@@ -111,6 +143,8 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)  # q and k turn by the same angles: one pass for both
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if kv_cache is not None:  # the cache applies the layer's window itself
+            if self.q_scale is not None:
+                q = q * self.q_scale
             y = kv_cache.attend(self.layer_idx, q, k, v)  # (B, n_head, T, hd)
         else:  # teacher forcing: the whole sequence, causally masked (and windowed, by mask)
             y = F.scaled_dot_product_attention(
@@ -120,6 +154,7 @@ class Attention(nn.Module):
                 attn_mask=mask,
                 is_causal=mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
+                scale=self.scale,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -129,22 +164,20 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.kind = config.mlp
         hidden = config.intermediate_size
-        # SwiGLU's gate and up projections are fused into one matrix of 2*hidden rows
-        self.c_fc = make_linear(
-            config, config.n_embd, 2 * hidden if self.swiglu else hidden, config.bias
-        )
+        # a gated MLP's gate and up projections are fused into one matrix of 2*hidden rows
+        gated = self.kind != "gelu"
+        self.c_fc = make_linear(config, config.n_embd, 2 * hidden if gated else hidden, config.bias)
         self.c_proj = make_linear(config, hidden, config.n_embd, config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.c_proj(h)
+        if self.kind == "gelu":
+            return self.c_proj(F.gelu(h, approximate="tanh"))
+        gate, up = h.chunk(2, dim=-1)
+        gate = F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")
+        return self.c_proj(gate * up)
 
 
 class Block(nn.Module):
@@ -154,11 +187,16 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        # Gemma also normalises what attention and the MLP add to the residual stream
+        sandwich = config.family == "gemma"
+        self.post_attn_norm = make_norm(config) if sandwich else nn.Identity()
+        self.post_mlp_norm = make_norm(config) if sandwich else nn.Identity()
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, kv_cache, mask) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache, mask))
-        return x + self.resid_dropout(self.mlp(self.ln_2(x)))
+        h = self.post_attn_norm(self.attn(self.ln_1(x), rope, kv_cache, mask))
+        x = x + self.resid_dropout(h)
+        return x + self.resid_dropout(self.post_mlp_norm(self.mlp(self.ln_2(x))))
 
 
 class Transformer(nn.Module):
@@ -179,10 +217,26 @@ class Transformer(nn.Module):
         if config.tie_embeddings and config.quantization is None:
             self.lm_head.weight = self.wte.weight
         # kept in float32 outside the module's buffers, so casting the model to bfloat16 does not
-        # round the rotation frequencies (and the reference implementation does not round them)
-        self.inv_freq = rope_frequencies(config) if config.positions == "rope" else None
+        # round the rotation frequencies (and the reference implementation does not round them):
+        # "full" for the full-attention layers, "local" for sliding-window layers that turn by a
+        # theta of their own (Gemma 3), "long" for LongRoPE's long factors
+        self.inv_freq: dict[str, torch.Tensor] = {}
+        if config.positions == "rope":
+            self.inv_freq["full"] = rope_frequencies(config)
+            if config.rope_local_theta is not None:
+                self.inv_freq["local"] = rope_frequencies(config, local=True)
+            if config.rope_type == "longrope":
+                self.inv_freq["long"] = rope_frequencies(config, long=True)
         # teacher forcing masks only the sliding-window layers; the rest run plain causal
         self.windows = config.layer_windows
+        local = config.rope_local_theta is not None
+        self.layer_rope = ["local" if local and w is not None else "full" for w in self.windows]
+        # Gemma's embeddings are scaled by sqrt(n_embd), rounded to float32 as the reference does
+        self.embed_scale = (
+            float(torch.tensor(config.n_embd**0.5, device="cpu"))
+            if config.family == "gemma"
+            else None
+        )
         self._no_masks = [None] * config.n_layer
         self.apply(self._init_weights)
         # residual projections start smaller, so the residual stream's variance stays flat in depth
@@ -206,21 +260,45 @@ class Transformer(nn.Module):
             reference = Transformer(replace(self.config, quantization=None))
         return sum(p.numel() for p in reference.parameters())
 
+    def _full_kind(self, positions: torch.Tensor) -> str:
+        """The frequencies the full-attention layers turn by in a forward over ``positions``:
+        LongRoPE as transformers runs it, where a forward that reaches past the original context
+        turns all its positions by the long factors ("long"), any other by the short ones."""
+        if "long" in self.inv_freq:
+            original = self.config.rope_scaling["original_max_position_embeddings"]
+            if int(positions.max()) + 1 > original:
+                return "long"
+        return "full"
+
     def _rope(
-        self, positions: torch.Tensor, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype, kind: str = "full", scaled: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for ``positions`` (T,) as (T, head_dim), or (B, T) as (B, 1, T, head_dim)."""
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * self.inv_freq  # (..., T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, head_dim)
+        """cos and sin of the ``kind`` frequencies (a key of ``inv_freq``) for ``positions`` (T,)
+        as (T, rotary_dim), or (B, T) as (B, 1, T, rotary_dim); ``scaled``: times LongRoPE's
+        attention factor, as the full-attention layers apply it."""
+        inv_freq = self.inv_freq[kind]
+        if inv_freq.device != positions.device:
+            inv_freq = self.inv_freq[kind] = inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv_freq  # (..., T, rotary_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, rotary_dim)
         if emb.dim() == 3:
             emb = emb[:, None]  # one table per row, shared by the heads
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        factor = (self.config.rope_scaling or {}).get("attention_factor")
+        if scaled and kind != "local" and factor is not None and factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, n_kv_head, N, head_dim) turned by the rotary angles of ``positions`` (N,)."""
-        return apply_rope(x, *self._rope(positions, x.dtype))
+    def _ropes(self, positions: torch.Tensor, dtype: torch.dtype, full: str) -> list[tuple]:
+        """Each layer's (cos, sin), computed once per kind of layer."""
+        kinds = {"full": full, "local": "local"}
+        tables = {k: self._rope(positions, dtype, kinds[k]) for k in set(self.layer_rope)}
+        return [tables[k] for k in self.layer_rope]
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, kind: str = "full") -> torch.Tensor:
+        """``x`` (B, n_kv_head, N, head_dim) turned further by the full-attention layers' rotary
+        angles of ``positions`` (N,); unscaled, as keys carry the attention factor once already."""
+        return apply_rope(x, *self._rope(positions, x.dtype, kind, scaled=False))
 
     def forward(
         self,
@@ -250,18 +328,22 @@ class Transformer(nn.Module):
                 f"{self.config.block_size} of this model (learned positions cannot extrapolate)"
             )
         x = self.wte(idx)
-        rope = None
+        if self.embed_scale is not None:  # in the model's dtype, as the reference scales it
+            x = x * x.new_full((), self.embed_scale)
+        ropes, rotate = [None] * len(self.h), None
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
-            rope = self._rope(positions, x.dtype)
+            full = self._full_kind(positions)
+            ropes = self._ropes(positions, x.dtype, full)
+            rotate = functools.partial(self._rotate, kind=full)
         x = self.drop(x)
         masks = self._no_masks
         if kv_cache is not None:
-            kv_cache.prepare(start_pos, T, self._rotate if self.wpe is None else None)
+            kv_cache.prepare(start_pos, T, rotate)
         elif self.config.sliding_window is not None:
             masks = layer_masks(self.windows, 0, T, idx.device)
-        for block, mask in zip(self.h, masks, strict=True):
+        for block, mask, rope in zip(self.h, masks, ropes, strict=True):
             x = block(x, rope, kv_cache, mask)
         if last_only:
             x = x[:, -1:]
@@ -269,6 +351,8 @@ class Transformer(nn.Module):
             x = x[:, logits_at]
         x = self.ln_f(x)
         logits = self.lm_head(x)
+        if (cap := self.config.logit_softcap) is not None:  # Gemma's tanh cap, before any loss
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
