@@ -11,7 +11,13 @@ really cuts: every sequence here is longer than every window.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
 from dataclasses import replace
+from pathlib import Path
 
 import gguf
 import pytest
@@ -325,6 +331,110 @@ def test_bf16_logits_and_greedy(case):
     assert _greedy(lm, prompt) == _hf_greedy(hf16, prompt)
 
 
+def test_longrope_switches_factors_per_forward(case):
+    """LongRoPE picks its factors per forward, as transformers' model does: a forward that reaches
+    past the original context turns all its positions by the long factors. transformers' generate
+    also recomputes the whole cache once, when a sequence first grows past that context; arlm's
+    engine does not, so from a prompt shorter than it arlm decodes as transformers' model fed one
+    token per forward through its own cache, and as transformers' generate only up to there."""
+    name, folder, hf = case
+    if "longrope" not in name:
+        pytest.skip("no LongRoPE")
+    lm = arlm.load(folder)
+    prompt = _ids(8, seed=1)  # 8 + 32 positions cross the original context of 16
+    ours = _greedy(lm, prompt)
+    cache, theirs = transformers.DynamicCache(config=hf.config), []
+    with torch.no_grad():
+        logits = hf(prompt, past_key_values=cache).logits[0, -1]
+        for _ in range(len(ours)):
+            theirs.append(int(logits.argmax()))
+            logits = hf(torch.tensor([theirs[-1:]]), past_key_values=cache).logits[0, -1]
+    assert ours == theirs
+    assert ours[:8] == _hf_greedy(hf, prompt)[:8]  # tokens 0-7 come from positions 7-15
+
+
+def _gemma3_folder(path: Path, tokenizer) -> transformers.PreTrainedModel:
+    """A gemma3 folder (text model, vision tower, projector) with random weights, as
+    save_pretrained writes it; the transformers model in float32."""
+    text = dict(CASES["gemma3-window"][1], num_hidden_layers=2, final_logit_softcapping=None)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, bos_token_id=0
+    )
+    hf = transformers.Gemma3ForConditionalGeneration(config)
+    _randomize(hf.model.language_model, seed=3)
+    hf.save_pretrained(path)
+    tokenizer.save(path / "tokenizer.json")
+    return hf.eval()
+
+
+def test_gemma3_folder_loads_its_text_model(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "gemma3"
+    hf = _gemma3_folder(folder, tokenizer)
+    ids = _ids(SEQ)
+    reference = _hf_logits(hf, ids)
+    lm = arlm.load(folder)
+    assert lm.config.extra == {"hf_model_type": "gemma3"} and lm.config.tie_embeddings
+    diff = (lm.logits(ids[0].tolist()) - reference).abs().max().item()
+    assert diff < FP32_ATOL, diff
+    assert _greedy(lm, _ids(8, seed=1), 8) == _hf_greedy(hf, _ids(8, seed=1), 8)
+    # save_pretrained writes the Hub's names (language_model.model.*); the names transformers 5
+    # holds in memory (model.language_model.*) load the same
+    state = load_file(folder / "model.safetensors")
+    assert any(k.startswith("language_model.model.") for k in state)
+    renamed = {
+        ("model." + k).replace("model.language_model.model.", "model.language_model."): v
+        for k, v in state.items()
+    }
+    save_file(renamed, folder / "model.safetensors", {"format": "pt"})
+    assert (arlm.load(folder).logits(ids[0].tolist()) - reference).abs().max() < FP32_ATOL
+
+
+def test_gemma3_defaults_are_transformers_defaults():
+    # a gemma3 folder's text_config on the Hub gives few keys; transformers fills the rest
+    text = dict(
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        rope_scaling={"factor": 8.0, "rope_type": "linear"},
+        sliding_window=1024,
+    )
+    config = config_from_hf({"model_type": "gemma3", "text_config": text})
+    c = transformers.Gemma3Config(text_config=text).text_config
+    assert (config.n_head, config.n_kv_head, config.head_dim) == (
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+    )
+    assert (config.vocab_size, config.block_size, config.norm_eps) == (
+        c.vocab_size,
+        c.max_position_embeddings,
+        c.rms_norm_eps,
+    )
+    assert config.attn_scale == c.query_pre_attn_scalar**-0.5
+    assert config.layer_windows == [
+        c.sliding_window if t == "sliding_attention" else None for t in c.layer_types
+    ]
+    full, local = c.rope_parameters["full_attention"], c.rope_parameters["sliding_attention"]
+    assert (
+        config.rope_theta == full["rope_theta"] and config.rope_local_theta == local["rope_theta"]
+    )
+    assert (
+        config.rope_scaling
+        == {"rope_type": "linear", "factor": 8.0}
+        == {k: v for k, v in full.items() if k != "rope_theta"}
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # the window in every cache kind, quantized too
 
@@ -427,14 +537,36 @@ def test_hf_export_round_trip(case, tmp_path, tokenizer):
     assert load_hf(tmp_path / "out")[0].config.layer_windows == model.config.layer_windows
 
 
+GGUF_ARCH = {"qwen3": "qwen3", "phi3": "phi3", "gemma3_text": "gemma3"}  # the rest: llama
+# what llama.cpp cannot run as these models compute, refused rather than written wrong
+GGUF_REFUSED = {
+    "gemma3-window": "attn_scale=0.223607: llama.cpp's gemma3 does not read",
+    "phi3-window": r"phi3 architecture has no biases and n_head \* head_dim == n_embd",
+    "qwen3-window": "sliding_window=7",
+    "mistral-window": "sliding_window=6",
+    "qwen2-window": "sliding_window=5",
+}
+
+
+def _gguf_names(arch: str, n_layer: int) -> set[str]:
+    """Every tensor name llama.cpp's ``arch`` can read, from gguf-py's table of them."""
+    kinds = gguf.MODEL_TENSORS[next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)]
+    names = {gguf.TENSOR_NAMES[k] for k in kinds}
+    return {
+        n.format(bid=i) + suffix
+        for n in names
+        for i in range(n_layer)
+        for suffix in (".weight", ".bias")
+    }
+
+
 def test_gguf_export(case, tmp_path, tokenizer):
-    name, folder, _ = case
+    name, folder, hf = case
     model, _ = load_hf(folder)
-    config = model.config
+    config, state = model.config, model.state_dict()
     path = tmp_path / "m.gguf"
-    if config.sliding_window is not None:
-        # llama.cpp's llama and qwen architectures have no sliding window: refused, not dropped
-        with pytest.raises(ValueError, match="sliding_window"):
+    if name in GGUF_REFUSED:
+        with pytest.raises(ValueError, match=GGUF_REFUSED[name]):
             export_gguf(model, tokenizer, path)
         assert not path.exists()
         return
@@ -442,23 +574,120 @@ def test_gguf_export(case, tmp_path, tokenizer):
     reader = gguf.GGUFReader(path)
     fields = {n: f.contents() for n, f in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
-    arch = "qwen3" if config.qk_norm else "llama"
+
+    def data(name: str) -> torch.Tensor:
+        return torch.from_numpy(tensors[name].data.copy())
+
+    arch = GGUF_ARCH.get(hf.config.model_type, "llama")
     assert fields["general.architecture"] == arch
+    assert set(tensors) <= _gguf_names(arch, config.n_layer)
+    assert (
+        "output.weight" in tensors
+    ) != config.tie_embeddings  # tied: llama.cpp reuses token_embd
     assert fields[f"{arch}.attention.key_length"] == config.head_dim
     assert fields[f"{arch}.attention.value_length"] == config.head_dim
-    assert fields[f"{arch}.rope.dimension_count"] == config.head_dim
+    assert fields[f"{arch}.rope.dimension_count"] == config.rotary_dim
     q_rows = config.n_head * config.head_dim
-    assert tuple(tensors["blk.0.attn_q.weight"].shape) == (config.n_embd, q_rows)
+    qkv_rows = (config.n_head + 2 * config.n_kv_head) * config.head_dim
     assert tuple(tensors["blk.0.attn_output.weight"].shape) == (q_rows, config.n_embd)
+    if arch == "phi3":  # q, k, v and gate, up stay fused, in arlm's row order
+        assert torch.equal(data("blk.0.attn_qkv.weight"), state["h.0.attn.c_attn.weight"])
+        assert torch.equal(data("blk.1.ffn_up.weight"), state["h.1.mlp.c_fc.weight"])
+        assert tuple(tensors["blk.0.attn_qkv.weight"].shape) == (config.n_embd, qkv_rows)
+        scaling = config.rope_scaling
+        assert data("rope_factors_long.weight").tolist() == pytest.approx(scaling["long_factor"])
+        assert data("rope_factors_short.weight").tolist() == pytest.approx(scaling["short_factor"])
+        assert fields["phi3.rope.scaling.original_context_length"] == 16
+        assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(scaling["attention_factor"])
+        return
+    assert tuple(tensors["blk.0.attn_q.weight"].shape) == (config.n_embd, q_rows)
+    if arch == "gemma3":
+        # llama.cpp's RMSNorm multiplies by its weight, Gemma's by 1 + weight
+        for gguf_name, arlm_name in [
+            ("blk.1.attn_norm", "h.1.ln_1"),
+            ("blk.1.post_attention_norm", "h.1.post_attn_norm"),
+            ("blk.1.ffn_norm", "h.1.ln_2"),
+            ("blk.1.post_ffw_norm", "h.1.post_mlp_norm"),
+            ("blk.1.attn_q_norm", "h.1.attn.q_norm"),
+            ("output_norm", "ln_f"),
+        ]:
+            assert torch.equal(data(gguf_name + ".weight"), state[arlm_name + ".weight"] + 1)
+        windows = config.layer_windows
+        assert fields["gemma3.attention.sliding_window"] == config.sliding_window
+        assert fields["gemma3.attention.sliding_window_pattern"] == [w is not None for w in windows]
+        assert fields["gemma3.rope.freq_base"] == config.rope_theta
+        assert fields["gemma3.rope.freq_base_swa"] == config.rope_local_theta
+        assert "gemma3.final_logit_softcapping" not in fields  # this one has no cap
     if config.qk_norm:
-        state = model.state_dict()
-        for kind in ("q", "k"):
-            t = tensors[f"blk.1.attn_{kind}_norm.weight"]
-            assert t.data.tolist() == state[f"h.1.attn.{kind}_norm.weight"].tolist()
-        # qwen3 rotates halves, as arlm does: q rows are written as they are
+        t = tensors["blk.1.attn_k_norm.weight"]
         assert t.data.shape == (config.head_dim,)
-        q = state["h.0.attn.c_attn.weight"][:q_rows]
-        assert torch.equal(torch.from_numpy(tensors["blk.0.attn_q.weight"].data.copy()), q)
+        # qwen3 and gemma3 rotate halves, as arlm does: q rows are written as they are
+        assert torch.equal(data("blk.0.attn_q.weight"), state["h.0.attn.c_attn.weight"][:q_rows])
+    if arch == "qwen3":
+        for kind in ("q", "k"):
+            t = data(f"blk.1.attn_{kind}_norm.weight")
+            assert torch.equal(t, state[f"h.1.attn.{kind}_norm.weight"])
+
+
+# llama.cpp's server, where this machine has one (benchmarks/serve.py uses the same build)
+LLAMA_SERVER = Path(
+    os.environ.get("ARLM_LLAMA_SERVER", "/work/peers/llama.cpp-build/bin/llama-server")
+)
+LLAMA_CPP_CASES = ("qwen3", "gemma3-untied-window", "phi3-longrope")
+NEAR_TIE = 0.01  # a logit gap within which two runtimes' float32 arithmetic may pick either
+
+
+def _llama_cpp_greedy(path: Path, prompt: list[int], n: int, log: Path) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` from llama-server running the GGUF at ``path`` (float32
+    KV cache, a context longer than LongRoPE's original one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(LLAMA_SERVER), "-m", str(path), "--port", str(port), "-c", "128", "-np", "1"]
+    argv += ["-t", "1", "--no-warmup", "-ctk", "f32", "-ctv", "f32"]
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as err:
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError as e:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text()[-2000:]
+                    raise AssertionError(f"llama-server did not start:\n{tail}") from e
+                time.sleep(0.1)
+        body = dict(prompt=prompt, n_predict=n, temperature=0, top_k=1, ignore_eos=True)
+        body.update(cache_prompt=False, return_tokens=True)
+        request = urllib.request.Request(
+            url + "/completion", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["tokens"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.skipif(not LLAMA_SERVER.is_file(), reason=f"no llama.cpp server at {LLAMA_SERVER}")
+def test_llama_cpp_runs_the_gguf_greedy(case, tmp_path, tokenizer):
+    """llama.cpp runs the exported file as arlm runs the model: 32 greedy tokens equal, except
+    that from a near-tie on (a gap under NEAR_TIE in arlm's logits) either pick is right."""
+    name, folder, _ = case
+    if name not in LLAMA_CPP_CASES:
+        pytest.skip("one case per llama.cpp architecture")
+    lm = arlm.load(folder)
+    prompt = _prompt(name)[0].tolist()
+    ours = _greedy(lm, _prompt(name))
+    export_gguf(lm.model, tokenizer, tmp_path / "m.gguf")
+    theirs = _llama_cpp_greedy(tmp_path / "m.gguf", prompt, len(ours), tmp_path / "server.log")
+    if theirs != ours:
+        i = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+        logits = lm.logits(prompt + ours[:i])[-1]
+        gap = (logits[ours[i]] - logits[theirs[i]]).item()
+        assert gap < NEAR_TIE, f"token {i}: arlm {ours[i]}, llama.cpp {theirs[i]}, gap {gap}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """GGUF export: one file that llama.cpp (and the tools built on it) loads.
 
 The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for its ``gpt2``,
-``llama`` and ``qwen3`` architectures: the same tensor names and metadata keys, q and k rows
-reordered for the llama architecture's RoPE (qwen3's rotates halves, as arlm does), norms and
-biases kept in float32, and Q8_0 falling back to f16 for rows that are not a multiple of its
-32-value blocks.
+``llama``, ``qwen3``, ``phi3`` and ``gemma3`` architectures: the same tensor names and metadata
+keys, q and k rows reordered for the llama architecture's RoPE (the others rotate halves, as arlm
+does), norms and biases kept in float32, and Q8_0 falling back to f16 for rows that are not a
+multiple of its 32-value blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from arlm.atomic import atomic_path
 from arlm.config import ModelConfig
 from arlm.model.quantize import require_float
-from arlm.model.transformer import Transformer, rope_frequencies
+from arlm.model.transformer import RMSNorm, Transformer, rope_frequencies
 from arlm.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -53,13 +53,91 @@ _LLAMA_BLOCK = {
 }
 
 
+# Phi-3 fuses q, k, v into one matrix and gate, up into another, as arlm does
+_PHI3_BLOCK = {**_LLAMA_BLOCK, "attn.c_attn": ("attn_qkv",), "mlp.c_fc": ("ffn_up",)}
+# Gemma 3 also normalises what attention and the MLP add (ln_2 is its pre_feedforward norm)
+_GEMMA3_BLOCK = {
+    **_LLAMA_BLOCK,
+    "post_attn_norm": ("post_attention_norm",),
+    "post_mlp_norm": ("post_ffw_norm",),
+}
+_BLOCKS = {"gpt2": _GPT2_BLOCK, "phi3": _PHI3_BLOCK, "gemma3": _GEMMA3_BLOCK}
+
+
 def architecture(config: ModelConfig) -> str:
-    """llama.cpp's architecture for ``config``: gpt2, llama, or qwen3 (q/k norms)."""
-    return "qwen3" if config.qk_norm else config.family
+    """llama.cpp's architecture for ``config``: gpt2, llama, qwen3 (q/k norms), phi3 (part of each
+    head rotating, LongRoPE, or a model that came from phi3) or gemma3 (the gemma family)."""
+    if config.family == "gemma":
+        return "gemma3"
+    if config.qk_norm:
+        return "qwen3"
+    partial = config.family == "llama" and config.rotary_dim != config.head_dim
+    if partial or config.rope_type == "longrope" or config.extra.get("hf_model_type") == "phi3":
+        return "phi3"
+    return config.family
+
+
+def _llama_cpp_attn_scale(config: ModelConfig) -> float:
+    # llama.cpp does not read gemma3's attention scale: it takes 1/sqrt(head_dim), except for the
+    # 62-layer model (Gemma 3 27B), where it takes 1/sqrt(n_embd / n_head)
+    if config.n_layer == 62:
+        return (config.n_embd // config.n_head) ** -0.5
+    return config.head_dim**-0.5
+
+
+def _check_gemma3(config: ModelConfig) -> None:
+    if not config.qk_norm or config.bias or config.qkv_bias:
+        raise ValueError(
+            f"llama.cpp's gemma3 architecture has q/k norms and no biases; this model has "
+            f"qk_norm={config.qk_norm}, bias={config.bias}, qkv_bias={config.qkv_bias}"
+        )
+    scale, expected = config.attn_scale or config.head_dim**-0.5, _llama_cpp_attn_scale(config)
+    if abs(scale - expected) > 1e-6 * expected:
+        raise ValueError(
+            f"attn_scale={scale:.6g}: llama.cpp's gemma3 does not read the attention scale; it "
+            f"uses {expected:.6g} for a model of {config.n_layer} layers, so the file would "
+            "compute another model (supported: query_pre_attn_scalar = head_dim)"
+        )
+    if config.rope_scaling is not None and config.rope_type != "linear":
+        raise ValueError(
+            f"rope_scaling type {config.rope_type!r}: llama.cpp's gemma3 scales its rope only "
+            "linearly; supported: 'linear' or none"
+        )
+    sliding = any(w is not None for w in config.layer_windows)
+    if sliding and config.rope_local_theta is None and config.rope_scaling is not None:
+        raise ValueError(
+            "rope_scaling on the sliding-window layers: llama.cpp's gemma3 turns them unscaled; "
+            "supported: rope_local_theta set (the sliding-window layers' own rope)"
+        )
+
+
+def _check_phi3(config: ModelConfig) -> None:
+    if config.bias or config.qkv_bias or config.n_head * config.head_dim != config.n_embd:
+        raise ValueError(
+            "llama.cpp's phi3 architecture has no biases and n_head * head_dim == n_embd; this "
+            f"model has bias={config.bias}, qkv_bias={config.qkv_bias}, n_head={config.n_head}, "
+            f"head_dim={config.head_dim}, n_embd={config.n_embd}"
+        )
+    if config.rope_scaling is not None and config.rope_type != "longrope":
+        raise ValueError(
+            f"rope_scaling type {config.rope_type!r}: llama.cpp's phi3 reads only LongRoPE's "
+            "factors; supported: 'longrope' or none"
+        )
 
 
 def _check_model(config: ModelConfig) -> None:
     require_float(config, "GGUF export")
+    arch = architecture(config)
+    if arch == "gemma3":
+        return _check_gemma3(config)
+    if arch == "phi3":
+        _check_phi3(config)
+    elif config.rotary_dim != config.head_dim or config.rope_type not in ("default", "llama3"):
+        raise ValueError(
+            f"rotary_dim={config.rotary_dim} of head_dim={config.head_dim} with rope_scaling "
+            f"type {config.rope_type!r}: llama.cpp's {arch} architecture rotates every channel "
+            "and scales its rope only as Llama 3 does; supported there: both defaults"
+        )
     if config.sliding_window is not None:
         raise ValueError(
             f"sliding_window={config.sliding_window}: llama.cpp's {architecture(config)} "
@@ -107,21 +185,26 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """
     config = model.config
     _check_model(config)
+    arch = architecture(config)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    # llama.cpp's RMSNorm multiplies by its weight; Gemma's by 1 + weight
+    for name, module in model.named_modules():
+        if isinstance(module, RMSNorm) and module.plus_one:
+            state[f"{name}.weight"] = state[f"{name}.weight"] + 1
     out = {"token_embd.weight": state["wte.weight"]}
     if config.family == "gpt2":
         out["position_embd.weight"] = state["wpe.weight"]
-    elif (
-        config.rope_scaling
-        and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "llama3"
-    ):
+    elif config.rope_type == "llama3":
         out["rope_freqs.weight"] = _rope_factors(config)
+    elif config.rope_type == "longrope":  # llama.cpp divides each frequency by its factor
+        out["rope_factors_long.weight"] = torch.tensor(config.rope_scaling["long_factor"])
+        out["rope_factors_short.weight"] = torch.tensor(config.rope_scaling["short_factor"])
 
-    block = _GPT2_BLOCK if config.family == "gpt2" else _LLAMA_BLOCK
+    block = _BLOCKS.get(arch, _LLAMA_BLOCK)
     q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
     sizes = {"attn.c_attn": [q, kv, kv], "mlp.c_fc": [config.intermediate_size] * 2}
-    # llama.cpp's llama rotates neighbouring pairs; its qwen3 rotates halves, as arlm does
-    pairs = architecture(config) == "llama"
+    # llama.cpp's llama rotates neighbouring pairs; the others rotate halves, as arlm does
+    pairs = arch == "llama"
     rope_heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head} if pairs else {}
     for i in range(config.n_layer):
         for module, names in block.items():
@@ -212,11 +295,34 @@ def _add_metadata(
     else:
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_rope_freq_base(config.rope_theta)
-        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_dimension_count(config.rotary_dim)
         writer.add_key_length(config.head_dim)  # llama.cpp's default is n_embd / n_head
         writer.add_value_length(config.head_dim)
+        _add_rope_and_windows(writer, config)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_rope_and_windows(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
+    """RoPE scalings, gemma3's sliding-window layers and logit cap, as llama.cpp reads them."""
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif config.rope_type == "longrope":  # the factors themselves are tensors
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        writer.add_rope_scaling_attn_factors(scaling["attention_factor"])
+    if config.family != "gemma":
+        return
+    windows = config.layer_windows
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+        # per layer, whether it slides (llama.cpp's default is every sixth layer full)
+        writer.add_sliding_window_pattern([w is not None for w in windows])
+        writer.add_rope_freq_base_swa(config.rope_local_theta or config.rope_theta)
+    if config.logit_softcap is not None:
+        writer.add_final_logit_softcapping(config.logit_softcap)
 
 
 def _add_tokenizer(
@@ -250,8 +356,10 @@ def export_gguf(
     """Write ``model`` and ``tokenizer`` as one GGUF file for llama.cpp.
 
     gpt2-family models become llama.cpp's ``gpt2`` architecture, llama-family ones ``llama``
-    (Llama 3 rope scaling as a ``rope_freqs`` tensor), or ``qwen3`` with q/k norms. A model with
-    a sliding window is refused: llama.cpp runs these architectures without one. ``type`` is how
+    (Llama 3 rope scaling as a ``rope_freqs`` tensor), ``qwen3`` with q/k norms, or ``phi3``
+    (partial rotary, LongRoPE factors as tensors); gemma-family ones ``gemma3`` (norm weights
+    written as 1 + weight, sliding-window layers as a per-layer pattern). A sliding window is
+    refused except in gemma3: llama.cpp runs the other architectures without one. ``type`` is how
     the matrices are stored: ``f32`` (exact), ``f16`` or ``q8_0`` (8-bit blocks; rows not a
     multiple of 32 values as f16); vectors and position embeddings are float32 whatever the type.
     ``general.name`` is the file name without its suffix. ``path`` must not exist; the file

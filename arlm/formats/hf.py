@@ -359,7 +359,11 @@ def _text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     """The config of the language model: a gemma3 folder's text_config, else the config."""
     if hf_config.get("model_type") != "gemma3":
         return hf_config
-    return {"model_type": "gemma3_text", **(hf_config.get("text_config") or {})}
+    text = {"model_type": "gemma3_text", **(hf_config.get("text_config") or {})}
+    # transformers ties the head by the outer config's setting
+    if "tie_word_embeddings" in hf_config:
+        text["tie_word_embeddings"] = hf_config["tie_word_embeddings"]
+    return text
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
