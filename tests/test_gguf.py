@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import gguf
@@ -11,9 +12,10 @@ import tokenizers
 import torch
 
 from arlm.cli import main
+from arlm.config import ModelConfig
 from arlm.formats.checkpoint import save_model
 from arlm.formats.gguf import export_gguf, gguf_tensors
-from arlm.model import apply_rope, rope_frequencies
+from arlm.model import Transformer, apply_rope, rope_frequencies
 from arlm.tokenizer import Tokenizer
 from tests.conftest import make_model
 
@@ -28,6 +30,7 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
+LINEAR = {"rope_type": "linear", "factor": 2.0}
 
 
 def read(path) -> tuple[dict, dict]:
@@ -277,3 +280,80 @@ def test_cli_export(tokenizer, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["export", str(ckpt), str(tmp_path / "hf"), "--type", "f16"]) == 1
     assert "--type applies to --format gguf" in capsys.readouterr().err
+
+
+def gemma(tokenizer, **overrides):
+    """A gemma-family model as llama.cpp's gemma3 runs it (its attention scale, q/k norms)."""
+    settings = dict(family="gemma", qk_norm=True, sliding_window=8, rope_local_theta=100.0)
+    config = ModelConfig.preset("llama-tiny", vocab_size=tokenizer.vocab_size, **settings)
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(config, **overrides)).eval()
+    with torch.no_grad():  # norm weights other than their initial zeros
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def test_gemma3_metadata(tokenizer, tmp_path):
+    layers = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    model = gemma(tokenizer, layer_types=layers, logit_softcap=30.0, rope_scaling=LINEAR)
+    export_gguf(model, tokenizer, tmp_path / "g.gguf")
+    fields, tensors = read(tmp_path / "g.gguf")
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True, False, True, True]
+    assert fields["gemma3.final_logit_softcapping"] == 30.0
+    assert fields["gemma3.rope.scaling.type"] == "linear"
+    assert fields["gemma3.rope.scaling.factor"] == 2.0
+    assert fields["gemma3.rope.freq_base_swa"] == 100.0
+    per_layer = [
+        "attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
+        "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm",
+    ]  # fmt: skip
+    top = {"token_embd.weight", "output_norm.weight"}
+    assert set(tensors) == top | {f"blk.{i}.{n}.weight" for i in range(4) for n in per_layer}
+    # Gemma's norms multiply by 1 + weight, llama.cpp's by the weight: written plus one
+    norm = model.h[2].post_mlp_norm.weight.detach()
+    assert tensors["blk.2.post_ffw_norm.weight"].data.tolist() == (norm + 1).tolist()
+
+
+def test_phi3_layout(tokenizer, tmp_path):
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, n_kv_head=4, rotary_dim=16)
+    export_gguf(model, tokenizer, tmp_path / "p.gguf")
+    fields, tensors = read(tmp_path / "p.gguf")
+    assert fields["general.architecture"] == "phi3"  # only phi3 rotates part of each head
+    assert fields["phi3.rope.dimension_count"] == 16
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(tensors)
+    assert "blk.0.ffn_gate.weight" not in tensors and "rope_factors_long.weight" not in tensors
+    assert tuple(tensors["blk.0.ffn_up.weight"].shape) == (128, 2 * model.config.intermediate_size)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(attn_scale=0.1), r"attn_scale=0.1: llama.cpp's gemma3 does not read"),
+        (dict(qk_norm=False), "gemma3 architecture has q/k norms and no biases"),
+        (dict(rope_scaling=LLAMA3), "rope_scaling type 'llama3': llama.cpp's gemma3 scales"),
+        (dict(rope_local_theta=None, rope_scaling=LINEAR), "on the sliding-window layers"),
+    ],
+)
+def test_gemma3_refusals(overrides, match, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        export_gguf(gemma(tokenizer, **overrides), tokenizer, tmp_path / "g.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(rotary_dim=8, head_dim=16), r"n_head \* head_dim == n_embd"),
+        (dict(rotary_dim=16, sliding_window=8), "sliding_window=8: llama.cpp's phi3"),
+        (dict(rotary_dim=16, rope_scaling=LLAMA3), "llama.cpp's phi3 reads only LongRoPE"),
+        (dict(rotary_dim=16, qk_norm=True), "rotary_dim=16 of head_dim=32 .* qwen3"),
+    ],
+)
+def test_phi3_refusals(overrides, match, tokenizer, tmp_path):
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, **overrides)
+    with pytest.raises(ValueError, match=match):
+        export_gguf(model, tokenizer, tmp_path / "p.gguf")
+    assert not list(tmp_path.iterdir())

@@ -290,6 +290,7 @@ def _arlm_model(name: str, **overrides) -> Transformer:
     return model.eval()
 
 
+LINEAR = {"rope_type": "linear", "factor": 2.0}
 EXPORTS = {
     "gpt2": ("tiny", {}, "gpt2"),
     "gpt2-untied": ("tiny", {"tie_embeddings": False}, "gpt2"),
@@ -311,6 +312,38 @@ EXPORTS = {
         "llama",
     ),
     "qwen2": ("llama-tiny", {"qkv_bias": True}, "qwen2"),
+    # the gemma family: windows of 8 on layers 1 and 3 with their own rope theta, the others'
+    # stretched 2x; an attention scale and a logit cap of its own; head_dim 48 of n_embd 128
+    "gemma3": (
+        "llama-tiny",
+        {
+            "family": "gemma",
+            "qk_norm": True,
+            "head_dim": 48,
+            "sliding_window": 8,
+            "layer_types": ["full_attention", "sliding_attention"] * 2,
+            "rope_local_theta": 100.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "attn_scale": 0.125,
+            "logit_softcap": 4.0,
+            "tie_embeddings": False,
+        },
+        "gemma3_text",
+    ),
+    # half of each head rotating: only phi3 holds it (with a window on every layer)
+    "phi3-partial": ("llama-tiny", {"rotary_dim": 16, "sliding_window": 8}, "phi3"),
+    "phi3-longrope": (
+        "llama-tiny",
+        {
+            "rope_scaling": {
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.1 * i for i in range(16)],
+                "long_factor": [1.0 + 2.0 * i for i in range(16)],
+                "original_max_position_embeddings": 16,
+            },
+        },
+        "phi3",
+    ),
 }
 
 
@@ -358,6 +391,13 @@ def test_export_refuses_layouts_hf_lacks(tmp_path, tokenizer):
         export_hf(_arlm_model("tiny", bias=False), tokenizer, tmp_path / "a")
     with pytest.raises(ValueError, match="no Hugging Face layout"):
         export_hf(_arlm_model("llama-tiny", bias=True, qkv_bias=False), tokenizer, tmp_path / "b")
+    with pytest.raises(ValueError, match="gemma-family model with qk_norm=False"):
+        export_hf(_arlm_model("llama-tiny", family="gemma"), tokenizer, tmp_path / "c")
+    with pytest.raises(ValueError, match="rotary_dim=16 .* partial rotary in phi3"):
+        export_hf(_arlm_model("llama-tiny", rotary_dim=16, qk_norm=True), tokenizer, tmp_path / "d")
+    scaled = dict(family="gemma", qk_norm=True, sliding_window=8, rope_scaling=LINEAR)
+    with pytest.raises(ValueError, match="rope_scaling=.* on the sliding-window layers"):
+        export_hf(_arlm_model("llama-tiny", **scaled), tokenizer, tmp_path / "e")
     assert not list(tmp_path.iterdir())
 
 

@@ -132,7 +132,9 @@ def _check_model(config: ModelConfig) -> None:
         return _check_gemma3(config)
     if arch == "phi3":
         _check_phi3(config)
-    elif config.rotary_dim != config.head_dim or config.rope_type not in ("default", "llama3"):
+    elif config.positions == "rope" and (
+        config.rotary_dim != config.head_dim or config.rope_type not in ("default", "llama3")
+    ):
         raise ValueError(
             f"rotary_dim={config.rotary_dim} of head_dim={config.head_dim} with rope_scaling "
             f"type {config.rope_type!r}: llama.cpp's {arch} architecture rotates every channel "
