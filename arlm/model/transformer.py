@@ -122,7 +122,8 @@ class Attention(nn.Module):
         # hands it to the attention kernel; the KV caches' attention takes none, so there it is
         # folded into the queries (the same in float32; in bfloat16 the queries round once more)
         self.scale = config.attn_scale
-        self.q_scale = None if self.scale is None else self.scale * math.sqrt(config.head_dim)
+        q_scale = 1.0 if self.scale is None else self.scale * math.sqrt(config.head_dim)
+        self.q_scale = None if math.isclose(q_scale, 1.0, rel_tol=1e-12) else q_scale
         self.dropout = config.dropout
 
     def forward(
@@ -189,14 +190,19 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         # Gemma also normalises what attention and the MLP add to the residual stream
         sandwich = config.family == "gemma"
-        self.post_attn_norm = make_norm(config) if sandwich else nn.Identity()
-        self.post_mlp_norm = make_norm(config) if sandwich else nn.Identity()
+        self.post_attn_norm = make_norm(config) if sandwich else None
+        self.post_mlp_norm = make_norm(config) if sandwich else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, kv_cache, mask) -> torch.Tensor:
-        h = self.post_attn_norm(self.attn(self.ln_1(x), rope, kv_cache, mask))
+        h = self.attn(self.ln_1(x), rope, kv_cache, mask)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
         x = x + self.resid_dropout(h)
-        return x + self.resid_dropout(self.post_mlp_norm(self.mlp(self.ln_2(x))))
+        h = self.mlp(self.ln_2(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + self.resid_dropout(h)
 
 
 class Transformer(nn.Module):
