@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import arlm
 from arlm.config import ModelConfig
+from arlm.formats.checkpoint import load_model, save_model
 from arlm.formats.gguf import export_gguf
 from arlm.formats.hf import config_from_hf, export_hf, load_hf
 from arlm.kv_cache import KVCache, SlotKVCache, StepLayout, make_codec
@@ -532,6 +533,22 @@ def test_quantized_weights_on_the_packed_kernels(case, method):
     assert (quantized - reference).norm() / reference.norm() < tolerance
     assert (packed - quantized).norm() / quantized.norm() < packed_tolerance
     assert len(_greedy(lm, _ids(8, seed=1), 8)) == 8  # and the engine runs it
+
+
+def test_arlm_checkpoint_round_trip(case, tmp_path, tokenizer):
+    # the resolved config (rotary_dim, local rope theta, LongRoPE's attention factor, ...) is
+    # all an arlm checkpoint needs, float or quantized
+    _, folder, _ = case
+    model, _ = load_hf(folder)
+    ids = _ids(SEQ)
+    for method in (None, "int8"):
+        if method is not None:
+            model = quantize(model, method)
+        save_model(tmp_path / str(method), model, tokenizer)
+        again, _ = load_model(tmp_path / str(method))
+        assert again.config == model.config
+        with torch.no_grad():
+            assert torch.equal(again(ids)[0], model(ids)[0])
 
 
 def test_hf_export_round_trip(case, tmp_path, tokenizer):
