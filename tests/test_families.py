@@ -498,6 +498,27 @@ def test_window_in_the_contiguous_and_slot_caches(case, kv_dtype, atol):
     assert moved > max(1.0, 2 * (contiguous - full).abs().max())
 
 
+def test_streaming_window_cache(case):
+    """The StreamingLLM cache (kv_window) turns its sink keys further as the window moves: turning
+    by a, then by b, must equal turning by a + b, with part of each head rotating and LongRoPE's
+    attention factor applied once; before anything is evicted it decodes as transformers does."""
+    name, folder, hf = case
+    if name in WINDOWED:
+        pytest.skip("refused on a sliding-window model (below)")
+    lm = arlm.load(folder, kv_window=64)
+    model, config = lm.model, lm.config
+    k = torch.randn(
+        1, config.n_kv_head, 3, config.head_dim, generator=torch.Generator().manual_seed(0)
+    )
+    a, b = torch.tensor([1, 5, 9]), torch.tensor([4, 4, 30])
+    for kind in ("full", "long") if "long" in model.inv_freq else ("full",):
+        turned = model._rotate(model._rotate(k, a, kind), b, kind)
+        torch.testing.assert_close(turned, model._rotate(k, a + b, kind))
+        assert torch.equal(turned[..., config.rotary_dim :], k[..., config.rotary_dim :])
+    prompt = _prompt(name)  # 8 or 20 + 32 positions: within the 4 sinks and 64 window slots
+    assert _greedy(lm, prompt) == _hf_greedy(hf, prompt)
+
+
 def test_streaming_window_is_refused_on_a_sliding_window_model(case):
     name, folder, _ = case
     if name not in WINDOWED:
