@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from arlm.config import ModelConfig
 from arlm.kv_cache import Cache
 from arlm.kv_cache.base import layer_masks
+from arlm.model.loss import linear_cross_entropy
 from arlm.model.quantize import quantized_linear
 
 
@@ -250,6 +251,10 @@ class Transformer(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def _head_is_plain(self) -> bool:
+        """A float head with nothing between it and the loss: the chunked loss applies."""
+        return isinstance(self.lm_head, nn.Linear) and self.config.logit_softcap is None
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -316,19 +321,25 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for token ids ``idx`` (B, T) at positions ``start_pos .. start_pos+T-1``.
 
         ``positions`` (B, T) gives every token its own position instead: the engine's flat
         batches mix rows at different positions (its ``kv_cache`` knows which row each is).
         With ``targets`` (B, T), also the mean cross-entropy; target -100 is ignored.
+        ``return_logits=False`` (with targets) returns no logits and computes the loss without
+        ever holding them whole (``arlm.model.loss``), which saves memory in training.
         ``last_only`` projects only the last position to the vocabulary (decoding needs no more);
         ``logits_at`` (K,) only the given positions of a one-row batch: logits (1, K, vocab).
         """
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-        if self.wpe is not None and (end := int(positions.max()) + 1) > self.config.block_size:
+            end = start_pos + T  # known without reading the tensor (torch.compile keeps one graph)
+        else:
+            end = int(positions.max()) + 1
+        if self.wpe is not None and end > self.config.block_size:
             raise ValueError(
                 f"positions up to {end} exceed the context length "
                 f"{self.config.block_size} of this model (learned positions cannot extrapolate)"
@@ -356,6 +367,10 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[:, logits_at]
         x = self.ln_f(x)
+        if targets is not None and not return_logits and self._head_is_plain():
+            # training needs the loss alone: head and cross-entropy in chunks, no (B*T, vocab)
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+            return None, loss
         logits = self.lm_head(x)
         if (cap := self.config.logit_softcap) is not None:  # Gemma's tanh cap, before any loss
             logits = torch.tanh(logits / cap) * cap

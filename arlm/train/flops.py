@@ -1,0 +1,47 @@
+"""Model FLOPs utilisation: the FLOPs a training step must do, against what this device can do.
+
+MFU counts only the model's arithmetic (not recomputation or overheads), so it compares runs
+across hardware and implementations: 6 FLOPs per weight per token (2 forward, 4 backward),
+plus attention's two matmuls over the context, as in the PaLM paper's appendix B.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from arlm.config import ModelConfig
+
+
+def model_flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token at full context: ``6 N + 12 n_layer (n_head head_dim) T``,
+    where N counts the weights that multiply activations (not the embedding lookups; a tied
+    output head is a matmul, so the shared matrix counts once)."""
+    c = config
+    attn = (c.n_head + 2 * c.n_kv_head) * c.head_dim * c.n_embd + c.n_head * c.head_dim * c.n_embd
+    mlp_rows = 2 * c.intermediate_size if c.mlp == "swiglu" else c.intermediate_size
+    mlp = mlp_rows * c.n_embd + c.intermediate_size * c.n_embd
+    head = c.vocab_size * c.n_embd
+    n_matmul = c.n_layer * (attn + mlp) + head
+    return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a large square matmul on ``device`` in ``dtype``: the ceiling MFU is read
+    against, measured rather than taken from a datasheet (a CPU's depends on its cores,
+    threads and vector units)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):  # the first warms the kernels up; the best of the rest is the ceiling
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t) / 4)
+    return 2 * n**3 / best
