@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arlm.cli import bench, export, generate, loops, score, serve, train
+from arlm.cli import bench, export, generate, loops, prepare, score, serve, train
 from arlm.train.trainer import TrainingError
 
 
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="arlm", description="A complete autoregressive language-model stack."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (train, generate, score, export, serve, bench, loops):
+    for command in (prepare, train, generate, score, export, serve, bench, loops):
         command.add_parser(sub)
     return parser
 

@@ -33,8 +33,8 @@ from arlm.formats.checkpoint import (
 )
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
-from arlm.train.corpus import load_documents
-from arlm.train.data import Shards, corpus_digest, default_cache_dir, get_batch, prepare_shards
+from arlm.train.data import Shards, default_cache_dir, get_batch
+from arlm.train.prepare import load_or_prepare
 from arlm.validate import check_int
 
 STATE_TENSORS = "train_state.safetensors"
@@ -184,9 +184,14 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         torch.manual_seed(cfg.seed)
-        documents = load_documents(cfg.corpus)
-        self.tokenizer = self._tokenizer(documents)
-        self.shards: Shards = prepare_shards(documents, self.tokenizer, self.cache_dir)
+        self.shards: Shards = load_or_prepare(
+            cfg.corpus,
+            self.cache_dir,
+            vocab_size=cfg.vocab_size or PRESETS[cfg.preset]["vocab_size"],
+            tokenizer=self._tokenizer(),
+            progress=self.progress,
+        )
+        self.tokenizer = self.shards.tokenizer
         self.model = Transformer(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
@@ -201,17 +206,11 @@ class Trainer:
         # a resumed run keeps its saved settings, except where it lives and how long it runs
         return dataclasses.replace(saved_train_config(self.out), out=cfg.out, steps=cfg.steps)
 
-    def _tokenizer(self, documents: list[str]) -> Tokenizer:
+    def _tokenizer(self) -> Tokenizer | None:
+        """A resumed run's own tokenizer; None for a new run, which takes its corpus's."""
         if (self.out / "tokenizer.json").is_file() and (self.out / STATE_JSON).is_file():
             return Tokenizer.from_file(self.out / "tokenizer.json")
-        vocab_size = self.cfg.vocab_size or PRESETS[self.cfg.preset]["vocab_size"]
-        path = self.cache_dir / "tokenizers" / f"{corpus_digest(documents)[:20]}-{vocab_size}.json"
-        if path.is_file():
-            return Tokenizer.from_file(path)
-        tokenizer = Tokenizer.train(documents, vocab_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(path)
-        return tokenizer
+        return None
 
     # --- state -----------------------------------------------------------------------------
 
