@@ -31,9 +31,9 @@ from report import print_table, save_figure  # benchmarks/report.py, beside this
 import arlm
 from arlm.kv_cache import Cache, CacheConfig, KVCache, SlotKVCache, StepLayout, make_codec
 from arlm.kv_cache.slots import PrefillChunk
+from arlm.measure.heldout import held_out_ids
 from arlm.sampling import SamplingParams
-from arlm.train.corpus import builtin_documents
-from arlm.train.data import default_cache_dir, prepare_shards
+from arlm.train.data import default_cache_dir
 
 KINDS = {  # label -> arlm.load keywords; the contiguous cache, float32 the reference
     "float32": {},
@@ -52,8 +52,7 @@ LONG = 8  # the long texts are this many contexts long
 
 
 def held_out(lm: arlm.LM, cache_dir: Path) -> list[int]:
-    shards = prepare_shards(builtin_documents(), lm.tokenizer, cache_dir)
-    return shards.val.astype("int64").tolist()
+    return held_out_ids(lm.tokenizer, "builtin", cache_dir)
 
 
 def perplexity(lm: arlm.LM, segments: list[list[int]], chunk_size: int | None) -> float:

@@ -16,7 +16,7 @@ from arlm.train.corpus import (
     resolve,
     sample_texts,
 )
-from arlm.train.data import TokenSplit, get_batch, is_validation, prepare_shards, sample_starts
+from arlm.train.data import TokenSplit, get_batch, is_validation, sample_starts
 
 
 def test_builtin_corpus_is_the_python_reference():
@@ -88,25 +88,6 @@ def test_held_out_documents_are_a_fixed_tenth():
     held_out = [i for i in range(10_000) if is_validation(i, 0.1)]
     assert 900 < len(held_out) < 1100
     assert held_out == [i for i in range(10_000) if is_validation(i, 0.1)]
-
-
-def test_in_memory_shards_are_cached_by_corpus_and_tokenizer(tmp_path, tokenizer, monkeypatch):
-    docs = builtin_documents()[:10]
-    first = prepare_shards(docs, tokenizer, tmp_path)
-    assert first.train.dtype == np.uint16
-    n = len(first.train) + len(first.val)
-    assert len(first.val) == int(n * 0.1)  # too few documents: the tail of the stream
-    assert first.meta["split"] == "tail"
-
-    def no_encoding(*args):
-        raise AssertionError("re-encoded a cached corpus")
-
-    monkeypatch.setattr(tokenizer, "encode_batch", no_encoding)
-    second = prepare_shards(docs, tokenizer, tmp_path)
-    assert second.directory == first.directory
-    assert np.array_equal(second.train[:], first.train[:])
-    with pytest.raises(AssertionError, match="re-encoded"):
-        prepare_shards(docs[:5], tokenizer, tmp_path)  # another corpus: another key
 
 
 def _split(*lengths, start=0, stop=None):

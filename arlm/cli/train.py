@@ -1,4 +1,7 @@
-"""``arlm train``: teacher forcing on a corpus; progress, eval and checkpoints go to --out."""
+"""``arlm train``: teacher forcing on a corpus; progress, eval and checkpoints go to --out.
+
+Under ``torchrun --nproc-per-node N -m arlm train ...`` each process is one data-parallel rank;
+rank 0 alone prints, samples and writes."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from arlm.api import LM
+    from arlm.train.distributed import close_world
     from arlm.train.trainer import Trainer, saved_train_config
 
     options = given(args, TrainConfig)
@@ -34,13 +38,20 @@ def run(args: argparse.Namespace) -> None:
     else:
         cfg = TrainConfig(**options)
     trainer = Trainer(cfg, resume=args.resume)
-    n_params = trainer.model.num_params()
-    print(
-        f"model: {trainer.cfg.preset}, {n_params / 1e6:.2f}M parameters, "
-        f"vocabulary {trainer.tokenizer.vocab_size}; "
-        f"corpus: {len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
-    )
-    result = trainer.fit()
+    if trainer.world.is_main:
+        c = trainer.model.config
+        print(
+            f"model: {trainer.cfg.preset} ({c.n_layer} layers, {c.n_head} heads, width "
+            f"{c.n_embd}, context {c.block_size}), {trainer.model.num_params() / 1e6:.2f}M "
+            f"parameters, vocabulary {trainer.tokenizer.vocab_size}; corpus: "
+            f"{len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
+        )
+    try:
+        result = trainer.fit()
+    finally:
+        close_world(trainer.world)
+    if not trainer.world.is_main:
+        return
     print(
         f"trained to step {result.step} in {result.seconds:.0f}s; "
         f"final validation loss {result.val_loss:.4f} "

@@ -1,7 +1,8 @@
 """Held-out text for the loop measurements: the validation split the trainer never trains on.
 
-The split is the trainer's own (``arlm.train.data.prepare_shards``: the last tenth of the corpus's
-token stream), so for a model trained on the corpus this text is unseen.
+The split is the trainer's own (``arlm.train.prepare``: a tenth of the documents, or the last
+tenth of the token stream of a corpus with few documents), so for a model trained on the corpus
+this text is unseen.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 from arlm.loops.metrics import split_sentences
 from arlm.tokenizer import Tokenizer
-from arlm.train.corpus import load_documents
-from arlm.train.data import default_cache_dir, prepare_shards
+from arlm.train.data import default_cache_dir
+from arlm.train.prepare import load_or_prepare
 
 # A prose sentence: a capital letter first, a word and a full stop last, no table rules, grammar
 # or prompts in between.
@@ -24,9 +25,8 @@ def held_out_ids(
     tokenizer: Tokenizer, corpus: str = "builtin", cache_dir: str | os.PathLike | None = None
 ) -> list[int]:
     """The validation split of ``corpus`` in ``tokenizer``'s ids (documents end in end-of-text)."""
-    documents = load_documents(corpus)
-    shards = prepare_shards(documents, tokenizer, Path(cache_dir or default_cache_dir()))
-    return shards.val.tolist()
+    cache = Path(cache_dir or default_cache_dir())
+    return load_or_prepare(corpus, cache, tokenizer=tokenizer, progress=False).val.tolist()
 
 
 def held_out_windows(

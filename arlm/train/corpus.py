@@ -158,8 +158,8 @@ def count_documents(sources: list[Source], at_most: int) -> int:
 
 
 def load_documents(spec: str) -> list[str]:
-    """Every document of a corpus, whole, in memory: for small corpora (the held-out text of the
-    loop measurements). Training streams a corpus instead (``arlm.train.prepare``)."""
+    """Every document of a corpus, whole, in memory: for small corpora. Training streams a
+    corpus instead (``arlm.train.prepare``)."""
     documents: list[str] = []
     parts: list[str] = []
     for piece in read_pieces(resolve(spec)):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arlm.atomic import atomic_path, write_atomic
+from arlm.atomic import atomic_path
 from arlm.tokenizer import Tokenizer
 
 FORMAT = 1  # of the folder; a folder of another format is prepared again
@@ -231,43 +231,6 @@ def split_ranges(writers: dict[str, ShardWriter], val_fraction: float) -> dict:
                 f"the {name} split came out empty; use a larger corpus or another val_fraction"
             )
     return ranges
-
-
-def prepare_shards(documents: list[str], tokenizer: Tokenizer, cache_dir: Path) -> Shards:
-    """Shards of documents already in memory (the held-out text of the loop measurements),
-    split by the same rule as ``arlm prepare``; cached by the documents and the tokenizer. A
-    corpus on disk is prepared by streaming it instead (``arlm.train.prepare``)."""
-    h = hashlib.sha256(f"{FORMAT}\n{tokenizer.to_json()}".encode())
-    for doc in documents:
-        h.update(hashlib.sha256(doc.encode("utf-8")).digest())
-    directory = Path(cache_dir) / "shards" / h.hexdigest()[:20]
-    if not (directory / META).is_file():
-        documents = [doc for doc in documents if doc.strip()]  # as a corpus reads them
-        eot, dtype = end_of_text(tokenizer), token_dtype(tokenizer.vocab_size)
-        by_document = len(documents) >= documents_to_split(VAL_FRACTION)
-        names = ("train", "val") if by_document else (TAIL,)
-        directory.mkdir(parents=True, exist_ok=True)
-        with ExitStack() as stack:
-            writers = {
-                name: stack.enter_context(ShardWriter(directory, name, dtype, 2**62))
-                for name in names
-            }
-            for index, ids in enumerate(tokenizer.encode_batch(documents)):
-                name = TAIL
-                if by_document:
-                    name = "val" if is_validation(index, VAL_FRACTION) else "train"
-                writers[name].write(np.asarray(ids + [eot]))
-        tokenizer.save(directory / TOKENIZER)
-        meta = {
-            "format": FORMAT,
-            "dtype": dtype.name,
-            "split": "document" if by_document else "tail",
-            "val_fraction": VAL_FRACTION,
-            **split_ranges(writers, VAL_FRACTION),
-            "documents": len(documents),
-        }
-        write_atomic(directory / META, json.dumps(meta, indent=2).encode())
-    return open_shards(directory)
 
 
 def sample_starts(

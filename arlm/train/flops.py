@@ -32,8 +32,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
     against, measured rather than taken from a datasheet (a CPU's depends on its cores,
     threads and vector units)."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # operands from a generator of their own: the global one belongs to training (dropout)
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     best = float("inf")
     for _ in range(4):  # the first warms the kernels up; the best of the rest is the ceiling
         if device.type == "cuda":

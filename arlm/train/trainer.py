@@ -14,10 +14,12 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from arlm.atomic import atomic_path
@@ -33,12 +35,16 @@ from arlm.formats.checkpoint import (
 )
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
-from arlm.train.data import Shards, default_cache_dir, get_batch
+from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
+from arlm.train.distributed import barrier, init_world, sum_over_ranks
+from arlm.train.flops import model_flops_per_token, peak_flops
 from arlm.train.prepare import load_or_prepare
 from arlm.validate import check_int
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
+# TrainConfig fields that reshape the preset's model (vocab_size is the tokenizer's, set apart)
+MODEL_OVERRIDES = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
 
 
 @dataclass
@@ -49,10 +55,16 @@ class TrainConfig:
         "builtin", help="'builtin', a text file, a folder of .txt/.md files or a glob"
     )
     preset: str = option("small", help=f"model size, one of {', '.join(sorted(PRESETS))}")
+    # the model's shape on top of the preset; None keeps the preset's value
+    n_layer: int | None = option(None, help="transformer blocks (default: the preset's)")
+    n_head: int | None = option(None, help="attention heads (default: the preset's)")
+    n_kv_head: int | None = option(None, help="key/value heads, for GQA (default: n_head)")
+    n_embd: int | None = option(None, help="residual width (default: the preset's)")
+    block_size: int | None = option(None, help="context length (default: the preset's)")
+    vocab_size: int | None = option(None, help="tokenizer vocabulary (default: the preset's)")
     out: str = option("runs/small", help="run folder")
     steps: int = option(300, help="optimizer steps to train to")  # small: ~5 min on 2 cores
-    batch_size: int = option(16, help="sequences per micro-batch")
-    block_size: int | None = option(None, help="context length (default: the preset's)")
+    batch_size: int = option(16, help="sequences per micro-batch, per process")
     grad_accum: int = option(1, help="micro-batches per optimizer step")
     lr: float = option(2e-3, help="peak learning rate")
     min_lr: float | None = option(None, help="learning rate at the last step (default: lr / 10)")
@@ -62,15 +74,18 @@ class TrainConfig:
     beta1: float = option(0.9, help="AdamW beta1")
     beta2: float = option(0.95, help="AdamW beta2")
     dropout: float = option(0.0, help="dropout probability")
-    vocab_size: int | None = option(None, help="tokenizer vocabulary (default: the preset's)")
     eval_interval: int = option(50, help="steps between evaluations")
     eval_iters: int = option(20, help="batches per evaluation")
     log_interval: int = option(10, help="steps between log lines")
     ckpt_interval: int = option(100, help="steps between checkpoints")
     seed: int = option(1337, help="seed of the model's initialization and the batches")
-    device: str = option("cpu", help="cpu, cuda, cuda:1, ...")
-    # off by default on CPU, where it is rarely faster
-    bf16: bool = option(False, help="bfloat16 autocast")
+    device: str = option(
+        "auto",
+        help="auto (CUDA when there is a GPU), cpu, cuda, cuda:1, ...; under torchrun "
+        "'cuda' is each process's own GPU",
+    )
+    bf16: bool = option(False, help="bfloat16 autocast (matmuls in bfloat16, master weights f32)")
+    compile: bool = option(False, help="torch.compile the model (slow first steps, faster after)")
     cache_dir: str | None = option(
         None, help="where encoded corpora are cached (default: ~/.cache/arlm)"
     )
@@ -88,6 +103,9 @@ class TrainConfig:
             "ckpt_interval",
         ):
             check_int(name, getattr(self, name), 1)
+        for name in MODEL_OVERRIDES:
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
         if self.block_size is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be at least 2")
         if not self.lr > 0:
@@ -96,10 +114,13 @@ class TrainConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        overrides = {"vocab_size": vocab_size, "dropout": self.dropout}
-        if self.block_size is not None:
-            overrides["block_size"] = self.block_size
-        return ModelConfig.preset(self.preset, **overrides)
+        """The preset with this run's overrides; ``vocab_size`` is the tokenizer's."""
+        overrides = {n: getattr(self, n) for n in MODEL_OVERRIDES if getattr(self, n) is not None}
+        if self.n_head is not None and self.n_kv_head is None:
+            overrides["n_kv_head"] = self.n_head  # a preset's GQA ratio does not survive new heads
+        return ModelConfig.preset(
+            self.preset, **overrides, vocab_size=vocab_size, dropout=self.dropout
+        )
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at the last step."""
@@ -131,7 +152,10 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # the fused kernel updates every tensor in one pass (on CPU several times faster than the
+    # per-tensor loops); it takes floating-point tensors on CPU or CUDA
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -168,22 +192,30 @@ class Trainer:
 
     With ``resume=True`` the run in ``cfg.out`` continues with its saved settings; only
     ``cfg.steps`` (the step to train to) is taken from ``cfg``.
+
+    Under ``torchrun`` each process is one rank of a data-parallel run: every optimizer step
+    draws one global batch of ``batch_size * grad_accum * world_size`` windows from a generator
+    all ranks share, and each rank trains on its own slice of it, so the run follows the same
+    schedule as one process holding the whole batch.
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
         self.out = Path(cfg.out)
-        if resume:
-            cfg = self._resumed_config(cfg)
+        saved = saved_train_config(self.out) if resume else None
+        self.world, self.device = init_world(saved.device if saved else cfg.device)
+        if saved:
+            cfg = self._resumed_config(saved, cfg)
         elif (self.out / STATE_JSON).exists():
             raise ValueError(
                 f"{self.out} already holds a training run; pass --resume to continue it "
                 "or choose another --out"
             )
         self.cfg = cfg
-        self.progress = progress
-        self.device = torch.device(cfg.device)
+        self.progress = progress and self.world.is_main
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         torch.manual_seed(cfg.seed)
+        if not self.world.is_main:  # rank 0 encodes the corpus first; the others then read it
+            barrier(self.world)
         self.shards: Shards = load_or_prepare(
             cfg.corpus,
             self.cache_dir,
@@ -192,8 +224,11 @@ class Trainer:
             progress=self.progress,
         )
         self.tokenizer = self.shards.tokenizer
+        if self.world.is_main:
+            barrier(self.world)
         self.model = Transformer(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
+        # the same seed on every rank: all draw the same global batches, each keeps its slice
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.last_val_loss = float("nan")
@@ -201,10 +236,41 @@ class Trainer:
         if resume:
             self._load_state()
         self._saved_step = self.step
+        if self.world.distributed:
+            torch.manual_seed(cfg.seed + self.step + self.world.rank)  # dropout differs by rank
+        # DDP averages the gradients over ranks in the backward pass (its wrapper broadcasts
+        # rank 0's weights on creation, so every rank starts equal)
+        self.ddp_model: torch.nn.Module = (
+            DistributedDataParallel(self.model) if self.world.distributed else self.model
+        )
+        self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.flops_per_token = model_flops_per_token(self.model.config)
+        self.peak_flops: float | None = None  # measured when fit starts
 
-    def _resumed_config(self, cfg: TrainConfig) -> TrainConfig:
-        # a resumed run keeps its saved settings, except where it lives and how long it runs
-        return dataclasses.replace(saved_train_config(self.out), out=cfg.out, steps=cfg.steps)
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over every rank."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world.size
+
+    def _resumed_config(self, saved: TrainConfig, cfg: TrainConfig) -> TrainConfig:
+        """The saved settings, except where the run lives and how long it runs; with another
+        number of processes, the per-process batch that keeps the global batch."""
+        state = read_json(self.out / STATE_JSON)
+        saved_world = state.get("world_size", 1)
+        resumed = dataclasses.replace(saved, out=cfg.out, steps=cfg.steps)
+        if saved_world == self.world.size:
+            return resumed
+        global_batch = saved.batch_size * saved.grad_accum * saved_world
+        per_rank, rest = divmod(global_batch, saved.grad_accum * self.world.size)
+        if rest or per_rank < 1:
+            raise ValueError(
+                f"cannot resume a run of {saved_world} process(es) with {self.world.size}: its "
+                f"global batch of {global_batch} sequences (batch_size {saved.batch_size} x "
+                f"grad_accum {saved.grad_accum} x {saved_world}) does not divide into "
+                f"grad_accum {saved.grad_accum} x {self.world.size} processes; resume with a "
+                f"number of processes that divides {global_batch // saved.grad_accum}"
+            )
+        return dataclasses.replace(resumed, batch_size=per_rank)
 
     def _tokenizer(self) -> Tokenizer | None:
         """A resumed run's own tokenizer; None for a new run, which takes its corpus's."""
@@ -215,7 +281,10 @@ class Trainer:
     # --- state -----------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write the checkpoint and the training state as one atomic unit."""
+        """Write the checkpoint and the training state as one atomic unit (rank 0 alone: the
+        ranks' weights and optimizer states are equal)."""
+        if not self.world.is_main:
+            return
         opt_tensors, opt_json = _optimizer_tensors(self.optimizer)
         tensors = {
             **opt_tensors,
@@ -227,6 +296,7 @@ class Trainer:
         state = {
             "step": self.step,
             "val_loss": self.last_val_loss,
+            "world_size": self.world.size,
             "train_config": dataclasses.asdict(self.cfg),
             **opt_json,
         }
@@ -257,7 +327,7 @@ class Trainer:
     def _trim_metrics(self) -> None:
         # steps logged after the checkpoint are redone by this run; drop their old lines
         path = self.out / "metrics.jsonl"
-        if path.is_file():
+        if path.is_file() and self.world.is_main:
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
             path.write_text("".join(ln + "\n" for ln in kept))
@@ -271,61 +341,97 @@ class Trainer:
         enabled = self.cfg.bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def _batch(
+        self, split: TokenSplit, starts: list[int], block: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (B, block) and the same windows shifted by one, on the training device."""
+        windows = split.windows(starts, block)  # (B, block + 1)
+        if self.device.type == "cuda":
+            windows = windows.pin_memory()
+        windows = windows.to(self.device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over ``eval_iters`` batches (the same batches every time)."""
+        """Mean validation loss over ``eval_iters`` batches (the same batches every time),
+        shared out among the ranks."""
         self.model.eval()
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
-        block = self.model.config.block_size
-        block = min(block, len(self.shards.val) - 1)
-        losses = []
-        for _ in range(self.cfg.eval_iters):
-            x, y = get_batch(self.shards.val, self.cfg.batch_size, block, generator, self.device)
+        b, world = self.cfg.batch_size, self.world
+        # a validation split shorter than the context is read in shorter windows
+        block = min(self.model.config.block_size, len(self.shards.val) - 1)
+        starts = sample_starts(self.shards.val, self.cfg.eval_iters * b, block, generator)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(world.rank, self.cfg.eval_iters, world.size):
+            x, y = self._batch(self.shards.val, starts[i * b : (i + 1) * b], block)
             with self._autocast():
-                _, loss = self.model(x, y)
-            losses.append(loss.item())
+                _, loss = self.model(x, y, return_logits=False)
+            total += loss.double()
         self.model.train()
-        return sum(losses) / len(losses)
+        return sum_over_ranks(total, world).item() / self.cfg.eval_iters
 
     def _log(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.world.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
-        cfg = self.cfg
+        """One optimizer step over ``grad_accum`` micro-batches on every rank; returns the mean
+        loss over the global batch.
+
+        The step's global batch is drawn at once; micro-step k of rank r trains on its slice
+        ``k * world_size + r``, so any split of the same global batch over processes and
+        micro-steps sees the same windows.
+        """
+        cfg, world = self.cfg, self.world
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = get_batch(
-                self.shards.train,
-                cfg.batch_size,
-                self.model.config.block_size,
-                self.batch_generator,
-                self.device,
-            )
-            with self._autocast():
-                _, loss = self.model(x, y)
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-        if not math.isfinite(total):
+        b, block = cfg.batch_size, self.model.config.block_size
+        starts = sample_starts(self.shards.train, self.global_batch, block, self.batch_generator)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k in range(cfg.grad_accum):
+            first = (k * world.size + world.rank) * b
+            x, y = self._batch(self.shards.train, starts[first : first + b], block)
+            # the gradients are averaged over ranks once, in the last micro-step's backward
+            last = k == cfg.grad_accum - 1
+            with nullcontext() if last or not world.distributed else self.ddp_model.no_sync():
+                with self._autocast():
+                    _, loss = self.forward_model(x, y, return_logits=False)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach().double() / cfg.grad_accum
+        # one collective for the logged loss and for a stop asked of any rank (Ctrl-C reaches
+        # every process; they must all stop after the same step)
+        stop = torch.tensor(float(self._stop_requested), dtype=torch.float64, device=self.device)
+        shared = sum_over_ranks(torch.stack((total, stop)), world)
+        loss_value = shared[0].item() / world.size
+        self._stop_requested = bool(shared[1].item())
+        if not math.isfinite(loss_value):
             raise TrainingError(
-                f"the loss became {total} at step {self.step + 1}; the last good checkpoint is "
-                f"kept in {self.out} (step {self._saved_step}). Lower --lr and resume."
+                f"the loss became {loss_value} at step {self.step + 1}; the last good checkpoint "
+                f"is kept in {self.out} (step {self._saved_step}). Lower --lr and resume."
             )
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total
+        return loss_value
 
     def fit(self, on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.block_size
+        tokens_per_step = self.global_batch * self.model.config.block_size
+        if self.peak_flops is None:
+            dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+            self.peak_flops = peak_flops(self.device, dtype)
+        if self.world.is_main and self.progress:
+            print(
+                f"global batch: {self.global_batch} sequences x {self.model.config.block_size} "
+                f"= {tokens_per_step:,} tokens ({cfg.batch_size} per micro-batch x "
+                f"{cfg.grad_accum} micro-batches x {self.world.size} process(es)); "
+                f"matmul peak {self.peak_flops / 1e9:,.0f} GFLOP/s per process"
+            )
         previous = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_interrupt)
         started = time.perf_counter()
@@ -345,13 +451,15 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (self.step - step_last) * tokens_per_step / (now - t_last)
                     t_last, step_last = now, self.step
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                    mfu = rate / self.world.size * self.flops_per_token / self.peak_flops
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
                     self._log(
                         {
                             "step": self.step,
                             "loss": loss,
                             "lr": cfg.lr_at(self.step - 1),
                             "tokens_per_sec": rate,
+                            "mfu": mfu,
                         }
                     )
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
@@ -367,7 +475,8 @@ class Trainer:
                         f"step {self.step}: val loss {self.last_val_loss:.4f}, "
                         f"perplexity {math.exp(self.last_val_loss):.2f}"
                     )
-                    plot_losses(self.out)
+                    if self.world.is_main:
+                        plot_losses(self.out)
                 if self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
                     self.save()
                     self._saved_step = self.step
@@ -379,6 +488,8 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous)
+        # the others wait for rank 0's last checkpoint, so a finished run's folder is complete
+        barrier(self.world)
         return TrainResult(self.out, self.step, self.last_val_loss, time.perf_counter() - started)
 
     def _on_interrupt(self, signum, frame) -> None:
