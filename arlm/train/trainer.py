@@ -106,6 +106,8 @@ class TrainConfig:
         for name in MODEL_OVERRIDES:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        # the model's shape is checked now, before a corpus is read for it
+        self.model_config(self.vocab_size or PRESETS[self.preset]["vocab_size"])
         if self.block_size is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be at least 2")
         if not self.lr > 0:
