@@ -54,8 +54,8 @@ class OneSlot:
         self._step = self.slots.step(layout)
         self._step.prepare(start_pos, T, rotate)
 
-    def attend(self, layer: int, q, k, v):
-        return self._step.attend(layer, q, k, v)
+    def attend(self, layer: int, q, k, v, scale=None):
+        return self._step.attend(layer, q, k, v, scale)
 
 
 def build(kind: CacheConfig | None, config: ModelConfig, max_len: int):

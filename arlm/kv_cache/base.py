@@ -23,7 +23,12 @@ class Cache(Protocol):
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None: ...
 
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,  # None: 1/sqrt(head_dim)
     ) -> torch.Tensor: ...
 
     @property
@@ -48,10 +53,15 @@ class Cache(Protocol):
 
 
 def sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd); ``mask`` True where a
-    query may look, or None for plain causal alignment (the T queries are the last T keys)."""
+    query may look, or None for plain causal alignment (the T queries are the last T keys);
+    ``scale`` multiplies the scores (None: 1/sqrt(hd))."""
     T, S = q.size(2), k.size(2)
     return F.scaled_dot_product_attention(
         q,
@@ -60,6 +70,7 @@ def sdpa(
         attn_mask=mask,
         # without a mask, T > 1 queries line up with the last T keys only when S == T
         is_causal=mask is None and T > 1 and T == S,
+        scale=scale,
         enable_gqa=q.size(1) != k.size(1),
     )
 
@@ -74,9 +85,16 @@ class DenseCache:
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
         self._masks = self._prepare(start_pos, T, rotate)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         k, v = self.update(layer, k, v)
-        return sdpa(q, k, v, self._masks[layer])
+        return sdpa(q, k, v, self._masks[layer], scale)
 
 
 def alloc_planes(

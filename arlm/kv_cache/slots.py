@@ -295,7 +295,14 @@ class SlotStep:
         if self.layout.num_tokens != T:
             raise ValueError(f"this step's layout has {self.layout.num_tokens} tokens, not {T}")
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         # q: (1, n_head, N, hd); k, v: (1, n_kv_head, N, hd), the layout's tokens in order
         cache = self.cache
         codec = cache.codec
@@ -318,7 +325,7 @@ class SlotStep:
             if not self._dense:
                 rows = queries.new_zeros(self._rows, *queries.shape[1:])
                 queries = rows.index_copy_(0, self._row_index, queries)
-            y = sdpa(queries, keys, values, mask)  # (rows, n_head, 1, hd)
+            y = sdpa(queries, keys, values, mask, scale)  # (rows, n_head, 1, hd)
             if not self._dense:
                 y = y.index_select(0, self._row_index)
             out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, n_head, nd, hd)
@@ -336,7 +343,7 @@ class SlotStep:
                 values = rings[span].update(
                     codec, [p[s : s + 1] for p in v_planes], v[:, :, new], cache.dtype
                 )
-                out.append(sdpa(q[:, :, new], keys, values, mask))
+                out.append(sdpa(q[:, :, new], keys, values, mask, scale))
                 offset += T
                 continue
             for planes, x in ((k_planes, k), (v_planes, v)):
@@ -346,6 +353,6 @@ class SlotStep:
                     plane[s, :, start:end] = part
             keys = codec.decode([p[s : s + 1, :, first:end] for p in k_planes], cache.dtype)
             values = codec.decode([p[s : s + 1, :, first:end] for p in v_planes], cache.dtype)
-            out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask))
+            out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask, scale))
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)

@@ -120,12 +120,8 @@ class Attention(nn.Module):
         # by the heads)
         self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
-        # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar): teacher forcing
-        # hands it to the attention kernel; the KV caches' attention takes none, so there it is
-        # folded into the queries (the same in float32; in bfloat16 the queries round once more)
+        # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar), or None
         self.scale = config.attn_scale
-        q_scale = 1.0 if self.scale is None else self.scale * math.sqrt(config.head_dim)
-        self.q_scale = None if math.isclose(q_scale, 1.0, rel_tol=1e-12) else q_scale
         self.dropout = config.dropout
 
     def forward(
@@ -146,9 +142,7 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)  # q and k turn by the same angles: one pass for both
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if kv_cache is not None:  # the cache applies the layer's window itself
-            if self.q_scale is not None:
-                q = q * self.q_scale
-            y = kv_cache.attend(self.layer_idx, q, k, v)  # (B, n_head, T, hd)
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.scale)  # (B, n_head, T, hd)
         else:  # teacher forcing: the whole sequence, causally masked (and windowed, by mask)
             y = self._attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
