@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import arlm
+from tests.serving import free_socket
 
 # a small model on a small corpus: each torchrun launch costs seconds, not minutes
 MODEL = [
@@ -62,6 +63,11 @@ def train(out: Path, corpus: str, cache: Path, *args: str, nproc: int = 1, **pop
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
 
 
+def free_port() -> int:
+    with free_socket() as sock:  # closed again: the rendezvous binds it (a race, seldom lost)
+        return sock.getsockname()[1]
+
+
 def losses(out: Path) -> dict[int, float]:
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
@@ -82,18 +88,45 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def test_two_ranks_follow_one_process_with_the_whole_batch(tmp_path, corpus, cache):
-    one = ok(train(tmp_path / "one", corpus, cache, "--steps", "6", "--batch-size", "4"))
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, corpus, cache) -> Path:
+    """6 steps of 1 process x batch 4: the run the multi-process ones must follow."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    one = ok(train(out, corpus, cache, "--steps", "6", "--batch-size", "4"))
     assert "global batch: 4 sequences x 32 = 128 tokens" in one.stdout
+    return out
+
+
+def test_two_ranks_follow_one_process_with_the_whole_batch(tmp_path, corpus, cache, one_process):
     two = ok(train(tmp_path / "two", corpus, cache, "--steps", "6", "--batch-size", "2", nproc=2))
     assert "global batch: 4 sequences x 32 = 128 tokens (2 per micro-batch x 1" in two.stdout
     assert two.stdout.count("trained to step 6") == 1  # rank 0 alone reports
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert two.stdout.count("step 6: val loss") == 1
+    assert_same_run(one_process, tmp_path / "two")
     # and with gradient accumulation: 2 ranks x 2 micro-batches of 1
     accum = train(tmp_path / "accum", corpus, cache, "--steps", "6", "--batch-size", "1",
                   "--grad-accum", "2", nproc=2)  # fmt: skip
     ok(accum)
-    assert_same_run(tmp_path / "one", tmp_path / "accum")
+    assert_same_run(one_process, tmp_path / "accum")
+
+
+def test_two_nodes_meet_through_a_rendezvous_endpoint(tmp_path, corpus, cache, one_process):
+    # two "machines" on the loopback: one launcher per node, joined by torchrun's c10d rendezvous
+    port = str(free_port())
+    launchers = []
+    for _node in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        command += ["--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+        command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes"]
+        command += ["-m", "arlm", "train", "--out", str(tmp_path / "nodes"), "--corpus", corpus]
+        command += ["--cache-dir", str(cache), *MODEL, *SCHEDULE, "--steps", "6"]
+        command += ["--batch-size", "2"]
+        launchers.append(subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs
+    assert sum(o.count("trained to step 6") for o in outputs) == 1
+    assert_same_run(one_process, tmp_path / "nodes")
 
 
 def test_resume_with_another_world_size_keeps_the_global_batch(tmp_path, corpus, cache):

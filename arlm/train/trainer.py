@@ -473,11 +473,11 @@ class Trainer:
                             "val_ppl": math.exp(self.last_val_loss),
                         }
                     )
-                    bar.write(
-                        f"step {self.step}: val loss {self.last_val_loss:.4f}, "
-                        f"perplexity {math.exp(self.last_val_loss):.2f}"
-                    )
                     if self.world.is_main:
+                        bar.write(
+                            f"step {self.step}: val loss {self.last_val_loss:.4f}, "
+                            f"perplexity {math.exp(self.last_val_loss):.2f}"
+                        )
                         plot_losses(self.out)
                 if self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
                     self.save()
@@ -486,7 +486,8 @@ class Trainer:
                     on_step(self)
             if self._saved_step != self.step:  # stopped early: keep what was done
                 self.save()
-                bar.write(f"stopped at step {self.step}; continue with --resume")
+                if self.world.is_main:
+                    bar.write(f"stopped at step {self.step}; continue with --resume")
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous)
