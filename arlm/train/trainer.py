@@ -52,13 +52,17 @@ class TrainConfig:
     """Everything a run needs; saved in the run folder so ``resume`` needs only the folder."""
 
     corpus: str = option(
-        "builtin", help="'builtin', a text file, a folder of .txt/.md files or a glob"
+        "builtin",
+        help="'builtin', a text file, a .jsonl file (a \"text\" per line), a folder of "
+        ".txt/.md/.jsonl files, a glob, or a folder written by arlm prepare",
     )
     preset: str = option("small", help=f"model size, one of {', '.join(sorted(PRESETS))}")
     # the model's shape on top of the preset; None keeps the preset's value
     n_layer: int | None = option(None, help="transformer blocks (default: the preset's)")
     n_head: int | None = option(None, help="attention heads (default: the preset's)")
-    n_kv_head: int | None = option(None, help="key/value heads, for GQA (default: n_head)")
+    n_kv_head: int | None = option(
+        None, help="key/value heads, for GQA (default: the preset's; n_head with --n-head)"
+    )
     n_embd: int | None = option(None, help="residual width (default: the preset's)")
     block_size: int | None = option(None, help="context length (default: the preset's)")
     vocab_size: int | None = option(None, help="tokenizer vocabulary (default: the preset's)")
