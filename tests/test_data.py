@@ -11,12 +11,20 @@ from arlm.train.corpus import (
     CorpusError,
     builtin_documents,
     count_documents,
-    load_documents,
     read_pieces,
     resolve,
     sample_texts,
 )
 from arlm.train.data import TokenSplit, get_batch, is_validation, sample_starts
+from arlm.train.prepare import prepare
+
+
+def documents(spec: str) -> list[str]:
+    """The corpus's documents, whole, as the reader streams them in pieces."""
+    whole: dict[int, str] = {}
+    for piece in read_pieces(resolve(spec)):
+        whole[piece.document] = whole.get(piece.document, "") + piece.text
+    return list(whole.values())
 
 
 def test_builtin_corpus_is_the_python_reference():
@@ -24,7 +32,7 @@ def test_builtin_corpus_is_the_python_reference():
     assert len(docs) > 50
     assert 400_000 < sum(map(len, docs)) < 600_000
     assert docs == builtin_documents()  # a fixed order, so splits are deterministic
-    assert load_documents("builtin") == docs
+    assert documents("builtin") == docs
 
 
 def test_file_folder_glob_and_json_lines(tmp_path):
@@ -35,10 +43,10 @@ def test_file_folder_glob_and_json_lines(tmp_path):
     records = [{"text": "gamma", "id": 1}, {"text": "  "}, {"text": "delta"}]
     lines = [json.dumps(r) for r in records]
     (tmp_path / "sub" / "d.jsonl").write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")
-    assert load_documents(str(tmp_path / "a.txt")) == ["alpha"]
+    assert documents(str(tmp_path / "a.txt")) == ["alpha"]
     # sorted paths; blank lines and records of whitespace are no documents
-    assert load_documents(str(tmp_path)) == ["alpha", "beta", "gamma", "delta"]
-    assert load_documents(str(tmp_path / "**" / "*.md")) == ["beta"]
+    assert documents(str(tmp_path)) == ["alpha", "beta", "gamma", "delta"]
+    assert documents(str(tmp_path / "**" / "*.md")) == ["beta"]
     assert count_documents(resolve(str(tmp_path)), at_most=100) == 4
     assert count_documents(resolve(str(tmp_path)), at_most=2) == 2
 
@@ -53,9 +61,9 @@ def test_file_folder_glob_and_json_lines(tmp_path):
         (lambda p: (p / "b.txt").write_bytes(b"ok\n\xff\xfe") and p / "b.txt", "not UTF-8"),
     ],
 )
-def test_bad_corpora_are_explained(tmp_path, setup, message):
+def test_bad_corpora_are_explained(tmp_path, setup, message, tokenizer):
     with pytest.raises(CorpusError, match=message):
-        load_documents(str(setup(tmp_path)))
+        prepare(str(setup(tmp_path)), tmp_path / "out", tokenizer=tokenizer, progress=False)
 
 
 def test_a_long_document_is_read_in_pieces_that_encode_as_the_whole(tmp_path, tokenizer):

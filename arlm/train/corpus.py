@@ -157,21 +157,6 @@ def count_documents(sources: list[Source], at_most: int) -> int:
     return count
 
 
-def load_documents(spec: str) -> list[str]:
-    """Every document of a corpus, whole, in memory: for small corpora. Training streams a
-    corpus instead (``arlm.train.prepare``)."""
-    documents: list[str] = []
-    parts: list[str] = []
-    for piece in read_pieces(resolve(spec)):
-        parts.append(piece.text)
-        if piece.end:
-            documents.append("".join(parts))
-            parts = []
-    if not documents:
-        raise empty_corpus(spec)
-    return documents
-
-
 def cut_point(text: str, limit: int) -> int:
     """Where a piece of ``text`` (longer than ``limit`` characters) ends, at most ``limit`` in.
 
