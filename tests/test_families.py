@@ -200,6 +200,13 @@ CASES = {
     ),
 }
 WINDOWED = [name for name in CASES if "window" in name]
+UNWINDOWED = [name for name in CASES if name not in WINDOWED]
+LONGROPE = [name for name in CASES if "longrope" in name]
+
+
+def cases(names: list[str]):
+    """Run a test on these of the ``case`` fixture's families only."""
+    return pytest.mark.parametrize("case", names, indirect=True)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -312,10 +319,9 @@ def test_fp32_logits_and_greedy_through_the_engine(case):
     assert _greedy(lm, prompt) == _hf_greedy(hf, prompt)
 
 
+@cases(WINDOWED)  # the window's masks are what this exercises
 def test_batched_and_chunked_engine_rows_match_transformers(case):
     name, folder, hf = case
-    if name not in WINDOWED:
-        pytest.skip("the window's masks are what this exercises")
     # three rows at their own positions in one decode forward; prompts prefill in chunks that
     # share forwards with the decoding rows
     lm = arlm.load(folder, max_num_seqs=3, max_num_batched_tokens=6)
@@ -341,6 +347,7 @@ def test_bf16_logits_and_greedy(case):
     assert _greedy(lm, prompt) == _hf_greedy(hf16, prompt)
 
 
+@cases(LONGROPE)
 def test_longrope_switches_factors_per_forward(case):
     """LongRoPE picks its factors per forward, as transformers' model does: a forward that reaches
     past the original context turns all its positions by the long factors. transformers' generate
@@ -348,8 +355,6 @@ def test_longrope_switches_factors_per_forward(case):
     engine does not, so from a prompt shorter than it arlm decodes as transformers' model fed one
     token per forward through its own cache, and as transformers' generate only up to there."""
     name, folder, hf = case
-    if "longrope" not in name:
-        pytest.skip("no LongRoPE")
     lm = arlm.load(folder)
     prompt = _ids(8, seed=1)  # 8 + 32 positions cross the original context of 16
     ours = _greedy(lm, prompt)
@@ -473,10 +478,9 @@ def _slots(model, seq, codec):
 # float at most 1e-5 (Phi-3), int8 at most 0.11, int4 at most 1.2; dropping the window moves the
 # logits by 2.4 to 6.6, at least twice each model's int4 error
 @pytest.mark.parametrize("kv_dtype, atol", [("auto", 1e-5), ("int8", 0.15), ("int4", 1.5)])
+@cases(WINDOWED)
 def test_window_in_the_contiguous_and_slot_caches(case, kv_dtype, atol):
     name, folder, _ = case
-    if name not in WINDOWED:
-        pytest.skip("no window")
     model, _ = load_hf(folder)
     seq = _ids(SEQ, seed=2)
     with torch.no_grad():
@@ -497,13 +501,12 @@ def test_window_in_the_contiguous_and_slot_caches(case, kv_dtype, atol):
     assert moved > max(1.0, 2 * (contiguous - full).abs().max())
 
 
+@cases(UNWINDOWED)  # a sliding-window model refuses it (below)
 def test_streaming_window_cache(case):
     """The StreamingLLM cache (kv_window) turns its sink keys further as the window moves: turning
     by a, then by b, must equal turning by a + b, with part of each head rotating and LongRoPE's
     attention factor applied once; before anything is evicted it decodes as transformers does."""
     name, folder, hf = case
-    if name in WINDOWED:
-        pytest.skip("refused on a sliding-window model (below)")
     lm = arlm.load(folder, kv_window=64)
     model, config = lm.model, lm.config
     k = torch.randn(
@@ -518,10 +521,9 @@ def test_streaming_window_cache(case):
     assert _greedy(lm, prompt) == _hf_greedy(hf, prompt)
 
 
+@cases(WINDOWED)
 def test_streaming_window_is_refused_on_a_sliding_window_model(case):
     name, folder, _ = case
-    if name not in WINDOWED:
-        pytest.skip("no window")
     with pytest.raises(ValueError, match="kv_window=16 with a model whose layers have a sliding"):
         arlm.load(folder, kv_window=16)
 
@@ -719,12 +721,11 @@ def _llama_cpp_greedy(path: Path, prompt: list[int], n: int, log: Path) -> list[
 
 
 @pytest.mark.skipif(not LLAMA_SERVER.is_file(), reason=f"no llama.cpp server at {LLAMA_SERVER}")
+@cases(LLAMA_CPP_CASES)  # one case per llama.cpp architecture
 def test_llama_cpp_runs_the_gguf_greedy(case, tmp_path, tokenizer):
     """llama.cpp runs the exported file as arlm runs the model: 32 greedy tokens equal, except
     that from a near-tie on (a gap under NEAR_TIE in arlm's logits) either pick is right."""
     name, folder, _ = case
-    if name not in LLAMA_CPP_CASES:
-        pytest.skip("one case per llama.cpp architecture")
     lm = arlm.load(folder)
     prompt = _prompt(name)[0].tolist()
     ours = _greedy(lm, _prompt(name))
