@@ -348,6 +348,26 @@ def test_bf16_logits_and_greedy(case):
 
 
 @cases(LONGROPE)
+def test_longrope_rows_batched_decode_as_alone(case):
+    """Each row of an engine batch picks LongRoPE's factors by its own length: a short row
+    batched with one past the original context (16) keeps its short factors."""
+    _, folder, _ = case
+    lm = arlm.load(folder, max_num_seqs=2)
+    prompts = [_ids(20, seed=3)[0].tolist(), _ids(3, seed=4)[0].tolist()]  # 3 + 8 stays short
+    alone = [lm.generate(p, max_tokens=8, temperature=0).token_ids for p in prompts]
+    together = [c.token_ids for c in lm.generate(prompts, max_tokens=8, temperature=0)]
+    assert together == alone
+    # and the rows really were in one forward with different factors: the short row's logits
+    # differ when its factors are the long ones
+    model = lm.model
+    short = torch.tensor([prompts[1]])
+    positions = torch.arange(3)[None]
+    as_short, _ = model(short, positions=positions, seq_ends=torch.full((1, 3), 3))
+    as_long, _ = model(short, positions=positions, seq_ends=torch.full((1, 3), 17))
+    assert not torch.allclose(as_short, as_long)
+
+
+@cases(LONGROPE)
 def test_longrope_switches_factors_per_forward(case):
     """LongRoPE picks its factors per forward, as transformers' model does: a forward that reaches
     past the original context turns all its positions by the long factors. transformers' generate

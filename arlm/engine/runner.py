@@ -94,5 +94,7 @@ class ModelRunner:
             kv_cache=self.cache.step(layout),
             positions=positions,
             logits_at=torch.tensor(select, dtype=torch.long, device=self.device),
+            # each row's own reach: LongRoPE picks a row's factors by it, not by the batch's
+            seq_ends=torch.tensor([layout.sequence_ends()], device=self.device),
         )
         return logits[0].float(), rows

@@ -75,6 +75,14 @@ class StepLayout:
             out.extend(range(c.start, c.start + c.length))
         return out
 
+    def sequence_ends(self) -> list[int]:
+        """For every token, in the flat order, the position its sequence reaches in this
+        forward (exclusive): one past a decode row's position, a chunk's end."""
+        out = [p + 1 for p in self.decode_positions]
+        for c in self.chunks:
+            out.extend([c.start + c.length] * c.length)
+        return out
+
 
 class SlotKVCache:
     """``num_slots`` slots of ``slot_len`` positions per layer, through a codec (floats, or

@@ -281,15 +281,21 @@ class Transformer(nn.Module):
             reference = Transformer(replace(self.config, quantization=None))
         return sum(p.numel() for p in reference.parameters())
 
-    def _full_kind(self, positions: torch.Tensor) -> str:
+    def _full_kind(
+        self, positions: torch.Tensor, seq_ends: torch.Tensor | None
+    ) -> str | torch.Tensor:
         """The frequencies the full-attention layers turn by in a forward over ``positions``:
-        LongRoPE as transformers runs it, where a forward that reaches past the original context
-        turns all its positions by the long factors ("long"), any other by the short ones."""
-        if "long" in self.inv_freq:
-            original = self.config.rope_scaling["original_max_position_embeddings"]
-            if int(positions.max()) + 1 > original:
-                return "long"
-        return "full"
+        LongRoPE as transformers runs it, where a sequence whose forward reaches past the
+        original context turns all its positions by the long factors ("long"), any other by the
+        short ones ("full"). With ``seq_ends``, each token by its own sequence's reach: a bool
+        tensor like ``positions``, True where long, when the sequences of a batch differ."""
+        if "long" not in self.inv_freq:
+            return "full"
+        original = self.config.rope_scaling["original_max_position_embeddings"]
+        if seq_ends is None:
+            return "long" if int(positions.max()) + 1 > original else "full"
+        long = seq_ends > original
+        return "long" if bool(long.all()) else "full" if not bool(long.any()) else long
 
     def _rope(
         self, positions: torch.Tensor, dtype: torch.dtype, kind: str = "full", scaled: bool = True
@@ -310,10 +316,19 @@ class Transformer(nn.Module):
             cos, sin = cos * factor, sin * factor
         return cos.to(dtype), sin.to(dtype)
 
-    def _ropes(self, positions: torch.Tensor, dtype: torch.dtype, full: str) -> list[tuple]:
-        """Each layer's (cos, sin), computed once per kind of layer."""
-        kinds = {"full": full, "local": "local"}
-        tables = {k: self._rope(positions, dtype, kinds[k]) for k in set(self.layer_rope)}
+    def _ropes(
+        self, positions: torch.Tensor, dtype: torch.dtype, full: str | torch.Tensor
+    ) -> list[tuple]:
+        """Each layer's (cos, sin), computed once per kind of layer; ``full`` as ``_full_kind``
+        gives it (a mask picks the long or the short table token by token)."""
+        tables = {}
+        for kind in set(self.layer_rope):
+            if kind == "local" or isinstance(full, str):
+                tables[kind] = self._rope(positions, dtype, full if kind == "full" else kind)
+                continue
+            long, short = self._rope(positions, dtype, "long"), self._rope(positions, dtype)
+            pick = full[:, None, :, None]  # (B, 1, T, 1), as the per-row tables
+            tables[kind] = tuple(torch.where(pick, a, b) for a, b in zip(long, short, strict=True))
         return [tables[k] for k in self.layer_rope]
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor, kind: str = "full") -> torch.Tensor:
@@ -332,6 +347,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
         return_logits: bool = True,
+        seq_ends: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for token ids ``idx`` (B, T) at positions ``start_pos .. start_pos+T-1``.
 
@@ -342,6 +358,8 @@ class Transformer(nn.Module):
         ever holding them whole (``arlm.model.loss``), which saves memory in training.
         ``last_only`` projects only the last position to the vocabulary (decoding needs no more);
         ``logits_at`` (K,) only the given positions of a one-row batch: logits (1, K, vocab).
+        ``seq_ends`` (B, T), with ``positions``: how far each token's sequence reaches in this
+        forward (LongRoPE chooses its factors by it; default: the furthest position + 1).
         """
         B, T = idx.shape
         if positions is None:
@@ -361,9 +379,10 @@ class Transformer(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
-            full = self._full_kind(positions)
+            full = self._full_kind(positions, seq_ends)
             ropes = self._ropes(positions, x.dtype, full)
-            rotate = functools.partial(self._rotate, kind=full)
+            # a cache that turns stored keys (the StreamingLLM window) holds one sequence
+            rotate = functools.partial(self._rotate, kind=full if isinstance(full, str) else "long")
         x = self.drop(x)
         masks = self._no_masks
         if kv_cache is not None:
