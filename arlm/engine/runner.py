@@ -89,12 +89,14 @@ class ModelRunner:
             )
             return logits[0, : len(rows)].float(), rows
         positions = torch.tensor([layout.positions()], device=self.device)
+        seq_ends = None
+        if self.model.config.rope_type == "longrope":  # it picks a row's factors by the row's reach
+            seq_ends = torch.tensor([layout.sequence_ends()], device=self.device)
         logits, _ = self.model(
             idx,
             kv_cache=self.cache.step(layout),
             positions=positions,
             logits_at=torch.tensor(select, dtype=torch.long, device=self.device),
-            # each row's own reach: LongRoPE picks a row's factors by it, not by the batch's
-            seq_ends=torch.tensor([layout.sequence_ends()], device=self.device),
+            seq_ends=seq_ends,
         )
         return logits[0].float(), rows
