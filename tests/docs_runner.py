@@ -168,7 +168,7 @@ def run_block(block: Block, cwd: Path, env: dict[str, str], namespace: dict) -> 
         status, stdout, stderr = run_python(block.code, f"{block.page}:{block.line}", namespace)
         return {"status": status, "failed": block.code if status else None,
                 "stdout": stdout, "log": stdout + stderr}  # fmt: skip
-    log = ""
+    log = stdout = ""
     for line in shell_lines(block.code):
         tokens = shlex.split(line, comments=True)
         if tokens[:1] == ["arlm"] and not SHELL_SYNTAX & set(line.split("#")[0]):
