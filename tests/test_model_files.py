@@ -162,6 +162,19 @@ def test_huge_finite_weights_load(files, tmp_path):
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
+def test_a_loaded_model_owns_its_memory(files, tmp_path):
+    """Rewriting the file in place (not by rename) leaves a loaded model as it was."""
+    path = shutil.copytree(files[0], tmp_path / "ckpt")
+    model, _ = load_model(path)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    size = (path / "model.safetensors").stat().st_size
+    with open(path / "model.safetensors", "r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_a_stored_dtype_the_model_cannot_hold_is_refused(files, tmp_path):
     path = shutil.copytree(files[0], tmp_path / "ckpt")
     tensors = load_file(path / "model.safetensors")

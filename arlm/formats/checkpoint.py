@@ -162,7 +162,12 @@ def load_model(
     for name, meta in expected.items():
         tensor = stored[name]()
         check_finite(tensor, name, weights)
-        state[name] = tensor.to(meta.dtype)  # the dtype the model holds it in, as a copy would
+        held = tensor.to(meta.dtype)  # the dtype the model holds it in
+        if held.data_ptr() == tensor.data_ptr():
+            # still the file's memory (safetensors maps the file): a live model must not
+            # change, or crash, when the file is rewritten
+            held = held.clone()
+        state[name] = held
     model.load_state_dict(state, strict=False, assign=True)
     if shares_embedding(config):  # assign replaced wte.weight; point the head at the new tensor
         model.lm_head.weight = model.wte.weight
