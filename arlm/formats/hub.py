@@ -126,11 +126,14 @@ def _cached_snapshot(hub, repo_id: str, revision: str | None, why: str) -> Path:
             )
         )
     except hub.errors.LocalEntryNotFoundError as e:
-        cache = hub.constants.HF_HUB_CACHE
+        if hub.constants.HF_HUB_OFFLINE:
+            fix = "set HF_HUB_OFFLINE=0 to download it, or download it first"
+        else:
+            fix = "check the network, or download it first"
         raise HubError(
-            f"{_name(repo_id, revision)} is not in the Hub cache ({cache}) and {why}: set "
-            f"HF_HUB_OFFLINE=0 to download it, or download it first where the network is "
-            f"reachable (hf download {repo_id}), or give a local folder. ({e})"
+            f"{_name(repo_id, revision)} is not a local folder, nor in the Hub cache "
+            f"({hub.constants.HF_HUB_CACHE}), and {why}: {fix} where the Hub is reachable "
+            f"(hf download {repo_id}). ({e})"
         ) from e
 
 
