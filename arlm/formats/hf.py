@@ -466,7 +466,7 @@ _PICKLE_REFUSED = (
     "so arlm reads safetensors. Convert it once where you trust the files:\n"
     '  python -c "from transformers import AutoModelForCausalLM as M; '
     "M.from_pretrained('{directory}').save_pretrained('{directory}', safe_serialization=True)\"\n"
-    "or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+    "or pass allow_pickle=True (--allow-pickle) to load it with torch.load(weights_only=True)."
 )
 
 

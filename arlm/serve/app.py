@@ -56,6 +56,12 @@ class Server:
         front.on_output = self.metrics.observe
         front.start()
         self.lm, self.front = lm, front
+        if lm.sampling_defaults:
+            log.info(
+                "requests take the model's generation_config.json sampling defaults where they "
+                "set none: %s",
+                ", ".join(f"{k}={v}" for k, v in lm.sampling_defaults.items()),
+            )
 
     @property
     def ready(self) -> bool:
@@ -231,6 +237,7 @@ async def _start(request: Request, server: Server, model):
     req = parse(model, await _read_body(request, server.config.max_request_bytes))
     server.check_model(req.model)
     policy, detection = server.config.loop_policy, server.config.loop_detection
+    defaults = server.lm.sampling_defaults
     if isinstance(req, ChatCompletionRequest):
         try:
             text = server.lm.tokenizer.apply_chat_template(
@@ -245,12 +252,14 @@ async def _start(request: Request, server: Server, model):
             max_tokens = req.max_tokens
         if max_tokens is None and server.max_len is not None:
             max_tokens = max(server.max_len - len(prompt_ids), 0)  # the rest, as vLLM does
-        params = req.sampling_params(max_tokens, req.requested_logprobs(), policy, detection)
+        params = req.sampling_params(
+            max_tokens, req.requested_logprobs(), policy, detection, defaults
+        )
         param = "messages"
     else:
         prompts = [await server.encode(p, "prompt") for p in req.prompts()]
         max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
-        params = req.sampling_params(max_tokens, req.logprobs, policy, detection)
+        params = req.sampling_params(max_tokens, req.logprobs, policy, detection, defaults)
         param = "prompt"
     for ids in prompts:
         server.check_length(ids, params.max_tokens, param)
