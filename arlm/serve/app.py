@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import time
@@ -89,6 +90,10 @@ class Server:
             self.workers.setup = setup
         front.start()
         self.lm, self.front = lm, front
+        # what is loaded by now (torch, the model, the app) lives as long as the process: out of
+        # the cyclic collector's sight, a full collection pauses the event loop for
+        # milliseconds instead of a few hundred
+        gc.freeze()
 
     def close(self) -> None:
         """Stop the step loop and the worker processes."""

@@ -18,10 +18,12 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import traceback
 
 from arlm.serve.errors import APIError
 from arlm.serve.prepare import Prepared, Preparer, PrepareSetup
+from arlm.serve.protocol import ChatCompletionRequest
 
 log = logging.getLogger("arlm.serve")
 
@@ -82,6 +84,7 @@ class WorkerPool:
         self.setup: PrepareSetup | None = None
         self._workers: list[_Worker] = []
         self._idle: asyncio.Queue | None = None  # made in the event loop that uses the pool
+        self._closed = False
 
     def start(self) -> None:
         """Start the workers now (each imports arlm in the background)."""
@@ -102,20 +105,16 @@ class WorkerPool:
         except BaseException as e:
             # out of time, dead, or the caller cancelled while the worker may still be busy:
             # the worker is not reused either way
-            worker.kill()
-            self._workers.remove(worker)
-            worker = _Worker()
-            self._workers.append(worker)
+            self._replace(worker)
             if isinstance(e, WorkerFailed):
                 log.warning("a request's preparation was stopped: %s", e)
                 raise APIError.bad_request(
                     f"preparing this request (reading it, the chat template, tokenizing) was "
                     f"stopped: {e}",
-                    "messages" if model.__name__.startswith("Chat") else "prompt",
+                    "messages" if model is ChatCompletionRequest else "prompt",
                 ) from None
             raise
-        finally:
-            self._idle.put_nowait(worker)
+        self._idle.put_nowait(worker)
         if reply[0] == "error":
             _, status, message, param, code, headers = reply
             raise APIError(status, message, param=param, code=code, headers=headers)
@@ -123,7 +122,26 @@ class WorkerPool:
             raise RuntimeError(f"preparing the request failed in a worker:\n{reply[1]}")
         return reply[1]
 
+    def _replace(self, worker: _Worker) -> None:
+        """Kill ``worker`` and put a new one in its place, in a thread: both take a while on a
+        busy machine, and the event loop must not wait for them."""
+        loop = asyncio.get_running_loop()
+
+        def adopt(new: _Worker) -> None:
+            if self._closed:
+                new.kill()
+                return
+            self._workers[self._workers.index(worker)] = new
+            self._idle.put_nowait(new)
+
+        def replace() -> None:
+            worker.kill()
+            loop.call_soon_threadsafe(adopt, _Worker())
+
+        threading.Thread(target=replace, name="arlm-prepare-replace", daemon=True).start()
+
     def close(self) -> None:
+        self._closed = True
         for worker in self._workers:
             worker.kill()
         self._workers.clear()
