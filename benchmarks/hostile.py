@@ -9,7 +9,8 @@ seconds with spinning OpenMP threads, with and without this change). A light cli
 short greedy completion after another (4 prompt tokens, 4 new ones) for ``--seconds`` per
 class while a hostile client sends the class's requests back to back. Printed per class: the
 light request's p50 and p99 latency and the server's peak RSS (its own, and its worker
-processes'), with ratios to the quiet run, and what the hostile requests got back. A class that stops the server is reported and the server restarted.
+processes'), with ratios to the quiet run, and what the hostile requests got back. A class
+that stops the server is reported and the server restarted.
 
 Run: ``python benchmarks/hostile.py`` (about 3 minutes on 2 cores, most of it starting
 servers).
