@@ -125,6 +125,9 @@ def test_any_exception_in_one_sequence_finishes_it_alone(lm):
     a = engine.add_request([5, 6, 7], SamplingParams(max_tokens=8, logit_bias={3: 0.5}, **GREEDY))
     b = engine.add_request([8, 9], SamplingParams(max_tokens=8, **GREEDY))
     c = engine.add_request([10, 11], SamplingParams(max_tokens=8, **GREEDY))
+    # a row that breaks the batched draw: the rows are then drawn alone, and it fails alone
+    d = engine.add_request([12, 13], SamplingParams(max_tokens=8, temperature=0.8))
+    engine.sequences[(d, 0)].generator = "not a generator"
 
     def process(row):
         raise IndexError("index 99999 is out of bounds")
@@ -140,7 +143,7 @@ def test_any_exception_in_one_sequence_finishes_it_alone(lm):
         appended()
 
     seq_b.sampler.appended = appended_then_fail
-    done, texts = {}, {a: "", b: "", c: ""}
+    done, texts = {}, {a: "", b: "", c: "", d: ""}
     while engine.has_unfinished():
         for out in engine.step():
             texts[out.request_id] += out.text
@@ -152,6 +155,7 @@ def test_any_exception_in_one_sequence_finishes_it_alone(lm):
     assert got_b.finish_reason == "error" and "KeyError" in got_b.error
     assert len(got_b.token_ids) == 2  # the id whose processing failed is not kept
     assert texts[b] == got_b.text
+    assert done[d].completion.finish_reason == "error" and "TypeError" in done[d].completion.error
     want_c = lm.generate([10, 11], max_tokens=8, **GREEDY)
     assert done[c].completion.token_ids == want_c.token_ids
     assert engine.scheduler.running == [] and not engine.has_unfinished()

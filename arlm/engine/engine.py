@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arlm.config import option
+from arlm.devices import to_device, to_host
 from arlm.engine.block_manager import BlockManager, block_hashes
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.engine.runner import ModelRunner
@@ -40,7 +41,14 @@ from arlm.loops.policy import LoopGuard
 from arlm.model.transformer import Transformer
 from arlm.sampling.breakers import BreakerIndex
 from arlm.sampling.params import MAX_DRY_MULTIPLIER, SamplingParams
-from arlm.sampling.sampler import SequenceSampler, sample, token_logprobs
+from arlm.sampling.sampler import (
+    ALL_BANNED,
+    SequenceSampler,
+    as_token_logprobs,
+    logprob_tensors,
+    sample,
+    token_logprobs,
+)
 from arlm.tokenizer import Tokenizer
 from arlm.validate import check_float, check_int
 
@@ -74,7 +82,9 @@ class EngineConfig:
     ``DEFAULT_WINDOW_MAX_MODEL_LEN``, 1,048,576). kv_cache_memory_gib: the KV cache's budget
     (default: a quarter of the machine's memory). kv_block_size: positions per block (the
     prefix cache's unit; default 16). enable_prefix_caching: reuse computed prompt blocks
-    (default on).
+    (default on). enforce_eager: no CUDA graphs (default off: on CUDA, decode steps replay
+    graphs captured at start-up for batch-size buckets where the model and cache allow it; see
+    ``arlm.engine.cuda_graphs``).
     """
 
     max_num_seqs: int | None = option(None, help="sequences running at once (default: 16)")
@@ -90,6 +100,11 @@ class EngineConfig:
     kv_block_size: int = option(16, help="positions per KV block, the prefix cache's unit")
     enable_prefix_caching: bool = option(
         True, help="reuse computed prompt blocks", flag="--prefix-caching"
+    )
+    enforce_eager: bool = option(
+        False,
+        help="on CUDA, launch every step's kernels from Python instead of replaying decode "
+        "steps from CUDA graphs",
     )
 
     def __post_init__(self) -> None:
@@ -119,6 +134,7 @@ class Engine:
         config: EngineConfig | None = None,
     ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = model.wte.weight.device
         self.cache_config = cache_config or CacheConfig()
         self.cache_config.check(model.config)
         config = config or EngineConfig()
@@ -153,6 +169,13 @@ class Engine:
             positions = sum(layer_lengths(model.config.layer_windows, slot_len))
             num_slots = self._fit_memory(config, num_slots, positions * per_position)
         self.runner = ModelRunner(model, self.cache_config, num_slots, slot_len)
+        # why decode steps run eagerly here, or None when they replay CUDA graphs
+        self.eager_reason: str | None = "not a CUDA device"
+        if self.device.type == "cuda":
+            self.eager_reason = "enforce_eager" if config.enforce_eager else None
+            self.eager_reason = self.eager_reason or self.runner.decode_graphs_unsupported()
+            if self.eager_reason is None:
+                self.runner.use_decode_graphs(capture=True)
         self.block_manager = BlockManager(self.runner.cache, bs, prefix)
         tokens = config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, num_slots)
         self.scheduler = Scheduler(self.block_manager, num_slots, tokens)
@@ -166,7 +189,6 @@ class Engine:
         # an end id outside the vocabulary is never sampled: it ends nothing, and a processor
         # that indexed logits by it would fail
         self.end_ids = frozenset(t for t in tokenizer.eos_token_ids if 0 <= t < vocab)
-        self.device = model.wte.weight.device
         self.steps = 0
         self.loops_detected = self.loops_broken = 0
 
@@ -379,8 +401,10 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]):
         """(sequence, token, logprob or None) per row; a row whose processing, sampling or
-        logprobs fail finishes with finish_reason "error" and gets no token."""
-        processed, kept = logits, []  # copied only when a row has bans or processors
+        logprobs fail, or that leaves no token possible, finishes with finish_reason "error" and
+        gets no token. The sampled ids, and all else the host needs of the logits, come back in
+        one copy (``to_host``)."""
+        processed, kept, checked = logits, [], []  # copied only when a row has bans or processors
         for i, seq in enumerate(rows):
             banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
             if banned or seq.sampler.processors:
@@ -388,45 +412,79 @@ class Engine:
                     row = logits[i : i + 1].clone()
                     row[:, sorted(banned)] = float("-inf")
                     row = seq.sampler.process(row)
-                except Exception as e:
+                except Exception as e:  # one sequence's failure is its own
                     self._fail(seq, e)
                     continue
                 if processed is logits:
                     processed = logits.clone()
                 processed[i] = row[0]
+                checked.append(len(kept))
             kept.append(i)
         if not kept:
             return []
         if len(kept) < len(rows):
-            processed = processed[kept]
+            processed = processed.index_select(0, to_device(kept, torch.long, logits.device))
         seqs = [rows[i] for i in kept]
         try:
-            tokens = sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
-            drawn = tokens.tolist()
-        except Exception:  # find the row at fault: draw each alone
-            drawn = [self._sample_row(processed[j : j + 1], seq) for j, seq in enumerate(seqs)]
+            drawn = self._draw(logits, processed, kept, seqs, checked)
+        except Exception:
+            # find the row at fault: draw each alone (the rare path; the rows' generators may
+            # have moved on in the failed batch)
+            drawn = [
+                self._draw_row(logits[i : i + 1], processed[j : j + 1], seq, j in checked)
+                for j, (i, seq) in enumerate(zip(kept, seqs, strict=True))
+            ]
         out = []
-        for i, seq, token in zip(kept, seqs, drawn, strict=True):
+        for seq, token, possible, logprob in drawn:
             if token is None:
+                continue  # failed in _draw_row
+            if not possible:
+                self._fail(seq, ValueError(ALL_BANNED))
                 continue
-            logprob = None
-            if seq.params.logprobs is not None:
-                try:
-                    chosen = torch.tensor([token], device=logits.device)
-                    logprob = token_logprobs(logits[i : i + 1], chosen, seq.params.logprobs)[0]
-                except Exception as e:
-                    self._fail(seq, e)
-                    continue
             out.append((seq, token, logprob))
         return out
 
-    def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int | None:
-        """One row's token drawn alone, or None when drawing fails (the sequence fails)."""
+    def _draw(self, logits, processed, kept: list[int], seqs: list[Sequence], checked: list[int]):
+        """(sequence, token, any token possible, logprob or None) for the rows ``kept`` of
+        ``logits`` (raw) and ``processed`` (one row each), in one batch and one host copy."""
+        device = logits.device
+        tokens = sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
+        fetch = [tokens]
+        if checked:
+            some = processed.index_select(0, to_device(checked, torch.long, device))
+            fetch.append(torch.isfinite(some).any(dim=-1))
+        wants = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wants:
+            raw = logits.index_select(0, to_device([kept[j] for j in wants], torch.long, device))
+            chosen = tokens.index_select(0, to_device(wants, torch.long, device))
+            top = max(seqs[j].params.logprobs for j in wants)
+            fetch += logprob_tensors(raw, chosen, top)
+        host = [t.tolist() for t in to_host(fetch)]
+        possible = [True] * len(seqs)
+        for j, ok in zip(checked, host[1] if checked else [], strict=True):
+            possible[j] = ok
+        logprobs = [None] * len(seqs)
+        if wants:
+            tops = [seqs[j].params.logprobs for j in wants]
+            picked = [host[0][j] for j in wants]
+            for j, lp in zip(wants, as_token_logprobs(picked, *host[-3:], tops), strict=True):
+                logprobs[j] = lp
+        return list(zip(seqs, host[0], possible, logprobs, strict=True))
+
+    def _draw_row(self, raw: torch.Tensor, row: torch.Tensor, seq: Sequence, check: bool):
+        """``_draw`` of one row (1, vocab) alone; its token is None when that fails (and the
+        sequence has failed)."""
         try:
-            return int(sample(row, [seq.params], [seq.generator])[0])
+            token = int(sample(row, [seq.params], [seq.generator])[0])
+            possible = not check or bool(torch.isfinite(row).any())
+            logprob = None
+            if seq.params.logprobs is not None:
+                chosen = torch.tensor([token], device=raw.device)
+                logprob = token_logprobs(raw, chosen, seq.params.logprobs)[0]
+            return seq, token, possible, logprob
         except Exception as e:
             self._fail(seq, e)
-            return None
+            return seq, None, False, None
 
     def _append(self, seq: Sequence, token: int, logprob) -> list:
         """Apply one sampled token to ``seq``; the chunks it makes final."""
@@ -581,4 +639,5 @@ class Engine:
             "loops_detected": self.loops_detected,
             "loops_broken": self.loops_broken,
             "steps": self.steps,
+            "graph_steps": graphs.steps if (graphs := self.runner.decode_graphs) else 0,
         }
