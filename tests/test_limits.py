@@ -341,12 +341,14 @@ def test_the_breaker_index_builds_llama_cpps_table(tokenizer):
     ]
     index = BreakerIndex(texts, encode)
     for breakers in cases:
-        assert index.table(breakers) == _breakers_by_definition(texts, encode, breakers)
+        got = {token: sorted(tails) for token, tails in index.table(breakers).items()}
+        assert got == _breakers_by_definition(texts, encode, breakers)
     # a separator the texts use is never picked: texts holding \x00 are searched all the same
     odd = ["a\x00b", "\x00", "b", "ab", "xa", ""]
     odd_encode = {"b": [2], "\x00b": [1, 2], "b\x00": [2, 1], "\x00": [1]}.__getitem__
     for breakers in (["a\x00b"], ["\x00b"], ["ab\x00"], ["b"]):
         got = BreakerIndex(odd, odd_encode).table(breakers)
+        got = {token: sorted(tails) for token, tails in got.items()}
         assert got == _breakers_by_definition(odd, odd_encode, breakers)
 
 

@@ -5,8 +5,9 @@ llama.cpp's rule: a token whose text contains a breaker is a breaker by itself; 
 text ends with the beginning of a breaker is one when the tokens of the rest of the breaker
 follow it. Done literally, that is a Python loop over the vocabulary per breaker (a second or
 more for a 150k vocabulary). ``BreakerIndex`` indexes the vocabulary's texts once, so a breaker
-costs one C-speed scan of the joined texts plus work in proportion to the tokens it names, and
-it keeps the tables it built, a bounded number of them.
+costs one C-speed scan of the joined texts plus work in proportion to the tokens it names (a
+breaker starting with "e" names every token ending in "e"), and it keeps the tables it built,
+a bounded number of them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 # llama.cpp ignores breaker text beyond 40 characters and tails beyond 20 tokens.
 DRY_MAX_BREAKER_CHARS = 40
 DRY_MAX_TAIL_TOKENS = 20
-# Tables kept for reuse: one per breaker string and one per request's list of breakers.
-MAX_CACHED_BREAKER_TABLES = 256
+# Tables kept for reuse, one per list of breakers (most requests send the defaults).
+MAX_CACHED_BREAKER_TABLES = 64
 
 # Head token -> the token tails that complete a sequence breaker after it (an empty tail: the
 # head alone is a breaker).
@@ -46,38 +47,32 @@ class BreakerIndex:
         # texts reversed and sorted: those ending with a given string are one run of this list
         self.order = sorted(range(len(self.texts)), key=lambda t: self.texts[t][::-1])
         self.reversed = [self.texts[t][::-1] for t in self.order]
-        self._one: OrderedDict[str, dict[int, set[tuple[int, ...]]]] = OrderedDict()
         self._tables: OrderedDict[tuple[str, ...], DryBreakers] = OrderedDict()
 
     def table(self, breakers: Iterable[str]) -> DryBreakers:
         """Head token -> tails for ``breakers`` (each cut to 40 characters, as llama.cpp)."""
         key = tuple(breakers)
-        table = _recall(self._tables, key)
-        if table is None:
-            merged: dict[int, set[tuple[int, ...]]] = {}
-            for breaker in dict.fromkeys(b[:DRY_MAX_BREAKER_CHARS] for b in key):
-                for token, tails in self._breaker(breaker).items():
-                    merged.setdefault(token, set()).update(tails)
-            table = {token: sorted(tails) for token, tails in merged.items()}
-            _keep(self._tables, key, table)
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+            return table
+        found: dict[int, set[tuple[int, ...]]] = {}
+        for breaker in dict.fromkeys(b[:DRY_MAX_BREAKER_CHARS] for b in key):
+            self._add(breaker, found)
+        table = {token: list(tails) for token, tails in found.items()}
+        self._tables[key] = table
+        if len(self._tables) > MAX_CACHED_BREAKER_TABLES:
+            self._tables.popitem(last=False)
         return table
 
-    def _breaker(self, breaker: str) -> dict[int, set[tuple[int, ...]]]:
-        found = _recall(self._one, breaker)
-        if found is None:
-            found = self._build(breaker)
-            _keep(self._one, breaker, found)
-        return found
-
-    def _build(self, breaker: str) -> dict[int, set[tuple[int, ...]]]:
-        found: dict[int, set[tuple[int, ...]]] = {}
+    def _add(self, breaker: str, found: dict[int, set[tuple[int, ...]]]) -> None:
         whole = set()
         if self.sep not in breaker:
             at = self.joined.find(breaker)
             while at >= 0:
                 token = bisect.bisect_right(self.starts, at) - 1
                 whole.add(token)
-                found[token] = {()}
+                found.setdefault(token, set()).add(())
                 at = self.joined.find(breaker, self.starts[token + 1])
         # texts ending with the breaker's first k characters, then its rest's tokens
         for k in range(1, len(breaker)):
@@ -95,20 +90,6 @@ class BreakerIndex:
                 if tail is None:
                     tail = tuple(self.encode(breaker[k:])[:DRY_MAX_TAIL_TOKENS])
                 found.setdefault(token, set()).add(tail)
-        return found
-
-
-def _recall(cache: OrderedDict, key):
-    value = cache.get(key)
-    if value is not None:
-        cache.move_to_end(key)
-    return value
-
-
-def _keep(cache: OrderedDict, key, value) -> None:
-    cache[key] = value
-    if len(cache) > MAX_CACHED_BREAKER_TABLES:
-        cache.popitem(last=False)
 
 
 def dry_sequence_breakers(

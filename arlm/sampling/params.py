@@ -21,11 +21,11 @@ DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's defaults
 # request's behalf, per token or per request, and that no ordinary use comes near.
 MAX_LOGPROBS = 20  # OpenAI's limit on alternatives per position
 MAX_N = 128  # OpenAI's limit on samples of a prompt
-MAX_STOP_STRINGS = 64  # each is searched for in the newest text at every token
-MAX_STOP_CHARS = 512
+MAX_STOP_STRINGS = 32  # each is searched for in the newest text at every token
+MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # token ids in logit_bias (OpenAI takes 300)
-MAX_DRY_SEQUENCE_BREAKERS = 64  # each is matched against the whole vocabulary once
+MAX_DRY_SEQUENCE_BREAKERS = 16  # each is matched against the whole vocabulary (llama.cpp: 4)
 # A penalty of 100 logits already rules a token out; above these, exp and pow overflow float32.
 MAX_DRY_MULTIPLIER = 100.0
 MAX_DRY_BASE = 100.0
