@@ -111,10 +111,10 @@ def test_model_end_ids_outside_the_vocabulary_end_nothing_and_break_nothing(mode
     bad = copy.copy(tokenizer)
     bad.eos_token_ids = [999999, *tokenizer.eos_token_ids]
     lm = LM(model, bad, engine_config=EngineConfig(kv_cache_memory_gib=0.25))
-    assert 999999 not in lm.engine.end_ids
     out = lm.generate("hi", max_tokens=6, min_tokens=1, temperature=0)
     good = LM(model, tokenizer, engine_config=EngineConfig(kv_cache_memory_gib=0.25))
     assert out.token_ids == good.generate("hi", max_tokens=6, min_tokens=1, temperature=0).token_ids
+    assert 999999 not in lm.engine.end_ids
 
 
 # -- whatever a sequence raises in a step is its own -----------------------------------------
