@@ -10,6 +10,10 @@ from arlm.loops.detector import LoopDetectorConfig
 from arlm.sampling.params import LOOP_POLICIES, SamplingParams
 from arlm.validate import check_float, check_int
 
+# Sequences that may wait for a slot by default: 20 prompts x n 128 in one request would queue
+# 2,560 and hold every later request behind them for minutes.
+DEFAULT_MAX_QUEUE = 256
+
 
 @dataclass
 class ServeConfig:
@@ -18,8 +22,10 @@ class ServeConfig:
     served_model_name: str | None = option(
         None, help="the model name clients send (default: the model folder's name)"
     )
-    max_queue: int | None = option(
-        None, help="sequences that may wait for a slot; beyond it 429 (default: no limit)"
+    max_queue: int = option(
+        DEFAULT_MAX_QUEUE,
+        help="sequences that may wait for a slot; beyond it 429, and a request larger than "
+        "this plus the running slots 400",
     )
     api_key: str | None = option(None, help="require 'Authorization: Bearer KEY' on /v1/*")
     drain_timeout: float = option(
@@ -58,8 +64,7 @@ class ServeConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_queue is not None:
-            check_int("max_queue", self.max_queue, 0)
+        check_int("max_queue", self.max_queue, 0)
         check_float("drain_timeout", self.drain_timeout, lambda v: v >= 0, ">= 0 seconds")
         check_int("max_request_bytes", self.max_request_bytes, 1)
         if self.max_prompt_bytes is not None:
