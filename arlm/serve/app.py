@@ -152,8 +152,8 @@ class Server:
             raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
         except EngineDead as e:
             raise APIError(503, str(e)) from None
-        except ValueError as e:
-            raise APIError.bad_request(e, "prompt") from None
+        except ValueError as e:  # the engine's admission checks name the field at fault
+            raise APIError.bad_request(e, getattr(e, "param", "prompt")) from None
 
 
 def build_app(server: Server, lifespan=None) -> FastAPI:

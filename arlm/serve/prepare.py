@@ -105,17 +105,15 @@ class Preparer:
                 max_tokens = max(setup.max_len - len(prompts[0]), 0)  # the rest, as vLLM does
             logprobs = req.requested_logprobs()
             param = "messages"
-            req = req.model_copy(update={"messages": []})
         else:
             prompts = [self.encode(p, "prompt") for p in req.prompts()]
             max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
             logprobs = req.logprobs
             param = "prompt"
-            req = req.model_copy(update={"prompt": []})
         params = req.sampling_params(max_tokens, logprobs, setup.loop_policy, setup.loop_detection)
         for ids in prompts:
             self.check_length(ids, params.max_tokens, param)
-        return Prepared(req, params, prompts)
+        return Prepared(req.model_copy(update={param: []}), params, prompts)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.setup.model_name:
