@@ -77,7 +77,7 @@ def _steps(tmp_path, cache_dir, name, n=3, **options):
         **options,
     )  # fmt: skip
     trainer = Trainer(cfg, progress=False)
-    return trainer, [trainer.train_step() for _ in range(n)]
+    return trainer, [float(trainer.train_step()) for _ in range(n)]
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, cache_dir):
