@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from arlm.config import resolve_dtype
-from arlm.device import auto_dtype, resolve_device
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
 from arlm.engine.memory import check_weights_fit
 from arlm.formats.checkpoint import load_model
@@ -21,6 +20,7 @@ from arlm.kv_cache import CacheConfig
 from arlm.model.packing import pack
 from arlm.model.quantize import quantize as quantize_weights
 from arlm.model.transformer import Transformer
+from arlm.placement import auto_dtype, resolve_device
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
 
@@ -233,6 +233,7 @@ def load(
     kv_cache_memory_gib: float | None = None,
     gpu_memory_utilization: float | None = None,
     enable_prefix_caching: bool = True,
+    enforce_eager: bool = False,
 ) -> LM:
     """Load an arlm checkpoint directory or a Hugging Face model folder.
 
@@ -266,7 +267,8 @@ def load(
     memory; on a GPU what ``gpu_memory_utilization`` leaves, see ``arlm.engine.memory``);
     gpu_memory_utilization: the share of the GPU's memory the weights, activations and KV cache
     may fill (None: 0.9);
-    enable_prefix_caching: prompts that start alike share the computed head.
+    enable_prefix_caching: prompts that start alike share the computed head; enforce_eager: no
+    CUDA graphs for decode steps (see ``arlm.engine.cuda_graphs``).
     """
     cache_config = CacheConfig(dtype=kv_cache_dtype, window=kv_window, sink_tokens=kv_sink_tokens)
     engine_config = EngineConfig(
@@ -279,6 +281,7 @@ def load(
         else gpu_memory_utilization,
         kv_block_size=EngineConfig.kv_block_size if kv_block_size is None else kv_block_size,
         enable_prefix_caching=enable_prefix_caching,
+        enforce_eager=enforce_eager,
     )
     path = Path(path)
     if not path.exists():

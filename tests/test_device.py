@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import arlm
-from arlm import device as devices
+from arlm import placement
 from arlm.formats.checkpoint import save_model
 from arlm.formats.stored import stored_weights
 from tests.conftest import make_model
@@ -16,20 +16,20 @@ from tests.conftest import make_model
 
 def test_auto_device_is_cuda_only_where_there_is_a_gpu():
     want = "cuda" if torch.cuda.is_available() else "cpu"
-    assert devices.resolve_device("auto").type == want
-    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert placement.resolve_device("auto").type == want
+    assert placement.resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="not a device; use auto, cpu"):
-        devices.resolve_device("gpu0")
+        placement.resolve_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
-            devices.resolve_device("cuda")
+            placement.resolve_device("cuda")
 
 
 @pytest.fixture
 def fresh_choice():
-    devices.cpu_prefers.cache_clear()  # measured once per process; each case measures anew
+    placement.cpu_prefers.cache_clear()  # measured once per process; each case measures anew
     yield
-    devices.cpu_prefers.cache_clear()
+    placement.cpu_prefers.cache_clear()
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -37,18 +37,18 @@ def fresh_choice():
 def test_a_cpu_runs_a_half_checkpoint_in_half_only_when_native_and_measured_faster(
     monkeypatch, fresh_choice, native, half_faster
 ):
-    monkeypatch.setattr(devices, "cpu_has_native", lambda dtype: native)
+    monkeypatch.setattr(placement, "cpu_has_native", lambda dtype: native)
     # the measurement, as a CPU with native bfloat16 might report it (seconds per matmul)
     seconds = {torch.float32: 2.0, torch.bfloat16: 1.0 if half_faster else 1.95}
-    monkeypatch.setattr(devices, "cpu_matmul_seconds", lambda dtype: seconds[dtype])
+    monkeypatch.setattr(placement, "cpu_matmul_seconds", lambda dtype: seconds[dtype])
     want = torch.bfloat16 if native and half_faster else torch.float32
-    assert devices.auto_dtype(torch.bfloat16, torch.device("cpu")) == want
-    assert devices.auto_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    assert placement.auto_dtype(torch.bfloat16, torch.device("cpu")) == want
+    assert placement.auto_dtype(torch.float32, torch.device("cpu")) == torch.float32
 
 
 def test_the_cpu_matmul_probe_runs_in_each_dtype():
     for dtype in (torch.float32, torch.bfloat16):
-        assert 0 < devices.cpu_matmul_seconds(dtype, repeats=1) < 60
+        assert 0 < placement.cpu_matmul_seconds(dtype, repeats=1) < 60
 
 
 def test_stored_weights_of_an_arlm_checkpoint(tmp_path, tokenizer):
@@ -84,8 +84,8 @@ def test_auto_dtype_follows_a_bfloat16_hugging_face_checkpoint(tmp_path, tokeniz
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     assert stored_weights(tmp_path).dtype == torch.bfloat16
     lm = arlm.load(tmp_path)  # auto device, auto dtype
-    want = devices.auto_dtype(torch.bfloat16, devices.resolve_device("auto"))
+    want = placement.auto_dtype(torch.bfloat16, placement.resolve_device("auto"))
     assert lm.model.wte.weight.dtype == want
-    if not torch.cuda.is_available() and not devices.cpu_has_native(torch.bfloat16):
+    if not torch.cuda.is_available() and not placement.cpu_has_native(torch.bfloat16):
         assert want == torch.float32  # today's CPU rule where bfloat16 is emulated
     assert arlm.load(tmp_path, device="cpu", dtype=None).model.wte.weight.dtype == torch.float32

@@ -80,8 +80,7 @@ def stored_weights(path: str | os.PathLike) -> StoredWeights:
                         other += n * _OTHER_BYTES.get(kind, 1)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(
-                f"{file} is not a readable safetensors file ({e}); it may be truncated or "
-                "corrupted"
+                f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupted"
             ) from e
     dtype = by_dtype.most_common(1)[0][0] if by_dtype else _config_dtype(directory)
     return StoredWeights(dtype, floats, other)

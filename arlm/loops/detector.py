@@ -35,7 +35,7 @@ DEFAULT_MIN_COUNT = 3
 # Short exact repeats are ordinary text ("ha ha ha", "...", a table rule "|---|---|"); 32 tokens
 # (about two lines) of exact periodicity is not. Lower it for coarse items such as lines or
 # agent steps.
-# Measured (README, "Loop traps"): the built-in corpus's 112k tokens hold no exactly periodic
+# Measured (docs/loops.md): the built-in corpus's 112k tokens hold no exactly periodic
 # stretch longer than 14 tokens, so every min_span >= 15 reports nothing on them, with
 # min_count 2 or 3; 32 is twice that margin. The price: a loop is reported min_span tokens after
 # its onset (3 x its period beyond that). Greedy decoding from the small model the main job

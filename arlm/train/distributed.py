@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from arlm.device import resolve_device as resolve_any_device
+from arlm.placement import resolve_device as resolve_any_device
 
 
 @dataclass(frozen=True)
