@@ -58,6 +58,8 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_at_admission(lm):
     with pytest.raises(InvalidRequest, match=r"logit_bias names token ids \[512\]") as e:
         lm.engine.add_request("hi", SamplingParams(logit_bias={512: 1.0}))
     assert e.value.param == "logit_bias"
+    with pytest.raises(ValueError, match=r"prompt token ids \[True, False\]"):
+        lm.engine.add_request([True, False])
     assert not lm.engine.has_unfinished()
     assert lm.generate("hi", max_tokens=4, **GREEDY).finish_reason == "length"
 

@@ -254,7 +254,8 @@ class Engine:
                 raise ValueError("the prompt is empty and the tokenizer has no start token to use")
             ids = [self.tokenizer.bos_token_id]
         vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        # a bool is an int to Python, not a token id
+        bad = [t for t in ids if isinstance(t, bool) or not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(
                 f"prompt token ids {bad[:5]} are not in this vocabulary (ids 0..{vocab - 1})"

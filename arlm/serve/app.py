@@ -86,12 +86,19 @@ class Server:
             max_prompt_bytes=max_prompt_bytes,
             loop_policy=config.loop_policy,
             loop_detection=config.loop_detection,
+            sampling_defaults=dict(lm.sampling_defaults),
         )
         self.preparer = Preparer(tokenizer, setup)
         if self.workers is not None:
             self.workers.setup = setup
         front.start()
         self.lm, self.front = lm, front
+        if lm.sampling_defaults:
+            log.info(
+                "requests take the model's generation_config.json sampling defaults where they "
+                "set none: %s",
+                ", ".join(f"{k}={v}" for k, v in lm.sampling_defaults.items()),
+            )
         # what is loaded by now (torch, the model, the app) lives as long as the process: out of
         # the cyclic collector's sight, a full collection pauses the event loop for
         # milliseconds instead of a few hundred

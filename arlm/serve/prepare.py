@@ -35,6 +35,7 @@ class PrepareSetup:
     max_prompt_bytes: int | None
     loop_policy: str | None
     loop_detection: dict | None
+    sampling_defaults: dict | None = None  # the model's generation_config.json defaults
 
 
 @dataclass
@@ -110,7 +111,9 @@ class Preparer:
             max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
             logprobs = req.logprobs
             param = "prompt"
-        params = req.sampling_params(max_tokens, logprobs, setup.loop_policy, setup.loop_detection)
+        params = req.sampling_params(
+            max_tokens, logprobs, setup.loop_policy, setup.loop_detection, setup.sampling_defaults
+        )
         for ids in prompts:
             self.check_length(ids, params.max_tokens, param)
         return Prepared(req.model_copy(update={param: []}), params, prompts)

@@ -84,11 +84,14 @@ class _Request(_Body):
         logprobs: int | None,
         loop_policy: str | None = None,
         repetition_detection: dict | None = None,
+        defaults: dict | None = None,
     ) -> SamplingParams:
         """The request's ``SamplingParams`` (``max_tokens`` None: their default);
         ``loop_policy`` and ``repetition_detection`` are the server's defaults, used where the
-        request gives none."""
-        kwargs: dict[str, Any] = {
+        request gives none; ``defaults`` the model's (``LM.sampling_defaults``), for the fields
+        the request does not set."""
+        kwargs: dict[str, Any] = dict(defaults or {})
+        kwargs |= {
             name: value
             for name in SamplingParams.__dataclass_fields__
             if name in type(self).model_fields and (value := getattr(self, name)) is not None
