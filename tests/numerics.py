@@ -84,6 +84,26 @@ def choice_logits(model: torch.nn.Module, prompt: list[int], tokens: list[int]) 
     return logits[len(prompt) - 1 : -1]
 
 
+def hf_greedy(
+    hf: torch.nn.Module, ids: torch.Tensor, n: int = 32, atol: float | None = None
+) -> list[int]:
+    """A transformers model's ``n`` greedy tokens after ``ids`` (1, T). arlm rounds otherwise, so
+    none of them may be a near-tie that logits agreeing within ``atol`` (default: float32's
+    tolerance at their size) could flip: asserted here, on the logits transformers chose from."""
+    out = hf.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=n,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    choices = torch.cat(out.logits).float()
+    assert_clear_choices(choices, atol)
+    return out.sequences[0, ids.shape[1] :].tolist()
+
+
 def _log(kind, ratio):  # TEMPLOG
     import os  # TEMPLOG
 

@@ -33,7 +33,7 @@ from arlm.kv_cache import KVCache, SlotKVCache, StepLayout, make_codec
 from arlm.model import Transformer
 from arlm.model.packing import PackedInt4Linear, PackedInt8Linear
 from arlm.model.quantize import quantize
-from tests.numerics import assert_clear_choices, assert_close, choice_logits
+from tests.numerics import assert_clear_choices, assert_close, choice_logits, hf_greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -250,24 +250,6 @@ def _hf_chunked_logits(hf, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _hf_greedy(hf, ids: torch.Tensor, n: int = 32, atol: float | None = None) -> list[int]:
-    """transformers' ``n`` greedy tokens after ``ids``. arlm rounds otherwise, so none of them may
-    be a near-tie that logits agreeing within ``atol`` (default: float32's tolerance at their
-    size) could flip: asserted here, on the logits transformers chose from."""
-    out = hf.generate(
-        ids,
-        do_sample=False,
-        max_new_tokens=n,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    choices = torch.cat(out.logits).float()
-    assert_clear_choices(choices, atol)
-    return out.sequences[0, ids.shape[1] :].tolist()
-
-
 def _greedy(lm, ids: torch.Tensor, n: int = 32) -> list[int]:
     return lm.generate(ids[0].tolist(), max_tokens=n, temperature=0, ignore_eos=True).token_ids
 
@@ -327,7 +309,7 @@ def test_fp32_logits_and_greedy_through_the_engine(case):
     logprobs = F.log_softmax(reference[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
     assert_close(score.token_logprobs, logprobs)
     prompt = _prompt(name)
-    assert _greedy(lm, prompt) == _hf_greedy(hf, prompt)
+    assert _greedy(lm, prompt) == hf_greedy(hf, prompt)
 
 
 @cases(WINDOWED)  # the window's masks are what this exercises
@@ -339,7 +321,7 @@ def test_batched_and_chunked_engine_rows_match_transformers(case):
     prompts = [_ids(n, seed=n) for n in (3, 11, 17)]
     out = lm.generate([p[0].tolist() for p in prompts], max_tokens=20, temperature=0)
     for prompt, completion in zip(prompts, out, strict=True):
-        assert completion.token_ids == _hf_greedy(hf, prompt, 20)
+        assert completion.token_ids == hf_greedy(hf, prompt, 20)
 
 
 def test_bf16_logits_and_greedy(case):
@@ -359,7 +341,7 @@ def test_bf16_logits_and_greedy(case):
     _log("bf16cached", diff / BF16_ATOL)  # TEMPLOG
     assert diff < BF16_CACHED_ATOL, diff
     prompt = _prompt(name)
-    assert _greedy(lm, prompt) == _hf_greedy(hf16, prompt, atol=BF16_ATOL)
+    assert _greedy(lm, prompt) == hf_greedy(hf16, prompt, atol=BF16_ATOL)
 
 
 @cases(LONGROPE)
@@ -407,7 +389,7 @@ def test_longrope_switches_factors_per_forward(case):
     choices = torch.stack(choices)  # no near-tie that arlm's rounding could flip
     assert_clear_choices(choices)
     assert ours == theirs
-    assert ours[:8] == _hf_greedy(hf, prompt, 8)  # tokens 0-7 come from positions 7-15
+    assert ours[:8] == hf_greedy(hf, prompt, 8)  # tokens 0-7 come from positions 7-15
 
 
 def _gemma3_folder(path: Path, tokenizer) -> transformers.PreTrainedModel:
@@ -442,7 +424,7 @@ def test_gemma3_folder_loads_its_text_model(tmp_path, tokenizer):
     lm = arlm.load(folder)
     assert lm.config.extra == {"hf_model_type": "gemma3"} and lm.config.tie_embeddings
     assert_close(lm.logits(ids[0].tolist()), reference)
-    assert _greedy(lm, _ids(8, seed=1), 8) == _hf_greedy(hf, _ids(8, seed=1), 8)
+    assert _greedy(lm, _ids(8, seed=1), 8) == hf_greedy(hf, _ids(8, seed=1), 8)
     # save_pretrained writes the Hub's names (language_model.model.*); the names transformers 5
     # holds in memory (model.language_model.*) load the same
     state = load_file(folder / "model.safetensors")
@@ -559,7 +541,7 @@ def test_streaming_window_cache(case):
         torch.testing.assert_close(turned, model._rotate(k, a + b, kind))
         assert torch.equal(turned[..., config.rotary_dim :], k[..., config.rotary_dim :])
     prompt = _prompt(name)  # 8 or 20 + 32 positions: within the 4 sinks and 64 window slots
-    assert _greedy(lm, prompt) == _hf_greedy(hf, prompt)
+    assert _greedy(lm, prompt) == hf_greedy(hf, prompt)
 
 
 @cases(WINDOWED)

@@ -17,7 +17,7 @@ from arlm.formats.checkpoint import CheckpointError
 from arlm.formats.hf import config_from_hf, export_hf, is_hf_dir, load_hf, resolve_dtype
 from arlm.model import Transformer, rope_frequencies
 from arlm.tokenizer import EOT, Tokenizer
-from tests.numerics import assert_clear_choices, assert_close
+from tests.numerics import assert_close, hf_greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -174,24 +174,6 @@ def _arlm_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
         return model(ids)[0][0].float()
 
 
-def _hf_greedy(hf, ids: torch.Tensor, n: int = 32, atol: float | None = None) -> list[int]:
-    """transformers' ``n`` greedy tokens after ``ids``. arlm rounds otherwise, so none of them may
-    be a near-tie that logits agreeing within ``atol`` (default: float32's tolerance at their
-    size) could flip: asserted here, on the logits transformers chose from."""
-    out = hf.generate(
-        ids,
-        do_sample=False,
-        max_new_tokens=n,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    choices = torch.cat(out.logits).float()
-    assert_clear_choices(choices, atol)
-    return out.sequences[0, ids.shape[1] :].tolist()
-
-
 def _lm_greedy(lm, ids: torch.Tensor, n: int = 32) -> list[int]:
     return lm.generate(ids[0].tolist(), max_tokens=n, temperature=0, ignore_eos=True).token_ids
 
@@ -221,7 +203,7 @@ def test_logits_and_greedy_fp32(hf_case):
     ids = _ids()
     assert_close(lm.logits(ids[0].tolist()), _hf_logits(hf, ids))
     prompt = _ids(8, seed=1)
-    assert _lm_greedy(lm, prompt) == _hf_greedy(hf, prompt)
+    assert _lm_greedy(lm, prompt) == hf_greedy(hf, prompt)
 
 
 def test_logits_and_greedy_bf16(hf_case):
@@ -246,7 +228,7 @@ def test_logits_and_greedy_bf16(hf_case):
     # random models have next-token margins well below bf16's rounding, so this holds only
     # because both sides do the same arithmetic (prefill, then cached one-token steps)
     prompt = _ids(8, seed=1)
-    assert _lm_greedy(lm, prompt) == _hf_greedy(hf16.eval(), prompt, atol=BF16_ATOL)
+    assert _lm_greedy(lm, prompt) == hf_greedy(hf16.eval(), prompt, atol=BF16_ATOL)
 
 
 def test_tokenizer_matches_autotokenizer(hf_case):
