@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arlm.config import option
+from arlm.devices import to_device, to_host
 from arlm.engine.block_manager import BlockManager, block_hashes
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.engine.runner import ModelRunner
@@ -35,7 +36,13 @@ from arlm.loops.policy import LoopGuard
 from arlm.model.transformer import Transformer
 from arlm.sampling.dry import DryBreakers, dry_sequence_breakers
 from arlm.sampling.params import SamplingParams
-from arlm.sampling.sampler import SequenceSampler, sample, token_logprobs
+from arlm.sampling.sampler import (
+    ALL_BANNED,
+    SequenceSampler,
+    as_token_logprobs,
+    logprob_tensors,
+    sample,
+)
 from arlm.tokenizer import Tokenizer
 from arlm.validate import check_float, check_int
 
@@ -55,6 +62,9 @@ class EngineConfig:
     (default: the model's context). kv_cache_memory_gib: the KV cache's budget (default: a
     quarter of the machine's memory). kv_block_size: positions per block (the prefix cache's
     unit; default 16). enable_prefix_caching: reuse computed prompt blocks (default on).
+    enforce_eager: no CUDA graphs (default off: on CUDA, decode steps replay graphs captured at
+    start-up for batch-size buckets where the model and cache allow it; see
+    ``arlm.engine.cuda_graphs``).
     """
 
     max_num_seqs: int | None = option(None, help="sequences running at once (default: 16)")
@@ -70,6 +80,11 @@ class EngineConfig:
     kv_block_size: int = option(16, help="positions per KV block, the prefix cache's unit")
     enable_prefix_caching: bool = option(
         True, help="reuse computed prompt blocks", flag="--prefix-caching"
+    )
+    enforce_eager: bool = option(
+        False,
+        help="on CUDA, launch every step's kernels from Python instead of replaying decode "
+        "steps from CUDA graphs",
     )
 
     def __post_init__(self) -> None:
@@ -99,6 +114,7 @@ class Engine:
         config: EngineConfig | None = None,
     ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = model.wte.weight.device
         self.cache_config = cache_config or CacheConfig()
         self.cache_config.check(model.config)
         config = config or EngineConfig()
@@ -131,6 +147,13 @@ class Engine:
             positions = sum(layer_lengths(model.config.layer_windows, slot_len))
             num_slots = self._fit_memory(config, num_slots, positions * per_position)
         self.runner = ModelRunner(model, self.cache_config, num_slots, slot_len)
+        # why decode steps run eagerly here, or None when they replay CUDA graphs
+        self.eager_reason: str | None = "not a CUDA device"
+        if self.device.type == "cuda":
+            self.eager_reason = "enforce_eager" if config.enforce_eager else None
+            self.eager_reason = self.eager_reason or self.runner.decode_graphs_unsupported()
+            if self.eager_reason is None:
+                self.runner.use_decode_graphs(capture=True)
         self.block_manager = BlockManager(self.runner.cache, bs, prefix)
         tokens = config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, num_slots)
         self.scheduler = Scheduler(self.block_manager, num_slots, tokens)
@@ -140,7 +163,6 @@ class Engine:
         self._aborts: list[str] = []
         self._ids = itertools.count()
         self._breakers: dict[tuple[str, ...], DryBreakers] = {}
-        self.device = model.wte.weight.device
         self.steps = 0
         self.loops_detected = self.loops_broken = 0
 
@@ -323,9 +345,11 @@ class Engine:
         return list(outputs.values())
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]):
-        """(sequence, token, logprob or None) per row; a row whose processing fails finishes
-        with finish_reason "error" and gets no token."""
-        processed, kept = logits, []  # copied only when a row has bans or processors
+        """(sequence, token, logprob or None) per row; a row whose processing fails, or leaves
+        no token possible, finishes with finish_reason "error" and gets no token. The sampled
+        ids, and all else the host needs of the logits, come back in one copy (``to_host``)."""
+        device = logits.device
+        processed, kept, checked = logits, [], []  # copied only when a row has bans or processors
         for i, seq in enumerate(rows):
             banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
             if banned or seq.sampler.processors:
@@ -339,19 +363,39 @@ class Engine:
                 if processed is logits:
                     processed = logits.clone()
                 processed[i] = row[0]
+                checked.append(len(kept))
             kept.append(i)
         if not kept:
             return []
         if len(kept) < len(rows):
-            processed = processed[kept]
+            processed = processed.index_select(0, to_device(kept, torch.long, device))
         seqs = [rows[i] for i in kept]
         tokens = sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
+        fetch = [tokens]
+        if checked:
+            some = processed.index_select(0, to_device(checked, torch.long, device))
+            fetch.append(torch.isfinite(some).any(dim=-1))
+        wants = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wants:
+            raw = logits.index_select(0, to_device([kept[j] for j in wants], torch.long, device))
+            chosen = tokens.index_select(0, to_device(wants, torch.long, device))
+            top = max(seqs[j].params.logprobs for j in wants)
+            fetch += logprob_tensors(raw, chosen, top)
+        host = [t.tolist() for t in to_host(fetch)]
+        possible = [True] * len(seqs)
+        for j, ok in zip(checked, host[1] if checked else [], strict=True):
+            possible[j] = ok
+        logprobs = [None] * len(seqs)
+        if wants:
+            tops = [seqs[j].params.logprobs for j in wants]
+            picked = [host[0][j] for j in wants]
+            for j, lp in zip(wants, as_token_logprobs(picked, *host[-3:], tops), strict=True):
+                logprobs[j] = lp
         out = []
-        for i, seq, token in zip(kept, seqs, tokens.tolist(), strict=True):
-            logprob = None
-            if seq.params.logprobs is not None:
-                chosen = torch.tensor([token], device=logits.device)
-                logprob = token_logprobs(logits[i : i + 1], chosen, seq.params.logprobs)[0]
+        for seq, token, ok, logprob in zip(seqs, host[0], possible, logprobs, strict=True):
+            if not ok:
+                self._finish(seq, "error", error=ALL_BANNED)
+                continue
             out.append((seq, token, logprob))
         return out
 
@@ -492,4 +536,5 @@ class Engine:
             "loops_detected": self.loops_detected,
             "loops_broken": self.loops_broken,
             "steps": self.steps,
+            "graph_steps": graphs.steps if (graphs := self.runner.decode_graphs) else 0,
         }

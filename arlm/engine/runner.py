@@ -8,15 +8,21 @@ prefill chunk only when it ends its prompt.
 
 A windowed cache (``kv_window``) holds one sequence: it runs the same batches of one row through
 ``WindowedKVCache`` at that row's position, and cannot rewind (``rewindable``).
+
+With ``use_decode_graphs``, a step of decode rows only runs through ``DecodeGraphs``: padded to
+a batch-size bucket and replayed from a CUDA graph (on CUDA), the host copying only the rows'
+token ids, positions and slots.
 """
 
 from __future__ import annotations
 
 import torch
 
+from arlm.devices import to_device
+from arlm.engine.cuda_graphs import DecodeGraphs
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
-from arlm.kv_cache.codec import make_codec
+from arlm.kv_cache.codec import FloatCodec, make_codec
 from arlm.kv_cache.config import CacheConfig
 from arlm.kv_cache.slots import PrefillChunk, SlotKVCache, StepLayout
 from arlm.kv_cache.windowed import WindowedKVCache
@@ -40,6 +46,32 @@ class ModelRunner:
         # with a window, the slot cache is a one-block stand-in the block manager accounts
         # against (the engine passes slot_len = one block); the windowed cache stores
         self.cache = SlotKVCache.for_model(model.config, num_slots, slot_len, **kw)
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def decode_graphs_unsupported(self) -> str | None:
+        """Why decode steps cannot run through ``DecodeGraphs`` with this model and cache, or
+        None when they can."""
+        if self.windowed is not None:
+            return "the windowed KV cache (kv_window)"
+        if not isinstance(self.cache.codec, FloatCodec):
+            return f"a quantized KV cache ({self.cache.codec.name})"
+        if any(span < self.cache.slot_len for span in self.cache.layer_len):
+            return "sliding-window layers (their rings)"
+        if self.model.config.rope_type == "longrope":
+            return "LongRoPE (its factors depend on each row's length)"
+        return None
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Run decode-only steps padded to batch-size buckets through static buffers, replayed
+        from CUDA graphs when ``capture`` (else the same forward, eagerly: the CPU tests'). Every
+        slot is allocated now, as graphs replay fixed tensors."""
+        reason = self.decode_graphs_unsupported()
+        if reason is not None:
+            raise ValueError(f"decode graphs do not support {reason}")
+        self.cache.add_spare_slot()
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.cache, self.cache.num_slots, capture=capture
+        )
 
     @property
     def rewindable(self) -> bool:
@@ -65,6 +97,17 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Forward ``batch``; the next-token logits (K, vocab) of the K rows that sample, and
         those rows' sequences, in the same order."""
+        if self.decode_graphs is not None and not batch.prefill:
+            rows = batch.decode
+            positions = [s.num_cached for s in rows]
+            logits = self.decode_graphs.run(
+                [s.token_ids[p] for s, p in zip(rows, positions, strict=True)],
+                positions,
+                [s.slot for s in rows],
+            )
+            for s, p in zip(rows, positions, strict=True):
+                self.cache.lengths[s.slot] = p + 1
+            return logits, rows
         decode = sorted(batch.decode, key=lambda s: s.slot)
         tokens, positions, chunks, select, rows = [], [], [], [], []
         for seq in decode:
@@ -79,7 +122,7 @@ class ModelRunner:
                 select.append(len(tokens) - 1)
                 rows.append(seq)
         layout = StepLayout([s.slot for s in decode], [s.num_cached for s in decode], chunks)
-        idx = torch.tensor([tokens], device=self.device)
+        idx = to_device([tokens], torch.long, self.device)
         if self.windowed is not None:
             (seq,) = [*decode, *(s for s, _ in batch.prefill)]
             if seq.num_cached == 0:  # a new sequence, or one refilled after a break
@@ -88,15 +131,15 @@ class ModelRunner:
                 idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
             )
             return logits[0, : len(rows)].float(), rows
-        positions = torch.tensor([layout.positions()], device=self.device)
+        positions = to_device([layout.positions()], torch.long, self.device)
         seq_ends = None
         if self.model.config.rope_type == "longrope":  # it picks a row's factors by the row's reach
-            seq_ends = torch.tensor([layout.sequence_ends()], device=self.device)
+            seq_ends = to_device([layout.sequence_ends()], torch.long, self.device)
         logits, _ = self.model(
             idx,
             kv_cache=self.cache.step(layout),
             positions=positions,
-            logits_at=torch.tensor(select, dtype=torch.long, device=self.device),
+            logits_at=to_device(select, torch.long, self.device),
             seq_ends=seq_ends,
         )
         return logits[0].float(), rows

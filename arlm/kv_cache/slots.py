@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from arlm.config import ModelConfig
+from arlm.devices import to_device
 from arlm.kv_cache.base import (
     RingChunk,
     Rotate,
@@ -43,6 +44,7 @@ from arlm.kv_cache.base import (
     sdpa,
 )
 from arlm.kv_cache.codec import Codec, FloatCodec
+from arlm.kv_cache.decode_attention import decode_attention
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class SlotKVCache:
         self.v: list[list[torch.Tensor]] = []
         self.lengths = [0] * num_slots  # positions each slot has written, in order
         self.allocated = 0
+        self.spare: int | None = None  # a slot no sequence owns (``add_spare_slot``)
 
     @classmethod
     def for_model(
@@ -151,16 +154,26 @@ class SlotKVCache:
             return
         if slots > self.num_slots:
             raise ValueError(f"slot {slots - 1} does not exist; the cache has {self.num_slots}")
-        n = min(self.num_slots, max(slots, 2 * self.allocated))
+        self._grow(min(self.num_slots, max(slots, 2 * self.allocated)))
+
+    def add_spare_slot(self) -> None:
+        """Allocate every slot and one more that no sequence owns (index ``num_slots``, the
+        ``spare``), where the padding rows of a captured decode step write."""
+        self.spare = self.num_slots
+        self._grow(self.num_slots)
+
+    def _grow(self, n: int) -> None:
+        """Planes for ``n`` slots (and the spare), holding what the existing slots hold."""
+        rows = n + (self.spare is not None)
         k, v = [], []
         for span in self.layer_len:
             for planes in (k, v):
-                lead = (n, self.n_kv_head, span)
+                lead = (rows, self.n_kv_head, span)
                 planes += alloc_planes(self.codec, 1, lead, self.head_dim, self.device)
         for new, old in ((k, self.k), (v, self.v)):
             for new_planes, old_planes in zip(new, old, strict=False):
                 for a, b in zip(new_planes, old_planes, strict=True):
-                    a[: self.allocated].copy_(b)
+                    a[: self.allocated].copy_(b[: self.allocated])
         self.k, self.v, self.allocated = k, v, n
 
     def copy(self, src: int, dst: int, start: int, end: int) -> None:
@@ -197,6 +210,17 @@ class SlotKVCache:
     def step(self, layout: StepLayout) -> SlotStep:
         """The cache as one forward over ``layout`` sees it."""
         return SlotStep(self, layout)
+
+    @property
+    def static_decode(self) -> bool:
+        """Whether decode steps can take ``StaticDecode`` (float planes, no rings, a spare
+        slot for padding rows, every slot allocated so the planes never move)."""
+        return (
+            isinstance(self.codec, FloatCodec)
+            and all(span == self.slot_len for span in self.layer_len)
+            and self.spare is not None
+            and self.allocated == self.num_slots
+        )
 
     @property
     def nbytes(self) -> int:
@@ -240,18 +264,17 @@ class SlotStep:
     def __init__(self, cache: SlotKVCache, layout: StepLayout) -> None:
         self.cache, self.layout = cache, layout
         device = cache.device
-        long = dict(dtype=torch.long, device=device)
         self.n_decode = len(layout.decode_slots)
         if self.n_decode:
             slots, positions = layout.decode_slots, layout.decode_positions
             self.lo, hi = slots[0], slots[-1]
             rows = hi - self.lo + 1  # slots in between that are not decoding get a dummy row
-            self._slots = torch.tensor(slots, **long)
+            self._slots = to_device(slots, torch.long, device)
             H = cache.n_kv_head
             # the rows (slot, head, offset) the new vectors go to in a plane seen as
             # (num_slots * n_kv_head * span, width), span the layer's length: one index per length
             heads = torch.arange(H, device=device)
-            at = torch.tensor(positions, **long)[:, None]
+            at = to_device(positions, torch.long, device)[:, None]
             self._write = {
                 span: (
                     (self._slots[:, None] * H + heads) * span
@@ -295,7 +318,7 @@ class SlotStep:
         if min(seen) == end:
             return end, None
         long = dict(dtype=torch.long, device=self.cache.device)
-        visible = torch.arange(end, **long) < torch.tensor(seen, **long)[:, None]
+        visible = torch.arange(end, **long) < to_device(seen, torch.long, long["device"])[:, None]
         return end, visible[:, None, None, :]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
@@ -364,3 +387,45 @@ class SlotStep:
             out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask, scale))
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+class StaticDecode:
+    """The ``Cache`` of a decode-only forward whose rows come as device tensors: row b's token
+    is at position ``positions[b]`` of slot ``slots[b]``. It writes each row's key and value
+    there and attends to the slot's first ``positions[b] + 1`` positions (``decode_attention``).
+    Nothing in it depends on a host value, so a forward through it can be captured once per
+    batch size and replayed with new contents in the same tensors (``arlm.engine.cuda_graphs``).
+    Padding rows point at the cache's spare slot. Needs ``SlotKVCache.static_decode``."""
+
+    def __init__(self, cache: SlotKVCache, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache = cache
+        H = cache.n_kv_head
+        heads = torch.arange(H, device=slots.device)
+        # the rows (slot, head, position) of a plane seen as (slots * n_kv_head * slot_len, hd)
+        self._write = ((slots[:, None] * H + heads) * cache.slot_len + positions[:, None]).flatten()
+        self._slots, self._lengths = slots, positions + 1
+        self._rows = slots.numel()
+
+    def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
+        if self._rows != T:
+            raise ValueError(f"this decode step has {self._rows} rows, not {T}")
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        # q: (1, n_head, B, hd); k, v: (1, n_kv_head, B, hd), one token per row
+        cache = self.cache
+        hd = cache.head_dim
+        (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
+        for plane, x in ((k_plane, k), (v_plane, v)):
+            new = x[0].transpose(0, 1).reshape(-1, hd)  # (B * n_kv_head, hd)
+            plane.view(-1, hd).index_copy_(0, self._write, new.to(plane.dtype))
+        scale = hd**-0.5 if scale is None else scale
+        queries = q[0].transpose(0, 1)  # (B, n_head, hd)
+        y = decode_attention(queries, k_plane, v_plane, self._slots, self._lengths, scale)
+        return y.transpose(0, 1)[None]  # (1, n_head, B, hd)

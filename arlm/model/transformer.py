@@ -353,6 +353,8 @@ class Transformer(nn.Module):
 
         ``positions`` (B, T) gives every token its own position instead: the engine's flat
         batches mix rows at different positions (its ``kv_cache`` knows which row each is).
+        The caller keeps them within the context: reading them here would make the host wait
+        for the device (and a captured forward cannot).
         With ``targets`` (B, T), also the mean cross-entropy; target -100 is ignored.
         ``return_logits=False`` (with targets) returns no logits and computes the loss without
         ever holding them whole (``arlm.model.loss``), which saves memory in training.
@@ -364,14 +366,13 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-            end = start_pos + T  # known without reading the tensor (torch.compile keeps one graph)
-        else:
-            end = int(positions.max()) + 1
-        if self.wpe is not None and end > self.config.block_size:
-            raise ValueError(
-                f"positions up to {end} exceed the context length "
-                f"{self.config.block_size} of this model (learned positions cannot extrapolate)"
-            )
+            # known without reading the tensor (torch.compile keeps one graph)
+            if self.wpe is not None and start_pos + T > self.config.block_size:
+                raise ValueError(
+                    f"positions up to {start_pos + T} exceed the context length "
+                    f"{self.config.block_size} of this model (learned positions cannot "
+                    "extrapolate)"
+                )
         x = self.wte(idx)
         if self.embed_scale is not None:  # in the model's dtype, as the reference scales it
             x = x * x.new_full((), self.embed_scale)

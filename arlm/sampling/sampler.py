@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from arlm.devices import to_device
 from arlm.sampling.dry import Dry, DryBreakers
 from arlm.sampling.params import SamplingParams, TokenLogprob
 from arlm.sampling.processors import (
@@ -102,23 +103,28 @@ class SequenceSampler:
             proc.append(self.history)
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """The row's logits (1, vocab) after its processors."""
+        """The row's logits (1, vocab) after its processors. Whether they left any token
+        possible is for the caller to check (``ALL_BANNED``), after its one wait for the device."""
         for proc in self.processors:
             logits = proc(logits, self.history)
-        if self.processors and not torch.isfinite(logits).any():
-            raise ValueError(
-                "every token is banned at this step; loosen logit_bias, no_repeat_ngram_size, "
-                "min_tokens or the stop ids"
-            )
         return logits
 
     def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> int:
         """One token for this sequence alone (``sample`` over a batch of one)."""
-        return int(sample(self.process(logits.float()), [self.params], [generator])[0])
+        logits = self.process(logits.float())
+        if not torch.isfinite(logits).any():
+            raise ValueError(ALL_BANNED)
+        return int(sample(logits, [self.params], [generator])[0])
+
+
+ALL_BANNED = (
+    "every token is banned at this step; loosen logit_bias, no_repeat_ngram_size, min_tokens "
+    "or the stop ids"
+)
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+    return to_device(values, like.dtype, like.device)[:, None]
 
 
 def sample(
@@ -132,14 +138,15 @@ def sample(
     drawn = [b for b, p in enumerate(params) if p.temperature > 0]
     if not drawn:
         return tokens
-    x = logits.index_select(0, torch.tensor(drawn, device=logits.device))
+    rows = to_device(drawn, torch.long, logits.device)
+    x = logits.index_select(0, rows)
     ps = [params[b] for b in drawn]
     x = x / _column([p.temperature for p in ps], x)
     # each filter runs once for all rows when any row asks for it
     if any(p.top_k for p in ps):
         # above the vocabulary, k keeps everything (and could overflow a long)
         top_k = [min(p.top_k, x.size(-1)) for p in ps]
-        x = top_k_filter(x, torch.tensor(top_k, device=x.device))
+        x = top_k_filter(x, to_device(top_k, torch.long, x.device))
     if any(p.top_p < 1 for p in ps):
         x = top_p_filter(x, _column([p.top_p for p in ps], x))
     if any(p.min_p > 0 for p in ps):
@@ -155,24 +162,39 @@ def sample(
     )
     # right=True skips tokens of probability 0, whose interval of the cdf is empty
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    tokens[drawn] = picked.clamp_(max=x.size(-1) - 1)
-    return tokens
+    return tokens.index_copy_(0, rows, picked.clamp_(max=x.size(-1) - 1))
+
+
+def logprob_tensors(
+    logits: torch.Tensor, tokens: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the logits' device: per row, the log-probability of ``tokens`` (B,) under ``logits``
+    (B, vocab), and the ``top`` likeliest alternatives' log-probabilities and ids (B, top)."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    values, ids = logp.topk(min(top, logp.size(-1)), dim=-1)
+    return chosen, values, ids
+
+
+def as_token_logprobs(
+    tokens: list[int],
+    chosen: list[float],
+    values: list[list[float]],
+    ids: list[list[int]],
+    tops: list[int],
+) -> list[TokenLogprob]:
+    """``logprob_tensors``' results read back, each row keeping its own ``tops[i]``
+    alternatives."""
+    return [
+        TokenLogprob(t, lp, tuple(zip(i[:k], v[:k], strict=True)))
+        for t, lp, v, i, k in zip(tokens, chosen, values, ids, tops, strict=True)
+    ]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
     """Per row, the log-probability of ``tokens`` (B,) under ``logits`` (B, vocab) and the
     ``top`` likeliest alternatives."""
-    logp = logits.float().log_softmax(dim=-1)
-    chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
-    top = min(top, logp.size(-1))
-    if top:
-        values, ids = logp.topk(top, dim=-1)
-        tops = [
-            tuple(zip(i, v, strict=True))
-            for i, v in zip(ids.tolist(), values.tolist(), strict=True)
-        ]
-    else:
-        tops = [()] * len(chosen)
-    return [
-        TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), chosen, tops, strict=True)
-    ]
+    chosen, values, ids = logprob_tensors(logits, tokens, top)
+    return as_token_logprobs(
+        tokens.tolist(), chosen.tolist(), values.tolist(), ids.tolist(), [top] * len(tokens)
+    )

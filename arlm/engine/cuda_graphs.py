@@ -1,0 +1,106 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A decode step of a small model is a few hundred kernel launches of a few microseconds each;
+launched one by one from Python the GPU waits on the host for most of the step. Captured once
+as a CUDA graph, the whole forward is one launch. A graph replays fixed tensors, so the inputs
+live in static buffers (token ids, positions, slots) updated in place before each replay, and
+a step of n rows runs the graph of the smallest bucket >= n with the extra rows padded: a
+padding row reads and writes only the cache's spare slot and its logits are dropped.
+
+The same object runs the same padded forward eagerly where there is no CUDA (``capture``
+False), which is how the CPU tests check that padding and bucketing change no row's output.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from arlm.kv_cache.slots import SlotKVCache, StaticDecode
+from arlm.model.transformer import Transformer
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to ``max_batch`` (itself the last), as vLLM's capture sizes:
+    a step pads at most 7 rows past 8."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch]
+    sizes += list(range(8, max_batch, 8))
+    return [*sizes, max_batch]
+
+
+class DecodeGraphs:
+    """Decode-only forwards of ``model`` over ``cache`` for up to ``max_batch`` rows; see the
+    module docstring."""
+
+    def __init__(
+        self, model: Transformer, cache: SlotKVCache, max_batch: int, *, capture: bool
+    ) -> None:
+        if not cache.static_decode:
+            raise ValueError("decode graphs need float slots without rings and a spare slot")
+        self.model, self.cache = model, cache
+        self.buckets = batch_buckets(max_batch)
+        device = cache.device
+        largest = self.buckets[-1]
+        # rows: token ids, positions, slots; padding rows at position 0 of the spare slot
+        self._inputs = torch.zeros(3, largest, dtype=torch.long, device=device)
+        self._inputs[2] = cache.spare
+        self._staging = torch.zeros(3, largest, dtype=torch.long, pin_memory=capture)
+        self._staging[2] = cache.spare
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+        self.capture_bytes = 0
+        self.steps = 0  # decode steps run through the static buffers
+        if capture:
+            self._capture()
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        tokens, positions, slots = self._inputs[:, :batch]
+        step = StaticDecode(self.cache, slots, positions)
+        logits, _ = self.model(tokens[None], kv_cache=step, positions=positions[None])
+        return logits[0].float()  # (batch, vocab)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Capture every bucket, the largest first so the smaller ones reuse its memory pool."""
+        start, before = time.perf_counter(), torch.cuda.memory_reserved(self.cache.device)
+        side = torch.cuda.Stream(self.cache.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: kernels compiled, workspaces allocated
+            for batch in self.buckets[::-1]:
+                self._forward(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = None
+        for batch in self.buckets[::-1]:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[batch] = self._forward(batch)
+            pool = graph.pool()
+            self._graphs[batch] = graph
+        torch.cuda.synchronize(self.cache.device)
+        self.capture_seconds = time.perf_counter() - start
+        self.capture_bytes = torch.cuda.memory_reserved(self.cache.device) - before
+
+    def bucket(self, rows: int) -> int:
+        """The batch size a step of ``rows`` rows runs at."""
+        return next(b for b in self.buckets if b >= rows)
+
+    @torch.inference_mode()
+    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """The next-token logits (rows, vocab) of one decode row per entry: row i feeds
+        ``tokens[i]`` at ``positions[i]`` of slot ``slots[i]``."""
+        rows = len(tokens)
+        batch = self.bucket(rows)
+        self.steps += 1
+        staging = self._staging
+        staging[:, :rows] = torch.tensor([tokens, positions, slots])
+        staging[:2, rows:batch] = 0
+        staging[2, rows:batch] = self.cache.spare
+        # the staging buffer is reused next step; the step's read of its sampled ids waits for
+        # this copy, which is queued before it
+        self._inputs[:, :batch].copy_(staging[:, :batch], non_blocking=True)
+        if batch in self._graphs:
+            self._graphs[batch].replay()
+            return self._logits[batch][:rows]
+        return self._forward(batch)[:rows]

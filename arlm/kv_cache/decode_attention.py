@@ -1,0 +1,211 @@
+"""Decode attention over slots: each row's one query against the positions its slot holds.
+
+A decode step's rows sit in arbitrary slots at arbitrary lengths. ``decode_attention`` takes
+them as device tensors (``slots``, ``lengths``), so one call serves any batch without host-side
+setup and can be captured in a CUDA graph. On CUDA it runs a Triton kernel that reads exactly
+``lengths[b]`` positions of row b's slot (never the slot's full length, never a gathered copy),
+split along the sequence so that even one row keeps many multiprocessors busy (flash-decoding);
+the splits' partial results are merged by their log-sum-exp. Elsewhere, and for the kernel's
+own tests, ``decode_attention_reference`` does the same with PyTorch ops.
+
+Only float planes (the float codec) and slots without sliding-window rings take this path; the
+engine runs everything else through ``SlotStep``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_plane: torch.Tensor,
+    v_plane: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    *,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Attention of q (B, n_head, hd), row b over positions ``0..lengths[b]-1`` of slot
+    ``slots[b]`` of k_plane, v_plane (num_slots, n_kv_head, slot_len, hd) -> (B, n_head, hd).
+    ``use_triton`` None: the kernel on CUDA, the reference elsewhere. Every length is >= 1."""
+    if use_triton is None:
+        use_triton = q.device.type == "cuda"
+    if not use_triton:
+        return decode_attention_reference(q, k_plane, v_plane, slots, lengths, scale)
+    return _triton_decode(q, k_plane, v_plane, slots, lengths, scale)
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_plane: torch.Tensor,
+    v_plane: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``decode_attention`` with PyTorch ops: the rows' slots gathered whole, a length mask."""
+    keys, values = k_plane.index_select(0, slots), v_plane.index_select(0, slots)
+    visible = torch.arange(keys.size(2), device=q.device) < lengths[:, None]  # (B, slot_len)
+    y = F.scaled_dot_product_attention(
+        q[:, :, None],
+        keys,
+        values,
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.size(1) != keys.size(1),
+    )
+    return y[:, :, 0]
+
+
+def num_splits(batch: int, n_kv_head: int, device: torch.device) -> int:
+    """Splits along the sequence: enough programs to cover the multiprocessors about twice."""
+    if device.type != "cuda":
+        return 4  # the interpreter (tests): a few, so that merging is exercised
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(32, (2 * sms) // max(1, batch * n_kv_head)))
+
+
+def _triton_decode(q, k_plane, v_plane, slots, lengths, scale) -> torch.Tensor:
+    kernel = _kernel()
+    B, n_head, hd = q.shape
+    n_kv = k_plane.size(1)
+    group = n_head // n_kv
+    splits = num_splits(B, n_kv, q.device)
+    hd_pad = max(16, 1 << (hd - 1).bit_length())
+    out = torch.empty(B, n_head, splits, hd_pad, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, n_head, splits, dtype=torch.float32, device=q.device)
+    q = q.contiguous()
+    kernel[(B, n_kv, splits)](
+        q,
+        k_plane,
+        v_plane,
+        slots,
+        lengths,
+        out,
+        lse,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_plane.stride(0),
+        k_plane.stride(1),
+        k_plane.stride(2),
+        v_plane.stride(0),
+        v_plane.stride(1),
+        v_plane.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
+        HEAD_DIM=hd,
+        HEAD_DIM_PAD=hd_pad,
+        BLOCK_N=64,
+        SPLITS=splits,
+        IEEE=q.dtype == torch.float32,
+    )
+    out = out[..., :hd]
+    if splits > 1:  # merge the splits by their log-sum-exp; an empty split weighs 0
+        weight = torch.exp(lse - lse.amax(dim=-1, keepdim=True))  # (B, n_head, splits)
+        out = (out * weight[..., None]).sum(2) / weight.sum(-1, keepdim=True)
+    else:
+        out = out[:, :, 0]
+    return out.to(q.dtype)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, built on first use (Triton is imported only where it runs)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_decode(
+        Q,
+        K,
+        V,
+        Slots,
+        Lengths,
+        Out,
+        Lse,
+        scale,
+        sq_b,
+        sq_h,
+        sk_s,
+        sk_h,
+        sk_p,
+        sv_s,
+        sv_h,
+        sv_p,
+        so_b,
+        so_h,
+        so_s,
+        sl_b,
+        sl_h,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        # one program: one row, one kv head (and the GROUP query heads that share it), one
+        # split of the row's positions
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        slot = tl.load(Slots + b)
+        length = tl.load(Lengths + b)
+        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, length)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM_PAD)
+        heads = kv_head * GROUP + g
+        g_ok = g < GROUP
+        d_ok = d < HEAD_DIM
+        q = tl.load(
+            Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)  # softmax denominators
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+        k_base = K + slot.to(tl.int64) * sk_s + kv_head * sk_h
+        v_base = V + slot.to(tl.int64) * sv_s + kv_head * sv_h
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < hi
+            kv_ok = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + n[:, None] * sk_p + d[None, :], mask=kv_ok, other=0.0)
+            # float32 planes: exact products (the default would round inputs to tf32)
+            precision = "ieee" if IEEE else None
+            s = tl.dot(q, tl.trans(k), input_precision=precision)
+            s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # (GROUP_PAD, BLOCK_N)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            v = tl.load(v_base + n[:, None] * sv_p + d[None, :], mask=kv_ok, other=0.0)
+            pv = tl.dot(p.to(v.dtype), v, input_precision=precision)
+            acc = acc * alpha[:, None] + pv
+            total = total * alpha + tl.sum(p, 1)
+            m = m_new
+        has = total > 0  # a split past the row's length saw nothing
+        out = acc / tl.where(has, total, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+        tl.store(
+            Out + b * so_b + heads[:, None] * so_h + split * so_s + d[None, :],
+            out,
+            mask=g_ok[:, None],
+        )
+        tl.store(Lse + b * sl_b + heads * sl_h + split, lse, mask=g_ok)
+
+    return split_decode

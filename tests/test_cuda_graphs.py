@@ -1,0 +1,178 @@
+"""Decode steps through static buffers padded to batch-size buckets (what CUDA graphs replay),
+and the decode attention kernel that reads only the positions each row holds.
+
+On the CPU the padded forward runs eagerly (``use_decode_graphs(capture=False)``): the same
+code a graph captures, so what padding and bucketing do to each row is checked here; the
+capture itself runs only on CUDA (tests/test_cuda.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from arlm.engine import Engine, EngineConfig
+from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
+from arlm.kv_cache import CacheConfig
+from arlm.kv_cache.decode_attention import _kernel, decode_attention, decode_attention_reference
+from arlm.sampling import SamplingParams
+from tests.conftest import make_model
+from tests.test_engine import _mixed_params, _prompts
+
+# float32 sums of a few hundred products, taken in another order: a few ulps of values near 1
+F32_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tokenizer):
+    return make_model(request.param, vocab_size=tokenizer.vocab_size, seed=5)
+
+
+def _engine(model, tokenizer, graphs: bool, **config) -> Engine:
+    engine = Engine(model, tokenizer, config=EngineConfig(**config))
+    if graphs:
+        engine.runner.use_decode_graphs(capture=False)
+    return engine
+
+
+def test_buckets_cover_every_batch_size_with_little_padding():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    for largest in (1, 3, 8, 9, 64, 100):
+        buckets = batch_buckets(largest)
+        assert buckets[-1] == largest and buckets == sorted(set(buckets))
+        for rows in range(1, largest + 1):
+            padded = next(b for b in buckets if b >= rows)
+            assert padded - rows <= max(7, rows)  # at most 7 past 8, at most double below
+
+
+def test_padded_decode_steps_give_the_plain_path_s_tokens_as_rows_join_and_leave(model, tokenizer):
+    """Greedy and seeded rows of different lengths, five running at a time so rows join and
+    leave between steps: every bucket size and padding count occurs. Inputs as
+    tests/test_engine.py's batch-invariance test, whose margins hold across kernels."""
+    prompts, params = _prompts(12, seed=3), _mixed_params(12)
+    config = dict(max_num_seqs=5, max_num_batched_tokens=40)
+    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
+    padded_engine = _engine(model, tokenizer, True, **config)
+    padded = padded_engine.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in padded] == [c.token_ids for c in plain]
+    assert padded_engine.stats()["blocks_in_use"] == 0
+
+
+def test_padded_decode_logprobs_match_the_plain_path(model, tokenizer):
+    prompts = _prompts(6, seed=4)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    config = dict(max_num_seqs=4)
+    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
+    padded = _engine(model, tokenizer, True, **config).generate(prompts, params, progress=False)
+    for a, b in zip(plain, padded, strict=True):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            torch.testing.assert_close(
+                torch.tensor([x.logprob, *(v for _, v in x.top)]),
+                torch.tensor([y.logprob, *(v for _, v in y.top)]),
+                **F32_TOL,
+            )
+
+
+def test_a_padding_row_changes_no_other_row(model, tokenizer):
+    """The logits of 3 rows padded to a bucket of 4 equal each row's alone (bucket 1), and the
+    padding writes only the spare slot."""
+    engine = _engine(model, tokenizer, True, max_num_seqs=8)
+    runner = engine.runner
+    prompts = _prompts(3, seed=9)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    engine.step()  # prefill all three: every row now decodes
+    rows = list(engine.scheduler.running)
+    graphs: DecodeGraphs = runner.decode_graphs
+    assert graphs.bucket(3) == 4
+    spare = runner.cache.spare
+    before = [p[:spare].clone() for p in runner.cache.k[0]]
+    tokens = [s.token_ids[s.num_cached] for s in rows]
+    positions = [s.num_cached for s in rows]
+    slots = [s.slot for s in rows]
+    together = graphs.run(tokens, positions, slots).clone()
+    after = [p[:spare] for p in runner.cache.k[0]]
+    for i in range(3):
+        alone = graphs.run(tokens[i : i + 1], positions[i : i + 1], slots[i : i + 1])
+        torch.testing.assert_close(together[i], alone[0], **F32_TOL)
+    # the step wrote each row's own position and nothing else outside the spare slot
+    for b, a in zip(before, after, strict=True):
+        changed = (b != a).any(dim=-1).nonzero().tolist()  # (slot, head, position)
+        assert {(s, p) for s, _, p in changed} == set(zip(slots, positions, strict=True))
+
+
+def test_unsupported_caches_are_refused_with_the_reason(tokenizer):
+    model = make_model("llama", vocab_size=tokenizer.vocab_size)
+    engine = Engine(model, tokenizer, CacheConfig(dtype="int8"))
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        engine.runner.use_decode_graphs(capture=False)
+    assert engine.eager_reason == "not a CUDA device"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("n_head,n_kv_head,head_dim", [(4, 4, 16), (8, 2, 24), (6, 1, 64)])
+def test_the_triton_kernel_equals_the_reference(monkeypatch, n_head, n_kv_head, head_dim):
+    """The kernel run by Triton's interpreter on the CPU: grouped heads, a head size that is not
+    a power of two, lengths at and across its blocks of 64 and its splits."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _kernel.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        slots_n, slot_len = 6, 300
+        k = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g)
+        v = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g)
+        lengths = torch.tensor([1, 63, 64, 65, 200, 300])
+        slots = torch.tensor([5, 0, 3, 1, 2, 4])
+        q = torch.randn(len(slots), n_head, head_dim, generator=g)
+        scale = head_dim**-0.5
+        got = decode_attention(q, k, v, slots, lengths, scale, use_triton=True)
+        want = decode_attention_reference(q, k, v, slots, lengths, scale)
+        torch.testing.assert_close(got, want, **F32_TOL)
+    finally:
+        _kernel.cache_clear()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cuda_graph_steps_give_the_eager_tokens(tokenizer, family):
+    """Over 100 engine steps with rows joining and leaving: replayed graphs against plain
+    launches, float32 (the inputs of the CPU batch-invariance test)."""
+    model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    prompts, params = _prompts(16, seed=3), _mixed_params(16)
+    config = dict(max_num_seqs=5, max_num_batched_tokens=40)
+    eager = Engine(model, tokenizer, config=EngineConfig(enforce_eager=True, **config))
+    graphed = Engine(model, tokenizer, config=EngineConfig(**config))
+    assert eager.eager_reason == "enforce_eager" and graphed.eager_reason is None
+    want = eager.generate(prompts, params, progress=False)
+    got = graphed.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    stats = graphed.stats()
+    assert stats["steps"] >= 100 and stats["graph_steps"] > stats["steps"] // 2
+
+
+@cuda
+def test_a_graph_decode_step_never_waits_for_the_device_but_for_its_sampled_ids(tokenizer):
+    """torch's sync debug mode raises on any implicit synchronisation (``.item()``, a pageable
+    copy, ``.tolist()`` of a device tensor); the step's one wait is an event's."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
+    for p in _prompts(6, seed=1):
+        params = SamplingParams(max_tokens=40, temperature=0.7, seed=1, ignore_eos=True)
+        engine.add_request(p, params)
+    engine.step()  # the prefill (eager)
+    before = engine.stats()["graph_steps"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.stats()["graph_steps"] == before + 10
