@@ -104,6 +104,32 @@ def hf_greedy(
     return out.sequences[0, ids.shape[1] :].tolist()
 
 
+def assert_decode_matches(lm, hf: torch.nn.Module, prompt: torch.Tensor, atol: float) -> None:
+    """arlm's greedy decode of 32 tokens after ``prompt`` (1, T) follows a transformers model's
+    arithmetic: transformers fed the same tokens as its ``generate`` feeds them (the prompt in one
+    forward through its own cache, then a token per forward) gives each token the log-probability
+    arlm gave it, and ranks it first, both within ``atol``.
+
+    For bfloat16, where comparing greedy tokens cannot work: a unit of bfloat16 at 4 is 0.03, so
+    two logits often tie exactly, and two implementations part on a tie however close their
+    arithmetic. This compares the numbers along arlm's own path instead."""
+    import transformers
+
+    out = lm.generate(prompt[0].tolist(), max_tokens=32, temperature=0, ignore_eos=True, logprobs=0)
+    cache, logits = transformers.DynamicCache(config=hf.config), []
+    with torch.no_grad():
+        logits.append(hf(prompt, past_key_values=cache).logits[0, -1])
+        for token in out.token_ids[:-1]:
+            logits.append(hf(torch.tensor([[token]]), past_key_values=cache).logits[0, -1])
+    reference = torch.log_softmax(torch.stack(logits).float(), dim=-1)
+    want = reference.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    got = torch.tensor([lp.logprob for lp in out.logprobs])
+    diff = (got - want).abs().max().item()
+    assert diff < atol, f"log-probabilities differ by {diff:.3g}, more than {atol}"
+    behind = (reference.max(dim=-1).values - want).max().item()
+    assert behind <= atol, f"a token is {behind:.3g} behind transformers' greedy choice"
+
+
 def _log(kind, ratio):  # TEMPLOG
     import os  # TEMPLOG
 

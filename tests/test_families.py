@@ -31,9 +31,15 @@ from arlm.formats.gguf import export_gguf
 from arlm.formats.hf import config_from_hf, export_hf, load_hf
 from arlm.kv_cache import KVCache, SlotKVCache, StepLayout, make_codec
 from arlm.model import Transformer
-from arlm.model.packing import PackedInt4Linear, PackedInt8Linear
+from arlm.model.packing import _REDUCE_RANGE, PackedInt4Linear, PackedInt8Linear
 from arlm.model.quantize import quantize
-from tests.numerics import assert_clear_choices, assert_close, choice_logits, hf_greedy
+from tests.numerics import (
+    assert_clear_choices,
+    assert_close,
+    assert_decode_matches,
+    choice_logits,
+    hf_greedy,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -318,7 +324,8 @@ def test_batched_and_chunked_engine_rows_match_transformers(case):
     # three rows at their own positions in one decode forward; prompts prefill in chunks that
     # share forwards with the decoding rows
     lm = arlm.load(folder, max_num_seqs=3, max_num_batched_tokens=6)
-    prompts = [_ids(n, seed=n) for n in (3, 11, 17)]
+    # seeds whose greedy paths hold no near-tie on any case (seed=n had one on phi3-window)
+    prompts = [_ids(n, seed=100 + n) for n in (3, 11, 17)]
     out = lm.generate([p[0].tolist() for p in prompts], max_tokens=20, temperature=0)
     for prompt, completion in zip(prompts, out, strict=True):
         assert completion.token_ids == hf_greedy(hf, prompt, 20)
@@ -340,8 +347,7 @@ def test_bf16_logits_and_greedy(case):
     diff = (score - reference.gather(-1, ids[0, 1:, None])[:, 0]).abs().max().item()
     _log("bf16cached", diff / BF16_ATOL)  # TEMPLOG
     assert diff < BF16_CACHED_ATOL, diff
-    prompt = _prompt(name)
-    assert _greedy(lm, prompt) == hf_greedy(hf16, prompt, atol=BF16_ATOL)
+    assert_decode_matches(lm, hf16, _prompt(name), BF16_CACHED_ATOL)
 
 
 @cases(LONGROPE)
@@ -560,12 +566,17 @@ def test_streaming_window_is_refused_on_a_sliding_window_model(case):
 # packed kernels against the same quantized weights on the dequantizing path, int8 0.033-0.055
 # (fbgemm rounds the activations to 7 bits on a CPU without VNNI), int4 0.007-0.013
 QUANT_TOLERANCES = {"int8": (0.04, 0.08), "int4": (0.45, 0.02)}
+# int8's packed error is the activations' rounding, so it doubles where fbgemm gets 7 bits of
+# them rather than 8 (a CPU without VNNI: measured 0.106 on an AVX2 EPYC, against 0.033-0.055)
+INT8_ACTIVATION_STEPS = 2 if _REDUCE_RANGE else 1
 
 
 @pytest.mark.parametrize("method", list(QUANT_TOLERANCES))
 def test_quantized_weights_on_the_packed_kernels(case, method):
     _, folder, hf = case
     tolerance, packed_tolerance = QUANT_TOLERANCES[method]
+    if method == "int8":
+        packed_tolerance *= INT8_ACTIVATION_STEPS
     lm = arlm.load(folder, quantize=method)  # quantized, then packed for this CPU
     kernel = PackedInt8Linear if method == "int8" else PackedInt4Linear
     assert isinstance(lm.model.h[0].attn.c_attn, kernel)

@@ -68,9 +68,11 @@ def test_model_loss_without_logits_matches_the_loss_with_them():
     none, chunked = model(idx[:, :-1], idx[:, 1:], return_logits=False)
     chunked.backward()
     assert logits is not None and none is None
-    torch.testing.assert_close(chunked, loss, atol=1e-6, rtol=0)
+    assert_close(chunked, loss)
+    # the two losses hand back gradients summed in other orders; each parameter's gradient
+    # rounds at the size of its own entries (measured: up to 7 units at its largest entry)
     for p, g in zip(model.parameters(), grads, strict=True):
-        torch.testing.assert_close(p.grad, g, atol=1e-7, rtol=1e-4)
+        assert_close(p.grad, g)
 
 
 def test_flops_per_token_counts_every_weight_that_multiplies():
