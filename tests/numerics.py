@@ -48,7 +48,6 @@ def assert_close(
     if scale is None:
         scale = expected.abs().max().item()
     atol = tolerance(scale, dtype, ulps)
-    _log("close", (actual - expected).abs().max().item() / atol if atol else 0.0)  # TEMPLOG
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
     return atol
 
@@ -68,7 +67,6 @@ def assert_clear_choices(logits: torch.Tensor, atol: float | None = None, ranks:
     gaps = (top[..., :-1] - top[..., 1:]).reshape(-1, ranks)
     row, rank = divmod(int(gaps.argmin()), ranks)
     worst = gaps[row, rank].item()
-    _log("tie", 2 * atol / worst)  # TEMPLOG
     assert worst > 2 * atol, (
         f"choice {row} of {gaps.size(0)} is a near-tie: its tokens ranked {rank + 1} and "
         f"{rank + 2} are {worst:.3g} apart, within twice the tolerance {atol:.3g}; pick another "
@@ -128,12 +126,3 @@ def assert_decode_matches(lm, hf: torch.nn.Module, prompt: torch.Tensor, atol: f
     assert diff < atol, f"log-probabilities differ by {diff:.3g}, more than {atol}"
     behind = (reference.max(dim=-1).values - want).max().item()
     assert behind <= atol, f"a token is {behind:.3g} behind transformers' greedy choice"
-
-
-def _log(kind, ratio):  # TEMPLOG
-    import os  # TEMPLOG
-
-    if os.environ.get("TOL_LOG"):  # TEMPLOG
-        with open(os.environ["TOL_LOG"], "a") as f:  # TEMPLOG
-            test = os.environ.get("PYTEST_CURRENT_TEST", "?")  # TEMPLOG
-            f.write(f"{test}\t{kind}\t{ratio:.4g}\n")  # TEMPLOG
