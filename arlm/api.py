@@ -6,7 +6,6 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +13,15 @@ import torch.nn.functional as F
 from arlm.config import resolve_dtype
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
 from arlm.formats.checkpoint import load_model
+from arlm.formats.generation_config import sampling_defaults
 from arlm.kv_cache import CacheConfig
 from arlm.model.packing import pack
 from arlm.model.quantize import quantize as quantize_weights
 from arlm.model.transformer import Transformer
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
+
+GENERATION_CONFIGS = ("auto", "arlm")  # whose sampling defaults: the model's, or arlm's
 
 
 @dataclass
@@ -48,7 +50,9 @@ class LM:
 
     ``cache_config``: the KV cache kind (None: floats in the model's dtype); ``engine_config``:
     the engine's limits (``EngineConfig``; None: defaults sized from the model and the machine).
-    The engine is built at the first generation.
+    ``sampling_defaults``: ``SamplingParams`` fields that a request given as keywords (here, on
+    the command line, or to the server) takes when it does not set them; ``arlm.load`` fills
+    them from the model's generation_config.json. The engine is built at the first generation.
     """
 
     def __init__(
@@ -57,12 +61,15 @@ class LM:
         tokenizer: Tokenizer,
         cache_config: CacheConfig | None = None,
         engine_config: EngineConfig | None = None,
+        sampling_defaults: dict | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cache_config = cache_config or CacheConfig()
         self.cache_config.check(model.config)
         self.engine_config = engine_config or EngineConfig()
+        self.sampling_defaults = dict(sampling_defaults or {})
+        SamplingParams.from_kwargs(**self.sampling_defaults)  # names and ranges checked now
         self._engine: Engine | None = None
 
     @property
@@ -82,11 +89,16 @@ class LM:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    @staticmethod
-    def _params(params: SamplingParams | None, kwargs: dict) -> SamplingParams:
+    def sampling_params(self, **kwargs) -> SamplingParams:
+        """``SamplingParams`` from keywords; a field not given takes the model's default
+        (``sampling_defaults``), else ``SamplingParams``' own. A ``SamplingParams`` passed as
+        ``params=`` is used as it is: every field of it counts as set."""
+        return SamplingParams.from_kwargs(**{**self.sampling_defaults, **kwargs})
+
+    def _params(self, params: SamplingParams | None, kwargs: dict) -> SamplingParams:
         if params is not None and kwargs:
             raise TypeError("pass sampling settings either as params= or as keywords, not both")
-        return params if params is not None else SamplingParams.from_kwargs(**kwargs)
+        return params if params is not None else self.sampling_params(**kwargs)
 
     def generate(
         self,
@@ -218,6 +230,8 @@ def load(
     dtype: torch.dtype | str | None = None,
     allow_pickle: bool = False,
     *,
+    revision: str | None = None,
+    generation_config: str = "auto",
     kv_cache_dtype: str = "auto",
     kv_block_size: int | None = None,
     kv_window: int | None = None,
@@ -230,11 +244,19 @@ def load(
     kv_cache_memory_gib: float | None = None,
     enable_prefix_caching: bool = True,
 ) -> LM:
-    """Load an arlm checkpoint directory or a Hugging Face model folder.
+    """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
+    model by id (``"org/name"``; a local path of that name wins).
+
+    A Hub id resolves through huggingface_hub's cache (``HF_HOME``, ``HF_HUB_CACHE``), downloading
+    the files arlm reads where missing (``HF_TOKEN`` for gated repos; ``HF_HUB_OFFLINE=1``: the
+    cache only); see ``arlm.formats.hub``. revision: the id's branch, tag or commit (None: main).
 
     dtype: None keeps float32 (the default on CPU); ``bfloat16``/``float16`` halve the memory.
     allow_pickle: let a Hugging Face folder with only ``pytorch_model.bin`` load (with
     ``weights_only=True``); off by default because a pickle can run code.
+    generation_config: ``auto`` takes the sampling defaults of the model's generation_config.json
+    (temperature, top_p, top_k, min_p, repetition_penalty) for requests that do not set them, as
+    vLLM does; ``arlm`` ignores them (``SamplingParams``' own defaults).
 
     The KV cache that generation and chunked scoring use (see ``arlm.kv_cache``):
     kv_cache_dtype: ``auto`` (the model's dtype), ``float32``, ``bfloat16``, ``float16``, or
@@ -265,16 +287,23 @@ def load(
         kv_block_size=EngineConfig.kv_block_size if kv_block_size is None else kv_block_size,
         enable_prefix_caching=enable_prefix_caching,
     )
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model at {path}: give an arlm checkpoint or HF model folder")
+    if generation_config not in GENERATION_CONFIGS:
+        raise ValueError(
+            f"generation_config={generation_config!r} is not allowed; it must be one of "
+            f"{', '.join(GENERATION_CONFIGS)}"
+        )
     dtype = resolve_dtype(dtype)
     from arlm.formats import hf  # the importer is only needed here
+    from arlm.formats.hub import resolve
 
+    path = resolve(path, revision, allow_pickle)
+    defaults = {}
     if hf.is_hf_dir(path):
+        if generation_config == "auto":  # before the weights: a bad file fails fast
+            defaults = sampling_defaults(path)
         model, tokenizer = hf.load_hf(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     else:
         model, tokenizer = load_model(path, device=device, dtype=dtype)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
-    return LM(pack(model), tokenizer, cache_config, engine_config)
+    return LM(pack(model), tokenizer, cache_config, engine_config, defaults)

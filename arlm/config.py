@@ -28,6 +28,20 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
 ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 QUANT_METHODS = ("int8", "int4")  # weight-only; see arlm.model.quantize
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Bounds on sizes far past any released model's (the largest vocabularies are ~262k ids, the
+# deepest stacks ~130 layers, the longest contexts ~10M positions). A config past one is damaged
+# or hostile: it is refused before anything is built, where it would otherwise ask for memory no
+# machine has. Loading also checks every size against the weights' own shapes (arlm.formats).
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22,
+    "n_layer": 1 << 10,
+    "n_head": 1 << 10,
+    "n_kv_head": 1 << 10,
+    "n_embd": 1 << 16,
+    "head_dim": 1 << 12,
+    "intermediate_size": 1 << 20,
+    "block_size": 1 << 25,
+}
 
 DTYPES = {
     "float32": torch.float32,
@@ -51,6 +65,18 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)} "
         "or torch.float32, torch.bfloat16, torch.float16"
     )
+
+
+def check_size(name: str, value: object, field: str | None = None) -> None:
+    """``value`` must be an int from 1 to ``SIZE_LIMITS[field]`` (``field`` defaults to
+    ``name``; ``name`` is what the message calls it, e.g. a Hugging Face config's key)."""
+    limit = SIZE_LIMITS[field or name]
+    check_int(name, value, 1, f"from 1 to {limit:,}")
+    if value > limit:
+        raise ValueError(
+            f"{name}={value:,} is not allowed; it must be an integer from 1 to {limit:,}: no "
+            "released model comes near it, so the config is damaged"
+        )
 
 
 def longrope_attention_factor(factor: float | None, original: int, block_size: int) -> float:
@@ -111,14 +137,14 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r} is not supported; choose one of {FAMILIES}")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
-            check_int(name, getattr(self, name), 1)
+            check_size(name, getattr(self, name))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
             if self.n_embd % self.n_head:
                 raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
             self.head_dim = self.n_embd // self.n_head
-        check_int("head_dim", self.head_dim, 1)
+        check_size("head_dim", self.head_dim)
         if self.family == "gpt2" and self.head_dim * self.n_head != self.n_embd:
             raise ValueError(
                 f"head_dim={self.head_dim} with n_head={self.n_head} must give n_embd="
@@ -150,7 +176,8 @@ class ModelConfig:
             if value is not None and not (isinstance(value, int | float) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive number or None")
         self._check_windows()
-        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+        check_size("n_kv_head", self.n_kv_head)
+        if self.n_head % self.n_kv_head:
             raise ValueError(
                 f"n_kv_head={self.n_kv_head} must be a positive divisor of n_head={self.n_head}"
             )
@@ -159,6 +186,7 @@ class ModelConfig:
                 self.intermediate_size = 4 * self.n_embd
             else:  # SwiGLU has three matrices: 2/3 of 4*n_embd keeps the parameter count
                 self.intermediate_size = 64 * -(-(8 * self.n_embd // 3) // 64)
+        check_size("intermediate_size", self.intermediate_size)
         if self.bias is None:
             self.bias = self.family == "gpt2"
         if self.qkv_bias is None:

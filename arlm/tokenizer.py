@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from arlm.atomic import write_atomic
+from arlm.chat_template import render_chat
 
 EOT = "<|endoftext|>"
 
@@ -20,6 +21,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
+# the most characters a chat template may write or build when the caller sets no limit
+DEFAULT_MAX_TEMPLATE_CHARS = 16 * 2**20
 
 
 class Tokenizer:
@@ -110,32 +113,26 @@ class Tokenizer:
         ids = [[i] for i in range(self.vocab_size)]
         return self._tk.decode_batch(ids, skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        max_chars: int = DEFAULT_MAX_TEMPLATE_CHARS,
+    ) -> str:
         """The prompt text of a conversation (``{"role", "content"}`` dicts), rendered with the
         model's Jinja chat template as Hugging Face's ``apply_chat_template`` does, or with
         ``DEFAULT_CHAT_TEMPLATE`` when the model has none. Encode the result with
         ``add_special_tokens=False``: the template writes its own markers. A template that
-        refuses the conversation (``raise_exception``) raises ``ValueError``."""
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise ValueError(message)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        refuses the conversation (``raise_exception``), fails on it, or writes or builds more
+        than ``max_chars`` characters raises ``ValueError`` (see ``arlm.chat_template``)."""
+        return render_chat(
+            self.chat_template or DEFAULT_CHAT_TEMPLATE,
+            messages,
+            add_generation_prompt,
+            bos_token=self._token_text(self.bos_token_id),
+            eos_token=self._token_text(self.eos_token_ids[0] if self.eos_token_ids else None),
+            max_chars=max_chars,
         )
-        env.globals["raise_exception"] = raise_exception
-        try:
-            template = env.from_string(self.chat_template or DEFAULT_CHAT_TEMPLATE)
-            return template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._token_text(self.bos_token_id),
-                eos_token=self._token_text(self.eos_token_ids[0] if self.eos_token_ids else None),
-            )
-        except jinja2.TemplateError as e:
-            raise ValueError(f"the chat template failed on these messages: {e}") from e
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self._tk.id_to_token(token_id) or "")

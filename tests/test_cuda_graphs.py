@@ -116,18 +116,21 @@ def test_unsupported_caches_are_refused_with_the_reason(tokenizer):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("n_head,n_kv_head,head_dim", [(4, 4, 16), (8, 2, 24), (6, 1, 64)])
 def test_the_triton_kernel_equals_the_reference(monkeypatch, n_head, n_kv_head, head_dim):
-    """The kernel run by Triton's interpreter on the CPU: grouped heads, a head size that is not
-    a power of two, lengths at and across its blocks of 64 and its splits."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    """The kernel, compiled on CUDA, else run by Triton's interpreter on the CPU: grouped
+    heads, a head size that is not a power of two, lengths at and across its blocks of 64 and
+    its splits."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     _kernel.cache_clear()
     try:
         g = torch.Generator().manual_seed(0)
         slots_n, slot_len = 6, 300
-        k = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g)
-        v = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g)
-        lengths = torch.tensor([1, 63, 64, 65, 200, 300])
-        slots = torch.tensor([5, 0, 3, 1, 2, 4])
-        q = torch.randn(len(slots), n_head, head_dim, generator=g)
+        k = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
+        v = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
+        lengths = torch.tensor([1, 63, 64, 65, 200, 300], device=device)
+        slots = torch.tensor([5, 0, 3, 1, 2, 4], device=device)
+        q = torch.randn(len(slots), n_head, head_dim, generator=g).to(device)
         scale = head_dim**-0.5
         got = decode_attention(q, k, v, slots, lengths, scale, use_triton=True)
         want = decode_attention_reference(q, k, v, slots, lengths, scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from arlm.api import GENERATION_CONFIGS
 from arlm.cli.options import add_options, given
 from arlm.config import INT4_GROUP_SIZES, QUANT_METHODS
 from arlm.engine import EngineConfig
@@ -13,7 +14,20 @@ from arlm.sampling import SamplingParams
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an arlm checkpoint directory or a Hugging Face model folder")
+    p.add_argument(
+        "model",
+        help="an arlm checkpoint folder, a Hugging Face model folder, or a Hugging Face Hub id "
+        "(org/name: downloaded into the Hub cache; a local path of that name wins)",
+    )
+    p.add_argument(
+        "--revision", help="with a Hub id, the branch, tag or commit to load (default: main)"
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a model whose only weights are pickled (pytorch_model.bin), with "
+        "torch.load(weights_only=True); off because a pickle can run code",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument(
         "--dtype",
@@ -37,12 +51,36 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
-    return {
+    kwargs = {
         "device": args.device,
         "dtype": args.dtype,
         "quantize": args.quantize,
         "group_size": args.group_size,
+        "revision": args.revision,
+        "allow_pickle": args.allow_pickle,
     }
+    if getattr(args, "generation_config", None) is not None:
+        kwargs["generation_config"] = args.generation_config
+    return kwargs
+
+
+def add_generation_config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--generation-config",
+        choices=GENERATION_CONFIGS,
+        help="auto: the model's generation_config.json gives the sampling settings a request "
+        "leaves unset (temperature, top-p, top-k, min-p, repetition penalty), as vLLM does; "
+        "arlm: arlm's own defaults (default: auto)",
+    )
+
+
+def describe_defaults(lm, given: dict) -> str | None:
+    """A line naming the model's sampling defaults that apply (those ``given`` does not set)."""
+    used = {k: v for k, v in lm.sampling_defaults.items() if k not in given}
+    if not used:
+        return None
+    settings = ", ".join(f"{k}={v}" for k, v in used.items())
+    return f"[sampling defaults from the model's generation_config.json: {settings}]"
 
 
 def add_cache_options(p: argparse.ArgumentParser, engine: bool = True) -> None:
@@ -78,9 +116,12 @@ def detector_kwargs(args: argparse.Namespace) -> dict:
     return given(args, LoopDetectorConfig, dest_prefix="loop_")
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The ``SamplingParams`` fields given on the command line (checked), as keywords: the rest
+    take the model's defaults (``LM.sampling_params``)."""
     kwargs = given(args, SamplingParams)
     detection = detector_kwargs(args)
     if detection:
         kwargs["repetition_detection"] = detection
-    return SamplingParams(**kwargs)
+    SamplingParams(**kwargs)  # bad values fail before the model loads
+    return kwargs

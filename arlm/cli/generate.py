@@ -12,10 +12,12 @@ from dataclasses import asdict
 from arlm.atomic import write_atomic
 from arlm.cli.common import (
     add_cache_options,
+    add_generation_config_option,
     add_model_options,
     add_sampling_options,
+    describe_defaults,
     load_kwargs,
-    sampling_params,
+    sampling_kwargs,
 )
 from arlm.formats.prompts import read_prompts
 
@@ -38,6 +40,7 @@ def add_parser(sub) -> None:
         "--output", help="with --prompts-file, where to write the JSON lines (default: stdout)"
     )
     add_sampling_options(p)
+    add_generation_config_option(p)
     add_cache_options(p)
     p.add_argument("--stats", action="store_true", help="print token counts and speeds")
     p.set_defaults(run=run)
@@ -48,9 +51,13 @@ def run(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give either a PROMPT or --prompts-file, not both or neither")
-    params = sampling_params(args)
+    given = sampling_kwargs(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     lm = arlm.load(args.model, **load_kwargs(args))
+    note = describe_defaults(lm, given)
+    if note:
+        print(note, file=sys.stderr)
+    params = lm.sampling_params(**given)
     if prompts is not None:
         write_batch(lm, prompts, params, args.output)
     else:

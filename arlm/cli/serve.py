@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from arlm.cli.common import add_cache_options, add_model_options, load_kwargs
+from arlm.cli.common import (
+    add_cache_options,
+    add_generation_config_option,
+    add_model_options,
+    load_kwargs,
+)
 from arlm.cli.options import add_options, given
 
 
@@ -30,24 +35,26 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     add_options(p.add_argument_group("server"), ServeConfig)
+    add_generation_config_option(p)
     add_cache_options(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     import arlm
+    from arlm.formats.hub import resolve
     from arlm.serve import ServeConfig
     from arlm.serve.server import serve
 
     config = ServeConfig(**given(args, ServeConfig))
-    model = Path(args.model)
-    if not model.exists():
-        raise FileNotFoundError(f"no model at {model}: give an arlm checkpoint or HF model folder")
     kwargs = load_kwargs(args)
+    # a Hub id downloads now, before the server starts; it is then served under its id
+    local = Path(args.model).exists()
+    folder = resolve(args.model, kwargs.pop("revision"), args.allow_pickle)
     serve(
-        lambda: arlm.load(model, **kwargs),
+        lambda: arlm.load(folder, **kwargs),
         config,
-        model_name=model.resolve().name,
+        model_name=folder.resolve().name if local else args.model,
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -9,7 +9,16 @@ AsyncEngine    a background step loop, async streams per request (async_engine.p
 """
 
 from arlm.engine.async_engine import AsyncEngine
-from arlm.engine.engine import Engine, EngineConfig
+from arlm.engine.engine import Engine, EngineConfig, InvalidRequest
 from arlm.engine.outputs import Chunk, Completion, RequestOutput, Usage
 
-__all__ = ["AsyncEngine", "Chunk", "Completion", "Engine", "EngineConfig", "RequestOutput", "Usage"]
+__all__ = [
+    "AsyncEngine",
+    "Chunk",
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "InvalidRequest",
+    "RequestOutput",
+    "Usage",
+]

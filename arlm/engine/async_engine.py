@@ -12,13 +12,16 @@ requests finished aborts them, so their slots are freed at the next step.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from arlm.engine.engine import Engine
+from arlm.engine.engine import Engine, InvalidRequest
 from arlm.engine.outputs import RequestOutput
 from arlm.sampling.params import SamplingParams
+
+log = logging.getLogger("arlm.engine")
 
 
 class QueueFull(Exception):
@@ -133,10 +136,19 @@ class AsyncEngine:
     def check_room(self, num_seqs: int) -> None:
         """Raise ``QueueFull`` if ``num_seqs`` more sequences would leave more than
         ``max_queue`` waiting once the free slots are taken (``max_queue`` 0: admit only
-        what can run at once)."""
+        what can run at once), and ``InvalidRequest`` if they would even with every slot free
+        and nothing waiting: waiting cannot help those."""
         if self.max_queue is None:
             return
         scheduler = self.engine.scheduler
+        most = scheduler.max_num_seqs + self.max_queue
+        if num_seqs > most:
+            raise InvalidRequest(
+                f"the request needs {num_seqs} sequences (n times the prompts); this server "
+                f"runs {scheduler.max_num_seqs} at once and queues {self.max_queue}, so it "
+                f"takes at most {most} in one request",
+                "n",
+            )
         free = scheduler.max_num_seqs - len(scheduler.running)
         waiting = self.num_waiting
         if waiting + num_seqs - free > self.max_queue:
@@ -147,15 +159,19 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue (prompt, params, request id) triples, all or none; one stream of their
         outputs. Must be called from a running event loop. Raises ``ValueError`` for a prompt
-        the engine cannot run or an id in use, ``QueueFull`` when the waiting queue has no room
-        for them all, ``EngineDead`` when the loop has stopped on an error."""
+        or parameters the engine cannot run, an id in use, or more sequences than could ever
+        fit (``InvalidRequest``, with the field at fault), ``QueueFull`` when the waiting
+        queue has no room for them all now, ``EngineDead`` when the loop has stopped on an
+        error."""
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error!r}")
         checked = []
         for prompt, params, request_id in requests:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            checked.append((self.engine.check_prompt(prompt), params, request_id))
+            prompt_ids = self.engine.check_prompt(prompt)
+            self.engine.check_params(params, len(prompt_ids))
+            checked.append((prompt_ids, params, request_id))
         num_seqs = sum(params.n for _, params, _ in requests)
         self.check_room(num_seqs)
         self.start()
@@ -236,6 +252,9 @@ class AsyncEngine:
                 self.engine.add_request(prompt_ids, params, request_id)
             except ValueError as e:
                 self._deliver([(request_id, e)])
+            except Exception as e:  # that request fails, not the loop
+                log.exception("request %s could not be added", request_id)
+                self._deliver([(request_id, ValueError(f"the request failed: {e!r}"))])
             finally:
                 with self._lock:
                     self._queued -= params.n

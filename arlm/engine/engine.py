@@ -3,14 +3,19 @@
 ``add_request`` queues a prompt; each ``step`` schedules (``Scheduler``), runs one forward over
 every scheduled row (``ModelRunner``), samples each row with its own parameters, and applies
 what follows a token (end ids, loop policy, stop strings, length) to each sequence on its own.
-A sequence whose sampling fails (say every token is banned) finishes alone with
-finish_reason "error"; the others go on. This is arlm's one decode loop: ``lm.generate``,
+A request is checked against the model when it is added (``check_prompt``, ``check_params``),
+so a step has nothing left to refuse. Whatever one sequence still raises while its token is
+processed, sampled or applied (say every token is banned), of any exception type, finishes that
+sequence alone with finish_reason "error", logged once; the others go on. Only a failure of the
+forward itself stops the engine. This is arlm's one decode loop: ``lm.generate``,
 ``lm.stream``, the CLI and the server all run through ``Engine.step``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import math
 import os
 import time
@@ -34,14 +39,15 @@ from arlm.kv_cache.codec import make_codec
 from arlm.kv_cache.config import CacheConfig
 from arlm.loops.policy import LoopGuard
 from arlm.model.transformer import Transformer
-from arlm.sampling.dry import DryBreakers, dry_sequence_breakers
-from arlm.sampling.params import SamplingParams
+from arlm.sampling.breakers import BreakerIndex
+from arlm.sampling.params import MAX_DRY_MULTIPLIER, SamplingParams
 from arlm.sampling.sampler import (
     ALL_BANNED,
     SequenceSampler,
     as_token_logprobs,
     logprob_tensors,
     sample,
+    token_logprobs,
 )
 from arlm.tokenizer import Tokenizer
 from arlm.validate import check_float, check_int
@@ -49,6 +55,19 @@ from arlm.validate import check_float, check_int
 DEFAULT_MAX_NUM_SEQS = 16
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 DEFAULT_KV_MEMORY_FRACTION = 0.25  # of the machine's memory, when no budget is given
+# The windowed cache has no slot length to bound a sequence; without this one request could
+# hold its only slot for ever (max_tokens 10**15).
+DEFAULT_WINDOW_MAX_MODEL_LEN = 2**20
+
+log = logging.getLogger("arlm.engine")
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot run as given; ``param`` names the field at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -59,11 +78,12 @@ class EngineConfig:
     KV memory budget). max_num_batched_tokens: positions per forward (default 512): larger
     prefill chunks finish prompts sooner and delay the running sequences' next token longer.
     max_model_len: the longest prompt + generation a sequence may reach, the size of its slot
-    (default: the model's context). kv_cache_memory_gib: the KV cache's budget (default: a
-    quarter of the machine's memory). kv_block_size: positions per block (the prefix cache's
-    unit; default 16). enable_prefix_caching: reuse computed prompt blocks (default on).
-    enforce_eager: no CUDA graphs (default off: on CUDA, decode steps replay graphs captured at
-    start-up for batch-size buckets where the model and cache allow it; see
+    (default: the model's context; with the windowed cache, which runs past the context,
+    ``DEFAULT_WINDOW_MAX_MODEL_LEN``, 1,048,576). kv_cache_memory_gib: the KV cache's budget
+    (default: a quarter of the machine's memory). kv_block_size: positions per block (the
+    prefix cache's unit; default 16). enable_prefix_caching: reuse computed prompt blocks
+    (default on). enforce_eager: no CUDA graphs (default off: on CUDA, decode steps replay
+    graphs captured at start-up for batch-size buckets where the model and cache allow it; see
     ``arlm.engine.cuda_graphs``).
     """
 
@@ -128,6 +148,7 @@ class Engine:
                 )
             num_slots, slot_len, prefix = 1, bs, False
             self.max_len = None  # a window runs past the context
+            self.window_max_len = config.max_model_len or DEFAULT_WINDOW_MAX_MODEL_LEN
         else:
             max_len = config.max_model_len or self.context
             if max_len > self.context:
@@ -137,6 +158,7 @@ class Engine:
                 )
             slot_len = math.ceil(max_len / bs) * bs
             self.max_len = max_len
+            self.window_max_len = None
             num_slots = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS
             prefix = config.enable_prefix_caching
             # one position in one layer, k and v; a sliding-window layer stores at most its window
@@ -162,7 +184,11 @@ class Engine:
         self._mailbox: dict[str, deque[RequestOutput]] = defaultdict(deque)
         self._aborts: list[str] = []
         self._ids = itertools.count()
-        self._breakers: dict[tuple[str, ...], DryBreakers] = {}
+        self._breakers: BreakerIndex | None = None  # built at the first request with DRY
+        vocab = model.config.vocab_size
+        # an end id outside the vocabulary is never sampled: it ends nothing, and a processor
+        # that indexed logits by it would fail
+        self.end_ids = frozenset(t for t in tokenizer.eos_token_ids if 0 <= t < vocab)
         self.steps = 0
         self.loops_detected = self.loops_broken = 0
 
@@ -209,6 +235,7 @@ class Engine:
         if any(key[0] == request_id for key in self.sequences):
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = self.check_prompt(prompt)
+        self.check_params(params, len(prompt_ids))
         seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         for seq in seqs:
             self.sequences[(request_id, seq.index)] = seq
@@ -227,7 +254,8 @@ class Engine:
                 raise ValueError("the prompt is empty and the tokenizer has no start token to use")
             ids = [self.tokenizer.bos_token_id]
         vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        # a bool is an int to Python, not a token id
+        bad = [t for t in ids if isinstance(t, bool) or not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(
                 f"prompt token ids {bad[:5]} are not in this vocabulary (ids 0..{vocab - 1})"
@@ -243,6 +271,31 @@ class Engine:
             )
         return ids
 
+    def check_params(self, params: SamplingParams, prompt_len: int) -> None:
+        """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do: token ids
+        outside its vocabulary, or, with the windowed cache, more positions than
+        ``max_model_len``. (``SamplingParams`` checked the rest when they were made.)"""
+        vocab = self.model.config.vocab_size
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", params.logit_bias),
+        ):
+            bad = sorted(t for t in ids if t >= vocab)
+            if bad:
+                raise InvalidRequest(
+                    f"{name} names token ids {bad[:5]} that are not in this vocabulary "
+                    f"(ids 0..{vocab - 1})",
+                    name,
+                )
+        limit = self.window_max_len
+        if limit is not None and prompt_len + params.max_tokens > limit:
+            raise InvalidRequest(
+                f"max_tokens={params.max_tokens} with a prompt of {prompt_len} tokens is more "
+                f"than the {limit} positions a sequence may reach (max_model_len); lower "
+                "max_tokens",
+                "max_tokens",
+            )
+
     def _new_sequence(
         self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams
     ) -> Sequence:
@@ -251,7 +304,7 @@ class Engine:
             generator.seed()
         else:
             generator.manual_seed(params.seed + index)
-        end_ids = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+        end_ids = set() if params.ignore_eos else set(self.end_ids)
         end_ids |= set(params.stop_token_ids)
         token_ids = list(prompt_ids)
         guard = None
@@ -286,13 +339,11 @@ class Engine:
             effective = replace(params, dry_multiplier=dry_multiplier)
         breakers = None
         if effective.dry_multiplier > 0:
-            key = tuple(params.dry_sequence_breakers)
-            if key not in self._breakers:
+            if self._breakers is None:
                 tk = self.tokenizer
-                self._breakers[key] = dry_sequence_breakers(
-                    tk.token_texts, lambda s: tk.encode(s, add_special_tokens=False), key
-                )
-            breakers = self._breakers[key]
+                encode = functools.partial(tk.encode, add_special_tokens=False)
+                self._breakers = BreakerIndex(tk.token_texts, encode)
+            breakers = self._breakers.table(params.dry_sequence_breakers)
         return SequenceSampler(
             effective,
             self.model.config.vocab_size,
@@ -338,27 +389,32 @@ class Engine:
             for seq, token, logprob in self._sample(logits, rows):
                 if seq.first_token_time is None:
                     seq.first_token_time = now
-                self._emit(outputs, seq, self._append(seq, token, logprob))
+                try:
+                    chunks = self._append(seq, token, logprob)
+                except Exception as e:  # one sequence's failure is its own
+                    self._fail(seq, e)
+                    chunks = []
+                self._emit(outputs, seq, chunks)
             for seq in rows:  # the ones whose sampling failed
                 if seq.finished:
                     self._emit(outputs, seq, [])
         return list(outputs.values())
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]):
-        """(sequence, token, logprob or None) per row; a row whose processing fails, or leaves
-        no token possible, finishes with finish_reason "error" and gets no token. The sampled
-        ids, and all else the host needs of the logits, come back in one copy (``to_host``)."""
-        device = logits.device
+        """(sequence, token, logprob or None) per row; a row whose processing, sampling or
+        logprobs fail, or that leaves no token possible, finishes with finish_reason "error" and
+        gets no token. The sampled ids, and all else the host needs of the logits, come back in
+        one copy (``to_host``)."""
         processed, kept, checked = logits, [], []  # copied only when a row has bans or processors
         for i, seq in enumerate(rows):
             banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
             if banned or seq.sampler.processors:
-                row = logits[i : i + 1].clone()
-                row[:, sorted(banned)] = float("-inf")
                 try:
+                    row = logits[i : i + 1].clone()
+                    row[:, sorted(banned)] = float("-inf")
                     row = seq.sampler.process(row)
-                except ValueError as e:
-                    self._finish(seq, "error", error=str(e))
+                except Exception as e:  # one sequence's failure is its own
+                    self._fail(seq, e)
                     continue
                 if processed is logits:
                     processed = logits.clone()
@@ -368,8 +424,31 @@ class Engine:
         if not kept:
             return []
         if len(kept) < len(rows):
-            processed = processed.index_select(0, to_device(kept, torch.long, device))
+            processed = processed.index_select(0, to_device(kept, torch.long, logits.device))
         seqs = [rows[i] for i in kept]
+        try:
+            drawn = self._draw(logits, processed, kept, seqs, checked)
+        except Exception:
+            # find the row at fault: draw each alone (the rare path; the rows' generators may
+            # have moved on in the failed batch)
+            drawn = [
+                self._draw_row(logits[i : i + 1], processed[j : j + 1], seq, j in checked)
+                for j, (i, seq) in enumerate(zip(kept, seqs, strict=True))
+            ]
+        out = []
+        for seq, token, possible, logprob in drawn:
+            if token is None:
+                continue  # failed in _draw_row
+            if not possible:
+                self._fail(seq, ValueError(ALL_BANNED))
+                continue
+            out.append((seq, token, logprob))
+        return out
+
+    def _draw(self, logits, processed, kept: list[int], seqs: list[Sequence], checked: list[int]):
+        """(sequence, token, any token possible, logprob or None) for the rows ``kept`` of
+        ``logits`` (raw) and ``processed`` (one row each), in one batch and one host copy."""
+        device = logits.device
         tokens = sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
         fetch = [tokens]
         if checked:
@@ -391,13 +470,22 @@ class Engine:
             picked = [host[0][j] for j in wants]
             for j, lp in zip(wants, as_token_logprobs(picked, *host[-3:], tops), strict=True):
                 logprobs[j] = lp
-        out = []
-        for seq, token, ok, logprob in zip(seqs, host[0], possible, logprobs, strict=True):
-            if not ok:
-                self._finish(seq, "error", error=ALL_BANNED)
-                continue
-            out.append((seq, token, logprob))
-        return out
+        return list(zip(seqs, host[0], possible, logprobs, strict=True))
+
+    def _draw_row(self, raw: torch.Tensor, row: torch.Tensor, seq: Sequence, check: bool):
+        """``_draw`` of one row (1, vocab) alone; its token is None when that fails (and the
+        sequence has failed)."""
+        try:
+            token = int(sample(row, [seq.params], [seq.generator])[0])
+            possible = not check or bool(torch.isfinite(row).any())
+            logprob = None
+            if seq.params.logprobs is not None:
+                chosen = torch.tensor([token], device=raw.device)
+                logprob = token_logprobs(raw, chosen, seq.params.logprobs)[0]
+            return seq, token, possible, logprob
+        except Exception as e:
+            self._fail(seq, e)
+            return seq, None, False, None
 
     def _append(self, seq: Sequence, token: int, logprob) -> list:
         """Apply one sampled token to ``seq``; the chunks it makes final."""
@@ -445,12 +533,28 @@ class Engine:
         seq.guard.rewind(kept)
         seq.text.restart(kept)
         p = seq.params
-        dry = seq.guard.dry_multiplier(p.dry_multiplier)
+        dry = seq.guard.dry_multiplier(p.dry_multiplier, MAX_DRY_MULTIPLIER)
         seq.sampler = self._sampler(p, seq.token_ids, seq.prompt_len, seq.end_ids, dry)
         if self.runner.rewindable:
             self.block_manager.truncate(seq)
         else:
             self.runner.restart(seq)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Finish ``seq`` alone with finish_reason "error" after ``error``, logged once. A
+        ``ValueError`` is the request's own doing (every token banned) and says so; anything
+        else is a bug met by this request, logged with its traceback."""
+        if isinstance(error, ValueError):
+            message = str(error)
+            log.warning("request %s sample %d failed: %s", seq.request_id, seq.index, message)
+        else:
+            message = f"internal error while generating: {error!r}"
+            log.exception("request %s sample %d failed", seq.request_id, seq.index)
+        # a failure half-way through a token leaves ids the text never took in: drop them, so
+        # the sequence's ids, text and logprobs agree when its last output is made
+        if len(seq.text.ends) < seq.num_generated:
+            seq.truncate(len(seq.text.ends))
+        self._finish(seq, "error", error=message)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.finished:

@@ -13,13 +13,21 @@ from arlm.tokenizer import Tokenizer
 
 
 def stop_holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could still become the start of a stop string."""
+    """How many trailing characters of ``text`` could still become the start of a stop string.
+
+    Only the places in the last ``len(s) - 1`` characters where ``s``'s first character occurs
+    are tried, longest first, so a long text or long stop strings cost little per token.
+    """
     longest = 0
+    end = len(text)
     for s in stops:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
+        # a start at i holds back end - i characters: only starts before end - longest beat it
+        i = text.find(s[0], max(end - len(s) + 1, 0), end - longest)
+        while i >= 0:
+            if s.startswith(text[i:]):
+                longest = end - i
                 break
+            i = text.find(s[0], i + 1, end - longest)
     return longest
 
 
@@ -58,14 +66,16 @@ class TextState:
     def find_stop(self) -> bool:
         """Cut the text at the first stop string, if one has appeared; whether one did.
 
-        A stop string counts from the ``min_tokens``-th token's text on, and can only end inside
-        the newest text, so only the tail is searched.
+        A stop string counts from the ``min_tokens``-th token's text on. Called after every
+        token, so one that appeared must end inside the newest token's text: only the tail
+        from ``max_stop - 1`` characters before it is searched, whatever the text's length.
         """
         n = len(self.ends)
         if not self.stop or n < self.min_tokens:
             return False
         floor = self.ends[self.min_tokens - 2] if self.min_tokens >= 2 else 0
-        search_from = max(floor, self.emitted - self.max_stop)
+        before = self.ends[-2] if n >= 2 else 0  # the text's end before the newest token
+        search_from = max(floor, before - self.max_stop + 1, 0)
         hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
         if not hits:
             return False

@@ -22,16 +22,22 @@ from safetensors.torch import save as st_save
 
 from arlm.atomic import write_atomic
 from arlm.config import ModelConfig
+from arlm.formats.verify import (
+    CheckpointError,
+    check_finite,
+    check_layers,
+    check_sizes,
+    check_special_ids,
+    check_tensors,
+    open_safetensors,
+    tokenizer_ids,
+)
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _STAGING = ".staging"
 _COMPLETE = "COMPLETE"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be used, with the reason."""
 
 
 def write_files(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
@@ -114,34 +120,18 @@ def save_model(
     write_files(directory, {**model_files(model, tokenizer), **(extra_files or {})})
 
 
-def load_state(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``, naming any missing, unexpected or misshapen tensor."""
-    expected = model.state_dict()
-    if shares_embedding(model.config):
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match the model config: missing tensors {missing[:5]}, "
-            f"unexpected tensors {unexpected[:5]}"
-        )
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model config "
-                f"expects {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(state, strict=False)
-
-
 def load_model(
     directory: str | os.PathLike,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of an arlm checkpoint directory."""
+    """The model and tokenizer of an arlm checkpoint directory.
+
+    Nothing is allocated for the model until its config has been checked against the weights'
+    headers: the layer count and sizes first, then every tensor's shape and dtype on a model
+    built on the meta device. Each tensor is checked for NaN and infinity as it is read.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory at {directory}")
@@ -150,13 +140,36 @@ def load_model(
             raise CheckpointError(
                 f"{directory} has no {name}; an arlm checkpoint holds {', '.join(MODEL_FILES)}"
             )
+    config_path, weights = directory / "config.json", directory / "model.safetensors"
     try:
-        config = ModelConfig.from_dict(read_json(directory / "config.json"))
+        config = ModelConfig.from_dict(read_json(config_path))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
-    state = read_tensors(directory / "model.safetensors")
+        raise CheckpointError(f"{config_path}: {e}") from e
+    stored = open_safetensors(weights)
+    check_layers(config.n_layer, stored, f"{config_path}: n_layer", weights)
+    check_sizes(config, {name: (name, t) for name, t in stored.items()}, str(config_path))
     tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
-    model = Transformer(config)
-    load_state(model, state, str(directory / "model.safetensors"))
+    check_special_ids(
+        {str(directory / "tokenizer.json"): tokenizer_ids(tokenizer)}, config.vocab_size
+    )
+    with torch.device("meta"):  # no memory and no random init: the weights replace every tensor
+        model = Transformer(config)
+    expected = model.state_dict()
+    if shares_embedding(config):
+        expected.pop("lm_head.weight")
+    check_tensors(expected, stored, str(weights))
+    state = {}
+    for name, meta in expected.items():
+        tensor = stored[name]()
+        check_finite(tensor, name, weights)
+        held = tensor.to(meta.dtype)  # the dtype the model holds it in
+        if held.data_ptr() == tensor.data_ptr():
+            # still the file's memory (safetensors maps the file): a live model must not
+            # change, or crash, when the file is rewritten
+            held = held.clone()
+        state[name] = held
+    model.load_state_dict(state, strict=False, assign=True)
+    if shares_embedding(config):  # assign replaced wte.weight; point the head at the new tensor
+        model.lm_head.weight = model.wte.weight
     model.to(device=device, dtype=dtype)
     return model.eval(), tokenizer

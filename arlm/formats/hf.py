@@ -9,12 +9,10 @@ and ``AutoTokenizer`` and that gives the same logits.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from arlm.atomic import atomic_path
-from arlm.config import LAYER_TYPES, ModelConfig, longrope_attention_factor, resolve_dtype
+from arlm.config import (
+    LAYER_TYPES,
+    ModelConfig,
+    check_size,
+    longrope_attention_factor,
+    resolve_dtype,
+)
 from arlm.formats.checkpoint import CheckpointError, read_json, tensors_to_bytes
+from arlm.formats.verify import (
+    StoredTensor,
+    check_finite,
+    check_layers,
+    check_sizes,
+    check_special_ids,
+    tokenizer_ids,
+)
 from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
@@ -79,6 +91,10 @@ _GEMMA_BLOCK = {
     "post_mlp_norm": ("post_feedforward_layernorm",),
 }
 _BLOCKS = {"phi3": _PHI3_BLOCK, "gemma3_text": _GEMMA_BLOCK, "gemma3": _GEMMA_BLOCK}
+
+# config.json's names for the sizes that are checked against the weights, in messages
+_GPT2_SIZE_KEYS = {"n_layer": "n_layer", "n_embd": "n_embd", "block_size": "n_positions"}
+_SIZE_KEYS = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size"}
 
 # a gemma3 folder's language model, under the names transformers 5 saves (model.language_model.)
 # or those on the Hub (language_model.model.); the vision tower and projector are not read
@@ -376,6 +392,10 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
             f"model_type={model_type!r} is not supported; supported: {list(HF_MODEL_TYPES)}"
         )
     c = _text_config(hf_config)
+    # the layer count first, by config.json's name for it: lists are built per layer below
+    layers = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
+    if layers in c:
+        check_size(layers, c[layers], "n_layer")
     for key, default in _UNIMPLEMENTED.items():
         if c.get(key, default) not in (None, default) and c[
             "model_type"
@@ -446,7 +466,7 @@ _PICKLE_REFUSED = (
     "so arlm reads safetensors. Convert it once where you trust the files:\n"
     '  python -c "from transformers import AutoModelForCausalLM as M; '
     "M.from_pretrained('{directory}').save_pretrained('{directory}', safe_serialization=True)\"\n"
-    "or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+    "or pass allow_pickle=True (--allow-pickle) to load it with torch.load(weights_only=True)."
 )
 
 
@@ -468,8 +488,8 @@ def _weight_files(directory: Path, single: str, index: str) -> list[str] | None:
     return files
 
 
-def _open_weights(directory: Path, allow_pickle: bool) -> dict[str, Callable[[], torch.Tensor]]:
-    """Name -> reader of each stored tensor; tensors are read one at a time, when asked for."""
+def _open_weights(directory: Path, allow_pickle: bool) -> dict[str, StoredTensor]:
+    """Name -> each stored tensor's header; tensors are read one at a time, when called."""
     readers = {}
     files = _weight_files(directory, SAFETENSORS, SAFETENSORS_INDEX)
     if files is not None:
@@ -481,7 +501,7 @@ def _open_weights(directory: Path, allow_pickle: bool) -> dict[str, Callable[[],
                     f"{directory / file} is not a readable safetensors file: {e}"
                 ) from e
             # a safe_open handle has keys() but cannot be iterated
-            readers.update({k: functools.partial(handle.get_tensor, k) for k in handle.keys()})  # noqa: SIM118
+            readers.update({k: StoredTensor.in_file(handle, k) for k in handle.keys()})  # noqa: SIM118
         return readers
     files = _weight_files(directory, PICKLE, PICKLE_INDEX)
     if files is None:
@@ -494,13 +514,18 @@ def _open_weights(directory: Path, allow_pickle: bool) -> dict[str, Callable[[],
     for file in files:
         # weights_only unpickles tensors and plain containers only; mmap reads them when used
         state = torch.load(directory / file, map_location="cpu", weights_only=True, mmap=True)
-        readers.update({k: functools.partial(state.__getitem__, k) for k in state})
+        for k, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(
+                    f"{directory / file}: {k} is a {type(tensor).__name__}, not a tensor"
+                )
+            readers[k] = StoredTensor.in_memory(tensor)
     return readers
 
 
 def _load_state(
     model: Transformer,
-    readers: dict[str, Callable[[], torch.Tensor]],
+    readers: dict[str, StoredTensor],
     source: Path,
     device: torch.device | str,
     dtype: torch.dtype,
@@ -524,20 +549,30 @@ def _load_state(
             f"{source}: unexpected tensors {unexpected[:5]} (of {len(unexpected)}); config.json "
             f"describes a {model.config.extra['hf_model_type']} model without them"
         )
+    config = model.config
+    keys = _GPT2_SIZE_KEYS if config.family == "gpt2" else _SIZE_KEYS
+    whole = {
+        n: (s.hf_names[0], readers[s.hf_names[0]]) for n, s in layout.items() if len(s.sizes) == 1
+    }
+    check_sizes(config, whole, str(source / "config.json"), keys)
+    # every shape from the headers, so a wrong folder fails before any data is read
     shapes = {name: t.shape for name, t in model.state_dict().items()}
-    state = {}
     for name, src in layout.items():
-        parts = []
         for hf_name, size in zip(src.hf_names, src.sizes, strict=True):
-            tensor = readers[hf_name]()
             expected = (size, *shapes[name][1:])
             if src.transpose:
                 expected = expected[::-1]
-            if tuple(tensor.shape) != expected:
+            if readers[hf_name].shape != expected:
                 raise CheckpointError(
-                    f"{source}: tensor {hf_name} has shape {tuple(tensor.shape)}, but config.json "
-                    f"implies {expected}"
+                    f"{source}: tensor {hf_name} has shape {readers[hf_name].shape}, but "
+                    f"config.json implies {expected}"
                 )
+    state = {}
+    for name, src in layout.items():
+        parts = []
+        for hf_name in src.hf_names:
+            tensor = readers[hf_name]()
+            check_finite(tensor, hf_name, source)
             parts.append(tensor.t() if src.transpose else tensor)
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         tensor = tensor.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
@@ -602,9 +637,7 @@ def _load_tokenizer(directory: Path, hf_config: dict[str, Any]) -> Tokenizer:
     )
 
 
-def _language_model(
-    readers: dict[str, Callable[[], torch.Tensor]],
-) -> dict[str, Callable[[], torch.Tensor]]:
+def _language_model(readers: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
     """A gemma3 folder's language-model tensors, under the names a gemma3_text folder gives them."""
     out = {}
     for name, read in readers.items():
@@ -638,9 +671,21 @@ def load_hf(
         raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
     dtype = resolve_dtype(dtype)
     tokenizer = _load_tokenizer(directory, hf_config)  # before the weights: fail fast
+    generation = directory / "generation_config.json"
+    declared = {
+        str(generation): read_json(generation) if generation.is_file() else {},
+        str(directory / "config.json"): hf_config,
+        f"{directory}'s tokenizer (tokenizer_config.json's special tokens)": tokenizer_ids(
+            tokenizer
+        ),
+    }
+    check_special_ids(declared, config.vocab_size)
     readers = _open_weights(directory, allow_pickle)
     if hf_config["model_type"] == "gemma3":
         readers = _language_model(readers)
+    # the layer count before a model that deep is built: the rest is checked on the meta model
+    layers = "n_layer" if config.family == "gpt2" else "num_hidden_layers"
+    check_layers(config.n_layer, readers, f"{directory / 'config.json'}: {layers}", directory)
     # built on the meta device: no memory, no random init; the loaded tensors are then assigned
     # in place, so the weights exist once (the rotary frequencies are computed on the CPU anyway)
     with torch.device("meta"):

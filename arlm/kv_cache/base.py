@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from arlm.kv_cache.codec import Codec
 
@@ -63,16 +65,22 @@ def sdpa(
     query may look, or None for plain causal alignment (the T queries are the last T keys);
     ``scale`` multiplies the scores (None: 1/sqrt(hd))."""
     T, S = q.size(2), k.size(2)
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        # without a mask, T > 1 queries line up with the last T keys only when S == T
-        is_causal=mask is None and T > 1 and T == S,
-        scale=scale,
-        enable_gqa=q.size(1) != k.size(1),
-    )
+    # on CUDA, not cuDNN's kernel: it builds a plan for every new shape (3.7 ms of host time a
+    # call, measured on an H200), and a cache's shapes change with every step
+    with sdpa_kernel(_CUDA_BACKENDS) if q.is_cuda else nullcontext():
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            # without a mask, T > 1 queries line up with the last T keys only when S == T
+            is_causal=mask is None and T > 1 and T == S,
+            scale=scale,
+            enable_gqa=q.size(1) != k.size(1),
+        )
+
+
+_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class DenseCache:

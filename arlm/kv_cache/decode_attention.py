@@ -79,7 +79,8 @@ def _triton_decode(q, k_plane, v_plane, slots, lengths, scale) -> torch.Tensor:
     hd_pad = max(16, 1 << (hd - 1).bit_length())
     out = torch.empty(B, n_head, splits, hd_pad, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, n_head, splits, dtype=torch.float32, device=q.device)
-    q = q.contiguous()
+    out_dtype = q.dtype
+    q = q.to(k_plane.dtype).contiguous()  # a cache may store another float type than the model
     kernel[(B, n_kv, splits)](
         q,
         k_plane,
@@ -108,7 +109,7 @@ def _triton_decode(q, k_plane, v_plane, slots, lengths, scale) -> torch.Tensor:
         HEAD_DIM_PAD=hd_pad,
         BLOCK_N=64,
         SPLITS=splits,
-        IEEE=q.dtype == torch.float32,
+        IEEE=k_plane.dtype == torch.float32,
     )
     out = out[..., :hd]
     if splits > 1:  # merge the splits by their log-sum-exp; an empty split weighs 0
@@ -116,7 +117,7 @@ def _triton_decode(q, k_plane, v_plane, slots, lengths, scale) -> torch.Tensor:
         out = (out * weight[..., None]).sum(2) / weight.sum(-1, keepdim=True)
     else:
         out = out[:, :, 0]
-    return out.to(q.dtype)
+    return out.to(out_dtype)
 
 
 @functools.cache

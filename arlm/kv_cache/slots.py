@@ -289,8 +289,17 @@ class SlotStep:
             for s, p in zip(slots, positions, strict=True):
                 lengths[s - self.lo] = p + 1
             self._S = max(lengths)
-            views = {span: self._decode_view(lengths, span) for span in set(cache.layer_len)}
-            self._decode_views = [views[span] for span in cache.layer_len]
+            # on CUDA, float layers without a ring read each row's own positions through the
+            # decode kernel: no mask, no dummy rows, no per-shape setup of a library's kernel
+            self._kernel = cache.device.type == "cuda" and isinstance(cache.codec, FloatCodec)
+            if self._kernel:
+                self._lengths = to_device([p + 1 for p in positions], torch.long, device)
+            views = {
+                span: self._decode_view(lengths, span)
+                for span in set(cache.layer_len)
+                if not (self._kernel and span == cache.slot_len)
+            }
+            self._decode_views = [views.get(span) for span in cache.layer_len]
         # per chunk, per layer: (first key, mask)
         self._chunk_views = [
             layer_views(cache.windows, c.start, c.length, device) for c in layout.chunks
@@ -348,6 +357,13 @@ class SlotStep:
                 for plane, part in zip(planes, codec.encode(new), strict=True):
                     flat = plane.view(-1, plane.size(-1))
                     flat.index_copy_(0, write, part.reshape(-1, part.size(-1)))
+        if nd and self._decode_views[layer] is None:  # the kernel (see __init__)
+            queries = q[0, :, :nd].transpose(0, 1)  # (nd, n_head, hd)
+            (k_plane,), (v_plane,) = k_planes, v_planes
+            scale = cache.head_dim**-0.5 if scale is None else scale
+            y = decode_attention(queries, k_plane, v_plane, self._slots, self._lengths, scale)
+            out.append(y.transpose(0, 1)[None])  # (1, n_head, nd, hd)
+        elif nd:
             view = slice(self.lo, self.lo + self._rows)
             end, mask = self._decode_views[layer]
             keys = codec.decode([p[view, :, :end] for p in k_planes], cache.dtype)

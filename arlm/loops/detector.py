@@ -35,18 +35,23 @@ DEFAULT_MIN_COUNT = 3
 # Short exact repeats are ordinary text ("ha ha ha", "...", a table rule "|---|---|"); 32 tokens
 # (about two lines) of exact periodicity is not. Lower it for coarse items such as lines or
 # agent steps.
-# Measured (README, "Loop traps"): the built-in corpus's 112k tokens hold no exactly periodic
+# Measured (docs/loops.md): the built-in corpus's 112k tokens hold no exactly periodic
 # stretch longer than 14 tokens, so every min_span >= 15 reports nothing on them, with
 # min_count 2 or 3; 32 is twice that margin. The price: a loop is reported min_span tokens after
 # its onset (3 x its period beyond that). Greedy decoding from the small model the main job
 # trains loops in 43 of 50 held-out continuations of 128 tokens; the report comes a median 32
 # (max 45) tokens after the loop's onset, where min_span 16 would make it 16 and catch 48.
 DEFAULT_MIN_SPAN = 32
+# The detector keeps a ring of max_pattern_size items, allocated up front: the limit keeps a
+# request's detector at a few hundred KiB (64 times the default's period).
+MAX_PATTERN_SIZE = 65536
 
 
 @dataclass(frozen=True)
 class LoopDetectorConfig:
-    """Thresholds of the loop rule; the first three names follow vLLM's repetition detection."""
+    """Thresholds of the loop rule; the first three names follow vLLM's repetition detection.
+    ``max_pattern_size`` is at most ``MAX_PATTERN_SIZE`` (65536): the detector holds that many
+    items."""
 
     min_pattern_size: int = DEFAULT_MIN_PATTERN_SIZE
     max_pattern_size: int = DEFAULT_MAX_PATTERN_SIZE
@@ -55,12 +60,13 @@ class LoopDetectorConfig:
 
     def __post_init__(self) -> None:
         check_int("min_pattern_size", self.min_pattern_size, 1, ">= 1")
-        check_int(
-            "max_pattern_size",
-            self.max_pattern_size,
-            self.min_pattern_size,
-            f">= min_pattern_size ({self.min_pattern_size})",
-        )
+        allowed = f"in [min_pattern_size ({self.min_pattern_size}), {MAX_PATTERN_SIZE}]"
+        check_int("max_pattern_size", self.max_pattern_size, self.min_pattern_size, allowed)
+        if self.max_pattern_size > MAX_PATTERN_SIZE:
+            raise ValueError(
+                f"max_pattern_size={self.max_pattern_size!r} is not allowed; it must be an "
+                f"integer {allowed}"
+            )
         check_int("min_count", self.min_count, 2, ">= 2")
         check_int("min_span", self.min_span, 0, ">= 0")
 

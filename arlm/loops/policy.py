@@ -12,6 +12,7 @@ same point, the onset of the second copy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from arlm.loops.detector import LoopDetector, LoopDetectorConfig, LoopReport
@@ -93,8 +94,10 @@ class LoopGuard:
             return len(self.detector)
         return len(self.detector) - self.detector.unsettled
 
-    def dry_multiplier(self, requested: float) -> float:
-        """DRY's strength after the breaks so far: the request's, doubled by each break."""
+    def dry_multiplier(self, requested: float, ceiling: float = math.inf) -> float:
+        """DRY's strength after the breaks so far: the request's, doubled by each break, and
+        at most ``ceiling`` (the largest a sampler takes)."""
         if not self.breaks:
             return requested
-        return max(requested, BREAK_DRY_FLOOR) * 2**self.breaks
+        # 2.0 ** 1000 is a finite float; an int power past 1023 would not convert to one
+        return min(max(requested, BREAK_DRY_FLOOR) * 2.0 ** min(self.breaks, 1000), ceiling)

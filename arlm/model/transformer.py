@@ -56,6 +56,15 @@ def make_linear(config: ModelConfig, in_features: int, out_features: int, bias: 
     )
 
 
+def make_embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table; built on the meta device (for a checkpoint to fill), one that skips
+    nn.Embedding's own init, whose normal_ costs seconds there the first time (it imports
+    PyTorch's Python decompositions) and has no values to draw anyway."""
+    if torch.empty(0).is_meta:  # inside `with torch.device("meta")`
+        return nn.Embedding.from_pretrained(torch.empty(num, dim), freeze=False)
+    return nn.Embedding(num, dim)
+
+
 def rope_frequencies(
     config: ModelConfig, *, local: bool = False, long: bool = False
 ) -> torch.Tensor:
@@ -220,9 +229,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = make_embedding(config.vocab_size, config.n_embd)
         self.wpe = (
-            nn.Embedding(config.block_size, config.n_embd)
+            make_embedding(config.block_size, config.n_embd)
             if config.positions == "learned"
             else None
         )
@@ -255,6 +264,8 @@ class Transformer(nn.Module):
             else None
         )
         self._no_masks = [None] * config.n_layer
+        if self.wte.weight.is_meta:
+            return  # a shape for a checkpoint's tensors: nothing to draw (see make_embedding)
         self.apply(self._init_weights)
         # residual projections start smaller, so the residual stream's variance stays flat in depth
         for name, p in self.named_parameters():

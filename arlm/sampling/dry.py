@@ -10,48 +10,17 @@ once (the Z-algorithm), so its cost is linear in the window.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from arlm.sampling.breakers import DryBreakers, dry_sequence_breakers
 from arlm.sampling.processors import History, Processor
+
+__all__ = ["Dry", "DryBreakers", "dry_penalties", "dry_sequence_breakers"]
 
 # llama.cpp clamps DRY's exponent so that base ** exponent stays a finite float32.
 _FLOAT32_MAX_LOG = 88.7228391
-# llama.cpp ignores breaker text beyond 40 characters and tails beyond 20 tokens.
-_DRY_MAX_BREAKER_CHARS = 40
-_DRY_MAX_TAIL_TOKENS = 20
-
-# Head token -> the token tails that complete a sequence breaker after it (an empty tail: the
-# head alone is a breaker).
-DryBreakers = dict[int, list[tuple[int, ...]]]
-
-
-def dry_sequence_breakers(
-    token_texts: Sequence[str], encode: Callable[[str], list[int]], breakers: Iterable[str]
-) -> DryBreakers:
-    """llama.cpp's processing of DRY sequence breakers into token sequences.
-
-    A token whose text contains a breaker is a breaker by itself. A token whose text ends with
-    the beginning of a breaker is a breaker when the tokens of the rest of the breaker follow it.
-    """
-    table: DryBreakers = {}
-    for breaker in breakers:
-        breaker = breaker[:_DRY_MAX_BREAKER_CHARS]
-        for token, text in enumerate(token_texts):
-            if breaker in text:
-                tails = table.setdefault(token, [])
-                if () not in tails:
-                    tails.append(())
-                continue
-            # every place the text could start the breaker and run to its own end
-            for at in range(max(0, len(text) - len(breaker) + 1), len(text)):
-                if breaker.startswith(text[at:]):
-                    tail = tuple(encode(breaker[len(text) - at :])[:_DRY_MAX_TAIL_TOKENS])
-                    tails = table.setdefault(token, [])
-                    if tail not in tails:
-                        tails.append(tail)
-    return table
 
 
 def _z_function(seq: list[int]) -> list[int]:
@@ -112,16 +81,30 @@ def dry_penalties(
         if length >= allowed_length:
             token = ids[n - k]  # the token that followed that earlier occurrence
             longest_repeat[token] = max(longest_repeat.get(token, 0), length)
-    max_exponent = int(_FLOAT32_MAX_LOG / math.log(base)) if base > 1.000001 else 0
+    max_exponent = _max_exponent(multiplier, base)
     penalties = {}
     for token, length in longest_repeat.items():
         if () in breakers.get(token, ()):
             continue  # a single-token breaker is never penalized
         exponent = length - allowed_length
-        if max_exponent > 0:
+        if max_exponent is not None:
             exponent = min(exponent, max_exponent)
         penalties[token] = multiplier * base**exponent
     return penalties
+
+
+def _max_exponent(multiplier: float, base: float) -> int | None:
+    """The largest exponent for which ``multiplier * base ** exponent`` stays a finite float32
+    (None: any, for a base so close to 1 that the history's length cannot reach it).
+
+    llama.cpp's clamp, ``log(FLT_MAX) / log(base)``, with room left for a multiplier above 1,
+    and applied even when it is 0 (a base above e^88.7): unclamped, ``base ** 1`` alone would
+    overflow float32 there, and a Python float a little further on.
+    """
+    if base <= 1.000001:
+        return None
+    room = _FLOAT32_MAX_LOG - max(math.log(multiplier), 0.0) if multiplier > 0 else 0.0
+    return max(int(room / math.log(base)), 0)
 
 
 class Dry(Processor):

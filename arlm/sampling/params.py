@@ -11,11 +11,29 @@ from dataclasses import dataclass
 
 from arlm.config import option
 from arlm.loops.detector import LoopDetectorConfig
+from arlm.sampling.breakers import DRY_MAX_BREAKER_CHARS
 from arlm.validate import check_float, check_int
 
 LOOP_POLICIES = ("stop", "break", "report")
 DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's defaults
+
+# What one request may ask for. Each bounds work or memory that the step loop spends on the
+# request's behalf, per token or per request, and that no ordinary use comes near.
 MAX_LOGPROBS = 20  # OpenAI's limit on alternatives per position
+MAX_N = 128  # OpenAI's limit on samples of a prompt
+MAX_STOP_STRINGS = 32  # each is searched for in the newest text at every token
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # token ids in logit_bias (OpenAI takes 300)
+MAX_DRY_SEQUENCE_BREAKERS = 16  # each is matched against the whole vocabulary (llama.cpp: 4)
+# A penalty of 100 logits already rules a token out; above these, exp and pow overflow float32.
+MAX_DRY_MULTIPLIER = 100.0
+MAX_DRY_BASE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # dividing logits by less would overflow float32
+MAX_LOOP_BREAKS = 64  # each break rebuilds the sequence's processors from its whole history
+# Below this a temperature would push logits / temperature past float32's range; it samples
+# greedily, as vLLM does below the same value.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -25,7 +43,8 @@ class SamplingParams:
     max_tokens: tokens to generate at most. n: independent samples of the prompt; they share
     its prompt's cached keys and values, and sample ``i`` seeds its generator with ``seed + i``.
 
-    temperature: 0 is greedy (argmax of the penalized logits); higher flattens the distribution.
+    temperature: 0 is greedy (argmax of the penalized logits), and so is any temperature below
+    ``MIN_SAMPLING_TEMPERATURE`` (1e-5); higher flattens the distribution.
     top_k: keep the k most likely tokens (0: all). top_p: keep the smallest set whose probability
     reaches p (1: all). min_p: drop tokens below min_p times the top probability (0: off).
     typical_p: keep the tokens whose surprise is closest to the entropy, up to mass p (1: off).
@@ -119,7 +138,7 @@ class SamplingParams:
 
     def _check_sampling(self) -> None:
         check_int("max_tokens", self.max_tokens, 0, ">= 0")
-        check_int("n", self.n, 1, ">= 1 (samples of the prompt)")
+        _check_int_at_most("n", self.n, 1, MAX_N, "(samples of the prompt)")
         check_float("temperature", self.temperature, lambda v: v >= 0, ">= 0 (0 means greedy)")
         check_int("top_k", self.top_k, 0, ">= 0 (0 means off)")
         check_float("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 means off)")
@@ -127,43 +146,49 @@ class SamplingParams:
         check_float("typical_p", self.typical_p, lambda v: 0 < v <= 1, "in (0, 1] (1 means off)")
         if self.seed is not None:
             # torch generators take a signed 64-bit seed; sample i uses seed + i
-            top = 2**63 - self.n
-            check_int("seed", self.seed, 0, f"in [0, {top}], or None")
-            if self.seed > top:
-                raise ValueError(f"seed={self.seed} is not allowed; it must be in [0, {top}]")
+            _check_int_at_most("seed", self.seed, 0, 2**63 - self.n, "or None")
         if self.logprobs is not None:
-            check_int("logprobs", self.logprobs, 0, f"in [0, {MAX_LOGPROBS}], or None for off")
-            if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(
-                    f"logprobs={self.logprobs!r} is not allowed; it must be an integer in "
-                    f"[0, {MAX_LOGPROBS}], or None for off"
-                )
+            _check_int_at_most("logprobs", self.logprobs, 0, MAX_LOGPROBS, "or None for off")
 
     def _check_penalties(self) -> None:
+        low, high = REPETITION_PENALTY_RANGE
         check_float(
             "repetition_penalty",
             self.repetition_penalty,
-            lambda v: v > 0,
-            "> 0 (1 means off; above 1 discourages repeats)",
+            lambda v: low <= v <= high,
+            f"in [{low}, {high}] (1 means off; above 1 discourages repeats)",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             check_float(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2]")
         check_int("penalty_last_n", self.penalty_last_n, 0, ">= 0 (0 means the whole history)")
         check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, ">= 0 (0 means off)")
-        check_float("dry_multiplier", self.dry_multiplier, lambda v: v >= 0, ">= 0 (0: off)")
-        check_float("dry_base", self.dry_base, lambda v: v >= 1, ">= 1")
+        check_float(
+            "dry_multiplier",
+            self.dry_multiplier,
+            lambda v: 0 <= v <= MAX_DRY_MULTIPLIER,
+            f"in [0, {MAX_DRY_MULTIPLIER:g}] (0 means off)",
+        )
+        check_float(
+            "dry_base", self.dry_base, lambda v: 1 <= v <= MAX_DRY_BASE, f"in [1, {MAX_DRY_BASE:g}]"
+        )
         check_int("dry_allowed_length", self.dry_allowed_length, 1, ">= 1")
         check_int(
             "dry_penalty_last_n", self.dry_penalty_last_n, 0, ">= 0 (0 means the whole history)"
         )
-        if any(not isinstance(s, str) or not s for s in self.dry_sequence_breakers):
-            raise ValueError(
-                f"dry_sequence_breakers={self.dry_sequence_breakers!r} is not allowed; it must "
-                "be a list of non-empty strings"
-            )
+        _check_strings(
+            "dry_sequence_breakers",
+            self.dry_sequence_breakers,
+            MAX_DRY_SEQUENCE_BREAKERS,
+            DRY_MAX_BREAKER_CHARS,  # llama.cpp reads no further
+        )
         if not isinstance(self.logit_bias, dict):
             raise ValueError(
                 f"logit_bias={self.logit_bias!r} is not allowed; it must map token ids to floats"
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias names {len(self.logit_bias)} token ids; at most {MAX_LOGIT_BIAS} "
+                "are allowed"
             )
         # JSON object keys are strings: accept "50256" as well as 50256
         bias = {}
@@ -175,8 +200,12 @@ class SamplingParams:
         self.logit_bias = bias
 
     def _check_stops(self) -> None:
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop={self.stop!r} is not allowed; it must be non-empty strings")
+        _check_strings("stop", self.stop, MAX_STOP_STRINGS, MAX_STOP_CHARS)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(
+                f"stop_token_ids has {len(self.stop_token_ids)} ids; at most "
+                f"{MAX_STOP_TOKEN_IDS} are allowed"
+            )
         for token in self.stop_token_ids:
             check_int("stop_token_ids entry", token, 0, ">= 0")
         check_int("min_tokens", self.min_tokens, 0, ">= 0")
@@ -208,7 +237,7 @@ class SamplingParams:
             )
         if self.repetition_detection is not None and self.loop_policy is None:
             self.loop_policy = "stop"
-        check_int("max_loop_breaks", self.max_loop_breaks, 0, ">= 0")
+        _check_int_at_most("max_loop_breaks", self.max_loop_breaks, 0, MAX_LOOP_BREAKS)
 
     @property
     def detector_config(self) -> LoopDetectorConfig:
@@ -223,6 +252,26 @@ class SamplingParams:
         if unknown:
             raise TypeError(f"unknown sampling parameters {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
+
+
+def _check_int_at_most(name: str, value: object, low: int, high: int, more: str = "") -> None:
+    allowed = f"in [{low}, {high}]" + (f" {more}" if more else "")
+    check_int(name, value, low, allowed)
+    if value > high:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer {allowed}")
+
+
+def _check_strings(name: str, values: list, max_count: int, max_chars: int) -> None:
+    """``values`` must be at most ``max_count`` non-empty strings of at most ``max_chars``."""
+    if len(values) > max_count:
+        raise ValueError(f"{name} has {len(values)} strings; at most {max_count} are allowed")
+    for value in values:
+        if not isinstance(value, str) or not value or len(value) > max_chars:
+            shown = repr(value) if not isinstance(value, str) else repr(value[:40])
+            raise ValueError(
+                f"{name} entry {shown} is not allowed; each must be a non-empty string of at "
+                f"most {max_chars} characters"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ DRY) over its one list of token ids, updated one appended token at a time. A ste
                                                   greedy choices too)
     temperature, top_k, top_p, min_p, typical_p  (vectorised: one tensor op per step for all
                                                   rows, each row's value in a column; skipped
-                                                  at temperature 0, which takes the argmax)
+                                                  at temperature 0, or below 1e-5, which
+                                                  take the argmax)
 
 and then one draw per row: the argmax at temperature 0, else a sample from the row's own
 generator, so a seeded request draws the same tokens alone or in any batch.
@@ -22,7 +23,7 @@ import torch
 
 from arlm.devices import to_device
 from arlm.sampling.dry import Dry, DryBreakers
-from arlm.sampling.params import SamplingParams, TokenLogprob
+from arlm.sampling.params import MIN_SAMPLING_TEMPERATURE, SamplingParams, TokenLogprob
 from arlm.sampling.processors import (
     History,
     LogitBias,
@@ -135,7 +136,8 @@ def sample(
     """One token per row of ``logits`` (B, vocab), already processed, each row with its own
     ``params`` and generator (None: torch's global one) -> (B,)."""
     tokens = logits.argmax(dim=-1)
-    drawn = [b for b, p in enumerate(params) if p.temperature > 0]
+    # a temperature this small is greedy in effect, and dividing by it would overflow float32
+    drawn = [b for b, p in enumerate(params) if p.temperature >= MIN_SAMPLING_TEMPERATURE]
     if not drawn:
         return tokens
     rows = to_device(drawn, torch.long, logits.device)

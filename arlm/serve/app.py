@@ -1,15 +1,23 @@
 """The HTTP app: OpenAI's completions and chat endpoints, models, health and metrics, on the
 engine's async front (``arlm.engine.AsyncEngine``).
 
-A request goes: ready? (503 while loading or draining) -> key (401) -> body size (413) ->
-JSON and fields (400) -> model name (404) -> prompt tokens and context length (400) -> queue
-room (429) -> the engine. Everything a client can get wrong ends in one of those, never a 500.
-A client that disconnects, streaming or not, has its sequences aborted at the next step.
+A request goes: ready? (503 while loading or draining) -> key (401) -> body size (413) and
+time (408) -> JSON and fields (400) -> model name (404) -> prompt bytes, tokens and context
+length (400) -> queue room (429) -> the engine. Everything a client can get wrong ends in one of
+those, never a 500. A client that disconnects, streaming or not, has its sequences aborted at
+the next step.
+
+The event loop runs no work a client's bytes can make long: the steps from JSON to token ids
+(``arlm.serve.prepare``) run in a thread for small completion bodies, and in worker processes
+with a time limit (``arlm.serve.workers``) for chat requests (the chat template is code) and
+bodies over ``OFFLOAD_BYTES``, whose parsing would hold the GIL too long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hmac
 import logging
 import time
@@ -27,11 +35,15 @@ from arlm.serve import responses as rs
 from arlm.serve.config import ServeConfig
 from arlm.serve.errors import APIError
 from arlm.serve.metrics import ServerMetrics
-from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest, parse
+from arlm.serve.prepare import Prepared, Preparer, PrepareSetup, prompt_byte_limit
+from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from arlm.serve.workers import WorkerPool
 
 log = logging.getLogger("arlm.serve")
 
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+# completion bodies up to this size are prepared in a thread: parsing them holds the GIL for a
+# few milliseconds at most; larger ones, and every chat request, go to a worker process
+OFFLOAD_BYTES = 64 * 2**10
 
 
 class Server:
@@ -44,6 +56,10 @@ class Server:
         self.lm = None
         self.front: AsyncEngine | None = None
         self.metrics: ServerMetrics | None = None
+        self.preparer: Preparer | None = None
+        self.workers: WorkerPool | None = None
+        if config.prepare_workers:
+            self.workers = WorkerPool(config.prepare_workers, config.prepare_timeout)
         self.draining = False
         self.created = int(time.time())
 
@@ -54,8 +70,44 @@ class Server:
         front = AsyncEngine(lm.engine, self.config.max_queue, background=background)
         self.metrics = ServerMetrics(lambda: front.stats, lambda: front.num_waiting)
         front.on_output = self.metrics.observe
+        tokenizer, config = lm.tokenizer, self.config
+        max_prompt_bytes = config.max_prompt_bytes
+        if max_prompt_bytes is None:
+            max_prompt_bytes = prompt_byte_limit(tokenizer, lm.engine.max_len)
+        setup = PrepareSetup(
+            tokenizer_json=tokenizer.to_json(),
+            eos_token_ids=tuple(tokenizer.eos_token_ids),
+            bos_token_id=tokenizer.bos_token_id,
+            chat_template=tokenizer.chat_template,
+            model_name=self.model_name,
+            max_len=lm.engine.max_len,
+            max_prompt_bytes=max_prompt_bytes,
+            loop_policy=config.loop_policy,
+            loop_detection=config.loop_detection,
+            sampling_defaults=dict(lm.sampling_defaults),
+        )
+        self.preparer = Preparer(tokenizer, setup)
+        if self.workers is not None:
+            self.workers.setup = setup
         front.start()
         self.lm, self.front = lm, front
+        if lm.sampling_defaults:
+            log.info(
+                "requests take the model's generation_config.json sampling defaults where they "
+                "set none: %s",
+                ", ".join(f"{k}={v}" for k, v in lm.sampling_defaults.items()),
+            )
+        # what is loaded by now (torch, the model, the app) lives as long as the process: out of
+        # the cyclic collector's sight, a full collection pauses the event loop for
+        # milliseconds instead of a few hundred
+        gc.freeze()
+
+    def close(self) -> None:
+        """Stop the step loop and the worker processes."""
+        if self.front is not None:
+            self.front.stop()
+        if self.workers is not None:
+            self.workers.close()
 
     @property
     def ready(self) -> bool:
@@ -88,37 +140,13 @@ class Server:
                 code="invalid_api_key",
             )
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
-
-    async def encode(
-        self, prompt: str | list[int], param: str, add_special_tokens: bool = True
-    ) -> list[int]:
-        if not isinstance(prompt, str):
-            return prompt
-        try:  # the tokenizer releases the GIL: long prompts do not stall the other requests
-            return await asyncio.to_thread(self.lm.tokenizer.encode, prompt, add_special_tokens)
-        except UnicodeEncodeError:
-            raise APIError.bad_request(f"{param} is not valid Unicode text", param) from None
-
-    def check_length(self, prompt_ids: list[int], max_tokens: int, param: str) -> None:
-        limit = self.max_len
-        if limit is None:
-            return
-        total = len(prompt_ids) + max_tokens
-        if total > limit:
-            raise APIError.bad_request(
-                f"this model's maximum context length is {limit} tokens, but {total} "
-                f"were requested ({len(prompt_ids)} in the prompt, {max_tokens} for the "
-                "completion); shorten the prompt or lower max_tokens",
-                param,
-            )
+    async def prepare(self, model: type, body: bytes) -> Prepared:
+        """``body`` checked through to token ids, off the event loop (see the module's doc)."""
+        if self.workers is not None and (
+            model is ChatCompletionRequest or len(body) > OFFLOAD_BYTES
+        ):
+            return await self.workers.prepare(model, body)
+        return await asyncio.to_thread(self.preparer.prepare, model, body)
 
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, prefix: str
@@ -131,8 +159,8 @@ class Server:
             raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
         except EngineDead as e:
             raise APIError(503, str(e)) from None
-        except ValueError as e:
-            raise APIError.bad_request(e, "prompt") from None
+        except ValueError as e:  # the engine's admission checks name the field at fault
+            raise APIError.bad_request(e, getattr(e, "param", "prompt")) from None
 
 
 def build_app(server: Server, lifespan=None) -> FastAPI:
@@ -154,10 +182,14 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if not server.ready:
-            state = "draining" if server.draining else "loading"
-            return JSONResponse({"status": state}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        if server.ready:
+            return JSONResponse({"status": "ok"})
+        if server.front is not None and server.front.error is not None:
+            # the step loop died: the process is on its way out for a supervisor to restart
+            state = {"status": "failed", "error": f"the engine stopped: {server.front.error!r}"}
+        else:
+            state = {"status": "draining" if server.draining else "loading"}
+        return JSONResponse(state, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -207,7 +239,7 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     too_big = APIError(
         413,
@@ -216,45 +248,33 @@ async def _read_body(request: Request, limit: int) -> bytes:
     )
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
+
+    async def read() -> bytes:
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    try:  # a client that trickles its body holds a connection, not the server
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s",
+            code="request_timeout",
+        ) from None
 
 
 async def _start(request: Request, server: Server, model):
     """The checks every generation request passes: (request, params, prompt token ids)."""
     server.check_ready()
     server.authorize(request)
-    req = parse(model, await _read_body(request, server.config.max_request_bytes))
-    server.check_model(req.model)
-    policy, detection = server.config.loop_policy, server.config.loop_detection
-    if isinstance(req, ChatCompletionRequest):
-        try:
-            text = server.lm.tokenizer.apply_chat_template(
-                req.chat_messages(), add_generation_prompt=req.add_generation_prompt
-            )
-        except ValueError as e:
-            raise APIError.bad_request(e, "messages") from None
-        prompt_ids = await server.encode(text, "messages", add_special_tokens=False)
-        prompts = [prompt_ids]
-        max_tokens = req.max_completion_tokens
-        if max_tokens is None:
-            max_tokens = req.max_tokens
-        if max_tokens is None and server.max_len is not None:
-            max_tokens = max(server.max_len - len(prompt_ids), 0)  # the rest, as vLLM does
-        params = req.sampling_params(max_tokens, req.requested_logprobs(), policy, detection)
-        param = "messages"
-    else:
-        prompts = [await server.encode(p, "prompt") for p in req.prompts()]
-        max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
-        params = req.sampling_params(max_tokens, req.logprobs, policy, detection)
-        param = "prompt"
-    for ids in prompts:
-        server.check_length(ids, params.max_tokens, param)
-    return req, params, prompts
+    config = server.config
+    body = await _read_body(request, config.max_request_bytes, config.body_timeout)
+    prepared = await server.prepare(model, body)
+    return prepared.request, prepared.params, prepared.prompts
 
 
 def _event_stream(events: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
@@ -282,9 +302,13 @@ async def _unless_disconnected(
         if not task.done():
             task.cancel()
         stream.close()
-    if task.cancelled():
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    return task.result()
+    if task.done() and not task.cancelled():
+        return task.result()
+    # the client left: the work was cancelled, but a task is not done until it has run once
+    # more (asking for its result before that was the InvalidStateError of issue 26)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
 
 async def _disconnected(request: Request) -> None:
@@ -335,7 +359,10 @@ class _Reply:
             if c.finish_reason == "error":
                 raise APIError.bad_request(f"generation failed: {c.error}")
         body = rs.envelope(self.id, self.kind, self.server.model_name, self.created)
-        body["choices"] = [self.choice(i, c) for i, c in enumerate(completions)]
+        try:
+            body["choices"] = [self.choice(i, c) for i, c in enumerate(completions)]
+        except ValueError as e:  # NaN log-probabilities (see responses)
+            raise APIError.bad_request(f"generation failed: {e}") from None
         body["usage"] = self.usage(completions)
         return JSONResponse(body)
 

@@ -10,6 +10,10 @@ from arlm.loops.detector import LoopDetectorConfig
 from arlm.sampling.params import LOOP_POLICIES, SamplingParams
 from arlm.validate import check_float, check_int
 
+# Sequences that may wait for a slot by default: 20 prompts x n 128 in one request would queue
+# 2,560 and hold every later request behind them for minutes.
+DEFAULT_MAX_QUEUE = 256
+
 
 @dataclass
 class ServeConfig:
@@ -18,14 +22,38 @@ class ServeConfig:
     served_model_name: str | None = option(
         None, help="the model name clients send (default: the model folder's name)"
     )
-    max_queue: int | None = option(
-        None, help="sequences that may wait for a slot; beyond it 429 (default: no limit)"
+    max_queue: int = option(
+        DEFAULT_MAX_QUEUE,
+        help="sequences that may wait for a slot; beyond it 429, and a request larger than "
+        "this plus the running slots 400",
     )
     api_key: str | None = option(None, help="require 'Authorization: Bearer KEY' on /v1/*")
     drain_timeout: float = option(
         30.0, help="after SIGTERM, seconds running requests get to finish"
     )
     max_request_bytes: int = option(8 * 2**20, help="larger request bodies get 413")
+    max_prompt_bytes: int | None = option(
+        None,
+        help="a text prompt or rendered chat longer than this in UTF-8 bytes gets 400 before it "
+        "is tokenized (default: the most the model's context could hold)",
+    )
+    prepare_workers: int = option(
+        2,
+        help="processes that parse chat and large requests, render chat templates and tokenize, "
+        "away from the event loop (0: threads of the server, with no time limit)",
+    )
+    prepare_timeout: float = option(
+        10.0, help="seconds a worker may spend on one request; beyond it 400, worker replaced"
+    )
+    header_timeout: float = option(
+        10.0, help="seconds a connection may take to send a request's headers; then closed"
+    )
+    body_timeout: float = option(
+        30.0, help="seconds a client may take to send a request's body; beyond it 408"
+    )
+    keep_alive_timeout: float = option(
+        5.0, help="seconds an idle keep-alive connection stays open (uvicorn's)"
+    )
     loop_policy: str | None = option(
         None,
         help="loop policy for requests that set none (default: no detection)",
@@ -36,10 +64,14 @@ class ServeConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_queue is not None:
-            check_int("max_queue", self.max_queue, 0)
+        check_int("max_queue", self.max_queue, 0)
         check_float("drain_timeout", self.drain_timeout, lambda v: v >= 0, ">= 0 seconds")
         check_int("max_request_bytes", self.max_request_bytes, 1)
+        if self.max_prompt_bytes is not None:
+            check_int("max_prompt_bytes", self.max_prompt_bytes, 1)
+        check_int("prepare_workers", self.prepare_workers, 0)
+        for name in ("prepare_timeout", "header_timeout", "body_timeout", "keep_alive_timeout"):
+            check_float(name, getattr(self, name), lambda v: v > 0, "> 0 seconds")
         self.loop_detection = _loop_defaults(self.loop_policy, self.repetition_detection)
 
 

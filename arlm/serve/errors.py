@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 # OpenAI's error type for each status the server sends
 ERROR_TYPES = {
@@ -14,6 +15,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_error",
@@ -58,5 +60,9 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII JSON: a message that quotes a client's lone surrogate still encodes
+        body = json.dumps(self.body(), ensure_ascii=True).encode()
+        return Response(
+            body, status_code=self.status, headers=self.headers, media_type="application/json"
+        )

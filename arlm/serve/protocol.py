@@ -16,10 +16,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from arlm.sampling.params import SamplingParams
+from arlm.sampling.params import MAX_N, SamplingParams
 from arlm.serve.errors import APIError
 
-MAX_N = 128  # OpenAI's limit on choices per request
+# Sequences one request may start (prompts x n): each holds a slot or a queue place.
+MAX_SEQUENCES_PER_REQUEST = 256
+# Messages of one chat: each is parsed, checked and rendered by the template.
+MAX_CHAT_MESSAGES = 2048
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -81,11 +84,14 @@ class _Request(_Body):
         logprobs: int | None,
         loop_policy: str | None = None,
         repetition_detection: dict | None = None,
+        defaults: dict | None = None,
     ) -> SamplingParams:
         """The request's ``SamplingParams`` (``max_tokens`` None: their default);
         ``loop_policy`` and ``repetition_detection`` are the server's defaults, used where the
-        request gives none."""
-        kwargs: dict[str, Any] = {
+        request gives none; ``defaults`` the model's (``LM.sampling_defaults``), for the fields
+        the request does not set."""
+        kwargs: dict[str, Any] = dict(defaults or {})
+        kwargs |= {
             name: value
             for name in SamplingParams.__dataclass_fields__
             if name in type(self).model_fields and (value := getattr(self, name)) is not None
@@ -97,6 +103,14 @@ class _Request(_Body):
             kwargs["top_k"] = 0
         if kwargs.get("n", 1) > MAX_N:
             raise APIError.bad_request(f"n={self.n} is not allowed; at most {MAX_N}", "n")
+        prompts = len(self.prompts()) if isinstance(self, CompletionRequest) else 1
+        if prompts * kwargs.get("n", 1) > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError.bad_request(
+                f"{prompts} prompts with n={kwargs.get('n', 1)} make "
+                f"{prompts * kwargs.get('n', 1)} sequences; one request may start at most "
+                f"{MAX_SEQUENCES_PER_REQUEST}",
+                "n",
+            )
         if self.repetition_detection is not None:
             kwargs["repetition_detection"] = self.repetition_detection.model_dump(exclude_none=True)
         elif repetition_detection is not None:
@@ -137,7 +151,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -5,11 +5,16 @@ Each choice is one sequence: prompt ``p``'s sample ``i`` is choice ``p * n + i``
 numbers them. Loop fields are extras that OpenAI clients ignore: ``loop`` (the loop that ended
 the choice, finish_reason "repetition"), ``loop_reports`` (every loop reported or broken, when
 that is more than ``loop``) and ``loops_broken``; each only when it says something.
+
+Every body is strict JSON: a NaN log-probability (a model whose weights are not finite) fails
+its request with a ``ValueError`` instead of writing ``NaN``, and a token of probability zero
+gets OpenAI's -9999.0 instead of ``-Infinity``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -17,10 +22,23 @@ from arlm.engine.outputs import Chunk, Completion, RequestOutput
 from arlm.sampling.params import TokenLogprob
 from arlm.tokenizer import Tokenizer
 
+# what OpenAI reports for a token of probability zero; JSON has no -Infinity
+ZERO_PROBABILITY_LOGPROB = -9999.0
+
 
 def sse(data: dict | str) -> str:
-    """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+    """One server-sent event; ``ValueError`` for a NaN or infinity anywhere in ``data``."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, allow_nan=False)}\n\n"
+
+
+def logprob_value(value: float) -> float:
+    """A log-probability as JSON can hold it (see the module's doc)."""
+    if math.isnan(value):
+        raise ValueError(
+            "the model's log-probabilities are NaN: its logits are not finite, so its weights "
+            "may be corrupt"
+        )
+    return max(value, ZERO_PROBABILITY_LOGPROB)
 
 
 def envelope(request_id: str, kind: str, model: str, created: int) -> dict:
@@ -71,8 +89,10 @@ class LogprobFormatter:
             offset += len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{self.texts[t]: v for t, v in lp.top} for lp in logprobs],
+            "token_logprobs": [logprob_value(lp.logprob) for lp in logprobs],
+            "top_logprobs": [
+                {self.texts[t]: logprob_value(v) for t, v in lp.top} for lp in logprobs
+            ],
             "text_offset": offsets,
         }
 
@@ -86,7 +106,7 @@ class LogprobFormatter:
 
     def _token(self, token_id: int, logprob: float) -> dict:
         text = self.texts[token_id]
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": logprob_value(logprob), "bytes": list(text.encode())}
 
 
 def has_tokens(out: RequestOutput) -> bool:

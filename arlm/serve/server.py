@@ -2,6 +2,12 @@
 engine's step loop in the main thread (``/health`` answers 503 until the model is ready), and
 a graceful drain on SIGTERM.
 
+Connections are bounded in time: ``header_timeout`` for a request's head (uvicorn has no such
+limit, so a client sending a header byte a second held a connection forever), ``body_timeout``
+for its body (a 408, see the app), ``keep_alive_timeout`` between requests. If the step loop
+dies, ``/health`` says so (503, status "failed") and ``serve`` raises, so that the process exits
+non-zero and a supervisor restarts it.
+
 The step loop gets the main thread because the model's forward runs faster there on CPU (see
 ``AsyncEngine.run``); the event loop only moves requests and outputs. The drain: the first
 SIGTERM (or Ctrl-C) turns new requests away with 503 while running ones finish; once none is
@@ -21,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from arlm.serve.app import Server, build_app
 from arlm.serve.config import ServeConfig
@@ -48,18 +55,17 @@ def serve(
             yield
         finally:
             drain.cancel()
-            if server.front is not None:
-                server.front.stop()  # the main thread's step loop returns
+            server.close()  # the main thread's step loop returns; the workers stop
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     web = uvicorn.Server(
-        uvicorn.Config(
+        uvicorn_config(
             build_app(server, lifespan),
+            config,
             host=host,
             port=port,
             log_level=log_level,
             access_log=access_log,
-            timeout_graceful_shutdown=5,
         )
     )
 
@@ -84,6 +90,8 @@ def serve(
         if not web.started:  # uvicorn logged why (an address in use, say)
             raise OSError(f"cannot serve on {host}:{port}; see the error above")
         started = time.perf_counter()
+        if server.workers is not None:
+            server.workers.start()  # they import arlm while the model loads
         lm = load()
         if web.should_exit:
             return  # a signal came while the model loaded
@@ -106,6 +114,46 @@ def serve(
         http.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def uvicorn_config(app, config: ServeConfig, **kwargs) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: the h11 protocol with ``config``'s header deadline,
+    its keep-alive timeout, a 5 s graceful shutdown; ``kwargs`` go to ``uvicorn.Config``."""
+    return uvicorn.Config(
+        app,
+        http=_with_header_deadline(config.header_timeout),
+        timeout_keep_alive=config.keep_alive_timeout,
+        timeout_graceful_shutdown=5,
+        **kwargs,
+    )
+
+
+def _with_header_deadline(seconds: float) -> type[H11Protocol]:
+    class HeaderDeadline(H11Protocol):
+        """uvicorn's h11 protocol, closing a connection whose next request head has not fully
+        arrived ``seconds`` after the connection opened or the previous response ended."""
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(seconds, self._head_overdue)
+
+        def on_response_complete(self) -> None:
+            self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._head_overdue)
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _head_overdue(self) -> None:
+            # a request being served had its head in time; any other state is a late head
+            if self.cycle is not None and not self.cycle.response_complete:
+                return
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 async def _drain_when_asked(server: Server, web: uvicorn.Server) -> None:

@@ -68,6 +68,8 @@ class Source:
 def resolve(spec: str) -> list[Source]:
     """The sources of a corpus spec (``ACCEPTED``) in a fixed order (sorted paths), so what is
     built from them is deterministic; ``CorpusError`` when the spec names nothing to read."""
+    if not spec.strip():  # Path("") is the current folder: it would be read whole, recursively
+        raise CorpusError(f"corpus {spec!r} is empty; give {ACCEPTED} ('.' for this folder)")
     if spec == BUILTIN:
         import pydoc_data.topics
 
