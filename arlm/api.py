@@ -12,12 +12,15 @@ import torch.nn.functional as F
 
 from arlm.config import resolve_dtype
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
+from arlm.engine.memory import check_weights_fit
 from arlm.formats.checkpoint import load_model
 from arlm.formats.generation_config import sampling_defaults
+from arlm.formats.stored import stored_weights
 from arlm.kv_cache import CacheConfig
 from arlm.model.packing import pack
 from arlm.model.quantize import quantize as quantize_weights
 from arlm.model.transformer import Transformer
+from arlm.placement import auto_dtype, resolve_device
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
 
@@ -226,8 +229,8 @@ class LM:
 
 def load(
     path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str | None = "auto",
     allow_pickle: bool = False,
     *,
     revision: str | None = None,
@@ -242,7 +245,9 @@ def load(
     max_num_batched_tokens: int | None = None,
     max_model_len: int | None = None,
     kv_cache_memory_gib: float | None = None,
+    gpu_memory_utilization: float | None = None,
     enable_prefix_caching: bool = True,
+    enforce_eager: bool = False,
 ) -> LM:
     """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
     model by id (``"org/name"``; a local path of that name wins).
@@ -251,7 +256,12 @@ def load(
     the files arlm reads where missing (``HF_TOKEN`` for gated repos; ``HF_HUB_OFFLINE=1``: the
     cache only); see ``arlm.formats.hub``. revision: the id's branch, tag or commit (None: main).
 
-    dtype: None keeps float32 (the default on CPU); ``bfloat16``/``float16`` halve the memory.
+    device: ``auto`` (the default) is CUDA when there is a GPU, else the CPU; or ``cpu``,
+    ``cuda``, ``cuda:1``, ...
+    dtype: ``auto`` (the default) is the dtype the checkpoint stores on CUDA, and on a CPU
+    float32 unless the CPU computes the checkpoint's half type natively (AVX512-BF16/AMX) and
+    it measures faster there (see ``arlm.device``); None is float32; ``bfloat16``/``float16``
+    halve the memory of a float32 checkpoint.
     allow_pickle: let a Hugging Face folder with only ``pytorch_model.bin`` load (with
     ``weights_only=True``); off by default because a pickle can run code.
     generation_config: ``auto`` takes the sampling defaults of the model's generation_config.json
@@ -275,8 +285,12 @@ def load(
     max_num_seqs: sequences decoded together (None: 16, fewer if the memory budget says so);
     max_num_batched_tokens: positions per forward, so prompts prefill in chunks of at most
     this (None: 512); max_model_len: the longest prompt + generation (None: the context);
-    kv_cache_memory_gib: the KV cache's budget (None: a quarter of the machine's memory);
-    enable_prefix_caching: prompts that start alike share the computed head.
+    kv_cache_memory_gib: the KV cache's budget (None: on a CPU a quarter of the machine's
+    memory; on a GPU what ``gpu_memory_utilization`` leaves, see ``arlm.engine.memory``);
+    gpu_memory_utilization: the share of the GPU's memory the weights, activations and KV cache
+    may fill (None: 0.9);
+    enable_prefix_caching: prompts that start alike share the computed head; enforce_eager: no
+    CUDA graphs for decode steps (see ``arlm.engine.cuda_graphs``).
     """
     cache_config = CacheConfig(dtype=kv_cache_dtype, window=kv_window, sink_tokens=kv_sink_tokens)
     engine_config = EngineConfig(
@@ -284,19 +298,28 @@ def load(
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
         kv_cache_memory_gib=kv_cache_memory_gib,
+        gpu_memory_utilization=EngineConfig.gpu_memory_utilization
+        if gpu_memory_utilization is None
+        else gpu_memory_utilization,
         kv_block_size=EngineConfig.kv_block_size if kv_block_size is None else kv_block_size,
         enable_prefix_caching=enable_prefix_caching,
+        enforce_eager=enforce_eager,
     )
     if generation_config not in GENERATION_CONFIGS:
         raise ValueError(
             f"generation_config={generation_config!r} is not allowed; it must be one of "
             f"{', '.join(GENERATION_CONFIGS)}"
         )
-    dtype = resolve_dtype(dtype)
     from arlm.formats import hf  # the importer is only needed here
     from arlm.formats.hub import resolve
 
     path = resolve(path, revision, allow_pickle)
+    device = resolve_device(device)
+    stored = stored_weights(path)
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = auto_dtype(stored.dtype or torch.float32, device)
+    dtype = resolve_dtype(dtype)
+    check_weights_fit(stored.nbytes(dtype), device, dtype)
     defaults = {}
     if hf.is_hf_dir(path):
         if generation_config == "auto":  # before the weights: a bad file fails fast

@@ -191,8 +191,11 @@ def test_engine_and_cache_options_reach_the_engine(capsys, trained_run, monkeypa
     monkeypatch.setattr(arlm, "load", spy)
     argv = ["generate", str(result.out), "x", "--max-tokens", "2", "--max-num-seqs", "3"]
     argv += ["--max-num-batched-tokens", "64", "--no-prefix-caching", "--kv-cache-dtype", "int8"]
+    argv += ["--gpu-memory-utilization", "0.5"]
     code, _, _ = run(capsys, *argv)
     assert code == 0
     assert seen["max_num_seqs"] == 3 and seen["max_num_batched_tokens"] == 64
+    assert seen["gpu_memory_utilization"] == 0.5
+    assert seen["device"] == "auto" and seen["dtype"] == "auto"  # a GPU's when there is one
     assert seen["enable_prefix_caching"] is False and seen["kv_cache_dtype"] == "int8"
     assert "max_model_len" not in seen  # options not given keep the library's defaults

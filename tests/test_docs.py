@@ -115,7 +115,10 @@ def shown_arlm_commands(text: str) -> list[list[str]]:
         for line in lines:
             tokens = shlex.split(line, comments=True)
             starts = [
-                i for i, t in enumerate(tokens) if t == "arlm" and tokens[i - 1 : i] in ([], ["-m"])
+                i
+                for i, t in enumerate(tokens)
+                if t == "arlm"
+                and (tokens[i - 1 : i] == ["-m"] or all("=" in v for v in tokens[:i]))  # VAR=x arlm
             ]
             if starts:
                 argv = tokens[starts[0] + 1 :]
@@ -143,13 +146,15 @@ def test_shown_commands_are_found_in_every_form():
     page = (
         "```bash\narlm score runs/small notes.txt  # a comment\n"
         "torchrun --nproc-per-node 2 -m arlm train --out runs/ddp\n"
-        "python -m arlm generate runs/small hi > out.txt\n```\n"
+        "python -m arlm generate runs/small hi > out.txt\n"
+        "HF_HUB_OFFLINE=1 arlm score org/name notes.txt\n```\n"
         "```\n$ arlm loops guard traces\nsome output\n```\n"
     )
     assert shown_arlm_commands(page) == [
         ["score", "runs/small", "notes.txt"],
         ["train", "--out", "runs/ddp"],
         ["generate", "runs/small", "hi"],
+        ["score", "org/name", "notes.txt"],
         ["loops", "guard", "traces"],
     ]
 

@@ -92,7 +92,7 @@ def _steps(tmp_path, cache_dir, name, n=3, **options):
         **options,
     )  # fmt: skip
     trainer = Trainer(cfg, progress=False)
-    return trainer, [trainer.train_step() for _ in range(n)]
+    return trainer, [float(trainer.train_step()) for _ in range(n)]
 
 
 def test_bf16_autocast_trains_close_to_float32(tmp_path, cache_dir):
@@ -107,3 +107,21 @@ def test_compiled_step_gives_the_eager_losses(tmp_path, cache_dir):
     trainer, compiled = _steps(tmp_path, cache_dir, "compiled", compile=True)
     assert trainer.forward_model is not trainer.model  # the step ran through torch.compile
     assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+def test_the_training_loss_traces_as_one_graph():
+    """No data-dependent shapes in the chunked loss: each would make a GPU step wait for the
+    host and split the compiled step (as boolean indexing of the ignored rows did)."""
+    import torch._dynamo
+
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=300, n_layer=1, block_size=32))
+    idx = torch.randint(300, (2, 33))
+    targets = idx[:, 1:].clone()
+    targets[:, ::5] = -100
+
+    def step(x, y):
+        return model(x, y, return_logits=False)[1]
+
+    explained = torch._dynamo.explain(step)(idx[:, :-1], targets)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

@@ -13,7 +13,10 @@ from arlm.loops import LoopDetectorConfig
 from arlm.sampling import SamplingParams
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, runs: bool = True) -> None:
+    """The model and how to load it; ``runs``: the command runs the model, so it goes to the
+    GPU when there is one, in the checkpoint's dtype there (a command that only converts it
+    loads it on the CPU, in float32, whatever the machine)."""
     p.add_argument(
         "model",
         help="an arlm checkpoint folder, a Hugging Face model folder, or a Hugging Face Hub id "
@@ -28,12 +31,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="load a model whose only weights are pickled (pytorch_model.bin), with "
         "torch.load(weights_only=True); off because a pickle can run code",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    if runs:
+        device_help = "auto (CUDA when there is a GPU), cpu, cuda, cuda:1, ... (default: auto)"
+        dtype_help = (
+            "weights' dtype; auto: the checkpoint's on a GPU, on a CPU float32 unless it "
+            "computes the checkpoint's half type natively and faster (default: auto)"
+        )
+    else:
+        device_help = "cpu, cuda, cuda:1, ... or auto (default: cpu)"
+        dtype_help = "weights' dtype; auto: as the commands that run a model (default: float32)"
+    p.add_argument("--device", default="auto" if runs else "cpu", help=device_help)
     p.add_argument(
         "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="weights' dtype (default: float32)",
+        default="auto" if runs else "float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help=dtype_help,
     )
     p.add_argument(
         "--quantize",

@@ -10,7 +10,7 @@ from arlm.cli.common import add_model_options, model_kwargs
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a model in another format")
-    add_model_options(p)
+    add_model_options(p, runs=False)
     p.add_argument(
         "out",
         help="the folder (hf, arlm; must not exist or be empty) or file (gguf; must not exist) "

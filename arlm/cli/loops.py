@@ -185,7 +185,7 @@ def run_scan(args: argparse.Namespace) -> None:
     if args.model is not None:
         import arlm
 
-        tokenizer = arlm.load(args.model).tokenizer
+        tokenizer = arlm.load(args.model, device="cpu", dtype=None).tokenizer  # only its tokenizer
     hits = scan_file(
         args.file, args.unit, tokenizer=tokenizer, key=args.key, **detector_kwargs(args)
     )

@@ -17,7 +17,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from arlm.config import option
 from arlm.devices import to_device, to_host
 from arlm.engine.block_manager import BlockManager, block_hashes
+from arlm.engine.memory import fit_slots
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
@@ -54,7 +54,6 @@ from arlm.validate import check_float, check_int
 
 DEFAULT_MAX_NUM_SEQS = 16
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
-DEFAULT_KV_MEMORY_FRACTION = 0.25  # of the machine's memory, when no budget is given
 # The windowed cache has no slot length to bound a sequence; without this one request could
 # hold its only slot for ever (max_tokens 10**15).
 DEFAULT_WINDOW_MAX_MODEL_LEN = 2**20
@@ -80,11 +79,13 @@ class EngineConfig:
     max_model_len: the longest prompt + generation a sequence may reach, the size of its slot
     (default: the model's context; with the windowed cache, which runs past the context,
     ``DEFAULT_WINDOW_MAX_MODEL_LEN``, 1,048,576). kv_cache_memory_gib: the KV cache's budget
-    (default: a quarter of the machine's memory). kv_block_size: positions per block (the
-    prefix cache's unit; default 16). enable_prefix_caching: reuse computed prompt blocks
-    (default on). enforce_eager: no CUDA graphs (default off: on CUDA, decode steps replay
-    graphs captured at start-up for batch-size buckets where the model and cache allow it; see
-    ``arlm.engine.cuda_graphs``).
+    (default: on a CPU a quarter of the machine's memory; on a GPU what gpu_memory_utilization
+    leaves, see ``arlm.engine.memory``). gpu_memory_utilization: the share of the GPU's memory
+    the engine may fill with weights, activations and KV cache (default 0.9). kv_block_size:
+    positions per block (the prefix cache's unit; default 16). enable_prefix_caching: reuse
+    computed prompt blocks (default on). enforce_eager: no CUDA graphs (default off: on CUDA,
+    decode steps replay graphs captured at start-up for batch-size buckets where the model and
+    cache allow it; see ``arlm.engine.cuda_graphs``).
     """
 
     max_num_seqs: int | None = option(None, help="sequences running at once (default: 16)")
@@ -95,7 +96,12 @@ class EngineConfig:
         None, help="longest prompt + generation of a sequence (default: the context)"
     )
     kv_cache_memory_gib: float | None = option(
-        None, help="the KV cache's memory budget (default: a quarter of the machine's)"
+        None,
+        help="the KV cache's memory budget (default: on CPU a quarter of the machine's memory; "
+        "on a GPU what --gpu-memory-utilization leaves after the weights and activations)",
+    )
+    gpu_memory_utilization: float = option(
+        0.9, help="share of the GPU's memory for weights, activations and KV cache"
     )
     kv_block_size: int = option(16, help="positions per KV block, the prefix cache's unit")
     enable_prefix_caching: bool = option(
@@ -113,14 +119,10 @@ class EngineConfig:
                 check_int(name, getattr(self, name), 1)
         if self.kv_cache_memory_gib is not None:
             check_float("kv_cache_memory_gib", self.kv_cache_memory_gib, lambda v: v > 0, "> 0")
+        check_float(
+            "gpu_memory_utilization", self.gpu_memory_utilization, lambda v: 0 < v <= 1, "in (0, 1]"
+        )
         check_int("kv_block_size", self.kv_block_size, 1)
-
-
-def _machine_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 8 * 2**30
 
 
 class Engine:
@@ -167,7 +169,10 @@ class Engine:
                 self.cache_config.dtype, model.wte.weight.dtype
             ).bytes_per_vector(model.config.head_dim)
             positions = sum(layer_lengths(model.config.layer_windows, slot_len))
-            num_slots = self._fit_memory(config, num_slots, positions * per_position)
+            profile = config.max_num_batched_tokens or max(
+                DEFAULT_MAX_NUM_BATCHED_TOKENS, num_slots
+            )
+            num_slots = fit_slots(config, model, num_slots, positions * per_position, profile)
         self.runner = ModelRunner(model, self.cache_config, num_slots, slot_len)
         # why decode steps run eagerly here, or None when they replay CUDA graphs
         self.eager_reason: str | None = "not a CUDA device"
@@ -191,28 +196,6 @@ class Engine:
         self.end_ids = frozenset(t for t in tokenizer.eos_token_ids if 0 <= t < vocab)
         self.steps = 0
         self.loops_detected = self.loops_broken = 0
-
-    @staticmethod
-    def _fit_memory(config: EngineConfig, num_slots: int, slot_bytes: int) -> int:
-        if config.kv_cache_memory_gib is not None:
-            budget = config.kv_cache_memory_gib * 2**30
-        else:
-            budget = DEFAULT_KV_MEMORY_FRACTION * _machine_memory()
-        fit = int(budget // slot_bytes)
-        if fit < 1:
-            raise ValueError(
-                f"one sequence of the longest allowed length needs {slot_bytes / 2**20:.1f} MiB of "
-                f"KV cache, more than the budget of {budget / 2**20:.1f} MiB; raise "
-                "kv_cache_memory_gib, lower max_model_len, or quantize the cache (kv_cache_dtype)"
-            )
-        if config.max_num_seqs is not None and fit < config.max_num_seqs:
-            raise ValueError(
-                f"max_num_seqs={config.max_num_seqs} sequences of {slot_bytes / 2**20:.1f} MiB of "
-                f"KV cache each need {config.max_num_seqs * slot_bytes / 2**20:.1f} MiB, more "
-                f"than the budget of {budget / 2**20:.1f} MiB; at most {fit} fit (lower "
-                "max_model_len or quantize the cache to fit more)"
-            )
-        return min(num_slots, fit)
 
     def preallocate(self) -> None:
         """Allocate every slot's KV memory now rather than as concurrency first needs it: a

@@ -35,10 +35,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xc, tc = x[i : i + chunk_rows], targets[i : i + chunk_rows]
             loss, grad_logits = _chunk_loss(xc, weight, tc)
             total += loss
-            # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored rows
+            # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored rows; by scatter
+            # and multiply, not boolean indexing, whose data-dependent shape makes the host wait
+            # for the device and splits a torch.compile graph, once per chunk
             valid = tc != -100
-            grad_logits[valid, tc[valid]] -= 1
-            grad_logits[~valid] = 0
+            grad_logits.scatter_add_(1, tc.clamp(min=0)[:, None], -valid[:, None].float())
+            grad_logits.mul_(valid[:, None])
             # in the weight's dtype; under autocast the matmuls run in its dtype, as forward's
             grad_logits = grad_logits.to(weight.dtype)
             grad_x[i : i + chunk_rows] = (grad_logits @ weight).to(x.dtype)

@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from arlm.placement import resolve_device as resolve_any_device
+
 
 @dataclass(frozen=True)
 class World:
@@ -37,9 +39,7 @@ class World:
 def resolve_device(device: str, world: World) -> torch.device:
     """``auto`` is CUDA when there is a GPU, else the CPU; a plain ``cuda`` under torchrun is
     this process's own GPU, ``cuda:LOCAL_RANK``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    resolved = resolve_any_device(device)
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", world.local_rank if world.distributed else 0)
     return resolved

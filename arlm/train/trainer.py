@@ -39,6 +39,7 @@ from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
 from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
 from arlm.train.prepare import load_or_prepare
+from arlm.train.readback import Readback
 from arlm.validate import check_int
 
 STATE_TENSORS = "train_state.safetensors"
@@ -238,7 +239,11 @@ class Trainer:
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.last_val_loss = float("nan")
-        self._stop_requested = False
+        self.last_loss = float("nan")  # of the last step whose loss the host has read
+        self._stop_requested = False  # asked of this process (Ctrl-C, request_stop)
+        self._stop_agreed = False  # asked of any rank, as every rank reads it at the same step
+        # each step's loss (and, under torchrun, its stop votes), read a step late in ``fit``
+        self._readback = Readback()
         if resume:
             self._load_state()
         self._saved_step = self.step
@@ -381,13 +386,16 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches on every rank; returns the mean
-        loss over the global batch.
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches on every rank; the mean loss
+        over the global batch, a 0-d tensor on the device.
 
         The step's global batch is drawn at once; micro-step k of rank r trains on its slice
         ``k * world_size + r``, so any split of the same global batch over processes and
-        micro-steps sees the same windows.
+        micro-steps sees the same windows. Nothing here waits for the device's current work:
+        a step's loss is read (and checked to be finite) at the end of the next step, or when
+        ``fit`` logs, evaluates or saves, so the GPU never idles while the host prepares the
+        next step.
         """
         cfg, world = self.cfg, self.world
         for group in self.optimizer.param_groups:
@@ -405,23 +413,42 @@ class Trainer:
                     _, loss = self.forward_model(x, y, return_logits=False)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach().double() / cfg.grad_accum
-        # one collective for the logged loss and for a stop asked of any rank (Ctrl-C reaches
-        # every process; they must all stop after the same step)
-        stop = torch.tensor(float(self._stop_requested), dtype=torch.float64, device=self.device)
-        shared = sum_over_ranks(torch.stack((total, stop)), world)
-        loss_value = shared[0].item() / world.size
-        self._stop_requested = bool(shared[1].item())
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"the loss became {loss_value} at step {self.step + 1}; the last good checkpoint "
-                f"is kept in {self.out} (step {self._saved_step}). Lower --lr and resume."
+        values = total[None]
+        if world.distributed:
+            # one collective for the logged loss and for a stop asked of any rank (Ctrl-C
+            # reaches every process; they must all stop after the same step); a fill on the
+            # device, as a tensor made from a host number would wait for the device
+            stop = torch.full(
+                (), float(self._stop_requested), dtype=total.dtype, device=total.device
             )
+            shared = sum_over_ranks(torch.stack((total, stop)), world)
+            values = torch.stack((shared[0] / world.size, shared[1]))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_value
+        self._readback.push(self.step, values)
+        self._settle(self.step - 1)  # the step before this one is done on the device (or nearly)
+        return values[0]
+
+    def _settle(self, through: int) -> None:
+        """Read the losses (and stop votes) of the steps up to ``through``: the last one read
+        becomes ``last_loss``; a non-finite one ends the run before anything saves its
+        weights."""
+        for step, values in self._readback.pop(through):
+            if not math.isfinite(values[0]):
+                raise TrainingError(
+                    f"the loss became {values[0]} at step {step}; the last good checkpoint is "
+                    f"kept in {self.out} (step {self._saved_step}). Lower --lr and resume."
+                )
+            self.last_loss = values[0]
+            if len(values) > 1 and values[1] > 0:
+                self._stop_agreed = True
+
+    def _stopping(self) -> bool:
+        # a lone process stops when asked; ranks stop together, when the vote is read
+        return self._stop_agreed if self.world.distributed else self._stop_requested
 
     def fit(self, on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
         cfg = self.cfg
@@ -450,10 +477,16 @@ class Trainer:
         )
         try:
             t_last, step_last = time.perf_counter(), self.step
-            while self.step < cfg.steps and not self._stop_requested:
-                loss = self.train_step()
+            while self.step < cfg.steps and not self._stopping():
+                self.train_step()
                 bar.update(1)
-                if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                log = self.step % cfg.log_interval == 0 or self.step == cfg.steps
+                evaluate = self.step % cfg.eval_interval == 0 or self.step == cfg.steps
+                checkpoint = self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps
+                if log or evaluate or checkpoint:
+                    self._settle(self.step)
+                loss = self.last_loss
+                if log:
                     now = time.perf_counter()
                     rate = (self.step - step_last) * tokens_per_step / (now - t_last)
                     t_last, step_last = now, self.step
@@ -468,7 +501,7 @@ class Trainer:
                             "mfu": mfu,
                         }
                     )
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                if evaluate:
                     self.last_val_loss = self.evaluate()
                     self._log(
                         {
@@ -483,12 +516,13 @@ class Trainer:
                             f"perplexity {math.exp(self.last_val_loss):.2f}"
                         )
                         plot_losses(self.out)
-                if self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
+                if checkpoint:
                     self.save()
                     self._saved_step = self.step
                 if on_step is not None:
                     on_step(self)
             if self._saved_step != self.step:  # stopped early: keep what was done
+                self._settle(self.step)
                 self.save()
                 if self.world.is_main:
                     bar.write(f"stopped at step {self.step}; continue with --resume")

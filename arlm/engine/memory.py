@@ -1,0 +1,152 @@
+"""How much memory the engine's KV cache may take, and so how many sequences run at once.
+
+On a CPU the budget is ``kv_cache_memory_gib``, or a quarter of the machine's memory: the
+weights, the activations and everything else on the machine share the rest.
+
+On a GPU the engine owns the device, as vLLM does: the budget is ``gpu_memory_utilization`` of
+the device's memory, less what is in use once the weights are loaded (the weights, the CUDA
+context, other processes) and less the activation peak of the widest step, measured by running
+one (``max_num_batched_tokens`` positions, all their logits). ``kv_cache_memory_gib`` sets the
+budget instead, and must fit what is free after the activations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from arlm.model.transformer import Transformer
+
+DEFAULT_KV_MEMORY_FRACTION = 0.25  # of the machine's memory on a CPU, when no budget is given
+GIB = 2**30
+
+
+class MemoryLimits(Protocol):
+    """The fields of ``EngineConfig`` that size the KV cache."""
+
+    max_num_seqs: int | None
+    kv_cache_memory_gib: float | None
+    gpu_memory_utilization: float
+
+
+def machine_memory() -> int:
+    """The host's physical memory in bytes (8 GiB where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * GIB
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The KV cache's budget in bytes and where it came from (for error messages)."""
+
+    nbytes: float
+    source: str
+
+
+@torch.inference_mode()
+def activation_peak(model: Transformer, tokens: int) -> int:
+    """Bytes a forward over ``tokens`` positions (one sequence, every position's logits)
+    allocates on its CUDA device above the memory in use before it, measured by running it."""
+    device = model.wte.weight.device
+    tokens = min(tokens, model.config.block_size)
+    idx = torch.zeros((1, tokens), dtype=torch.long, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    model(idx)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()  # give the activations' blocks back for the cache to take
+    return peak
+
+
+def gpu_budget(
+    model: Transformer, utilization: float, explicit_gib: float | None, profile_tokens: int
+) -> Budget:
+    """The KV budget on the model's CUDA device; a ValueError naming the numbers when the
+    weights and activations leave no room."""
+    device = model.wte.weight.device
+    peak = activation_peak(model, profile_tokens)
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free  # the weights, the CUDA context, other processes
+    if explicit_gib is not None:
+        room = free - peak
+        if explicit_gib * GIB > room:
+            raise ValueError(
+                f"kv_cache_memory_gib={explicit_gib} is more than {device} has free: "
+                f"{free / GIB:.2f} GiB free after the weights, less an activation peak of "
+                f"{peak / GIB:.2f} GiB, leaves {room / GIB:.2f} GiB; lower kv_cache_memory_gib"
+            )
+        return Budget(explicit_gib * GIB, f"kv_cache_memory_gib={explicit_gib}")
+    allowed = utilization * total
+    budget = allowed - used - peak
+    source = (
+        f"gpu_memory_utilization={utilization} of {device}'s {total / GIB:.2f} GiB "
+        f"({allowed / GIB:.2f} GiB), less {used / GIB:.2f} GiB in use after loading the "
+        f"weights and an activation peak of {peak / GIB:.2f} GiB"
+    )
+    if budget <= 0:
+        raise ValueError(
+            f"the model does not fit: {source} leaves no KV cache memory "
+            f"({budget / GIB:.2f} GiB); raise gpu_memory_utilization, lower "
+            "max_num_batched_tokens, quantize the weights (quantize=int8/int4) or use a larger GPU"
+        )
+    return Budget(budget, source)
+
+
+def kv_budget(config: MemoryLimits, model: Transformer, profile_tokens: int) -> Budget:
+    """The KV cache's budget for ``model`` on its device under ``config``."""
+    if model.wte.weight.device.type == "cuda":
+        return gpu_budget(
+            model, config.gpu_memory_utilization, config.kv_cache_memory_gib, profile_tokens
+        )
+    if config.kv_cache_memory_gib is not None:
+        return Budget(config.kv_cache_memory_gib * GIB, "kv_cache_memory_gib")
+    return Budget(
+        DEFAULT_KV_MEMORY_FRACTION * machine_memory(), "a quarter of the machine's memory"
+    )
+
+
+def fit_slots(
+    config: MemoryLimits, model: Transformer, num_slots: int, slot_bytes: int, profile_tokens: int
+) -> int:
+    """How many of ``num_slots`` sequence slots of ``slot_bytes`` each the KV budget holds; a
+    ValueError naming both numbers when not one does, or fewer than ``max_num_seqs``."""
+    budget = kv_budget(config, model, profile_tokens)
+    fit = int(budget.nbytes // slot_bytes)
+    if fit < 1:
+        raise ValueError(
+            f"one sequence of the longest allowed length needs {slot_bytes / 2**20:.1f} MiB of "
+            f"KV cache, more than the budget of {budget.nbytes / 2**20:.1f} MiB "
+            f"({budget.source}); raise kv_cache_memory_gib, lower max_model_len, or quantize "
+            "the cache (kv_cache_dtype)"
+        )
+    if config.max_num_seqs is not None and fit < config.max_num_seqs:
+        raise ValueError(
+            f"max_num_seqs={config.max_num_seqs} sequences of {slot_bytes / 2**20:.1f} MiB of "
+            f"KV cache each need {config.max_num_seqs * slot_bytes / 2**20:.1f} MiB, more "
+            f"than the budget of {budget.nbytes / 2**20:.1f} MiB ({budget.source}); at most "
+            f"{fit} fit (lower max_model_len or quantize the cache to fit more)"
+        )
+    return min(num_slots, fit)
+
+
+def check_weights_fit(nbytes: int, device: torch.device, dtype: torch.dtype) -> None:
+    """A ValueError naming both numbers when weights of ``nbytes`` cannot fit the free memory
+    of the CUDA ``device``, before any of them is loaded (nothing to check on a CPU, which
+    pages)."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if nbytes > free:
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"the model's weights need {nbytes / GIB:.2f} GiB in {name}, more than the "
+            f"{free / GIB:.2f} GiB free on {device} (of {total / GIB:.2f} GiB); load with "
+            "quantize=int8/int4 or dtype=bfloat16, or use a larger GPU"
+        )

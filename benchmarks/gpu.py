@@ -1,0 +1,606 @@
+"""arlm on one GPU beside its peers, in one run: decode against the memory-bandwidth limit,
+offline batches, streaming latency under load, and training MFU, printed as one table of ratios.
+
+Model: random weights in Llama-3.2-1B's shape (16 layers, 2048 wide, 32 heads, 8 KV heads,
+8192 MLP, 32,000-token untied vocabulary: 1.10B parameters), bfloat16, built with transformers'
+``LlamaConfig`` and saved with ``save_pretrained``; arlm loads that folder with ``arlm.load``.
+Prompts are random token ids; every request ignores end-of-text, so each makes all its tokens.
+
+Sections (each guarded: a failure prints an error line and the others go on):
+- bandwidth: a large device-to-device copy (bytes read + written per second), and the decode
+  limit it implies: that rate over the bytes of weights a decode step reads (the linear
+  layers', output head included: ``arlm.model.packing.weight_bytes``; of the input embedding a
+  step reads one row);
+- decode: batch-1 greedy decode of 256 tokens after a 64-token prompt: ``lm.generate``,
+  transformers' ``generate`` (eager), and ``generate`` with a static cache and
+  ``torch.compile`` (``cache_implementation="static"``), after a warm-up run each;
+- offline: 256 requests, prompts of 64 to 512 tokens, 128 new tokens each, greedy, through
+  ``lm.generate`` of the whole list at max_num_seqs 64 and 256, and transformers' continuous
+  batching at the same caps (``benchmarks/peers/transformers_cb.py``);
+- tpot: time per output token (after the first) of 128-token streams through the engine's
+  ``AsyncEngine``, 1 stream alone against 64 at once; then, where fastapi and uvicorn are
+  installed, ``arlm serve`` under ``arlm bench serve``'s client at 1, 16 and 64 streams;
+- train: GPT-2 124M's shape (12 x 768, 50,257 ids, block 1024), batch 16, ``--bf16
+  --compile``, 30 timed steps of arlm's ``Trainer`` after the compiling ones: tokens/s and MFU
+  against the same run's measured bfloat16 matmul peak (``arlm.train.flops``).
+
+Run: ``python benchmarks/gpu.py`` (under 6 minutes on one H200); ``--quick`` for a smoke run
+(fewer tokens, requests and steps); ``--device cpu --quick`` runs every section with tiny
+shapes on a CPU (to test this script without a GPU); ``--sections decode train`` for some.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import arlm
+from arlm.engine import AsyncEngine, EngineConfig
+from arlm.model.packing import weight_bytes
+from arlm.sampling import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
+import transformers_cb  # noqa: E402
+
+SECTIONS = ("bandwidth", "decode", "offline", "tpot", "train")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The model and workload of one run."""
+
+    llama: dict  # LlamaConfig keywords
+    dtype: torch.dtype
+    prompt: int = 64  # batch-1 decode
+    new: int = 256
+    requests: int = 256  # offline
+    prompt_range: tuple[int, int] = (64, 512)
+    offline_new: int = 128
+    seq_caps: tuple[int, ...] = (64, 256)
+    streams: tuple[int, int] = (1, 64)  # tpot: alone, under load
+    serve_streams: tuple[int, ...] = (1, 16, 64)
+    stream_new: int = 128
+    max_model_len: int = 1024
+    train: dict | None = None  # TrainConfig shape keywords
+    train_batch: int = 16
+    train_steps: int = 30
+    copy_bytes: int = 2**31
+
+
+LLAMA_1B = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+GPT2_124M = dict(preset="gpt2")
+FULL = Sizes(llama=LLAMA_1B, dtype=torch.bfloat16, train=GPT2_124M)
+QUICK_GPU = Sizes(
+    llama=LLAMA_1B,
+    dtype=torch.bfloat16,
+    new=32,
+    requests=32,
+    offline_new=16,
+    seq_caps=(8, 32),
+    streams=(1, 8),
+    serve_streams=(1, 8),
+    stream_new=16,
+    train=GPT2_124M,
+    train_steps=5,
+)
+TINY = Sizes(
+    llama=dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    dtype=torch.float32,
+    prompt=16,
+    new=8,
+    requests=8,
+    prompt_range=(8, 32),
+    offline_new=8,
+    seq_caps=(4, 8),
+    streams=(1, 4),
+    serve_streams=(1, 4),
+    stream_new=8,
+    max_model_len=64,
+    train=dict(preset="tiny", n_layer=2, n_embd=64, n_head=4, block_size=64, vocab_size=512),
+    train_batch=2,
+    train_steps=3,
+    copy_bytes=2**24,
+)
+
+
+class Skip(Exception):
+    """A section (or part) that cannot run here, with the reason."""
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn) -> tuple[float, object]:
+    """(seconds, result) of ``fn()``, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+def build_llama(sizes: Sizes, root: Path, device: torch.device):
+    """The random Llama as a Hugging Face folder (with a tokenizer: prompts are ids, it only has
+    to exist), and transformers' model of it on ``device`` for the peers."""
+    import transformers
+
+    from arlm.tokenizer import Tokenizer
+    from arlm.train.corpus import builtin_documents
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**sizes.llama, bos_token_id=0, eos_token_id=1)
+    with torch.device(device):  # initialised where it runs: seconds, not minutes, for 1.1B
+        hf = transformers.LlamaForCausalLM(config).to(sizes.dtype).eval()
+    folder = root / "llama"
+    hf.save_pretrained(folder)
+    Tokenizer.train(builtin_documents(), 300).save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    return folder, hf
+
+
+def random_ids(rng: random.Random, vocab: int, n: int) -> list[int]:
+    return [rng.randrange(2, vocab) for _ in range(n)]
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+
+def bandwidth(ctx: dict) -> dict:
+    device, sizes = ctx["device"], ctx["sizes"]
+    src = torch.empty(sizes.copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    best = min(timed(device, lambda: dst.copy_(src))[0] for _ in range(5))
+    rate = 2 * sizes.copy_bytes / best  # read + write
+    per_step = weight_bytes(ctx["lm"].model)  # the linear layers' (embedding: one row a step)
+    return {"copy_bytes_per_s": rate, "weight_bytes": per_step, "limit_tok_s": rate / per_step}
+
+
+def decode(ctx: dict) -> dict:
+    device, sizes, lm, hf = ctx["device"], ctx["sizes"], ctx["lm"], ctx["hf"]
+    prompt = random_ids(random.Random(1), sizes.llama["vocab_size"], sizes.prompt)
+    params = SamplingParams(max_tokens=sizes.new, temperature=0.0, ignore_eos=True)
+    lm.generate(prompt, params)  # warm-up: kernels, allocator, the engine itself
+    seconds, completion = timed(device, lambda: lm.generate(prompt, params))
+    out = {"arlm_tok_s": sizes.new / seconds}
+    ids = torch.tensor([prompt], device=device)
+    greedy = dict(max_new_tokens=sizes.new, min_new_tokens=sizes.new, do_sample=False)
+
+    def hf_generate(**kw):
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), **greedy, **kw)
+
+    hf_generate()
+    seconds, tokens = timed(device, hf_generate)
+    out["hf_eager_tok_s"] = sizes.new / seconds
+    hf_ids = tokens[0, sizes.prompt :].tolist()
+    same = next(
+        (i for i, (a, b) in enumerate(zip(completion.token_ids, hf_ids, strict=True)) if a != b),
+        None,
+    )
+    out["greedy_agree"] = sizes.new if same is None else same
+    try:
+        static = dict(cache_implementation="static")
+        try:
+            from transformers import CompileConfig
+
+            static["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        except ImportError:
+            pass  # older transformers compile a static-cache decode on their own
+        for _ in range(2):  # compiling, then capturing the graphs
+            hf_generate(**static)
+        seconds, _ = timed(device, lambda: hf_generate(**static))
+        out["hf_static_compile_tok_s"] = sizes.new / seconds
+    except Exception as e:  # noqa: BLE001 (the peer's failure is reported, not fatal)
+        out["hf_static_compile_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def offline_requests(sizes: Sizes) -> list[dict]:
+    rng = random.Random(2)
+    low, high = sizes.prompt_range
+    vocab = sizes.llama["vocab_size"]
+    return [
+        {
+            "prompt_token_ids": random_ids(rng, vocab, rng.randint(low, high)),
+            "max_tokens": sizes.offline_new,
+            "temperature": 0.0,
+        }
+        for _ in range(sizes.requests)
+    ]
+
+
+def engine_lm(ctx: dict, max_num_seqs: int) -> arlm.LM:
+    lm = ctx["lm"]
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=ctx["sizes"].max_model_len)
+    return arlm.LM(lm.model, lm.tokenizer, lm.cache_config, config)
+
+
+def offline(ctx: dict) -> dict:
+    device, sizes = ctx["device"], ctx["sizes"]
+    requests = offline_requests(sizes)
+    prompts = [r["prompt_token_ids"] for r in requests]
+    params = SamplingParams(max_tokens=sizes.offline_new, temperature=0.0, ignore_eos=True)
+    out = {}
+    for cap in sizes.seq_caps:
+        lm = engine_lm(ctx, cap)
+        warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        lm.generate([p[:64] for p in prompts[:cap]], warm, progress=False)
+        seconds, _ = timed(device, lambda lm=lm: lm.generate(prompts, params, progress=False))
+        out[f"arlm_{cap}_tok_s"] = sizes.requests * sizes.offline_new / seconds
+        del lm
+        free_memory(device)
+    reason = transformers_cb.available()
+    if reason is not None and not hasattr(ctx["hf"], "generate_batch"):
+        out["hf_cb_skip"] = reason + "; and no generate_batch"
+        return out
+    for cap in sizes.seq_caps:
+        try:
+            if reason is None:
+                result = transformers_cb.run_transformers_cb(ctx["hf"], requests, cap)
+                out[f"hf_cb_{cap}_tok_s"] = result["output_tokens_per_s"]
+            else:
+                out[f"hf_cb_{cap}_tok_s"] = plain_generate_batch(ctx, requests)
+                out["hf_cb_note"] = f"{reason}: plain generate_batch, no cap on sequences"
+        except Exception as e:  # noqa: BLE001
+            out[f"hf_cb_{cap}_error"] = f"{type(e).__name__}: {e}"[:300]
+        free_memory(device)
+    return out
+
+
+def plain_generate_batch(ctx: dict, requests: list[dict]) -> float:
+    """Output tokens/s of ``generate_batch`` with its defaults, for a transformers without the
+    continuous-batching config the peer script uses (its scheduler sets its own batch)."""
+    from transformers import GenerationConfig
+
+    hf, device = ctx["hf"], ctx["device"]
+    new = requests[0]["max_tokens"]
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1)
+    inputs = [r["prompt_token_ids"] for r in requests]
+    with torch.inference_mode():
+        hf.generate_batch([p[:64] for p in inputs[:8]], generation_config=config)  # warm-up
+        seconds, done = timed(device, lambda: hf.generate_batch(inputs, generation_config=config))
+    return sum(len(o.generated_tokens) for o in done.values()) / seconds
+
+
+async def _streams(front: AsyncEngine, prompts: list[list[int]], params: SamplingParams) -> list:
+    """Per stream, the seconds between its first output and its last over the outputs after
+    the first (time per output token)."""
+
+    async def one(i: int, prompt: list[int]) -> float:
+        stamps = []
+        async for _ in front.generate(prompt, params, f"s{i}"):
+            stamps.append(time.perf_counter())
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def tpot(ctx: dict) -> dict:
+    device, sizes = ctx["device"], ctx["sizes"]
+    alone, loaded = sizes.streams
+    lm = engine_lm(ctx, loaded)
+    rng = random.Random(3)
+    params = SamplingParams(max_tokens=sizes.stream_new, temperature=0.0, ignore_eos=True)
+    front = AsyncEngine(lm.engine)
+    out = {}
+    try:
+        prompts = [random_ids(rng, sizes.llama["vocab_size"], 64) for _ in range(loaded)]
+        asyncio.run(_streams(front, prompts[:alone], params))  # warm-up
+        for n in (alone, loaded):
+            tpots = asyncio.run(_streams(front, prompts[:n], params))
+            out[f"engine_tpot_ms_{n}"] = 1e3 * sorted(tpots)[len(tpots) // 2]
+    finally:
+        front.stop()
+        del lm, front
+        free_memory(device)
+    try:
+        out.update(serve_tpot(ctx))
+    except Skip as e:
+        out["serve_skip"] = str(e)
+    except Exception as e:  # noqa: BLE001 (the engine's numbers above still count)
+        out["serve_skip"] = f"error: {type(e).__name__}: {e}"[:300]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_tpot(ctx: dict) -> dict:
+    """``arlm serve`` in a process of its own, measured by ``arlm bench serve``'s client."""
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Skip(f"arlm serve needs {', '.join(missing)}, not installed here")
+    import httpx
+
+    from arlm.measure.serve_bench import ServeBenchConfig, run
+
+    sizes, device = ctx["sizes"], ctx["device"]
+    port = _free_port()
+    cmd = [sys.executable, "-m", "arlm", "serve", str(ctx["folder"]), "--port", str(port)]
+    cmd += ["--device", str(device), "--max-num-seqs", str(max(sizes.serve_streams))]
+    cmd += ["--max-model-len", str(sizes.max_model_len)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    out = {}
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"arlm serve exited: {server.stderr.read().decode()[-500:]}")
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("arlm serve did not answer within 300 s")
+            time.sleep(1)
+        for n in (1, *sizes.serve_streams):  # the first run of 1 warms the server up
+            config = ServeBenchConfig(
+                num_prompts=n, max_concurrency=n, input_len=64, output_len=sizes.stream_new,
+                token_range=f"2:{sizes.llama['vocab_size']}",
+            )  # fmt: skip
+            summary = asyncio.run(run(url, config))
+            if summary["failed"]:
+                raise RuntimeError(f"{summary['failed']} requests failed: {summary['errors']}")
+            out[f"serve_tpot_ms_{n}"] = summary["median_tpot_ms"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return out
+
+
+def char_tokenizer(vocab_size: int, folder: Path) -> tuple[Path, Path]:
+    """A text (Python's topic docs) and a tokenizer of ``vocab_size`` ids: one per character of
+    the text, padded with unused ids to the size whose output layer is measured."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models
+
+    from arlm.tokenizer import EOT
+
+    text = "\n".join(topics[name] for name in sorted(topics))
+    chars = sorted(set(text))[: vocab_size - 1]
+    text = "".join(ch for ch in text if ch in set(chars))
+    vocab = {ch: i for i, ch in enumerate(chars)}
+    vocab |= {f"<unused{i}>": i for i in range(len(chars), vocab_size - 1)}
+    vocab[EOT] = vocab_size - 1
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.add_special_tokens([EOT])
+    corpus, path = folder / "text.txt", folder / "tokenizer.json"
+    corpus.write_text(text)
+    tk.save(str(path))
+    return corpus, path
+
+
+def train(ctx: dict) -> dict:
+    from arlm.config import PRESETS
+    from arlm.tokenizer import Tokenizer
+    from arlm.train import TrainConfig, Trainer
+    from arlm.train.flops import peak_flops
+    from arlm.train.prepare import prepare
+
+    device, sizes, root = ctx["device"], ctx["sizes"], ctx["root"]
+    shape = dict(sizes.train)
+    vocab = shape.pop("vocab_size", None) or PRESETS[shape["preset"]]["vocab_size"]
+    corpus, tokenizer = char_tokenizer(vocab, root)
+    shards = root / "shards"
+    prepare(str(corpus), shards, tokenizer=Tokenizer.from_file(tokenizer), progress=False)
+    cfg = TrainConfig(
+        corpus=str(shards),
+        **shape,
+        vocab_size=vocab,
+        batch_size=sizes.train_batch,
+        bf16=True,
+        compile=True,
+        steps=10**9,
+        warmup_steps=0,
+        out=str(root / "run"),
+        device=str(device),
+        cache_dir=str(root / "cache"),
+    )
+    trainer = Trainer(cfg, progress=False)
+    trainer.model.train()
+    for _ in range(3):  # torch.compile's graphs, forward and backward
+        trainer.train_step()
+    seconds, losses = timed(
+        device, lambda: [trainer.train_step() for _ in range(sizes.train_steps)]
+    )
+    tokens = sizes.train_steps * sizes.train_batch * trainer.model.config.block_size
+    rate = tokens / seconds
+    peak = peak_flops(device, torch.bfloat16)
+    flops = rate * trainer.flops_per_token
+    return {
+        "tok_s": rate,
+        "tflops": flops / 1e12,
+        "mfu": flops / peak,
+        "peak_tflops": peak / 1e12,
+        "last_loss": float(losses[-1]),
+    }
+
+
+RUNNERS = {
+    "bandwidth": bandwidth,
+    "decode": decode,
+    "offline": offline,
+    "tpot": tpot,
+    "train": train,
+}
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:,.1f}{unit}" if value < 100 else f"{value:,.0f}{unit}"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) and b > 0 else "-"
+
+
+def table(results: dict, sizes: Sizes) -> str:
+    rows = [("measurement", "arlm", "peer", "arlm/peer", "target")]
+
+    def row(name: str, ours, peer=None, target: str = "", ratio: str | None = None) -> None:
+        rows.append((name, _fmt(ours), _fmt(peer), ratio or _ratio(ours, peer), target))
+
+    bw, dec = results.get("bandwidth", {}), results.get("decode", {})
+    off, tp, tr = results.get("offline", {}), results.get("tpot", {}), results.get("train", {})
+    if bw:
+        row("device copy, GB/s (read + write)", bw["copy_bytes_per_s"] / 1e9)
+        row("weights read per decode step, GB", f"{bw['weight_bytes'] / 1e9:.3f}")
+    limit = bw.get("limit_tok_s")
+    if "arlm_tok_s" in dec:
+        a = dec["arlm_tok_s"]
+        row("batch-1 decode tok/s vs bandwidth limit", a, limit, ">= 0.60x")
+        row("batch-1 decode tok/s vs transformers eager", a, dec.get("hf_eager_tok_s"), ">= 8x")
+        peer = dec.get("hf_static_compile_tok_s", dec.get("hf_static_compile_error"))
+        row("batch-1 decode tok/s vs static cache + compile", a, peer)
+        row("greedy tokens equal to transformers eager", f"{dec['greedy_agree']}/{sizes.new}")
+    for cap in sizes.seq_caps:
+        if f"arlm_{cap}_tok_s" in off:
+            peer = off.get(f"hf_cb_{cap}_tok_s")
+            peer = peer if peer is not None else off.get(f"hf_cb_{cap}_error")
+            peer = peer if peer is not None else off.get("hf_cb_skip")
+            target = ">= 15,000 tok/s and 5x" if cap == 256 else ""
+            row(
+                f"offline tok/s, max_num_seqs {cap}, vs transformers CB",
+                off[f"arlm_{cap}_tok_s"],
+                peer,
+                target,
+            )
+    alone, loaded = sizes.streams
+    if f"engine_tpot_ms_{loaded}" in tp:
+        a, b = tp[f"engine_tpot_ms_{loaded}"], tp[f"engine_tpot_ms_{alone}"]
+        row(f"AsyncEngine TPOT ms, {loaded} streams vs {alone}", a, b, "<= 2x")
+    if "serve_skip" in tp:
+        row("arlm serve TPOT", "not run: " + tp["serve_skip"])
+    for n in sizes.serve_streams:
+        if f"serve_tpot_ms_{n}" in tp:
+            row(
+                f"arlm serve TPOT ms, {n} streams vs 1",
+                tp[f"serve_tpot_ms_{n}"],
+                tp.get("serve_tpot_ms_1"),
+            )
+    if tr:
+        row("training tok/s (bf16 + compile)", tr["tok_s"])
+        mfu = f"MFU {tr['mfu']:.1%}"
+        row(
+            "training TFLOP/s vs measured bf16 matmul peak",
+            tr["tflops"],
+            tr["peak_tflops"],
+            "MFU >= 45%",
+            mfu,
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--device", default="cuda", help="cuda (default), cuda:N, or cpu for a smoke run"
+    )
+    p.add_argument("--quick", action="store_true", help="a smoke run: fewer tokens and steps")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--json", help="also write the measurements as JSON here")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            "benchmarks/gpu.py measures arlm on a GPU, and this machine has none "
+            "(torch.cuda.is_available() is False); `--device cpu --quick` runs it as a smoke test"
+        )
+    if device.type == "cpu" and not args.quick:
+        sys.exit("on a CPU only the smoke run makes sense: add --quick (tiny shapes)")
+    sizes = TINY if device.type == "cpu" else QUICK_GPU if args.quick else FULL
+    started = time.perf_counter()
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{what}; torch {torch.__version__}", end="")
+    import transformers
+
+    print(f", transformers {transformers.__version__}; {'quick' if args.quick else 'full'} run")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t, (folder, hf) = timed(device, lambda: build_llama(sizes, root, device))
+        lm = arlm.load(folder, device=device, dtype=sizes.dtype)
+        n = lm.model.num_params()
+        print(f"model: random Llama, {n / 1e9:.2f}B parameters, {sizes.dtype}; built in {t:.0f} s")
+        ctx = dict(device=device, sizes=sizes, root=root, folder=folder, lm=lm, hf=hf)
+        for name in args.sections:
+            t0 = time.perf_counter()
+            try:
+                results[name] = RUNNERS[name](ctx)
+                print(f"{name}: {json.dumps(results[name])} ({time.perf_counter() - t0:.0f} s)")
+            except Exception as e:  # noqa: BLE001 (one section's failure leaves the rest)
+                print(f"{name}: error: {type(e).__name__}: {e}")
+                traceback.print_exc(limit=3)
+            free_memory(device)
+    print()
+    print(table(results, sizes))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""On a CUDA GPU: ``device="auto"`` and ``dtype="auto"`` pick it and the checkpoint's dtype, the
+engine's KV cache keeps to ``gpu_memory_utilization``, a model that cannot fit is refused with
+both numbers, and a training step never waits for the device. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import arlm
+from arlm.engine import Engine, EngineConfig
+from arlm.engine.memory import GIB, activation_peak, check_weights_fit
+from arlm.train import TrainConfig, Trainer
+from tests.conftest import make_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _hf_llama(folder, tokenizer, dtype: torch.dtype) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
+    tokenizer.save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_auto_loads_on_the_gpu_in_the_checkpoints_dtype(tmp_path, tokenizer, dtype):
+    _hf_llama(tmp_path, tokenizer, dtype)
+    lm = arlm.load(tmp_path)
+    assert lm.device.type == "cuda"
+    assert lm.model.wte.weight.dtype == dtype
+    completion = lm.generate([5, 6, 7], max_tokens=4, ignore_eos=True)
+    assert len(completion.token_ids) == 4
+
+
+def _in_use(device: torch.device) -> int:
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+def test_the_kv_cache_keeps_to_gpu_memory_utilization(tokenizer):
+    device = torch.device("cuda")
+    # 1 KiB of keys and values per position (2 layers x 2 KV heads x 32 x float32 x k,v), so a
+    # slot of 65,536 positions is 64 MiB: the budget is counted in whole, large slots
+    model = make_model("llama", n_layer=2, block_size=65536).to(device)
+    slot = 2 * 2 * 2 * 32 * 4 * 65536
+    torch.cuda.empty_cache()
+    peak = activation_peak(model, 512)  # the engine's widest step (512 positions by default)
+    total = torch.cuda.mem_get_info(device)[1]
+    # room for five slots and a half above what is in use and the activations
+    utilization = (_in_use(device) + peak + 5.5 * slot) / total
+    six = EngineConfig(max_num_seqs=6, gpu_memory_utilization=utilization)
+    with pytest.raises(ValueError, match=r"max_num_seqs=6 .* MiB, more than the budget of"):
+        Engine(model, tokenizer, config=six)
+    engine = Engine(model, tokenizer, config=EngineConfig(gpu_memory_utilization=utilization))
+    assert engine.scheduler.max_num_seqs == 5  # not the default 16: the budget binds
+    engine.preallocate()
+    assert _in_use(device) <= utilization * total
+    out = engine.generate(
+        [[1, 2, 3]] * 6, arlm.SamplingParams(max_tokens=3, ignore_eos=True), progress=False
+    )
+    assert all(len(c.token_ids) == 3 for c in out)  # six requests through five slots
+
+
+def test_a_model_that_does_not_fit_is_refused_naming_both_sizes():
+    device = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    with pytest.raises(ValueError, match=r"need \d+\.\d\d GiB in bfloat16, more than the \d+"):
+        check_weights_fit(free + GIB, device, torch.bfloat16)
+    check_weights_fit(min(free // 2, GIB), device, torch.bfloat16)  # fits: no error
+
+
+def test_a_kv_budget_above_the_free_memory_is_refused(tokenizer):
+    model = make_model("llama").to("cuda")
+    free = torch.cuda.mem_get_info()[0]
+    too_much = 2 * free / GIB
+    with pytest.raises(ValueError, match=r"kv_cache_memory_gib=.* GiB free after the weights"):
+        Engine(model, tokenizer, config=EngineConfig(kv_cache_memory_gib=too_much))
+
+
+def test_a_training_step_does_not_wait_for_the_gpu(tmp_path, cache_dir):
+    cfg = TrainConfig(
+        preset="tiny", n_layer=2, block_size=64, vocab_size=300, batch_size=4, steps=100,
+        warmup_steps=1, out=str(tmp_path / "run"), cache_dir=str(cache_dir), device="cuda",
+        bf16=True,
+    )  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    trainer.model.train()
+    trainer.train_step()  # first-call set-up (allocator, kernels) may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [trainer.train_step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)
