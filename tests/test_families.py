@@ -31,16 +31,23 @@ from arlm.formats.gguf import export_gguf
 from arlm.formats.hf import config_from_hf, export_hf, load_hf
 from arlm.kv_cache import KVCache, SlotKVCache, StepLayout, make_codec
 from arlm.model import Transformer
-from arlm.model.packing import PackedInt4Linear, PackedInt8Linear
+from arlm.model.packing import _REDUCE_RANGE, PackedInt4Linear, PackedInt8Linear
 from arlm.model.quantize import quantize
+from tests.numerics import (
+    assert_clear_choices,
+    assert_close,
+    assert_decode_matches,
+    choice_logits,
+    hf_greedy,
+)
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 512  # the conftest tokenizer's
-FP32_ATOL = 1e-4
 # bf16 against transformers loaded in bf16 (logits up to ~5): teacher forcing measured
-# bit-identical (0.0) on every case here, as both do the same arithmetic in the same order; the
-# bound leaves room for another CPU's kernels
+# bit-identical (0.0) on every case here, under ATEN_CPU_CAPABILITY=default and avx2 alike, as
+# both do the same arithmetic in the same order (the same ops on the same shapes get the same
+# kernels, whichever the CPU); the bound leaves room for a kernel picked by shape
 BF16_ATOL = 0.02
 # bf16 log-probabilities through the KV cache, in chunks, against transformers' through its own:
 # 0.0 on every case (gemma3-window included, whose query_pre_attn_scalar of 20 is not its
@@ -250,11 +257,6 @@ def _hf_chunked_logits(hf, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _hf_greedy(hf, ids: torch.Tensor, n: int = 32) -> list[int]:
-    out = hf.generate(ids, do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, ids.shape[1] :].tolist()
-
-
 def _greedy(lm, ids: torch.Tensor, n: int = 32) -> list[int]:
     return lm.generate(ids[0].tolist(), max_tokens=n, temperature=0, ignore_eos=True).token_ids
 
@@ -305,18 +307,16 @@ def test_fp32_logits_and_greedy_through_the_engine(case):
     lm = arlm.load(folder)
     ids = _ids(SEQ)
     reference = _hf_logits(hf, ids)
-    diff = (lm.logits(ids[0].tolist()) - reference).abs().max().item()
-    assert diff < FP32_ATOL, diff
+    assert_close(lm.logits(ids[0].tolist()), reference)
     # scoring through the contiguous KV cache, in chunks that start inside earlier windows (the
     # text starts with the start token, id 0, so score adds none)
     ids[0, 0] = 0
     score = lm.score(ids[0].tolist(), chunk_size=6)
     reference = _hf_chunked_logits(hf, ids, 6)
     logprobs = F.log_softmax(reference[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    diff = (torch.tensor(score.token_logprobs) - logprobs).abs().max().item()
-    assert diff < FP32_ATOL, diff
+    assert_close(score.token_logprobs, logprobs)
     prompt = _prompt(name)
-    assert _greedy(lm, prompt) == _hf_greedy(hf, prompt)
+    assert _greedy(lm, prompt) == hf_greedy(hf, prompt)
 
 
 @cases(WINDOWED)  # the window's masks are what this exercises
@@ -325,10 +325,13 @@ def test_batched_and_chunked_engine_rows_match_transformers(case):
     # three rows at their own positions in one decode forward; prompts prefill in chunks that
     # share forwards with the decoding rows
     lm = arlm.load(folder, max_num_seqs=3, max_num_batched_tokens=6)
-    prompts = [_ids(n, seed=n) for n in (3, 11, 17)]
-    out = lm.generate([p[0].tolist() for p in prompts], max_tokens=20, temperature=0)
+    # seeds whose greedy paths hold no near-tie on any case (seed=n had one on phi3-window)
+    prompts = [_ids(n, seed=100 + n) for n in (3, 11, 17)]
+    out = lm.generate(
+        [p[0].tolist() for p in prompts], max_tokens=20, temperature=0, ignore_eos=True
+    )
     for prompt, completion in zip(prompts, out, strict=True):
-        assert completion.token_ids == _hf_greedy(hf, prompt, 20)
+        assert completion.token_ids == hf_greedy(hf, prompt, 20)
 
 
 def test_bf16_logits_and_greedy(case):
@@ -343,8 +346,7 @@ def test_bf16_logits_and_greedy(case):
     reference = F.log_softmax(_hf_chunked_logits(hf16, ids, 6)[:-1], -1)
     diff = (score - reference.gather(-1, ids[0, 1:, None])[:, 0]).abs().max().item()
     assert diff < BF16_CACHED_ATOL, diff
-    prompt = _prompt(name)
-    assert _greedy(lm, prompt) == _hf_greedy(hf16, prompt)
+    assert_decode_matches(lm, hf16, _prompt(name), BF16_CACHED_ATOL)
 
 
 @cases(LONGROPE)
@@ -355,6 +357,10 @@ def test_longrope_rows_batched_decode_as_alone(case):
     lm = arlm.load(folder, max_num_seqs=2)
     prompts = [_ids(20, seed=3)[0].tolist(), _ids(3, seed=4)[0].tolist()]  # 3 + 8 stays short
     alone = [lm.generate(p, max_tokens=8, temperature=0).token_ids for p in prompts]
+    # a batched forward rounds otherwise than one alone: these prompts have no near-tie (each
+    # sequence stays on one side of the original context, so one forward over it has its factors)
+    for p, tokens in zip(prompts, alone, strict=True):
+        assert_clear_choices(choice_logits(lm.model, p, tokens))
     together = [c.token_ids for c in lm.generate(prompts, max_tokens=8, temperature=0)]
     assert together == alone
     # and the rows really were in one forward with different factors: the short row's logits
@@ -378,14 +384,17 @@ def test_longrope_switches_factors_per_forward(case):
     lm = arlm.load(folder)
     prompt = _ids(8, seed=1)  # 8 + 32 positions cross the original context of 16
     ours = _greedy(lm, prompt)
-    cache, theirs = transformers.DynamicCache(config=hf.config), []
+    cache, theirs, choices = transformers.DynamicCache(config=hf.config), [], []
     with torch.no_grad():
         logits = hf(prompt, past_key_values=cache).logits[0, -1]
         for _ in range(len(ours)):
+            choices.append(logits)
             theirs.append(int(logits.argmax()))
             logits = hf(torch.tensor([theirs[-1:]]), past_key_values=cache).logits[0, -1]
+    choices = torch.stack(choices)  # no near-tie that arlm's rounding could flip
+    assert_clear_choices(choices)
     assert ours == theirs
-    assert ours[:8] == _hf_greedy(hf, prompt)[:8]  # tokens 0-7 come from positions 7-15
+    assert ours[:8] == hf_greedy(hf, prompt, 8)  # tokens 0-7 come from positions 7-15
 
 
 def _gemma3_folder(path: Path, tokenizer) -> transformers.PreTrainedModel:
@@ -419,9 +428,8 @@ def test_gemma3_folder_loads_its_text_model(tmp_path, tokenizer):
     reference = _hf_logits(hf, ids)
     lm = arlm.load(folder)
     assert lm.config.extra == {"hf_model_type": "gemma3"} and lm.config.tie_embeddings
-    diff = (lm.logits(ids[0].tolist()) - reference).abs().max().item()
-    assert diff < FP32_ATOL, diff
-    assert _greedy(lm, _ids(8, seed=1), 8) == _hf_greedy(hf, _ids(8, seed=1), 8)
+    assert_close(lm.logits(ids[0].tolist()), reference)
+    assert _greedy(lm, _ids(8, seed=1), 8) == hf_greedy(hf, _ids(8, seed=1), 8)
     # save_pretrained writes the Hub's names (language_model.model.*); the names transformers 5
     # holds in memory (model.language_model.*) load the same
     state = load_file(folder / "model.safetensors")
@@ -431,7 +439,7 @@ def test_gemma3_folder_loads_its_text_model(tmp_path, tokenizer):
         for k, v in state.items()
     }
     save_file(renamed, folder / "model.safetensors", {"format": "pt"})
-    assert (arlm.load(folder).logits(ids[0].tolist()) - reference).abs().max() < FP32_ATOL
+    assert_close(arlm.load(folder).logits(ids[0].tolist()), reference)
 
 
 def test_gemma3_defaults_are_transformers_defaults():
@@ -538,7 +546,7 @@ def test_streaming_window_cache(case):
         torch.testing.assert_close(turned, model._rotate(k, a + b, kind))
         assert torch.equal(turned[..., config.rotary_dim :], k[..., config.rotary_dim :])
     prompt = _prompt(name)  # 8 or 20 + 32 positions: within the 4 sinks and 64 window slots
-    assert _greedy(lm, prompt) == _hf_greedy(hf, prompt)
+    assert _greedy(lm, prompt) == hf_greedy(hf, prompt)
 
 
 @cases(WINDOWED)
@@ -557,12 +565,17 @@ def test_streaming_window_is_refused_on_a_sliding_window_model(case):
 # packed kernels against the same quantized weights on the dequantizing path, int8 0.033-0.055
 # (fbgemm rounds the activations to 7 bits on a CPU without VNNI), int4 0.007-0.013
 QUANT_TOLERANCES = {"int8": (0.04, 0.08), "int4": (0.45, 0.02)}
+# int8's packed error is the activations' rounding, so it doubles where fbgemm gets 7 bits of
+# them rather than 8 (a CPU without VNNI: measured 0.106 on an AVX2 EPYC, against 0.033-0.055)
+INT8_ACTIVATION_STEPS = 2 if _REDUCE_RANGE else 1
 
 
 @pytest.mark.parametrize("method", list(QUANT_TOLERANCES))
 def test_quantized_weights_on_the_packed_kernels(case, method):
     _, folder, hf = case
     tolerance, packed_tolerance = QUANT_TOLERANCES[method]
+    if method == "int8":
+        packed_tolerance *= INT8_ACTIVATION_STEPS
     lm = arlm.load(folder, quantize=method)  # quantized, then packed for this CPU
     kernel = PackedInt8Linear if method == "int8" else PackedInt4Linear
     assert isinstance(lm.model.h[0].attn.c_attn, kernel)
@@ -602,7 +615,7 @@ def test_hf_export_round_trip(case, tmp_path, tokenizer):
     assert written["head_dim"] == _head_dim(hf.config)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = _ids(SEQ)
-    assert (_hf_logits(again, ids) - _hf_logits(hf, ids)).abs().max() < FP32_ATOL
+    assert_close(_hf_logits(again, ids), _hf_logits(hf, ids))
     assert load_hf(tmp_path / "out")[0].config.layer_windows == model.config.layer_windows
 
 

@@ -17,11 +17,11 @@ from arlm.formats.checkpoint import CheckpointError
 from arlm.formats.hf import config_from_hf, export_hf, is_hf_dir, load_hf, resolve_dtype
 from arlm.model import Transformer, rope_frequencies
 from arlm.tokenizer import EOT, Tokenizer
+from tests.numerics import assert_close, assert_decode_matches, hf_greedy
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 512
-FP32_ATOL = 1e-4
 # bf16 logits (|logit| up to ~6) against transformers in bf16: llama-family models agree bit for
 # bit; GPT-2 differs by up to 0.047 because transformers' gelu_new rounds each step to bf16
 BF16_ATOL = 0.1
@@ -174,11 +174,6 @@ def _arlm_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
         return model(ids)[0][0].float()
 
 
-def _hf_greedy(hf, ids: torch.Tensor, n: int = 32) -> list[int]:
-    out = hf.generate(ids, do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, ids.shape[1] :].tolist()
-
-
 def _lm_greedy(lm, ids: torch.Tensor, n: int = 32) -> list[int]:
     return lm.generate(ids[0].tolist(), max_tokens=n, temperature=0, ignore_eos=True).token_ids
 
@@ -206,10 +201,9 @@ def test_logits_and_greedy_fp32(hf_case):
     if model.config.tie_embeddings:
         assert model.lm_head.weight is model.wte.weight
     ids = _ids()
-    diff = (lm.logits(ids[0].tolist()) - _hf_logits(hf, ids)).abs().max().item()
-    assert diff < FP32_ATOL, diff
+    assert_close(lm.logits(ids[0].tolist()), _hf_logits(hf, ids))
     prompt = _ids(8, seed=1)
-    assert _lm_greedy(lm, prompt) == _hf_greedy(hf, prompt)
+    assert _lm_greedy(lm, prompt) == hf_greedy(hf, prompt)
 
 
 def test_logits_and_greedy_bf16(hf_case):
@@ -228,10 +222,7 @@ def test_logits_and_greedy_bf16(hf_case):
         hf16 = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.bfloat16, activation_function="gelu_pytorch_tanh"
         )
-    # random models have next-token margins well below bf16's rounding, so this holds only
-    # because both sides do the same arithmetic (prefill, then cached one-token steps)
-    prompt = _ids(8, seed=1)
-    assert _lm_greedy(lm, prompt) == _hf_greedy(hf16.eval(), prompt)
+    assert_decode_matches(lm, hf16.eval(), _ids(8, seed=1), BF16_ATOL)
 
 
 def test_tokenizer_matches_autotokenizer(hf_case):
@@ -251,7 +242,7 @@ def test_sharded_weights(tmp_path, tokenizer):
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     model, _ = load_hf(tmp_path)
     ids = _ids()
-    assert (_arlm_logits(model, ids) - _hf_logits(hf, ids)).abs().max() < FP32_ATOL
+    assert_close(_arlm_logits(model, ids), _hf_logits(hf, ids))
 
 
 def test_gpt2_names_without_prefix(tmp_path, tokenizer):
@@ -263,7 +254,7 @@ def test_gpt2_names_without_prefix(tmp_path, tokenizer):
     save_file(state, tmp_path / "model.safetensors", {"format": "pt"})
     model, _ = load_hf(tmp_path)
     ids = _ids()
-    assert (_arlm_logits(model, ids) - _hf_logits(hf, ids)).abs().max() < FP32_ATOL
+    assert_close(_arlm_logits(model, ids), _hf_logits(hf, ids))
 
 
 def test_generation_config_and_chat_template(llama_copy):
@@ -359,9 +350,9 @@ def test_export_loads_in_transformers(case, tmp_path, tokenizer, qwen2_tokenizer
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = _ids()
     expected = _arlm_logits(model, ids)
-    assert (_hf_logits(hf, ids) - expected).abs().max() < FP32_ATOL
+    assert_close(_hf_logits(hf, ids), expected)
     again, tok = load_hf(out)  # and back
-    assert (_arlm_logits(again, ids) - expected).abs().max() < FP32_ATOL
+    assert_close(_arlm_logits(again, ids), expected)
     ref = transformers.AutoTokenizer.from_pretrained(out)
     for text in TEXTS:
         assert tok.encode(text) == ref.encode(text) == tokenizer.encode(text), text
@@ -505,4 +496,4 @@ def test_pickle_refused_unless_allowed(llama_copy):
         load_hf(folder)
     model, _ = load_hf(folder, allow_pickle=True)
     ids = _ids()
-    assert (_arlm_logits(model, ids) - _hf_logits(hf, ids)).abs().max() < FP32_ATOL
+    assert_close(_arlm_logits(model, ids), _hf_logits(hf, ids))

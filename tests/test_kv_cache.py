@@ -21,6 +21,7 @@ from arlm.kv_cache.base import storage_bytes
 from arlm.kv_cache.codec import quantize_int4, quantize_int8
 from arlm.kv_cache.slots import PrefillChunk
 from tests.conftest import make_model
+from tests.numerics import assert_clear_choices, assert_close
 
 FAMILIES = ["gpt2", "llama"]
 
@@ -115,12 +116,14 @@ def slot_greedy(model, cache, prompt, steps):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_slot_cache_logits_equal_the_contiguous_cache_exactly(family):
+def test_slot_cache_logits_equal_the_contiguous_cache(family):
     model = make_model(family)
     seq = random_tokens((2, 50), 1)
     contiguous = prefill_then_decode(model, KVCache.for_model(model.config, 2, 50), seq)
     slots = SlotKVCache.for_model(model.config, 2, 50)
-    assert torch.equal(slot_prefill_then_decode(model, slots, seq), contiguous)
+    # bit-identical on the CPUs measured, but the two caches hand attention keys laid out
+    # differently, and nothing obliges ATen to pick the same kernels for both: float32's rounding
+    assert_close(slot_prefill_then_decode(model, slots, seq), contiguous)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -151,15 +154,20 @@ def test_slot_rows_at_their_own_lengths_in_one_forward_match_each_sequence_alone
         logits = step(model, cache, layout, seqs)
         slots = [*layout.decode_slots, *(c.slot for c in layout.chunks for _ in range(c.length))]
         for row, (slot, pos) in enumerate(zip(slots, layout.positions(), strict=True)):
-            torch.testing.assert_close(logits[row], alone[slot][pos], rtol=0, atol=1e-5)
+            assert_close(logits[row], alone[slot][pos])
             checked += 1
     assert checked == sum(s.size(1) for s in seqs.values())  # every position of every sequence
     assert cache.lengths == [41, 23, 9]
 
 
-# measured on these random models: int8 differs by at most 0.005, int4 by 0.07 (logits ~2.5)
+# measured on these random models: int8 differs by at most 0.005, int4 by 0.07 (logits ~2.5).
+# Quantization's error is ~1e4 times float32's rounding; another CPU's kernels can at most move
+# a code by one step where a value sits on a rounding boundary, which the 4x margin covers
+INT8_ATOL = 0.02
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kv_dtype, atol", [("int8", 0.02), ("int4", 0.25)])
+@pytest.mark.parametrize("kv_dtype, atol", [("int8", INT8_ATOL), ("int4", 0.25)])
 def test_quantized_cache_logits_are_within_a_measured_tolerance(family, kv_dtype, atol):
     model = make_model(family)
     seq = random_tokens((2, 50), 2)
@@ -177,6 +185,11 @@ def test_slot_and_int8_caches_give_the_same_greedy_tokens(family):
     model = make_model(family)
     prompt = random_tokens((2, 6), 3)
     reference = greedy(model, KVCache.for_model(model.config, 2, 46), prompt, 40)
+    # the paths round otherwise, and int8 moves the logits by up to INT8_ATOL: this prompt has
+    # no near-tie at that size in the reference's choices (the gpt2 margins reach down to 0.07)
+    with torch.no_grad():
+        choices = model(torch.cat((prompt, reference), 1))[0][:, prompt.size(1) - 1 : -1]
+    assert_clear_choices(choices, INT8_ATOL)
     slots = SlotKVCache.for_model(model.config, 2, 46)
     assert torch.equal(slot_greedy(model, slots, prompt, 40), reference)
     int8 = KVCache.for_model(model.config, 2, 46, codec=codec("int8"))
@@ -206,12 +219,12 @@ def test_reserving_more_slots_keeps_what_the_existing_slots_hold():
     with torch.no_grad():
         alone = {s: model(seq)[0][0] for s, seq in seqs.items()}
     logits = step(model, cache, StepLayout([0], [20], [PrefillChunk(3, 0, 21)]), seqs)
-    torch.testing.assert_close(logits[0], alone[0][20], rtol=0, atol=1e-5)
-    torch.testing.assert_close(logits[1:], alone[3][:21], rtol=0, atol=1e-5)
+    assert_close(logits[0], alone[0][20])
+    assert_close(logits[1:], alone[3][:21])
     for pos in range(21, 26):
         logits = step(model, cache, StepLayout([0, 3], [pos, pos], []), seqs)
-        torch.testing.assert_close(logits[0], alone[0][pos], rtol=0, atol=1e-5)
-        torch.testing.assert_close(logits[1], alone[3][pos], rtol=0, atol=1e-5)
+        assert_close(logits[0], alone[0][pos])
+        assert_close(logits[1], alone[3][pos])
     cache.reserve(2)  # already there: nothing changes
     assert cache.allocated == 4
     cache.reserve(5)  # doubling stops at num_slots
@@ -239,7 +252,7 @@ def test_copy_moves_positions_of_every_layer_and_the_copy_decodes_as_computed():
     logits = [step(model, cache, StepLayout([], [], [PrefillChunk(2, 16, 8)]), seqs)]
     for pos in range(24, 30):
         logits.append(step(model, cache, StepLayout([2], [pos], []), seqs))
-    torch.testing.assert_close(torch.cat(logits), alone[16:], rtol=0, atol=1e-5)
+    assert_close(torch.cat(logits), alone[16:])
 
 
 @pytest.mark.parametrize("kv_dtype, per_vector", [("float32", 128), ("int8", 34), ("int4", 20)])
@@ -268,7 +281,7 @@ def test_window_larger_than_the_sequence_equals_the_contiguous_cache():
     with torch.no_grad():
         full, _ = model(seq)
     windowed = WindowedKVCache.for_model(model.config, 2, window=64, sink_tokens=4)
-    torch.testing.assert_close(prefill_then_decode(model, windowed, seq), full, rtol=0, atol=1e-5)
+    assert_close(prefill_then_decode(model, windowed, seq), full)
 
 
 def test_window_positions_keys_within_the_cache_as_streamingllm_does():
@@ -282,7 +295,7 @@ def test_window_positions_keys_within_the_cache_as_streamingllm_does():
             step = model(seq[:, p : p + 1], kv_cache=cache, start_pos=p)[0][0, -1]
             kept = [*range(min(p + 1, 4)), *range(max(4, p - 15), p + 1)]
             ref = model(seq[:, kept])[0][0, -1]
-            torch.testing.assert_close(step, ref, rtol=0, atol=1e-5)
+            assert_close(step, ref)
 
 
 @pytest.mark.parametrize("sinks", [0, 4])
@@ -292,7 +305,7 @@ def test_window_fed_in_chunks_equals_token_by_token(sinks, chunks):
     seq = random_tokens((2, 100), 6)
     one = run_chunks(model, WindowedKVCache.for_model(model.config, 2, 16, sinks), seq, [1] * 100)
     chunked = run_chunks(model, WindowedKVCache.for_model(model.config, 2, 16, sinks), seq, chunks)
-    torch.testing.assert_close(chunked, one, rtol=0, atol=1e-5)
+    assert_close(chunked, one)
 
 
 def test_window_memory_stops_growing_once_full():
@@ -398,12 +411,7 @@ def test_chunked_scoring_through_the_cache_equals_one_forward(family, tokenizer)
     for chunk_size in (1, 7, 64, 200):
         chunked = lm.score(ids, chunk_size=chunk_size)
         assert chunked.token_ids == whole.token_ids
-        torch.testing.assert_close(
-            torch.tensor(chunked.token_logprobs),
-            torch.tensor(whole.token_logprobs),
-            atol=1e-4,
-            rtol=0,
-        )
+        assert_close(chunked.token_logprobs, whole.token_logprobs)
 
 
 def test_chunked_scoring_needs_the_text_to_fit_unless_the_cache_is_windowed(tokenizer):

@@ -26,6 +26,7 @@ from arlm.model.packing import (
 )
 from arlm.model.quantize import Int4Linear, Int8Linear, quantize
 from tests.conftest import make_model
+from tests.numerics import assert_clear_choices, assert_close, choice_logits
 
 FAMILIES = ["gpt2", "llama"]
 bf16_kernels = pytest.mark.skipif(
@@ -52,7 +53,7 @@ def test_packed_float_kernels_compute_the_same_model(family):
     packed = pack(copy.deepcopy(model))
     assert all(not isinstance(m, torch.nn.Linear) for m in packed.modules())
     idx = tokens(512)
-    assert relative_error(logits_of(packed, idx), logits_of(model, idx)) < 1e-5
+    assert_close(logits_of(packed, idx), logits_of(model, idx))  # oneDNN's order of summing
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -62,6 +63,8 @@ def test_packed_model_generates_the_same_greedy_tokens(family, tokenizer):
     fast = LM(pack(copy.deepcopy(model)), tokenizer).generate(
         "The for", max_tokens=32, temperature=0
     )
+    # the packed kernels round otherwise: this prompt holds no near-tie that could flip a token
+    assert_clear_choices(choice_logits(model, tokenizer.encode("The for"), plain.token_ids))
     assert fast.token_ids == plain.token_ids
 
 
