@@ -8,6 +8,10 @@ capture itself runs only on CUDA (tests/test_cuda.py)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import torch
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from arlm.kv_cache import CacheConfig
-from arlm.kv_cache.decode_attention import _kernel, decode_attention, decode_attention_reference
+from arlm.kv_cache.decode_attention import decode_attention, decode_attention_reference
 from arlm.sampling import SamplingParams
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close, choice_logits
@@ -113,31 +117,41 @@ def test_unsupported_caches_are_refused_with_the_reason(tokenizer):
     assert engine.eager_reason == "not a CUDA device"
 
 
+def _kernel_against_reference(device: str, n_head: int, n_kv_head: int, head_dim: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    slots_n, slot_len = 6, 300
+    k = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
+    v = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
+    lengths = torch.tensor([1, 63, 64, 65, 200, 300], device=device)
+    slots = torch.tensor([5, 0, 3, 1, 2, 4], device=device)
+    q = torch.randn(len(slots), n_head, head_dim, generator=g).to(device)
+    scale = head_dim**-0.5
+    got = decode_attention(q, k, v, slots, lengths, scale, use_triton=True)
+    want = decode_attention_reference(q, k, v, slots, lengths, scale)
+    # weighted means of values of size max|v|, summed in another order (the kernel's splits)
+    assert_close(got, want, scale=v.abs().max().item())
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize("n_head,n_kv_head,head_dim", [(4, 4, 16), (8, 2, 24), (6, 1, 64)])
-def test_the_triton_kernel_equals_the_reference(monkeypatch, n_head, n_kv_head, head_dim):
+def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim):
     """The kernel, compiled on CUDA, else run by Triton's interpreter on the CPU: grouped
     heads, a head size that is not a power of two, lengths at and across its blocks of 64 and
-    its splits."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _kernel.cache_clear()
-    try:
-        g = torch.Generator().manual_seed(0)
-        slots_n, slot_len = 6, 300
-        k = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
-        v = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
-        lengths = torch.tensor([1, 63, 64, 65, 200, 300], device=device)
-        slots = torch.tensor([5, 0, 3, 1, 2, 4], device=device)
-        q = torch.randn(len(slots), n_head, head_dim, generator=g).to(device)
-        scale = head_dim**-0.5
-        got = decode_attention(q, k, v, slots, lengths, scale, use_triton=True)
-        want = decode_attention_reference(q, k, v, slots, lengths, scale)
-        # weighted means of values of size max|v|, summed in another order (the kernel's splits)
-        assert_close(got, want, scale=v.abs().max().item())
-    finally:
-        _kernel.cache_clear()
+    its splits. Triton reads TRITON_INTERPRET when it is first imported (its library's own jit
+    functions are built then), so the interpreted run gets a process of its own."""
+    if torch.cuda.is_available():
+        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim)
+        return
+    code = (
+        "from tests.test_cuda_graphs import _kernel_against_reference as check; "
+        f"check('cpu', {n_head}, {n_kv_head}, {head_dim})"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
