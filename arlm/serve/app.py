@@ -354,7 +354,7 @@ class _Reply:
         try:
             completions = await self.finished()
         except ValueError as e:
-            raise APIError.bad_request(e, "prompt") from None
+            raise APIError.bad_request(e, getattr(e, "param", "prompt")) from None
         except EngineDead as e:
             raise APIError(503, str(e)) from None
         for c in completions:
