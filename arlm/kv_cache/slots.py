@@ -358,11 +358,9 @@ class SlotStep:
                     flat = plane.view(-1, plane.size(-1))
                     flat.index_copy_(0, write, part.reshape(-1, part.size(-1)))
         if nd and self._decode_views[layer] is None:  # the kernel (see __init__)
-            queries = q[0, :, :nd].transpose(0, 1)  # (nd, n_head, hd)
-            (k_plane,), (v_plane,) = k_planes, v_planes
-            scale = cache.head_dim**-0.5 if scale is None else scale
-            y = decode_attention(queries, k_plane, v_plane, self._slots, self._lengths, scale)
-            out.append(y.transpose(0, 1)[None])  # (1, n_head, nd, hd)
+            out.append(
+                _kernel_attend(cache, layer, q[:, :, :nd], self._slots, self._lengths, scale)
+            )
         elif nd:
             view = slice(self.lo, self.lo + self._rows)
             end, mask = self._decode_views[layer]
@@ -441,7 +439,20 @@ class StaticDecode:
         for plane, x in ((k_plane, k), (v_plane, v)):
             new = x[0].transpose(0, 1).reshape(-1, hd)  # (B * n_kv_head, hd)
             plane.view(-1, hd).index_copy_(0, self._write, new.to(plane.dtype))
-        scale = hd**-0.5 if scale is None else scale
-        queries = q[0].transpose(0, 1)  # (B, n_head, hd)
-        y = decode_attention(queries, k_plane, v_plane, self._slots, self._lengths, scale)
-        return y.transpose(0, 1)[None]  # (1, n_head, B, hd)
+        return _kernel_attend(cache, layer, q, self._slots, self._lengths, scale)
+
+
+def _kernel_attend(
+    cache: SlotKVCache,
+    layer: int,
+    q: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    """Decode rows' queries q (1, n_head, B, hd) over their slots' first ``lengths`` positions
+    of ``layer`` (float planes), through ``decode_attention``: (1, n_head, B, hd)."""
+    (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
+    scale = cache.head_dim**-0.5 if scale is None else scale
+    y = decode_attention(q[0].transpose(0, 1), k_plane, v_plane, slots, lengths, scale)
+    return y.transpose(0, 1)[None]
