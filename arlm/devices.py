@@ -22,6 +22,13 @@ def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> tor
     return host.to(device, non_blocking=True)
 
 
+def pinned_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host ``tensor`` on ``device``, copied asynchronously (through pinned memory) on CUDA."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The ``tensors`` on the CPU, moved in one device-to-host copy: the step's one wait for the
     GPU. Integer values round-trip exactly (as float64, up to 2**53)."""

@@ -108,41 +108,50 @@ def test_too_few_slots_make_requests_wait_and_each_still_matches_alone(model, to
     assert max(c.usage.queued_seconds for c in results.values()) > 0
 
 
-def test_blocks_are_never_shared_and_all_come_back(model, tokenizer):
+def test_blocks_are_counted_by_reference_and_all_come_back(model, tokenizer):
     engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=6, kv_block_size=8))
     bm = engine.block_manager
-    free_before = bm.num_free_slots
+    head = list(range(1, 30))  # shared by every prompt: its full blocks are shared
     for p, sp in zip(_prompts(12, seed=2), _mixed_params(12), strict=True):
-        engine.add_request(p, sp)
+        engine.add_request(head + p, sp)
+    shared_seen = False
     while engine.has_unfinished():
         engine.step()
         running = engine.scheduler.running
         tables = [b for s in running for b in s.block_table]
-        assert len(tables) == len(set(tables))  # no block held by two sequences
-        for s in running:  # a sequence holds its positions' blocks and at most one more
+        for b in set(tables):  # each block's count is the number of tables holding it
+            assert bm.ref[b] == tables.count(b)
+        shared_seen |= len(tables) > len(set(tables))
+        for s in running:  # the block a sequence writes next, where it holds it, is its own
+            nxt = s.block_table[s.num_cached // 8 :]
+            assert not nxt or bm.ref[nxt[0]] == 1
+            # it holds its positions' blocks and at most one more
             assert len(s.block_table) * 8 < len(s.token_ids) + 8
-        assert engine.stats()["blocks_in_use"] == len(tables)
-    assert bm.num_free_slots == free_before and engine.stats()["blocks_in_use"] == 0
+        assert engine.stats()["blocks_in_use"] == len(set(tables))
+    assert shared_seen
+    assert bm.num_free_blocks == bm.num_blocks and engine.stats()["blocks_in_use"] == 0
 
 
-def test_abort_frees_the_slot_at_the_next_step(model, tokenizer):
+def test_abort_frees_the_blocks_at_the_next_step(model, tokenizer):
     engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=3))
     keep = engine.add_request([5, 6, 7], SamplingParams(max_tokens=30, **GREEDY))
     gone = engine.add_request([8, 9], SamplingParams(max_tokens=30, **GREEDY))
     waiting = engine.add_request([1, 2], SamplingParams(max_tokens=30, n=2, **GREEDY))
     engine.step()
     engine.step()
-    assert engine.block_manager.num_free_slots == 0
+    bm = engine.block_manager
+    assert len(engine.scheduler.running) == 3
     engine.abort(gone)
     engine.abort(waiting)
     outs = {o.request_id: o for o in engine.step()}
     assert outs[gone].finished and outs[gone].completion.finish_reason == "abort"
     assert outs[waiting].completion.finish_reason == "abort"
-    assert engine.block_manager.num_free_slots == 2
+    (left,) = engine.scheduler.running
+    assert bm.num_used_blocks == len(left.block_table)
     while engine.has_unfinished():
         for out in engine.step():
             assert out.request_id == keep
-    assert engine.block_manager.num_free_slots == 3
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 def test_chunked_prefill_gives_the_same_logits_as_one_prefill(model, tokenizer):
@@ -179,7 +188,7 @@ def test_prefix_cached_prompts_give_the_same_tokens_as_uncached(model, tokenizer
     # the first prompt computed the head's 3 full blocks, the other four reused them
     assert [c.usage.cached_prompt_tokens for c in cached] == [0, 48, 48, 48, 48]
     assert cold.block_manager.hit_tokens == 0
-    # a later request finds the head in a freed slot and reuses it in place
+    # a later request finds the head's blocks, cached after their holders finished
     again = warm.generate([head + [1]], params, progress=False)[0]
     assert again.usage.cached_prompt_tokens == 48
 
@@ -242,11 +251,17 @@ def test_engine_limits_and_requests_are_checked(model, tokenizer):
         Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8, max_num_batched_tokens=4))
     with pytest.raises(ValueError, match="longer than the model's context"):
         Engine(model, tokenizer, config=EngineConfig(max_model_len=4096))
-    with pytest.raises(ValueError, match="at most 1 fit"):
-        c = model.config
-        slot = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * c.block_size  # bytes, float32
-        budget = 1.5 * slot / 2**30  # holds one slot
-        Engine(model, tokenizer, config=EngineConfig(max_num_seqs=4, kv_cache_memory_gib=budget))
+    c = model.config
+    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 16  # bytes of 16 positions, float32
+    with pytest.raises(ValueError, match=r"first two KV blocks of 16 positions need 0\.\d+ MiB"):
+        Engine(model, tokenizer, config=EngineConfig(kv_cache_memory_gib=1.5 * block / 2**30))
+    small = 5.5 * block / 2**30  # five blocks: 80 of the context's 128 positions
+    with pytest.raises(ValueError, match="max_model_len=128 needs 8 KV blocks .* than the 5"):
+        Engine(model, tokenizer, config=EngineConfig(max_model_len=128, kv_cache_memory_gib=small))
+    with pytest.raises(ValueError, match="max_num_seqs=6 needs at least one KV block each"):
+        Engine(model, tokenizer, config=EngineConfig(max_num_seqs=6, kv_cache_memory_gib=small))
+    capped = Engine(model, tokenizer, config=EngineConfig(kv_cache_memory_gib=small))
+    assert capped.max_len == 80  # the default max_model_len is what the pool holds
     engine = Engine(model, tokenizer, config=EngineConfig(max_model_len=32))
     with pytest.raises(ValueError, match="max_model_len=32"):
         engine.add_request(list(range(1, 40)))
@@ -324,10 +339,10 @@ def test_async_engine_streams_each_request_and_aborts_a_cancelled_one(model, tok
         assert (ids_a, ids_b) == (expected[0].token_ids, expected[1].token_ids)
         assert text_a == expected[0].text
         for _ in range(100):  # the abort lands at the loop's next step
-            if engine.block_manager.num_free_slots == 4:
+            if engine.block_manager.num_used_blocks == 0:
                 break
             asyncio.run(asyncio.sleep(0.02))
-        assert engine.block_manager.num_free_slots == 4
+        assert engine.block_manager.num_used_blocks == 0
         with pytest.raises(ValueError, match="longer than"):
             asyncio.run(collect(list(range(1, 300)), "long"))
     finally:

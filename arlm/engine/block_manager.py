@@ -1,36 +1,41 @@
-"""Which sequence holds which part of the KV cache, and the prefix cache.
+"""The books of the KV cache's blocks: who holds which block, who shares it, what it caches.
 
-Memory is ``num_slots`` slots of ``blocks_per_slot`` blocks of ``block_size`` positions. A
-running sequence owns one slot (so attention reads it as a view, ``arlm.kv_cache.slots``) and
-holds the leading blocks of it its positions fill: its ``block_table`` lists them, as global
-block ids ``slot * blocks_per_slot + j``, so the blocks in use are exactly what the sequences
-hold, each at most one block beyond its last position. A block never belongs to two sequences.
+Only bookkeeping lives here: block ids, reference counts, prefix hashes, free lists. What has
+to happen to the cache's tensors comes out as ``Orders`` (copy a block, move one to the host
+tier or back), which the model runner carries out before the next forward.
+
+A sequence's ``block_table`` lists the blocks its positions fill, taken one at a time as it
+crosses a block boundary (``ensure``), so the blocks in use are what the sequences hold plus at
+most one partly filled block each. Free blocks are handed out lowest id first, which keeps the
+blocks in use packed at the front of the pool (the CPU's decode attention reads a range of it).
 
 Prefix caching: every full block of a prompt, once computed, is registered under a hash of all
-the tokens up to its end (so equal hashes mean equal keys and values: same tokens at the same
-positions). A new prompt whose leading blocks are registered reuses them instead of computing
-them: in place when the slot it is given is the one holding them, else by a copy from the slot
-that does (one memory copy of those positions instead of a forward over them). A finished
-sequence's blocks stay registered until its slot is given to a sequence that overwrites them;
-free slots are handed out least recently used first, so the oldest cached prefixes go first.
+the tokens up to its end (equal hashes: equal keys and values, the same tokens at the same
+positions). A new prompt whose leading blocks are registered points its table at them (their
+reference count goes up) instead of computing them: a long system prompt shared by many
+requests, or the ``n`` samples of one prompt, are stored once. A block whose count drops to 0
+stays registered, *evictable*, until the pool needs it (least recently freed first). With a
+host tier (``HostTier``) an evicted block's contents move there instead of being dropped, and
+come back on a later hit.
 
-Sliding-window layers keep only the last W positions of a slot (a ring, ``arlm.kv_cache.slots``),
-so what a registered block holds there is soon overwritten. A hit is taken only as far as the
-slots it comes from still hold, in every layer, what going on from its end reads
-(``SlotKVCache.holds``): for a prompt within the window of the sequence it comes from, say.
-Likewise a rollback (a loop break) goes back in place only while the rings hold the window
-before it; else the sequence is computed again from the start.
+A block is written only by a sequence that holds it alone: before a sequence writes into a
+block it shares (reference count > 1), it gets a copy of its own (copy on write); writing into
+a registered block it holds alone unregisters it.
+
+Preemption frees a sequence's blocks (recompute: it will be computed again from its tokens) or
+moves them to the host tier (swap) until the pool has room for it again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from arlm.engine.sequence import Sequence
-from arlm.kv_cache.slots import SlotKVCache
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
@@ -43,152 +48,249 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     return hashes
 
 
+@dataclass
+class Orders:
+    """What the cache's tensors must undergo before the next forward: device blocks to host
+    blocks (``to_host``: (device, host)), host blocks to device blocks (``from_host``: (host,
+    device)), device copies (``copy``: (src, dst)). Every order reads the blocks as they were
+    when the orders began (a block freed and taken again in one step is read before it is
+    written), so the runner reads all sources first, then writes."""
+
+    to_host: list[tuple[int, int]] = field(default_factory=list)
+    from_host: list[tuple[int, int]] = field(default_factory=list)
+    copy: list[tuple[int, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.to_host or self.from_host or self.copy)
+
+
+class HostTier:
+    """The books of the host-memory tier's blocks: cached prefix blocks (by hash, evictable
+    least recently used first) and the blocks of swapped-out sequences (held until resumed)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.free = list(range(num_blocks))
+        self.cached: OrderedDict[bytes, int] = OrderedDict()  # hash -> host block, LRU first
+        self.hits = 0  # prefix blocks brought back from the tier
+
+    def take(self) -> int | None:
+        """A host block to write, evicting the least recently used cached one if need be."""
+        if self.free:
+            return self.free.pop()
+        if self.cached:
+            return self.cached.popitem(last=False)[1]
+        return None
+
+    def room(self) -> int:
+        return len(self.free) + len(self.cached)
+
+
 class BlockManager:
-    """Slots and blocks of ``cache``; see the module docstring."""
+    """``num_blocks`` blocks of ``block_size`` positions; see the module docstring."""
 
-    def __init__(self, cache: SlotKVCache, block_size: int, prefix_caching: bool = True) -> None:
-        if block_size < 1 or cache.slot_len % block_size:
-            raise ValueError(
-                f"kv_block_size={block_size} must be a positive divisor of the slot length "
-                f"{cache.slot_len}"
-            )
-        self.cache, self.block_size = cache, block_size
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        prefix_caching: bool = True,
+        host_blocks: int = 0,
+        watermark: float = 0.01,
+    ) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
         self.prefix_caching = prefix_caching
-        self.blocks_per_slot = cache.slot_len // block_size
-        self.free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(cache.num_slots))
-        # prefix cache: hash -> the slots holding that block; slot -> its registered hashes
-        self.cached: dict[bytes, set[int]] = {}
-        self.slot_hashes: dict[int, list[bytes]] = {}
+        self.ref = [0] * num_blocks
+        self.free_ids = list(range(num_blocks))  # a heap: lowest id first
+        self.cached: dict[bytes, int] = {}  # hash -> device block
+        self.hash_of: dict[int, bytes] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, count 0: oldest first
+        self.host = HostTier(host_blocks) if host_blocks > 0 else None
+        self.watermark = max(1, int(watermark * num_blocks))  # kept free when admitting
+        self.orders = Orders()
         self.hit_tokens = self.queried_tokens = 0
+        self.peak_in_use = 0
+
+    # -- counts --------------------------------------------------------------------------
 
     @property
-    def num_blocks(self) -> int:
-        return self.cache.num_slots * self.blocks_per_slot
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids) + len(self.evictable)
 
     @property
-    def num_free_slots(self) -> int:
-        return len(self.free_slots)
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_for(self, positions: int) -> int:
+        return math.ceil(positions / self.block_size)
+
+    def take_orders(self) -> Orders:
+        """The orders made since the last call (the runner carries them out)."""
+        orders, self.orders = self.orders, Orders()
+        return orders
+
+    # -- taking and releasing blocks -------------------------------------------------------
+
+    def _take(self) -> int:
+        if self.free_ids:
+            block = heapq.heappop(self.free_ids)
+        else:  # the least recently freed cached block; to the host tier if there is one
+            block, _ = self.evictable.popitem(last=False)
+            self._evict(block)
+        self.ref[block] = 1
+        self._note_peak()
+        return block
+
+    def _evict(self, block: int) -> None:
+        digest = self.hash_of.pop(block)
+        del self.cached[digest]
+        if self.host is not None and digest not in self.host.cached:
+            host = self.host.take()
+            if host is not None:
+                self.host.cached[digest] = host
+                self.orders.to_host.append((block, host))
+
+    def _hold(self, block: int) -> None:
+        if self.ref[block] == 0:
+            del self.evictable[block]
+        self.ref[block] += 1
+        self._note_peak()
+
+    def _release(self, block: int) -> None:
+        self.ref[block] -= 1
+        if self.ref[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None
+            else:
+                heapq.heappush(self.free_ids, block)
+
+    def _note_peak(self) -> None:
+        self.peak_in_use = max(self.peak_in_use, self.num_used_blocks)
+
+    # -- sequences -------------------------------------------------------------------------
+
+    def _hits(self, seq: Sequence) -> list[bytes]:
+        """The leading prompt blocks of ``seq`` the prefix cache holds (device or host); at
+        least the last prompt token is always computed, its logits give the next token."""
+        if not self.prefix_caching:
+            return []
+        wanted = seq.block_hashes[: (seq.prompt_len - 1) // self.block_size]
+        hits = []
+        for digest in wanted:
+            if digest not in self.cached and (self.host is None or digest not in self.host.cached):
+                break
+            hits.append(digest)
+        return hits
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return bool(self.free_slots)
+        """Whether the pool holds all of ``seq``'s tokens, past its prefix hits, and keeps the
+        watermark free (so running sequences can still grow)."""
+        hits = self._hits(seq)
+        on_device = sum(1 for d in hits if d in self.cached and self.ref[self.cached[d]] > 0)
+        need = self.blocks_for(len(seq.token_ids)) - on_device
+        return self.num_free_blocks - need >= self.watermark
 
     def allocate(self, seq: Sequence) -> None:
-        """Give ``seq`` a slot and reuse what the prefix cache holds of its prompt."""
-        if not self.free_slots:
-            raise RuntimeError("no free slot; ask can_allocate first")
-        # at least the last prompt token is always computed: its logits give the first token
-        wanted = seq.block_hashes[: (seq.prompt_len - 1) // self.block_size]
-        hits = 0
-        if self.prefix_caching:
-            while hits < len(wanted) and wanted[hits] in self.cached:
-                hits += 1
-        slot = self._pick_slot(wanted[:hits])
-        del self.free_slots[slot]
-        in_place = self._common(self.slot_hashes.get(slot, []), wanted[:hits])
-        while (copies := self._copies(slot, wanted, hits, in_place)) is None:
-            hits -= 1  # a sliding-window ring has lost what going on from the hit's end reads
-            in_place = min(in_place, hits)
-        self._unregister(slot, keep=in_place)
-        self.cache.reserve(slot + 1)
-        for src, start, end in copies:
-            self.cache.copy(src, slot, start, end)
-        for k in range(in_place, hits):
-            self._register(slot, k, wanted[k])
-        seq.slot = slot
-        seq.num_cached = self.cache.rewind(slot, hits * self.block_size)  # it goes on from here
+        """Start ``seq``'s table with the blocks the prefix cache holds of its prompt."""
+        for digest in self._hits(seq):
+            block = self.cached.get(digest)
+            if block is not None:
+                self._hold(block)
+            else:  # from the host tier into a new device block
+                host = self.host.cached.pop(digest)  # not evicted by the block it frees
+                block = self._take()
+                self.host.cached[digest] = host  # most recently used
+                self.orders.from_host.append((host, block))
+                self.host.hits += 1
+                self._register(block, digest)
+            seq.block_table.append(block)
+        seq.num_cached = len(seq.block_table) * self.block_size
         seq.cached_prompt_tokens = seq.num_cached
         self.hit_tokens += seq.num_cached
         self.queried_tokens += seq.prompt_len
-        self._fit_table(seq)
 
-    def _copies(
-        self, slot: int, wanted: list[bytes], hits: int, in_place: int
-    ) -> list[tuple[int, int, int]] | None:
-        """(source slot, start, end) runs that bring ``slot``, which holds the first
-        ``in_place`` blocks of ``wanted``, to its first ``hits``, each run from the lowest slot
-        holding its blocks; None where what going on from there reads is no longer held."""
-        bs, resume = self.block_size, hits * self.block_size
-        if not self.cache.holds(slot, 0, in_place * bs, resume):
-            return None
-        runs: list[tuple[int, int, int]] = []
-        for j in range(in_place, hits):
-            start, end = j * bs, (j + 1) * bs
-            holders = [s for s in self.cached[wanted[j]] if self.cache.holds(s, start, end, resume)]
-            if not holders:
-                return None
-            if runs and runs[-1][0] in holders and runs[-1][2] == start:
-                runs[-1] = (runs[-1][0], runs[-1][1], end)  # the run's slot holds this one too
-            else:
-                runs.append((min(holders), start, end))
-        return runs
-
-    def _pick_slot(self, hashes: list[bytes]) -> int:
-        """The free slot holding most of ``hashes`` in place; else the least recently used of
-        the slots the cache has allocated, so it grows only when they are all busy (growing
-        touches new memory: seconds for a few hundred MB in a VM); else the next one to grow."""
-        best, best_common = None, 0
-        if hashes:
-            for slot in self.free_slots:
-                common = self._common(self.slot_hashes.get(slot, []), hashes)
-                if common > best_common:
-                    best, best_common = slot, common
-        if best is not None:
-            return best
-        allocated = self.cache.allocated
-        return next((s for s in self.free_slots if s < allocated), min(self.free_slots))
-
-    @staticmethod
-    def _common(a: list[bytes], b: list[bytes]) -> int:
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return n
-
-    def _register(self, slot: int, j: int, digest: bytes) -> None:
-        hashes = self.slot_hashes.setdefault(slot, [])
-        if len(hashes) == j:
-            hashes.append(digest)
-            self.cached.setdefault(digest, set()).add(slot)
-
-    def _unregister(self, slot: int, keep: int) -> None:
-        """Forget the blocks of ``slot`` from block ``keep`` on (they are about to change)."""
-        hashes = self.slot_hashes.get(slot, [])
-        for digest in hashes[keep:]:
-            holders = self.cached[digest]
-            holders.discard(slot)
-            if not holders:
-                del self.cached[digest]
-        del hashes[keep:]
+    def ensure(self, seq: Sequence, end: int) -> bool:
+        """Make ``seq``'s table cover positions up to ``end`` (exclusive), and the blocks it
+        writes from ``seq.num_cached`` on its own; False, changing nothing, when the pool has
+        too few free blocks."""
+        bs = self.block_size
+        first = seq.num_cached // bs
+        shared = [
+            j
+            for j in range(first, min(len(seq.block_table), self.blocks_for(end)))
+            if self.ref[seq.block_table[j]] > 1
+        ]
+        need = self.blocks_for(end) - len(seq.block_table) + len(shared)
+        if need > self.num_free_blocks:
+            return False
+        for j in shared:  # copy on write
+            old = seq.block_table[j]
+            seq.block_table[j] = new = self._take()
+            self.orders.copy.append((old, new))
+            self._release(old)
+        for j in range(first, len(seq.block_table)):  # its contents are about to change
+            block = seq.block_table[j]
+            if block in self.hash_of and seq.num_cached < (j + 1) * bs:
+                del self.cached[self.hash_of.pop(block)]
+        while len(seq.block_table) < self.blocks_for(end):
+            seq.block_table.append(self._take())
+        seq.peak_blocks = max(seq.peak_blocks, len(seq.block_table))
+        return True
 
     def computed(self, seq: Sequence) -> None:
-        """After a forward: grow the block table, and register the prompt blocks now full."""
-        self._fit_table(seq)
-        if self.prefix_caching:
-            full = min(seq.num_cached, seq.prompt_len) // self.block_size
-            have = len(self.slot_hashes.get(seq.slot, []))
-            for j in range(have, min(full, len(seq.block_hashes))):
-                self._register(seq.slot, j, seq.block_hashes[j])
+        """After a forward: register the prompt blocks now full."""
+        if not self.prefix_caching:
+            return
+        full = min(seq.num_cached, seq.prompt_len) // self.block_size
+        for j in range(min(full, len(seq.block_hashes))):
+            block, digest = seq.block_table[j], seq.block_hashes[j]
+            if block not in self.hash_of and digest not in self.cached:
+                self._register(block, digest)
+
+    def _register(self, block: int, digest: bytes) -> None:
+        self.cached[digest] = block
+        self.hash_of[block] = digest
 
     def truncate(self, seq: Sequence) -> None:
-        """After ``seq`` was rolled back: drop blocks and registrations past what it holds (all
-        of them when a sliding-window ring lost the window it goes on from: it starts over)."""
-        seq.num_cached = self.cache.rewind(seq.slot, seq.num_cached)
-        self._unregister(seq.slot, keep=min(seq.num_cached, seq.prompt_len) // self.block_size)
-        self._fit_table(seq)
+        """After ``seq`` was rolled back to ``seq.num_cached`` positions: release the blocks
+        past them."""
+        keep = self.blocks_for(seq.num_cached)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
 
     def free(self, seq: Sequence) -> None:
-        """Return ``seq``'s slot; its registered blocks stay cached until the slot is reused."""
-        if seq.slot is None:
-            return
-        if not self.prefix_caching:
-            self._unregister(seq.slot, keep=0)
-        self.free_slots[seq.slot] = None  # the end: most recently used
-        seq.slot, seq.block_table = None, []
+        """Release every block of ``seq``; registered ones stay cached until needed."""
+        for block in reversed(seq.block_table):  # the tail first: evicted before the head
+            self._release(block)
+        seq.block_table = []
 
-    def _fit_table(self, seq: Sequence) -> None:
-        # the blocks the positions fed so far (and the one fed next) fill
-        n = math.ceil(min(len(seq.token_ids), self.cache.slot_len) / self.block_size)
-        if n != len(seq.block_table):  # a new block every block_size steps, not every step
-            base = seq.slot * self.blocks_per_slot
-            seq.block_table = list(range(base, base + n))
-            seq.peak_blocks = max(seq.peak_blocks, n)
+    # -- swapping --------------------------------------------------------------------------
+
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return self.host is not None and self.host.room() - len(seq.block_table) >= 0
+
+    def swap_out(self, seq: Sequence) -> None:
+        """Move ``seq``'s blocks to the host tier and release them here."""
+        seq.host_table = []
+        for block in seq.block_table:
+            host = self.host.take()
+            self.orders.to_host.append((block, host))
+            seq.host_table.append(host)
+        self.free(seq)
+
+    def can_swap_in(self, seq: Sequence) -> bool:
+        """Room for ``seq``'s blocks and the next one it may take, past the watermark."""
+        return self.num_free_blocks - len(seq.host_table) - 1 >= self.watermark
+
+    def swap_in(self, seq: Sequence) -> None:
+        """Bring ``seq``'s blocks back from the host tier."""
+        for host in seq.host_table:
+            block = self._take()
+            self.orders.from_host.append((host, block))
+            seq.block_table.append(block)
+        self.release_host(seq)
+
+    def release_host(self, seq: Sequence) -> None:
+        """Return the host blocks of ``seq`` (swapped in, or finished while swapped out)."""
+        self.host.free.extend(seq.host_table)
+        seq.host_table = []

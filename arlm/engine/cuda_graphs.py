@@ -3,9 +3,9 @@
 A decode step of a small model is a few hundred kernel launches of a few microseconds each;
 launched one by one from Python the GPU waits on the host for most of the step. Captured once
 as a CUDA graph, the whole forward is one launch. A graph replays fixed tensors, so the inputs
-live in static buffers (token ids, positions, slots) updated in place before each replay, and
-a step of n rows runs the graph of the smallest bucket >= n with the extra rows padded: a
-padding row reads and writes only the cache's spare slot and its logits are dropped.
+live in static buffers (token ids, positions, block tables) updated in place before each
+replay, and a step of n rows runs the graph of the smallest bucket >= n with the extra rows
+padded: a padding row reads and writes only the cache's spare block and its logits are dropped.
 
 The same object runs the same padded forward eagerly where there is no CUDA (``capture``
 False), which is how the CPU tests check that padding and bucketing change no row's output.
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from arlm.kv_cache.slots import SlotKVCache, StaticDecode
+from arlm.kv_cache.paged import PagedKVCache, StaticDecode
 from arlm.model.transformer import Transformer
 
 
@@ -34,19 +34,26 @@ class DecodeGraphs:
     module docstring."""
 
     def __init__(
-        self, model: Transformer, cache: SlotKVCache, max_batch: int, *, capture: bool
+        self,
+        model: Transformer,
+        cache: PagedKVCache,
+        max_batch: int,
+        max_blocks: int,
+        *,
+        capture: bool,
     ) -> None:
         if not cache.static_decode:
-            raise ValueError("decode graphs need float slots without rings and a spare slot")
+            raise ValueError("decode graphs need float blocks, no sliding windows, a spare block")
         self.model, self.cache = model, cache
         self.buckets = batch_buckets(max_batch)
         device = cache.device
         largest = self.buckets[-1]
-        # rows: token ids, positions, slots; padding rows at position 0 of the spare slot
-        self._inputs = torch.zeros(3, largest, dtype=torch.long, device=device)
-        self._inputs[2] = cache.spare
-        self._staging = torch.zeros(3, largest, dtype=torch.long, pin_memory=capture)
-        self._staging[2] = cache.spare
+        # per row: token id, position, then its block table (``max_blocks`` wide); padding
+        # rows at position 0 of the spare block
+        self._inputs = torch.zeros(largest, 2 + max_blocks, dtype=torch.long, device=device)
+        self._inputs[:, 2:] = cache.spare
+        self._staging = torch.zeros(largest, 2 + max_blocks, dtype=torch.long, pin_memory=capture)
+        self._staging[:, 2:] = cache.spare
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
@@ -56,8 +63,9 @@ class DecodeGraphs:
             self._capture()
 
     def _forward(self, batch: int) -> torch.Tensor:
-        tokens, positions, slots = self._inputs[:, :batch]
-        step = StaticDecode(self.cache, slots, positions)
+        rows = self._inputs[:batch]
+        tokens, positions, tables = rows[:, 0], rows[:, 1], rows[:, 2:]
+        step = StaticDecode(self.cache, tables, positions)
         logits, _ = self.model(tokens[None], kv_cache=step, positions=positions[None])
         return logits[0].float()  # (batch, vocab)
 
@@ -87,19 +95,22 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= rows)
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
         """The next-token logits (rows, vocab) of one decode row per entry: row i feeds
-        ``tokens[i]`` at ``positions[i]`` of slot ``slots[i]``."""
+        ``tokens[i]`` at ``positions[i]`` through its block table ``tables[i]``."""
         rows = len(tokens)
         batch = self.bucket(rows)
         self.steps += 1
         staging = self._staging
-        staging[:, :rows] = torch.tensor([tokens, positions, slots])
-        staging[:2, rows:batch] = 0
-        staging[2, rows:batch] = self.cache.spare
+        staging[rows:batch, :2] = 0
+        staging[rows:batch, 2:] = self.cache.spare
+        staging[:rows, 0] = torch.tensor(tokens)
+        staging[:rows, 1] = torch.tensor(positions)
+        width, spare = staging.size(1) - 2, self.cache.spare
+        staging[:rows, 2:] = torch.tensor([t + [spare] * (width - len(t)) for t in tables])
         # the staging buffer is reused next step; the step's read of its sampled ids waits for
         # this copy, which is queued before it
-        self._inputs[:, :batch].copy_(staging[:, :batch], non_blocking=True)
+        self._inputs[:batch].copy_(staging[:batch], non_blocking=True)
         if batch in self._graphs:
             self._graphs[batch].replay()
             return self._logits[batch][:rows]

@@ -112,28 +112,21 @@ def kv_budget(config: MemoryLimits, model: Transformer, profile_tokens: int) -> 
     )
 
 
-def fit_slots(
-    config: MemoryLimits, model: Transformer, num_slots: int, slot_bytes: int, profile_tokens: int
+def fit_blocks(
+    config: MemoryLimits, model: Transformer, block_size: int, block_bytes: int, profile_tokens: int
 ) -> int:
-    """How many of ``num_slots`` sequence slots of ``slot_bytes`` each the KV budget holds; a
-    ValueError naming both numbers when not one does, or fewer than ``max_num_seqs``."""
+    """How many KV blocks of ``block_bytes`` each the budget holds; a ValueError naming both
+    numbers when it holds fewer than two (a sequence's first block and the next one)."""
     budget = kv_budget(config, model, profile_tokens)
-    fit = int(budget.nbytes // slot_bytes)
-    if fit < 1:
+    fit = int(budget.nbytes // block_bytes)
+    if fit < 2:
         raise ValueError(
-            f"one sequence of the longest allowed length needs {slot_bytes / 2**20:.1f} MiB of "
-            f"KV cache, more than the budget of {budget.nbytes / 2**20:.1f} MiB "
-            f"({budget.source}); raise kv_cache_memory_gib, lower max_model_len, or quantize "
-            "the cache (kv_cache_dtype)"
+            f"a sequence's first two KV blocks of {block_size} positions need "
+            f"{2 * block_bytes / 2**20:.2f} MiB, more than the budget of "
+            f"{budget.nbytes / 2**20:.2f} MiB ({budget.source}); raise kv_cache_memory_gib, "
+            "lower kv_block_size, or quantize the cache (kv_cache_dtype)"
         )
-    if config.max_num_seqs is not None and fit < config.max_num_seqs:
-        raise ValueError(
-            f"max_num_seqs={config.max_num_seqs} sequences of {slot_bytes / 2**20:.1f} MiB of "
-            f"KV cache each need {config.max_num_seqs * slot_bytes / 2**20:.1f} MiB, more "
-            f"than the budget of {budget.nbytes / 2**20:.1f} MiB ({budget.source}); at most "
-            f"{fit} fit (lower max_model_len or quantize the cache to fit more)"
-        )
-    return min(num_slots, fit)
+    return fit
 
 
 def check_weights_fit(nbytes: int, device: torch.device, dtype: torch.dtype) -> None:

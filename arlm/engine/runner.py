@@ -1,17 +1,18 @@
-"""The model runner: one scheduled batch in, one forward, the logits of the rows that sample.
+"""The model runner: it owns the cache's tensors and runs one scheduled batch per forward.
 
-The batch's tokens go in flat, (1, N): first one token per decoding sequence (in slot order,
-as the slot cache's batched decode attention wants), then each prefill chunk. Each token has its
-own position; the cache's step object knows which slot each writes and reads. Only the rows
-that sample next get their hidden state projected to the vocabulary: every decode row, and a
-prefill chunk only when it ends its prompt.
+Before the forward it carries out the block manager's orders (copies on write, blocks to and
+from the host tier). The batch's tokens go in flat, (1, N): first one token per decoding
+sequence, then each prefill chunk. Each token has its own position; the paged cache's step
+object knows which block each writes and reads. Only the rows that sample next get their hidden
+state projected to the vocabulary: every decode row, and a prefill chunk only when it ends its
+sequence's tokens. After the forward the runner advances each row's ``num_cached``.
 
-A windowed cache (``kv_window``) holds one sequence: it runs the same batches of one row through
-``WindowedKVCache`` at that row's position, and cannot rewind (``rewindable``).
+A windowed cache (``kv_window``) holds one sequence: the same batches of one row run through
+``WindowedKVCache`` at that row's position, with no blocks; it cannot rewind (``rewindable``).
 
 With ``use_decode_graphs``, a step of decode rows only runs through ``DecodeGraphs``: padded to
 a batch-size bucket and replayed from a CUDA graph (on CUDA), the host copying only the rows'
-token ids, positions and slots.
+token ids, positions and block tables.
 """
 
 from __future__ import annotations
@@ -19,19 +20,26 @@ from __future__ import annotations
 import torch
 
 from arlm.devices import to_device
+from arlm.engine.block_manager import Orders
 from arlm.engine.cuda_graphs import DecodeGraphs
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
 from arlm.kv_cache.codec import FloatCodec, make_codec
 from arlm.kv_cache.config import CacheConfig
-from arlm.kv_cache.slots import PrefillChunk, SlotKVCache, StepLayout
+from arlm.kv_cache.offload import HostKVPool
+from arlm.kv_cache.paged import PagedKVCache, PagedRow, StepLayout
 from arlm.kv_cache.windowed import WindowedKVCache
 from arlm.model.transformer import Transformer
 
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, cache_config: CacheConfig, num_slots: int, slot_len: int
+        self,
+        model: Transformer,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        block_size: int,
+        host_blocks: int = 0,
     ) -> None:
         self.model = model
         self.device = model.wte.weight.device
@@ -39,13 +47,16 @@ class ModelRunner:
         codec = make_codec(cache_config.dtype, dtype)
         kw = dict(device=self.device, dtype=dtype, codec=codec)
         self.windowed: WindowedKVCache | None = None
+        self.cache: PagedKVCache | None = None
+        self.host: HostKVPool | None = None
         if cache_config.window is not None:
             self.windowed = WindowedKVCache.for_model(
                 model.config, 1, cache_config.window, cache_config.sink_tokens, **kw
             )
-        # with a window, the slot cache is a one-block stand-in the block manager accounts
-        # against (the engine passes slot_len = one block); the windowed cache stores
-        self.cache = SlotKVCache.for_model(model.config, num_slots, slot_len, **kw)
+        else:
+            self.cache = PagedKVCache.for_model(model.config, num_blocks, block_size, **kw)
+            if host_blocks:
+                self.host = HostKVPool(self.cache, host_blocks)
         self.decode_graphs: DecodeGraphs | None = None
 
     def decode_graphs_unsupported(self) -> str | None:
@@ -55,22 +66,22 @@ class ModelRunner:
             return "the windowed KV cache (kv_window)"
         if not isinstance(self.cache.codec, FloatCodec):
             return f"a quantized KV cache ({self.cache.codec.name})"
-        if any(span < self.cache.slot_len for span in self.cache.layer_len):
-            return "sliding-window layers (their rings)"
+        if any(w is not None for w in self.cache.windows):
+            return "sliding-window layers"
         if self.model.config.rope_type == "longrope":
             return "LongRoPE (its factors depend on each row's length)"
         return None
 
-    def use_decode_graphs(self, capture: bool) -> None:
+    def use_decode_graphs(self, capture: bool, max_batch: int, max_blocks: int) -> None:
         """Run decode-only steps padded to batch-size buckets through static buffers, replayed
         from CUDA graphs when ``capture`` (else the same forward, eagerly: the CPU tests'). Every
-        slot is allocated now, as graphs replay fixed tensors."""
+        block gets its memory now, as graphs replay fixed tensors."""
         reason = self.decode_graphs_unsupported()
         if reason is not None:
             raise ValueError(f"decode graphs do not support {reason}")
-        self.cache.add_spare_slot()
+        self.cache.add_spare_block()
         self.decode_graphs = DecodeGraphs(
-            self.model, self.cache, self.cache.num_slots, capture=capture
+            self.model, self.cache, max_batch, max_blocks, capture=capture
         )
 
     @property
@@ -82,55 +93,80 @@ class ModelRunner:
         return (self.windowed or self.cache).bytes_per_token
 
     def kv_bytes(self, seq: Sequence, block_size: int) -> tuple[int, int]:
-        """(allocated, most in use) KV cache bytes for ``seq``: its slot and its peak in whole
-        blocks (a sliding-window layer's at most its window), or the windowed cache's own."""
+        """(held now, most held) KV cache bytes for ``seq``: its blocks, or the windowed
+        cache's own."""
         if self.windowed is not None:
             return self.windowed.nbytes, self.windowed.used_bytes
-        cache = self.cache
-        return cache.slot_bytes(cache.slot_len), cache.slot_bytes(seq.peak_blocks * block_size)
+        per_block = self.cache.block_bytes
+        return len(seq.block_table) * per_block, seq.peak_blocks * per_block
 
     def restart(self, seq: Sequence) -> None:
         """Forget ``seq``'s cached positions (a cache that cannot rewind refills from 0)."""
         seq.num_cached = 0
 
+    def apply(self, orders: Orders) -> None:
+        """Carry out the block manager's orders: every source read first, then written."""
+        if not orders:
+            return
+        cache, host = self.cache, self.host
+        cache.reserve(1 + max((d for _, d in [*orders.from_host, *orders.copy]), default=0))
+        to_host = cache.read_blocks([d for d, _ in orders.to_host]) if orders.to_host else None
+        from_host = host.read([h for h, _ in orders.from_host]) if orders.from_host else None
+        copies = cache.read_blocks([s for s, _ in orders.copy]) if orders.copy else None
+        if to_host is not None:
+            host.write([h for _, h in orders.to_host], to_host)
+        if from_host is not None:
+            cache.write_blocks([d for _, d in orders.from_host], from_host)
+        if copies is not None:
+            cache.write_blocks([d for _, d in orders.copy], copies)
+
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Forward ``batch``; the next-token logits (K, vocab) of the K rows that sample, and
-        those rows' sequences, in the same order."""
+    def run(self, batch: ScheduledBatch, orders: Orders) -> tuple[torch.Tensor, list[Sequence]]:
+        """Carry out ``orders``, forward ``batch`` and advance its rows' ``num_cached``; the
+        next-token logits (K, vocab) of the K rows that sample, and those rows' sequences, in
+        the same order."""
+        self.apply(orders)
+        logits, rows = self._forward(batch)
+        for seq in batch.decode:
+            seq.num_cached += 1
+        for seq, n in batch.prefill:
+            seq.num_cached += n
+        return logits, rows
+
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         if self.decode_graphs is not None and not batch.prefill:
             rows = batch.decode
-            positions = [s.num_cached for s in rows]
             logits = self.decode_graphs.run(
-                [s.token_ids[p] for s, p in zip(rows, positions, strict=True)],
-                positions,
-                [s.slot for s in rows],
+                [s.token_ids[s.num_cached] for s in rows],
+                [s.num_cached for s in rows],
+                [s.block_table for s in rows],
             )
-            for s, p in zip(rows, positions, strict=True):
-                self.cache.lengths[s.slot] = p + 1
             return logits, rows
-        decode = sorted(batch.decode, key=lambda s: s.slot)
-        tokens, positions, chunks, select, rows = [], [], [], [], []
-        for seq in decode:
+        tokens, select, rows = [], [], []
+        for seq in batch.decode:
             tokens.append(seq.token_ids[seq.num_cached])
             select.append(len(select))
             rows.append(seq)
         for seq, n in batch.prefill:
             start = seq.num_cached
             tokens.extend(seq.token_ids[start : start + n])
-            chunks.append(PrefillChunk(seq.slot, start, n))
             if start + n == len(seq.token_ids):
                 select.append(len(tokens) - 1)
                 rows.append(seq)
-        layout = StepLayout([s.slot for s in decode], [s.num_cached for s in decode], chunks)
         idx = to_device([tokens], torch.long, self.device)
         if self.windowed is not None:
-            (seq,) = [*decode, *(s for s, _ in batch.prefill)]
+            (seq,) = [*batch.decode, *(s for s, _ in batch.prefill)]
             if seq.num_cached == 0:  # a new sequence, or one refilled after a break
                 self.windowed.reset()
             logits, _ = self.model(
                 idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
             )
             return logits[0, : len(rows)].float(), rows
+        layout = StepLayout(
+            [PagedRow(s.block_table, s.num_cached, 1) for s in batch.decode],
+            [PagedRow(s.block_table, s.num_cached, n) for s, n in batch.prefill],
+        )
+        self.cache.reserve(1 + max(b for r in layout.rows for b in r.blocks))
         positions = to_device([layout.positions()], torch.long, self.device)
         seq_ends = None
         if self.model.config.rope_type == "longrope":  # it picks a row's factors by the row's reach

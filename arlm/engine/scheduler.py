@@ -2,17 +2,28 @@
 
 First come, first served. Every step decodes every running sequence (one position each), then
 gives what is left of the token budget ``max_num_batched_tokens`` to prompts: first to running
-sequences still prefilling, then to waiting ones it admits, at most ``max_num_seqs`` running.
-A prompt longer than what is left is split over several steps (chunked prefill), so a long
-prompt delays the others' next token by one chunk's forward, not by its whole prefill.
+sequences still prefilling, then to swapped-out ones coming back, then to waiting ones it
+admits, at most ``max_num_seqs`` running. A prompt longer than what is left is split over
+several steps (chunked prefill), so a long prompt delays the others' next token by one chunk's
+forward, not by its whole prefill.
 
-A running sequence holds a slot sized for the longest sequence the engine accepts, so it
-never runs out of room mid-generation: there is nothing to preempt, and when memory is short
-requests wait for a slot instead (``arlm.engine.block_manager`` says why slots).
+Memory is counted in blocks (``arlm.engine.block_manager``): a waiting sequence is admitted
+when the pool holds all its tokens past its prefix-cache hits and keeps a small watermark free;
+a running one takes a block when it crosses a block boundary. When the pool runs out
+mid-generation, the most recently admitted running sequence is *preempted*, until the others
+fit: by swap (its blocks to the host tier, back when there is room) where the host tier has room
+for it and ``preemption_mode`` allows, else by recompute (its blocks freed; it goes back to the
+front of the queue and its prompt and output so far are prefilled again). Either way it goes
+on with exactly the tokens it would have produced alone: its sampler, generator and loop state
+are untouched, and the recomputed positions are not sampled again. No sequence is admitted in a
+step that preempted.
 
 A waiting prompt whose first block a running sequence is still prefilling waits until that
 prefill is done, then finds those blocks in the prefix cache: ``n`` samples of one prompt, or
-many requests with one system prompt, compute their shared head once.
+many requests with one system prompt, compute and store their shared head once.
+
+With ``block_manager`` None (the windowed cache: one sequence, memory fixed by its window)
+there is nothing to count.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from dataclasses import dataclass, field
 
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.sequence import Sequence, Status
+
+PREEMPTION_MODES = ("auto", "recompute", "swap")
 
 
 @dataclass
@@ -43,48 +56,123 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager | None,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        preemption_mode: str = "auto",
     ) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens={max_num_batched_tokens} must be at least "
                 f"max_num_seqs={max_num_seqs}: every running sequence decodes in every step"
             )
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode={preemption_mode!r} is not one of {', '.join(PREEMPTION_MODES)}"
+            )
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.preemption_mode = preemption_mode
         self.waiting: deque[Sequence] = deque()
+        self.swapped: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = self.num_swaps = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        for seq in self.running:
-            if seq.num_pending == 1:
-                batch.decode.append(seq)
+        preempted = False
+        for seq in list(self.running):  # oldest first
+            if seq.status is Status.RUNNING and seq.num_pending == 1:
+                if self._room(seq, len(seq.token_ids)):
+                    batch.decode.append(seq)
+                else:
+                    preempted = True
         budget -= len(batch.decode)
-        for seq in self.running:
-            if seq.num_pending > 1 and budget > 0:
+        for seq in list(self.running):
+            if seq.status is Status.RUNNING and seq.num_pending > 1 and budget > 0:
                 n = min(seq.num_pending, budget)
-                batch.prefill.append((seq, n))
-                budget -= n
+                if self._room(seq, seq.num_cached + n):
+                    batch.prefill.append((seq, n))
+                    budget -= n
+                else:
+                    preempted = True
+        if preempted:  # a sequence scheduled above may have been preempted since
+            batch.decode = [s for s in batch.decode if s.status is Status.RUNNING]
+            batch.prefill = [(s, n) for s, n in batch.prefill if s.status is Status.RUNNING]
+            return batch
+        bm = self.block_manager
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.swapped[0]
+            if not bm.can_swap_in(seq):
+                return batch
+            self.swapped.popleft()
+            bm.swap_in(seq)
+            bm.ensure(seq, len(seq.token_ids))  # can_swap_in counted its next block
+            self._run(seq)
+            batch.decode.append(seq)  # swapped out while decoding: one position pending
+            budget -= 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq) or self._head_in_prefill(seq):
+            if bm is not None and (not bm.can_allocate(seq) or self._head_in_prefill(seq)):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
-            seq.status, seq.scheduled_time = Status.RUNNING, time.perf_counter()
-            self.running.append(seq)
+            if bm is not None:
+                bm.allocate(seq)
             n = min(seq.num_pending, budget)
+            if bm is not None:
+                bm.ensure(seq, seq.num_cached + n)  # can_allocate counted all its tokens
+            self._run(seq)
             batch.prefill.append((seq, n))
             budget -= n
         return batch
+
+    def _run(self, seq: Sequence) -> None:
+        if seq.scheduled_time is None:
+            seq.scheduled_time = time.perf_counter()
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def _room(self, seq: Sequence, end: int) -> bool:
+        """Blocks for ``seq`` up to position ``end``, preempting the most recently admitted
+        sequences until they fit; False when ``seq`` itself had to go."""
+        bm = self.block_manager
+        if bm is None:
+            return True
+        while not bm.ensure(seq, end):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        bm = self.block_manager
+        self.running.remove(seq)
+        self.num_preemptions += 1
+        swap = self.preemption_mode != "recompute" and seq.num_pending == 1
+        if swap and bm.can_swap_out(seq):
+            bm.swap_out(seq)
+            seq.status = Status.SWAPPED
+            self.swapped.append(seq)
+            self.num_swaps += 1
+            return
+        if self.preemption_mode == "swap":
+            raise RuntimeError(
+                "preemption_mode='swap' needs room in the host tier for the preempted "
+                f"sequence's {len(seq.block_table)} blocks; raise kv_offload_gib or use 'auto'"
+            )
+        bm.free(seq)
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
 
     def _head_in_prefill(self, seq: Sequence) -> bool:
         if not self.block_manager.prefix_caching or not seq.block_hashes:
@@ -95,10 +183,14 @@ class Scheduler:
         )
 
     def finish(self, seq: Sequence) -> None:
-        """Take a finished (or aborted) sequence out of the queues and free its slot."""
+        """Take a finished (or aborted) sequence out of the queues and free its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is Status.SWAPPED:
+            self.swapped.remove(seq)
+            self.block_manager.release_host(seq)
         seq.status = Status.FINISHED
-        self.block_manager.free(seq)
+        if self.block_manager is not None:
+            self.block_manager.free(seq)

@@ -2,8 +2,9 @@
 
 Its token ids are one list, the prompt's and then the generated ones; the sampler's processors,
 the loop guard and the text state read that list or follow it one token at a time. The cache
-side is ``num_cached`` (how many leading positions have their keys and values in the cache),
-``slot`` and ``block_table``; the block manager and the scheduler keep those.
+side is ``num_cached`` (how many leading positions have their keys and values in the cache)
+and ``block_table`` (the blocks holding them; ``host_table`` while swapped out): the block
+manager keeps the tables, the model runner advances ``num_cached`` as it computes positions.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from arlm.sampling.sampler import SequenceSampler
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted, its blocks in the host tier
     FINISHED = "finished"
 
 
@@ -46,8 +48,8 @@ class Sequence:
 
     status: Status = Status.WAITING
     num_cached: int = 0  # leading positions whose keys and values are in the cache
-    slot: int | None = None
     block_table: list[int] = field(default_factory=list)
+    host_table: list[int] = field(default_factory=list)
     peak_blocks: int = 0
     cached_prompt_tokens: int = 0
 

@@ -11,14 +11,16 @@ Attention talks to a cache through two calls and never knows which kind it holds
   the queries (B, n_head, T, head_dim) over everything they may see.
 
 The kinds: ``KVCache`` (contiguous rows that advance together: scoring), ``WindowedKVCache``
-(attention sinks + a recent window), and ``SlotKVCache``, the engine's: one contiguous slot per
-sequence, each at its own length, attended as views (``SlotStep`` is one forward's view of it).
-Each stores through a codec: floats, or int8/int4 with a scale per position and head,
-dequantized on the way to attention. ``CacheConfig`` picks kind and codec.
+(attention sinks + a recent window), and ``PagedKVCache``, the engine's: a pool of blocks that
+sequences take as they grow, each at its own length, read in place (``PagedStep`` is one
+forward's view of it; ``HostKVPool`` the host-memory tier behind it). Each stores through a
+codec: floats, or int8/int4 with a scale per position and head, dequantized on the way to
+attention. ``CacheConfig`` picks kind and codec.
 
 A model's sliding-window layers (``ModelConfig.layer_windows``) store only their window in the
-contiguous and slot caches: a ring of W positions per row, so their memory stops growing at W
-while full-attention layers keep every position (``base.layer_lengths``).
+contiguous cache: a ring of W positions per row, so their memory stops growing at W while
+full-attention layers keep every position (``base.layer_lengths``). The paged cache stores
+every position and masks each query to its window.
 
 Accounting on every kind: ``nbytes`` (allocated), ``used_bytes`` (holding positions),
 ``bytes_per_token`` (one position in every layer), ``tokens`` and ``capacity`` (positions, in
@@ -29,7 +31,8 @@ from arlm.kv_cache.base import Cache, Rotate
 from arlm.kv_cache.codec import KV_DTYPES, Codec, make_codec
 from arlm.kv_cache.config import CacheConfig
 from arlm.kv_cache.contiguous import KVCache
-from arlm.kv_cache.slots import PrefillChunk, SlotKVCache, SlotStep, StepLayout
+from arlm.kv_cache.offload import HostKVPool
+from arlm.kv_cache.paged import PagedKVCache, PagedRow, PagedStep, StepLayout
 from arlm.kv_cache.windowed import WindowedKVCache
 
 __all__ = [
@@ -37,11 +40,12 @@ __all__ = [
     "Cache",
     "CacheConfig",
     "Codec",
+    "HostKVPool",
     "KVCache",
-    "PrefillChunk",
+    "PagedKVCache",
+    "PagedRow",
+    "PagedStep",
     "Rotate",
-    "SlotKVCache",
-    "SlotStep",
     "StepLayout",
     "WindowedKVCache",
     "make_codec",

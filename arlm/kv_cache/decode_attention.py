@@ -1,15 +1,16 @@
-"""Decode attention over slots: each row's one query against the positions its slot holds.
+"""Decode attention over paged blocks: each row's one query against the positions its block
+table holds.
 
-A decode step's rows sit in arbitrary slots at arbitrary lengths. ``decode_attention`` takes
-them as device tensors (``slots``, ``lengths``), so one call serves any batch without host-side
-setup and can be captured in a CUDA graph. On CUDA it runs a Triton kernel that reads exactly
-``lengths[b]`` positions of row b's slot (never the slot's full length, never a gathered copy),
-split along the sequence so that even one row keeps many multiprocessors busy (flash-decoding);
-the splits' partial results are merged by their log-sum-exp. Elsewhere, and for the kernel's
-own tests, ``decode_attention_reference`` does the same with PyTorch ops.
+A decode step's rows hold arbitrary blocks at arbitrary lengths. ``decode_attention`` takes
+them as device tensors (``tables``, ``lengths``), so one call serves any batch without host-side
+setup and can be captured in a CUDA graph. On CUDA it runs a Triton kernel that follows row b's
+block table through exactly ``lengths[b]`` positions (never a gathered copy), split along the
+sequence so that even one row keeps many multiprocessors busy (flash-decoding); the splits'
+partial results are merged by their log-sum-exp. Elsewhere, and for the kernel's own tests,
+``decode_attention_reference`` does the same with PyTorch ops.
 
-Only float planes (the float codec) and slots without sliding-window rings take this path; the
-engine runs everything else through ``SlotStep``.
+Only float planes (the float codec) of full-attention layers take this path; the engine runs
+everything else through ``PagedStep``'s other paths.
 """
 
 from __future__ import annotations
@@ -24,33 +25,41 @@ def decode_attention(
     q: torch.Tensor,
     k_plane: torch.Tensor,
     v_plane: torch.Tensor,
-    slots: torch.Tensor,
+    tables: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
     *,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """Attention of q (B, n_head, hd), row b over positions ``0..lengths[b]-1`` of slot
-    ``slots[b]`` of k_plane, v_plane (num_slots, n_kv_head, slot_len, hd) -> (B, n_head, hd).
-    ``use_triton`` None: the kernel on CUDA, the reference elsewhere. Every length is >= 1."""
+    """Attention of q (B, n_head, hd), row b over positions ``0..lengths[b]-1`` of the blocks
+    ``tables[b]`` (B, max blocks) of k_plane, v_plane (num_blocks, n_kv_head, block_size, hd)
+    -> (B, n_head, hd). ``use_triton`` None: the kernel on CUDA, the reference elsewhere. Every
+    length is >= 1."""
     if use_triton is None:
         use_triton = q.device.type == "cuda"
     if not use_triton:
-        return decode_attention_reference(q, k_plane, v_plane, slots, lengths, scale)
-    return _triton_decode(q, k_plane, v_plane, slots, lengths, scale)
+        return decode_attention_reference(q, k_plane, v_plane, tables, lengths, scale)
+    return _triton_decode(q, k_plane, v_plane, tables, lengths, scale)
 
 
 def decode_attention_reference(
     q: torch.Tensor,
     k_plane: torch.Tensor,
     v_plane: torch.Tensor,
-    slots: torch.Tensor,
+    tables: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """``decode_attention`` with PyTorch ops: the rows' slots gathered whole, a length mask."""
-    keys, values = k_plane.index_select(0, slots), v_plane.index_select(0, slots)
-    visible = torch.arange(keys.size(2), device=q.device) < lengths[:, None]  # (B, slot_len)
+    """``decode_attention`` with PyTorch ops: the rows' blocks gathered whole, a length mask."""
+    B, width = tables.shape
+
+    def dense(plane: torch.Tensor) -> torch.Tensor:
+        x = plane.index_select(0, tables.flatten())  # (B * width, n_kv_head, bs, hd)
+        x = x.view(B, width, *x.shape[1:]).transpose(1, 2)
+        return x.reshape(B, x.size(1), -1, x.size(-1))
+
+    keys, values = dense(k_plane), dense(v_plane)
+    visible = torch.arange(keys.size(2), device=q.device) < lengths[:, None]  # (B, positions)
     y = F.scaled_dot_product_attention(
         q[:, :, None],
         keys,
@@ -70,7 +79,7 @@ def num_splits(batch: int, n_kv_head: int, device: torch.device) -> int:
     return max(1, min(32, (2 * sms) // max(1, batch * n_kv_head)))
 
 
-def _triton_decode(q, k_plane, v_plane, slots, lengths, scale) -> torch.Tensor:
+def _triton_decode(q, k_plane, v_plane, tables, lengths, scale) -> torch.Tensor:
     kernel = _kernel()
     B, n_head, hd = q.shape
     n_kv = k_plane.size(1)
@@ -85,13 +94,14 @@ def _triton_decode(q, k_plane, v_plane, slots, lengths, scale) -> torch.Tensor:
         q,
         k_plane,
         v_plane,
-        slots,
+        tables,
         lengths,
         out,
         lse,
         scale,
         q.stride(0),
         q.stride(1),
+        tables.stride(0),
         k_plane.stride(0),
         k_plane.stride(1),
         k_plane.stride(2),
@@ -107,6 +117,7 @@ def _triton_decode(q, k_plane, v_plane, slots, lengths, scale) -> torch.Tensor:
         GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
         HEAD_DIM=hd,
         HEAD_DIM_PAD=hd_pad,
+        BLOCK_SIZE=k_plane.size(2),
         BLOCK_N=64,
         SPLITS=splits,
         IEEE=k_plane.dtype == torch.float32,
@@ -131,13 +142,14 @@ def _kernel():
         Q,
         K,
         V,
-        Slots,
+        Tables,
         Lengths,
         Out,
         Lse,
         scale,
         sq_b,
         sq_h,
+        st_b,
         sk_s,
         sk_h,
         sk_p,
@@ -153,6 +165,7 @@ def _kernel():
         GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         SPLITS: tl.constexpr,
         IEEE: tl.constexpr,
@@ -162,7 +175,6 @@ def _kernel():
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        slot = tl.load(Slots + b)
         length = tl.load(Lengths + b)
         per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
         lo = split * per_split
@@ -180,13 +192,16 @@ def _kernel():
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)  # softmax denominators
         acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-        k_base = K + slot.to(tl.int64) * sk_s + kv_head * sk_h
-        v_base = V + slot.to(tl.int64) * sv_s + kv_head * sv_h
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < hi
             kv_ok = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n[:, None] * sk_p + d[None, :], mask=kv_ok, other=0.0)
+            # each position's block from the row's table, then its offset in the block
+            block = tl.load(Tables + b * st_b + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+            at = n % BLOCK_SIZE
+            k_rows = K + block * sk_s + kv_head * sk_h + at * sk_p
+            v_rows = V + block * sv_s + kv_head * sv_h + at * sv_p
+            k = tl.load(k_rows[:, None] + d[None, :], mask=kv_ok, other=0.0)
             # float32 planes: exact products (the default would round inputs to tf32)
             precision = "ieee" if IEEE else None
             s = tl.dot(q, tl.trans(k), input_precision=precision)
@@ -194,7 +209,7 @@ def _kernel():
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
-            v = tl.load(v_base + n[:, None] * sv_p + d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_rows[:, None] + d[None, :], mask=kv_ok, other=0.0)
             pv = tl.dot(p.to(v.dtype), v, input_precision=precision)
             acc = acc * alpha[:, None] + pv
             total = total * alpha + tl.sum(p, 1)

@@ -1,0 +1,257 @@
+"""What happens to each sequence between one forward's logits and the next forward.
+
+For every row that samples: n-gram bans (a broken loop's) -> logits processors (penalties, DRY,
+bias) -> the batched sampler -> append the token -> loop policy (report, stop, or break: roll
+back and go on) -> stop strings -> length -> finish. Whatever one sequence raises in that
+chain, of any exception type, finishes that sequence alone with finish_reason "error", logged
+once; the others go on.
+
+The sampled ids, and all else the host needs of the logits, come back in one device-to-host
+copy (``arlm.devices.to_host``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+import torch
+
+from arlm.devices import to_device, to_host
+from arlm.engine.outputs import Chunk
+from arlm.engine.sequence import Sequence
+from arlm.sampling.breakers import BreakerIndex
+from arlm.sampling.params import MAX_DRY_MULTIPLIER, SamplingParams
+from arlm.sampling.sampler import (
+    ALL_BANNED,
+    SequenceSampler,
+    as_token_logprobs,
+    logprob_tensors,
+    sample,
+    token_logprobs,
+)
+from arlm.tokenizer import Tokenizer
+
+log = logging.getLogger("arlm.engine")
+
+# finish(seq, reason, error): end a sequence (the engine's scheduler frees its blocks)
+Finish = Callable[[Sequence, str, str | None], None]
+
+
+class TokenChain:
+    """The per-token chain of one engine; see the module docstring. ``limit`` is the most
+    tokens a sequence may hold (None: no limit, the windowed cache); ``rollback(seq)`` makes
+    the cache go on from ``seq.num_cached`` after a loop break."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        device: torch.device,
+        limit: int | None,
+        finish: Finish,
+        rollback: Callable[[Sequence], None],
+    ) -> None:
+        self.tokenizer, self.vocab_size, self.device = tokenizer, vocab_size, device
+        self.limit, self.finish, self.rollback = limit, finish, rollback
+        self._breakers: BreakerIndex | None = None  # built at the first request with DRY
+        self.loops_detected = self.loops_broken = 0
+
+    def sampler(
+        self,
+        params: SamplingParams,
+        token_ids: list[int],
+        prompt_len: int,
+        end_ids: Iterable[int],
+        dry_multiplier: float | None = None,
+    ) -> SequenceSampler:
+        """The request's processors, with DRY at ``dry_multiplier`` (None: as requested)."""
+        effective = params
+        if dry_multiplier is not None:
+            effective = replace(params, dry_multiplier=dry_multiplier)
+        breakers = None
+        if effective.dry_multiplier > 0:
+            if self._breakers is None:
+                tk = self.tokenizer
+                encode = functools.partial(tk.encode, add_special_tokens=False)
+                self._breakers = BreakerIndex(tk.token_texts, encode)
+            breakers = self._breakers.table(params.dry_sequence_breakers)
+        return SequenceSampler(
+            effective,
+            self.vocab_size,
+            token_ids,
+            prompt_len,
+            end_ids=end_ids,
+            dry_breakers=breakers,
+            device=self.device,
+        )
+
+    def run(self, logits: torch.Tensor, rows: list[Sequence]) -> list[tuple[Sequence, list]]:
+        """Sample and apply one token to each row; (sequence, the chunks it made final) for
+        every row, including those that failed (no chunks)."""
+        out, now = [], time.perf_counter()
+        for seq, token, logprob in self._sample(logits, rows):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            try:
+                chunks = self._append(seq, token, logprob)
+            except Exception as e:  # one sequence's failure is its own
+                self.fail(seq, e)
+                chunks = []
+            out.append((seq, chunks))
+        done = {id(seq) for seq, _ in out}
+        out += [(seq, []) for seq in rows if id(seq) not in done]  # their sampling failed
+        return out
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]):
+        """(sequence, token, logprob or None) per row; a row whose processing, sampling or
+        logprobs fail, or that leaves no token possible, finishes with finish_reason "error" and
+        gets no token."""
+        processed, kept, checked = logits, [], []  # copied only when a row has bans or processors
+        for i, seq in enumerate(rows):
+            banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
+            if banned or seq.sampler.processors:
+                try:
+                    row = logits[i : i + 1].clone()
+                    row[:, sorted(banned)] = float("-inf")
+                    row = seq.sampler.process(row)
+                except Exception as e:  # one sequence's failure is its own
+                    self.fail(seq, e)
+                    continue
+                if processed is logits:
+                    processed = logits.clone()
+                processed[i] = row[0]
+                checked.append(len(kept))
+            kept.append(i)
+        if not kept:
+            return []
+        if len(kept) < len(rows):
+            processed = processed.index_select(0, to_device(kept, torch.long, logits.device))
+        seqs = [rows[i] for i in kept]
+        try:
+            drawn = self._draw(logits, processed, kept, seqs, checked)
+        except Exception:
+            # find the row at fault: draw each alone (the rare path; the rows' generators may
+            # have moved on in the failed batch)
+            drawn = [
+                self._draw_row(logits[i : i + 1], processed[j : j + 1], seq, j in checked)
+                for j, (i, seq) in enumerate(zip(kept, seqs, strict=True))
+            ]
+        out = []
+        for seq, token, possible, logprob in drawn:
+            if token is None:
+                continue  # failed in _draw_row
+            if not possible:
+                self.fail(seq, ValueError(ALL_BANNED))
+                continue
+            out.append((seq, token, logprob))
+        return out
+
+    def _draw(self, logits, processed, kept: list[int], seqs: list[Sequence], checked: list[int]):
+        """(sequence, token, any token possible, logprob or None) for the rows ``kept`` of
+        ``logits`` (raw) and ``processed`` (one row each), in one batch and one host copy."""
+        device = logits.device
+        tokens = sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
+        fetch = [tokens]
+        if checked:
+            some = processed.index_select(0, to_device(checked, torch.long, device))
+            fetch.append(torch.isfinite(some).any(dim=-1))
+        wants = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wants:
+            raw = logits.index_select(0, to_device([kept[j] for j in wants], torch.long, device))
+            chosen = tokens.index_select(0, to_device(wants, torch.long, device))
+            top = max(seqs[j].params.logprobs for j in wants)
+            fetch += logprob_tensors(raw, chosen, top)
+        host = [t.tolist() for t in to_host(fetch)]
+        possible = [True] * len(seqs)
+        for j, ok in zip(checked, host[1] if checked else [], strict=True):
+            possible[j] = ok
+        logprobs = [None] * len(seqs)
+        if wants:
+            tops = [seqs[j].params.logprobs for j in wants]
+            picked = [host[0][j] for j in wants]
+            for j, lp in zip(wants, as_token_logprobs(picked, *host[-3:], tops), strict=True):
+                logprobs[j] = lp
+        return list(zip(seqs, host[0], possible, logprobs, strict=True))
+
+    def _draw_row(self, raw: torch.Tensor, row: torch.Tensor, seq: Sequence, check: bool):
+        """``_draw`` of one row (1, vocab) alone; its token is None when that fails (and the
+        sequence has failed)."""
+        try:
+            token = int(sample(row, [seq.params], [seq.generator])[0])
+            possible = not check or bool(torch.isfinite(row).any())
+            logprob = None
+            if seq.params.logprobs is not None:
+                chosen = torch.tensor([token], device=raw.device)
+                logprob = token_logprobs(raw, chosen, seq.params.logprobs)[0]
+            return seq, token, possible, logprob
+        except Exception as e:
+            self.fail(seq, e)
+            return seq, None, False, None
+
+    def _append(self, seq: Sequence, token: int, logprob) -> list[Chunk]:
+        """Apply one sampled token to ``seq``; the chunks it makes final."""
+        if token in seq.end_ids:
+            self.finish(seq, "stop", None)
+            return []
+        seq.token_ids.append(token)
+        seq.sampler.appended()
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        seq.text.push(token)
+        guard = seq.guard
+        action = guard.push(token) if guard is not None else None
+        if action is not None:
+            self.loops_detected += 1
+        if action is not None and action.kind != "report":
+            seq.truncate(action.keep)  # keep the ids up to the end of the loop's first copy
+            seq.text.truncate(action.keep)
+            if action.kind == "stop":
+                seq.loop = action.report
+                self.finish(seq, "repetition", None)
+                return []
+            self._break(seq)
+            return []
+        if action is not None:
+            seq.reported[seq.num_generated - 1] = action.report
+        if seq.text.find_stop():
+            self.finish(seq, "stop", None)
+            return []
+        settled = guard.settled if guard is not None else seq.num_generated
+        chunks = seq.chunks(settled)
+        full = self.limit is not None and len(seq.token_ids) > self.limit
+        if seq.num_generated == seq.params.max_tokens or full:
+            seq.text.flush()
+            self.finish(seq, "length", None)
+        return chunks
+
+    def _break(self, seq: Sequence) -> None:
+        """Go on from the kept ids after a loop break: the guard, the text and the processors
+        restart from them (DRY escalated), and the cache rolls back to them."""
+        self.loops_broken += 1
+        kept = seq.generated
+        seq.guard.rewind(kept)
+        seq.text.restart(kept)
+        p = seq.params
+        dry = seq.guard.dry_multiplier(p.dry_multiplier, MAX_DRY_MULTIPLIER)
+        seq.sampler = self.sampler(p, seq.token_ids, seq.prompt_len, seq.end_ids, dry)
+        self.rollback(seq)
+
+    def fail(self, seq: Sequence, error: Exception) -> None:
+        """Finish ``seq`` alone with finish_reason "error" after ``error``, logged once. A
+        ``ValueError`` is the request's own doing (every token banned) and says so; anything
+        else is a bug met by this request, logged with its traceback."""
+        if isinstance(error, ValueError):
+            message = str(error)
+            log.warning("request %s sample %d failed: %s", seq.request_id, seq.index, message)
+        else:
+            message = f"internal error while generating: {error!r}"
+            log.exception("request %s sample %d failed", seq.request_id, seq.index)
+        # a failure half-way through a token leaves ids the text never took in: drop them, so
+        # the sequence's ids, text and logprobs agree when its last output is made
+        if len(seq.text.ends) < seq.num_generated:
+            seq.truncate(len(seq.text.ends))
+        self.finish(seq, "error", message)

@@ -1,0 +1,462 @@
+"""The engine's cache: a pool of fixed-size blocks that sequences take as they grow.
+
+Per layer, planes of shape (num_blocks, n_kv_head, block_size, width). A sequence's positions
+live in the blocks of its *block table*: position ``p`` at offset ``p % block_size`` of block
+``table[p // block_size]``. Which block belongs to whom, who shares it (prefix-cache hits, the
+``n`` samples of a prompt) and when it is copied are the engine's block manager's books
+(``arlm.engine.block_manager``); this module only stores, copies and attends.
+
+One forward of the engine mixes rows: its tokens are laid out flat, (1, N), as the decode
+tokens (one per decoding sequence) and then each prefill chunk's tokens; ``StepLayout`` says
+which row each token belongs to. ``step`` returns the ``Cache`` object for one such forward. All
+of its new keys and values are written in one indexed copy per plane per layer.
+
+Decode attention reads the blocks in place; how depends on the device, chosen by measurement
+(``benchmarks/engine.py --attention``):
+
+- on a CPU, one fused attention call over the pool's blocks that any row reads: each block is
+  one batch entry, its queries the rows that read it (``_BlockReaders``), and the rows' partial
+  results are merged by their log-sum-exp. No row's history is copied; gathering each row's
+  blocks into a dense tensor instead measured 3 to 10 times slower (it copies the whole
+  history of every row in every layer).
+- on CUDA, for float blocks of full-attention layers, ``decode_attention``'s Triton kernel
+  follows each row's block table.
+
+A prefill chunk gathers its own history (one copy for all of its queries) and attends with a
+causal mask.
+
+A sliding-window layer stores every position like the others and masks its queries to their
+window (the rings of the slot design are gone: a block outlives the window of one sequence
+when another that shares it still reads it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from arlm.config import ModelConfig
+from arlm.devices import pinned_to, to_device
+from arlm.kv_cache.base import Rotate, alloc_planes, layer_views, planes_nbytes, sdpa
+from arlm.kv_cache.codec import Codec, FloatCodec
+from arlm.kv_cache.decode_attention import decode_attention
+
+
+@dataclass(frozen=True)
+class PagedRow:
+    """``length`` positions of one sequence from ``start`` on, written and attended in one
+    forward; ``blocks`` is its block table, covering at least positions ``0..start+length-1``."""
+
+    blocks: list[int]
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """What one forward holds: ``decode`` rows (one position each) and then prefill ``chunks``,
+    in this token order."""
+
+    decode: list[PagedRow]
+    chunks: list[PagedRow]
+
+    @property
+    def rows(self) -> list[PagedRow]:
+        return [*self.decode, *self.chunks]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.length for r in self.rows)
+
+    def positions(self) -> list[int]:
+        """Every token's position, in the flat order."""
+        return [p for r in self.rows for p in range(r.start, r.start + r.length)]
+
+    def sequence_ends(self) -> list[int]:
+        """For every token, in the flat order, the position its sequence reaches in this
+        forward (exclusive)."""
+        return [r.start + r.length for r in self.rows for _ in range(r.length)]
+
+
+class PagedKVCache:
+    """``num_blocks`` blocks of ``block_size`` positions per layer, through a codec (floats, or
+    int8/int4 with a scale per position and head). Blocks get memory as they are first needed
+    (the planes grow by doubling up to ``num_blocks``), so a model serving one short request
+    holds a few blocks. ``windows``: one per layer, a sliding window's length or None."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        n_kv_head: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        codec: Codec | None = None,
+        windows: list[int | None] | None = None,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(
+                f"num_blocks={num_blocks} and block_size={block_size} must be positive"
+            )
+        self.codec = codec or FloatCodec(dtype)
+        self.dtype = dtype
+        self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
+        self.windows = windows or [None] * n_layer
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # one position in one layer, k and v
+        self.position_bytes = 2 * n_kv_head * self.codec.bytes_per_vector(head_dim)
+        self.device = torch.device(device)
+        self.k: list[list[torch.Tensor]] = []
+        self.v: list[list[torch.Tensor]] = []
+        self.allocated = 0
+        self.spare: int | None = None  # a block no sequence owns (``add_spare_block``)
+
+    @classmethod
+    def for_model(
+        cls,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        codec: Codec | None = None,
+    ) -> PagedKVCache:
+        return cls(
+            config.n_layer,
+            config.n_kv_head,
+            config.head_dim,
+            num_blocks,
+            block_size,
+            device=device,
+            dtype=dtype,
+            codec=codec,
+            windows=config.layer_windows,
+        )
+
+    def reserve(self, blocks: int) -> None:
+        """Make sure blocks ``0..blocks-1`` have memory: grow the planes (doubling, up to
+        ``num_blocks``), keeping what the existing blocks hold."""
+        if blocks <= self.allocated:
+            return
+        if blocks > self.num_blocks:
+            raise ValueError(f"block {blocks - 1} does not exist; the pool has {self.num_blocks}")
+        self._grow(min(self.num_blocks, max(blocks, 2 * self.allocated)))
+
+    def add_spare_block(self) -> None:
+        """Give every block memory, and one more that no sequence owns (id ``num_blocks``, the
+        ``spare``), where the padding rows of a captured decode step write."""
+        self.spare = self.num_blocks
+        self._grow(self.num_blocks)
+
+    def _grow(self, n: int) -> None:
+        rows = n + (self.spare is not None)
+        lead = (rows, self.n_kv_head, self.block_size)
+        k = alloc_planes(self.codec, self.n_layer, lead, self.head_dim, self.device)
+        v = alloc_planes(self.codec, self.n_layer, lead, self.head_dim, self.device)
+        for new, old in ((k, self.k), (v, self.v)):
+            for new_planes, old_planes in zip(new, old, strict=False):
+                for a, b in zip(new_planes, old_planes, strict=True):
+                    a[: self.allocated].copy_(b[: self.allocated])
+        self.k, self.v, self.allocated = k, v, n
+
+    def _planes(self) -> list[torch.Tensor]:
+        return [p for layer in (*self.k, *self.v) for p in layer]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy block ``src`` into block ``dst`` for each (src, dst): copy on write."""
+        if not pairs:
+            return
+        src = to_device([s for s, _ in pairs], torch.long, self.device)
+        dst = to_device([d for _, d in pairs], torch.long, self.device)
+        for plane in self._planes():
+            plane.index_copy_(0, dst, plane.index_select(0, src))
+
+    def read_blocks(self, ids: list[int]) -> list[torch.Tensor]:
+        """What blocks ``ids`` hold, one tensor per plane (layers' k, then v), on the device."""
+        index = to_device(ids, torch.long, self.device)
+        return [plane.index_select(0, index) for plane in self._planes()]
+
+    def write_blocks(self, ids: list[int], data: list[torch.Tensor]) -> None:
+        """Store ``data`` (as ``read_blocks`` returns it, on any device) in blocks ``ids``."""
+        index = to_device(ids, torch.long, self.device)
+        for plane, part in zip(self._planes(), data, strict=True):
+            plane.index_copy_(0, index, part.to(self.device, non_blocking=True))
+
+    def step(self, layout: StepLayout) -> PagedStep:
+        """The cache as one forward over ``layout`` sees it."""
+        return PagedStep(self, layout)
+
+    @property
+    def static_decode(self) -> bool:
+        """Whether decode steps can take ``StaticDecode`` (float planes, no sliding windows, a
+        spare block for padding rows, every block allocated so the planes never move)."""
+        return (
+            isinstance(self.codec, FloatCodec)
+            and all(w is None for w in self.windows)
+            and self.spare is not None
+            and self.allocated == self.num_blocks
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return planes_nbytes(self.k, self.v)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one position of one sequence costs stored in every layer."""
+        return self.n_layer * self.position_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+
+class _BlockReaders:
+    """For one window length, which decode rows read which blocks, laid out for one fused
+    attention call per layer: the blocks ``lo..hi-1`` of the pool are its batch; block i's
+    queries are the G heads of each of its (up to R) readers, ``rows[i, r]`` (``nd``, a dummy
+    row, where a block has fewer); ``mask`` (hi-lo, 1, R*G, block_size) hides the positions a
+    reader does not see (past its position, or before its window)."""
+
+    def __init__(
+        self,
+        tables: torch.Tensor,
+        positions: torch.Tensor,
+        window: int | None,
+        block_size: int,
+        group: int,
+        dtype: torch.dtype,
+    ) -> None:
+        nd, width = tables.shape
+        first = positions - window + 1 if window is not None else torch.zeros_like(positions)
+        first = first.clamp(min=0)
+        j = torch.arange(width)
+        wanted = (j >= first[:, None] // block_size) & (j <= positions[:, None] // block_size)
+        row, col = wanted.nonzero(as_tuple=True)
+        block = tables[row, col]
+        order = torch.argsort(block * (nd + 1) + row)  # by block, then row
+        row, col, block = row[order], col[order], block[order]
+        self.lo, hi = int(block[0]), int(block[-1]) + 1
+        # each pair's rank among its block's readers
+        _, counts = torch.unique_consecutive(block, return_counts=True)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        rank = torch.arange(block.numel()) - starts
+        R = int(counts.max())
+        self.blocks, self.readers = hi - self.lo, R
+        self.rows = torch.full((self.blocks, R), nd, dtype=torch.long)
+        self.rows[block - self.lo, rank] = row
+        pos = col[:, None] * block_size + torch.arange(block_size)  # (pairs, block_size)
+        sees = (pos >= first[row, None]) & (pos <= positions[row, None])
+        visible = torch.ones(self.blocks, R, block_size, dtype=torch.bool)  # dummies see all
+        visible[block - self.lo, rank] = sees
+        visible = visible.repeat_interleave(group, dim=1)[:, None]  # (blocks, 1, R*G, bs)
+        self.mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+
+
+class PagedStep:
+    """The ``Cache`` of one engine forward; see the module docstring."""
+
+    def __init__(self, cache: PagedKVCache, layout: StepLayout) -> None:
+        self.cache, self.layout = cache, layout
+        bs, H, device = cache.block_size, cache.n_kv_head, cache.device
+        cells = [
+            r.blocks[p // bs] * H * bs + p % bs
+            for r in layout.rows
+            for p in range(r.start, r.start + r.length)
+        ]
+        # rows of a plane seen as (blocks * n_kv_head * block_size, width), token-major
+        heads = torch.arange(H) * bs
+        self._write = pinned_to((torch.tensor(cells)[:, None] + heads).flatten(), device)
+        self.n_decode = nd = len(layout.decode)
+        self._readers: dict[int | None, _BlockReaders] = {}
+        if nd:
+            width = max(len(r.blocks) for r in layout.decode)
+            table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
+            self._tables = torch.tensor(table, dtype=torch.long)
+            self._positions = torch.tensor([r.start for r in layout.decode], dtype=torch.long)
+            # on CUDA, float full-attention layers read through the decode kernel
+            self._kernel = device.type == "cuda" and isinstance(cache.codec, FloatCodec)
+            if device.type != "cpu":
+                self._tables_dev = pinned_to(self._tables, device)
+                self._lengths_dev = pinned_to(self._positions + 1, device)
+        self._chunk_views = [
+            layer_views(cache.windows, c.start, c.length, device) for c in layout.chunks
+        ]
+        self._chunk_blocks = [
+            to_device(c.blocks[: -(-(c.start + c.length) // bs)], torch.long, device)
+            for c in layout.chunks
+        ]
+
+    def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
+        """Nothing to do: the layout already says where every token goes."""
+        if self.layout.num_tokens != T:
+            raise ValueError(f"this step's layout has {self.layout.num_tokens} tokens, not {T}")
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        # q: (1, n_head, N, hd); k, v: (1, n_kv_head, N, hd), the layout's tokens in order
+        cache = self.cache
+        codec, hd = cache.codec, cache.head_dim
+        scale = hd**-0.5 if scale is None else scale
+        k_planes, v_planes = cache.k[layer], cache.v[layer]
+        for planes, x in ((k_planes, k), (v_planes, v)):
+            new = x[0].transpose(0, 1)  # (N, n_kv_head, hd)
+            for plane, part in zip(planes, codec.encode(new), strict=True):
+                flat = plane.view(-1, plane.size(-1))
+                flat.index_copy_(0, self._write, part.reshape(-1, part.size(-1)).to(plane.dtype))
+        out = []
+        nd = self.n_decode
+        if nd:
+            out.append(self._decode(layer, q[:, :, :nd], scale))
+        offset = nd
+        for chunk, views, blocks in zip(
+            self.layout.chunks, self._chunk_views, self._chunk_blocks, strict=True
+        ):
+            first, mask = views[layer]
+            end, T = chunk.start + chunk.length, chunk.length
+            keys = self._history(k_planes, blocks)[:, :, first:end]
+            values = self._history(v_planes, blocks)[:, :, first:end]
+            out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask, scale))
+            offset += T
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    def _history(self, planes: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
+        """The positions of ``blocks`` in order, (1, n_kv_head, len(blocks) * block_size, hd)."""
+        x = self.cache.codec.decode([p.index_select(0, blocks) for p in planes], self.cache.dtype)
+        n, H, bs, hd = x.shape
+        return x.transpose(0, 1).reshape(1, H, n * bs, hd)
+
+    def _decode(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode rows' queries q (1, n_head, nd, hd) over what their blocks hold."""
+        cache = self.cache
+        window = cache.windows[layer]
+        (k_planes, v_planes) = cache.k[layer], cache.v[layer]
+        if self._kernel and window is None:
+            (k_plane,), (v_plane,) = k_planes, v_planes
+            y = decode_attention(
+                q[0].transpose(0, 1), k_plane, v_plane, self._tables_dev, self._lengths_dev, scale
+            )
+            return y.transpose(0, 1)[None]
+        if cache.device.type != "cpu":
+            return self._decode_gathered(layer, q, scale)
+        readers = self._readers.get(window)
+        if readers is None:
+            group = q.size(1) // cache.n_kv_head
+            readers = _BlockReaders(
+                self._tables, self._positions, window, cache.block_size, group, q.dtype
+            )
+            self._readers[window] = readers
+        return _read_blocks_in_place(cache, k_planes, v_planes, q, readers, scale)
+
+    def _decode_gathered(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Each row's blocks gathered into a dense tensor, a length and window mask: the path
+        for what the CUDA kernel does not cover (quantized blocks, sliding windows)."""
+        cache = self.cache
+        bs, nd = cache.block_size, self.n_decode
+        tables = self._tables_dev
+        width = tables.size(1)
+
+        def dense(planes: list[torch.Tensor]) -> torch.Tensor:
+            x = cache.codec.decode([p.index_select(0, tables.flatten()) for p in planes], q.dtype)
+            x = x.view(nd, width, *x.shape[1:])  # (nd, width, H, bs, hd)
+            return x.transpose(1, 2).reshape(nd, cache.n_kv_head, width * bs, -1)
+
+        keys, values = dense(cache.k[layer]), dense(cache.v[layer])
+        pos = torch.arange(width * bs, device=q.device)
+        at = (self._lengths_dev - 1)[:, None]
+        visible = pos <= at
+        if (window := cache.windows[layer]) is not None:
+            visible &= pos > at - window
+        queries = q[0].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
+        y = sdpa(queries, keys, values, visible[:, None, None, :], scale)
+        return y[:, :, 0].transpose(0, 1)[None]
+
+
+def _read_blocks_in_place(
+    cache: PagedKVCache,
+    k_planes: list[torch.Tensor],
+    v_planes: list[torch.Tensor],
+    q: torch.Tensor,
+    readers: _BlockReaders,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention on a CPU (see the module docstring): q (1, n_head, nd, hd) ->
+    (1, n_head, nd, hd)."""
+    _, n_head, nd, hd = q.shape
+    H = cache.n_kv_head
+    G, R, n = n_head // H, readers.readers, readers.blocks
+    window = slice(readers.lo, readers.lo + n)
+    keys = cache.codec.decode([p[window] for p in k_planes], q.dtype)
+    values = cache.codec.decode([p[window] for p in v_planes], q.dtype)
+    rows = q[0].view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
+    rows = torch.cat((rows, rows.new_zeros(1, H, G, hd)))  # the dummy reader
+    owner = readers.rows.flatten()
+    queries = rows.index_select(0, owner).view(n, R, H, G, hd)
+    queries = queries.permute(0, 2, 1, 3, 4).reshape(n, H, R * G, hd)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        queries, keys, values, attn_mask=readers.mask, scale=scale
+    )
+    # back to one entry per (block, reader); then merge each row's blocks by log-sum-exp
+    out = out.view(n, H, R, G, hd).transpose(1, 2).reshape(n * R, H, G, hd).float()
+    lse = lse.view(n, H, R, G).transpose(1, 2).reshape(n * R, H, G)
+    index = owner[:, None, None].expand_as(lse)
+    top = lse.new_full((nd + 1, H, G), float("-inf")).scatter_reduce_(0, index, lse, "amax")
+    weight = torch.exp(lse - top.index_select(0, owner))
+    total = lse.new_zeros(nd + 1, H, G).index_add_(0, owner, weight)
+    y = out.new_zeros(nd + 1, H, G, hd).index_add_(0, owner, out * weight[..., None])
+    y = (y[:nd] / total[:nd, ..., None]).to(q.dtype)  # (nd, H, G, hd)
+    return y.reshape(nd, n_head, hd).transpose(0, 1)[None]
+
+
+class StaticDecode:
+    """The ``Cache`` of a decode-only forward whose rows come as device tensors: row b's token
+    is at position ``positions[b]``, its block table row ``tables[b]``. It writes each row's
+    key and value there and attends through ``decode_attention``. Nothing in it depends on a
+    host value, so a forward through it can be captured once per batch size and replayed with
+    new contents in the same tensors (``arlm.engine.cuda_graphs``). Padding rows' tables point
+    at the cache's spare block. Needs ``PagedKVCache.static_decode``."""
+
+    def __init__(self, cache: PagedKVCache, tables: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache = cache
+        H, bs = cache.n_kv_head, cache.block_size
+        block = tables.gather(1, (positions // bs)[:, None])  # (B, 1)
+        heads = torch.arange(H, device=tables.device) * bs
+        self._write = ((block * H * bs + (positions % bs)[:, None]) + heads).flatten()
+        self._tables, self._lengths = tables, positions + 1
+        self._rows = tables.size(0)
+
+    def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
+        if self._rows != T:
+            raise ValueError(f"this decode step has {self._rows} rows, not {T}")
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        # q: (1, n_head, B, hd); k, v: (1, n_kv_head, B, hd), one token per row
+        cache = self.cache
+        hd = cache.head_dim
+        (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
+        for plane, x in ((k_plane, k), (v_plane, v)):
+            new = x[0].transpose(0, 1).reshape(-1, hd)  # (B * n_kv_head, hd)
+            plane.view(-1, hd).index_copy_(0, self._write, new.to(plane.dtype))
+        scale = hd**-0.5 if scale is None else scale
+        y = decode_attention(
+            q[0].transpose(0, 1), k_plane, v_plane, self._tables, self._lengths, scale
+        )
+        return y.transpose(0, 1)[None]
