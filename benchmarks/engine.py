@@ -21,9 +21,9 @@ KV cache (what arlm's batch-1 loop was before the engine); prefix caching (16 re
 the sequences hold.
 
 ``--attention`` measures one decode step's attention at 16 sequences x 250/500/1000 positions:
-slot views (what the engine does), and gathering each row's positions from a paged pool into a
-dense tensor (the alternative). ``--profile`` prints where one 16-sequence decode step's time
-goes.
+slot views (the design before paged memory), the paged cache reading blocks in place (what the
+engine does), and gathering each row's blocks into a dense tensor. ``--profile`` prints where
+one 16-sequence decode step's time goes.
 
 Run: ``python benchmarks/engine.py`` (about 20 minutes on 2 cores with vLLM installed);
 ``--models gpt2`` for one model, ``--vllm-python PATH`` for another vLLM environment.
@@ -96,7 +96,7 @@ def arlm_engine(lm, requests: list[dict]) -> dict:
             if out.finished:
                 done[out.request_id] = out.completion
         running = engine.scheduler.running
-        in_use = sum(len(s.block_table) for s in running)
+        in_use = len({b for s in running for b in s.block_table})
         # what the sequences hold, in whole blocks, plus one block each
         bound = sum(len(s.token_ids) // engine.block_manager.block_size + 1 for s in running)
         peak_blocks = max(peak_blocks, in_use)
@@ -215,43 +215,67 @@ def _median_ms(fn, n: int = 7) -> float:
     return statistics.median(times) * 1e3
 
 
-def attention_at(S: int, heads: int, head_dim: int, B: int = 16) -> tuple[float, float]:
-    """ms of one layer's decode attention for B rows of about S positions: (slot views, paged
-    gather)."""
-    from arlm.kv_cache import SlotKVCache, StepLayout
-
-    cache = SlotKVCache(1, heads, head_dim, B, 1024)
-    cache.reserve(B)
-    for plane in (*cache.k[0], *cache.v[0]):
-        plane.normal_()
-    lengths = [S - 7 * i for i in range(B)]  # rows at their own lengths
-    layout = StepLayout(list(range(B)), [n - 1 for n in lengths], [])
-    q = torch.randn(1, heads, B, head_dim)
-    kv = torch.randn(1, heads, B, head_dim)
-    slot_ms = _median_ms(lambda: cache.step(layout).attend(0, q, kv, kv))
+def attention_at(S: int, heads: int, head_dim: int, B: int = 16) -> tuple[float, float, float]:
+    """ms of one layer's decode attention for B rows of about S positions (the best of rounds
+    that run the three in turn, so a busy machine slows each alike): (slot views, the design
+    before paging; this code's paged cache, blocks read in place; each row's blocks gathered
+    into a dense tensor)."""
+    from arlm.kv_cache import PagedKVCache, PagedRow, StepLayout
 
     block = 16
-    pool_k = torch.randn(B * 1024, heads, head_dim)
-    pool_v = torch.randn_like(pool_k)
-    tables = torch.randperm(B * 1024 // block)[: B * (S // block + 1)].view(B, -1)
-    read = (tables[:, :, None] * block + torch.arange(block)).flatten(1)[:, :S]
-    mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]
+    lengths = [S - 7 * i for i in range(B)]  # rows at their own lengths
+    q = torch.randn(1, heads, B, head_dim)
+    kv = torch.randn(1, heads, B, head_dim)
+
+    planes_k = torch.randn(B, heads, 1024, head_dim)
+    planes_v = torch.randn_like(planes_k)
+    slot_mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]
     qb = q[0].transpose(0, 1)[:, :, None]
 
-    def paged():
-        k, v = pool_k[read].transpose(1, 2), pool_v[read].transpose(1, 2)
-        F.scaled_dot_product_attention(qb, k, v, attn_mask=mask)
+    def slots():  # one call over the rows' slots, as the slot design read them
+        F.scaled_dot_product_attention(
+            qb, planes_k[:, :, :S], planes_v[:, :, :S], attn_mask=slot_mask
+        )
 
-    return slot_ms, _median_ms(paged)
+    num_blocks = B * (S // block + 1)
+    cache = PagedKVCache(1, heads, head_dim, num_blocks, block)
+    cache.reserve(num_blocks)
+    for plane in (*cache.k[0], *cache.v[0]):
+        plane.normal_()
+    tables = torch.randperm(num_blocks).view(B, -1).tolist()  # scattered over the pool
+    layout = StepLayout([PagedRow(t, n - 1, 1) for t, n in zip(tables, lengths, strict=True)], [])
+
+    def paged():  # a new step each time: its per-step setup counts
+        cache.step(layout).attend(0, q, kv, kv)
+
+    (pool_k,), (pool_v,) = cache.k[0], cache.v[0]
+    index = torch.tensor(tables)
+    width = index.size(1) * block
+    gather_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]
+
+    def gather():
+        k = pool_k[index].transpose(1, 2).reshape(B, heads, width, head_dim)
+        v = pool_v[index].transpose(1, 2).reshape(B, heads, width, head_dim)
+        F.scaled_dot_product_attention(qb, k, v, attn_mask=gather_mask)
+
+    best = [float("inf")] * 3
+    for _ in range(15):
+        for i, fn in enumerate((slots, paged, gather)):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return tuple(b * 1e3 for b in best)
 
 
 def attention(n_layer: int = 12, heads: int = 12, head_dim: int = 64) -> None:
-    """One decode step's attention for 16 rows, per layer and for all layers."""
-    print(f"\ndecode attention, 16 sequences, {heads} heads of {head_dim}, float32 (ms)")
-    print(f"  {'positions':>9}  {'slot views':>10}  {'paged gather':>12}  {'x 12 layers':>13}")
+    """One decode step's attention for 16 rows, per layer."""
+    print(f"\ndecode attention, 16 sequences, {heads} heads of {head_dim}, float32, one layer (ms)")
+    print(
+        f"  {'positions':>9}  {'slot views':>10}  {'paged':>8}  {'gather':>8}  {'paged/slot':>10}"
+    )
     for S in (250, 500, 1000):
-        a, b = attention_at(S, heads, head_dim)
-        print(f"  {S:9d}  {a:10.2f}  {b:12.2f}  {a * n_layer:6.0f} / {b * n_layer:.0f}")
+        a, b, c = attention_at(S, heads, head_dim)
+        print(f"  {S:9d}  {a:10.2f}  {b:8.2f}  {c:8.2f}  {b / a:10.2f}")
 
 
 def profile_step(folder: Path) -> None:

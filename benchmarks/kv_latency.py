@@ -3,9 +3,9 @@
 Without a cache every new token re-runs the whole context, so a token at position p costs O(p)
 (and the attention in it O(p^2)) and generating n tokens costs O(n^2); with a cache a token costs
 one token's work plus attention over p cached keys, and n tokens cost about O(n). The kinds: the
-contiguous cache (float32, int8, int4), and the engine's slot cache (``SlotKVCache``: the
-sequence's own slot, fed as the engine feeds it, prefill chunks and then one decode row per
-step, attended as a view of the slot). The windowed cache holds a fixed number of positions, so
+contiguous cache (float32, int8, int4), and the engine's paged cache (``PagedKVCache``: the
+sequence's own blocks, fed as the engine feeds it, prefill chunks and then one decode row per
+step, its blocks read in place). The windowed cache holds a fixed number of positions, so
 past its window a token costs the same at any position. Random weights: latency does not depend
 on what a model learned.
 
@@ -22,8 +22,7 @@ import torch
 from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 from arlm.config import ModelConfig
-from arlm.kv_cache import CacheConfig, SlotKVCache, StepLayout
-from arlm.kv_cache.slots import PrefillChunk
+from arlm.kv_cache import CacheConfig, PagedKVCache, PagedRow, StepLayout
 from arlm.model import Transformer
 
 POSITIONS = (64, 128, 256, 512, 1024, 2048)
@@ -32,26 +31,26 @@ KINDS = {  # label -> settings; all in float32 unless quantized
     "contiguous": CacheConfig(),
     "int8": CacheConfig(dtype="int8"),
     "int4": CacheConfig(dtype="int4"),
-    "slot": None,  # the engine's SlotKVCache, one sequence in it
+    "paged": None,  # the engine's PagedKVCache, one sequence in it
 }
 
 
-class OneSlot:
-    """One sequence in slot 0 of the engine's ``SlotKVCache``, driven with ``start_pos`` as
-    the contiguous cache is: each forward becomes the step layout the engine's runner would
-    build for it, a prefill chunk for several tokens, a decode row for one."""
+class OneSequence:
+    """One sequence in the engine's ``PagedKVCache``, its blocks in order, driven with
+    ``start_pos`` as the contiguous cache is: each forward becomes the step layout the engine's
+    runner would build for it, a prefill chunk for several tokens, a decode row for one."""
 
-    def __init__(self, config: ModelConfig, max_len: int) -> None:
-        self.slots = SlotKVCache.for_model(config, 1, max_len)
-        self.slots.reserve(1)
+    def __init__(self, config: ModelConfig, max_len: int, block_size: int = 16) -> None:
+        blocks = -(-max_len // block_size)
+        self.paged = PagedKVCache.for_model(config, blocks, block_size)
+        self.paged.reserve(blocks)
+        self.table = list(range(blocks))
         self._step = None
 
     def prepare(self, start_pos: int, T: int, rotate=None) -> None:
-        if T == 1:
-            layout = StepLayout([0], [start_pos], [])
-        else:
-            layout = StepLayout([], [], [PrefillChunk(0, start_pos, T)])
-        self._step = self.slots.step(layout)
+        row = PagedRow(self.table, start_pos, T)
+        layout = StepLayout([row], []) if T == 1 else StepLayout([], [row])
+        self._step = self.paged.step(layout)
         self._step.prepare(start_pos, T, rotate)
 
     def attend(self, layer: int, q, k, v, scale=None):
@@ -59,7 +58,7 @@ class OneSlot:
 
 
 def build(kind: CacheConfig | None, config: ModelConfig, max_len: int):
-    return OneSlot(config, max_len) if kind is None else kind.build(config, 1, max_len)
+    return OneSequence(config, max_len) if kind is None else kind.build(config, 1, max_len)
 
 
 def make_model(preset: str, block_size: int) -> Transformer:

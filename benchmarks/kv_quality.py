@@ -3,10 +3,10 @@
 1. Perplexity on held-out text (the last tenth of the built-in corpus, which training never
    sees), fed through each cache kind in chunks of 16, each chunk attending to what the cache
    holds of the chunks before: the contiguous kinds (float32, bfloat16, int8, int4) and the
-   window through ``lm.score(text, chunk_size=16)``; the engine's slot cache (``SlotKVCache``)
-   as the engine prefills prompts, every text in its own slot, one chunk of each per forward.
+   window through ``lm.score(text, chunk_size=16)``; the engine's paged cache (``PagedKVCache``)
+   as the engine prefills prompts, every text in its own blocks, one chunk of each per forward.
 2. Greedy agreement: the share of identical tokens over 256 greedy tokens, position by position.
-   The contiguous kinds and the window decode each prompt alone through that cache; the slot
+   The contiguous kinds and the window decode each prompt alone through that cache; the paged
    kinds through the engine, the prompts submitted together and decoded in one batch.
 3. The window past the context: a rotary model scores texts 8x longer than its context through a
    dense cache (positions it was never trained on) and through windowed caches, with and without
@@ -29,8 +29,15 @@ import torch.nn.functional as F
 from report import print_table, save_figure  # benchmarks/report.py, beside this script
 
 import arlm
-from arlm.kv_cache import Cache, CacheConfig, KVCache, SlotKVCache, StepLayout, make_codec
-from arlm.kv_cache.slots import PrefillChunk
+from arlm.kv_cache import (
+    Cache,
+    CacheConfig,
+    KVCache,
+    PagedKVCache,
+    PagedRow,
+    StepLayout,
+    make_codec,
+)
 from arlm.measure.heldout import held_out_ids
 from arlm.sampling import SamplingParams
 from arlm.train.data import default_cache_dir
@@ -41,9 +48,9 @@ KINDS = {  # label -> arlm.load keywords; the contiguous cache, float32 the refe
     "int8": {"kv_cache_dtype": "int8"},
     "int4": {"kv_cache_dtype": "int4"},
 }
-SLOT_KINDS = {  # the engine's slot cache
-    "slot": {},
-    "slot int8": {"kv_cache_dtype": "int8"},
+PAGED_KINDS = {  # the engine's paged cache
+    "paged": {},
+    "paged int8": {"kv_cache_dtype": "int8"},
 }
 ROPE_KINDS = {"window 4+60": {"kv_window": 60}}  # rotary models only: a quarter of the context
 CHUNK = 16
@@ -69,32 +76,32 @@ def with_start(lm: arlm.LM, ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def slot_perplexity(lm: arlm.LM, segments: list[list[int]]) -> float:
-    """Perplexity of ``segments`` through the engine's slot cache: each segment in its own slot,
+def paged_perplexity(lm: arlm.LM, segments: list[list[int]]) -> float:
+    """Perplexity of ``segments`` through the engine's paged cache: each segment in its own blocks,
     fed in chunks of ``CHUNK``, one chunk of every segment per forward (the flat layout the
     engine's runner builds when it prefills several prompts)."""
     model = lm.model
     dtype = model.wte.weight.dtype
     texts = [with_start(lm, seg) for seg in segments]
-    cache = SlotKVCache.for_model(
+    per_text = -(-max(len(t) for t in texts) // 16)
+    cache = PagedKVCache.for_model(
         lm.config,
-        len(texts),
-        max(len(t) for t in texts),
+        len(texts) * per_text,
+        16,
         device=lm.device,
         dtype=dtype,
         codec=make_codec(lm.cache_config.dtype, dtype),
     )
-    cache.reserve(len(texts))
+    cache.reserve(len(texts) * per_text)
+    tables = [[i + len(texts) * j for j in range(per_text)] for i in range(len(texts))]
     logprobs = []
     for start in range(0, max(len(t) for t in texts) - 1, CHUNK):
-        chunks = [
-            PrefillChunk(slot, start, min(CHUNK, len(t) - 1 - start))
-            for slot, t in enumerate(texts)
-            if start < len(t) - 1
+        fed = [
+            (i, min(CHUNK, len(t) - 1 - start)) for i, t in enumerate(texts) if start < len(t) - 1
         ]
-        layout = StepLayout([], [], chunks)
-        idx = [tok for c in chunks for tok in texts[c.slot][start : start + c.length]]
-        targets = [tok for c in chunks for tok in texts[c.slot][start + 1 : start + 1 + c.length]]
+        layout = StepLayout([], [PagedRow(tables[i], start, n) for i, n in fed])
+        idx = [tok for i, n in fed for tok in texts[i][start : start + n]]
+        targets = [tok for i, n in fed for tok in texts[i][start + 1 : start + 1 + n]]
         logits = model(
             torch.tensor([idx], device=lm.device),
             kv_cache=cache.step(layout),
@@ -129,7 +136,7 @@ def cache_greedy(lm: arlm.LM, prompts: list[list[int]]) -> list[list[int]]:
 
 def engine_greedy(lm: arlm.LM, prompts: list[list[int]]) -> list[list[int]]:
     """Greedy tokens of ``prompts`` submitted together to the engine (``lm.generate`` on a
-    list, without its progress bar): decoded in one batch over the slot cache."""
+    list, without its progress bar): decoded in one batch over the paged cache."""
     params = SamplingParams(max_tokens=N_GREEDY, temperature=0, ignore_eos=True)
     return [c.token_ids for c in lm.engine.generate(prompts, params, progress=False)]
 
@@ -157,7 +164,7 @@ def compare_kinds(path: str, cache_dir: Path, n_segments: int) -> list[list[str]
     kinds = {label: (kw, False) for label, kw in KINDS.items()}
     if reference.config.positions == "rope":
         kinds.update({label: (kw, False) for label, kw in ROPE_KINDS.items()})
-    kinds.update({label: (kw, True) for label, kw in SLOT_KINDS.items()})
+    kinds.update({label: (kw, True) for label, kw in PAGED_KINDS.items()})
     rows = [["one forward (no cache)", f"{one_pass:.3f}", f"{one_pass / base_ppl:.5f}", "", ""]]
     for label, (kw, slot) in kinds.items():
         if not kw and not slot:  # the reference itself
@@ -165,7 +172,7 @@ def compare_kinds(path: str, cache_dir: Path, n_segments: int) -> list[list[str]
         else:
             lm = arlm.load(path, **kw)
             if slot:
-                ppl, tokens = slot_perplexity(lm, segments), engine_greedy(lm, prompts)
+                ppl, tokens = paged_perplexity(lm, segments), engine_greedy(lm, prompts)
             else:
                 ppl, tokens = perplexity(lm, segments, CHUNK), cache_greedy(lm, prompts)
             same, first = agreement(tokens, base_tokens)

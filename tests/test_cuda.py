@@ -45,26 +45,27 @@ def _in_use(device: torch.device) -> int:
 
 def test_the_kv_cache_keeps_to_gpu_memory_utilization(tokenizer):
     device = torch.device("cuda")
-    # 1 KiB of keys and values per position (2 layers x 2 KV heads x 32 x float32 x k,v), so a
-    # slot of 65,536 positions is 64 MiB: the budget is counted in whole, large slots
+    # 1 KiB of keys and values per position (2 layers x 2 KV heads x 32 x float32 x k,v): a
+    # sequence of 65,536 positions needs 64 MiB, a block of 16 positions 16 KiB
     model = make_model("llama", n_layer=2, block_size=65536).to(device)
-    slot = 2 * 2 * 2 * 32 * 4 * 65536
+    longest, block = 2 * 2 * 2 * 32 * 4 * 65536, 2 * 2 * 2 * 32 * 4 * 16
     torch.cuda.empty_cache()
     peak = activation_peak(model, 512)  # the engine's widest step (512 positions by default)
     total = torch.cuda.mem_get_info(device)[1]
-    # room for five slots and a half above what is in use and the activations
-    utilization = (_in_use(device) + peak + 5.5 * slot) / total
-    six = EngineConfig(max_num_seqs=6, gpu_memory_utilization=utilization)
-    with pytest.raises(ValueError, match=r"max_num_seqs=6 .* MiB, more than the budget of"):
-        Engine(model, tokenizer, config=six)
+    # room for half of the longest sequence above what is in use and the activations
+    half = (_in_use(device) + peak + 0.5 * longest) / total
+    whole = EngineConfig(max_model_len=65536, gpu_memory_utilization=half)
+    with pytest.raises(ValueError, match=r"max_model_len=65536 needs 4096 KV blocks .* than the"):
+        Engine(model, tokenizer, config=whole)
+    utilization = (_in_use(device) + peak + 5.5 * longest) / total
     engine = Engine(model, tokenizer, config=EngineConfig(gpu_memory_utilization=utilization))
-    assert engine.scheduler.max_num_seqs == 5  # not the default 16: the budget binds
+    assert engine.block_manager.num_blocks * block <= 5.5 * longest + block
     engine.preallocate()
     assert _in_use(device) <= utilization * total
     out = engine.generate(
         [[1, 2, 3]] * 6, arlm.SamplingParams(max_tokens=3, ignore_eos=True), progress=False
     )
-    assert all(len(c.token_ids) == 3 for c in out)  # six requests through five slots
+    assert all(len(c.token_ids) == 3 for c in out)
 
 
 def test_a_model_that_does_not_fit_is_refused_naming_both_sizes():

@@ -34,7 +34,7 @@ def model(request, tokenizer):
 def _engine(model, tokenizer, graphs: bool, **config) -> Engine:
     engine = Engine(model, tokenizer, config=EngineConfig(**config))
     if graphs:
-        engine.runner.use_decode_graphs(capture=False)
+        engine.use_decode_graphs(capture=False)
     return engine
 
 
@@ -83,7 +83,7 @@ def test_padded_decode_logprobs_match_the_plain_path(model, tokenizer):
 
 def test_a_padding_row_changes_no_other_row(model, tokenizer):
     """The logits of 3 rows padded to a bucket of 4 equal each row's alone (bucket 1), and the
-    padding writes only the spare slot."""
+    padding writes only the spare block."""
     engine = _engine(model, tokenizer, True, max_num_seqs=8)
     runner = engine.runner
     prompts = _prompts(3, seed=9)
@@ -97,37 +97,42 @@ def test_a_padding_row_changes_no_other_row(model, tokenizer):
     before = [p[:spare].clone() for p in runner.cache.k[0]]
     tokens = [s.token_ids[s.num_cached] for s in rows]
     positions = [s.num_cached for s in rows]
-    slots = [s.slot for s in rows]
-    together = graphs.run(tokens, positions, slots).clone()
+    tables = [s.block_table for s in rows]
+    together = graphs.run(tokens, positions, tables).clone()
     after = [p[:spare] for p in runner.cache.k[0]]
     for i in range(3):
-        alone = graphs.run(tokens[i : i + 1], positions[i : i + 1], slots[i : i + 1])
+        alone = graphs.run(tokens[i : i + 1], positions[i : i + 1], tables[i : i + 1])
         assert_close(together[i], alone[0])
-    # the step wrote each row's own position and nothing else outside the spare slot
+    # the step wrote each row's own position and nothing else outside the spare block
+    bs = engine.block_size
+    written = {(t[p // bs], p % bs) for t, p in zip(tables, positions, strict=True)}
     for b, a in zip(before, after, strict=True):
-        changed = (b != a).any(dim=-1).nonzero().tolist()  # (slot, head, position)
-        assert {(s, p) for s, _, p in changed} == set(zip(slots, positions, strict=True))
+        changed = (b != a).any(dim=-1).nonzero().tolist()  # (block, head, offset)
+        assert {(blk, off) for blk, _, off in changed} == written
 
 
 def test_unsupported_caches_are_refused_with_the_reason(tokenizer):
     model = make_model("llama", vocab_size=tokenizer.vocab_size)
     engine = Engine(model, tokenizer, CacheConfig(dtype="int8"))
     with pytest.raises(ValueError, match="quantized KV cache"):
-        engine.runner.use_decode_graphs(capture=False)
+        engine.use_decode_graphs(capture=False)
     assert engine.eager_reason == "not a CUDA device"
 
 
 def _kernel_against_reference(device: str, n_head: int, n_kv_head: int, head_dim: int) -> None:
     g = torch.Generator().manual_seed(0)
-    slots_n, slot_len = 6, 300
-    k = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
-    v = torch.randn(slots_n, n_kv_head, slot_len, head_dim, generator=g).to(device)
+    rows, bs, width = 6, 16, 19  # up to 304 positions a row
+    k = torch.randn(rows * width, n_kv_head, bs, head_dim, generator=g).to(device)
+    v = torch.randn(rows * width, n_kv_head, bs, head_dim, generator=g).to(device)
     lengths = torch.tensor([1, 63, 64, 65, 200, 300], device=device)
-    slots = torch.tensor([5, 0, 3, 1, 2, 4], device=device)
-    q = torch.randn(len(slots), n_head, head_dim, generator=g).to(device)
+    # every row's blocks scattered over the pool; rows 1 and 2 share their first two
+    tables = torch.randperm(rows * width, generator=g).view(rows, width)
+    tables[2, :2] = tables[1, :2]
+    tables = tables.to(device)
+    q = torch.randn(rows, n_head, head_dim, generator=g).to(device)
     scale = head_dim**-0.5
-    got = decode_attention(q, k, v, slots, lengths, scale, use_triton=True)
-    want = decode_attention_reference(q, k, v, slots, lengths, scale)
+    got = decode_attention(q, k, v, tables, lengths, scale, use_triton=True)
+    want = decode_attention_reference(q, k, v, tables, lengths, scale)
     # weighted means of values of size max|v|, summed in another order (the kernel's splits)
     assert_close(got, want, scale=v.abs().max().item())
 

@@ -29,7 +29,7 @@ from arlm.config import ModelConfig
 from arlm.formats.checkpoint import load_model, save_model
 from arlm.formats.gguf import export_gguf
 from arlm.formats.hf import config_from_hf, export_hf, load_hf
-from arlm.kv_cache import KVCache, SlotKVCache, StepLayout, make_codec
+from arlm.kv_cache import KVCache, PagedKVCache, PagedRow, StepLayout, make_codec
 from arlm.model import Transformer
 from arlm.model.packing import _REDUCE_RANGE, PackedInt4Linear, PackedInt8Linear
 from arlm.model.quantize import quantize
@@ -490,13 +490,15 @@ def _contiguous(model, seq, codec):
     return torch.cat(out, dim=1)[0]
 
 
-def _slots(model, seq, codec):
-    cache = SlotKVCache.for_model(model.config, 1, seq.size(1), codec=codec)
-    cache.reserve(1)
+def _paged(model, seq, codec):
+    bs = 8
+    blocks = list(range(-(-seq.size(1) // bs)))[::-1]  # in reverse: not contiguous
+    cache = PagedKVCache.for_model(model.config, len(blocks), bs, codec=codec)
+    cache.reserve(len(blocks))
     out = []
     with torch.no_grad():
         for p in range(SEQ):
-            layout = StepLayout([0], [p], [])
+            layout = StepLayout([PagedRow(blocks, p, 1)], [])
             step = cache.step(layout)
             out.append(model(seq[:, p : p + 1], kv_cache=step, positions=torch.tensor([[p]]))[0])
     return torch.cat(out, dim=1)[0]
@@ -507,18 +509,18 @@ def _slots(model, seq, codec):
 # logits by 2.4 to 6.6, at least twice each model's int4 error
 @pytest.mark.parametrize("kv_dtype, atol", [("auto", 1e-5), ("int8", 0.15), ("int4", 1.5)])
 @cases(WINDOWED)
-def test_window_in_the_contiguous_and_slot_caches(case, kv_dtype, atol):
+def test_window_in_the_contiguous_and_paged_caches(case, kv_dtype, atol):
     name, folder, _ = case
     model, _ = load_hf(folder)
     seq = _ids(SEQ, seed=2)
     with torch.no_grad():
         full = model(seq)[0][0]  # teacher forcing with the window's mask (checked against HF)
     codec = make_codec(kv_dtype, torch.float32)
-    contiguous, slots = _contiguous(model, seq, codec), _slots(model, seq, codec)
+    contiguous, paged = _contiguous(model, seq, codec), _paged(model, seq, codec)
     torch.testing.assert_close(contiguous, full, rtol=0, atol=atol)
     # the two kinds store the same codes and see the same windows (their kernels sum in another
     # order, which can move a quantized code by one step: measured 4e-4 once, on gemma3 int8)
-    torch.testing.assert_close(slots, contiguous, rtol=0, atol=1e-4 if kv_dtype == "auto" else 1e-3)
+    torch.testing.assert_close(paged, contiguous, rtol=0, atol=1e-4 if kv_dtype == "auto" else 1e-3)
     # and the window matters: without it the logits move by more than twice the cache's error (a
     # window as long as the sequence cuts nothing; Gemma's local layers keep their own rope)
     plain = replace(model.config, sliding_window=SEQ)

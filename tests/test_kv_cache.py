@@ -1,4 +1,4 @@
-"""KV cache kinds against the contiguous cache, the engine's slot cache, the window, and
+"""KV cache kinds against the contiguous cache, the engine's paged cache, the window, and
 accounting."""
 
 import math
@@ -12,14 +12,14 @@ from arlm.engine import EngineConfig
 from arlm.kv_cache import (
     CacheConfig,
     KVCache,
-    SlotKVCache,
+    PagedKVCache,
+    PagedRow,
     StepLayout,
     WindowedKVCache,
     make_codec,
 )
 from arlm.kv_cache.base import storage_bytes
 from arlm.kv_cache.codec import quantize_int4, quantize_int8
-from arlm.kv_cache.slots import PrefillChunk
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close
 
@@ -58,20 +58,26 @@ def codec(name):
     return make_codec(name, torch.float32)
 
 
-# --- the slot cache, driven as the engine drives it ---
+# --- the paged cache, driven as the engine drives it ---
 
 
-def step(model, cache, layout, seqs, logits_at=None):
-    """Logits (N or K, V) of one engine forward over ``layout``: the tokens laid out flat, the
-    decode rows' (slots ascending) and then each chunk's, each at its own position.
-    ``seqs[slot]`` is the token ids (1, L) of the sequence in that slot."""
-    tokens = [
-        int(seqs[s][0, p])
-        for s, p in zip(layout.decode_slots, layout.decode_positions, strict=True)
-    ]
-    for c in layout.chunks:
-        tokens.extend(seqs[c.slot][0, c.start : c.start + c.length].tolist())
-    assert len(tokens) == layout.num_tokens
+def interleaved_tables(n_seqs: int, blocks_each: int) -> dict[int, list[int]]:
+    """Block tables whose blocks interleave in the pool, in reverse: nothing is contiguous."""
+    return {s: [s + n_seqs * j for j in range(blocks_each)][::-1] for s in range(n_seqs)}
+
+
+def step(model, cache, tables, seqs, decode=(), chunks=(), logits_at=None):
+    """Logits (N or K, V) of one engine forward: ``decode`` rows (sequence, position) and then
+    ``chunks`` (sequence, start, length), the tokens laid out flat, each at its own position.
+    ``seqs[s]`` is the token ids (1, L) of sequence s, ``tables[s]`` its block table."""
+    layout = StepLayout(
+        [PagedRow(tables[s], p, 1) for s, p in decode],
+        [PagedRow(tables[s], start, n) for s, start, n in chunks],
+    )
+    tokens = [int(seqs[s][0, p]) for s, p in decode]
+    for s, start, n in chunks:
+        tokens.extend(seqs[s][0, start : start + n].tolist())
+    cache.reserve(1 + max(b for t in tables.values() for b in t))
     with torch.no_grad():
         logits, _ = model(
             torch.tensor([tokens]),
@@ -82,33 +88,37 @@ def step(model, cache, layout, seqs, logits_at=None):
     return logits[0]
 
 
-def slot_prefill_then_decode(model, cache, seq, prompt=16):
-    """Logits (B, L, V) of the B rows of ``seq``, row b in slot b: one forward prefilling every
-    row (a chunk each), then one decode forward per position with every row in it."""
+def paged(config, n_seqs: int, length: int, kv_dtype: str = "float32", block_size: int = 8):
+    blocks = -(-length // block_size)
+    cache = PagedKVCache.for_model(config, n_seqs * blocks, block_size, codec=codec(kv_dtype))
+    return cache, interleaved_tables(n_seqs, blocks)
+
+
+def paged_prefill_then_decode(model, cache, tables, seq, prompt=16):
+    """Logits (B, L, V) of the B rows of ``seq``: one forward prefilling every row (a chunk
+    each), then one decode forward per position with every row in it."""
     B, L = seq.shape
-    cache.reserve(B)
     seqs = {b: seq[b : b + 1] for b in range(B)}
-    chunks = [PrefillChunk(b, 0, prompt) for b in range(B)]
-    out = [step(model, cache, StepLayout([], [], chunks), seqs).view(B, prompt, -1)]
+    out = [step(model, cache, tables, seqs, chunks=[(b, 0, prompt) for b in range(B)])]
+    out[0] = out[0].view(B, prompt, -1)
     for pos in range(prompt, L):
-        out.append(step(model, cache, StepLayout(list(range(B)), [pos] * B, []), seqs)[:, None])
+        out.append(step(model, cache, tables, seqs, decode=[(b, pos) for b in range(B)])[:, None])
     return torch.cat(out, 1)
 
 
-def slot_greedy(model, cache, prompt, steps):
-    """Greedy tokens (B, steps) of the B prompts, one slot each, decoded in one forward per step;
-    the prefill projects only each chunk's last position (``logits_at``), as the engine does."""
+def paged_greedy(model, cache, tables, prompt, steps):
+    """Greedy tokens (B, steps) of the B prompts decoded in one forward per step; the prefill
+    projects only each chunk's last position (``logits_at``), as the engine does."""
     B, n = prompt.shape
-    cache.reserve(B)
     ids = prompt.clone()
-    prefill = StepLayout([], [], [PrefillChunk(b, 0, n) for b in range(B)])
     last = torch.arange(1, B + 1) * n - 1
-    logits = step(model, cache, prefill, dict(enumerate(ids[:, None])), logits_at=last)
+    seqs = dict(enumerate(ids[:, None]))
+    logits = step(model, cache, tables, seqs, chunks=[(b, 0, n) for b in range(B)], logits_at=last)
     for pos in range(n, n + steps):
         ids = torch.cat((ids, logits.argmax(-1)[:, None]), 1)
         if pos < n + steps - 1:
-            decode = StepLayout(list(range(B)), [pos] * B, [])
-            logits = step(model, cache, decode, dict(enumerate(ids[:, None])))
+            seqs = dict(enumerate(ids[:, None]))
+            logits = step(model, cache, tables, seqs, decode=[(b, pos) for b in range(B)])
     return ids[:, n:]
 
 
@@ -116,48 +126,46 @@ def slot_greedy(model, cache, prompt, steps):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_slot_cache_logits_equal_the_contiguous_cache(family):
+def test_paged_cache_logits_equal_the_contiguous_cache(family):
     model = make_model(family)
     seq = random_tokens((2, 50), 1)
     contiguous = prefill_then_decode(model, KVCache.for_model(model.config, 2, 50), seq)
-    slots = SlotKVCache.for_model(model.config, 2, 50)
-    # bit-identical on the CPUs measured, but the two caches hand attention keys laid out
-    # differently, and nothing obliges ATen to pick the same kernels for both: float32's rounding
-    assert_close(slot_prefill_then_decode(model, slots, seq), contiguous)
+    cache, tables = paged(model.config, 2, 50)
+    # the two caches hand attention keys laid out differently (the paged decode merges blocks
+    # by their log-sum-exp): float32's rounding
+    assert_close(paged_prefill_then_decode(model, cache, tables, seq), contiguous)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_slot_rows_at_their_own_lengths_in_one_forward_match_each_sequence_alone(family):
+def test_paged_rows_at_their_own_lengths_in_one_forward_match_each_sequence_alone(family):
     model = make_model(family)
-    # slot 0: a 37-token prompt; slot 1: a 20-token prompt prefilled in chunks of 12 and 8;
-    # slot 2: a 5-token prompt. Every forward mixes rows at different lengths.
+    # 0: a 37-token prompt; 1: a 20-token prompt prefilled in chunks of 12 and 8; 2: a 5-token
+    # prompt. Every forward mixes rows at different lengths.
     seqs = {
         0: random_tokens((1, 41), 10),
         1: random_tokens((1, 23), 11),
         2: random_tokens((1, 9), 12),
     }
     schedule = [
-        StepLayout([], [], [PrefillChunk(0, 0, 37), PrefillChunk(1, 0, 12), PrefillChunk(2, 0, 5)]),
-        # decode rows in slots 0 and 2 with slot 1 between them prefilling: a dummy row
-        StepLayout([0, 2], [37, 5], [PrefillChunk(1, 12, 8)]),
-        StepLayout([0, 1, 2], [38, 20, 6], []),
-        StepLayout([0, 2], [39, 7], []),  # slot 1 sits this one out: a dummy row again
-        StepLayout([1], [21], []),
-        StepLayout([0, 1, 2], [40, 22, 8], []),
+        dict(chunks=[(0, 0, 37), (1, 0, 12), (2, 0, 5)]),
+        dict(decode=[(0, 37), (2, 5)], chunks=[(1, 12, 8)]),
+        dict(decode=[(0, 38), (1, 20), (2, 6)]),
+        dict(decode=[(0, 39), (2, 7)]),  # 1 sits this one out
+        dict(decode=[(1, 21)]),
+        dict(decode=[(0, 40), (1, 22), (2, 8)]),
     ]
-    cache = SlotKVCache.for_model(model.config, num_slots=3, slot_len=48)
-    cache.reserve(3)
+    cache, tables = paged(model.config, 3, 48)
     with torch.no_grad():
         alone = {s: model(seq)[0][0] for s, seq in seqs.items()}  # each sequence by itself
     checked = 0
-    for layout in schedule:
-        logits = step(model, cache, layout, seqs)
-        slots = [*layout.decode_slots, *(c.slot for c in layout.chunks for _ in range(c.length))]
-        for row, (slot, pos) in enumerate(zip(slots, layout.positions(), strict=True)):
-            assert_close(logits[row], alone[slot][pos])
+    for rows in schedule:
+        logits = step(model, cache, tables, seqs, **rows)
+        fed = [*rows.get("decode", [])]
+        fed += [(s, start + i) for s, start, n in rows.get("chunks", []) for i in range(n)]
+        for row, (s, pos) in enumerate(fed):
+            assert_close(logits[row], alone[s][pos])
             checked += 1
     assert checked == sum(s.size(1) for s in seqs.values())  # every position of every sequence
-    assert cache.lengths == [41, 23, 9]
 
 
 # measured on these random models: int8 differs by at most 0.005, int4 by 0.07 (logits ~2.5).
@@ -176,12 +184,13 @@ def test_quantized_cache_logits_are_within_a_measured_tolerance(family, kv_dtype
     contiguous = KVCache.for_model(model.config, 2, 50, codec=codec(kv_dtype))
     cached = prefill_then_decode(model, contiguous, seq)
     torch.testing.assert_close(cached, full, rtol=0, atol=atol)
-    slots = SlotKVCache.for_model(model.config, 2, 50, codec=codec(kv_dtype))
-    torch.testing.assert_close(slot_prefill_then_decode(model, slots, seq), full, rtol=0, atol=atol)
+    cache, tables = paged(model.config, 2, 50, kv_dtype)
+    out = paged_prefill_then_decode(model, cache, tables, seq)
+    torch.testing.assert_close(out, full, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_slot_and_int8_caches_give_the_same_greedy_tokens(family):
+def test_paged_and_int8_caches_give_the_same_greedy_tokens(family):
     model = make_model(family)
     prompt = random_tokens((2, 6), 3)
     reference = greedy(model, KVCache.for_model(model.config, 2, 46), prompt, 40)
@@ -190,86 +199,63 @@ def test_slot_and_int8_caches_give_the_same_greedy_tokens(family):
     with torch.no_grad():
         choices = model(torch.cat((prompt, reference), 1))[0][:, prompt.size(1) - 1 : -1]
     assert_clear_choices(choices, INT8_ATOL)
-    slots = SlotKVCache.for_model(model.config, 2, 46)
-    assert torch.equal(slot_greedy(model, slots, prompt, 40), reference)
+    cache, tables = paged(model.config, 2, 46)
+    assert torch.equal(paged_greedy(model, cache, tables, prompt, 40), reference)
     int8 = KVCache.for_model(model.config, 2, 46, codec=codec("int8"))
     assert torch.equal(greedy(model, int8, prompt, 40), reference)
 
 
-# --- the slot cache's storage ---
+# --- the paged cache's storage ---
 
 
-def test_reserving_more_slots_keeps_what_the_existing_slots_hold():
+def test_growing_the_pool_keeps_what_the_existing_blocks_hold():
     model = make_model("llama")
-    cache = SlotKVCache.for_model(model.config, num_slots=5, slot_len=32)
+    cache = PagedKVCache.for_model(model.config, num_blocks=10, block_size=8)
     assert cache.allocated == 0 and cache.nbytes == 0 == storage_bytes(cache)  # lazily
-    seqs = {0: random_tokens((1, 26), 13), 3: random_tokens((1, 26), 14)}
-    cache.reserve(1)
-    step(model, cache, StepLayout([], [], [PrefillChunk(0, 0, 20)]), seqs)
-    held = [p[0].clone() for planes in (*cache.k, *cache.v) for p in planes]
-    assert all(h.any() for h in held)
-    cache.reserve(4)  # slot 3: the planes grow
+    seqs = {0: random_tokens((1, 26), 13), 1: random_tokens((1, 26), 14)}
+    tables = {0: [1, 0, 2, 3], 1: [8, 6, 7, 9]}
+    step(model, cache, {0: tables[0]}, seqs, chunks=[(0, 0, 20)])
     assert cache.allocated == 4
-    assert cache.nbytes == storage_bytes(cache) == cache.capacity * cache.bytes_per_token
+    held = [p[:4].clone() for planes in (*cache.k, *cache.v) for p in planes]
+    assert all(h.any() for h in held)
+    step(model, cache, tables, seqs, decode=[(0, 20)], chunks=[(1, 0, 21)])  # the pool grows
+    assert cache.allocated == 10
+    assert cache.nbytes == storage_bytes(cache) == cache.allocated * cache.block_bytes
     grown = [p for planes in (*cache.k, *cache.v) for p in planes]
-    assert len(grown) == len(held) and all(p.size(0) == 4 for p in grown)
     for plane, before in zip(grown, held, strict=True):
-        assert torch.equal(plane[0], before) and not plane[1:].any()
-    # and slot 0 goes on decoding as if nothing moved, beside the new slot 3
+        assert torch.equal(plane[:3], before[:3])  # block 3 holds nothing of sequence 0 yet
+    # and sequence 0 goes on decoding as if nothing moved, beside sequence 1
     with torch.no_grad():
         alone = {s: model(seq)[0][0] for s, seq in seqs.items()}
-    logits = step(model, cache, StepLayout([0], [20], [PrefillChunk(3, 0, 21)]), seqs)
-    assert_close(logits[0], alone[0][20])
-    assert_close(logits[1:], alone[3][:21])
     for pos in range(21, 26):
-        logits = step(model, cache, StepLayout([0, 3], [pos, pos], []), seqs)
+        logits = step(model, cache, tables, seqs, decode=[(0, pos), (1, pos)])
         assert_close(logits[0], alone[0][pos])
-        assert_close(logits[1], alone[3][pos])
+        assert_close(logits[1], alone[1][pos])
     cache.reserve(2)  # already there: nothing changes
-    assert cache.allocated == 4
-    cache.reserve(5)  # doubling stops at num_slots
-    assert cache.allocated == 5 and cache.capacity == 5 * 32
-    with pytest.raises(ValueError, match="slot 5 does not exist; the cache has 5"):
-        cache.reserve(6)
+    assert cache.allocated == 10
+    with pytest.raises(ValueError, match="block 10 does not exist; the pool has 10"):
+        cache.reserve(11)
 
 
-def test_copy_moves_positions_of_every_layer_and_the_copy_decodes_as_computed():
+def test_a_copied_block_decodes_as_the_one_it_copies():
     model = make_model("llama")
-    cache = SlotKVCache.for_model(model.config, num_slots=3, slot_len=32)
-    cache.reserve(3)
+    cache = PagedKVCache.for_model(model.config, num_blocks=8, block_size=8)
     seq = random_tokens((1, 30), 15)
-    seqs = {0: seq, 2: seq}
-    step(model, cache, StepLayout([], [], [PrefillChunk(0, 0, 24)]), seqs)
-    cache.copy(0, 2, 0, 16)  # a prefix-cache hit: slot 2 reuses slot 0's first 16 positions
+    seqs = {0: seq, 1: seq}
+    step(model, cache, {0: [5, 1, 4]}, seqs, chunks=[(0, 0, 24)])
+    cache.copy_blocks([(5, 2), (1, 0)])  # copy on write: sequence 1 gets its own copies
     planes = [p for layer in (*cache.k, *cache.v) for p in layer]
     assert len(planes) == 2 * model.config.n_layer  # float storage: one plane per k and v
     for p in planes:
-        assert p[0, :, :16].any() and torch.equal(p[2, :, :16], p[0, :, :16])
-        assert not p[2, :, 16:].any() and not p[1].any()
-    # slot 2 computes only from position 16 on, and gets what the whole sequence gets
+        assert p[5].any() and torch.equal(p[2], p[5]) and torch.equal(p[0], p[1])
+    # sequence 1 computes only from position 16 on, and gets what the whole sequence gets
     with torch.no_grad():
         alone = model(seq)[0][0]
-    logits = [step(model, cache, StepLayout([], [], [PrefillChunk(2, 16, 8)]), seqs)]
+    tables = {1: [2, 0, 3, 6]}
+    logits = [step(model, cache, tables, seqs, chunks=[(1, 16, 8)])]
     for pos in range(24, 30):
-        logits.append(step(model, cache, StepLayout([2], [pos], []), seqs))
+        logits.append(step(model, cache, tables, seqs, decode=[(1, pos)]))
     assert_close(torch.cat(logits), alone[16:])
-
-
-@pytest.mark.parametrize("kv_dtype, per_vector", [("float32", 128), ("int8", 34), ("int4", 20)])
-def test_slot_cache_counts_allocated_slots_and_positions_in_use(kv_dtype, per_vector):
-    model = make_model("llama")  # 4 layers, 2 kv heads, head_dim 32
-    cache = SlotKVCache.for_model(model.config, num_slots=4, slot_len=32, codec=codec(kv_dtype))
-    assert cache.bytes_per_token == 2 * 4 * 2 * per_vector
-    assert cache.nbytes == storage_bytes(cache) == cache.capacity == cache.used_bytes == 0
-    cache.reserve(2)
-    assert cache.capacity == 2 * 32
-    assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * 2 * 32
-    seqs = {0: random_tokens((1, 12), 16), 1: random_tokens((1, 12), 17)}
-    step(model, cache, StepLayout([], [], [PrefillChunk(0, 0, 10), PrefillChunk(1, 0, 5)]), seqs)
-    assert cache.tokens == 15 and cache.used_bytes == 15 * cache.bytes_per_token
-    step(model, cache, StepLayout([0, 1], [10, 5], []), seqs)
-    assert cache.tokens == 17 and cache.used_bytes == 17 * cache.bytes_per_token
-    assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * cache.capacity
 
 
 # --- the window with attention sinks ---
@@ -343,16 +329,19 @@ def test_window_refuses_learned_positions_and_says_why(tokenizer):
 
 
 @pytest.mark.parametrize("kv_dtype, per_vector", [("float32", 128), ("int8", 34), ("int4", 20)])
-@pytest.mark.parametrize("kind", ["contiguous", "slots", "windowed"])
+@pytest.mark.parametrize("kind", ["contiguous", "paged", "windowed"])
 def test_reported_bytes_equal_the_allocated_tensors_and_the_formula(kind, kv_dtype, per_vector):
     config = ModelConfig.preset("llama-tiny")  # 4 layers, 2 kv heads, head_dim 32
-    if kind == "slots":  # the engine's cache: 2 slots of 64 positions
-        cache = SlotKVCache.for_model(config, 2, 64, codec=codec(kv_dtype))
-        cache.reserve(2)
-    else:
-        settings = {"contiguous": {}, "windowed": {"window": 60}}[kind]
-        cache = CacheConfig(dtype=kv_dtype, **settings).build(config, 2, 64)
     # per position: k and v, 4 layers, 2 kv heads, one vector of head_dim 32 each
+    if kind == "paged":  # the engine's cache: 16 blocks of 8 positions
+        cache = PagedKVCache.for_model(config, 16, 8, codec=codec(kv_dtype))
+        cache.reserve(16)
+        assert cache.bytes_per_token == 2 * 4 * 2 * per_vector
+        assert cache.nbytes == storage_bytes(cache) == cache.block_bytes * 16
+        assert cache.block_bytes == 8 * cache.bytes_per_token
+        return
+    settings = {"contiguous": {}, "windowed": {"window": 60}}[kind]
+    cache = CacheConfig(dtype=kv_dtype, **settings).build(config, 2, 64)
     assert cache.bytes_per_token == 2 * 4 * 2 * per_vector
     assert cache.nbytes == storage_bytes(cache) == cache.bytes_per_token * cache.capacity
     assert cache.capacity == 2 * 64 and cache.tokens == 0 and cache.used_bytes == 0
@@ -365,9 +354,9 @@ def test_quantized_caches_meet_the_memory_targets_at_head_dim_64():
     assert KVCache.for_model(config, 1, 256, codec=codec("int4")).nbytes <= 0.15 * float32
 
 
-@pytest.mark.parametrize("block_size, max_model_len, slot_len", [(16, None, 128), (8, 100, 104)])
-def test_usage_reports_the_allocated_slot_and_the_peak_whole_blocks(
-    tokenizer, block_size, max_model_len, slot_len
+@pytest.mark.parametrize("block_size, max_model_len", [(16, None), (8, 100)])
+def test_usage_reports_the_whole_blocks_held_and_the_positions_in_them(
+    tokenizer, block_size, max_model_len
 ):
     model = make_model("gpt2")  # context 128
     config = EngineConfig(kv_block_size=block_size, max_model_len=max_model_len)
@@ -376,13 +365,9 @@ def test_usage_reports_the_allocated_slot_and_the_peak_whole_blocks(
     assert len(out.token_ids) == 40
     positions = out.usage.prompt_tokens + len(out.token_ids) - 1  # the last token is not fed
     per_token = 2 * 4 * 4 * 32 * 4  # k and v, 4 layers, 4 heads, head_dim 32, float32
-    # the sequence's slot: max_model_len rounded up to whole blocks
-    assert out.usage.kv_cache_bytes == slot_len * per_token
-    # in use at most: the positions fed, rounded up to whole blocks
-    assert (
-        out.usage.kv_cache_peak_bytes == math.ceil(positions / block_size) * block_size * per_token
-    )
-    assert out.usage.kv_cache_bytes > out.usage.kv_cache_peak_bytes
+    # held at most: the positions fed, rounded up to whole blocks; of those, the positions
+    assert out.usage.kv_cache_bytes == math.ceil(positions / block_size) * block_size * per_token
+    assert out.usage.kv_cache_peak_bytes == positions * per_token
 
 
 # --- quantization primitives ---

@@ -130,13 +130,13 @@ def test_any_exception_in_one_sequence_finishes_it_alone(lm):
     c = engine.add_request([10, 11], SamplingParams(max_tokens=8, **GREEDY))
     # a row that breaks the batched draw: the rows are then drawn alone, and it fails alone
     d = engine.add_request([12, 13], SamplingParams(max_tokens=8, temperature=0.8))
-    engine.sequences[(d, 0)].generator = "not a generator"
+    engine.requests[d][0].generator = "not a generator"
 
     def process(row):
         raise IndexError("index 99999 is out of bounds")
 
-    engine.sequences[(a, 0)].sampler.process = process
-    seq_b, calls = engine.sequences[(b, 0)], []
+    engine.requests[a][0].sampler.process = process
+    seq_b, calls = engine.requests[b][0], []
     appended = seq_b.sampler.appended
 
     def appended_then_fail():  # fails on b's third token, after the id went in
@@ -170,7 +170,7 @@ def test_a_failing_forward_still_stops_the_engine(model, tokenizer):
     engine = Engine(model, tokenizer, config=EngineConfig(kv_cache_memory_gib=0.25))
     engine.add_request([5, 6], SamplingParams(max_tokens=4, **GREEDY))
 
-    def run(batch):
+    def run(batch, orders):
         raise RuntimeError("CUDA error: device lost")
 
     engine.runner.run = run
@@ -371,7 +371,7 @@ def test_a_live_server_answers_after_each_request_that_used_to_kill_it(model, to
         {"prompt": "hi", "repetition_detection": {"max_pattern_size": 4611686018427387904}},
         {"prompt": [5, 6] * 8, "loop_policy": "break", "dry_multiplier": 1e308},
         {"prompt": "hi", "logit_bias": {"100000": 5}},
-        {"prompt": "hi", "n": 64, "max_tokens": 2},  # never fits 16 slots + a queue of 8
+        {"prompt": "hi", "n": 100, "max_tokens": 2},  # never fits 64 sequences + a queue of 8
         {"prompt": "hi", "stop": ["x" * 1000] * 1000},
         {"prompt": [[1]] * 20, "n": 128},
     ]

@@ -1,11 +1,12 @@
-"""Sliding-window layers keep only their window: a ring of W positions per row or slot, in the
-contiguous and the engine's slot cache, float and quantized.
+"""Sliding-window layers: a ring of W positions per row in the contiguous cache, and every
+position masked to the window in the engine's paged cache, float and quantized.
 
-Each test runs far past the window (W = 8, 64+ positions) and checks two things: what a layer
-holds is bounded by W with no slack, asserted from the cache's accounting and from its tensors;
-and the logits are those of the teacher-forced forward with the window's mask (the same model
-without its cache). Models slide on every layer (Mistral) or on every other one (Gemma 3, Qwen
-with layer_types), where the full-attention layers must still keep every position.
+Each test runs far past the window (W = 8, 64+ positions) and checks that the logits are those
+of the teacher-forced forward with the window's mask (the same model without its cache), and,
+for the contiguous cache, that what a layer holds is bounded by W with no slack, asserted from
+the cache's accounting and from its tensors. Models slide on every layer (Mistral) or on every
+other one (Gemma 3, Qwen with layer_types), where the full-attention layers must still keep
+every position.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 import arlm
 from arlm.api import LM
 from arlm.engine import Engine, EngineConfig
-from arlm.kv_cache import KVCache, PrefillChunk, SlotKVCache, StepLayout, make_codec
+from arlm.kv_cache import KVCache, PagedKVCache, PagedRow, StepLayout, make_codec
 from arlm.kv_cache.base import storage_bytes
 from arlm.model import Transformer
 from arlm.sampling import SamplingParams
@@ -131,28 +132,32 @@ def test_contiguous_cache_refuses_to_go_back_once_a_ring_has_turned():
         model(seq[:, :4], kv_cache=cache)  # reset starts over
 
 
-# --- the slot cache, driven as the engine drives it -------------------------------------------
+# --- the paged cache, driven as the engine drives it -------------------------------------------
 
 
-def run_slots(model, cache, seqs, chunks, starts=None, first=None, check=None):
-    """Logits {slot: (positions fed, V)} of each slot's sequence ``seqs[slot]`` (1, L): slot s
-    joins at step ``starts[s]`` (default 0) at position ``first[s]`` (default 0), prefills in
-    ``chunks[s]`` (one chunk per step, beside the other slots' decodes), then decodes a position
-    per step; a step is one forward over every slot with work. ``check(positions held)`` runs
-    after each step."""
+def run_paged(model, cache, seqs, chunks, starts=None):
+    """Logits {s: (L, V)} of each sequence ``seqs[s]`` (1, L), block table ``[s, s + n, ...]``
+    (n sequences: interleaved blocks): s joins at step ``starts[s]`` (default 0), prefills in
+    ``chunks[s]`` (one chunk per step, beside the others' decodes), then decodes a position per
+    step; a step is one forward over every sequence with work."""
     starts = starts or dict.fromkeys(seqs, 0)
-    pos = {s: (first or {}).get(s, 0) for s in seqs}
-    pending = {s: list(chunks.get(s, [])) for s in seqs}
+    n, bs = len(seqs), cache.block_size
+    tables = {s: [s + n * j for j in range(-(-seqs[s].size(1) // bs))] for s in seqs}
+    cache.reserve(1 + max(b for t in tables.values() for b in t))
+    pos, pending = dict.fromkeys(seqs, 0), {s: list(chunks.get(s, [])) for s in seqs}
     out = {s: [] for s in seqs}
     step = 0
     while any(pos[s] < seqs[s].size(1) for s in seqs):
         live = [s for s in sorted(seqs) if step >= starts[s] and pos[s] < seqs[s].size(1)]
         decode = [s for s in live if not pending[s]]
-        prefill = [PrefillChunk(s, pos[s], pending[s].pop(0)) for s in live if pending[s]]
-        layout = StepLayout(decode, [pos[s] for s in decode], prefill)
+        prefill = [(s, pending[s].pop(0)) for s in live if pending[s]]
+        layout = StepLayout(
+            [PagedRow(tables[s], pos[s], 1) for s in decode],
+            [PagedRow(tables[s], pos[s], k) for s, k in prefill],
+        )
         tokens = [int(seqs[s][0, pos[s]]) for s in decode]
-        for c in prefill:
-            tokens += seqs[c.slot][0, c.start : c.start + c.length].tolist()
+        for s, k in prefill:
+            tokens += seqs[s][0, pos[s] : pos[s] + k].tolist()
         if tokens:
             with torch.no_grad():
                 logits = model(
@@ -160,70 +165,28 @@ def run_slots(model, cache, seqs, chunks, starts=None, first=None, check=None):
                     kv_cache=cache.step(layout),
                     positions=torch.tensor([layout.positions()]),
                 )[0][0]
-            rows = [(s, 1) for s in decode] + [(c.slot, c.length) for c in prefill]
-            for (s, n), part in zip(rows, logits.split([n for _, n in rows]), strict=True):
+            rows = [(s, 1) for s in decode] + prefill
+            for (s, k), part in zip(rows, logits.split([k for _, k in rows]), strict=True):
                 out[s].append(part)
-                pos[s] += n
-            if check is not None:
-                check(list(pos.values()))
+                pos[s] += k
         step += 1
     return {s: torch.cat(o) for s, o in out.items()}
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
 @pytest.mark.parametrize("layers", ["all", "mixed"])
-def test_slot_cache_keeps_the_window_per_slot_and_matches_teacher_forcing(layers, kv_dtype):
+def test_paged_cache_masks_each_row_to_its_window_and_matches_teacher_forcing(layers, kv_dtype):
     model = windowed_model(layers)
     g = torch.Generator().manual_seed(5)
     seqs = {s: torch.randint(0, 512, (1, n), generator=g) for s, n in ((0, 80), (1, 64), (2, 76))}
-    cache = SlotKVCache.for_model(model.config, 3, 96, codec=make_codec(kv_dtype, torch.float32))
-    cache.reserve(3)
-    # slots 0 and 2 start together (2 prefills a chunk of 25 past its first 5 while 0 decodes,
-    # with slot 1 idle between them); slot 1 joins at step 30 with chunks of 19 and 1
+    codec = make_codec(kv_dtype, torch.float32)
+    cache = PagedKVCache.for_model(model.config, 3 * 20, 4, codec=codec)
+    # 0 and 2 start together (2 prefills a chunk of 25 past its first 5 while 0 decodes); 1
+    # joins at step 30 with chunks of 19 and 1
     starts, chunks = {0: 0, 1: 30, 2: 0}, {0: [11], 1: [19, 1], 2: [5, 25]}
-    out = run_slots(
-        model,
-        cache,
-        seqs,
-        chunks,
-        starts,
-        check=lambda held: check_layers(model, cache, kv_dtype, held, rows=3, full_len=96),
-    )
+    out = run_paged(model, cache, seqs, chunks, starts)
     for s, ids in seqs.items():
         assert_cache_close(out[s], teacher_forced(model, ids)[0], kv_dtype)
-
-
-def test_slot_rewind_goes_back_in_place_only_while_the_rings_hold_the_window():
-    model = windowed_model("mixed")
-    g = torch.Generator().manual_seed(6)
-    x = torch.randint(0, 512, (1, 40), generator=g)
-    y = torch.cat((x[:, :3], torch.randint(0, 512, (1, 37), generator=g)), 1)  # x's first 3
-    cache = SlotKVCache.for_model(model.config, 2, 48)
-    cache.reserve(2)
-    run_slots(model, cache, {0: x[:, :20], 1: x[:, :6]}, {0: [20], 1: [6]})
-    assert cache.rewind(0, 20) == 20  # nothing to go back over
-    assert cache.rewind(0, 15) == 0  # the rings now hold 12..19: 7..14 is gone, start over
-    assert cache.lengths[0] == 0
-    assert cache.rewind(1, 3) == 3  # 6 positions: no ring has turned
-    # slot 1 goes on from position 3 with y, as if it had never held x's 3..5
-    out = run_slots(model, cache, {1: y}, {1: [10]}, first={1: 3})[1]  # positions 3..39
-    assert_close(out, teacher_forced(model, y)[0, 3:])
-
-
-def test_copy_brings_a_slot_the_window_it_goes_on_from():
-    model = windowed_model("mixed")
-    seq = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(7))
-    cache = SlotKVCache.for_model(model.config, 3, 32)
-    cache.reserve(3)
-    run_slots(model, cache, {0: seq[:, :8], 2: seq[:, :24]}, {0: [8], 2: [24]})
-    # slot 0 wrote 8 positions: its rings hold 0..7, all that going on from 4 reads
-    assert cache.holds(0, 0, 4, resume=4)
-    # slot 2 wrote 24: its rings hold 16..23, not the window before 16
-    assert cache.holds(2, 0, 24, resume=24) and not cache.holds(2, 0, 16, resume=16)
-    cache.copy(0, 1, 0, 4)
-    assert cache.lengths[1] == 4 and cache.holds(1, 0, 4, resume=4)
-    out = run_slots(model, cache, {1: seq}, {1: [12]}, first={1: 4})[1]  # positions 4..29
-    assert_close(out, teacher_forced(model, seq)[0, 4:])
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -243,7 +206,7 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("layers", ["all", "mixed"])
-def test_engine_batches_sequences_far_past_the_window_in_bounded_slots(layers, tokenizer):
+def test_engine_batches_sequences_far_past_the_window(layers, tokenizer):
     model = windowed_model(layers, tokenizer.vocab_size, seed=1)
     # three rows at once, prompts in chunks of at most 12 positions beside the decoding rows
     config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=12, kv_block_size=4)
@@ -253,69 +216,35 @@ def test_engine_batches_sequences_far_past_the_window_in_bounded_slots(layers, t
     outs = lm.generate(prompts, max_tokens=70, **GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == greedy_reference(model, prompt, 70)
-    # the slot: W positions in each sliding layer, all 128 in each full one; Usage says so
-    per_position = position_bytes(model, "auto")
-    spans = [W if w is not None else 128 for w in model.config.layer_windows]
-    cache = lm.engine.runner.cache
-    assert cache.layer_len == spans
-    for i, span in enumerate(spans):
-        assert layer_bytes(cache, i) == cache.allocated * span * per_position
-    for prompt, out in zip(prompts, outs, strict=True):
-        assert out.usage.kv_cache_bytes == sum(spans) * per_position
-        peak = math.ceil((len(prompt) + 70 - 1) / 4) * 4  # positions fed, in whole blocks
-        assert out.usage.kv_cache_peak_bytes == sum(min(peak, s) for s in spans) * per_position
-    # the memory win over every layer keeping all 128: 8/128 of it, or (8 + 128) / 256
-    unbounded = 4 * 128 * per_position
-    assert out.usage.kv_cache_bytes / unbounded == {"all": 1 / 16, "mixed": 17 / 32}[layers]
-
-
-def test_engine_fits_more_bounded_slots_in_its_memory_budget(tokenizer):
-    model = windowed_model("all", tokenizer.vocab_size)
-    slot = 4 * W * position_bytes(model, "auto")  # 4 layers, W positions each
-    budget = 5 * slot / 2**30
-    engine = Engine(model, tokenizer, config=EngineConfig(kv_cache_memory_gib=budget))
-    assert engine.runner.cache.num_slots == 5  # unbounded (128 positions) none would fit
-    engine.preallocate()
-    assert engine.runner.cache.nbytes == 5 * slot
+        # every layer keeps every position, in whole blocks (the paged cache masks windows)
+        fed = len(prompt) + 70 - 1
+        per_position = position_bytes(model, "auto") * model.config.n_layer
+        assert out.usage.kv_cache_bytes == math.ceil(fed / 4) * 4 * per_position
 
 
 @pytest.mark.parametrize("layers", ["all", "mixed"])
-def test_prefix_cache_hits_only_while_the_source_holds_the_window(layers, tokenizer):
+def test_prefix_cache_hits_with_windowed_layers_stay_exact(layers, tokenizer):
     model = windowed_model(layers, tokenizer.vocab_size, seed=2)
     engine = Engine(model, tokenizer, config=EngineConfig(kv_block_size=4))
     params = SamplingParams(max_tokens=64, **GREEDY)
-    # prompts of 8 (= W): the second waits for the first's prefill, whose rings then hold all 8,
-    # so it reuses the shared first block
     short = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 40, 41, 42, 43]]
-    out = engine.generate(short, params, progress=False)
-    assert [o.usage.cached_prompt_tokens for o in out] == [0, 4]
-    # prompts of 20 sharing 16: by then the first's rings hold 12..19, none of the window
-    # before any block boundary, so nothing is reused (a model without windows reuses 16)
     head = list(range(60, 76))
     long = [head + [1, 2, 3, 4], head + [9, 8, 7, 6]]
+    out = engine.generate(short, params, progress=False)
     out += engine.generate(long, params, progress=False)
-    assert [o.usage.cached_prompt_tokens for o in out[2:]] == [0, 0]
+    # blocks hold every position, so a hit is good however far the window has moved
+    assert [o.usage.cached_prompt_tokens for o in out] == [0, 4, 0, 16]
     for prompt, o in zip(short + long, out, strict=True):
         assert o.token_ids == greedy_reference(model, prompt, 64)
 
 
-def test_a_loop_break_past_the_window_recomputes_and_stays_exact(tokenizer, monkeypatch):
+def test_a_loop_break_past_the_window_stays_exact(tokenizer):
     model = windowed_model("mixed", tokenizer.vocab_size)
     engine = Engine(model, tokenizer, config=EngineConfig(kv_block_size=4))
-    cache = engine.runner.cache
-    resumed = []
-
-    def rewind(slot, position, _rewind=cache.rewind):
-        resumed.append((position, _rewind(slot, position)))
-        return resumed[-1][1]
-
-    monkeypatch.setattr(cache, "rewind", rewind)
     params = SamplingParams(max_tokens=80, loop_policy="break", logprobs=0, **GREEDY)
     prompts = [tokenizer.encode(p) for p in ("The", "if x", "class")]
     outs = engine.generate(prompts, params, progress=False)
     assert all(o.loops_broken > 0 for o in outs)
-    # a break went back past what the rings hold: that sequence started over from 0
-    assert any(position > 0 and got == 0 for position, got in resumed)
     # every kept token's logprob is the teacher-forced one, before and after each break
     for prompt, o in zip(prompts, outs, strict=True):
         ids = torch.tensor([prompt + o.token_ids])

@@ -75,8 +75,8 @@ def run_decode(args: argparse.Namespace) -> None:
     print(f"decode       {r.decode_tokens_per_second:10.1f} tokens/s")
     print(f"first token  {r.time_to_first_token_ms:10.1f} ms")
     print(
-        f"KV cache     {r.kv_cache_peak_bytes / 2**20:10.2f} MiB in use "
-        f"({r.kv_cache_bytes / 2**20:.2f} MiB allocated for the sequence)"
+        f"KV cache     {r.kv_cache_peak_bytes / 2**20:10.2f} MiB of positions "
+        f"({r.kv_cache_bytes / 2**20:.2f} MiB in whole blocks)"
     )
     print(f"peak memory  {r.peak_memory_bytes / 2**20:10.1f} MiB")
     print(

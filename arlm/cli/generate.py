@@ -119,15 +119,17 @@ def stream(lm, args: argparse.Namespace, params) -> None:
     if piece.loops_broken:
         print(f"[loops broken: {piece.loops_broken}]", file=sys.stderr)
     if args.stats:
-        u = piece.usage
+        u, engine = piece.usage, lm.engine.stats()
         print(
             f"[{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated, finish: "
             f"{piece.finish_reason}; time to first token {u.prefill_seconds * 1e3:.1f} ms, "
             f"prefill {u.prefill_tokens_per_second:.1f} tok/s, "
             f"decode {u.decode_tokens_per_second:.1f} tok/s, "
             f"KV cache ({lm.cache_config.kind}, {lm.cache_config.dtype}) "
-            f"{u.kv_cache_bytes / 2**20:.2f} MiB allocated, "
-            f"peak {u.kv_cache_peak_bytes / 2**20:.2f} MiB in use, "
+            f"{u.kv_cache_bytes / 2**20:.2f} MiB in blocks at the peak "
+            f"({u.kv_cache_peak_bytes / 2**20:.2f} MiB of positions); engine: "
+            f"{engine['blocks_in_use']} blocks held now, peak {engine['blocks_peak']} of "
+            f"{engine['num_blocks']}, {engine['preemptions']} preemptions, "
             f"total {time.perf_counter() - started:.2f} s]",
             file=sys.stderr,
         )

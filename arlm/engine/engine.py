@@ -71,9 +71,6 @@ class Engine:
         if self.device.type == "cuda":
             self.eager_reason = "enforce_eager" if config.enforce_eager else None
             self.eager_reason = self.eager_reason or self.runner.decode_graphs_unsupported()
-            if self.eager_reason is None:
-                max_blocks = -(-sizes.max_len // bs)
-                self.runner.use_decode_graphs(True, sizes.max_num_seqs, max_blocks)
         self.scheduler = Scheduler(
             self.block_manager,
             sizes.max_num_seqs,
@@ -86,12 +83,20 @@ class Engine:
         self.end_ids = frozenset(t for t in tokenizer.eos_token_ids if 0 <= t < vocab)
         limit = None if self.max_len is None else min(self.max_len, self.context)
         self.chain = TokenChain(tokenizer, vocab, self.device, limit, self._finish, self._rollback)
+        if self.eager_reason is None:
+            self.use_decode_graphs(capture=True)
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         # outputs kept for whoever reads that request (``next_output``), while others step
         self._mailbox: dict[str, deque[RequestOutput]] = defaultdict(deque)
         self._aborts: list[str] = []
         self._ids = itertools.count()
         self.steps = 0
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Run decode-only steps through CUDA graphs (``capture``; else the same padded forward
+        eagerly, as the CPU tests do), for up to ``max_num_seqs`` rows."""
+        max_blocks = -(-(self.max_len or 0) // self.block_size)
+        self.runner.use_decode_graphs(capture, self.scheduler.max_num_seqs, max_blocks)
 
     def preallocate(self) -> None:
         """Give every KV block its memory now rather than as concurrency first needs it: a
@@ -200,7 +205,7 @@ class Engine:
         out.chunks.extend(chunks)
         if seq.finished and not out.finished:
             out.chunks.extend(seq.chunks(seq.num_generated, final=True))
-            usage = seq.usage(*self.runner.kv_bytes(seq, self.block_size))
+            usage = seq.usage(*self.runner.kv_bytes(seq))
             out.chunks.append(seq.closing_chunk(usage))
             out.finished, out.completion = True, seq.completion(usage)
             seqs = self.requests[seq.request_id]
@@ -259,26 +264,25 @@ class Engine:
         return grouped
 
     def stats(self) -> dict[str, float]:
-        """Gauges and counters of the engine now."""
+        """Gauges and counters of the engine now (the block counts are 0 with the windowed
+        cache, which has no blocks)."""
         bm, sched, chain = self.block_manager, self.scheduler, self.chain
-        out = {
+        used = bm.num_used_blocks if bm else 0
+        host = bm.host if bm else None
+        return {
             "running": len(sched.running),
             "waiting": len(sched.waiting),
             "swapped": len(sched.swapped),
             "preemptions": sched.num_preemptions,
+            "blocks_in_use": used,
+            "blocks_peak": bm.peak_in_use if bm else 0,
+            "num_blocks": bm.num_blocks if bm else 0,
+            "kv_cache_usage": used / bm.num_blocks if bm else 0.0,
+            "prefix_cache_hit_tokens": bm.hit_tokens if bm else 0,
+            "prefix_cache_queried_tokens": bm.queried_tokens if bm else 0,
+            "offload_hits": host.hits if host is not None else 0,
             "loops_detected": chain.loops_detected,
             "loops_broken": chain.loops_broken,
             "steps": self.steps,
             "graph_steps": graphs.steps if (graphs := self.runner.decode_graphs) else 0,
         }
-        if bm is not None:
-            out |= {
-                "blocks_in_use": bm.num_used_blocks,
-                "blocks_peak": bm.peak_in_use,
-                "num_blocks": bm.num_blocks,
-                "kv_cache_usage": bm.num_used_blocks / bm.num_blocks,
-                "prefix_cache_hit_tokens": bm.hit_tokens,
-                "prefix_cache_queried_tokens": bm.queried_tokens,
-                "offload_hits": bm.host.hits if bm.host is not None else 0,
-            }
-        return out

@@ -20,8 +20,8 @@ class Usage:
     decode_seconds: float = 0.0
     queued_seconds: float = 0.0
     cached_prompt_tokens: int = 0  # prompt positions reused from the prefix cache
-    kv_cache_bytes: int = 0  # allocated for this sequence (its slot)
-    kv_cache_peak_bytes: int = 0  # the most of those holding positions (whole blocks)
+    kv_cache_bytes: int = 0  # its KV blocks at their most (whole blocks)
+    kv_cache_peak_bytes: int = 0  # of those, the bytes its positions filled
 
     @property
     def prefill_tokens_per_second(self) -> float:

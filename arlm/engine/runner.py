@@ -92,13 +92,13 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return (self.windowed or self.cache).bytes_per_token
 
-    def kv_bytes(self, seq: Sequence, block_size: int) -> tuple[int, int]:
-        """(held now, most held) KV cache bytes for ``seq``: its blocks, or the windowed
-        cache's own."""
+    def kv_bytes(self, seq: Sequence) -> tuple[int, int]:
+        """KV cache bytes of ``seq``: (its blocks at their most, the positions it holds in
+        them), or the windowed cache's (allocated, in use)."""
         if self.windowed is not None:
             return self.windowed.nbytes, self.windowed.used_bytes
-        per_block = self.cache.block_bytes
-        return len(seq.block_table) * per_block, seq.peak_blocks * per_block
+        cache = self.cache
+        return seq.peak_blocks * cache.block_bytes, seq.num_cached * cache.bytes_per_token
 
     def restart(self, seq: Sequence) -> None:
         """Forget ``seq``'s cached positions (a cache that cannot rewind refills from 0)."""

@@ -24,8 +24,8 @@ class BenchResult:
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
     time_to_first_token_ms: float
-    kv_cache_bytes: int  # allocated for the sequence (its slot)
-    kv_cache_peak_bytes: int  # of those, the most in use (whole blocks)
+    kv_cache_bytes: int  # the sequence's KV blocks at their most (whole blocks)
+    kv_cache_peak_bytes: int  # of those, the bytes its positions filled
     peak_memory_bytes: int  # process peak RSS on CPU, peak allocated device memory on CUDA
     weight_bytes: int  # of the linear layers' weights a decode step reads (see packing)
 

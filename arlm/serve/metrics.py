@@ -4,10 +4,9 @@ Per request, observed when each sequence finishes (``observe``, called from the 
 thread; prometheus_client is thread-safe): time to first token, time per output token (the
 sequence's mean after its first token), end-to-end latency, queue time, prompt and generated
 token counts, and requests by finish reason. Gauges and engine counters are read from the
-engine's latest ``stats()`` at each scrape: running and waiting sequences, KV-cache usage
-(blocks holding positions over all blocks), prefix-cache queries and hits (in tokens),
-preemptions (always 0: a running sequence owns its slot, see ``arlm.engine.scheduler``), loops
-detected and broken.
+engine's latest ``stats()`` at each scrape: running, waiting and swapped-out sequences, KV-cache
+usage (blocks held over all blocks), prefix-cache queries and hits (in tokens), blocks brought
+back from the host tier, preemptions (``arlm.engine.scheduler``), loops detected and broken.
 """
 
 from __future__ import annotations
@@ -105,18 +104,30 @@ class _EngineCollector:
             p + "num_requests_running", "Sequences running.", value=s["running"]
         )
         yield GaugeMetricFamily(
-            p + "num_requests_waiting", "Sequences waiting for a slot.", value=self.num_waiting()
+            p + "num_requests_waiting", "Sequences waiting to run.", value=self.num_waiting()
+        )
+        yield GaugeMetricFamily(
+            p + "num_requests_swapped",
+            "Preempted sequences whose KV blocks wait in the host tier.",
+            value=s["swapped"],
         )
         yield GaugeMetricFamily(
             p + "kv_cache_usage_perc",
-            "Fraction of KV blocks holding positions (1 = full).",
+            "Fraction of KV blocks held by sequences (1 = full).",
             value=s["blocks_in_use"] / max(s["num_blocks"], 1),
         )
         yield GaugeMetricFamily(
-            p + "kv_cache_blocks_in_use", "KV blocks holding positions.", value=s["blocks_in_use"]
+            p + "kv_cache_blocks_in_use", "KV blocks held by sequences.", value=s["blocks_in_use"]
         )
         counters = {
-            "num_preemptions": ("Preempted sequences (arlm never preempts).", 0),
+            "num_preemptions": (
+                "Sequences preempted when the KV pool ran out (by recompute or swap).",
+                s["preemptions"],
+            ),
+            "kv_offload_hits": (
+                "Prefix-cache KV blocks brought back from the host tier.",
+                s["offload_hits"],
+            ),
             "prefix_cache_queries": (
                 "Prompt tokens looked up in the prefix cache.",
                 s["prefix_cache_queried_tokens"],

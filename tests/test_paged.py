@@ -1,0 +1,221 @@
+"""Paged KV memory: attention over blocks in place, reference counts and copy on write,
+preemption by recompute and by swap, the host-memory tier, and the settings' checks."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from arlm.engine import Engine, EngineConfig
+from arlm.engine.block_manager import BlockManager, block_hashes
+from arlm.engine.sequence import Sequence
+from arlm.kv_cache import PagedKVCache, PagedRow, StepLayout, make_codec
+from arlm.kv_cache.decode_attention import decode_attention_reference
+from arlm.sampling import SamplingParams
+from tests.conftest import make_model
+from tests.numerics import assert_close
+from tests.test_engine import _alone, _mixed_params, _prompts
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tokenizer):
+    return make_model(request.param, vocab_size=tokenizer.vocab_size, seed=5)
+
+
+def _dense(pool: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
+    """A row's first ``length`` positions from its blocks, (n_kv_head, length, hd)."""
+    x = pool[table]  # (blocks, H, bs, hd)
+    return x.transpose(0, 1).reshape(x.size(1), -1, x.size(-1))[:, :length]
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("n_kv_head", [2, 4])
+def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head):
+    """Decode rows whose tables share blocks, at lengths inside and across blocks: the CPU path
+    (one fused call over the pool's blocks, merged by log-sum-exp) equals attention over each
+    row's positions gathered."""
+    g = torch.Generator().manual_seed(0)
+    H, hd, bs, n_head = n_kv_head, 16, 4, 4
+    cache = PagedKVCache(1, H, hd, 40, bs, windows=[window])
+    cache.reserve(40)
+    for plane in (*cache.k[0], *cache.v[0]):
+        plane.copy_(torch.randn(plane.shape, generator=g))
+    shared = [3, 9, 4]  # a prefix two rows read
+    tables = [shared + [20, 21], shared + [30], [1, 2], [5], list(range(10, 20))]
+    positions = [17, 12, 5, 0, 37]  # each row writes its last position
+    layout = StepLayout([PagedRow(t, p, 1) for t, p in zip(tables, positions, strict=True)], [])
+    step = cache.step(layout)
+    B = len(tables)
+    q = torch.randn(1, n_head, B, hd, generator=g)
+    k_new = torch.randn(1, H, B, hd, generator=g)
+    v_new = torch.randn(1, H, B, hd, generator=g)
+    out = step.attend(0, q, k_new, v_new, scale=0.3)
+    (k,), (v,) = cache.k[0], cache.v[0]
+    for b, (table, p) in enumerate(zip(tables, positions, strict=True)):
+        keys, values = _dense(k, table, p + 1), _dense(v, table, p + 1)
+        assert torch.equal(keys[:, p], k_new[0, :, b]) and torch.equal(values[:, p], v_new[0, :, b])
+        lo = 0 if window is None else max(0, p - window + 1)
+        keys, values = keys[:, lo:], values[:, lo:]
+        heads = keys.repeat_interleave(n_head // H, 0), values.repeat_interleave(n_head // H, 0)
+        want = torch.softmax(q[0, :, b, None] @ heads[0].transpose(1, 2) * 0.3, -1) @ heads[1]
+        assert_close(out[0, :, b], want[:, 0], scale=1.0)
+    if window is None:  # the CUDA kernel's reference follows the same tables
+        width = max(map(len, tables))
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        lengths = torch.tensor(positions) + 1
+        ref = decode_attention_reference(q[0].transpose(0, 1), k, v, padded, lengths, 0.3)
+        assert_close(out[0].transpose(0, 1), ref, scale=1.0)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_quantized_blocks_read_as_they_were_stored(model, kv_dtype):
+    """A decode step over int8/int4 blocks equals attention over the dequantized positions."""
+    c = model.config
+    cache = PagedKVCache.for_model(c, 12, 8, codec=make_codec(kv_dtype, torch.float32))
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, 500, (1, 20), generator=g)
+    cache.reserve(12)
+    layout = StepLayout([], [PagedRow([4, 7, 2], 0, 20)])
+    with torch.no_grad():
+        model(prompt, kv_cache=cache.step(layout), positions=torch.arange(20)[None])
+        nxt = torch.randint(1, 500, (1, 1), generator=g)
+        decode = StepLayout([PagedRow([4, 7, 2], 20, 1)], [])
+        a, _ = model(nxt, kv_cache=cache.step(decode), positions=torch.tensor([[20]]))
+        # the same positions as one chunk reading the stored (quantized) history
+        b, _ = model(
+            nxt,
+            kv_cache=cache.step(StepLayout([], [PagedRow([4, 7, 2], 20, 1)])),
+            positions=torch.tensor([[20]]),
+        )
+    assert_close(a, b, scale=float(b.abs().max()))
+
+
+def _seq(prompt: list[int], bs: int) -> Sequence:
+    return Sequence(
+        request_id="r",
+        index=0,
+        token_ids=list(prompt),
+        prompt_len=len(prompt),
+        params=SamplingParams(),
+        generator=None,
+        sampler=None,
+        text=None,
+        end_ids=frozenset(),
+        block_hashes=block_hashes(prompt, bs),
+    )
+
+
+def test_shared_blocks_are_copied_before_they_are_written():
+    bm = BlockManager(16, 4)
+    prompt = list(range(1, 14))  # 3 full blocks and one position
+    a = _seq(prompt, 4)
+    bm.allocate(a)
+    assert bm.ensure(a, len(prompt))
+    a.num_cached = len(prompt)
+    bm.computed(a)
+    b = _seq(prompt, 4)
+    bm.allocate(b)  # the 3 full blocks, by reference
+    assert b.block_table == a.block_table[:3] and b.num_cached == 12
+    assert [bm.ref[x] for x in a.block_table] == [2, 2, 2, 1]
+    # b rolls back into the shared second block (a loop break), then writes: a copy of its own
+    b.num_cached = 6
+    bm.truncate(b)
+    assert bm.ensure(b, 8)
+    orders = bm.take_orders()
+    assert orders.copy == [(a.block_table[1], b.block_table[1])]
+    assert b.block_table[0] == a.block_table[0] and b.block_table[1] != a.block_table[1]
+    assert bm.ref[a.block_table[1]] == 1 and bm.ref[b.block_table[1]] == 1
+    bm.free(a)
+    bm.free(b)
+    assert bm.num_free_blocks == 16 and bm.num_used_blocks == 0
+
+
+def test_rows_in_a_copied_block_see_what_the_shared_one_held(model, tokenizer):
+    """Through the engine: n samples share the prompt's full blocks; a loop break inside the
+    generated text, then more steps, give each sample what it gives alone."""
+    prompt = list(range(1, 41))
+    params = SamplingParams(max_tokens=30, n=3, temperature=0.9, seed=4, ignore_eos=True)
+    engine = Engine(model, tokenizer, config=EngineConfig(kv_block_size=8))
+    together = engine.generate([prompt], params, progress=False)[0]
+    alone = [
+        Engine(
+            model, tokenizer, config=EngineConfig(kv_block_size=8, enable_prefix_caching=False)
+        ).generate([prompt], params, progress=False)[0][i]
+        for i in range(3)
+    ]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.usage.cached_prompt_tokens for c in together] == [0, 32, 32]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_requests_give_the_tokens_they_give_alone(model, tokenizer, mode):
+    # short prompts, long generations: admitted together, they outgrow the pool as they go
+    prompts = [p[:12] for p in _prompts(8, seed=7)]
+    params = [replace(sp, max_tokens=40 + 4 * i) for i, sp in enumerate(_mixed_params(8))]
+    alone = _alone(model, tokenizer, prompts, params)
+    c = model.config
+    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 8  # bytes of 8 positions, float32
+    need = [-(-(len(p) + sp.max_tokens) // 8) for p, sp in zip(prompts, params, strict=True)]
+    pool = max(sum(need) // 3, max(need) + 2)  # a third of the peak, and room for the longest
+    peak = sum(need)
+    config = EngineConfig(
+        kv_block_size=8,
+        max_num_seqs=8,
+        kv_cache_memory_gib=(pool + 0.5) * block / 2**30,
+        kv_offload_gib=(peak * block / 2**30) if mode == "swap" else 0.0,
+        preemption_mode=mode,
+        enable_prefix_caching=False,
+    )
+    engine = Engine(model, tokenizer, config=config)
+    results = engine.generate(prompts, params, progress=False)
+    assert [r.token_ids for r in results] == alone
+    stats = engine.stats()
+    assert stats["preemptions"] > 0
+    if mode == "swap":
+        assert engine.scheduler.num_swaps > 0
+    bm = engine.block_manager
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
+    if bm.host is not None:
+        assert bm.host.room() == bm.host.num_blocks
+
+
+def test_evicted_prefix_blocks_come_back_from_the_host_tier_equal(model, tokenizer):
+    c = model.config
+    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 8
+    config = EngineConfig(
+        kv_block_size=8,
+        max_num_seqs=2,
+        kv_cache_memory_gib=12.5 * block / 2**30,
+        kv_offload_gib=20 * block / 2**30,
+    )
+    engine = Engine(model, tokenizer, config=config)
+    bm, cache = engine.block_manager, engine.runner.cache
+    head = list(range(1, 41))  # 5 full blocks
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    first = engine.generate([head + [7]], params, progress=False)[0]
+    held = {bm.cached[d]: d for d in block_hashes(head, 8)}
+    before = {d: [t.clone() for t in cache.read_blocks([b])] for b, d in held.items()}
+    rng = random.Random(3)
+    other = [[rng.randrange(1, 500) for _ in range(60)] for _ in range(2)]
+    engine.generate(other, params, progress=False)  # their blocks evict the head's
+    assert not any(d in bm.cached for d in before)
+    again = engine.generate([head + [7]], params, progress=False)[0]
+    assert again.usage.cached_prompt_tokens == 40 and bm.host.hits == 5
+    assert again.token_ids == first.token_ids
+    for d, planes in before.items():  # bit for bit
+        for a, b in zip(planes, cache.read_blocks([bm.cached[d]]), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_memory_settings_are_checked_with_their_numbers(model, tokenizer):
+    with pytest.raises(ValueError, match="kv_offload_gib"):
+        EngineConfig(kv_offload_gib=-1)
+    with pytest.raises(ValueError, match="preemption_mode='later' is not one of"):
+        EngineConfig(preemption_mode="later")
+    with pytest.raises(ValueError, match="kv_offload_gib=1e-09 holds no KV block"):
+        Engine(model, tokenizer, config=EngineConfig(kv_offload_gib=1e-9))
