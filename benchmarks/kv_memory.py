@@ -6,24 +6,23 @@ x bytes per stored head vector x positions, where a head vector costs head_dim x
 float32, head_dim x 2 in bfloat16, head_dim + 2 in int8 (a float16 scale) and head_dim / 2 + 4
 in int4 (codes packed two per byte, a float16 scale and zero point).
 
-The engine's slot cache (``SlotKVCache``) is shown the way the engine accounts for it: a
-sequence owns a slot sized for the longest sequence the engine accepts (``max_model_len``, here
-the longest length in the table: what is allocated, ``Usage.kv_cache_bytes``), and of it holds
-the blocks of 16 positions its length fills (what is in use, ``Usage.kv_cache_peak_bytes``). The
-blocks come from the engine's own block manager; their bytes are measured from the slot's
-tensors, and checked against what the engine reports in each sequence's ``Usage``.
+The engine's paged cache (``PagedKVCache``) is shown the way the engine accounts for it: a
+sequence holds the blocks of 16 positions its length fills (``Usage.kv_cache_bytes``; the
+positions in them, ``Usage.kv_cache_peak_bytes``). The blocks come from the engine's own block
+manager; their bytes are measured from the pool's tensors, and checked against what the engine
+reports in each sequence's ``Usage``.
 
 Then many sequences at once: a batch of sequences of random lengths in one contiguous buffer
-(every row padded to the longest) against the slot cache (every sequence in a slot of the
-longest allowed length; in use, the blocks each sequence fills).
+(every row padded to the longest), the slot design arlm had before paging (every sequence in a
+slot of the longest allowed length, by its formula), and the paged pool (measured).
 
 Then sliding-window models, whose windowed layers store only their window W (a ring): a
 Mistral-style model (every layer slides) and a Gemma-3-style one (5 sliding layers to 1 full),
 at W = 1,024 with llama-small's layer sizes, against the same model with every layer keeping
 every position (what the cache stored before the window bounded it). Measured from the tensors of
-the contiguous cache and of one engine slot, checked against the formula: per layer, min(n, W)
-positions where the layer slides, n where it does not; and how many sequences of the longest
-length the engine fits in 1 GiB.
+the contiguous cache, checked against the formula: per layer, min(n, W) positions where the
+layer slides, n where it does not; and what the engine's paged cache (which keeps every position
+and masks the window) holds for one sequence of the longest length, and how many fit in 1 GiB.
 
 Run: ``python benchmarks/kv_memory.py`` (seconds). Prints the tables and writes
 ``benchmarks/out/kv_memory.png``.
@@ -40,7 +39,7 @@ from arlm.config import ModelConfig
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.runner import ModelRunner
 from arlm.engine.sequence import Sequence
-from arlm.kv_cache import CacheConfig, KVCache, SlotKVCache
+from arlm.kv_cache import CacheConfig, KVCache
 from arlm.kv_cache.base import storage_bytes
 from arlm.model import Transformer
 
@@ -55,14 +54,13 @@ VECTOR_BYTES = {  # stored bytes of one head vector of head_dim d
 }
 WINDOW = CacheConfig(window=1020, sink_tokens=4)  # 1024 slots
 BLOCK = 16  # the engine's kv_block_size
-SLOT_ALLOCATED, SLOT_IN_USE = "slot f32 allocated", "slot f32 in use"
-KINDS = {  # label -> settings; None: the engine's slot cache, as allocated or as in use
+PAGED = "paged f32 blocks"
+KINDS = {  # label -> settings; None: the engine's paged cache
     "float32": CacheConfig(dtype="float32"),
     "bfloat16": CacheConfig(dtype="bfloat16"),
     "int8": CacheConfig(dtype="int8"),
     "int4": CacheConfig(dtype="int4"),
-    SLOT_ALLOCATED: None,
-    SLOT_IN_USE: None,
+    PAGED: None,
     "window f32": WINDOW,
     "window int8": CacheConfig(dtype="int8", window=1020, sink_tokens=4),
 }
@@ -73,16 +71,18 @@ def formula(kv_dtype: str, positions: int) -> int:
     return 2 * c.n_layer * c.n_kv_head * VECTOR_BYTES[kv_dtype](c.head_dim) * positions
 
 
-class SlotAccounting:
+class PagedAccounting:
     """Sequences of given lengths placed by the engine's ``BlockManager`` in the float32
-    ``SlotKVCache`` of its ``ModelRunner``, slots of ``max_len`` positions: the bytes measured
-    from the cache's tensors, and what the engine reports in each sequence's ``Usage``
-    (``ModelRunner.kv_bytes``: allocated, and at most in use)."""
+    ``PagedKVCache`` of its ``ModelRunner``: the blocks each holds (allocated as the block
+    manager hands them out), the bytes measured from the cache's tensors, and what the engine
+    reports in each sequence's ``Usage`` (``ModelRunner.kv_bytes``: its blocks, and the
+    positions in them)."""
 
-    def __init__(self, lengths: list[int], max_len: int) -> None:
-        runner = ModelRunner(MODEL, CacheConfig(dtype="float32"), len(lengths), max_len)
+    def __init__(self, lengths: list[int]) -> None:
+        num_blocks = sum(math.ceil(n / BLOCK) for n in lengths)
+        runner = ModelRunner(MODEL, CacheConfig(dtype="float32"), num_blocks, BLOCK)
         self.cache = runner.cache
-        manager = BlockManager(self.cache, BLOCK, prefix_caching=False)
+        manager = BlockManager(num_blocks, BLOCK, prefix_caching=False)
         self.blocks: list[int] = []  # blocks each sequence holds
         self.usages: list[tuple[int, int]] = []  # (kv_cache_bytes, kv_cache_peak_bytes)
         for i, n in enumerate(lengths):
@@ -98,30 +98,29 @@ class SlotAccounting:
                 text=None,
                 end_ids=frozenset(),
             )
-            manager.allocate(seq)  # gives it a slot (the cache allocates slots as needed)
+            manager.allocate(seq)
+            manager.ensure(seq, n)  # its n positions' blocks
             seq.num_cached = n  # its n positions computed
-            manager.computed(seq)
             self.blocks.append(len(seq.block_table))
-            self.usages.append(runner.kv_bytes(seq, BLOCK))
+            self.usages.append(runner.kv_bytes(seq))
+        self.cache.reserve(manager.num_used_blocks)
         self.allocated = storage_bytes(self.cache)  # measured
-        self.block_bytes = self.allocated // (self.cache.allocated * manager.blocks_per_slot)
-        self.in_use = sum(self.blocks) * self.block_bytes
+        self.in_use = self.allocated  # the pool holds exactly the blocks handed out
+        self.positions = sum(lengths) * self.cache.bytes_per_token
 
     def usage_agrees(self) -> bool:
         """Whether the engine's ``Usage`` (summed over sequences) says what was measured."""
         return (
-            sum(allocated for allocated, _ in self.usages) == self.allocated
-            and sum(peak for _, peak in self.usages) == self.in_use
+            sum(blocks for blocks, _ in self.usages) == self.allocated
+            and sum(positions for _, positions in self.usages) == self.positions
         )
 
 
 def measure(label: str, kind: CacheConfig | None, n: int) -> tuple[int, int]:
     """(measured bytes, formula bytes) of a cache holding ``n`` positions of one sequence."""
-    if kind is None:  # the slot cache: a slot of the longest length, n positions in it
-        slots = SlotAccounting([n], LENGTHS[-1])
-        if label == SLOT_ALLOCATED:
-            return slots.allocated, formula("float32", LENGTHS[-1])
-        return slots.in_use, formula("float32", math.ceil(n / BLOCK) * BLOCK)
+    if kind is None:  # the paged cache: the blocks n positions fill
+        paged = PagedAccounting([n])
+        return paged.allocated, formula("float32", math.ceil(n / BLOCK) * BLOCK)
     dtype = "float32" if kind.dtype == "auto" else kind.dtype
     cache = kind.build(CONFIG, 1, n)
     held = n if kind.window is None else kind.sink_tokens + kind.window
@@ -134,8 +133,9 @@ def many_sequences(n_seqs: int, max_len: int, seed: int = 0) -> tuple[list[list[
     lengths = [rng.randint(1, max_len) for _ in range(n_seqs)]
     per_token = formula("float32", 1)
     padded = storage_bytes(KINDS["float32"].build(CONFIG, n_seqs, max(lengths)))
-    slots = SlotAccounting(lengths, max_len)  # each sequence in its slot, in one cache
+    paged = PagedAccounting(lengths)  # every sequence's blocks, in one pool
     needed = sum(lengths) * per_token
+    slots = n_seqs * max_len * per_token  # the slot design: a slot of max_len each
 
     def row(label: str, nbytes: int, digits: int) -> list[str]:
         wasted = (nbytes - needed) / per_token / n_seqs
@@ -144,10 +144,10 @@ def many_sequences(n_seqs: int, max_len: int, seed: int = 0) -> tuple[list[list[
     rows = [
         ["exact need", f"{needed / 2**20:.1f}", "", "1.00x"],
         row("contiguous batch (padded to longest)", padded, 0),
-        row(f"slot cache, allocated ({n_seqs} slots of {max_len})", slots.allocated, 0),
-        row(f"slot cache, blocks of {BLOCK} in use", slots.in_use, 1),
+        row(f"slot design ({n_seqs} slots of {max_len}), by its formula", slots, 0),
+        row(f"paged cache, blocks of {BLOCK} (measured)", paged.allocated, 1),
     ]
-    return rows, slots.usage_agrees()
+    return rows, paged.usage_agrees()
 
 
 SLIDING_WINDOW = 1024
@@ -183,16 +183,16 @@ def sliding_models() -> tuple[list[list[str]], list[list[str]], bool]:
             agree &= bounded == window_formula(config, n) and full == window_formula(unbounded, n)
             saving = f"{full / bounded:.2f}x"
             rows.append([label, str(n), f"{full / 2**20:.2f}", f"{bounded / 2**20:.2f}", saving])
-        slots = []
-        for cfg in (unbounded, config):
-            cache = SlotKVCache.for_model(cfg, 1, LENGTHS[-1])
-            cache.reserve(1)
-            slot = storage_bytes(cache)
-            agree &= slot == cache.slot_bytes(LENGTHS[-1]) == window_formula(cfg, LENGTHS[-1])
-            slots.append(slot)
-        full_slot, slot = slots
-        mib = [f"{full_slot / 2**20:.1f}", f"{slot / 2**20:.1f}"]
-        engine_rows.append([label, *mib, str(budget // full_slot), str(budget // slot)])
+        # the engine's paged cache keeps every position of every layer (and masks windows)
+        per_block = window_formula(unbounded, BLOCK)
+        cache = ModelRunner(
+            Transformer(config), CacheConfig(dtype="float32"), LENGTHS[-1] // BLOCK, BLOCK
+        ).cache
+        cache.reserve(LENGTHS[-1] // BLOCK)
+        agree &= storage_bytes(cache) == per_block * LENGTHS[-1] // BLOCK
+        engine_rows.append(
+            [label, f"{storage_bytes(cache) / 2**20:.1f}", str(budget // storage_bytes(cache))]
+        )
     return rows, engine_rows, agree
 
 
@@ -219,8 +219,8 @@ def main() -> None:
         f"{len(rows) * len(KINDS)} cells"
     )
     agree = sum(
-        SlotAccounting([n], LENGTHS[-1]).usage_agrees() for n in LENGTHS
-    )  # the engine's own accounting of the one-sequence slot columns
+        PagedAccounting([n]).usage_agrees() for n in LENGTHS
+    )  # the engine's own accounting of the one-sequence paged column
     print(
         f"engine Usage (kv_cache_bytes, kv_cache_peak_bytes) == measured at {agree} of "
         f"{len(LENGTHS)} lengths"
@@ -243,9 +243,9 @@ def main() -> None:
         rows,
     )
     print_table(
-        f"the engine: MiB per slot of {LENGTHS[-1]} positions, and sequences of that length in "
-        "1 GiB of KV cache",
-        ["model", "slot, all positions", "slot, bounded", "fit, all", "fit, bounded"],
+        f"the engine's paged cache: MiB of one sequence of {LENGTHS[-1]} positions (every "
+        "position of every layer), and sequences of that length in 1 GiB",
+        ["model", "MiB", "fit"],
         engine_rows,
     )
     print(f"measured == formula (per layer min(n, W) or n): {'yes' if agree else 'NO'}")

@@ -182,13 +182,14 @@ class BlockManager:
             hits.append(digest)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, watermark: bool = True) -> bool:
         """Whether the pool holds all of ``seq``'s tokens, past its prefix hits, and keeps the
-        watermark free (so running sequences can still grow)."""
+        watermark free (so running sequences can still grow; with nothing running, ask without
+        it, so that a prompt as long as the pool still runs)."""
         hits = self._hits(seq)
         on_device = sum(1 for d in hits if d in self.cached and self.ref[self.cached[d]] > 0)
         need = self.blocks_for(len(seq.token_ids)) - on_device
-        return self.num_free_blocks - need >= self.watermark
+        return self.num_free_blocks - need >= (self.watermark if watermark else 0)
 
     def allocate(self, seq: Sequence) -> None:
         """Start ``seq``'s table with the blocks the prefix cache holds of its prompt."""

@@ -99,11 +99,14 @@ class Engine:
         self.runner.use_decode_graphs(capture, self.scheduler.max_num_seqs, max_blocks)
 
     def preallocate(self) -> None:
-        """Give every KV block its memory now rather than as concurrency first needs it: a
-        server's memory is then flat from the start and no request waits while new memory is
-        touched."""
-        if self.runner.cache is not None:
-            self.runner.cache.reserve(self.runner.cache.num_blocks)
+        """Give the KV pool its memory now rather than as concurrency first needs it, up to
+        what ``max_num_seqs`` sequences of ``max_model_len`` take: a server's memory is then flat
+        from the start and no request waits while new memory is touched (the rest of a larger
+        budget is taken only if sequences share blocks that densely)."""
+        cache = self.runner.cache
+        if cache is not None:
+            longest = -(-self.max_len // self.block_size)
+            cache.reserve(min(cache.num_blocks, self.scheduler.max_num_seqs * longest))
 
     # -- requests ---------------------------------------------------------------------------
 

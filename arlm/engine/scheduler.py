@@ -121,7 +121,8 @@ class Scheduler:
             budget -= 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if bm is not None and (not bm.can_allocate(seq) or self._head_in_prefill(seq)):
+            fits = bm is None or bm.can_allocate(seq, watermark=bool(self.running))
+            if not fits or (bm is not None and self._head_in_prefill(seq)):
                 break
             self.waiting.popleft()
             if bm is not None:
