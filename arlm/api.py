@@ -247,6 +247,8 @@ def load(
     kv_cache_memory_gib: float | None = None,
     gpu_memory_utilization: float | None = None,
     enable_prefix_caching: bool = True,
+    kv_offload_gib: float = 0.0,
+    preemption_mode: str = "auto",
     enforce_eager: bool = False,
 ) -> LM:
     """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
@@ -282,15 +284,18 @@ def load(
     (``arlm.model.packing``).
 
     The engine that every generation runs through (see ``arlm.engine.EngineConfig``):
-    max_num_seqs: sequences decoded together (None: 16, fewer if the memory budget says so);
-    max_num_batched_tokens: positions per forward, so prompts prefill in chunks of at most
-    this (None: 512); max_model_len: the longest prompt + generation (None: the context);
-    kv_cache_memory_gib: the KV cache's budget (None: on a CPU a quarter of the machine's
-    memory; on a GPU what ``gpu_memory_utilization`` leaves, see ``arlm.engine.memory``);
-    gpu_memory_utilization: the share of the GPU's memory the weights, activations and KV cache
-    may fill (None: 0.9);
-    enable_prefix_caching: prompts that start alike share the computed head; enforce_eager: no
-    CUDA graphs for decode steps (see ``arlm.engine.cuda_graphs``).
+    max_num_seqs: sequences decoded together (None: 64 on a CPU, 256 on a GPU, at most one per
+    KV block); max_num_batched_tokens: positions per forward, so prompts prefill in chunks of at
+    most this (None: 512); max_model_len: the longest prompt + generation (None: the context,
+    or what the KV pool holds where that is less); kv_cache_memory_gib: the KV pool's budget
+    (None: on a CPU a quarter of the machine's memory; on a GPU what ``gpu_memory_utilization``
+    leaves, see ``arlm.engine.memory``); gpu_memory_utilization: the share of the GPU's memory
+    the weights, activations and KV cache may fill (None: 0.9);
+    enable_prefix_caching: prompts that start alike share the computed head's KV blocks;
+    kv_offload_gib: host memory for KV blocks the pool evicts or swaps out (0: none);
+    preemption_mode: ``auto``, ``recompute`` or ``swap``, how a sequence gives its blocks up
+    when the pool runs out; enforce_eager: no CUDA graphs for decode steps (see
+    ``arlm.engine.cuda_graphs``).
     """
     cache_config = CacheConfig(dtype=kv_cache_dtype, window=kv_window, sink_tokens=kv_sink_tokens)
     engine_config = EngineConfig(
@@ -303,6 +308,8 @@ def load(
         else gpu_memory_utilization,
         kv_block_size=EngineConfig.kv_block_size if kv_block_size is None else kv_block_size,
         enable_prefix_caching=enable_prefix_caching,
+        kv_offload_gib=kv_offload_gib,
+        preemption_mode=preemption_mode,
         enforce_eager=enforce_eager,
     )
     if generation_config not in GENERATION_CONFIGS:

@@ -53,6 +53,11 @@ BF16_ATOL = 0.02
 # 0.0 on every case (gemma3-window included, whose query_pre_attn_scalar of 20 is not its
 # head_dim of 24: the caches' attention takes the scale as the kernel's, as transformers does)
 BF16_CACHED_ATOL = 0.02
+# bf16 greedy decode through the engine against transformers': the engine's paged decode attends
+# each block in float32 and merges the blocks by their log-sum-exp, transformers attends in
+# bfloat16, so an attention output can differ in its last bit; a unit of bfloat16 at the
+# logits' size (4) is 0.031 (measured up to 0.031): two units
+BF16_DECODE_ATOL = 2 * 4 * torch.finfo(torch.bfloat16).eps
 SEQ = 40  # longer than every window below
 # every linear layer's input a multiple of 32, for int4's groups
 COMMON = dict(vocab_size=VOCAB, max_position_embeddings=128, intermediate_size=96)
@@ -346,7 +351,7 @@ def test_bf16_logits_and_greedy(case):
     reference = F.log_softmax(_hf_chunked_logits(hf16, ids, 6)[:-1], -1)
     diff = (score - reference.gather(-1, ids[0, 1:, None])[:, 0]).abs().max().item()
     assert diff < BF16_CACHED_ATOL, diff
-    assert_decode_matches(lm, hf16, _prompt(name), BF16_CACHED_ATOL)
+    assert_decode_matches(lm, hf16, _prompt(name), BF16_DECODE_ATOL)
 
 
 @cases(LONGROPE)

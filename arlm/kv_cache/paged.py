@@ -354,7 +354,7 @@ class PagedStep:
         if readers is None:
             group = q.size(1) // cache.n_kv_head
             readers = _BlockReaders(
-                self._tables, self._positions, window, cache.block_size, group, q.dtype
+                self._tables, self._positions, window, cache.block_size, group, _work(q.dtype)
             )
             self._readers[window] = readers
         return _read_blocks_in_place(cache, k_planes, v_planes, q, readers, scale)
@@ -383,6 +383,13 @@ class PagedStep:
         return y[:, :, 0].transpose(0, 1)[None]
 
 
+def _work(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU decode attends in: each block's partial result comes back in the
+    inputs' dtype, and in a half type that would round every block's output before the merge,
+    so halves attend in float32."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _read_blocks_in_place(
     cache: PagedKVCache,
     k_planes: list[torch.Tensor],
@@ -397,9 +404,10 @@ def _read_blocks_in_place(
     H = cache.n_kv_head
     G, R, n = n_head // H, readers.readers, readers.blocks
     window = slice(readers.lo, readers.lo + n)
-    keys = cache.codec.decode([p[window] for p in k_planes], q.dtype)
-    values = cache.codec.decode([p[window] for p in v_planes], q.dtype)
-    rows = q[0].view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
+    dtype = _work(q.dtype)
+    keys = cache.codec.decode([p[window] for p in k_planes], dtype)
+    values = cache.codec.decode([p[window] for p in v_planes], dtype)
+    rows = q[0].to(dtype).view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
     rows = torch.cat((rows, rows.new_zeros(1, H, G, hd)))  # the dummy reader
     owner = readers.rows.flatten()
     queries = rows.index_select(0, owner).view(n, R, H, G, hd)
