@@ -55,7 +55,9 @@ def main() -> None:
         split = Transformer(ModelConfig(**shape)).eval()
         split.load_state_dict(whole.state_dict())
         parallelize(split, mesh)
-        idx = torch.randint(0, shape["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
+        idx = torch.randint(
+            0, shape["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1)
+        )
         with torch.no_grad():
             want = whole(idx)[0]
             got = split(idx)[0]

@@ -33,6 +33,7 @@ from arlm.engine.outputs import Completion, RequestOutput
 from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
 from arlm.engine.sequence import Sequence, Status
+from arlm.engine.tensor_parallel import TensorParallelGroup, TensorParallelRunner
 from arlm.engine.text import TextState
 from arlm.kv_cache.base import layer_lengths
 from arlm.kv_cache.codec import make_codec
@@ -134,6 +135,7 @@ class Engine:
         tokenizer: Tokenizer,
         cache_config: CacheConfig | None = None,
         config: EngineConfig | None = None,
+        tensor_parallel: TensorParallelGroup | None = None,
     ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = model.wte.weight.device
@@ -173,7 +175,12 @@ class Engine:
                 DEFAULT_MAX_NUM_BATCHED_TOKENS, num_slots
             )
             num_slots = fit_slots(config, model, num_slots, positions * per_position, profile)
-        self.runner = ModelRunner(model, self.cache_config, num_slots, slot_len)
+        if tensor_parallel is None:
+            self.runner = ModelRunner(model, self.cache_config, num_slots, slot_len)
+        else:  # tensor-parallel hook: the other ranks run each step too (engine.tensor_parallel)
+            self.runner = TensorParallelRunner(
+                model, self.cache_config, num_slots, slot_len, tensor_parallel
+            )
         # why decode steps run eagerly here, or None when they replay CUDA graphs
         self.eager_reason: str | None = "not a CUDA device"
         if self.device.type == "cuda":

@@ -160,4 +160,3 @@ def local_bytes(module: nn.Module) -> int:
         local = p.to_local() if isinstance(p, DTensor) else p
         total += local.numel() * local.element_size()
     return total
-
