@@ -152,11 +152,13 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
 
 
 def local_bytes(module: nn.Module) -> int:
-    """Bytes of weights this rank holds (a DTensor by its local shard, a tied matrix once)."""
+    """Bytes of weights this rank holds, parameters and buffers (packed CPU kernels keep
+    theirs as buffers): a DTensor by its local shard, a tied matrix once."""
     from torch.distributed.tensor import DTensor
 
     total = 0
-    for p in {id(p): p for p in module.parameters()}.values():
-        local = p.to_local() if isinstance(p, DTensor) else p
+    tensors = [*module.parameters(), *module.buffers()]
+    for t in {id(t): t for t in tensors}.values():
+        local = t.to_local() if isinstance(t, DTensor) else t
         total += local.numel() * local.element_size()
     return total
