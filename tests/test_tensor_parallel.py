@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,42 @@ def test_sizes_that_cannot_split_are_refused_with_both_numbers(checkpoint):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide .* 4 attention"):
         arlm.load(checkpoint, device="cpu", tensor_parallel_size=3)
     assert not torch.distributed.is_initialized()
+
+
+def test_serve_with_two_ranks_streams_the_text_of_one_process(checkpoint):
+    import httpx
+
+    from tests.serving import free_socket, wait_healthy
+
+    prompt = "The server splits its model"
+    want = arlm.load(checkpoint, device="cpu", dtype=None).generate(
+        prompt, max_tokens=16, temperature=0.0
+    )
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    # a plain `arlm serve`: it starts rank 1 itself
+    command = [sys.executable, "-m", "arlm", "serve", str(checkpoint), "--port", str(port)]
+    command += ["--device", "cpu", "--dtype", "float32", "--tensor-parallel-size", "2"]
+    command += ["--log-level", "warning"]
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, 180)
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 16, "temperature": 0.0}
+        pieces = []
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True},
+                          timeout=120) as r:  # fmt: skip
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    pieces += [c["text"] for c in json.loads(line[6:])["choices"]]
+        assert "".join(pieces) == want.text
+        process.send_signal(signal.SIGTERM)  # drains, then releases rank 1
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read().decode()
+    assert "Traceback" not in output, output[-3000:]
