@@ -127,7 +127,9 @@ class EngineConfig:
 
 
 class Engine:
-    """Continuous batching over ``model``; see the module docstring."""
+    """Continuous batching over ``model``; see the module docstring. ``tensor_parallel``: the
+    ranks ``model`` is split over, this one rank 0 (``arlm.engine.tensor_parallel``); None: the
+    model is whole here."""
 
     def __init__(
         self,

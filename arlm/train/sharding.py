@@ -92,16 +92,17 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def gather_full(tensors: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
-    """``tensors`` with every DTensor gathered whole: on rank 0 the full tensors, on the others
-    an empty dict. A collective: every rank calls it with the same names in the same order.
-    Tensors are gathered one at a time, so a rank holds at most one extra whole tensor; a tensor
-    met twice (wte and its tied head) is gathered once."""
+    """``tensors`` with every DTensor gathered whole (to the CPU): on rank 0 the full tensors,
+    on the others an empty dict. A collective: every rank calls it with the same names in the
+    same order. Tensors are gathered one at a time, so a rank other than 0 holds at most one
+    extra whole tensor; a tensor met twice (wte and its tied head) is gathered once."""
     out: dict[str, torch.Tensor] = {}
     gathered: dict[int, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if isinstance(tensor, DTensor):
             if id(tensor) not in gathered:
-                gathered[id(tensor)] = tensor.full_tensor()
+                # to the host at once: on a GPU the whole model may not fit beside its shards
+                gathered[id(tensor)] = tensor.full_tensor().cpu()
             whole = gathered[id(tensor)]
             if not world.is_main:  # rank 0 alone writes it; the others let it go
                 gathered[id(tensor)] = whole = whole.new_empty(0)
