@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from arlm.config import resolve_dtype
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
 from arlm.engine.memory import check_weights_fit
+from arlm.engine.tensor_parallel import TensorParallelGroup
 from arlm.formats.checkpoint import load_model
 from arlm.formats.generation_config import sampling_defaults
 from arlm.formats.stored import stored_weights
@@ -23,6 +25,7 @@ from arlm.model.transformer import Transformer
 from arlm.placement import auto_dtype, resolve_device
 from arlm.sampling import SamplingParams
 from arlm.tokenizer import Tokenizer
+from arlm.validate import check_int
 
 GENERATION_CONFIGS = ("auto", "arlm")  # whose sampling defaults: the model's, or arlm's
 
@@ -65,6 +68,7 @@ class LM:
         cache_config: CacheConfig | None = None,
         engine_config: EngineConfig | None = None,
         sampling_defaults: dict | None = None,
+        tensor_parallel: TensorParallelGroup | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -73,6 +77,10 @@ class LM:
         self.engine_config = engine_config or EngineConfig()
         self.sampling_defaults = dict(sampling_defaults or {})
         SamplingParams.from_kwargs(**self.sampling_defaults)  # names and ranges checked now
+        # this rank 0's split of the model over tensor-parallel ranks (``arlm.launch``); None:
+        # the model is whole here
+        self.tensor_parallel = tensor_parallel
+        self._workers: list = []  # the processes of the other ranks, when this one started them
         self._engine: Engine | None = None
 
     @property
@@ -86,8 +94,36 @@ class LM:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, self.cache_config, self.engine_config)
+            self._engine = Engine(
+                self.model,
+                self.tokenizer,
+                self.cache_config,
+                self.engine_config,
+                tensor_parallel=self.tensor_parallel,
+            )
         return self._engine
+
+    def close(self) -> None:
+        """Release the other tensor-parallel ranks: they stop, and the process group closes
+        (nothing to do for a whole model). The LM cannot generate after."""
+        group, self.tensor_parallel = self.tensor_parallel, None
+        if group is None:
+            return
+        from arlm import launch
+
+        group.broadcast(("stop",))
+        launch.leave(self._workers)
+        self._engine = None
+
+    def _whole_model(self, what: str) -> None:
+        # the other ranks run only the engine's steps; a forward of rank 0's alone would wait
+        # for them for ever
+        if self.tensor_parallel is not None:
+            raise ValueError(
+                f"{what} runs the model outside the engine, which a model split over "
+                f"{self.tensor_parallel.size} tensor-parallel ranks does not; load it with "
+                "tensor_parallel_size=1"
+            )
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -161,6 +197,7 @@ class LM:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """(T, vocab) logits of one teacher-forced forward over ``token_ids``."""
+        self._whole_model("logits")
         if len(token_ids) > self.config.block_size:
             raise ValueError(
                 f"{len(token_ids)} tokens exceed the model's context of {self.config.block_size}"
@@ -181,6 +218,7 @@ class LM:
         chunks before: how the quality of a quantized or windowed cache is measured. The text
         must then fit the context, unless the cache is windowed.
         """
+        self._whole_model("score")
         ids = self._prompt_ids(text)
         start = self.tokenizer.bos_token_id
         if start is not None and (not ids or ids[0] != start):
@@ -250,7 +288,8 @@ def load(
     kv_offload_gib: float = 0.0,
     preemption_mode: str = "auto",
     enforce_eager: bool = False,
-) -> LM:
+    tensor_parallel_size: int = 1,
+) -> LM | None:
     """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
     model by id (``"org/name"``; a local path of that name wins).
 
@@ -296,7 +335,16 @@ def load(
     preemption_mode: ``auto``, ``recompute`` or ``swap``, how a sequence gives its blocks up
     when the pool runs out; enforce_eager: no CUDA graphs for decode steps (see
     ``arlm.engine.cuda_graphs``).
+
+    tensor_parallel_size: split the model over this many processes (``arlm.launch``), each
+    holding its share of every layer's heads and MLP columns and its heads' KV cache. Under
+    ``torchrun --nproc-per-node N`` it must be N, and only rank 0 gets the LM: ``load`` on the
+    other ranks runs rank 0's engine steps until rank 0 closes it (``LM.close``, or its exit),
+    then returns None. In a plain process it starts the other N - 1 processes itself. Only
+    generation runs split (not ``score`` or ``logits``), eagerly (no CUDA graphs).
     """
+    # every argument, for workers that load the same model (arlm.launch)
+    arguments = dict(locals())
     cache_config = CacheConfig(dtype=kv_cache_dtype, window=kv_window, sink_tokens=kv_sink_tokens)
     engine_config = EngineConfig(
         max_num_seqs=max_num_seqs,
@@ -322,6 +370,11 @@ def load(
 
     path = resolve(path, revision, allow_pickle)
     device = resolve_device(device)
+    if tensor_parallel_size != 1:
+        from arlm.launch import rank_device
+
+        check_int("tensor_parallel_size", tensor_parallel_size, 1)
+        device = rank_device(device)
     stored = stored_weights(path)
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(stored.dtype or torch.float32, device)
@@ -336,4 +389,31 @@ def load(
         model, tokenizer = load_model(path, device=device, dtype=dtype)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
+    if tensor_parallel_size != 1:
+        return _split(model, tokenizer, cache_config, engine_config, defaults, arguments)
     return LM(pack(model), tokenizer, cache_config, engine_config, defaults)
+
+
+def _split(model, tokenizer, cache_config, engine_config, defaults, arguments) -> LM | None:
+    """``model`` split over ``tensor_parallel_size`` ranks (see ``load``): rank 0's LM, or None
+    on the other ranks once rank 0 has closed."""
+    from arlm import launch
+    from arlm.engine.tensor_parallel import run_worker
+    from arlm.model.tensor_parallel import head_split, parallelize
+
+    size = arguments["tensor_parallel_size"]
+    head_split(model.config, size)  # a size the model cannot take is refused before any start
+    store, workers = None, []
+    if not launch.under_torchrun():
+        store, workers = launch.spawn_workers(size, load, arguments)
+    group, mesh = launch.join(size, model.wte.weight.device, store)
+    # the linear layers become DTensors: no packed CPU kernels for them
+    parallelize(model, mesh)
+    if group.rank != 0:
+        run_worker(model, group)
+        launch.leave([])
+        return None
+    lm = LM(model, tokenizer, cache_config, engine_config, defaults, tensor_parallel=group)
+    lm._workers = workers
+    atexit.register(lm.close)  # workers left waiting would hold the process group open
+    return lm

@@ -20,8 +20,16 @@ DDP: ``arlm train`` on the nanogpt-cpu configuration with 1 process (2 threads) 
 ``torchrun`` with 2 processes (1 thread each) at the same per-process batch. On 2 cores this
 measures the all-reduce's cost, not a speed-up: both runs share the same two cores.
 
+Sharding memory: the 6x384 configuration under ``torchrun`` with 2 processes, ``--sharding ddp``
+then ``fsdp``. Each rank counts the bytes it holds of the parameters, their gradients and the
+AdamW moments (``arlm.train.sharding.local_bytes``, a DTensor by its local shard) just before
+every optimizer step, when all three are alive, and reports its peak; the ratio is FSDP's
+largest rank over DDP's. DDP's own gradient buckets (a second copy of the gradients) are not
+counted, which flatters DDP.
+
 Run: ``python benchmarks/train.py`` (about 10 minutes on 2 cores); ``--configs nanogpt-cpu``
-for one configuration, ``--no-ddp`` to skip scaling.
+for one configuration, ``--no-ddp`` to skip scaling, ``--only-memory`` for the sharding memory
+alone (a minute).
 """
 
 from __future__ import annotations
@@ -250,6 +258,66 @@ def ddp_scaling(shards: Path, workdir: Path, steps: int) -> dict:
     return results
 
 
+def memory_rank(sharding: str, shards: str, workdir: str) -> None:
+    """One rank of the sharding memory measurement (under torchrun): a few steps, the peak of
+    the bytes held before each optimizer step; rank 0 prints every rank's as one JSON line."""
+    import torch.distributed as dist
+
+    from arlm.train import TrainConfig, Trainer
+    from arlm.train.distributed import close_world
+    from arlm.train.sharding import local_bytes
+
+    shape = {**CONFIGS["6x384"], "batch_size": 1}  # the batch sets activations, not these
+    cfg = TrainConfig(
+        corpus=shards, out=str(Path(workdir) / f"memory-{sharding}"), steps=10**9, lr=LR,
+        warmup_steps=0, sharding=sharding, **shape,
+    )  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    peak = {"params": 0, "grads": 0, "optimizer": 0}
+
+    def measure(optimizer, args, kwargs) -> None:
+        counted = local_bytes(trainer.model, optimizer)
+        if sum(counted.values()) > sum(peak.values()):
+            peak.update(counted)
+
+    trainer.optimizer.register_step_pre_hook(measure)
+    for _ in range(3):  # AdamW makes its moments at the first step: the second sees all three
+        trainer.train_step()
+    ranks = [None] * trainer.world.size
+    dist.all_gather_object(ranks, peak)
+    if trainer.world.is_main:
+        print("MEMORY " + json.dumps(ranks))
+    close_world(trainer.world)
+
+
+def sharding_memory(shards: Path, workdir: Path) -> dict:
+    """Per-rank bytes of parameters + gradients + optimizer state, DDP beside FSDP, 2 ranks."""
+    results = {}
+    for sharding in ("ddp", "fsdp"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", "2", __file__, "--memory-rank", sharding,
+                   "--shards", str(shards), "--workdir", str(workdir)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        run = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+        (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("MEMORY ")]
+        results[sharding] = json.loads(line.removeprefix("MEMORY "))
+    mib = 2**20
+    print("\nsharding memory, 6x384, 2 processes: per rank, MiB held before an optimizer step")
+    print(f"{'sharding':<9} {'rank':>4} {'params':>8} {'grads':>8} {'AdamW':>8} {'total':>8}")
+    for sharding, ranks in results.items():
+        for rank, r in enumerate(ranks):
+            total = sum(r.values())
+            print(
+                f"{sharding:<9} {rank:>4} {r['params'] / mib:>8.2f} {r['grads'] / mib:>8.2f} "
+                f"{r['optimizer'] / mib:>8.2f} {total / mib:>8.2f}"
+            )
+    ratio = max(sum(r.values()) for r in results["fsdp"]) / max(
+        sum(r.values()) for r in results["ddp"]
+    )
+    print(f"  FSDP / DDP, largest rank: {ratio:.3f}x (target <= 0.55x)")
+    return {**results, "fsdp_over_ddp": ratio}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
@@ -259,7 +327,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-ddp", action="store_true")
     parser.add_argument("--ddp-steps", type=int, default=60)
+    parser.add_argument("--only-memory", action="store_true", help="sharding memory alone")
+    # a rank of the sharding memory measurement (the benchmark launches these itself)
+    parser.add_argument("--memory-rank", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
+    parser.add_argument("--shards", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_rank:
+        memory_rank(args.memory_rank, args.shards, args.workdir)
+        return
 
     import torch
 
@@ -273,6 +349,11 @@ def main() -> None:
         corpus, tokenizer_path = char_corpus(workdir)
         shards = workdir / "shards"
         prepare(str(corpus), shards, tokenizer=Tokenizer.from_file(tokenizer_path), progress=False)
+        results["sharding_memory"] = sharding_memory(shards, workdir)
+        if args.only_memory:
+            OUT.mkdir(exist_ok=True)
+            (OUT / "train-memory.json").write_text(json.dumps(results, indent=2))
+            return
         # one ceiling per dtype for every side, measured here with the workers' threads
         torch.set_num_threads(args.threads)
         cpu = torch.device("cpu")

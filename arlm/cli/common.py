@@ -62,6 +62,16 @@ def add_model_options(p: argparse.ArgumentParser, runs: bool = True) -> None:
     )
 
 
+def add_tensor_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model's heads and MLP over this many processes: under torchrun "
+        "--nproc-per-node N (rank 0 prints or serves), or started by this command (default: 1)",
+    )
+
+
 def model_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {
         "device": args.device,
@@ -110,6 +120,8 @@ def load_kwargs(args: argparse.Namespace) -> dict:
     for name, value in cache.items():  # arlm.load's names for them
         kwargs["kv_cache_dtype" if name == "dtype" else f"kv_{name}"] = value
     kwargs.update(given(args, EngineConfig))
+    if getattr(args, "tensor_parallel_size", 1) != 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs
 
 

@@ -15,6 +15,7 @@ from arlm.cli.common import (
     add_generation_config_option,
     add_model_options,
     add_sampling_options,
+    add_tensor_parallel_option,
     describe_defaults,
     load_kwargs,
     sampling_kwargs,
@@ -42,6 +43,7 @@ def add_parser(sub) -> None:
     add_sampling_options(p)
     add_generation_config_option(p)
     add_cache_options(p)
+    add_tensor_parallel_option(p)
     p.add_argument("--stats", action="store_true", help="print token counts and speeds")
     p.set_defaults(run=run)
 
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> None:
     given = sampling_kwargs(args)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     lm = arlm.load(args.model, **load_kwargs(args))
+    if lm is None:  # a tensor-parallel rank other than 0: it ran rank 0's steps
+        return
     note = describe_defaults(lm, given)
     if note:
         print(note, file=sys.stderr)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from arlm.cli.common import (
     add_cache_options,
     add_generation_config_option,
     add_model_options,
+    add_tensor_parallel_option,
     load_kwargs,
 )
 from arlm.cli.options import add_options, given
@@ -37,6 +39,7 @@ def add_parser(sub) -> None:
     add_options(p.add_argument_group("server"), ServeConfig)
     add_generation_config_option(p)
     add_cache_options(p)
+    add_tensor_parallel_option(p)
     p.set_defaults(run=run)
 
 
@@ -51,6 +54,10 @@ def run(args: argparse.Namespace) -> None:
     # a Hub id downloads now, before the server starts; it is then served under its id
     local = Path(args.model).exists()
     folder = resolve(args.model, kwargs.pop("revision"), args.allow_pickle)
+    if args.tensor_parallel_size != 1 and int(os.environ.get("RANK", 0)) != 0:
+        # a torchrun rank other than 0 serves no HTTP: it runs rank 0's engine steps
+        arlm.load(folder, **kwargs)
+        return
     serve(
         lambda: arlm.load(folder, **kwargs),
         config,

@@ -1,7 +1,7 @@
 """``arlm train``: teacher forcing on a corpus; progress, eval and checkpoints go to --out.
 
-Under ``torchrun --nproc-per-node N -m arlm train ...`` each process is one data-parallel rank;
-rank 0 alone prints, samples and writes."""
+Under ``torchrun --nproc-per-node N -m arlm train ...`` each process is one data-parallel rank
+(``--sharding fsdp``: holding a shard of the model); rank 0 alone prints, samples and writes."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from arlm.api import LM
+    from arlm.formats.checkpoint import load_model
     from arlm.train.distributed import close_world
+    from arlm.train.sharding import is_sharded
     from arlm.train.trainer import Trainer, saved_train_config
 
     options = given(args, TrainConfig)
@@ -58,7 +60,10 @@ def run(args: argparse.Namespace) -> None:
         f"(perplexity {math.exp(result.val_loss):.2f}); checkpoint in {result.out}"
     )
     if result.step == trainer.cfg.steps and args.sample:
-        lm = LM(trainer.model, trainer.tokenizer)
+        if is_sharded(trainer.model):  # this rank held a shard: the whole model is on disk
+            lm = LM(*load_model(result.out, device=trainer.device))
+        else:
+            lm = LM(trainer.model, trainer.tokenizer)
         print(f"sample (temperature 0.8, seed 0):\n{args.sample}", end="")
         for piece in lm.stream(args.sample, max_tokens=120, temperature=0.8, top_k=50, seed=0):
             print(piece, end="", flush=True)

@@ -25,6 +25,7 @@ from arlm.engine.requests import InvalidRequest, check_params, check_prompt, new
 from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
 from arlm.engine.sequence import Sequence, Status
+from arlm.engine.tensor_parallel import TensorParallelGroup, TensorParallelRunner
 from arlm.engine.token_chain import TokenChain
 from arlm.kv_cache.config import CacheConfig
 from arlm.model.transformer import Transformer
@@ -35,7 +36,9 @@ __all__ = ["Engine", "EngineConfig", "InvalidRequest"]
 
 
 class Engine:
-    """Continuous batching over ``model``; see the module docstring."""
+    """Continuous batching over ``model``; see the module docstring. ``tensor_parallel``: the
+    ranks ``model`` is split over, this one rank 0 (``arlm.engine.tensor_parallel``); None: the
+    model is whole here."""
 
     def __init__(
         self,
@@ -43,6 +46,7 @@ class Engine:
         tokenizer: Tokenizer,
         cache_config: CacheConfig | None = None,
         config: EngineConfig | None = None,
+        tensor_parallel: TensorParallelGroup | None = None,
     ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = model.wte.weight.device
@@ -56,7 +60,11 @@ class Engine:
         if sizes.max_len is None:
             self.window_max_len = config.max_model_len or DEFAULT_WINDOW_MAX_MODEL_LEN
         bs = config.kv_block_size
-        self.runner = ModelRunner(model, self.cache_config, sizes.num_blocks, bs, sizes.host_blocks)
+        runner_args = (model, self.cache_config, sizes.num_blocks, bs, sizes.host_blocks)
+        if tensor_parallel is None:
+            self.runner = ModelRunner(*runner_args)
+        else:  # the other ranks run each step too (arlm.engine.tensor_parallel)
+            self.runner = TensorParallelRunner(*runner_args, group=tensor_parallel)
         self.block_manager: BlockManager | None = None
         if self.runner.cache is not None:
             self.block_manager = BlockManager(

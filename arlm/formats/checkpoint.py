@@ -98,9 +98,12 @@ def shares_embedding(config: ModelConfig) -> bool:
     return config.tie_embeddings and config.quantization is None
 
 
-def model_files(model: Transformer, tokenizer: Tokenizer) -> dict[str, bytes]:
-    """The three files of a model checkpoint, serialised."""
-    state = model.state_dict()
+def model_files(
+    model: Transformer, tokenizer: Tokenizer, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, bytes]:
+    """The three files of a model checkpoint, serialised; ``state``: the model's tensors when
+    ``model`` does not hold them whole (a sharded model's, gathered; None: its state_dict)."""
+    state = dict(model.state_dict() if state is None else state)
     if shares_embedding(model.config):
         state.pop("lm_head.weight", None)  # the same tensor as wte.weight; stored once
     return {
@@ -115,9 +118,11 @@ def save_model(
     model: Transformer,
     tokenizer: Tokenizer,
     extra_files: dict[str, bytes] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint (and ``extra_files`` beside it) atomically."""
-    write_files(directory, {**model_files(model, tokenizer), **(extra_files or {})})
+    """Write a checkpoint (and ``extra_files`` beside it) atomically; ``state`` as in
+    ``model_files``."""
+    write_files(directory, {**model_files(model, tokenizer, state), **(extra_files or {})})
 
 
 def load_model(

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from arlm.atomic import atomic_path
@@ -40,6 +39,15 @@ from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
 from arlm.train.prepare import load_or_prepare
 from arlm.train.readback import Readback
+from arlm.train.sharding import (
+    SHARDINGS,
+    checkpoint_activations,
+    gather_full,
+    is_sharded,
+    no_gradient_sync,
+    shard_model,
+    shard_optimizer_state,
+)
 from arlm.validate import check_int
 
 STATE_TENSORS = "train_state.safetensors"
@@ -91,11 +99,24 @@ class TrainConfig:
     )
     bf16: bool = option(False, help="bfloat16 autocast (matmuls in bfloat16, master weights f32)")
     compile: bool = option(False, help="torch.compile the model (slow first steps, faster after)")
+    sharding: str = option(
+        "ddp",
+        help="under torchrun: ddp (a whole copy of the model per process) or fsdp (parameters, "
+        "gradients and optimizer state sharded over the processes, per transformer block)",
+        choices=SHARDINGS,
+    )
+    activation_checkpointing: bool = option(
+        False, help="recompute each block's activations in the backward pass (less memory)"
+    )
     cache_dir: str | None = option(
         None, help="where encoded corpora are cached (default: ~/.cache/arlm)"
     )
 
     def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise ValueError(
+                f"sharding={self.sharding!r} is not allowed; choose one of {SHARDINGS}"
+            )
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         for name in (
@@ -181,7 +202,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, groups: lis
         if key.startswith("optimizer."):
             _, index, slot = key.split(".", 2)
             state.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # saved whole; a sharded model's optimizer takes this rank's shards of it
+    optimizer.load_state_dict(
+        {"state": shard_optimizer_state(state, optimizer), "param_groups": groups}
+    )
 
 
 def saved_train_config(out: str | Path) -> TrainConfig:
@@ -234,6 +258,13 @@ class Trainer:
         if self.world.is_main:
             barrier(self.world)
         self.model = Transformer(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
+        if resume:  # the whole weights, before a sharding cuts them up
+            self._load_weights()
+        if cfg.activation_checkpointing:
+            checkpoint_activations(self.model)
+        # DDP wraps the model (and averages the gradients over ranks in the backward pass);
+        # FSDP shards it in place, so the optimizer is made after, over the shards
+        self.ddp_model = shard_model(self.model, self.world, self.device, cfg.sharding, cfg.bf16)
         self.optimizer = make_optimizer(self.model, cfg)
         # the same seed on every rank: all draw the same global batches, each keeps its slice
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
@@ -249,11 +280,6 @@ class Trainer:
         self._saved_step = self.step
         if self.world.distributed:
             torch.manual_seed(cfg.seed + self.step + self.world.rank)  # dropout differs by rank
-        # DDP averages the gradients over ranks in the backward pass (its wrapper broadcasts
-        # rank 0's weights on creation, so every rank starts equal)
-        self.ddp_model: torch.nn.Module = (
-            DistributedDataParallel(self.model) if self.world.distributed else self.model
-        )
         self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
         self.flops_per_token = model_flops_per_token(self.model.config)
         self.peak_flops: float | None = None  # measured when fit starts
@@ -292,11 +318,16 @@ class Trainer:
     # --- state -----------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write the checkpoint and the training state as one atomic unit (rank 0 alone: the
-        ranks' weights and optimizer states are equal)."""
-        if not self.world.is_main:
+        """Write the checkpoint and the training state as one atomic unit. Rank 0 writes: under
+        DDP the ranks' weights and optimizer states are equal; under FSDP every rank first
+        gives its shards to rank 0's whole copy, one tensor at a time."""
+        if not self.world.is_main and not is_sharded(self.model):
             return
         opt_tensors, opt_json = _optimizer_tensors(self.optimizer)
+        weights = gather_full(self.model.state_dict(), self.world)
+        opt_tensors = gather_full(opt_tensors, self.world)
+        if not self.world.is_main:
+            return
         tensors = {
             **opt_tensors,
             "rng.torch": torch.get_rng_state(),
@@ -319,11 +350,16 @@ class Trainer:
                 STATE_TENSORS: tensors_to_bytes(tensors),
                 STATE_JSON: json.dumps(state, indent=2).encode(),
             },
+            state=weights,
         )
 
-    def _load_state(self) -> None:
+    def _load_weights(self) -> None:
         model, _ = load_model(self.out, device=self.device)
         self.model.load_state_dict(model.state_dict())
+
+    def _load_state(self) -> None:
+        """The optimizer, the random generators and the step of the saved run (the weights are
+        loaded before the model is sharded, by ``_load_weights``)."""
         state = read_json(self.out / STATE_JSON)
         tensors = read_tensors(self.out / STATE_TENSORS)
         _load_optimizer(self.optimizer, tensors, state["param_groups"])
@@ -373,11 +409,20 @@ class Trainer:
         block = min(self.model.config.block_size, len(self.shards.val) - 1)
         starts = sample_starts(self.shards.val, self.cfg.eval_iters * b, block, generator)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i in range(world.rank, self.cfg.eval_iters, world.size):
-            x, y = self._batch(self.shards.val, starts[i * b : (i + 1) * b], block)
+        # a sharded model's forward is a collective (each block all-gathers its weights), so
+        # there every rank runs the same number of batches; a rank past the last one reruns its
+        # first and does not count it
+        rounds = math.ceil(self.cfg.eval_iters / world.size)
+        for r in range(rounds):
+            i = r * world.size + world.rank
+            if i >= self.cfg.eval_iters and not is_sharded(self.model):
+                break
+            j = i if i < self.cfg.eval_iters else 0
+            x, y = self._batch(self.shards.val, starts[j * b : (j + 1) * b], block)
             with self._autocast():
                 _, loss = self.model(x, y, return_logits=False)
-            total += loss.double()
+            if i < self.cfg.eval_iters:
+                total += loss.double()
         self.model.train()
         return sum_over_ranks(total, world).item() / self.cfg.eval_iters
 
@@ -408,7 +453,7 @@ class Trainer:
             x, y = self._batch(self.shards.train, starts[first : first + b], block)
             # the gradients are averaged over ranks once, in the last micro-step's backward
             last = k == cfg.grad_accum - 1
-            with nullcontext() if last or not world.distributed else self.ddp_model.no_sync():
+            with nullcontext() if last else no_gradient_sync(self.ddp_model):
                 with self._autocast():
                     _, loss = self.forward_model(x, y, return_logits=False)
                 (loss / cfg.grad_accum).backward()
