@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from arlm.config import resolve_dtype
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
+from arlm.engine.contrastive import contrastive_generate
 from arlm.engine.memory import check_weights_fit
 from arlm.formats.checkpoint import load_model
 from arlm.formats.generation_config import sampling_defaults
@@ -130,11 +131,19 @@ class LM:
             show = len(prompt) > 1 if progress is None else progress
             return self.engine.generate(prompt, batch_params, progress=show)
         params = self._params(params, kwargs)
+        if params.penalty_alpha > 0:  # hook (issue 23): until the engine runs it per row
+            return self._contrastive(prompt, params)
         (result,) = self.engine.generate([prompt], params, progress=bool(progress))
         for completion in result if isinstance(result, list) else [result]:
             if completion.finish_reason == "error":
                 raise ValueError(completion.error)
         return result
+
+    def _contrastive(self, prompt: str | list[int], params: SamplingParams) -> Completion:
+        """Contrastive search for one prompt (``arlm.engine.contrastive``)."""
+        engine = self.engine  # its checks and end ids, so the request means what it would there
+        ids = engine.check_prompt(prompt)
+        return contrastive_generate(self.model, self.tokenizer, ids, params, engine.end_ids)
 
     def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs

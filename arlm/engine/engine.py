@@ -258,6 +258,12 @@ class Engine:
         """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do: token ids
         outside its vocabulary, or, with the windowed cache, more positions than
         ``max_model_len``. (``SamplingParams`` checked the rest when they were made.)"""
+        if params.penalty_alpha > 0:  # hook (issue 23): contrastive search is not per row yet
+            raise InvalidRequest(
+                "contrastive search (penalty_alpha > 0) runs one prompt at a time through "
+                "LM.generate, not in the engine's batches yet",
+                "penalty_alpha",
+            )
         vocab = self.model.config.vocab_size
         for name, ids in (
             ("stop_token_ids", params.stop_token_ids),
@@ -292,7 +298,14 @@ class Engine:
         token_ids = list(prompt_ids)
         guard = None
         if params.loop_policy is not None:
-            guard = LoopGuard(params.loop_policy, params.detector_config, params.max_loop_breaks)
+            # hook (issue 23): the near-duplicate rule and the held bans of a break
+            guard = LoopGuard(
+                params.loop_policy,
+                params.detector_config,
+                params.max_loop_breaks,
+                near=params.near_repetition_detection,
+                hold=params.loop_break_hold,
+            )
         seq = Sequence(
             request_id=request_id,
             index=index,
