@@ -82,11 +82,11 @@ def _hf_pair(kind: str, folder, tokenizer):
 
 @pytest.mark.parametrize("kind", list(HF_CASES))
 @pytest.mark.parametrize("alpha, k", [(0.6, 4), (0.3, 6)])
-def test_equals_a_direct_implementation_on_transformers_models(
-    kind, alpha, k, tokenizer, tmp_path
-):
+def test_equals_a_direct_implementation_on_transformers_models(kind, alpha, k, tokenizer, tmp_path):
     hf, lm = _hf_pair(kind, tmp_path, tokenizer)
-    prompt = torch.randint(1, tokenizer.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        1, tokenizer.vocab_size, (12,), generator=torch.Generator().manual_seed(0)
+    )
     prompt = prompt.tolist()
     expected = reference_contrastive(hf, prompt, 24, alpha, k)
     out = lm.generate(

@@ -59,7 +59,9 @@ class NearLoopConfig:
         allowed = f"in [ngram + 1 ({self.ngram + 1}), {MAX_NEAR_WINDOW}]"
         check_int("window", self.window, self.ngram + 1, allowed)
         if self.window > MAX_NEAR_WINDOW:
-            raise ValueError(f"window={self.window!r} is not allowed; it must be an integer {allowed}")
+            raise ValueError(
+                f"window={self.window!r} is not allowed; it must be an integer {allowed}"
+            )
         check_float("min_overlap", self.min_overlap, lambda v: 0 < v <= 1, "in (0, 1]")
 
     @property
