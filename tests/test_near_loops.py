@@ -132,6 +132,9 @@ def test_the_guard_acts_on_a_near_loop_the_exact_rule_misses():
     assert action.report.start >= 30 and action.report.pattern_size in (11, 12, 13)
 
 
+PROMPTS = ("The", "if x", "class", "def f")
+
+
 def _reentries(ids: list[int], pattern: tuple, after: int, span: int) -> int:
     """Where, in ``ids[after:after + span]``, some rotation of ``pattern`` runs for two whole
     copies (three when it is one token): a walk back into that cycle. -1 when none does."""
@@ -145,8 +148,7 @@ def _reentries(ids: list[int], pattern: tuple, after: int, span: int) -> int:
     return -1
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_after_a_break_the_cycle_does_not_come_back_within_200_tokens(tokenizer, family):
+def test_after_a_break_the_cycle_does_not_come_back_within_200_tokens(tokenizer):
     """Random tiny models lock into a cycle under greedy at once. After each break of the
     holding policy, no rotation of the broken cycle runs again in the next 200 tokens; the old
     break (no held bans) walks back into one on these same prompts."""
@@ -154,7 +156,8 @@ def test_after_a_break_the_cycle_does_not_come_back_within_200_tokens(tokenizer,
         max_tokens=260, temperature=0, ignore_eos=True, loop_policy="break", max_loop_breaks=64
     )
     old_reentries = 0
-    for seed, prompt in ((0, "The"), (1, "if x"), (2, "class"), (3, "def f")):
+    cases = [(f, seed, prompt) for f in ("gpt2", "llama") for seed, prompt in enumerate(PROMPTS)]
+    for family, seed, prompt in cases:
         lm = LM(make_model(family, vocab_size=tokenizer.vocab_size, seed=seed), tokenizer)
         held = lm.generate(prompt, **params)
         assert held.loops_broken >= 1
