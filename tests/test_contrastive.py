@@ -155,3 +155,13 @@ def test_what_it_cannot_combine_with_is_named(tokenizer):
         lm.generate("x", loop_policy="stop", **kw)
     with pytest.raises(InvalidRequest, match="one prompt at a time"):
         lm.engine.add_request("x", SamplingParams(**kw))
+
+
+def test_stream_and_a_list_of_prompts_run_it_too(tokenizer):
+    lm = LM(make_model("gpt2", vocab_size=tokenizer.vocab_size, seed=6), tokenizer)
+    kw = dict(max_tokens=10, temperature=0, top_k=3, penalty_alpha=0.5, ignore_eos=True)
+    one = lm.generate("a b", **kw)
+    chunks = list(lm.stream("a b", **kw))
+    assert "".join(chunks) == one.text and chunks[-1].finish_reason == "length"
+    both = lm.generate(["a b", "c"], **kw)
+    assert both[0].token_ids == one.token_ids and len(both[1].token_ids) == 10
