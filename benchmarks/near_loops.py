@@ -21,7 +21,6 @@ GRID = [
     NearLoopConfig(window=64, ngram=3, min_overlap=0.5),
     NearLoopConfig(window=64, ngram=3, min_overlap=0.6),
     NearLoopConfig(window=64, ngram=4, min_overlap=0.5),
-    NearLoopConfig(window=48, ngram=4, min_overlap=0.55),
     NearLoopConfig(window=96, ngram=4, min_overlap=0.5),
 ]
 WINDOW = 128

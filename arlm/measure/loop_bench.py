@@ -369,7 +369,7 @@ def plot(rows: list[BenchRow], path: str | os.PathLike, title: str = "") -> None
     ax1.set_yticks(y, labels, fontsize=8)
     ax1.set_xlim(0, 1)
     ax1.set_xlabel("fraction")
-    ax1.legend(fontsize=7, loc="lower right")
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3)
     ax1.set_title("repetition (lower is better; human text is the floor)")
     markers = {}
     for r, label in zip(rows, labels, strict=True):
