@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from arlm.config import resolve_dtype
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
+from arlm.engine.contrastive import contrastive_generate
 from arlm.engine.memory import check_weights_fit
 from arlm.engine.tensor_parallel import TensorParallelGroup
 from arlm.formats.checkpoint import load_model
@@ -164,13 +165,23 @@ class LM:
             else:
                 batch_params = self._params(params, kwargs)
             show = len(prompt) > 1 if progress is None else progress
+            if isinstance(batch_params, SamplingParams) and batch_params.penalty_alpha > 0:
+                return [self._contrastive(p, batch_params) for p in prompt]  # hook (issue 23)
             return self.engine.generate(prompt, batch_params, progress=show)
         params = self._params(params, kwargs)
+        if params.penalty_alpha > 0:  # hook (issue 23): until the engine runs it per row
+            return self._contrastive(prompt, params)
         (result,) = self.engine.generate([prompt], params, progress=bool(progress))
         for completion in result if isinstance(result, list) else [result]:
             if completion.finish_reason == "error":
                 raise ValueError(completion.error)
         return result
+
+    def _contrastive(self, prompt: str | list[int], params: SamplingParams) -> Completion:
+        """Contrastive search for one prompt (``arlm.engine.contrastive``)."""
+        engine = self.engine  # its checks and end ids, so the request means what it would there
+        ids = engine.check_prompt(prompt)
+        return contrastive_generate(self.model, self.tokenizer, ids, params, engine.end_ids)
 
     def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs
@@ -180,6 +191,10 @@ class LM:
         params = self._params(params, kwargs)
         if params.n != 1:
             raise ValueError(f"n={params.n}: stream one sample at a time (n=1)")
+        if params.penalty_alpha > 0:  # hook (issue 23): not in the engine yet, so one piece
+            done = self._contrastive(prompt, params)
+            yield Chunk(done.text, finish_reason=done.finish_reason, usage=done.usage)
+            return
         engine = self.engine
         request_id = engine.add_request(prompt, params)
         finished = False

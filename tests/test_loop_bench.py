@@ -9,16 +9,22 @@ import pytest
 from arlm.api import LM
 from arlm.cli import main
 from arlm.formats.checkpoint import save_model
-from arlm.loops import LoopDetectorConfig
+from arlm.loops import LoopDetectorConfig, metrics
 from arlm.measure.loop_bench import (
     HUMAN,
+    MODEL_SETUPS,
+    SETUPS,
     BenchConfig,
     BenchRow,
+    compare_models,
     format_table,
     loop_bench,
     measure,
     ordering,
     plot,
+    recall,
+    targets,
+    validation_loss,
 )
 from tests.conftest import make_model
 from tests.numerics import assert_close
@@ -91,6 +97,39 @@ def test_cli_bench(lm, corpus, tmp_path, capsys):
     png = tmp_path / "b.png"
     argv = ["loops", "bench", str(model_dir), "--corpus", corpus, "--cache-dir", str(tmp_path)]
     argv += ["--prompts", "1", "--prompt-tokens", "4", "--max-tokens", "8", "--plot", str(png)]
-    assert main([*argv, "--loop-min-span", "4"]) == 0
+    other = tmp_path / "other"
+    save_model(other, make_model("gpt2", vocab_size=lm.tokenizer.vocab_size, seed=9), lm.tokenizer)
+    assert main([*argv, "--loop-min-span", "4", "--models", str(other)]) == 0
     out = capsys.readouterr().out
-    assert "| greedy + break policy |" in out and "Holtzman et al. 2020" in out and png.exists()
+    assert "| model | setup |" in out and "| model | greedy + break (old) |" in out
+    assert "| other | contrastive search 0.6, k=4 |" in out
+    assert "| other | greedy + DRY 0.8 |" not in out  # the other models run MODEL_SETUPS
+    assert "Holtzman et al. 2020" in out and "other greedy: seq-rep-4" in out and png.exists()
+
+
+def test_compare_models_targets_and_recall(lm, corpus, tmp_path):
+    config = BenchConfig(prompts=2, prompt_tokens=6, max_tokens=40, corpus=corpus)
+    other = LM(make_model("gpt2", vocab_size=lm.tokenizer.vocab_size, seed=7), lm.tokenizer)
+    rows = compare_models({"a": lm, "b": other}, config, cache_dir=tmp_path, progress=False)
+    assert [(r.model, r.setup) for r in rows[: len(SETUPS) + 1]] == [("a", HUMAN)] + [
+        ("a", name) for name in SETUPS
+    ]
+    assert [(r.model, r.setup) for r in rows[len(SETUPS) + 1 :]] == [
+        ("b", name) for name in MODEL_SETUPS
+    ]
+    # each row carries its model's loss on the held-out split, the same for all its rows
+    assert len({r.val_loss for r in rows if r.model == "a"}) == 1
+    assert rows[0].val_loss != rows[-1].val_loss and math.isfinite(rows[-1].val_loss)
+    text = targets(rows, config)
+    assert "contrastive search 0.6, k=4: Holtzman" in text and "b greedy: seq-rep-4" in text
+    n, near, exact = recall(rows, config)
+    repetitive = [o for r in rows for o in r.outputs if metrics.holtzman_repetition(o)]
+    assert n == len(repetitive) > 0 and 0 <= near <= 1 and 0 <= exact <= 1
+    plot(rows, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_validation_loss_is_the_mean_negative_logprob(lm):
+    ids = list(range(3, 60))
+    logprobs = lm.score(ids).token_logprobs
+    assert validation_loss(lm, ids) == pytest.approx(-sum(logprobs) / len(logprobs))

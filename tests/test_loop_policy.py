@@ -118,14 +118,19 @@ def test_break_stops_after_its_retries(tokenizer, looper):
     assert out.finish_reason == "repetition" and out.loops_broken == 0
     assert out.token_ids == [50, 51, 60, 61, 62]
     # 62's second choice leads back into the cycle, and the logits are too far apart for the
-    # escalated DRY to matter: every break is followed by the same loop
+    # escalated DRY to matter: without the held bans every break is followed by the same loop
     lm = table_model(tokenizer, {**LEAD_IN, **CYCLE, 63: 60}, second={62: 63}, logit=1000.0)
     kw = dict(max_tokens=100, temperature=0, repetition_detection=MIN_SPAN_0)
-    out = lm.generate(START, loop_policy="break", max_loop_breaks=2, **kw)
+    out = lm.generate(START, loop_policy="break", max_loop_breaks=2, loop_break_hold=0, **kw)
     assert out.finish_reason == "repetition" and out.loops_broken == 2
     assert out.token_ids == [50, 51, 60, 61, 62] + [63, 60, 61, 62] * 2
     assert [r.start for r in out.loop_reports] == [2, 6, 10]
     assert find_loops(out.token_ids, **MIN_SPAN_0) == []
+    # with them (the default), 60 61 62 is banned after the break: 61 is followed by its next
+    # choice, the end-of-text id (every other logit is 0), and the cycle never comes back
+    out = lm.generate(START, loop_policy="break", max_loop_breaks=2, **kw)
+    assert out.loops_broken == 1 and out.finish_reason == "stop"
+    assert out.token_ids == [50, 51, 60, 61, 62, 63, 60, 61]
 
 
 def test_break_escalates_dry(tokenizer):

@@ -40,10 +40,20 @@ def add_parser(sub) -> None:
         "bench",
         help="loop rate of decoding setups on held-out prompts",
         description="Continue held-out prompts with greedy, temperature, top-p, repetition "
-        "penalty, DRY and the break policy; print repetition metrics, detector firing and "
-        "perplexity per setup beside human text and the published anchors, and plot them.",
+        "penalty, DRY, the break policies (old and holding) and contrastive search; print "
+        "repetition metrics, detector firing, perplexity and the model's validation loss per "
+        "setup beside human text and the published anchors, and plot them. With --models, the "
+        "same held-out prompts also go to each other model (trained with unlikelihood or "
+        "DITTO, say) under greedy, top-p, the holding break and contrastive search.",
     )
     add_model_options(q)
+    q.add_argument(
+        "--models",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="more models to compare with the first, loaded as it is",
+    )
     add_options(q, BenchConfig)
     add_held_out_options(q, "loops-bench.png")
     add_detector_options(q)
@@ -140,16 +150,23 @@ def run_bench(args: argparse.Namespace) -> None:
     if detection:
         options["detector"] = LoopDetectorConfig(**detection)
     config = BenchConfig(**options)
-    lm = arlm.load(args.model, **model_kwargs(args))
-    rows = loop_bench.loop_bench(lm, config, cache_dir=args.cache_dir)
+    paths = [args.model, *args.models]
+    names = [Path(p).name or p for p in paths]
+    if len(set(names)) < len(names):
+        names = paths  # two folders of one name: tell them apart by their paths
+    models = {
+        name: arlm.load(path, **model_kwargs(args)) for name, path in zip(names, paths, strict=True)
+    }
+    rows = loop_bench.compare_models(models, config, cache_dir=args.cache_dir)
     print(
         f"loop bench: {config.prompts} held-out prompts of {config.prompt_tokens} tokens, "
         f"{config.max_tokens} tokens each, end-of-text ignored"
     )
     print(loop_bench.format_table(rows))
     print(loop_bench.ordering(rows))
+    print(loop_bench.targets(rows, config))
     print("Published: " + loop_bench.ANCHORS)
-    loop_bench.plot(rows, args.plot, title=f"loop bench: {args.model}")
+    loop_bench.plot(rows, args.plot, title=f"loop bench: {', '.join(names)}")
     print(f"wrote {args.plot}")
 
 

@@ -57,6 +57,12 @@ def check_params(
     params: SamplingParams, vocab: int, window_max_len: int | None, prompt_len: int
 ) -> None:
     """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do."""
+    if params.penalty_alpha > 0:  # contrastive search is not per row yet
+        raise InvalidRequest(
+            "contrastive search (penalty_alpha > 0) runs one prompt at a time through "
+            "LM.generate, not in the engine's batches yet",
+            "penalty_alpha",
+        )
     for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
         bad = sorted(t for t in ids if t >= vocab)
         if bad:
@@ -98,8 +104,14 @@ def new_sequences(
             generator.manual_seed(params.seed + index)
         token_ids = list(prompt_ids)
         guard = None
-        if params.loop_policy is not None:
-            guard = LoopGuard(params.loop_policy, params.detector_config, params.max_loop_breaks)
+        if params.loop_policy is not None:  # with the near-duplicate rule, a break's bans
+            guard = LoopGuard(
+                params.loop_policy,
+                params.detector_config,
+                params.max_loop_breaks,
+                near=params.near_repetition_detection,
+                hold=params.loop_break_hold,
+            )
         seqs.append(
             Sequence(
                 request_id=request_id,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from arlm.config import option
 from arlm.loops.detector import LoopDetectorConfig
+from arlm.loops.near import NearLoopConfig, near_config
 from arlm.sampling.breakers import DRY_MAX_BREAKER_CHARS
 from arlm.validate import check_float, check_int
 
@@ -31,6 +32,11 @@ MAX_DRY_MULTIPLIER = 100.0
 MAX_DRY_BASE = 100.0
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # dividing logits by less would overflow float32
 MAX_LOOP_BREAKS = 64  # each break rebuilds the sequence's processors from its whole history
+# Held bans after a break: 3-grams, measured on the loop bench (docs/loops.md): shorter bans cut
+# ordinary phrases, longer ones let near copies of the cycle back in.
+DEFAULT_LOOP_BREAK_HOLD = 3
+MAX_LOOP_BREAK_HOLD = 64
+MAX_CONTRASTIVE_TOP_K = 64  # candidates scored with one extra forward of k rows per step
 # Below this a temperature would push logits / temperature past float32's range; it samples
 # greedily, as vLLM does below the same value.
 MIN_SAMPLING_TEMPERATURE = 1e-5
@@ -78,6 +84,16 @@ class SamplingParams:
     "stop" does after max_loop_breaks breaks; "report" only records the loops.
     repetition_detection: the detector's thresholds (a ``LoopDetectorConfig`` or a dict of its
     fields; None: its defaults). Giving it without a loop_policy means "stop".
+    near_repetition_detection: the near-duplicate rule's thresholds (a ``NearLoopConfig`` or a
+    dict of its fields; None: off), so cycles whose copies differ in a few tokens count as loops
+    too; giving it without a loop_policy means "stop". loop_break_hold: after each break, no
+    n-gram of the broken cycle (this n) may be generated again in the request (0: off), so the
+    sequence cannot walk back into it.
+
+    penalty_alpha: contrastive search (Su et al. 2022) when > 0, with ``top_k`` candidates per
+    step (transformers' names): each step takes, among the k likeliest tokens, the one that
+    maximises ``(1 - alpha) * p(token) - alpha * max cosine similarity of its hidden state to
+    the context's``. Deterministic; needs top_k >= 1 and temperature 0.
     """
 
     max_tokens: int = option(256, help="tokens to generate")
@@ -122,6 +138,17 @@ class SamplingParams:
     # set through the detector's own options (--loop-min-count, ...)
     repetition_detection: LoopDetectorConfig | dict | None = None
     max_loop_breaks: int = option(3, help="breaks before a loop stops generation", metavar="N")
+    # set through --near-loop-* options
+    near_repetition_detection: NearLoopConfig | dict | None = None
+    loop_break_hold: int = option(
+        DEFAULT_LOOP_BREAK_HOLD,
+        help="after a break, ban every N-gram of the broken cycle for the rest of the request "
+        "(0 = off)",
+        metavar="N",
+    )
+    penalty_alpha: float = option(
+        0.0, help="contrastive search's degeneration penalty, with --top-k candidates, 0 = off"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -135,6 +162,7 @@ class SamplingParams:
         self._check_penalties()
         self._check_stops()
         self._check_loop_settings()
+        self._check_contrastive()
 
     def _check_sampling(self) -> None:
         check_int("max_tokens", self.max_tokens, 0, ">= 0")
@@ -235,9 +263,31 @@ class SamplingParams:
                 f"repetition_detection={detection!r} is not allowed; it must be a "
                 "LoopDetectorConfig, a dict of its fields, or None"
             )
-        if self.repetition_detection is not None and self.loop_policy is None:
+        self.near_repetition_detection = near_config(self.near_repetition_detection)
+        given = self.repetition_detection is not None or self.near_repetition_detection is not None
+        if given and self.loop_policy is None:
             self.loop_policy = "stop"
         _check_int_at_most("max_loop_breaks", self.max_loop_breaks, 0, MAX_LOOP_BREAKS)
+        _check_int_at_most(
+            "loop_break_hold", self.loop_break_hold, 0, MAX_LOOP_BREAK_HOLD, "(0 means off)"
+        )
+
+    def _check_contrastive(self) -> None:
+        check_float(
+            "penalty_alpha", self.penalty_alpha, lambda v: 0 <= v <= 1, "in [0, 1] (0 means off)"
+        )
+        if not self.penalty_alpha:
+            return
+        if not 1 <= self.top_k <= MAX_CONTRASTIVE_TOP_K:
+            raise ValueError(
+                f"top_k={self.top_k!r} is not allowed with penalty_alpha={self.penalty_alpha}: "
+                f"contrastive search scores top_k candidates, 1 to {MAX_CONTRASTIVE_TOP_K}"
+            )
+        if self.temperature >= MIN_SAMPLING_TEMPERATURE:
+            raise ValueError(
+                f"temperature={self.temperature!r} is not allowed with penalty_alpha="
+                f"{self.penalty_alpha}: contrastive search is deterministic; use temperature 0"
+            )
 
     @property
     def detector_config(self) -> LoopDetectorConfig:

@@ -39,6 +39,7 @@ from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
 from arlm.train.prepare import load_or_prepare
 from arlm.train.readback import Readback
+from arlm.train.remedies import UNLIKELIHOOD_KINDS, RemedyLoss, RemedySettings
 from arlm.train.sharding import (
     SHARDINGS,
     checkpoint_activations,
@@ -111,6 +112,23 @@ class TrainConfig:
     cache_dir: str | None = option(
         None, help="where encoded corpora are cached (default: ~/.cache/arlm)"
     )
+    # loop remedies (arlm.train.remedies): off by default
+    unlikelihood: str | None = option(
+        None,
+        help="unlikelihood training (Welleck et al. 2020): token (earlier tokens are negative "
+        "candidates), sequence (repeated n-grams of the model's greedy continuations) or both",
+        choices=UNLIKELIHOOD_KINDS,
+    )
+    unlikelihood_weight: float = option(1.0, help="weight of the unlikelihood terms (alpha)")
+    unlikelihood_every: int = option(
+        4, help="steps between sequence-level unlikelihood batches (its greedy continuations)"
+    )
+    ditto: bool = option(
+        False, help="DITTO (Xu et al. 2022): also train on sentences repeated back to back"
+    )
+    ditto_weight: float = option(1.0, help="weight of the DITTO loss")
+    ditto_lambda: float = option(0.5, help="DITTO's lambda: a copy's target, x the last copy's p")
+    ditto_rows: int = option(4, help="repeated-sentence windows per micro-batch and process")
 
     def __post_init__(self) -> None:
         if self.sharding not in SHARDINGS:
@@ -140,6 +158,20 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        self.remedies  # noqa: B018 (checks the remedy options now)
+
+    @property
+    def remedies(self) -> RemedySettings:
+        """The loop-remedy options, checked."""
+        return RemedySettings(
+            self.unlikelihood,
+            self.unlikelihood_weight,
+            self.unlikelihood_every,
+            self.ditto,
+            self.ditto_weight,
+            self.ditto_lambda,
+            self.ditto_rows,
+        )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The preset with this run's overrides; ``vocab_size`` is the tokenizer's."""
@@ -281,6 +313,12 @@ class Trainer:
         if self.world.distributed:
             torch.manual_seed(cfg.seed + self.step + self.world.rank)  # dropout differs by rank
         self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        # hook (issue 23): unlikelihood and DITTO change the step's loss when asked for
+        self.remedies: RemedyLoss | None = None
+        if cfg.remedies.active:
+            self.remedies = RemedyLoss(
+                cfg.remedies, self.model, self.shards.train, self.tokenizer, self.world, cfg.seed
+            )
         self.flops_per_token = model_flops_per_token(self.model.config)
         self.peak_flops: float | None = None  # measured when fit starts
 
@@ -455,7 +493,10 @@ class Trainer:
             last = k == cfg.grad_accum - 1
             with nullcontext() if last else no_gradient_sync(self.ddp_model):
                 with self._autocast():
-                    _, loss = self.forward_model(x, y, return_logits=False)
+                    if self.remedies is not None:
+                        loss = self.remedies.loss(self.forward_model, x, y, self.step, k)
+                    else:
+                        _, loss = self.forward_model(x, y, return_logits=False)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach().double() / cfg.grad_accum
         values = total[None]
