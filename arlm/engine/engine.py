@@ -30,6 +30,7 @@ from arlm.devices import to_device, to_host
 from arlm.engine.block_manager import BlockManager, block_hashes
 from arlm.engine.memory import fit_slots
 from arlm.engine.outputs import Completion, RequestOutput
+from arlm.engine.prompt_logprobs import scoring_only
 from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
 from arlm.engine.sequence import Sequence, Status
@@ -222,7 +223,9 @@ class Engine:
         seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         for seq in seqs:
             self.sequences[(request_id, seq.index)] = seq
-            if params.max_tokens == 0:  # done before it starts; its output comes at the next step
+            # done before it starts, its output at the next step; unless it came for its prompt
+            # log-probabilities (hook, issue 25): then it finishes once its prompt is in
+            if params.max_tokens == 0 and params.prompt_logprobs is None:
                 seq.status, seq.finish_reason = Status.FINISHED, "length"
                 seq.finish_time = time.perf_counter()
             else:
@@ -270,6 +273,12 @@ class Engine:
                     f"(ids 0..{vocab - 1})",
                     name,
                 )
+        if params.prompt_logprobs is not None and not self.runner.rewindable:  # hook (issue 25)
+            raise InvalidRequest(
+                "prompt_logprobs needs every prompt position's logits, which the windowed KV "
+                "cache (kv_window) does not compute; load without kv_window",
+                "prompt_logprobs",
+            )
         limit = self.window_max_len
         if limit is not None and prompt_len + params.max_tokens > limit:
             raise InvalidRequest(
@@ -304,7 +313,11 @@ class Engine:
             text=TextState(self.tokenizer, params.stop, params.min_tokens),
             end_ids=frozenset(end_ids),
             guard=guard,
-            block_hashes=block_hashes(prompt_ids, self.block_manager.block_size),
+            # hook (issue 25): prompt log-probabilities need every prompt position computed,
+            # so such a sequence neither takes nor offers prefix-cache hits
+            block_hashes=block_hashes(prompt_ids, self.block_manager.block_size)
+            if params.prompt_logprobs is None
+            else [],
         )
         return seq
 
@@ -361,13 +374,21 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch:
             self.steps += 1
-            logits, rows = self.runner.run(batch)
+            logits, rows, scored = self.runner.run(batch)
+            if scored is not None:  # hook (issue 25): see arlm.engine.prompt_logprobs
+                scored.record()
             for seq in batch.decode:
                 seq.num_cached += 1
             for seq, n in batch.prefill:
                 seq.num_cached += n
             for seq in [*batch.decode, *(s for s, _ in batch.prefill)]:
                 self.block_manager.computed(seq)
+            if done := scoring_only(rows):  # hook (issue 25): max_tokens 0, its prompt now in
+                for i in done:
+                    self._finish(rows[i], "length")
+                    self._emit(outputs, rows[i], [])
+                keep = [i for i in range(len(rows)) if i not in set(done)]
+                logits, rows = logits[keep], [rows[i] for i in keep]
             now = time.perf_counter()
             for seq, token, logprob in self._sample(logits, rows):
                 if seq.first_token_time is None:

@@ -20,6 +20,7 @@ import torch
 
 from arlm.devices import to_device
 from arlm.engine.cuda_graphs import DecodeGraphs
+from arlm.engine.prompt_logprobs import PromptRows, positions_to_score
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
 from arlm.kv_cache.codec import FloatCodec, make_codec
@@ -94,9 +95,10 @@ class ModelRunner:
         seq.num_cached = 0
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Forward ``batch``; the next-token logits (K, vocab) of the K rows that sample, and
-        those rows' sequences, in the same order."""
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
+        """Forward ``batch``; the next-token logits (K, vocab) of the K rows that sample, those
+        rows' sequences in the same order, and the prompt positions scored for prompt
+        log-probabilities with their logits (None when no sequence asked)."""
         if self.decode_graphs is not None and not batch.prefill:
             rows = batch.decode
             positions = [s.num_cached for s in rows]
@@ -107,13 +109,16 @@ class ModelRunner:
             )
             for s, p in zip(rows, positions, strict=True):
                 self.cache.lengths[s.slot] = p + 1
-            return logits, rows
+            return logits, rows, None
         decode = sorted(batch.decode, key=lambda s: s.slot)
         tokens, positions, chunks, select, rows = [], [], [], [], []
         for seq in decode:
             tokens.append(seq.token_ids[seq.num_cached])
             select.append(len(select))
             rows.append(seq)
+        # hook (issue 25): prompt positions scored for prompt log-probabilities; their rows
+        # follow the sampling rows in logits_at
+        scored, scored_select = PromptRows(), []
         for seq, n in batch.prefill:
             start = seq.num_cached
             tokens.extend(seq.token_ids[start : start + n])
@@ -121,6 +126,10 @@ class ModelRunner:
             if start + n == len(seq.token_ids):
                 select.append(len(tokens) - 1)
                 rows.append(seq)
+            if wanted := positions_to_score(seq, start, n):  # hook (issue 25)
+                scored.add(seq, wanted)
+                at = len(tokens) - n - start  # flat index of position 0 of this sequence
+                scored_select += [at + p for p in wanted]
         layout = StepLayout([s.slot for s in decode], [s.num_cached for s in decode], chunks)
         idx = to_device([tokens], torch.long, self.device)
         if self.windowed is not None:
@@ -130,7 +139,7 @@ class ModelRunner:
             logits, _ = self.model(
                 idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
             )
-            return logits[0, : len(rows)].float(), rows
+            return logits[0, : len(rows)].float(), rows, None
         positions = to_device([layout.positions()], torch.long, self.device)
         seq_ends = None
         if self.model.config.rope_type == "longrope":  # it picks a row's factors by the row's reach
@@ -139,7 +148,11 @@ class ModelRunner:
             idx,
             kv_cache=self.cache.step(layout),
             positions=positions,
-            logits_at=to_device(select, torch.long, self.device),
+            logits_at=to_device(select + scored_select, torch.long, self.device),
             seq_ends=seq_ends,
         )
-        return logits[0].float(), rows
+        logits = logits[0].float()
+        if not scored_select:
+            return logits, rows, None
+        scored.logits = logits[len(select) :]  # hook (issue 25)
+        return logits[: len(select)], rows, scored

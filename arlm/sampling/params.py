@@ -71,6 +71,9 @@ class SamplingParams:
     generator, so the same seed gives the same sample whatever else runs. logprobs: None for
     none; n to return each chosen token's log-probability and the n likeliest alternatives
     (0 to 20), all under the model's raw distribution (before any processor, as vLLM does).
+    prompt_logprobs: None for none; n for each prompt token's log-probability given the tokens
+    before it, its rank and the n likeliest alternatives (0 to 20), computed in the forward that
+    prefills the prompt (``Completion.prompt_logprobs``; with max_tokens 0 nothing is sampled).
 
     loop_policy: what to do when the loop detector fires (None: no detection): "stop" ends
     with finish_reason "repetition", keeping one copy of the repeated block; "break" rolls back
@@ -114,6 +117,7 @@ class SamplingParams:
     ignore_eos: bool = option(False, help="keep generating past the end-of-text token")
     seed: int | None = option(None, help="seed for reproducible sampling")
     logprobs: int | None = option(None, help="each token's logprob and N alternatives", metavar="N")
+    prompt_logprobs: int | None = None  # the Python API's and the server's, not the CLI's
     loop_policy: str | None = option(
         None,
         help="stop at a loop, break it and go on, or report it (default: no detection)",
@@ -149,6 +153,10 @@ class SamplingParams:
             _check_int_at_most("seed", self.seed, 0, 2**63 - self.n, "or None")
         if self.logprobs is not None:
             _check_int_at_most("logprobs", self.logprobs, 0, MAX_LOGPROBS, "or None for off")
+        if self.prompt_logprobs is not None:
+            _check_int_at_most(
+                "prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, "or None for off"
+            )
 
     def _check_penalties(self) -> None:
         low, high = REPETITION_PENALTY_RANGE
