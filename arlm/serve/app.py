@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -32,11 +33,13 @@ from arlm.engine.async_engine import AsyncEngine, EngineDead, QueueFull, Request
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.sampling.params import SamplingParams
 from arlm.serve import responses as rs
+from arlm.serve import tokenize as tok
 from arlm.serve.config import ServeConfig
+from arlm.serve.echo import echoed, vllm_prompt_logprobs
 from arlm.serve.errors import APIError
 from arlm.serve.metrics import ServerMetrics
 from arlm.serve.prepare import Prepared, Preparer, PrepareSetup, prompt_byte_limit
-from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest, parse
 from arlm.serve.workers import WorkerPool
 
 log = logging.getLogger("arlm.serve")
@@ -211,20 +214,51 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
             card["max_model_len"] = server.max_len
         return JSONResponse({"object": "list", "data": [card]})
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await _checked_body(request, server)
+        req = parse(tok.TokenizeRequest, body)
+        server.preparer.check_model(req.model)
+        if req.messages is not None:  # through the chat template, as a chat request renders
+            chat = json.dumps(tok.chat_body(req)).encode()
+            ids = (await server.prepare(ChatCompletionRequest, chat)).prompts[0]
+        elif req.prompt is not None:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(server.preparer.encode, req.prompt, "prompt", add)
+        else:
+            raise APIError.bad_request("give prompt (a text) or messages (a chat)", "prompt")
+        tokenizer = server.lm.tokenizer
+        return JSONResponse(tok.tokenized(tokenizer, ids, server.max_len, req.return_token_strs))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await _checked_body(request, server)
+        req = parse(tok.DetokenizeRequest, body)
+        server.preparer.check_model(req.model)
+        vocab = server.lm.config.vocab_size
+        text = await asyncio.to_thread(tok.detokenize, server.lm.tokenizer, req.tokens, vocab)
+        return JSONResponse(text)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        server.check_ready()
+        server.authorize(request)
+        return JSONResponse(tok.tokenizer_info(server.lm.tokenizer, server.max_len))
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req, params, prompts = await _start(request, server, CompletionRequest)
         if req.best_of is not None and req.best_of != params.n:
             raise APIError.bad_request("best_of is not supported; use n", "best_of")
-        if req.echo and req.logprobs is not None:
+        if req.stream and params.prompt_logprobs is not None:
             raise APIError.bad_request(
-                "echo with logprobs would need the prompt's log-probabilities, which this "
-                "server does not compute (arlm score does)",
-                "echo",
+                "prompt log-probabilities (echo with logprobs, prompt_logprobs) come with the "
+                "whole answer only; ask without stream",
+                "stream",
             )
         echo = [server.lm.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
         stream = server.submit(prompts, params, f"cmpl-{uuid.uuid4().hex}")
-        reply = _CompletionReply(server, req, params, stream, echo)
+        reply = _CompletionReply(server, req, params, stream, echo, prompts)
         if req.stream:
             return _event_stream(reply.events(), stream)
         return await _unless_disconnected(request, reply.whole(), stream)
@@ -269,12 +303,17 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
         ) from None
 
 
-async def _start(request: Request, server: Server, model):
-    """The checks every generation request passes: (request, params, prompt token ids)."""
+async def _checked_body(request: Request, server: Server) -> bytes:
+    """The body of a request to a ready server with the right key, within the limits."""
     server.check_ready()
     server.authorize(request)
     config = server.config
-    body = await _read_body(request, config.max_request_bytes, config.body_timeout)
+    return await _read_body(request, config.max_request_bytes, config.body_timeout)
+
+
+async def _start(request: Request, server: Server, model):
+    """The checks every generation request passes: (request, params, prompt token ids)."""
+    body = await _checked_body(request, server)
     prepared = await server.prepare(model, body)
     return prepared.request, prepared.params, prepared.prompts
 
@@ -402,9 +441,9 @@ class _Reply:
 class _CompletionReply(_Reply):
     kind = chunk_kind = "text_completion"
 
-    def __init__(self, server, req, params, stream, echo: list[str]) -> None:
+    def __init__(self, server, req, params, stream, echo: list[str], prompts) -> None:
         super().__init__(server, req, params, stream)
-        self.echo = echo
+        self.echo, self.prompts = echo, prompts
         self.offsets: dict[int, int] = {}  # choice -> characters streamed so far
 
     def choice(self, index: int, c: Completion) -> dict:
@@ -412,13 +451,19 @@ class _CompletionReply(_Reply):
         logprobs = None
         if c.logprobs is not None:
             logprobs = self.logprobs.completions(c.logprobs, len(echo))
-        return {
+            if self.req.echo:  # the prompt's own, from the prefill (arlm.serve.echo)
+                prompt_ids = self.prompts[index // self.params.n]
+                logprobs = echoed(self.logprobs, prompt_ids, c.prompt_logprobs, logprobs)
+        choice = {
             "index": index,
             "text": echo + c.text,
             "logprobs": logprobs,
             "finish_reason": c.finish_reason,
             **rs.loop_fields(c),
         }
+        if self.req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.logprobs, c.prompt_logprobs)
+        return choice
 
     def delta(self, index: int, out: RequestOutput) -> dict | None:
         text = out.text

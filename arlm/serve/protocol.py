@@ -97,6 +97,9 @@ class _Request(_Body):
             if name in type(self).model_fields and (value := getattr(self, name)) is not None
         }
         kwargs["logprobs"] = logprobs
+        if isinstance(self, CompletionRequest) and self.echo and logprobs is not None:
+            # the echoed prompt's tokens get their log-probabilities too, from the prefill
+            kwargs["prompt_logprobs"] = max(kwargs.get("prompt_logprobs") or 0, logprobs)
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
         if kwargs.get("top_k") == -1:  # vLLM's "off"
@@ -128,6 +131,7 @@ class CompletionRequest(_Request):
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs, echo or not
     suffix: None = None  # refused when given: arlm has no fill-in-the-middle
     best_of: int | None = None
 
