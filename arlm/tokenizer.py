@@ -106,6 +106,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's own string for ``token_id`` (byte-level stand-ins and all), or
+        None for an id it does not have."""
+        return self._tk.id_to_token(token_id)
+
     @functools.cached_property
     def token_texts(self) -> list[str]:
         """Each id's text on its own, by id (a byte that is part of a longer character decodes

@@ -50,6 +50,7 @@ from arlm.sampling.sampler import (
     sample,
     token_logprobs,
 )
+from arlm.sampling.structured import GrammarCompiler
 from arlm.tokenizer import Tokenizer
 from arlm.validate import check_float, check_int
 
@@ -191,6 +192,7 @@ class Engine:
         self._aborts: list[str] = []
         self._ids = itertools.count()
         self._breakers: BreakerIndex | None = None  # built at the first request with DRY
+        self._grammars: GrammarCompiler | None = None  # hook (issue 25): structured outputs
         vocab = model.config.vocab_size
         # an end id outside the vocabulary is never sampled: it ends nothing, and a processor
         # that indexed logits by it would fail
@@ -273,6 +275,11 @@ class Engine:
                     f"(ids 0..{vocab - 1})",
                     name,
                 )
+        if params.structured_outputs is not None:  # hook (issue 25): compiled once, and kept
+            try:
+                self.grammars.compile(params.structured_outputs)
+            except ValueError as e:
+                raise InvalidRequest(str(e), "structured_outputs") from None
         if params.prompt_logprobs is not None and not self.runner.rewindable:  # hook (issue 25)
             raise InvalidRequest(
                 "prompt_logprobs needs every prompt position's logits, which the windowed KV "
@@ -340,6 +347,9 @@ class Engine:
                 encode = functools.partial(tk.encode, add_special_tokens=False)
                 self._breakers = BreakerIndex(tk.token_texts, encode)
             breakers = self._breakers.table(params.dry_sequence_breakers)
+        grammar = None
+        if params.structured_outputs is not None:  # hook (issue 25): a fresh matcher, replayed
+            grammar = self.grammars.mask(params.structured_outputs, end_ids)
         return SequenceSampler(
             effective,
             self.model.config.vocab_size,
@@ -348,7 +358,15 @@ class Engine:
             end_ids=end_ids,
             dry_breakers=breakers,
             device=self.device,
+            grammar=grammar,
         )
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Hook (issue 25): the structured-output compiler and its cache, built at first use."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
+        return self._grammars
 
     def abort(self, request_id: str) -> None:
         """End every sample of ``request_id`` at the next step, freeing its slots then."""

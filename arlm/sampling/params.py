@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from arlm.config import option
 from arlm.loops.detector import LoopDetectorConfig
 from arlm.sampling.breakers import DRY_MAX_BREAKER_CHARS
+from arlm.sampling.structured import StructuredOutputs
 from arlm.validate import check_float, check_int
 
 LOOP_POLICIES = ("stop", "break", "report")
@@ -81,6 +82,10 @@ class SamplingParams:
     "stop" does after max_loop_breaks breaks; "report" only records the loops.
     repetition_detection: the detector's thresholds (a ``LoopDetectorConfig`` or a dict of its
     fields; None: its defaults). Giving it without a loop_policy means "stop".
+
+    structured_outputs: constrain the output to a JSON schema, any JSON object, a regular
+    expression, a list of choices or an EBNF grammar (``arlm.sampling.structured``; a
+    ``StructuredOutputs`` or a dict of its fields, vLLM's names; None: free text).
     """
 
     max_tokens: int = option(256, help="tokens to generate")
@@ -118,6 +123,8 @@ class SamplingParams:
     seed: int | None = option(None, help="seed for reproducible sampling")
     logprobs: int | None = option(None, help="each token's logprob and N alternatives", metavar="N")
     prompt_logprobs: int | None = None  # the Python API's and the server's, not the CLI's
+    # a StructuredOutputs or a dict of its fields (the CLI's --json-schema sets it)
+    structured_outputs: StructuredOutputs | dict | None = None
     loop_policy: str | None = option(
         None,
         help="stop at a loop, break it and go on, or report it (default: no detection)",
@@ -139,6 +146,7 @@ class SamplingParams:
         self._check_penalties()
         self._check_stops()
         self._check_loop_settings()
+        self._check_structured()
 
     def _check_sampling(self) -> None:
         check_int("max_tokens", self.max_tokens, 0, ">= 0")
@@ -246,6 +254,21 @@ class SamplingParams:
         if self.repetition_detection is not None and self.loop_policy is None:
             self.loop_policy = "stop"
         _check_int_at_most("max_loop_breaks", self.max_loop_breaks, 0, MAX_LOOP_BREAKS)
+
+    def _check_structured(self) -> None:
+        if self.structured_outputs is None:
+            return
+        self.structured_outputs = StructuredOutputs.from_value(self.structured_outputs)
+        if self.ignore_eos and not self.stop_token_ids:
+            raise ValueError(
+                "ignore_eos with structured_outputs is not allowed: a constrained answer ends "
+                "on an end token once it is complete (or name one in stop_token_ids)"
+            )
+        if self.min_tokens:
+            raise ValueError(
+                "min_tokens with structured_outputs is not allowed: the answer ends when the "
+                "constraint is met, however long that is"
+            )
 
     @property
     def detector_config(self) -> LoopDetectorConfig:
