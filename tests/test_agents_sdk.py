@@ -6,10 +6,10 @@ runs with ``tool_choice="required"``, and its requests bias the quote token (``l
 sampling setting any client may send) so that the random model's JSON strings close within
 ``max_tokens`` (unbiased, a string runs on for hundreds of tokens); the SDK then resets the
 choice to ``auto`` after the first tool use (its default ``reset_tool_choice``), and the model's
-next answer is text, the final output. So the test shows that the SDK's requests (tools, tool_choice, its message history with
-assistant ``tool_calls`` and ``tool`` results, streaming) are accepted, that every call the
-server returns parses and validates against the tool's schema so the SDK can run the tool, and
-that the run ends with a final answer; not that the model reasons well.
+next answer is text, the final output. So the test shows that the SDK's requests (tools,
+tool_choice, its message history with assistant ``tool_calls`` and ``tool`` results, streaming)
+are accepted, that the call the server returns parses and validates against the tool's schema so
+the SDK can run the tool, and that the run ends with a final answer; not that the model reasons.
 """
 
 from __future__ import annotations
