@@ -175,3 +175,26 @@ def test_refused_combinations():
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs={"regex": "a"})
     assert StructuredOutputs.from_value({"regex": "a"}).kind == "regex"
+
+
+def test_cli_generate_with_a_json_schema_file(tokenizer, tmp_path, capsys):
+    from arlm.cli import main
+    from arlm.formats.checkpoint import save_model
+
+    save_model(tmp_path / "ckpt", make_model(), tokenizer)
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    args = ["generate", str(tmp_path / "ckpt"), "Data:", "--max-tokens", "40", "--seed", "1"]
+    assert main([*args, "--json-schema", str(tmp_path / "schema.json")]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), schema)
+    (tmp_path / "bad.json").write_text("{nope")
+    assert main([*args, "--json-schema", str(tmp_path / "bad.json")]) == 1
+    assert "bad.json is not JSON" in capsys.readouterr().err
