@@ -16,6 +16,15 @@ overload, for arlm: Poisson arrivals at 4x the request rate it sustained at 16 s
 ``--max-queue 32``: how fast the excess is refused (429), the TPOT of the accepted requests,
 and the server's memory (RSS) over the run.
 
+Agents and evaluators, for arlm (issue 25), in the same run:
+- constrained decoding's cost: the 16-stream load again, each request under a JSON schema (an
+  unbounded array of objects, so answers run to max_tokens as the free ones do), against the
+  same requests free (``ignore_eos`` off in both): output tok/s and TPOT, target <= 10% slower;
+- prompt log-probability scoring in lm-evaluation-harness's request shape (a token-id prompt of
+  a 64-token context and a 4-token continuation, ``echo``, ``logprobs=1``, ``max_tokens=1``,
+  not streamed), 16 in flight: prompt tokens scored per second. vLLM's CPU server is the peer
+  when installed (the same requests); without it, arlm's figure stands alone.
+
 Run: ``python benchmarks/serve.py`` (about 10 minutes on 2 cores with both peers);
 ``--servers arlm,vllm`` for some, ``--vllm-python`` / ``--llama-server`` for other installs.
 """
@@ -181,6 +190,75 @@ def overload(server: Running, sustained: float) -> dict:
     return summary
 
 
+# a schema whose answers never complete within OUTPUT_LEN: every request decodes all its tokens
+CONSTRAINT = {
+    "structured_outputs": {
+        "json": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+                "required": ["name", "n"],
+            },
+        }
+    }
+}
+SCORING_CONTEXT, SCORING_CONTINUATION, SCORING_REQUESTS = 64, 4, 128
+
+
+def bench_free_and_constrained(url: str) -> dict:
+    """The 16-stream load, free and under ``CONSTRAINT``, the same prompts, no ignore_eos."""
+    out = {}
+    for name, extra in (("free", None), ("constrained", json.dumps(CONSTRAINT))):
+        config = ServeBenchConfig(
+            num_prompts=CONCURRENCY[16],
+            max_concurrency=16,
+            input_len=INPUT_LEN,
+            output_len=OUTPUT_LEN,
+            ignore_eos=False,
+            model="gpt2",
+            seed=16,
+            extra_body=extra,
+        )
+        out[name] = asyncio.run(run(url, config))
+    return out
+
+
+async def _score_all(url: str, prompts: list[list[int]], concurrency: int) -> float:
+    """Seconds to send ``prompts`` in lm-eval's loglikelihood shape, ``concurrency`` at once."""
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def one(prompt):
+            async with limit:
+                body = {"model": "gpt2", "prompt": prompt, "echo": True, "logprobs": 1}
+                body |= {"max_tokens": 1, "temperature": 0, "seed": 1234}
+                r = await client.post("/v1/completions", json=body)
+                r.raise_for_status()
+                scored = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+                assert len(scored) == len(prompt) + 1 and scored[0] is None
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts))
+        return time.perf_counter() - started
+
+
+def bench_scoring(url: str) -> dict:
+    import random
+
+    rng = random.Random(25)
+    n = SCORING_CONTEXT + SCORING_CONTINUATION
+    prompts = [[rng.randrange(100, 1000) for _ in range(n)] for _ in range(SCORING_REQUESTS)]
+    asyncio.run(_score_all(url, prompts[:8], 16))  # warm-up
+    seconds = asyncio.run(_score_all(url, prompts, 16))
+    return {
+        "requests": len(prompts),
+        "seconds": seconds,
+        "requests_per_second": len(prompts) / seconds,
+        "prompt_tokens_per_second": len(prompts) * n / seconds,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default="arlm,arlm int8,vLLM,llama f32,llama q8_0")
@@ -204,6 +282,7 @@ def main() -> None:
     print(f"{INPUT_LEN}-token prompts, {OUTPUT_LEN} output tokens (ignore_eos), greedy\n")
     results: dict[str, dict[int, dict]] = {}
     overloaded = None
+    agents: dict[str, dict] = {}  # issue 25's measurements, per server
     for peer in peers(root, folder, args, args.port):
         if peer.name not in wanted:
             continue
@@ -225,12 +304,47 @@ def main() -> None:
                     flush=True,
                 )
             if peer.name == "arlm":
+                agents["arlm"] = bench_free_and_constrained(server.url)
+            if peer.name in ("arlm", "vLLM"):
+                agents.setdefault(peer.name, {})["scoring"] = bench_scoring(server.url)
+            if peer.name == "arlm":
                 overloaded = overload(server, results["arlm"][16]["request_throughput"])
         finally:
             server.stop()
     report(results, overloaded)
+    report_agents(agents)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": results, "overload": overloaded}, indent=1))
+    record = {"runs": results, "overload": overloaded, "agents": agents}
+    Path(args.out).write_text(json.dumps(record, indent=1))
+
+
+def report_agents(agents: dict) -> None:
+    mine = agents.get("arlm")
+    if not mine:
+        return
+    free, constrained = mine["free"], mine["constrained"]
+    tput = constrained["output_throughput"] / free["output_throughput"]
+    tpot = constrained["median_tpot_ms"] / free["median_tpot_ms"]
+    print(
+        f"\nconstrained decoding (arlm, 16 streams, a JSON schema per request): "
+        f"{constrained['output_throughput']:.1f} tok/s against {free['output_throughput']:.1f} "
+        f"free ({constrained['total_output_tokens']} and {free['total_output_tokens']} tokens): "
+        f"{tput:.3f}x;  TPOT p50 {constrained['median_tpot_ms']:.1f} ms against "
+        f"{free['median_tpot_ms']:.1f} ms: {tpot:.3f}x  (target: cost <= 10%)"
+    )
+    for name, result in agents.items():
+        s = result["scoring"]
+        print(
+            f"prompt scoring ({name}, lm-eval's loglikelihood requests, {SCORING_CONTEXT}+"
+            f"{SCORING_CONTINUATION} tokens, 16 in flight): {s['requests_per_second']:.1f} "
+            f"requests/s, {s['prompt_tokens_per_second']:.0f} prompt tokens/s"
+        )
+    if "vLLM" in agents:
+        ratio = mine["scoring"]["prompt_tokens_per_second"]
+        ratio /= agents["vLLM"]["scoring"]["prompt_tokens_per_second"]
+        print(f"  arlm / vLLM prompt scoring: {ratio:.2f}x  (target >= 1)")
+    else:
+        print("  vLLM is not installed here: no peer figure (benchmarks/peers/install_vllm.sh)")
 
 
 def report(results: dict, overloaded: dict | None) -> None:

@@ -18,8 +18,7 @@ def echoed(
     """The completions ``logprobs`` of an echoed prompt (``scored``: None, then one per prompt
     token) followed by the generated tokens' (``generated``, already in that shape, its
     offsets counted from the end of the prompt's text)."""
-    texts = formatter.texts
-    tokens = [texts[t] for t in prompt_ids]
+    tokens = [formatter.text(t) for t in prompt_ids]
     offsets, offset = [], 0
     for token in tokens:
         offsets.append(offset)
@@ -28,7 +27,8 @@ def echoed(
         "tokens": tokens,
         "token_logprobs": [None if lp is None else logprob_value(lp.logprob) for lp in scored],
         "top_logprobs": [
-            None if lp is None else {texts[t]: logprob_value(v) for t, v in lp.top} for lp in scored
+            None if lp is None else {formatter.text(t): logprob_value(v) for t, v in lp.top}
+            for lp in scored
         ],
         "text_offset": offsets,
     }
@@ -43,7 +43,6 @@ def vllm_prompt_logprobs(
 ) -> list[dict | None]:
     """vLLM's ``prompt_logprobs``: each scored token with its rank, then its alternatives
     (ranked 1, 2, ... in order), keyed by token id."""
-    texts = formatter.texts
     out: list[dict | None] = []
     for lp in scored:
         if lp is None:
@@ -53,12 +52,13 @@ def vllm_prompt_logprobs(
             str(lp.token_id): {
                 "logprob": logprob_value(lp.logprob),
                 "rank": lp.rank,
-                "decoded_token": texts[lp.token_id],
+                "decoded_token": formatter.text(lp.token_id),
             }
         }
         for rank, (t, v) in enumerate(lp.top, 1):
             entry.setdefault(
-                str(t), {"logprob": logprob_value(v), "rank": rank, "decoded_token": texts[t]}
+                str(t),
+                {"logprob": logprob_value(v), "rank": rank, "decoded_token": formatter.text(t)},
             )
         out.append(entry)
     return out
