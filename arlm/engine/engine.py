@@ -38,7 +38,8 @@ from arlm.engine.text import TextState
 from arlm.kv_cache.base import layer_lengths
 from arlm.kv_cache.codec import make_codec
 from arlm.kv_cache.config import CacheConfig
-from arlm.loops.policy import LoopGuard
+from arlm.loops.policy import LoopAction, LoopGuard
+from arlm.loops.thinking import ThinkMarkers
 from arlm.model.transformer import Transformer
 from arlm.sampling.breakers import BreakerIndex
 from arlm.sampling.params import MAX_DRY_MULTIPLIER, SamplingParams
@@ -193,6 +194,7 @@ class Engine:
         self._ids = itertools.count()
         self._breakers: BreakerIndex | None = None  # built at the first request with DRY
         self._grammars: GrammarCompiler | None = None  # hook (issue 25): structured outputs
+        self._think_markers: ThinkMarkers | None = None  # hook (issue 25): close_thinking
         vocab = model.config.vocab_size
         # an end id outside the vocabulary is never sampled: it ends nothing, and a processor
         # that indexed logits by it would fail
@@ -523,6 +525,10 @@ class Engine:
         action = guard.push(token) if guard is not None else None
         if action is not None:
             self.loops_detected += 1
+        if action is not None and action.kind == "close_thinking":  # hook (issue 25)
+            if self._close_thinking(seq, action.keep):
+                return []
+            action = LoopAction("stop", action.report, action.keep)  # not thinking: stop
         if action is not None and action.kind != "report":
             seq.truncate(action.keep)  # keep the ids up to the end of the loop's first copy
             seq.text.truncate(action.keep)
@@ -561,6 +567,32 @@ class Engine:
             self.block_manager.truncate(seq)
         else:
             self.runner.restart(seq)
+
+    def _close_thinking(self, seq: Sequence, keep: int) -> bool:
+        """Hook (issue 25), the close_thinking loop policy: if ``seq``'s first ``keep``
+        generated ids end inside a thinking section (``arlm.loops.thinking``), cut it there,
+        write the section's closing marker and go on from it (True); else do nothing (False:
+        the caller stops). The cache and the processors roll back as after a break."""
+        if self._think_markers is None:
+            encode = functools.partial(self.tokenizer.encode, add_special_tokens=False)
+            self._think_markers = ThinkMarkers.of(encode)
+        close = self._think_markers.close_ids
+        inside = self._think_markers.inside(seq.token_ids[: seq.prompt_len + keep])
+        if not inside or keep + len(close) >= seq.params.max_tokens:
+            return False
+        seq.truncate(keep)
+        seq.text.truncate(keep)
+        seq.text.restart(seq.generated)
+        for token in close:
+            seq.token_ids.append(token)
+            seq.text.push(token)
+        seq.guard.rewind(seq.generated)
+        seq.sampler = self._sampler(seq.params, seq.token_ids, seq.prompt_len, seq.end_ids)
+        if self.runner.rewindable:
+            self.block_manager.truncate(seq)
+        else:
+            self.runner.restart(seq)
+        return True
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """Finish ``seq`` alone with finish_reason "error" after ``error``, logged once. A

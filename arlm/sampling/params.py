@@ -15,7 +15,7 @@ from arlm.sampling.breakers import DRY_MAX_BREAKER_CHARS
 from arlm.sampling.structured import StructuredOutputs
 from arlm.validate import check_float, check_int
 
-LOOP_POLICIES = ("stop", "break", "report")
+LOOP_POLICIES = ("stop", "break", "report", "close_thinking")
 DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's defaults
 
 # What one request may ask for. Each bounds work or memory that the step loop spends on the
@@ -79,7 +79,9 @@ class SamplingParams:
     loop_policy: what to do when the loop detector fires (None: no detection): "stop" ends
     with finish_reason "repetition", keeping one copy of the repeated block; "break" rolls back
     to the second copy, bans its first token there, escalates DRY and continues, and stops as
-    "stop" does after max_loop_breaks breaks; "report" only records the loops.
+    "stop" does after max_loop_breaks breaks; "report" only records the loops;
+    "close_thinking", for reasoning models, cuts a loop inside a ``<think>`` section as "stop"
+    does, then writes ``</think>`` and lets the model answer (a loop outside one stops).
     repetition_detection: the detector's thresholds (a ``LoopDetectorConfig`` or a dict of its
     fields; None: its defaults). Giving it without a loop_policy means "stop".
 
@@ -127,7 +129,8 @@ class SamplingParams:
     structured_outputs: StructuredOutputs | dict | None = None
     loop_policy: str | None = option(
         None,
-        help="stop at a loop, break it and go on, or report it (default: no detection)",
+        help="stop at a loop, break it and go on, report it, or close a <think> section it is "
+        "in (default: no detection)",
         choices=LOOP_POLICIES,
     )
     # set through the detector's own options (--loop-min-count, ...)
@@ -254,6 +257,11 @@ class SamplingParams:
         if self.repetition_detection is not None and self.loop_policy is None:
             self.loop_policy = "stop"
         _check_int_at_most("max_loop_breaks", self.max_loop_breaks, 0, MAX_LOOP_BREAKS)
+        if self.loop_policy == "close_thinking" and self.logprobs is not None:
+            raise ValueError(
+                "loop_policy='close_thinking' with logprobs is not allowed: the </think> it "
+                "writes was not sampled and has no log-probability"
+            )
 
     def _check_structured(self) -> None:
         if self.structured_outputs is None:
