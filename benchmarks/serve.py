@@ -270,6 +270,12 @@ def main() -> None:
         default=2,
         help="llama-server's threads (1 does better than 2 when the machine is busy)",
     )
+    p.add_argument(
+        "--agents-only",
+        action="store_true",
+        help="only the agents and evaluators measurements (constrained decoding, prompt "
+        "scoring), not the concurrency sweep and the overload",
+    )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="benchmarks/out/serve.json", help="the results as JSON")
     args = p.parse_args()
@@ -294,7 +300,7 @@ def main() -> None:
             ready = server.wait_ready()
             bench(server.url, 4, 8)  # warm-up: first-call allocations and compilation
             results[peer.name] = {}
-            for c, n in CONCURRENCY.items():
+            for c, n in ({} if args.agents_only else CONCURRENCY).items():
                 r = results[peer.name][c] = bench(server.url, c, n)
                 print(
                     f"{peer.name:11} c={c:<3} {r['output_throughput']:7.1f} tok/s  TTFT p50 "
@@ -307,44 +313,20 @@ def main() -> None:
                 agents["arlm"] = bench_free_and_constrained(server.url)
             if peer.name in ("arlm", "vLLM"):
                 agents.setdefault(peer.name, {})["scoring"] = bench_scoring(server.url)
-            if peer.name == "arlm":
+            report_agents({peer.name: agents[peer.name]} if peer.name in agents else {})
+            if peer.name == "arlm" and not args.agents_only:
                 overloaded = overload(server, results["arlm"][16]["request_throughput"])
         finally:
             server.stop()
-    report(results, overloaded)
-    report_agents(agents)
+    if not args.agents_only:
+        report(results, overloaded)
+    if "vLLM" in agents:
+        report_agents(agents)  # the ratio, once both have run
+    elif "arlm" in agents:
+        print("vLLM is not installed here: no peer figure (benchmarks/peers/install_vllm.sh)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     record = {"runs": results, "overload": overloaded, "agents": agents}
     Path(args.out).write_text(json.dumps(record, indent=1))
-
-
-def report_agents(agents: dict) -> None:
-    mine = agents.get("arlm")
-    if not mine:
-        return
-    free, constrained = mine["free"], mine["constrained"]
-    tput = constrained["output_throughput"] / free["output_throughput"]
-    tpot = constrained["median_tpot_ms"] / free["median_tpot_ms"]
-    print(
-        f"\nconstrained decoding (arlm, 16 streams, a JSON schema per request): "
-        f"{constrained['output_throughput']:.1f} tok/s against {free['output_throughput']:.1f} "
-        f"free ({constrained['total_output_tokens']} and {free['total_output_tokens']} tokens): "
-        f"{tput:.3f}x;  TPOT p50 {constrained['median_tpot_ms']:.1f} ms against "
-        f"{free['median_tpot_ms']:.1f} ms: {tpot:.3f}x  (target: cost <= 10%)"
-    )
-    for name, result in agents.items():
-        s = result["scoring"]
-        print(
-            f"prompt scoring ({name}, lm-eval's loglikelihood requests, {SCORING_CONTEXT}+"
-            f"{SCORING_CONTINUATION} tokens, 16 in flight): {s['requests_per_second']:.1f} "
-            f"requests/s, {s['prompt_tokens_per_second']:.0f} prompt tokens/s"
-        )
-    if "vLLM" in agents:
-        ratio = mine["scoring"]["prompt_tokens_per_second"]
-        ratio /= agents["vLLM"]["scoring"]["prompt_tokens_per_second"]
-        print(f"  arlm / vLLM prompt scoring: {ratio:.2f}x  (target >= 1)")
-    else:
-        print("  vLLM is not installed here: no peer figure (benchmarks/peers/install_vllm.sh)")
 
 
 def report(results: dict, overloaded: dict | None) -> None:
@@ -397,6 +379,36 @@ def report(results: dict, overloaded: dict | None) -> None:
             f"  server RSS: {o['rss_start'] / 2**20:.0f} MiB at the start, "
             f"{o['rss_max'] / 2**20:.0f} MiB at most, {o['rss_end'] / 2**20:.0f} MiB at the end"
         )
+
+
+def report_agents(agents: dict) -> None:
+    """The agents and evaluators figures of the servers in ``agents`` measured so far."""
+    mine = agents.get("arlm", {})
+    if "free" in mine:
+        free, constrained = mine["free"], mine["constrained"]
+        tput = constrained["output_throughput"] / free["output_throughput"]
+        tpot = constrained["median_tpot_ms"] / free["median_tpot_ms"]
+        print(
+            f"\nconstrained decoding (arlm, 16 streams, a JSON schema per request): "
+            f"{constrained['output_throughput']:.1f} tok/s against "
+            f"{free['output_throughput']:.1f} free ({constrained['total_output_tokens']} and "
+            f"{free['total_output_tokens']} tokens): {tput:.3f}x;  TPOT p50 "
+            f"{constrained['median_tpot_ms']:.1f} ms against {free['median_tpot_ms']:.1f} ms: "
+            f"{tpot:.3f}x  (target: cost <= 10%)",
+            flush=True,
+        )
+    for name, result in agents.items():
+        s = result["scoring"]
+        print(
+            f"prompt scoring ({name}, lm-eval's loglikelihood requests, {SCORING_CONTEXT}+"
+            f"{SCORING_CONTINUATION} tokens, 16 in flight): {s['requests_per_second']:.1f} "
+            f"requests/s, {s['prompt_tokens_per_second']:.0f} prompt tokens/s",
+            flush=True,
+        )
+    if "arlm" in agents and "vLLM" in agents:
+        ratio = agents["arlm"]["scoring"]["prompt_tokens_per_second"]
+        ratio /= agents["vLLM"]["scoring"]["prompt_tokens_per_second"]
+        print(f"  arlm / vLLM prompt scoring: {ratio:.2f}x  (target >= 1)")
 
 
 if __name__ == "__main__":
