@@ -76,11 +76,14 @@ def render_chat(
     bos_token: str,
     eos_token: str,
     max_chars: int,
+    tools: list[dict] | None = None,
 ) -> str:
     """``template`` rendered on ``messages`` as Hugging Face's ``apply_chat_template`` does.
     Raises ``ValueError`` when the template refuses the conversation (``raise_exception``),
     fails on it in any way (a ``tool_calls`` of the wrong type meets a loop, say), or would
-    write or build more than ``max_chars`` characters."""
+    write or build more than ``max_chars`` characters. ``tools``: the request's tool
+    definitions (OpenAI's ``{"type": "function", "function": {...}}``), for templates that
+    render them."""
     import jinja2
 
     def raise_exception(message: str) -> None:
@@ -97,6 +100,7 @@ def render_chat(
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
+            tools=tools,  # as Hugging Face passes them: the request's dicts, or None
         ):
             size += len(piece)
             if size > max_chars:

@@ -106,6 +106,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's own string for ``token_id`` (byte-level stand-ins and all), or
+        None for an id it does not have."""
+        return self._tk.id_to_token(token_id)
+
     @functools.cached_property
     def token_texts(self) -> list[str]:
         """Each id's text on its own, by id (a byte that is part of a longer character decodes
@@ -118,13 +123,15 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         max_chars: int = DEFAULT_MAX_TEMPLATE_CHARS,
+        tools: list[dict] | None = None,
     ) -> str:
         """The prompt text of a conversation (``{"role", "content"}`` dicts), rendered with the
         model's Jinja chat template as Hugging Face's ``apply_chat_template`` does, or with
         ``DEFAULT_CHAT_TEMPLATE`` when the model has none. Encode the result with
         ``add_special_tokens=False``: the template writes its own markers. A template that
         refuses the conversation (``raise_exception``), fails on it, or writes or builds more
-        than ``max_chars`` characters raises ``ValueError`` (see ``arlm.chat_template``)."""
+        than ``max_chars`` characters raises ``ValueError`` (see ``arlm.chat_template``).
+        ``tools``: tool definitions the template may render, as ``apply_chat_template(tools=)``."""
         return render_chat(
             self.chat_template or DEFAULT_CHAT_TEMPLATE,
             messages,
@@ -132,6 +139,7 @@ class Tokenizer:
             bos_token=self._token_text(self.bos_token_id),
             eos_token=self._token_text(self.eos_token_ids[0] if self.eos_token_ids else None),
             max_chars=max_chars,
+            tools=tools,
         )
 
     def _token_text(self, token_id: int | None) -> str:

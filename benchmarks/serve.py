@@ -16,6 +16,17 @@ overload, for arlm: Poisson arrivals at 4x the request rate it sustained at 16 s
 ``--max-queue 32``: how fast the excess is refused (429), the TPOT of the accepted requests,
 and the server's memory (RSS) over the run.
 
+Agents and evaluators, for arlm (issue 25), in the same run:
+- constrained decoding's cost: 32 requests at 16 streams, each under a JSON schema (an array
+  of at least 200 objects, which no answer completes within max_tokens, so every answer runs
+  to max_tokens as the free ones do: answers that ended early would change the batch and the
+  share of prefill in each token's time), against the same requests free (``ignore_eos`` off
+  in both): output tok/s and TPOT, target <= 10% slower;
+- prompt log-probability scoring in lm-evaluation-harness's request shape (a token-id prompt of
+  a 64-token context and a 4-token continuation, ``echo``, ``logprobs=1``, ``max_tokens=1``,
+  not streamed), 16 in flight: prompt tokens scored per second. vLLM's CPU server is the peer
+  when installed (the same requests); without it, arlm's figure stands alone.
+
 Run: ``python benchmarks/serve.py`` (about 10 minutes on 2 cores with both peers);
 ``--servers arlm,vllm`` for some, ``--vllm-python`` / ``--llama-server`` for other installs.
 """
@@ -181,6 +192,77 @@ def overload(server: Running, sustained: float) -> dict:
     return summary
 
 
+# a schema whose answers never complete within OUTPUT_LEN: every request decodes all its tokens
+CONSTRAINT = {
+    "structured_outputs": {
+        "json": {
+            "type": "array",
+            "minItems": 200,
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+                "required": ["name", "n"],
+            },
+        }
+    }
+}
+SCORING_CONTEXT, SCORING_CONTINUATION, SCORING_REQUESTS = 64, 4, 128
+
+
+def bench_free_and_constrained(url: str) -> dict:
+    """32 requests at 16 streams, free and under ``CONSTRAINT``, the same prompts, no
+    ignore_eos."""
+    out = {}
+    for name, extra in (("free", None), ("constrained", json.dumps(CONSTRAINT))):
+        config = ServeBenchConfig(
+            num_prompts=32,
+            max_concurrency=16,
+            input_len=INPUT_LEN,
+            output_len=OUTPUT_LEN,
+            ignore_eos=False,
+            model="gpt2",
+            seed=16,
+            extra_body=extra,
+        )
+        out[name] = asyncio.run(run(url, config))
+    return out
+
+
+async def _score_all(url: str, prompts: list[list[int]], concurrency: int) -> float:
+    """Seconds to send ``prompts`` in lm-eval's loglikelihood shape, ``concurrency`` at once."""
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def one(prompt):
+            async with limit:
+                body = {"model": "gpt2", "prompt": prompt, "echo": True, "logprobs": 1}
+                body |= {"max_tokens": 1, "temperature": 0, "seed": 1234}
+                r = await client.post("/v1/completions", json=body)
+                r.raise_for_status()
+                scored = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+                assert len(scored) == len(prompt) + 1 and scored[0] is None
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts))
+        return time.perf_counter() - started
+
+
+def bench_scoring(url: str) -> dict:
+    import random
+
+    rng = random.Random(25)
+    n = SCORING_CONTEXT + SCORING_CONTINUATION
+    prompts = [[rng.randrange(100, 1000) for _ in range(n)] for _ in range(SCORING_REQUESTS)]
+    asyncio.run(_score_all(url, prompts[:8], 16))  # warm-up
+    seconds = asyncio.run(_score_all(url, prompts, 16))
+    return {
+        "requests": len(prompts),
+        "seconds": seconds,
+        "requests_per_second": len(prompts) / seconds,
+        "prompt_tokens_per_second": len(prompts) * n / seconds,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default="arlm,arlm int8,vLLM,llama f32,llama q8_0")
@@ -191,6 +273,12 @@ def main() -> None:
         type=int,
         default=2,
         help="llama-server's threads (1 does better than 2 when the machine is busy)",
+    )
+    p.add_argument(
+        "--agents-only",
+        action="store_true",
+        help="only the agents and evaluators measurements (constrained decoding, prompt "
+        "scoring), not the concurrency sweep and the overload",
     )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="benchmarks/out/serve.json", help="the results as JSON")
@@ -204,6 +292,7 @@ def main() -> None:
     print(f"{INPUT_LEN}-token prompts, {OUTPUT_LEN} output tokens (ignore_eos), greedy\n")
     results: dict[str, dict[int, dict]] = {}
     overloaded = None
+    agents: dict[str, dict] = {}  # issue 25's measurements, per server
     for peer in peers(root, folder, args, args.port):
         if peer.name not in wanted:
             continue
@@ -215,7 +304,7 @@ def main() -> None:
             ready = server.wait_ready()
             bench(server.url, 4, 8)  # warm-up: first-call allocations and compilation
             results[peer.name] = {}
-            for c, n in CONCURRENCY.items():
+            for c, n in ({} if args.agents_only else CONCURRENCY).items():
                 r = results[peer.name][c] = bench(server.url, c, n)
                 print(
                     f"{peer.name:11} c={c:<3} {r['output_throughput']:7.1f} tok/s  TTFT p50 "
@@ -225,12 +314,23 @@ def main() -> None:
                     flush=True,
                 )
             if peer.name == "arlm":
+                agents["arlm"] = bench_free_and_constrained(server.url)
+            if peer.name in ("arlm", "vLLM"):
+                agents.setdefault(peer.name, {})["scoring"] = bench_scoring(server.url)
+            report_agents({peer.name: agents[peer.name]} if peer.name in agents else {})
+            if peer.name == "arlm" and not args.agents_only:
                 overloaded = overload(server, results["arlm"][16]["request_throughput"])
         finally:
             server.stop()
-    report(results, overloaded)
+    if not args.agents_only:
+        report(results, overloaded)
+    if "vLLM" in agents:
+        report_agents(agents)  # the ratio, once both have run
+    elif "arlm" in agents:
+        print("vLLM is not installed here: no peer figure (benchmarks/peers/install_vllm.sh)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": results, "overload": overloaded}, indent=1))
+    record = {"runs": results, "overload": overloaded, "agents": agents}
+    Path(args.out).write_text(json.dumps(record, indent=1))
 
 
 def report(results: dict, overloaded: dict | None) -> None:
@@ -283,6 +383,36 @@ def report(results: dict, overloaded: dict | None) -> None:
             f"  server RSS: {o['rss_start'] / 2**20:.0f} MiB at the start, "
             f"{o['rss_max'] / 2**20:.0f} MiB at most, {o['rss_end'] / 2**20:.0f} MiB at the end"
         )
+
+
+def report_agents(agents: dict) -> None:
+    """The agents and evaluators figures of the servers in ``agents`` measured so far."""
+    mine = agents.get("arlm", {})
+    if "free" in mine:
+        free, constrained = mine["free"], mine["constrained"]
+        tput = constrained["output_throughput"] / free["output_throughput"]
+        tpot = constrained["median_tpot_ms"] / free["median_tpot_ms"]
+        print(
+            f"\nconstrained decoding (arlm, 16 streams, a JSON schema per request): "
+            f"{constrained['output_throughput']:.1f} tok/s against "
+            f"{free['output_throughput']:.1f} free ({constrained['total_output_tokens']} and "
+            f"{free['total_output_tokens']} tokens): {tput:.3f}x;  TPOT p50 "
+            f"{constrained['median_tpot_ms']:.1f} ms against {free['median_tpot_ms']:.1f} ms: "
+            f"{tpot:.3f}x  (target: cost <= 10%)",
+            flush=True,
+        )
+    for name, result in agents.items():
+        s = result["scoring"]
+        print(
+            f"prompt scoring ({name}, lm-eval's loglikelihood requests, {SCORING_CONTEXT}+"
+            f"{SCORING_CONTINUATION} tokens, 16 in flight): {s['requests_per_second']:.1f} "
+            f"requests/s, {s['prompt_tokens_per_second']:.0f} prompt tokens/s",
+            flush=True,
+        )
+    if "arlm" in agents and "vLLM" in agents:
+        ratio = agents["arlm"]["scoring"]["prompt_tokens_per_second"]
+        ratio /= agents["vLLM"]["scoring"]["prompt_tokens_per_second"]
+        print(f"  arlm / vLLM prompt scoring: {ratio:.2f}x  (target >= 1)")
 
 
 if __name__ == "__main__":

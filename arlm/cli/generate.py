@@ -41,6 +41,12 @@ def add_parser(sub) -> None:
         "--output", help="with --prompts-file, where to write the JSON lines (default: stdout)"
     )
     add_sampling_options(p)
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="constrain the output to the JSON schema in FILE (structured outputs, strict: "
+        "compact JSON that ends when the value is complete)",
+    )
     add_generation_config_option(p)
     add_cache_options(p)
     add_tensor_parallel_option(p)
@@ -54,6 +60,8 @@ def run(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give either a PROMPT or --prompts-file, not both or neither")
     given = sampling_kwargs(args)
+    if args.json_schema is not None:
+        given["structured_outputs"] = {"json": read_schema(args.json_schema)}
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     lm = arlm.load(args.model, **load_kwargs(args))
     if lm is None:  # a tensor-parallel rank other than 0: it ran rank 0's steps
@@ -66,6 +74,20 @@ def run(args: argparse.Namespace) -> None:
         write_batch(lm, prompts, params, args.output)
     else:
         stream(lm, args, params)
+
+
+def read_schema(path: str) -> dict:
+    """The JSON schema in ``path``, or a ValueError naming the file and what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--json-schema {path}: cannot read it: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema {path} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema {path} must hold a JSON object (a schema)")
+    return schema
 
 
 def write_batch(lm, prompts, params, output: str | None) -> None:

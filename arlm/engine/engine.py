@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.config import DEFAULT_WINDOW_MAX_MODEL_LEN, EngineConfig, plan
 from arlm.engine.outputs import Completion, RequestOutput
+from arlm.engine.prompt_logprobs import scoring_only
 from arlm.engine.requests import InvalidRequest, check_params, check_prompt, new_sequences
 from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
@@ -144,7 +145,9 @@ class Engine:
         )
         self.requests[request_id] = seqs
         for seq in seqs:
-            if params.max_tokens == 0:  # done before it starts; its output comes at the next step
+            # done before it starts, its output at the next step; unless it came for its prompt
+            # log-probabilities: then it finishes once its prompt is in
+            if params.max_tokens == 0 and params.prompt_logprobs is None:
                 seq.status, seq.finish_reason = Status.FINISHED, "length"
                 seq.finish_time = time.perf_counter()
             else:
@@ -159,6 +162,17 @@ class Engine:
     def check_params(self, params: SamplingParams, prompt_len: int) -> None:
         """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do."""
         check_params(params, self.model.config.vocab_size, self.window_max_len, prompt_len)
+        if params.structured_outputs is not None:  # compiled once, and kept
+            try:
+                self.chain.grammars.compile(params.structured_outputs)
+            except ValueError as e:
+                raise InvalidRequest(str(e), "structured_outputs") from None
+        if params.prompt_logprobs is not None and not self.runner.rewindable:
+            raise InvalidRequest(
+                "prompt_logprobs needs every prompt position's logits, which the windowed KV "
+                "cache (kv_window) does not compute; load without kv_window",
+                "prompt_logprobs",
+            )
 
     def abort(self, request_id: str) -> None:
         """End every sample of ``request_id`` at the next step, freeing its blocks then."""
@@ -186,10 +200,18 @@ class Engine:
         if batch:
             self.steps += 1
             orders = self.block_manager.take_orders() if self.block_manager else None
-            logits, rows = self.runner.run(batch, orders)
+            logits, rows, scored = self.runner.run(batch, orders)
+            if scored is not None:  # prompt log-probabilities (arlm.engine.prompt_logprobs)
+                scored.record()
             if self.block_manager is not None:
                 for seq in [*batch.decode, *(s for s, _ in batch.prefill)]:
                     self.block_manager.computed(seq)
+            if done := scoring_only(rows):  # max_tokens 0: its prompt is in, it is done
+                for i in done:
+                    self._finish(rows[i], "length")
+                    self._emit(outputs, rows[i], [])
+                keep = [i for i in range(len(rows)) if i not in set(done)]
+                logits, rows = logits[keep], [rows[i] for i in keep]
             for seq, chunks in self.chain.run(logits, rows):
                 self._emit(outputs, seq, chunks)
         return list(outputs.values())

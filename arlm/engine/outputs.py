@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from arlm.loops.detector import LoopReport
 from arlm.sampling.params import TokenLogprob
+from arlm.sampling.prompt_logprobs import PromptLogprob
 
 
 @dataclass
@@ -94,6 +95,9 @@ class Completion:
     loop_reports: list[LoopReport] = field(default_factory=list)
     loops_broken: int = 0
     error: str | None = None
+    # with SamplingParams.prompt_logprobs: None for the first prompt token (nothing predicts
+    # it), then a PromptLogprob per prompt token
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass

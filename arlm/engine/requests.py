@@ -92,7 +92,9 @@ def new_sequences(
     device: torch.device,
 ) -> list[Sequence]:
     """The ``params.n`` samples of one request."""
-    hashes = block_hashes(prompt_ids, block_size)
+    # prompt log-probabilities need every prompt position computed, so such a sequence neither
+    # takes nor offers prefix-cache hits
+    hashes = block_hashes(prompt_ids, block_size) if params.prompt_logprobs is None else []
     ends = set() if params.ignore_eos else set(end_ids)
     ends |= set(params.stop_token_ids)
     seqs = []

@@ -22,6 +22,7 @@ import torch
 from arlm.devices import to_device
 from arlm.engine.block_manager import Orders
 from arlm.engine.cuda_graphs import DecodeGraphs
+from arlm.engine.prompt_logprobs import PromptRows, positions_to_score
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
 from arlm.kv_cache.codec import FloatCodec, make_codec
@@ -121,19 +122,24 @@ class ModelRunner:
             cache.write_blocks([d for _, d in orders.copy], copies)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, orders: Orders) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(
+        self, batch: ScheduledBatch, orders: Orders | None
+    ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         """Carry out ``orders``, forward ``batch`` and advance its rows' ``num_cached``; the
-        next-token logits (K, vocab) of the K rows that sample, and those rows' sequences, in
-        the same order."""
+        next-token logits (K, vocab) of the K rows that sample, those rows' sequences in the
+        same order, and the prompt positions scored for prompt log-probabilities with their
+        logits (None when no sequence asked: ``arlm.engine.prompt_logprobs``)."""
         self.apply(orders)
-        logits, rows = self._forward(batch)
+        logits, rows, scored = self._forward(batch)
         for seq in batch.decode:
             seq.num_cached += 1
         for seq, n in batch.prefill:
             seq.num_cached += n
-        return logits, rows
+        return logits, rows, scored
 
-    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+    def _forward(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         if self.decode_graphs is not None and not batch.prefill:
             rows = batch.decode
             logits = self.decode_graphs.run(
@@ -141,18 +147,25 @@ class ModelRunner:
                 [s.num_cached for s in rows],
                 [s.block_table for s in rows],
             )
-            return logits, rows
+            return logits, rows, None
         tokens, select, rows = [], [], []
         for seq in batch.decode:
             tokens.append(seq.token_ids[seq.num_cached])
             select.append(len(select))
             rows.append(seq)
+        # prompt positions scored for prompt log-probabilities: their rows follow the sampling
+        # rows in logits_at
+        scored, scored_select = PromptRows(), []
         for seq, n in batch.prefill:
             start = seq.num_cached
             tokens.extend(seq.token_ids[start : start + n])
             if start + n == len(seq.token_ids):
                 select.append(len(tokens) - 1)
                 rows.append(seq)
+            if wanted := positions_to_score(seq, start, n):
+                scored.add(seq, wanted)
+                at = len(tokens) - n - start  # flat index of position 0 of this sequence
+                scored_select += [at + p for p in wanted]
         idx = to_device([tokens], torch.long, self.device)
         if self.windowed is not None:
             (seq,) = [*batch.decode, *(s for s, _ in batch.prefill)]
@@ -161,7 +174,7 @@ class ModelRunner:
             logits, _ = self.model(
                 idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
             )
-            return logits[0, : len(rows)].float(), rows
+            return logits[0, : len(rows)].float(), rows, None
         layout = StepLayout(
             [PagedRow(s.block_table, s.num_cached, 1) for s in batch.decode],
             [PagedRow(s.block_table, s.num_cached, n) for s, n in batch.prefill],
@@ -175,7 +188,11 @@ class ModelRunner:
             idx,
             kv_cache=self.cache.step(layout),
             positions=positions,
-            logits_at=to_device(select, torch.long, self.device),
+            logits_at=to_device(select + scored_select, torch.long, self.device),
             seq_ends=seq_ends,
         )
-        return logits[0].float(), rows
+        logits = logits[0].float()
+        if not scored_select:
+            return logits, rows, None
+        scored.logits = logits[len(select) :]
+        return logits[: len(select)], rows, scored

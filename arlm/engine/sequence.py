@@ -20,6 +20,7 @@ from arlm.engine.text import TextState
 from arlm.loops.detector import LoopReport
 from arlm.loops.policy import LoopGuard
 from arlm.sampling.params import SamplingParams, TokenLogprob
+from arlm.sampling.prompt_logprobs import PromptLogprob
 from arlm.sampling.sampler import SequenceSampler
 
 
@@ -54,6 +55,8 @@ class Sequence:
     cached_prompt_tokens: int = 0
 
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # one per prompt token after the first, when params.prompt_logprobs is set
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
     reported: dict[int, LoopReport] = field(default_factory=dict)  # "report": index -> loop
     finish_reason: str | None = None
     loop: LoopReport | None = None  # the loop that ended it (finish_reason "repetition")
@@ -133,6 +136,9 @@ class Sequence:
             self.finish_reason or "abort",
             usage,
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            prompt_logprobs=[None, *self.prompt_logprobs]
+            if self.params.prompt_logprobs is not None
+            else None,
             loop=self.loop,
             loop_reports=list(guard.reports) if guard is not None else [],
             loops_broken=guard.breaks if guard is not None else 0,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 
 from arlm.engine.block_manager import Orders
@@ -136,9 +135,7 @@ class TensorParallelRunner:
     def restart(self, seq: Sequence) -> None:
         self.inner.restart(seq)
 
-    def run(
-        self, batch: ScheduledBatch, orders: Orders | None
-    ) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(self, batch: ScheduledBatch, orders: Orders | None):
         self.group.broadcast(("step", orders, *_rows(batch)))
         return self.inner.run(batch, orders)
 

@@ -1,8 +1,9 @@
 """What happens to each sequence between one forward's logits and the next forward.
 
 For every row that samples: n-gram bans (a broken loop's) -> logits processors (penalties, DRY,
-bias) -> the batched sampler -> append the token -> loop policy (report, stop, or break: roll
-back and go on) -> stop strings -> length -> finish. Whatever one sequence raises in that
+bias, a structured output's grammar mask) -> the batched sampler -> append the token -> loop
+policy (report; stop; break: roll back and go on; close_thinking: close a looping thinking
+section and go on) -> stop strings -> length -> finish. Whatever one sequence raises in that
 chain, of any exception type, finishes that sequence alone with finish_reason "error", logged
 once; the others go on.
 
@@ -23,6 +24,8 @@ import torch
 from arlm.devices import to_device, to_host
 from arlm.engine.outputs import Chunk
 from arlm.engine.sequence import Sequence
+from arlm.loops.policy import LoopAction
+from arlm.loops.thinking import ThinkMarkers
 from arlm.sampling.breakers import BreakerIndex
 from arlm.sampling.params import MAX_DRY_MULTIPLIER, SamplingParams
 from arlm.sampling.sampler import (
@@ -33,6 +36,7 @@ from arlm.sampling.sampler import (
     sample,
     token_logprobs,
 )
+from arlm.sampling.structured import GrammarCompiler
 from arlm.tokenizer import Tokenizer
 
 log = logging.getLogger("arlm.engine")
@@ -58,7 +62,16 @@ class TokenChain:
         self.tokenizer, self.vocab_size, self.device = tokenizer, vocab_size, device
         self.limit, self.finish, self.rollback = limit, finish, rollback
         self._breakers: BreakerIndex | None = None  # built at the first request with DRY
+        self._grammars: GrammarCompiler | None = None  # structured outputs, at first use
+        self._think_markers: ThinkMarkers | None = None  # close_thinking, at first use
         self.loops_detected = self.loops_broken = 0
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler and its cache (``arlm.sampling.structured``)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+        return self._grammars
 
     def sampler(
         self,
@@ -79,6 +92,9 @@ class TokenChain:
                 encode = functools.partial(tk.encode, add_special_tokens=False)
                 self._breakers = BreakerIndex(tk.token_texts, encode)
             breakers = self._breakers.table(params.dry_sequence_breakers)
+        grammar = None
+        if params.structured_outputs is not None:  # a fresh matcher, replayed on a rollback
+            grammar = self.grammars.mask(params.structured_outputs, end_ids)
         return SequenceSampler(
             effective,
             self.vocab_size,
@@ -87,6 +103,7 @@ class TokenChain:
             end_ids=end_ids,
             dry_breakers=breakers,
             device=self.device,
+            grammar=grammar,
         )
 
     def run(self, logits: torch.Tensor, rows: list[Sequence]) -> list[tuple[Sequence, list]]:
@@ -206,6 +223,10 @@ class TokenChain:
         action = guard.push(token) if guard is not None else None
         if action is not None:
             self.loops_detected += 1
+        if action is not None and action.kind == "close_thinking":
+            if self._close_thinking(seq, action.keep):
+                return []
+            action = LoopAction("stop", action.report, action.keep)  # not thinking: stop
         if action is not None and action.kind != "report":
             seq.truncate(action.keep)  # keep the ids up to the end of the loop's first copy
             seq.text.truncate(action.keep)
@@ -239,6 +260,29 @@ class TokenChain:
         dry = seq.guard.dry_multiplier(p.dry_multiplier, MAX_DRY_MULTIPLIER)
         seq.sampler = self.sampler(p, seq.token_ids, seq.prompt_len, seq.end_ids, dry)
         self.rollback(seq)
+
+    def _close_thinking(self, seq: Sequence, keep: int) -> bool:
+        """The close_thinking loop policy: if ``seq``'s first ``keep`` generated ids end inside
+        a thinking section (``arlm.loops.thinking``), cut it there, write the section's closing
+        marker and go on from it (True); else do nothing (False: the caller stops). The cache
+        and the processors roll back as after a break."""
+        if self._think_markers is None:
+            encode = functools.partial(self.tokenizer.encode, add_special_tokens=False)
+            self._think_markers = ThinkMarkers.of(encode)
+        close = self._think_markers.close_ids
+        inside = self._think_markers.inside(seq.token_ids[: seq.prompt_len + keep])
+        if not inside or keep + len(close) >= seq.params.max_tokens:
+            return False
+        seq.truncate(keep)
+        seq.text.truncate(keep)
+        seq.text.restart(seq.generated)
+        for token in close:
+            seq.token_ids.append(token)
+            seq.text.push(token)
+        seq.guard.rewind(seq.generated)
+        seq.sampler = self.sampler(seq.params, seq.token_ids, seq.prompt_len, seq.end_ids)
+        self.rollback(seq)
+        return True
 
     def fail(self, seq: Sequence, error: Exception) -> None:
         """Finish ``seq`` alone with finish_reason "error" after ``error``, logged once. A

@@ -1,4 +1,5 @@
-"""What generation does when the loop detector fires: the stop, break and report policies.
+"""What generation does when the loop detector fires: the stop, break, report and
+close_thinking policies.
 
 A ``LoopGuard`` watches one sequence's generated ids and decides; it holds no tensors. The
 engine (``arlm.engine.Engine``) carries the decisions out: it cuts the ids, and for a
@@ -7,7 +8,9 @@ break it rolls the sequence's KV cache back and rebuilds its processors from the
 Keeping one copy. A report says the ids from ``start`` on repeat a block of ``pattern_size``;
 the first copy, ``ids[start:start + pattern_size]``, is ordinary text, and the copies after it
 are the loop. So ``stop`` keeps ``ids[:start + pattern_size]``, and ``break`` rolls back to the
-same point, the onset of the second copy.
+same point, the onset of the second copy. ``close_thinking`` cuts there too; inside a thinking
+section the engine then closes the section and goes on (``arlm.loops.thinking``), elsewhere it
+stops.
 
 A break that holds. Rolling back and banning one token at one position lets the model walk back
 into the same cycle a few tokens later, or into a copy of it with one token changed: on the
@@ -39,7 +42,8 @@ class LoopAction:
     """What the decode loop must do after a push.
 
     kind: ``"stop"`` (end, keeping ``keep`` ids), ``"break"`` (roll back to ``keep`` ids and
-    go on), or ``"report"`` (a new loop was reported at this id; go on).
+    go on), ``"report"`` (a new loop was reported at this id; go on), or ``"close_thinking"``
+    (keep ``keep`` ids, then close a thinking section they are inside and go on, else stop).
     """
 
     kind: str
@@ -48,7 +52,8 @@ class LoopAction:
 
 
 class LoopGuard:
-    """Applies ``policy`` ("stop", "break" or "report") to a stream of generated ids.
+    """Applies ``policy`` ("stop", "break", "report" or "close_thinking") to a stream of
+    generated ids.
 
     ``reports`` lists one report per loop: under "report" the latest state of each loop seen;
     under "stop" and "break" the report each action was taken on. ``breaks`` counts the loops
@@ -100,6 +105,8 @@ class LoopGuard:
             return LoopAction("report", report, len(self.detector))
         self.reports.append(report)
         keep = report.start + report.pattern_size
+        if self.policy == "close_thinking":
+            return LoopAction("close_thinking", report, keep)
         if self.policy == "stop" or self.breaks == self.max_breaks:
             return LoopAction("stop", report, keep)
         self.breaks += 1

@@ -80,6 +80,11 @@ class ServeBenchConfig:
     seed: int = option(0, help="seed of the prompts and arrival times")
     api_key: str | None = option(None, help="sent as 'Authorization: Bearer KEY'")
     timeout: float = option(600.0, help="seconds a request may take")
+    extra_body: str | None = option(
+        None,
+        help='a JSON object merged into every request body, e.g. \'{"structured_outputs": '
+        '{"regex": "[a-z ]+"}}\'',
+    )
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("/v1/completions", "/v1/chat/completions"):
@@ -101,6 +106,14 @@ class ServeBenchConfig:
                 f"token_range={self.token_range!r} is not allowed; give LOW:HIGH, e.g. 100:1000"
             )
         self.token_ids = range(int(low), int(high))
+        self.extra = {}
+        if self.extra_body is not None:
+            try:
+                self.extra = json.loads(self.extra_body)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"extra_body is not JSON: {e}") from None
+            if not isinstance(self.extra, dict):
+                raise ValueError("extra_body must be a JSON object")
 
 
 @dataclass
@@ -140,7 +153,7 @@ def _body(config: ServeBenchConfig, model: str, prompt: str | list[int]) -> dict
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    return body
+    return body | config.extra
 
 
 async def _one(client, config: ServeBenchConfig, model: str, prompt) -> RequestResult:

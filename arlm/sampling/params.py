@@ -13,9 +13,10 @@ from arlm.config import option
 from arlm.loops.detector import LoopDetectorConfig
 from arlm.loops.near import NearLoopConfig, near_config
 from arlm.sampling.breakers import DRY_MAX_BREAKER_CHARS
+from arlm.sampling.structured import StructuredOutputs
 from arlm.validate import check_float, check_int
 
-LOOP_POLICIES = ("stop", "break", "report")
+LOOP_POLICIES = ("stop", "break", "report", "close_thinking")
 DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's defaults
 
 # What one request may ask for. Each bounds work or memory that the step loop spends on the
@@ -77,11 +78,16 @@ class SamplingParams:
     generator, so the same seed gives the same sample whatever else runs. logprobs: None for
     none; n to return each chosen token's log-probability and the n likeliest alternatives
     (0 to 20), all under the model's raw distribution (before any processor, as vLLM does).
+    prompt_logprobs: None for none; n for each prompt token's log-probability given the tokens
+    before it, its rank and the n likeliest alternatives (0 to 20), computed in the forward that
+    prefills the prompt (``Completion.prompt_logprobs``; with max_tokens 0 nothing is sampled).
 
     loop_policy: what to do when the loop detector fires (None: no detection): "stop" ends
     with finish_reason "repetition", keeping one copy of the repeated block; "break" rolls back
     to the second copy, bans its first token there, escalates DRY and continues, and stops as
-    "stop" does after max_loop_breaks breaks; "report" only records the loops.
+    "stop" does after max_loop_breaks breaks; "report" only records the loops;
+    "close_thinking", for reasoning models, cuts a loop inside a ``<think>`` section as "stop"
+    does, then writes ``</think>`` and lets the model answer (a loop outside one stops).
     repetition_detection: the detector's thresholds (a ``LoopDetectorConfig`` or a dict of its
     fields; None: its defaults). Giving it without a loop_policy means "stop".
     near_repetition_detection: the near-duplicate rule's thresholds (a ``NearLoopConfig`` or a
@@ -94,6 +100,10 @@ class SamplingParams:
     step (transformers' names): each step takes, among the k likeliest tokens, the one that
     maximises ``(1 - alpha) * p(token) - alpha * max cosine similarity of its hidden state to
     the context's``. Deterministic; needs top_k >= 1 and temperature 0.
+
+    structured_outputs: constrain the output to a JSON schema, any JSON object, a regular
+    expression, a list of choices or an EBNF grammar (``arlm.sampling.structured``; a
+    ``StructuredOutputs`` or a dict of its fields, vLLM's names; None: free text).
     """
 
     max_tokens: int = option(256, help="tokens to generate")
@@ -130,9 +140,13 @@ class SamplingParams:
     ignore_eos: bool = option(False, help="keep generating past the end-of-text token")
     seed: int | None = option(None, help="seed for reproducible sampling")
     logprobs: int | None = option(None, help="each token's logprob and N alternatives", metavar="N")
+    prompt_logprobs: int | None = None  # the Python API's and the server's, not the CLI's
+    # a StructuredOutputs or a dict of its fields (the CLI's --json-schema sets it)
+    structured_outputs: StructuredOutputs | dict | None = None
     loop_policy: str | None = option(
         None,
-        help="stop at a loop, break it and go on, or report it (default: no detection)",
+        help="stop at a loop, break it and go on, report it, or close a <think> section it is "
+        "in (default: no detection)",
         choices=LOOP_POLICIES,
     )
     # set through the detector's own options (--loop-min-count, ...)
@@ -163,6 +177,7 @@ class SamplingParams:
         self._check_stops()
         self._check_loop_settings()
         self._check_contrastive()
+        self._check_structured()
 
     def _check_sampling(self) -> None:
         check_int("max_tokens", self.max_tokens, 0, ">= 0")
@@ -177,6 +192,10 @@ class SamplingParams:
             _check_int_at_most("seed", self.seed, 0, 2**63 - self.n, "or None")
         if self.logprobs is not None:
             _check_int_at_most("logprobs", self.logprobs, 0, MAX_LOGPROBS, "or None for off")
+        if self.prompt_logprobs is not None:
+            _check_int_at_most(
+                "prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, "or None for off"
+            )
 
     def _check_penalties(self) -> None:
         low, high = REPETITION_PENALTY_RANGE
@@ -268,6 +287,11 @@ class SamplingParams:
         if given and self.loop_policy is None:
             self.loop_policy = "stop"
         _check_int_at_most("max_loop_breaks", self.max_loop_breaks, 0, MAX_LOOP_BREAKS)
+        if self.loop_policy == "close_thinking" and self.logprobs is not None:
+            raise ValueError(
+                "loop_policy='close_thinking' with logprobs is not allowed: the </think> it "
+                "writes was not sampled and has no log-probability"
+            )
         _check_int_at_most(
             "loop_break_hold", self.loop_break_hold, 0, MAX_LOOP_BREAK_HOLD, "(0 means off)"
         )
@@ -287,6 +311,21 @@ class SamplingParams:
             raise ValueError(
                 f"temperature={self.temperature!r} is not allowed with penalty_alpha="
                 f"{self.penalty_alpha}: contrastive search is deterministic; use temperature 0"
+            )
+
+    def _check_structured(self) -> None:
+        if self.structured_outputs is None:
+            return
+        self.structured_outputs = StructuredOutputs.from_value(self.structured_outputs)
+        if self.ignore_eos and not self.stop_token_ids:
+            raise ValueError(
+                "ignore_eos with structured_outputs is not allowed: a constrained answer ends "
+                "on an end token once it is complete (or name one in stop_token_ids)"
+            )
+        if self.min_tokens:
+            raise ValueError(
+                "min_tokens with structured_outputs is not allowed: the answer ends when the "
+                "constraint is met, however long that is"
             )
 
     @property

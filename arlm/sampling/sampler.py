@@ -44,7 +44,8 @@ class SequenceSampler:
     ``prompt_len`` ids, then the generated ones), a list the sequence owns and appends to.
 
     end_ids: the ids that end a generation (masked until ``min_tokens``). dry_breakers: from
-    ``dry_sequence_breakers``, needed when DRY is on.
+    ``dry_sequence_breakers``, needed when DRY is on. grammar: the structured-output mask
+    (``arlm.sampling.structured.GrammarMask``), needed with ``structured_outputs``.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class SequenceSampler:
         end_ids: Iterable[int] = (),
         dry_breakers: DryBreakers | None = None,
         device: torch.device | str = "cpu",
+        grammar: Processor | None = None,
     ) -> None:
         self.params = params
         self.history = History([token_ids], [prompt_len])
@@ -91,6 +93,8 @@ class SequenceSampler:
             )
         if p.no_repeat_ngram_size:
             self.processors.append(NoRepeatNGram(p.no_repeat_ngram_size))
+        if grammar is not None:  # last: whatever the others did, it rules tokens out
+            self.processors.append(grammar)
         self.reset()
 
     def reset(self) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -31,12 +32,16 @@ from starlette.exceptions import HTTPException
 from arlm.engine.async_engine import AsyncEngine, EngineDead, QueueFull, RequestStream
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.sampling.params import SamplingParams
+from arlm.sampling.structured import StructuredOutputs
 from arlm.serve import responses as rs
+from arlm.serve import tokenize as tok
 from arlm.serve.config import ServeConfig
+from arlm.serve.echo import echoed, vllm_prompt_logprobs
 from arlm.serve.errors import APIError
 from arlm.serve.metrics import ServerMetrics
 from arlm.serve.prepare import Prepared, Preparer, PrepareSetup, prompt_byte_limit
-from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest, parse
+from arlm.serve.tools import ToolParser, ToolReader, ToolStream, parser_for
 from arlm.serve.workers import WorkerPool
 
 log = logging.getLogger("arlm.serve")
@@ -64,6 +69,7 @@ class Server:
             self.workers = WorkerPool(config.prepare_workers, config.prepare_timeout)
         self.draining = False
         self.created = int(time.time())
+        self.tool_parser: ToolParser | None = None
 
     def attach(self, lm, background: bool = True) -> None:
         """Serve ``lm`` (an ``arlm.LM``) from now on; the engine's step loop runs in a thread
@@ -87,8 +93,10 @@ class Server:
             loop_policy=config.loop_policy,
             loop_detection=config.loop_detection,
             sampling_defaults=dict(lm.sampling_defaults),
+            agent_loop_guard=config.agent_loop_guard,
         )
         self.preparer = Preparer(tokenizer, setup)
+        self.tool_parser = parser_for(config.tool_call_parser, tokenizer.chat_template)
         if self.workers is not None:
             self.workers.setup = setup
         front.start()
@@ -149,6 +157,24 @@ class Server:
         ):
             return await self.workers.prepare(model, body)
         return await asyncio.to_thread(self.preparer.prepare, model, body)
+
+    async def check_constraints(self, req, params: SamplingParams) -> None:
+        """Compile the answer's constraint and the tools' schemas now, off the event loop (each
+        once: the compiler keeps them), so that a bad one is a 400 naming its field."""
+        grammars = self.lm.engine.grammars if params.structured_outputs or _tools(req) else None
+        if params.structured_outputs is not None:
+            field = next(k for k, v in req.constraints().items() if v is not None)
+            try:
+                await asyncio.to_thread(grammars.compile, params.structured_outputs)
+            except ValueError as e:
+                raise APIError.bad_request(f"{field}: {e}", field) from None
+        for i, tool in enumerate(_tools(req)):
+            parameters = tool["function"].get("parameters", {"type": "object"})
+            try:
+                await asyncio.to_thread(grammars.compile, StructuredOutputs(json=parameters))
+            except ValueError as e:
+                where = f"tools.{i}.function.parameters"
+                raise APIError.bad_request(f"tools[{i}].function.parameters: {e}", where) from None
 
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, prefix: str
@@ -211,29 +237,71 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
             card["max_model_len"] = server.max_len
         return JSONResponse({"object": "list", "data": [card]})
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await _checked_body(request, server)
+        req = parse(tok.TokenizeRequest, body)
+        server.preparer.check_model(req.model)
+        if req.messages is not None:  # through the chat template, as a chat request renders
+            chat = json.dumps(tok.chat_body(req)).encode()
+            ids = (await server.prepare(ChatCompletionRequest, chat)).prompts[0]
+        elif req.prompt is not None:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(server.preparer.encode, req.prompt, "prompt", add)
+        else:
+            raise APIError.bad_request("give prompt (a text) or messages (a chat)", "prompt")
+        tokenizer = server.lm.tokenizer
+        return JSONResponse(tok.tokenized(tokenizer, ids, server.max_len, req.return_token_strs))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await _checked_body(request, server)
+        req = parse(tok.DetokenizeRequest, body)
+        server.preparer.check_model(req.model)
+        vocab = server.lm.config.vocab_size
+        text = await asyncio.to_thread(tok.detokenize, server.lm.tokenizer, req.tokens, vocab)
+        return JSONResponse(text)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        server.check_ready()
+        server.authorize(request)
+        return JSONResponse(tok.tokenizer_info(server.lm.tokenizer, server.max_len))
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req, params, prompts = await _start(request, server, CompletionRequest)
+        prepared = await _start(request, server, CompletionRequest)
+        req, params, prompts = prepared.request, prepared.params, prepared.prompts
+        await server.check_constraints(req, params)
         if req.best_of is not None and req.best_of != params.n:
             raise APIError.bad_request("best_of is not supported; use n", "best_of")
-        if req.echo and req.logprobs is not None:
+        if req.stream and params.prompt_logprobs is not None:
             raise APIError.bad_request(
-                "echo with logprobs would need the prompt's log-probabilities, which this "
-                "server does not compute (arlm score does)",
-                "echo",
+                "prompt log-probabilities (echo with logprobs, prompt_logprobs) come with the "
+                "whole answer only; ask without stream",
+                "stream",
             )
         echo = [server.lm.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
         stream = server.submit(prompts, params, f"cmpl-{uuid.uuid4().hex}")
-        reply = _CompletionReply(server, req, params, stream, echo)
+        reply = _CompletionReply(server, req, params, stream, echo, prompts)
         if req.stream:
             return _event_stream(reply.events(), stream)
         return await _unless_disconnected(request, reply.whole(), stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req, params, prompts = await _start(request, server, ChatCompletionRequest)
+        prepared = await _start(request, server, ChatCompletionRequest)
+        req, params, prompts = prepared.request, prepared.params, prepared.prompts
+        await server.check_constraints(req, params)
+        guard = prepared.guard
+        if guard is not None:
+            server.metrics.agent_loop_guard.labels(level=guard["level"]).inc()
+            if guard["level"] == "stop":  # answered without generating (arlm.serve.agent_guard)
+                return _guard_stop(server, req, params, guard)
+        mode = req.tool_mode()[0]
+        tools = None if mode == "none" else ToolReader(mode, server.tool_parser, req.tool_choice)
         stream = server.submit(prompts, params, f"chatcmpl-{uuid.uuid4().hex}")
-        reply = _ChatReply(server, req, params, stream)
+        reply = _ChatReply(server, req, params, stream, tools, guard)
         if req.stream:
             return _event_stream(reply.events(), stream)
         return await _unless_disconnected(request, reply.whole(), stream)
@@ -269,14 +337,56 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
         ) from None
 
 
-async def _start(request: Request, server: Server, model):
-    """The checks every generation request passes: (request, params, prompt token ids)."""
+async def _checked_body(request: Request, server: Server) -> bytes:
+    """The body of a request to a ready server with the right key, within the limits."""
     server.check_ready()
     server.authorize(request)
     config = server.config
-    body = await _read_body(request, config.max_request_bytes, config.body_timeout)
-    prepared = await server.prepare(model, body)
-    return prepared.request, prepared.params, prepared.prompts
+    return await _read_body(request, config.max_request_bytes, config.body_timeout)
+
+
+async def _start(request: Request, server: Server, model):
+    """The checks every generation request passes: (request, params, prompt token ids)."""
+    body = await _checked_body(request, server)
+    return await server.prepare(model, body)
+
+
+def _tools(req) -> list[dict]:
+    return getattr(req, "tools", None) or []
+
+
+def _guard_stop(server: Server, req, params: SamplingParams, guard: dict) -> Response:
+    """The answer to a chat the agent loop guard stopped: nothing generated, finish_reason
+    "loop", the guard's report in ``agent_loop_guard``."""
+    created = int(time.time())
+    chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": "loop",
+        }
+        for i in range(params.n)
+    ]
+    if req.stream:
+        head = rs.envelope(chat_id, "chat.completion.chunk", server.model_name, created)
+
+        async def events() -> AsyncIterator[str]:
+            for c in choices:
+                delta = {
+                    "index": c["index"],
+                    "delta": c["message"],
+                    "logprobs": None,
+                    "finish_reason": "loop",
+                }
+                yield rs.sse({**head, "choices": [delta], "agent_loop_guard": guard})
+            yield rs.sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    body = rs.envelope(chat_id, "chat.completion", server.model_name, created)
+    body |= {"choices": choices, "usage": rs.usage(0, 0), "agent_loop_guard": guard}
+    return JSONResponse(body)
 
 
 def _event_stream(events: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
@@ -366,7 +476,7 @@ class _Reply:
         except ValueError as e:  # NaN log-probabilities (see responses)
             raise APIError.bad_request(f"generation failed: {e}") from None
         body["usage"] = self.usage(completions)
-        return JSONResponse(body)
+        return JSONResponse(body | self.extra())
 
     async def events(self) -> AsyncIterator[str]:
         head = rs.envelope(self.id, self.chunk_kind, self.server.model_name, self.created)
@@ -382,9 +492,8 @@ class _Reply:
                         error = APIError.bad_request(f"generation failed: {out.completion.error}")
                         yield rs.sse(error.body())
                         break
-                event = self.delta(index, out)
-                if event is not None:
-                    yield rs.sse({**head, "choices": [event]})
+                for event in self.delta(index, out):
+                    yield rs.sse({**head, "choices": [event], **self.extra()})
         except (ValueError, EngineDead) as e:
             status = 400 if isinstance(e, ValueError) else 503
             yield rs.sse(APIError(status, str(e)).body())
@@ -398,13 +507,17 @@ class _Reply:
     def opening(self) -> list[dict]:
         return []
 
+    def extra(self) -> dict:
+        """Top-level fields every body and chunk carries besides OpenAI's."""
+        return {}
+
 
 class _CompletionReply(_Reply):
     kind = chunk_kind = "text_completion"
 
-    def __init__(self, server, req, params, stream, echo: list[str]) -> None:
+    def __init__(self, server, req, params, stream, echo: list[str], prompts) -> None:
         super().__init__(server, req, params, stream)
-        self.echo = echo
+        self.echo, self.prompts = echo, prompts
         self.offsets: dict[int, int] = {}  # choice -> characters streamed so far
 
     def choice(self, index: int, c: Completion) -> dict:
@@ -412,22 +525,28 @@ class _CompletionReply(_Reply):
         logprobs = None
         if c.logprobs is not None:
             logprobs = self.logprobs.completions(c.logprobs, len(echo))
-        return {
+            if self.req.echo:  # the prompt's own, from the prefill (arlm.serve.echo)
+                prompt_ids = self.prompts[index // self.params.n]
+                logprobs = echoed(self.logprobs, prompt_ids, c.prompt_logprobs, logprobs)
+        choice = {
             "index": index,
             "text": echo + c.text,
             "logprobs": logprobs,
             "finish_reason": c.finish_reason,
             **rs.loop_fields(c),
         }
+        if self.req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.logprobs, c.prompt_logprobs)
+        return choice
 
-    def delta(self, index: int, out: RequestOutput) -> dict | None:
+    def delta(self, index: int, out: RequestOutput) -> list[dict]:
         text = out.text
         if index not in self.offsets:
             text = self.echo[index // self.params.n] + text
             self.offsets[index] = len(text) - len(out.text)
         token_logprobs = rs.token_logprobs(out.chunks)
         if not text and not rs.has_tokens(out) and not out.finished:
-            return None
+            return []
         event = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
         if self.params.logprobs is not None:
             event["logprobs"] = self.logprobs.completions(token_logprobs, self.offsets[index])
@@ -435,19 +554,30 @@ class _CompletionReply(_Reply):
         if out.finished:
             event["finish_reason"] = out.completion.finish_reason
             event.update(rs.loop_fields(out.chunks[-1]))
-        return event
+        return [event]
 
 
 class _ChatReply(_Reply):
     kind, chunk_kind = "chat.completion", "chat.completion.chunk"
 
+    def __init__(self, server, req, params, stream, tools: ToolReader | None, guard) -> None:
+        super().__init__(server, req, params, stream)
+        self.tools, self.guard = tools, guard
+        self.tool_streams: dict[int, ToolStream] = {}
+
+    def extra(self) -> dict:
+        return {} if self.guard is None else {"agent_loop_guard": self.guard}
+
     def choice(self, index: int, c: Completion) -> dict:
         logprobs = self.logprobs.chat(c.logprobs) if c.logprobs is not None else None
+        message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+        if self.tools is not None:  # tool calls read out of the text (arlm.serve.tools)
+            message, finish = self.tools.message(c.text, c.finish_reason)
         return {
             "index": index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish,
             **rs.loop_fields(c),
         }
 
@@ -462,20 +592,28 @@ class _ChatReply(_Reply):
             for i in range(self.params.n)
         ]
 
-    def delta(self, index: int, out: RequestOutput) -> dict | None:
+    def delta(self, index: int, out: RequestOutput) -> list[dict]:
         token_logprobs = rs.token_logprobs(out.chunks)
         text = out.text
         if not text and not rs.has_tokens(out) and not out.finished:
-            return None
-        event = {
-            "index": index,
-            "delta": {"content": text} if text else {},
-            "logprobs": self.logprobs.chat(token_logprobs)
-            if self.params.logprobs is not None
-            else None,
-            "finish_reason": None,
-        }
+            return []
+        finish = out.completion.finish_reason if out.finished else None
+        deltas = [{"content": text} if text else {}]
+        if self.tools is not None:  # content as far as it surely is, then the calls
+            tool_stream = self.tool_streams.setdefault(index, self.tools.stream())
+            deltas = tool_stream.push(text)
+            if out.finished:
+                last, called = tool_stream.finish()
+                deltas += last
+                finish = "tool_calls" if called and finish == "stop" else finish
+            deltas = deltas or [{}]
+        events = [
+            {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+            for delta in deltas
+        ]
+        if self.params.logprobs is not None:
+            events[0]["logprobs"] = self.logprobs.chat(token_logprobs)
         if out.finished:
-            event["finish_reason"] = out.completion.finish_reason
-            event.update(rs.loop_fields(out.chunks[-1]))
-        return event
+            events[-1]["finish_reason"] = finish
+            events[-1].update(rs.loop_fields(out.chunks[-1]))
+        return events

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from arlm.config import option
 from arlm.loops.detector import LoopDetectorConfig
+from arlm.loops.step_guard import PRESETS
 from arlm.sampling.params import LOOP_POLICIES, SamplingParams
+from arlm.serve.tools import TOOL_CALL_PARSERS
 from arlm.validate import check_float, check_int
 
 # Sequences that may wait for a slot by default: 20 prompts x n 128 in one request would queue
@@ -62,6 +64,17 @@ class ServeConfig:
     repetition_detection: str | None = option(
         None, help='loop detector thresholds for requests that set none, JSON: {"min_count": 4}'
     )
+    tool_call_parser: str | None = option(
+        None,
+        help="how the model writes tool calls (default: the format its chat template writes, "
+        "else hermes)",
+        choices=TOOL_CALL_PARSERS,
+    )
+    agent_loop_guard: str | None = option(
+        None,
+        help="run the agent step guard with this preset over chats that set none (default: off)",
+        choices=sorted(PRESETS),
+    )
 
     def __post_init__(self) -> None:
         check_int("max_queue", self.max_queue, 0)
@@ -73,6 +86,16 @@ class ServeConfig:
         for name in ("prepare_timeout", "header_timeout", "body_timeout", "keep_alive_timeout"):
             check_float(name, getattr(self, name), lambda v: v > 0, "> 0 seconds")
         self.loop_detection = _loop_defaults(self.loop_policy, self.repetition_detection)
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser={self.tool_call_parser!r} is not allowed; it must be one of "
+                f"{', '.join(TOOL_CALL_PARSERS)}"
+            )
+        if self.agent_loop_guard is not None and self.agent_loop_guard not in PRESETS:
+            raise ValueError(
+                f"agent_loop_guard={self.agent_loop_guard!r} is not allowed; it must be one of "
+                f"{', '.join(sorted(PRESETS))}"
+            )
 
 
 def _loop_defaults(loop_policy: str | None, repetition_detection: str | None) -> dict | None:

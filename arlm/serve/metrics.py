@@ -69,6 +69,12 @@ class ServerMetrics:
             ["finished_reason"],
             registry=r,
         )
+        self.agent_loop_guard = Counter(
+            p + "agent_loop_guard_verdicts",
+            "Agent loop guard verdicts on chat requests, by level (warn, stop).",
+            ["level"],
+            registry=r,
+        )
         r.register(_EngineCollector(stats, num_waiting))
 
     def observe(self, out: RequestOutput) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arlm.sampling.params import SamplingParams
+from arlm.serve.agent_guard import guard_config, judge, report, warning_message
 from arlm.serve.errors import APIError
 from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest, parse
 from arlm.tokenizer import DEFAULT_MAX_TEMPLATE_CHARS, Tokenizer
@@ -36,6 +37,7 @@ class PrepareSetup:
     loop_policy: str | None
     loop_detection: dict | None
     sampling_defaults: dict | None = None  # the model's generation_config.json defaults
+    agent_loop_guard: str | None = None  # the guard preset for chats that set none
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Prepared:
     request: CompletionRequest | ChatCompletionRequest
     params: SamplingParams
     prompts: list[list[int]]
+    guard: dict | None = None  # the agent loop guard's report (arlm.serve.agent_guard)
 
 
 def prompt_byte_limit(tokenizer: Tokenizer, max_len: int | None) -> int | None:
@@ -88,13 +91,23 @@ class Preparer:
             raise APIError.bad_request(f"the body is not valid JSON here: {reason}") from None
         self.check_model(req.model)
         setup = self.setup
+        guard = None
         if isinstance(req, ChatCompletionRequest):
             limit = setup.max_prompt_bytes
+            messages = req.chat_messages()
+            verdict = None
+            config = guard_config(req.agent_loop_guard, setup.agent_loop_guard)
+            if config is not None:
+                verdict = judge(messages, config)
+                guard = None if verdict is None else report(verdict)
+            if verdict is not None and verdict.level == "warn":
+                messages.append(warning_message(verdict))
             try:
                 text = self.tokenizer.apply_chat_template(
-                    req.chat_messages(),
+                    messages,
                     add_generation_prompt=req.add_generation_prompt,
                     max_chars=DEFAULT_MAX_TEMPLATE_CHARS if limit is None else limit,
+                    tools=req.tools,
                 )
             except ValueError as e:
                 raise APIError.bad_request(e, "messages") from None
@@ -116,7 +129,7 @@ class Preparer:
         )
         for ids in prompts:
             self.check_length(ids, params.max_tokens, param)
-        return Prepared(req.model_copy(update={param: []}), params, prompts)
+        return Prepared(req.model_copy(update={param: []}), params, prompts, guard)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.setup.model_name:

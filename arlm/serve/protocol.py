@@ -17,7 +17,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from arlm.sampling.params import MAX_N, SamplingParams
+from arlm.sampling.structured import StructuredOutputs
+from arlm.serve.constraints import one_constraint, response_format_spec, structured_outputs_spec
 from arlm.serve.errors import APIError
+from arlm.serve.tools import check_tools, choice_constraint
 
 # Sequences one request may start (prompts x n): each holds a slot or a queue place.
 MAX_SEQUENCES_PER_REQUEST = 256
@@ -77,6 +80,19 @@ class _Request(_Body):
     repetition_detection: RepetitionDetection | None = None
     loop_policy: str | None = None
     max_loop_breaks: int | None = None
+    structured_outputs: dict | None = None  # vLLM's: json, regex, choice, grammar, json_object
+    response_format: dict | None = None  # OpenAI's: text, json_object, json_schema
+
+    def constraints(self) -> dict[str, StructuredOutputs | None]:
+        """The fields that constrain the answer, by name (see ``arlm.serve.constraints``)."""
+        return {
+            "response_format": response_format_spec(self.response_format)
+            if self.response_format is not None
+            else None,
+            "structured_outputs": structured_outputs_spec(self.structured_outputs)
+            if self.structured_outputs is not None
+            else None,
+        }
 
     def sampling_params(
         self,
@@ -97,6 +113,10 @@ class _Request(_Body):
             if name in type(self).model_fields and (value := getattr(self, name)) is not None
         }
         kwargs["logprobs"] = logprobs
+        kwargs["structured_outputs"] = one_constraint(self.constraints())
+        if isinstance(self, CompletionRequest) and self.echo and logprobs is not None:
+            # the echoed prompt's tokens get their log-probabilities too, from the prefill
+            kwargs["prompt_logprobs"] = max(kwargs.get("prompt_logprobs") or 0, logprobs)
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
         if kwargs.get("top_k") == -1:  # vLLM's "off"
@@ -128,6 +148,7 @@ class CompletionRequest(_Request):
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs, echo or not
     suffix: None = None  # refused when given: arlm has no fill-in-the-middle
     best_of: int | None = None
 
@@ -157,6 +178,20 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    agent_loop_guard: dict | None = None  # arlm's: {"preset": ..., GuardConfig fields}
+
+    def tool_mode(self) -> tuple[str, StructuredOutputs | None]:
+        """(``none``, ``auto``, ``required`` or ``named``; the constraint it puts on the
+        answer), the tools checked (see ``arlm.serve.tools``)."""
+        schemas = check_tools(self.tools) if self.tools else {}
+        parallel = True if self.parallel_tool_calls is None else self.parallel_tool_calls
+        return choice_constraint(schemas, self.tool_choice, parallel)
+
+    def constraints(self) -> dict[str, StructuredOutputs | None]:
+        return {**super().constraints(), "tool_choice": self.tool_mode()[1]}
 
     def chat_messages(self) -> list[dict]:
         """The messages as plain dicts for the template, their content as text."""
@@ -170,6 +205,8 @@ class ChatCompletionRequest(_Request):
                 )
             record = message.model_dump(exclude_none=True)
             record["content"] = _text_content(message.content, i)
+            if record.get("tool_calls"):
+                record["tool_calls"] = _template_tool_calls(record["tool_calls"], i)
             out.append(record)
         return out
 
@@ -177,6 +214,34 @@ class ChatCompletionRequest(_Request):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _template_tool_calls(calls: object, i: int) -> list:
+    """An assistant message's ``tool_calls`` as chat templates read them: each call's
+    ``arguments`` parsed from JSON text to an object (as vLLM and Hugging Face pass them)."""
+    if not isinstance(calls, list):
+        raise APIError.bad_request(
+            f"messages[{i}].tool_calls must be a list", f"messages.{i}.tool_calls"
+        )
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError.bad_request(
+                f"messages[{i}].tool_calls has a call without function.name",
+                f"messages.{i}.tool_calls",
+            )
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                raise APIError.bad_request(
+                    f"messages[{i}].tool_calls: the arguments of {function['name']!r} are not JSON",
+                    f"messages.{i}.tool_calls",
+                ) from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
 
 
 def _text_content(content: str | list[dict] | None, i: int) -> str:

@@ -81,8 +81,12 @@ class LogprobFormatter:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.texts = tokenizer.token_texts
 
+    def text(self, token_id: int) -> str:
+        """``token_id``'s text; "" for an id past the tokenizer's (a padded vocabulary)."""
+        return self.texts[token_id] if token_id < len(self.texts) else ""
+
     def completions(self, logprobs: list[TokenLogprob], offset: int) -> dict:
-        tokens = [self.texts[lp.token_id] for lp in logprobs]
+        tokens = [self.text(lp.token_id) for lp in logprobs]
         offsets = []
         for token in tokens:
             offsets.append(offset)
@@ -91,7 +95,7 @@ class LogprobFormatter:
             "tokens": tokens,
             "token_logprobs": [logprob_value(lp.logprob) for lp in logprobs],
             "top_logprobs": [
-                {self.texts[t]: logprob_value(v) for t, v in lp.top} for lp in logprobs
+                {self.text(t): logprob_value(v) for t, v in lp.top} for lp in logprobs
             ],
             "text_offset": offsets,
         }
@@ -105,7 +109,7 @@ class LogprobFormatter:
         return entry
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        text = self.texts[token_id]
+        text = self.text(token_id)
         return {"token": text, "logprob": logprob_value(logprob), "bytes": list(text.encode())}
 
 
