@@ -161,7 +161,8 @@ class Server:
     async def check_constraints(self, req, params: SamplingParams) -> None:
         """Compile the answer's constraint and the tools' schemas now, off the event loop (each
         once: the compiler keeps them), so that a bad one is a 400 naming its field."""
-        grammars = self.lm.engine.grammars if params.structured_outputs or _tools(req) else None
+        wanted = params.structured_outputs or _tools(req)
+        grammars = self.lm.engine.chain.grammars if wanted else None
         if params.structured_outputs is not None:
             field = next(k for k, v in req.constraints().items() if v is not None)
             try:
