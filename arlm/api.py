@@ -166,10 +166,10 @@ class LM:
                 batch_params = self._params(params, kwargs)
             show = len(prompt) > 1 if progress is None else progress
             if isinstance(batch_params, SamplingParams) and batch_params.penalty_alpha > 0:
-                return [self._contrastive(p, batch_params) for p in prompt]  # hook (issue 23)
+                return [self._contrastive(p, batch_params) for p in prompt]
             return self.engine.generate(prompt, batch_params, progress=show)
         params = self._params(params, kwargs)
-        if params.penalty_alpha > 0:  # hook (issue 23): until the engine runs it per row
+        if params.penalty_alpha > 0:  # until the engine runs it per row
             return self._contrastive(prompt, params)
         (result,) = self.engine.generate([prompt], params, progress=bool(progress))
         for completion in result if isinstance(result, list) else [result]:
@@ -191,7 +191,7 @@ class LM:
         params = self._params(params, kwargs)
         if params.n != 1:
             raise ValueError(f"n={params.n}: stream one sample at a time (n=1)")
-        if params.penalty_alpha > 0:  # hook (issue 23): not in the engine yet, so one piece
+        if params.penalty_alpha > 0:  # not in the engine yet, so one piece
             done = self._contrastive(prompt, params)
             yield Chunk(done.text, finish_reason=done.finish_reason, usage=done.usage)
             return

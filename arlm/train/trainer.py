@@ -313,7 +313,7 @@ class Trainer:
         if self.world.distributed:
             torch.manual_seed(cfg.seed + self.step + self.world.rank)  # dropout differs by rank
         self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
-        # hook (issue 23): unlikelihood and DITTO change the step's loss when asked for
+        # unlikelihood and DITTO change the step's loss when asked for
         self.remedies: RemedyLoss | None = None
         if cfg.remedies.active:
             self.remedies = RemedyLoss(
