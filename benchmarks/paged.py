@@ -9,12 +9,13 @@ position)``, which is how it sized itself.
 1. Decode speed at 16 sequences (GPT-2 124M's layers, a 512-token vocabulary, random weights,
    float32; 16 prompts of 64
    to 320 tokens, 64 new tokens each, greedy): output tok/s, current / slot design.
-2. Concurrency at one budget: a Llama-shaped model with a 4,096-token context, 64 requests of
+2. Concurrency at one budget: a Llama-shaped model with a 4,096-token context, 256 requests of
    about 600 tokens (500 prompt + 100 new), a 256 MiB KV budget: the most sequences running at
    once, paged against the slot design's count; the blocks in use checked at every step against
    what the sequences hold plus one block each.
 3. Preemption: the same requests with a pool that holds a third of their peak, by recompute
-   and by swap, against a pool that holds them all: identical tokens, preemptions, wall time.
+   and by swap, against a pool that holds them all (max_model_len 1,024): identical tokens,
+   preemptions, wall time.
 4. Offload: a 2,000-token shared prefix evicted by other traffic, brought back from the host
    tier, against recomputing it (the prefill of the same prompt with prefix caching off).
 
@@ -128,10 +129,10 @@ def _tokenizer():
     return Tokenizer.train(builtin_documents(), vocab_size=512)
 
 
-def _engine(model, gib: float, **kw):
+def _engine(model, gib: float, max_model_len: int = 4096, **kw):
     from arlm.engine import Engine, EngineConfig
 
-    config = EngineConfig(kv_cache_memory_gib=gib, max_model_len=4096, **kw)
+    config = EngineConfig(kv_cache_memory_gib=gib, max_model_len=max_model_len, **kw)
     return Engine(model, _tokenizer(), config=config)
 
 
@@ -153,11 +154,11 @@ def _drive(engine, prompts, params) -> tuple[list[list[int]], int, float]:
     return [done[i] for i in ids], most, time.perf_counter() - start
 
 
-def concurrency() -> list:
+def concurrency() -> None:
     model = _llama_4k()
-    prompts, params = _requests(64)
+    prompts, params = _requests(256)
     gib = 0.25
-    engine = _engine(model, gib, max_num_seqs=64)
+    engine = _engine(model, gib, max_num_seqs=256)
     tokens, most, secs = _drive(engine, prompts, params)
     per_position = engine.runner.cache.bytes_per_token
     slots = int(gib * 2**30 // (4096 * per_position))
@@ -167,14 +168,13 @@ def concurrency() -> list:
         f"   paged:       {most} sequences at once, peak {engine.block_manager.peak_in_use} "
         f"blocks of {engine.block_manager.num_blocks}; blocks in use <= held + 1 each: ok"
     )
-    print(f"   paged / slots: {most / slots:.1f}x   ({secs:.1f} s for 64 requests)")
-    return tokens
+    print(f"   paged / slots: {most / slots:.1f}x   ({secs:.1f} s for {len(prompts)} requests)")
 
 
-def preemption(reference: list) -> None:
+def preemption() -> None:
     model = _llama_4k()
     prompts, params = _requests(16, seed=1)
-    engine = _engine(model, 1.0, max_num_seqs=16)
+    engine = _engine(model, 1.0, max_model_len=1024, max_num_seqs=16)
     peak_blocks = sum(-(-(len(p) + 100) // engine.block_size) for p in prompts)
     per_block = engine.runner.cache.block_bytes
     big_tokens, _, big_secs = _drive(engine, prompts, params)
@@ -184,7 +184,12 @@ def preemption(reference: list) -> None:
         small = (peak_blocks // 3 + 0.5) * per_block / 2**30
         offload = peak_blocks * per_block / 2**30 if mode == "swap" else 0.0
         engine = _engine(
-            model, small, max_num_seqs=16, preemption_mode=mode, kv_offload_gib=offload
+            model,
+            small,
+            max_model_len=1024,
+            max_num_seqs=16,
+            preemption_mode=mode,
+            kv_offload_gib=offload,
         )
         tokens, _, secs = _drive(engine, prompts, params)
         stats = engine.stats()
@@ -236,11 +241,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--parts", default="1234", help="which of the four parts to run")
     args = p.parse_args()
-    decode_speed(args.skip_baseline, args.rounds)
-    reference = concurrency()
-    preemption(reference)
-    offload()
+    if "1" in args.parts:
+        decode_speed(args.skip_baseline, args.rounds)
+    if "2" in args.parts:
+        concurrency()
+    if "3" in args.parts:
+        preemption()
+    if "4" in args.parts:
+        offload()
 
 
 if __name__ == "__main__":
