@@ -158,7 +158,7 @@ def concurrency() -> None:
     model = _llama_4k()
     prompts, params = _requests(256)
     gib = 0.25
-    engine = _engine(model, gib, max_num_seqs=256)
+    engine = _engine(model, gib, max_num_seqs=256, max_num_batched_tokens=8192)
     tokens, most, secs = _drive(engine, prompts, params)
     per_position = engine.runner.cache.bytes_per_token
     slots = int(gib * 2**30 // (4096 * per_position))
