@@ -57,36 +57,41 @@ class _Tokens:
         return self.ids[key - self.start]
 
 
+@dataclass(frozen=True)
+class _Params:
+    """What ``ModelRunner.run`` reads of a sequence's sampling parameters."""
+
+    prompt_logprobs: int | None
+
+
 @dataclass(eq=False)  # rows are told apart by identity, as sequences are
 class _Row:
     """What ``ModelRunner.run`` reads of a sequence: its block table, cached positions, token
-    ids."""
+    ids, and what decides which prompt positions it scores (``arlm.engine.prompt_logprobs``:
+    every rank must select the same rows, as the vocabulary's split gathers them)."""
 
     block_table: list[int]
     num_cached: int
     token_ids: _Tokens = field(repr=False)
+    prompt_len: int
+    params: _Params
+    prompt_logprobs: list  # as long as the prompt positions already scored
+
+
+def _row(s: Sequence, n: int) -> tuple:
+    ids = s.token_ids[s.num_cached : s.num_cached + n]
+    scoring = (s.prompt_len, s.params.prompt_logprobs, len(s.prompt_logprobs))
+    return (s.block_table, s.num_cached, ids, len(s.token_ids), *scoring)
 
 
 def _rows(batch: ScheduledBatch) -> tuple[list, list]:
-    decode = [
-        (s.block_table, s.num_cached, [s.token_ids[s.num_cached]], len(s.token_ids))
-        for s in batch.decode
-    ]
-    prefill = [
-        (
-            s.block_table,
-            s.num_cached,
-            s.token_ids[s.num_cached : s.num_cached + n],
-            len(s.token_ids),
-        )
-        for s, n in batch.prefill
-    ]
-    return decode, prefill
+    return [_row(s, 1) for s in batch.decode], [_row(s, n) for s, n in batch.prefill]
 
 
 def _batch(decode: list, prefill: list) -> ScheduledBatch:
-    def row(table, cached, ids, length) -> _Row:
-        return _Row(table, cached, _Tokens(cached, ids, length))
+    def row(table, cached, ids, length, prompt_len, wanted, scored) -> _Row:
+        tokens = _Tokens(cached, ids, length)
+        return _Row(table, cached, tokens, prompt_len, _Params(wanted), [None] * scored)
 
     return ScheduledBatch(
         decode=[row(*r) for r in decode], prefill=[(row(*r), len(r[2])) for r in prefill]
