@@ -59,6 +59,7 @@ class Orders:
     to_host: list[tuple[int, int]] = field(default_factory=list)
     from_host: list[tuple[int, int]] = field(default_factory=list)
     copy: list[tuple[int, int]] = field(default_factory=list)
+    reserve: int = 0  # blocks 0..reserve-1 have been handed out: the pool must hold them
 
     def __bool__(self) -> bool:
         return bool(self.to_host or self.from_host or self.copy)
@@ -110,6 +111,7 @@ class BlockManager:
         self.orders = Orders()
         self.hit_tokens = self.queried_tokens = 0
         self.peak_in_use = 0
+        self.high = 0  # one past the highest block id ever handed out
 
     # -- counts --------------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class BlockManager:
     def take_orders(self) -> Orders:
         """The orders made since the last call (the runner carries them out)."""
         orders, self.orders = self.orders, Orders()
+        orders.reserve = self.high
         return orders
 
     # -- taking and releasing blocks -------------------------------------------------------
@@ -138,6 +141,7 @@ class BlockManager:
             block, _ = self.evictable.popitem(last=False)
             self._evict(block)
         self.ref[block] = 1
+        self.high = max(self.high, block + 1)
         self._note_peak()
         return block
 

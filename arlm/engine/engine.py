@@ -203,8 +203,8 @@ class Engine:
             logits, rows, scored = self.runner.run(batch, orders)
             if scored is not None:  # prompt log-probabilities (arlm.engine.prompt_logprobs)
                 scored.record()
-            if self.block_manager is not None:
-                for seq in [*batch.decode, *(s for s, _ in batch.prefill)]:
+            if self.block_manager is not None:  # only a prefill completes prompt blocks
+                for seq, _ in batch.prefill:
                     self.block_manager.computed(seq)
             if done := scoring_only(rows):  # max_tokens 0: its prompt is in, it is done
                 for i in done:

@@ -106,11 +106,14 @@ class ModelRunner:
         seq.num_cached = 0
 
     def apply(self, orders: Orders) -> None:
-        """Carry out the block manager's orders: every source read first, then written."""
-        if not orders:
+        """Carry out the block manager's orders: the pool grown to the blocks handed out, then
+        every source read first, then written."""
+        if orders is None:
             return
         cache, host = self.cache, self.host
-        cache.reserve(1 + max((d for _, d in [*orders.from_host, *orders.copy]), default=0))
+        cache.reserve(orders.reserve)
+        if not orders:
+            return
         to_host = cache.read_blocks([d for d, _ in orders.to_host]) if orders.to_host else None
         from_host = host.read([h for h, _ in orders.from_host]) if orders.from_host else None
         copies = cache.read_blocks([s for s, _ in orders.copy]) if orders.copy else None
@@ -179,7 +182,6 @@ class ModelRunner:
             [PagedRow(s.block_table, s.num_cached, 1) for s in batch.decode],
             [PagedRow(s.block_table, s.num_cached, n) for s, n in batch.prefill],
         )
-        self.cache.reserve(1 + max(b for r in layout.rows for b in r.blocks))
         positions = to_device([layout.positions()], torch.long, self.device)
         seq_ends = None
         if self.model.config.rope_type == "longrope":  # it picks a row's factors by the row's reach

@@ -42,6 +42,13 @@ def decode_attention(
     return _triton_decode(q, k_plane, v_plane, tables, lengths, scale)
 
 
+def as_rows(blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """Blocks gathered row after row, (rows * width, n_kv_head, block_size, hd), as each row's
+    positions in order: (rows, n_kv_head, width * block_size, hd)."""
+    x = blocks.view(rows, -1, *blocks.shape[1:]).transpose(1, 2)  # (rows, H, width, bs, hd)
+    return x.reshape(rows, x.size(1), -1, x.size(-1))
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     k_plane: torch.Tensor,
@@ -51,14 +58,9 @@ def decode_attention_reference(
     scale: float,
 ) -> torch.Tensor:
     """``decode_attention`` with PyTorch ops: the rows' blocks gathered whole, a length mask."""
-    B, width = tables.shape
-
-    def dense(plane: torch.Tensor) -> torch.Tensor:
-        x = plane.index_select(0, tables.flatten())  # (B * width, n_kv_head, bs, hd)
-        x = x.view(B, width, *x.shape[1:]).transpose(1, 2)
-        return x.reshape(B, x.size(1), -1, x.size(-1))
-
-    keys, values = dense(k_plane), dense(v_plane)
+    B, index = tables.size(0), tables.flatten()
+    keys = as_rows(k_plane.index_select(0, index), B)
+    values = as_rows(v_plane.index_select(0, index), B)
     visible = torch.arange(keys.size(2), device=q.device) < lengths[:, None]  # (B, positions)
     y = F.scaled_dot_product_attention(
         q[:, :, None],

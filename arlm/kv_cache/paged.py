@@ -40,7 +40,7 @@ from arlm.config import ModelConfig
 from arlm.devices import pinned_to, to_device
 from arlm.kv_cache.base import Rotate, alloc_planes, layer_views, planes_nbytes, sdpa
 from arlm.kv_cache.codec import Codec, FloatCodec
-from arlm.kv_cache.decode_attention import decode_attention
+from arlm.kv_cache.decode_attention import as_rows, decode_attention
 
 
 @dataclass(frozen=True)
@@ -333,9 +333,10 @@ class PagedStep:
 
     def _history(self, planes: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
         """The positions of ``blocks`` in order, (1, n_kv_head, len(blocks) * block_size, hd)."""
-        x = self.cache.codec.decode([p.index_select(0, blocks) for p in planes], self.cache.dtype)
-        n, H, bs, hd = x.shape
-        return x.transpose(0, 1).reshape(1, H, n * bs, hd)
+        return as_rows(
+            self.cache.codec.decode([p.index_select(0, blocks) for p in planes], self.cache.dtype),
+            1,
+        )
 
     def _decode(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode rows' queries q (1, n_head, nd, hd) over what their blocks hold."""
@@ -368,9 +369,10 @@ class PagedStep:
         width = tables.size(1)
 
         def dense(planes: list[torch.Tensor]) -> torch.Tensor:
-            x = cache.codec.decode([p.index_select(0, tables.flatten()) for p in planes], q.dtype)
-            x = x.view(nd, width, *x.shape[1:])  # (nd, width, H, bs, hd)
-            return x.transpose(1, 2).reshape(nd, cache.n_kv_head, width * bs, -1)
+            index = tables.flatten()
+            return as_rows(
+                cache.codec.decode([p.index_select(0, index) for p in planes], q.dtype), nd
+            )
 
         keys, values = dense(cache.k[layer]), dense(cache.v[layer])
         pos = torch.arange(width * bs, device=q.device)
