@@ -14,7 +14,8 @@ Scheduler      who runs in the next forward,        (scheduler.py)
                admission, preemption
 ModelRunner    the cache's tensors, one forward     (runner.py, cuda_graphs.py)
 TokenChain     sample -> append -> loop -> stop     (token_chain.py)
-Engine         add_request / step / abort           (engine.py)
+Engine         add_request / step / abort           (engine.py; offline.py: a batch of
+               / outputs, stats                     prompts to completion; stats.py)
 AsyncEngine    a background step loop, async streams per request (async_engine.py)
 """
 

@@ -16,8 +16,7 @@ import itertools
 import time
 from collections import defaultdict, deque
 
-from tqdm.auto import tqdm
-
+from arlm.engine import offline
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.config import DEFAULT_WINDOW_MAX_MODEL_LEN, EngineConfig, plan
 from arlm.engine.outputs import Completion, RequestOutput
@@ -26,6 +25,7 @@ from arlm.engine.requests import InvalidRequest, check_params, check_prompt, new
 from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
 from arlm.engine.sequence import Sequence, Status
+from arlm.engine.stats import engine_stats
 from arlm.engine.tensor_parallel import TensorParallelGroup, TensorParallelRunner
 from arlm.engine.token_chain import TokenChain
 from arlm.kv_cache.config import CacheConfig
@@ -108,14 +108,9 @@ class Engine:
         self.runner.use_decode_graphs(capture, self.scheduler.max_num_seqs, max_blocks)
 
     def preallocate(self) -> None:
-        """Give the KV pool its memory now rather than as concurrency first needs it, up to
-        what ``max_num_seqs`` sequences of ``max_model_len`` take: a server's memory is then flat
-        from the start and no request waits while new memory is touched (the rest of a larger
-        budget is taken only if sequences share blocks that densely)."""
-        cache = self.runner.cache
-        if cache is not None:
-            longest = -(-self.max_len // self.block_size)
-            cache.reserve(min(cache.num_blocks, self.scheduler.max_num_seqs * longest))
+        """Give the KV pool its memory now (``ModelRunner.preallocate``): a server's memory is
+        then flat from the start."""
+        self.runner.preallocate(self.scheduler.max_num_seqs, self.max_len)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -161,18 +156,11 @@ class Engine:
 
     def check_params(self, params: SamplingParams, prompt_len: int) -> None:
         """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do."""
-        check_params(params, self.model.config.vocab_size, self.window_max_len, prompt_len)
-        if params.structured_outputs is not None:  # compiled once, and kept
-            try:
-                self.chain.grammars.compile(params.structured_outputs)
-            except ValueError as e:
-                raise InvalidRequest(str(e), "structured_outputs") from None
-        if params.prompt_logprobs is not None and not self.runner.rewindable:
-            raise InvalidRequest(
-                "prompt_logprobs needs every prompt position's logits, which the windowed KV "
-                "cache (kv_window) does not compute; load without kv_window",
-                "prompt_logprobs",
-            )
+        vocab, window_max_len = self.model.config.vocab_size, self.window_max_len
+        grammars, rewindable = self.chain.grammars, self.runner.rewindable
+        check_params(
+            params, vocab, window_max_len, prompt_len, grammars=grammars, rewindable=rewindable
+        )
 
     def abort(self, request_id: str) -> None:
         """End every sample of ``request_id`` at the next step, freeing its blocks then."""
@@ -261,8 +249,6 @@ class Engine:
             del self._mailbox[request_id]
         return out
 
-    # -- offline batches --------------------------------------------------------------------
-
     def generate(
         self,
         prompts: list[str | list[int]],
@@ -270,52 +256,9 @@ class Engine:
         *,
         progress: bool = True,
     ) -> list[Completion] | list[list[Completion]]:
-        """Run ``prompts`` to completion, with one ``params`` for all or one each; one
-        completion per prompt in order (a list of ``n`` per prompt when ``n`` > 1)."""
-        if isinstance(params, list):
-            if len(params) != len(prompts):
-                raise ValueError(f"{len(params)} params for {len(prompts)} prompts; give one each")
-        else:
-            params = [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        done: dict[tuple[str, int], Completion] = {}
-        total = sum(sp.n for sp in params)
-        with tqdm(total=total, desc="generating", unit="seq", disable=not progress) as bar:
-            for rid, sp in zip(ids, params, strict=True):
-                finished = 0
-                while finished < sp.n:
-                    out = self.next_output(rid)
-                    if out.finished:
-                        finished += 1
-                        done[(rid, out.index)] = out.completion
-                        bar.update(1)
-        grouped = [
-            [done[(rid, i)] for i in range(sp.n)] for rid, sp in zip(ids, params, strict=True)
-        ]
-        if all(sp.n == 1 for sp in params):
-            return [g[0] for g in grouped]
-        return grouped
+        """Run ``prompts`` to completion (``arlm.engine.offline.generate``)."""
+        return offline.generate(self, prompts, params, progress=progress)
 
     def stats(self) -> dict[str, float]:
-        """Gauges and counters of the engine now (the block counts are 0 with the windowed
-        cache, which has no blocks)."""
-        bm, sched, chain = self.block_manager, self.scheduler, self.chain
-        used = bm.num_used_blocks if bm else 0
-        host = bm.host if bm else None
-        return {
-            "running": len(sched.running),
-            "waiting": len(sched.waiting),
-            "swapped": len(sched.swapped),
-            "preemptions": sched.num_preemptions,
-            "blocks_in_use": used,
-            "blocks_peak": bm.peak_in_use if bm else 0,
-            "num_blocks": bm.num_blocks if bm else 0,
-            "kv_cache_usage": used / bm.num_blocks if bm else 0.0,
-            "prefix_cache_hit_tokens": bm.hit_tokens if bm else 0,
-            "prefix_cache_queried_tokens": bm.queried_tokens if bm else 0,
-            "offload_hits": host.hits if host is not None else 0,
-            "loops_detected": chain.loops_detected,
-            "loops_broken": chain.loops_broken,
-            "steps": self.steps,
-            "graph_steps": graphs.steps if (graphs := self.runner.decode_graphs) else 0,
-        }
+        """Gauges and counters of the engine now (``arlm.engine.stats``)."""
+        return engine_stats(self)

@@ -16,6 +16,7 @@ from arlm.engine.text import TextState
 from arlm.engine.token_chain import TokenChain
 from arlm.loops.policy import LoopGuard
 from arlm.sampling.params import SamplingParams
+from arlm.sampling.structured import GrammarCompiler
 from arlm.tokenizer import Tokenizer
 
 
@@ -54,9 +55,17 @@ def check_prompt(
 
 
 def check_params(
-    params: SamplingParams, vocab: int, window_max_len: int | None, prompt_len: int
+    params: SamplingParams,
+    vocab: int,
+    window_max_len: int | None,
+    prompt_len: int,
+    *,
+    grammars: GrammarCompiler,
+    rewindable: bool,
 ) -> None:
-    """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do."""
+    """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do. A
+    structured output's grammar is compiled here, once, into ``grammars``' cache; a cache
+    that cannot rewind (not ``rewindable``) computes no prompt position's logits."""
     if params.penalty_alpha > 0:  # contrastive search is not per row yet
         raise InvalidRequest(
             "contrastive search (penalty_alpha > 0) runs one prompt at a time through "
@@ -77,6 +86,17 @@ def check_params(
             f"max_tokens={params.max_tokens} with a prompt of {prompt_len} tokens is more than "
             f"the {limit} positions a sequence may reach (max_model_len); lower max_tokens",
             "max_tokens",
+        )
+    if params.structured_outputs is not None:
+        try:
+            grammars.compile(params.structured_outputs)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "structured_outputs") from None
+    if params.prompt_logprobs is not None and not rewindable:
+        raise InvalidRequest(
+            "prompt_logprobs needs every prompt position's logits, which the windowed KV "
+            "cache (kv_window) does not compute; load without kv_window",
+            "prompt_logprobs",
         )
 
 

@@ -85,6 +85,15 @@ class ModelRunner:
             self.model, self.cache, max_batch, max_blocks, capture=capture
         )
 
+    def preallocate(self, max_num_seqs: int, max_len: int) -> None:
+        """Give the pool its memory now rather than as concurrency first needs it, up to what
+        ``max_num_seqs`` sequences of ``max_len`` positions take: no request then waits while
+        new memory is touched (the rest of a larger budget is taken only if sequences share
+        blocks that densely). Nothing to do for the windowed cache, allocated whole."""
+        if self.cache is not None:
+            longest = -(-max_len // self.cache.block_size)
+            self.cache.reserve(min(self.cache.num_blocks, max_num_seqs * longest))
+
     @property
     def rewindable(self) -> bool:
         return self.windowed is None

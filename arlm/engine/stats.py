@@ -1,0 +1,35 @@
+"""What ``Engine.stats`` reports: gauges (sequences by state, KV blocks in use) and counters
+(preemptions, prefix-cache and host-tier hits, loops, steps), read from the parts that own
+them. The server's ``/metrics`` and ``arlm generate --stats`` print these."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from arlm.engine.engine import Engine
+
+
+def engine_stats(engine: Engine) -> dict[str, float]:
+    """Gauges and counters of the engine now (the block counts are 0 with the windowed
+    cache, which has no blocks)."""
+    bm, sched, chain = engine.block_manager, engine.scheduler, engine.chain
+    used = bm.num_used_blocks if bm else 0
+    host = bm.host if bm else None
+    return {
+        "running": len(sched.running),
+        "waiting": len(sched.waiting),
+        "swapped": len(sched.swapped),
+        "preemptions": sched.num_preemptions,
+        "blocks_in_use": used,
+        "blocks_peak": bm.peak_in_use if bm else 0,
+        "num_blocks": bm.num_blocks if bm else 0,
+        "kv_cache_usage": used / bm.num_blocks if bm else 0.0,
+        "prefix_cache_hit_tokens": bm.hit_tokens if bm else 0,
+        "prefix_cache_queried_tokens": bm.queried_tokens if bm else 0,
+        "offload_hits": host.hits if host is not None else 0,
+        "loops_detected": chain.loops_detected,
+        "loops_broken": chain.loops_broken,
+        "steps": engine.steps,
+        "graph_steps": graphs.steps if (graphs := engine.runner.decode_graphs) else 0,
+    }
