@@ -1,0 +1,260 @@
+"""Speculative decoding inside the engine's step: propose, schedule, verify, roll back.
+
+Before the scheduler runs, the proposer (``arlm.speculative``) guesses up to k next tokens for
+each decoding sequence. The scheduler turns a decode row with guesses into a *verify* row: its
+pending token and its k guesses, k + 1 positions in the step's flat batch beside the ordinary
+decode rows and prefill chunks, with blocks for all of them (``Scheduler.schedule``). The
+forward gives logits at every one of those positions (``ModelRunner``).
+
+``verify`` then walks each verify row's positions in order, each through the engine's whole
+per-token chain (``TokenChain.run``: bans, processors, sampling, append, loop policy, stop
+strings, length), so position j is processed only after the token of position j - 1 was
+appended, as penalties and DRY require. After each position the walk goes on only if the token
+the chain appended is the guess for that position; the first mismatch, finish or rollback ends
+it, and the token appended there is the target's own (at the end of a fully accepted row, the
+"bonus" token). The rejected positions' keys and values are dropped exactly as a loop break
+drops them: ``num_cached`` goes back to the kept tokens and the blocks past them are released.
+
+Why this is exact. Greedy: every appended token is the target's processed argmax, so the output
+is token for token what decoding without speculation gives. Sampling: the chain draws each
+position's token from the target's processed distribution p with one uniform from the
+sequence's own generator, as without speculation, and keeps the guess d only if the draw is d.
+For a guess that is a point mass (prompt lookup, a greedy draft) this *is* the rejection rule of
+Leviathan et al. / Chen et al.: d is kept with probability p(d) = min(1, p(d) / q(d)), and a
+rejection yields a draw from p without d, which is max(0, p - q) normalised
+(``arlm.speculative.rejection`` has the rule for a general q; the tests check both). Each token
+is distributed exactly as the target's, and a seeded sequence draws its uniforms in the same
+order with or without speculation, alone or batched, so it gives the same tokens.
+
+How many to guess. Each sequence keeps an average of how often its guesses were accepted, a;
+the i-th guess is reached and accepted with chance a^i, and is worth verifying while that
+exceeds ``POSITION_COST``, what one more position in a verify row costs relative to a decode
+step; so k = log(POSITION_COST) / log(a), between 1 and ``num_speculative_tokens``. Past
+``SpeculativeConfig.max_batch`` decode rows in a step nobody speculates: with many rows the
+forward is bound by compute, and verified positions cost as much as decoded tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from arlm.config import ModelConfig
+from arlm.engine.sequence import Sequence, Status
+from arlm.engine.token_chain import TokenChain
+from arlm.model.transformer import Transformer
+from arlm.speculative.config import SpeculativeConfig
+from arlm.speculative.draft import DraftProposer
+from arlm.speculative.ngram import NgramProposer
+from arlm.speculative.proposer import Proposer
+
+# One more position of a verify row, relative to the cost of a decode step (measured on a CPU
+# by benchmarks/speculative.py: a row of 5 positions costs about 1.3 decode steps).
+POSITION_COST = 0.1
+# The weight of the latest verification in a sequence's acceptance average.
+ACCEPTANCE_DECAY = 0.3
+
+
+def check(
+    config: SpeculativeConfig,
+    target: ModelConfig,
+    max_len: int,
+    *,
+    windowed: bool,
+    tensor_parallel: bool,
+    draft: ModelConfig | None,
+) -> None:
+    """A ValueError naming what cannot speculate with this model and engine: the windowed
+    cache (it cannot rewind rejected positions), tensor parallelism (its step messages carry no
+    verify rows), k that leaves no room in ``max_len``, a draft with another vocabulary or a
+    shorter context."""
+    if windowed:
+        raise ValueError(
+            "speculative decoding rolls rejected guesses out of the KV cache, which the "
+            "windowed cache (kv_window) cannot rewind; load without kv_window"
+        )
+    if tensor_parallel:
+        raise ValueError(
+            "speculative decoding does not run with tensor parallelism yet (the other ranks' "
+            "step messages carry no verify rows); load with tensor_parallel_size=1"
+        )
+    k = config.num_speculative_tokens
+    if k >= max_len:
+        raise ValueError(
+            f"num_speculative_tokens={k} guesses as many positions as a sequence may hold "
+            f"(max_model_len {max_len}); use fewer than {max_len}"
+        )
+    if config.method != "draft":
+        return
+    if draft is None:
+        raise ValueError("speculative method 'draft' needs a draft model")
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary has {draft.vocab_size} ids, the target's "
+            f"{target.vocab_size}: a draft must share the target's tokenizer"
+        )
+    if draft.block_size < max_len:
+        raise ValueError(
+            f"the draft model's context of {draft.block_size} tokens is shorter than the "
+            f"target's max_model_len {max_len}: it could not guess for longer sequences; lower "
+            "max_model_len or use a draft with a longer context"
+        )
+
+
+def make_proposer(
+    config: SpeculativeConfig,
+    draft: Transformer | None,
+    max_num_seqs: int,
+    max_len: int,
+    block_size: int,
+) -> Proposer:
+    """The proposer ``config`` names (``check`` has passed)."""
+    if config.method == "ngram":
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    return DraftProposer(draft, max_num_seqs, max_len + config.num_speculative_tokens, block_size)
+
+
+@dataclass
+class SpecStats:
+    """Counters since the engine started (vLLM's ``spec_decode`` metrics)."""
+
+    drafts: int = 0  # verify rows
+    draft_tokens: int = 0  # guesses verified
+    accepted_tokens: int = 0  # guesses accepted
+    accepted_per_pos: list[int] = field(default_factory=list)  # accepted at guess i
+    draft_seconds: float = 0.0  # in the proposer
+
+
+@dataclass
+class _Tracking:
+    """One sequence's acceptance average (1 before its first verification: guess fully)."""
+
+    rate: float = 1.0
+
+
+class Speculator:
+    """The engine's speculation: ``propose`` before scheduling, ``verify`` after the forward.
+    ``rollback(seq)`` makes the cache go on from ``seq.num_cached`` (the engine's, as after a
+    loop break); ``limit``: the most tokens a sequence may hold."""
+
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        proposer: Proposer,
+        chain: TokenChain,
+        rollback: Callable[[Sequence], None],
+        limit: int,
+    ) -> None:
+        self.config, self.proposer, self.chain = config, proposer, chain
+        self.rollback, self.limit = rollback, limit
+        self.stats = SpecStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self._tracking: weakref.WeakKeyDictionary[Sequence, _Tracking] = weakref.WeakKeyDictionary()
+
+    def _k(self, seq: Sequence) -> int:
+        """How many guesses ``seq`` gets now: by its acceptance, within what it may still add."""
+        most = self.config.num_speculative_tokens
+        k = most
+        if self.config.adaptive:
+            rate = self._tracking.setdefault(seq, _Tracking()).rate
+            if rate < 1:
+                k = max(1, min(most, int(math.log(POSITION_COST) / math.log(max(rate, 1e-9)))))
+        # a verify row appends at most k + 1 tokens and feeds positions up to len + k - 1
+        room = min(seq.params.max_tokens - seq.num_generated - 1, self.limit - len(seq.token_ids))
+        return min(k, room)
+
+    def propose(self, running: list[Sequence]) -> dict[Sequence, list[int]]:
+        """Guesses for the running sequences that decode next, none when there are more of
+        them than ``max_batch``."""
+        decoding = [s for s in running if s.status is Status.RUNNING and s.num_pending == 1]
+        if not decoding or len(decoding) > self.config.max_batch:
+            return {}
+        seqs, ks = [], []
+        for seq in decoding:
+            k = self._k(seq)
+            if k >= 1:
+                seqs.append(seq)
+                ks.append(k)
+        if not seqs:
+            return {}
+        start = time.perf_counter()
+        guesses = self.proposer.propose(seqs, ks)
+        self.stats.draft_seconds += time.perf_counter() - start
+        return {s: g for s, g in zip(seqs, guesses, strict=True) if g}
+
+    def verify(
+        self, logits: torch.Tensor, rows: list[tuple[Sequence, list[int]]]
+    ) -> list[tuple[Sequence, list]]:
+        """Walk the verify ``rows`` (sequence, guesses) through the token chain, position by
+        position; ``logits`` holds len(guesses) + 1 rows for each, in order. (sequence, the
+        chunks it made final) for each row."""
+        first = []  # each row's first logits row
+        at = 0
+        for _, guesses in rows:
+            first.append(at)
+            at += len(guesses) + 1
+        chunks: dict[int, list] = {id(seq): [] for seq, _ in rows}
+        active = list(range(len(rows)))
+        accepted = [0] * len(rows)
+        for j in range(max(len(g) for _, g in rows) + 1):
+            seqs = [rows[i][0] for i in active]
+            before = [len(s.token_ids) for s in seqs]
+            index = torch.tensor([first[i] + j for i in active], device=logits.device)
+            for seq, made in self.chain.run(logits.index_select(0, index), seqs):
+                chunks[id(seq)].extend(made)
+            still = []
+            for i, seq, length in zip(active, seqs, before, strict=True):
+                guesses = rows[i][1]
+                # a loop break or close_thinking rolled the ids back: num_cached, which the
+                # forward took past every guess, then falls to the kept ids
+                kept = not seq.finished and seq.num_cached > length
+                grew = len(seq.token_ids) == length + 1
+                if j < len(guesses) and kept and grew and seq.token_ids[-1] == guesses[j]:
+                    accepted[i] += 1
+                    still.append(i)
+            active = still
+            if not active:
+                break
+        out = []
+        for i, (seq, guesses) in enumerate(rows):
+            self._record(seq, len(guesses), accepted[i])
+            if not seq.finished:  # the rejected positions leave the cache
+                seq.num_cached = min(seq.num_cached, len(seq.token_ids) - 1)
+                self.rollback(seq)
+            out.append((seq, chunks[id(seq)]))
+        return out
+
+    def _record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        s = self.stats
+        s.drafts += 1
+        s.draft_tokens += proposed
+        s.accepted_tokens += accepted
+        for i in range(accepted):
+            s.accepted_per_pos[i] += 1
+        seq.spec_draft_tokens += proposed
+        seq.spec_accepted_tokens += accepted
+        # the guesses judged: up to the first rejection
+        judged = accepted if accepted == proposed else accepted + 1
+        track = self._tracking.setdefault(seq, _Tracking())
+        track.rate += ACCEPTANCE_DECAY * (accepted / judged - track.rate)
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` finished: the proposer forgets it."""
+        self.proposer.release(seq)
+
+    def metrics(self) -> dict[str, float]:
+        s = self.stats
+        return {
+            "spec_decode_num_drafts": s.drafts,
+            "spec_decode_num_draft_tokens": s.draft_tokens,
+            "spec_decode_num_accepted_tokens": s.accepted_tokens,
+            "spec_decode_draft_seconds": s.draft_seconds,
+            **{
+                f"spec_decode_num_accepted_tokens_pos_{i}": n
+                for i, n in enumerate(s.accepted_per_pos)
+            },
+        }
