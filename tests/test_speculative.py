@@ -1,0 +1,346 @@
+"""Speculative decoding: the same tokens as without it (greedy, and seeded sampling), the
+target's distribution when sampling, the KV cache rolled back, loops met at the same token,
+its metrics, and its settings checked."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from arlm.api import LM
+from arlm.engine import Engine, EngineConfig
+from arlm.engine.speculation import check
+from arlm.kv_cache import CacheConfig
+from arlm.sampling import SamplingParams
+from arlm.speculative import SpeculativeConfig
+from arlm.speculative.ngram import lookup
+from tests.conftest import make_model
+from tests.numerics import assert_clear_choices, assert_close, choice_logits
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+# speculating at any batch size, so that mixed batches verify
+NGRAM = SpeculativeConfig(prompt_lookup_min=1, disable_by_batch_size=64)
+DRAFT = SpeculativeConfig(
+    method="draft", draft_model="(in memory)", num_speculative_tokens=3, disable_by_batch_size=64
+)
+
+
+@pytest.fixture(scope="module")
+def target(tokenizer):
+    # untied: a random model whose output projection is its embedding repeats one token
+    return make_model("llama", vocab_size=tokenizer.vocab_size, seed=5, tie_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def other(tokenizer):
+    """A draft that shares the vocabulary and little else: low acceptance."""
+    return make_model("gpt2", vocab_size=tokenizer.vocab_size, seed=11, tie_embeddings=False)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):  # some repeat a phrase, so prompt lookup finds something in them
+        head = [rng.randrange(1, 500) for _ in range(rng.randrange(2, 12))]
+        out.append(head * rng.randrange(1, 4) + [rng.randrange(1, 500)])
+    return out
+
+
+def _engine(model, tokenizer, spec=None, draft=None, **config) -> Engine:
+    config.setdefault("max_num_seqs", 8)
+    return Engine(model, tokenizer, config=EngineConfig(**config), speculative=spec, draft=draft)
+
+
+def _run_joining(engine: Engine, prompts, params, join_at: int = 2) -> list:
+    """Half the requests first, the rest ``join_at`` steps later; completions in order."""
+    half = len(prompts) // 2
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:half], params[:half], strict=True)]
+    got, steps = {}, 0
+    while engine.has_unfinished():
+        if steps == join_at:
+            ids += [
+                engine.add_request(p, sp)
+                for p, sp in zip(prompts[half:], params[half:], strict=True)
+            ]
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.completion
+        steps += 1
+    return [got[i] for i in ids]
+
+
+def _mixed(n: int) -> list[SamplingParams]:
+    """Greedy rows with and without processors, stop strings and logprobs, of many lengths."""
+    out = []
+    for i in range(n):
+        kw = dict(max_tokens=6 + (i * 7) % 25, **GREEDY)
+        if i % 4 == 1:
+            kw.update(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
+        elif i % 4 == 2:
+            kw.update(logit_bias={17: 3.0, 40: -2.0}, logprobs=2)
+        elif i % 4 == 3:
+            kw.update(dry_multiplier=0.8, dry_allowed_length=2)
+        out.append(SamplingParams(**kw))
+    return out
+
+
+def _assert_same(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        assert g.finish_reason == w.finish_reason and g.text == w.text
+        if w.logprobs is not None:  # of the accepted tokens, as without speculation
+            assert [lp.token_id for lp in g.logprobs] == [lp.token_id for lp in w.logprobs]
+            assert_close([lp.logprob for lp in g.logprobs], [lp.logprob for lp in w.logprobs])
+
+
+@pytest.fixture(scope="module")
+def mixed(target, tokenizer):
+    """Mixed requests and their completions without speculation, rows joining late."""
+    prompts, params = _prompts(8), _mixed(8)
+    plain = _run_joining(_engine(target, tokenizer), prompts, params)
+    for p, sp, c in zip(prompts, params, plain, strict=True):
+        if not _processed(sp):
+            assert_clear_choices(choice_logits(target, p, c.token_ids))
+    return prompts, params, plain
+
+
+def _processed(sp: SamplingParams) -> bool:
+    return bool(sp.repetition_penalty != 1 or sp.logit_bias or sp.dry_multiplier)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft-self", "draft-other"])
+def test_greedy_tokens_are_those_without_speculation_in_mixed_batches(
+    method, mixed, target, other, tokenizer
+):
+    prompts, params, plain = mixed
+    spec, draft = NGRAM, None
+    if method != "ngram":
+        spec, draft = DRAFT, target if method == "draft-self" else other
+    engine = _engine(target, tokenizer, spec, draft)
+    got = _run_joining(engine, prompts, params)
+    _assert_same(got, plain)
+    stats = engine.stats()
+    assert stats["spec_decode_num_draft_tokens"] > 0
+    accepted = stats["spec_decode_num_accepted_tokens"]
+    assert accepted == sum(c.usage.spec_accepted_tokens for c in got)
+    by_pos = [
+        stats[f"spec_decode_num_accepted_tokens_pos_{i}"]
+        for i in range(spec.num_speculative_tokens)
+    ]
+    assert sum(by_pos) == accepted and by_pos == sorted(by_pos, reverse=True)
+    if method == "draft-self":  # the target guessing for itself is right where nothing
+        for sp, c in zip(params, got, strict=True):  # reshapes its logits
+            if not _processed(sp):
+                assert c.usage.spec_accepted_tokens == c.usage.spec_draft_tokens
+    # fewer forwards than tokens: every accepted guess saved one
+    assert engine.steps < sum(len(c.token_ids) for c in got)
+
+
+def test_stop_strings_and_stop_ids_end_where_they_would(target, tokenizer):
+    prompt = _prompts(3, seed=4)[2]
+    free = LM(target, tokenizer).generate(prompt, max_tokens=30, **GREEDY)
+    ids = free.token_ids
+    # a stop string of two tokens' text half-way (a verify row's guesses likely run past it)
+    stop = next(
+        piece
+        for i in range(12, 28)
+        if (piece := tokenizer.decode(ids[i : i + 2])).isascii() and piece.strip()
+    )
+    cases = [
+        SamplingParams(max_tokens=30, stop=[stop], **GREEDY),
+        SamplingParams(max_tokens=30, stop_token_ids=[ids[13]], temperature=0),
+        SamplingParams(max_tokens=30, min_tokens=20, stop_token_ids=[ids[13]], temperature=0),
+        SamplingParams(max_tokens=11, **GREEDY),
+    ]
+    plain = LM(target, tokenizer).generate([prompt] * 4, cases)
+    got = LM(target, tokenizer, speculative=NGRAM).generate([prompt] * 4, cases)
+    _assert_same(got, plain)
+    assert got[0].finish_reason == "stop" and stop not in got[0].text
+    assert len(got[3].token_ids) == 11
+
+
+def test_seeded_sampling_gives_the_same_tokens_with_or_without_speculation(target, tokenizer):
+    """Each token is drawn from the target's distribution with the sequence's next uniform, and
+    a guess kept only if it is that draw: the same draws, whatever was guessed or batched."""
+    prompts = _prompts(6, seed=2)
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.8, seed=i, ignore_eos=True, top_k=50)
+        for i in range(6)
+    ]
+    plain = LM(target, tokenizer).generate(prompts, params)
+    for spec, draft in ((NGRAM, None), (DRAFT, target)):
+        batched = LM(target, tokenizer, speculative=spec, draft=draft).generate(prompts, params)
+        alone = [
+            LM(target, tokenizer, speculative=spec, draft=draft).generate(p, sp)
+            for p, sp in zip(prompts[:2], params[:2], strict=True)
+        ]
+        assert [c.token_ids for c in batched] == [c.token_ids for c in plain]
+        assert [c.token_ids for c in alone] == [c.token_ids for c in plain[:2]]
+        assert sum(c.usage.spec_draft_tokens for c in batched) > 0
+        if draft is target:  # it guesses the likeliest token, often the one drawn
+            assert sum(c.usage.spec_accepted_tokens for c in batched) > 0
+
+
+class _Always:
+    """A proposer that guesses the same ids whatever the sequence."""
+
+    def __init__(self, guess: list[int]) -> None:
+        self.guess = guess
+
+    def propose(self, seqs, ks):
+        return [self.guess[:k] for k in ks]
+
+    def release(self, seq) -> None:
+        pass
+
+
+def test_verified_tokens_follow_the_targets_distribution(tokenizer):
+    """Chi-square over 4,096 draws of the two tokens after a prompt, the second verified
+    against a fixed guess: their joint frequencies match p(t1) p(t2 | t1) from the model."""
+    model = make_model("gpt2", vocab_size=6, seed=3)  # ids 0..5 of the tokenizer
+    prompt, temperature = [1, 2, 3], 0.9
+    spec = SpeculativeConfig(num_speculative_tokens=2, disable_by_batch_size=256, adaptive=False)
+    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=256), speculative=spec)
+    engine.speculator.proposer = _Always([2, 4])
+    counts = torch.zeros(6, 6)
+    for batch in range(16):
+        params = [
+            SamplingParams(
+                max_tokens=3, temperature=temperature, seed=batch * 256 + i, ignore_eos=True
+            )
+            for i in range(256)
+        ]
+        for c in engine.generate([prompt] * 256, params, progress=False):
+            counts[c.token_ids[0], c.token_ids[1]] += 1
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    with torch.no_grad():
+        first = (model(torch.tensor([prompt]))[0][0, -1] / temperature).softmax(-1)
+        seconds = torch.stack(
+            [
+                (model(torch.tensor([prompt + [t]]))[0][0, -1] / temperature).softmax(-1)
+                for t in range(6)
+            ]
+        )
+    expected = (first[:, None] * seconds).double() * counts.sum()
+    chi2 = ((counts.double() - expected) ** 2 / expected).sum().item()
+    # 35 degrees of freedom: 0.1% of draws from the true distribution exceed 66.6
+    assert chi2 < 66.6, chi2
+
+
+def test_rejected_guesses_leave_the_cache_as_if_never_seen(target, tokenizer):
+    """Wrong guesses every step: each verify row's first logits (its pending token over the
+    cache the rejected positions were rolled out of) equal a full recomputation, and the
+    cached keys and values equal those of an engine that never guessed."""
+    spec = SpeculativeConfig(num_speculative_tokens=3, adaptive=False)
+    engine = _engine(target, tokenizer, spec, kv_block_size=4)
+    engine.speculator.proposer = _Always([7, 7, 7])
+    seen, verify = [], engine.speculator.verify
+
+    def spy(logits, rows):
+        seq = rows[0][0]
+        seen.append((list(seq.token_ids), logits[0].clone()))
+        return verify(logits, rows)
+
+    engine.speculator.verify = spy
+    prompt = _prompts(1, seed=9)[0]
+    engine.add_request(prompt, SamplingParams(max_tokens=40, **GREEDY))
+    plain = _engine(target, tokenizer, kv_block_size=4)
+    plain.add_request(prompt, SamplingParams(max_tokens=40, **GREEDY))
+    (seq,), (ref,) = engine.requests["0"], plain.requests["0"]
+    for _ in range(12):
+        engine.step()
+        plain.step()
+    assert seq.token_ids == ref.token_ids and seq.spec_draft_tokens > seq.spec_accepted_tokens
+    for ids, logits in seen[1:]:
+        with torch.no_grad():
+            full = target(torch.tensor([ids]))[0][0, -1]
+        assert_close(logits, full)
+    n = seq.num_cached
+    assert n == ref.num_cached and len(seq.block_table) == -(-len(seq.token_ids) // 4)
+    for planes, plain_planes in zip(
+        engine.runner.cache.read_blocks(seq.block_table),
+        plain.runner.cache.read_blocks(ref.block_table),
+        strict=True,
+    ):  # (blocks, heads, 4, width) -> positions first
+        a = planes.transpose(1, 2).flatten(0, 1)[:n]
+        b = plain_planes.transpose(1, 2).flatten(0, 1)[:n]
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("policy", ["stop", "break"])
+def test_a_loop_is_met_at_the_same_token_with_prompt_lookup(policy, tokenizer):
+    model = make_model("gpt2", vocab_size=tokenizer.vocab_size, seed=0)
+    prompts = ["The", "if x", "class"]
+    params = SamplingParams(max_tokens=60, loop_policy=policy, **GREEDY)
+    plain = LM(model, tokenizer).generate(prompts, params)
+    for prompt, p in zip(prompts, plain, strict=True):
+        assert_clear_choices(choice_logits(model, tokenizer.encode(prompt), p.token_ids[:20]))
+    lm = LM(model, tokenizer, speculative=NGRAM)
+    got = lm.generate(prompts, params)
+    for g, w in zip(got, plain, strict=True):
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+        assert g.loops_broken == w.loops_broken and (g.loop is None) == (w.loop is None)
+    if policy == "stop":
+        assert any(c.finish_reason == "repetition" for c in got)
+    else:
+        assert any(c.loops_broken for c in got)
+    # prompt lookup guesses a loop's continuation: most of its guesses are kept
+    stats = lm.engine.stats()
+    assert stats["spec_decode_num_accepted_tokens"] > stats["spec_decode_num_draft_tokens"] / 2
+
+
+def test_prompt_lookup_finds_the_latest_longest_match():
+    assert lookup([1, 2, 3, 9, 1, 2, 4, 8, 1, 2], 2, 1, 3) == [4, 8]  # the latest "1 2"
+    assert lookup([5, 1, 2, 3, 6, 2, 3, 7, 1, 2, 3], 1, 1, 3) == [6]  # "1 2 3" beats "2 3"
+    assert lookup([1, 2, 3, 4], 3, 1, 3) == []
+    assert lookup([4, 5, 4, 5], 5, 2, 2) == [4, 5, 4, 5, 4]  # a loop goes on looping
+    assert lookup([256, 1, 0, 1], 2, 1, 1) == [0, 1]  # 256's bytes hold a 1 that is no id
+
+
+def test_speculation_switches_off_for_large_batches(target, tokenizer):
+    spec = SpeculativeConfig(method="ngram", prompt_lookup_min=1, disable_by_batch_size=2)
+    prompts = _prompts(4, seed=1)
+    lm = LM(target, tokenizer, speculative=spec)
+    lm.generate(prompts, max_tokens=12, **GREEDY)
+    stats = lm.engine.stats()
+    assert stats["spec_decode_num_drafts"] == 0  # four decode rows each step, above 2
+    lm.generate(prompts[:2], max_tokens=12, **GREEDY)
+    assert lm.engine.stats()["spec_decode_num_drafts"] > 0
+
+
+def test_bad_settings_are_refused_at_load(target, tokenizer):
+    with pytest.raises(ValueError, match="num_speculative_tokens=0 is not allowed"):
+        SpeculativeConfig(num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="method='eagle' is not allowed"):
+        SpeculativeConfig(method="eagle")
+    with pytest.raises(ValueError, match="needs draft_model"):
+        SpeculativeConfig(method="draft")
+    with pytest.raises(ValueError, match="prompt_lookup_max=1 is not allowed"):
+        SpeculativeConfig(prompt_lookup_min=2, prompt_lookup_max=1)
+    with pytest.raises(ValueError, match=r"unknown speculative config keys \['k'\]"):
+        SpeculativeConfig.from_json('{"k": 3}')
+    spec = SpeculativeConfig.from_json('{"method": "draft", "model": "/m", "quantization": "int4"}')
+    assert spec.draft_model == "/m" and spec.quantization == "int4"
+    small_vocab = make_model("gpt2", vocab_size=300)
+    with pytest.raises(ValueError, match="vocabulary has 300 ids, the target's 512"):
+        LM(target, tokenizer, speculative=DRAFT, draft=small_vocab)
+    short = make_model("gpt2", vocab_size=tokenizer.vocab_size, block_size=64)
+    with pytest.raises(ValueError, match="context of 64 tokens is shorter than .* 128"):
+        LM(target, tokenizer, speculative=DRAFT, draft=short)
+    LM(
+        target,
+        tokenizer,
+        engine_config=EngineConfig(max_model_len=64),
+        speculative=DRAFT,
+        draft=short,
+    )
+    with pytest.raises(ValueError, match="num_speculative_tokens=200 guesses as many"):
+        LM(target, tokenizer, speculative=SpeculativeConfig(num_speculative_tokens=200))
+    with pytest.raises(ValueError, match="windowed cache"):
+        LM(target, tokenizer, CacheConfig(window=32), speculative=NGRAM)
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        check(NGRAM, target.config, 128, windowed=False, tensor_parallel=True, draft=None)
+    with pytest.raises(ValueError, match="needs a draft model"):
+        LM(target, tokenizer, speculative=DRAFT)
