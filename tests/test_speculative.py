@@ -5,19 +5,27 @@ its metrics, and its settings checked."""
 from __future__ import annotations
 
 import random
+import re
 
+import httpx
 import pytest
 import torch
 
+import arlm
 from arlm.api import LM
+from arlm.cli import main
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.speculation import check
+from arlm.formats.checkpoint import save_model
 from arlm.kv_cache import CacheConfig
 from arlm.sampling import SamplingParams
 from arlm.speculative import SpeculativeConfig
 from arlm.speculative.ngram import lookup
+from arlm.tokenizer import Tokenizer
+from arlm.train.corpus import builtin_documents
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close, choice_logits
+from tests.serving import LiveServer
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 # speculating at any batch size, so that mixed batches verify
@@ -344,3 +352,57 @@ def test_bad_settings_are_refused_at_load(target, tokenizer):
         check(NGRAM, target.config, 128, windowed=False, tensor_parallel=True, draft=None)
     with pytest.raises(ValueError, match="needs a draft model"):
         LM(target, tokenizer, speculative=DRAFT)
+
+
+@pytest.fixture(scope="module")
+def saved(target, other, tokenizer, tmp_path_factory):
+    """The target and the other draft as checkpoint folders, and one with another tokenizer."""
+    root = tmp_path_factory.mktemp("spec")
+    save_model(root / "target", target, tokenizer)
+    save_model(root / "draft", other, tokenizer)
+    foreign = Tokenizer.train(builtin_documents()[:5], vocab_size=tokenizer.vocab_size)
+    save_model(root / "foreign", other, foreign)
+    return root
+
+
+def test_generate_command_speculates_and_prints_its_acceptance(saved, capsys):
+    spec = '{"method": "draft", "model": "%s", "num_speculative_tokens": 3}' % (saved / "draft")
+    argv = ["generate", str(saved / "target"), "if x", "--max-tokens", "24", "--temperature", "0"]
+    assert main([*argv, "--ignore-eos"]) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--ignore-eos", "--speculative-config", spec, "--stats"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    assert re.search(r"speculation: \d+ of \d+ guesses accepted .* by position", err)
+    assert main([*argv, "--speculative-config", "{method: ngram}"]) != 0
+    assert "the speculative config is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_draft_must_share_the_tokenizer_and_an_int4_self_draft_loads(saved):
+    bad = {"method": "draft", "model": str(saved / "foreign")}
+    with pytest.raises(ValueError, match="another tokenizer"):
+        arlm.load(saved / "target", device="cpu", speculative=bad)
+    self_draft = {"method": "draft", "model": str(saved / "target"), "quantization": "int4"}
+    lm = arlm.load(saved / "target", device="cpu", speculative=self_draft)
+    plain = arlm.load(saved / "target", device="cpu")
+    prompt = _prompts(1, seed=3)[0]
+    got = lm.generate(prompt, max_tokens=20, **GREEDY)
+    assert got.token_ids == plain.generate(prompt, max_tokens=20, **GREEDY).token_ids
+    assert got.usage.spec_accepted_tokens > 0
+
+
+def test_metrics_carry_vllms_spec_decode_names(target, tokenizer):
+    lm = LM(target, tokenizer, speculative=NGRAM)
+    with LiveServer(lm) as s:
+        httpx.post(
+            s.url + "/v1/completions",
+            json={"prompt": _prompts(1)[0], "max_tokens": 16, "temperature": 0},
+        ).raise_for_status()
+        text = httpx.get(s.url + "/metrics").text
+    for name in (
+        "spec_decode_num_drafts_total",
+        "spec_decode_num_draft_tokens_total",
+        "spec_decode_num_accepted_tokens_total",
+        'spec_decode_num_accepted_tokens_per_pos_total{position="0"}',
+    ):
+        assert "arlm:" + name in text, name

@@ -258,3 +258,22 @@ class Speculator:
                 for i, n in enumerate(s.accepted_per_pos)
             },
         }
+
+
+def summary(stats: dict) -> str:
+    """One line of an engine's speculation counters (``Engine.stats``), for ``--stats``: the
+    acceptance rate, the mean accepted length (tokens a verify row adds: its accepted guesses
+    and the target's own token), acceptance by guess position, and time in the proposer."""
+    drafts, guessed = stats["spec_decode_num_drafts"], stats["spec_decode_num_draft_tokens"]
+    accepted = stats["spec_decode_num_accepted_tokens"]
+    if not drafts:
+        return "speculation: no guesses verified"
+    by_pos, i = [], 0
+    while (n := stats.get(f"spec_decode_num_accepted_tokens_pos_{i}")) is not None:
+        by_pos.append(f"{n / drafts:.0%}")
+        i += 1
+    return (
+        f"speculation: {accepted} of {guessed} guesses accepted ({accepted / guessed:.1%}), "
+        f"mean accepted length {1 + accepted / drafts:.2f} tokens per verify row, accepted by "
+        f"position {' '.join(by_pos)}, proposer {stats['spec_decode_draft_seconds']:.3f} s"
+    )

@@ -91,7 +91,10 @@ class SpeculativeConfig:
     def from_json(cls, text: str | dict) -> SpeculativeConfig:
         """From ``--speculative-config`` JSON (or its dict): vLLM's ``model`` names the draft;
         an unknown key is refused, naming the known ones."""
-        data = json.loads(text) if isinstance(text, str) else dict(text)
+        try:
+            data = json.loads(text) if isinstance(text, str) else dict(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the speculative config is not valid JSON ({e}): {text!r}") from None
         if not isinstance(data, dict):
             raise ValueError(f"the speculative config must be a JSON object, not {data!r}")
         if "model" in data:
