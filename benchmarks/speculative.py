@@ -46,6 +46,7 @@ import arlm
 from arlm.engine.speculation import POSITION_COST, summary
 from arlm.formats.hf import export_hf
 from arlm.speculative.config import DEFAULT_DISABLE_BY_BATCH_SIZE
+from arlm.speculative.proposer import Guess
 from arlm.train.corpus import builtin_documents
 
 OUT = Path(__file__).parent / "out" / "speculative"
@@ -252,7 +253,7 @@ class _Wrong:
     """Guesses that are never right (id 0 never follows in this corpus' prose)."""
 
     def propose(self, seqs, ks):
-        return [[0] * k for k in ks]
+        return [Guess([0] * k) for k in ks]
 
     def release(self, seq) -> None:
         pass

@@ -21,6 +21,8 @@ from arlm.kv_cache import CacheConfig
 from arlm.sampling import SamplingParams
 from arlm.speculative import SpeculativeConfig
 from arlm.speculative.ngram import lookup
+from arlm.speculative.proposer import Guess
+from arlm.speculative.rejection import accept_or_resample
 from arlm.tokenizer import Tokenizer
 from arlm.train.corpus import builtin_documents
 from tests.conftest import make_model
@@ -169,13 +171,15 @@ def test_stop_strings_and_stop_ids_end_where_they_would(target, tokenizer):
     assert len(got[3].token_ids) == 11
 
 
-def test_seeded_sampling_gives_the_same_tokens_with_or_without_speculation(target, tokenizer):
-    """Each token is drawn from the target's distribution with the sequence's next uniform, and
-    a guess kept only if it is that draw: the same draws, whatever was guessed or batched."""
+def test_seeded_sampling_gives_the_same_tokens_alone_or_batched(target, tokenizer):
+    """Prompt lookup's guesses are point masses: each token is the sequence's next draw from
+    the target's distribution, kept if it is the guess, so the tokens are those without
+    speculation. A sampling draft's guesses go through the rejection rule, with the sequence's
+    own generator and the draft's own one seeded from the request: the same tokens alone or
+    batched."""
     prompts = _prompts(6, seed=2)
     params = [
-        SamplingParams(max_tokens=24, temperature=0.8, seed=i, ignore_eos=True, top_k=50)
-        for i in range(6)
+        SamplingParams(max_tokens=24, temperature=0.8, seed=i, ignore_eos=True) for i in range(6)
     ]
     plain = LM(target, tokenizer).generate(prompts, params)
     for spec, draft in ((NGRAM, None), (DRAFT, target)):
@@ -184,11 +188,13 @@ def test_seeded_sampling_gives_the_same_tokens_with_or_without_speculation(targe
             LM(target, tokenizer, speculative=spec, draft=draft).generate(p, sp)
             for p, sp in zip(prompts[:2], params[:2], strict=True)
         ]
-        assert [c.token_ids for c in batched] == [c.token_ids for c in plain]
-        assert [c.token_ids for c in alone] == [c.token_ids for c in plain[:2]]
+        assert [c.token_ids for c in alone] == [c.token_ids for c in batched[:2]]
         assert sum(c.usage.spec_draft_tokens for c in batched) > 0
-        if draft is target:  # it guesses the likeliest token, often the one drawn
-            assert sum(c.usage.spec_accepted_tokens for c in batched) > 0
+        if draft is None:
+            assert [c.token_ids for c in batched] == [c.token_ids for c in plain]
+        else:  # the target as its own sampling draft: p = q (up to rounding), all are kept
+            drafted = sum(c.usage.spec_draft_tokens for c in batched)
+            assert sum(c.usage.spec_accepted_tokens for c in batched) > 0.9 * drafted
 
 
 class _Always:
@@ -198,22 +204,66 @@ class _Always:
         self.guess = guess
 
     def propose(self, seqs, ks):
-        return [self.guess[:k] for k in ks]
+        return [Guess(self.guess[:k]) for k in ks]
 
     def release(self, seq) -> None:
         pass
 
 
-def test_verified_tokens_follow_the_targets_distribution(tokenizer):
-    """Chi-square over 4,096 draws of the two tokens after a prompt, the second verified
-    against a fixed guess: their joint frequencies match p(t1) p(t2 | t1) from the model."""
+class _Drawn:
+    """A proposer that draws each guess from a fixed distribution ``q`` (a sampling draft)."""
+
+    def __init__(self, q: torch.Tensor, seed: int) -> None:
+        self.q, self.generator = q, torch.Generator().manual_seed(seed)
+
+    def propose(self, seqs, ks):
+        out = []
+        for k in ks:
+            tokens = torch.multinomial(self.q, k, replacement=True, generator=self.generator)
+            out.append(Guess(tokens.tolist(), self.q.expand(k, -1)))
+        return out
+
+    def release(self, seq) -> None:
+        pass
+
+
+# a proposer's distribution that is far from the model's: many rejections and resamples
+Q = torch.tensor([0.05, 0.05, 0.5, 0.1, 0.2, 0.1])
+
+
+def test_the_rejection_rule_gives_the_targets_distribution():
+    """Leviathan's rule on known p and q: the kept-or-resampled token's frequencies over
+    8,000 draws match p (chi-square), and the guess is kept as often as sum(min(p, q))."""
+    p = torch.tensor([0.3, 0.25, 0.05, 0.2, 0.0, 0.2])
+    generator = torch.Generator().manual_seed(0)
+    counts, kept = torch.zeros(6), 0
+    n = 8_000
+    guesses = torch.multinomial(Q, n, replacement=True, generator=generator).tolist()
+    for guess in guesses:
+        token, accepted = accept_or_resample(p, Q, guess, generator)
+        counts[token] += 1
+        kept += accepted
+    support = p > 0
+    expected = p[support] * n
+    chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
+    assert counts[~support].sum() == 0
+    assert chi2 < 20.5, chi2  # 4 degrees of freedom: exceeded by 0.04% of true samples
+    rate = torch.minimum(p, Q).sum().item()  # 0.55
+    assert abs(kept / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5
+
+
+@pytest.mark.parametrize("proposer", ["point mass", "sampling draft"])
+def test_verified_tokens_follow_the_targets_distribution(proposer, tokenizer):
+    """Chi-square over 2,048 draws of the two tokens after a prompt, the second verified
+    against a guess (a fixed one, or one drawn from ``Q``): their joint frequencies match
+    p(t1) p(t2 | t1) from the model."""
     model = make_model("gpt2", vocab_size=6, seed=3)  # ids 0..5 of the tokenizer
     prompt, temperature = [1, 2, 3], 0.9
     spec = SpeculativeConfig(num_speculative_tokens=2, disable_by_batch_size=256, adaptive=False)
     engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=256), speculative=spec)
-    engine.speculator.proposer = _Always([2, 4])
+    engine.speculator.proposer = _Always([2, 4]) if proposer == "point mass" else _Drawn(Q, 1)
     counts = torch.zeros(6, 6)
-    for batch in range(16):
+    for batch in range(8):
         params = [
             SamplingParams(
                 max_tokens=3, temperature=temperature, seed=batch * 256 + i, ignore_eos=True

@@ -46,12 +46,14 @@ import torch
 
 from arlm.config import ModelConfig
 from arlm.engine.sequence import Sequence, Status
-from arlm.engine.token_chain import TokenChain
+from arlm.engine.token_chain import Draw, TokenChain, draw_samples
 from arlm.model.transformer import Transformer
+from arlm.sampling.sampler import probabilities
 from arlm.speculative.config import SpeculativeConfig
 from arlm.speculative.draft import DraftProposer
 from arlm.speculative.ngram import NgramProposer
 from arlm.speculative.proposer import Proposer
+from arlm.speculative.rejection import accept_or_resample
 
 # One more position of a verify row, relative to the cost of a decode step (measured on a CPU
 # by benchmarks/speculative.py: a row of 5 positions costs about 1.3 decode steps).
@@ -154,6 +156,7 @@ class Speculator:
         self.rollback, self.limit = rollback, limit
         self.stats = SpecStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self._tracking: weakref.WeakKeyDictionary[Sequence, _Tracking] = weakref.WeakKeyDictionary()
+        self._probs: dict[Sequence, torch.Tensor] = {}
 
     def _k(self, seq: Sequence) -> int:
         """How many guesses ``seq`` gets now: by its acceptance, within what it may still add."""
@@ -184,7 +187,12 @@ class Speculator:
         start = time.perf_counter()
         guesses = self.proposer.propose(seqs, ks)
         self.stats.draft_seconds += time.perf_counter() - start
-        return {s: g for s, g in zip(seqs, guesses, strict=True) if g}
+        # a sampling draft's distributions, for ``verify``'s rejection rule (a step that
+        # verifies nothing drops them with the next proposal)
+        self._probs = {
+            s: g.probs for s, g in zip(seqs, guesses, strict=True) if g.probs is not None
+        }
+        return {s: g.tokens for s, g in zip(seqs, guesses, strict=True) if g.tokens}
 
     def verify(
         self, logits: torch.Tensor, rows: list[tuple[Sequence, list[int]]]
@@ -204,7 +212,8 @@ class Speculator:
             seqs = [rows[i][0] for i in active]
             before = [len(s.token_ids) for s in seqs]
             index = torch.tensor([first[i] + j for i in active], device=logits.device)
-            for seq, made in self.chain.run(logits.index_select(0, index), seqs):
+            draw = self._drawer(j, {seq: rows[i][1] for i, seq in zip(active, seqs, strict=True)})
+            for seq, made in self.chain.run(logits.index_select(0, index), seqs, draw):
                 chunks[id(seq)].extend(made)
             still = []
             for i, seq, length in zip(active, seqs, before, strict=True):
@@ -219,6 +228,7 @@ class Speculator:
             active = still
             if not active:
                 break
+        self._probs = {}
         out = []
         for i, (seq, guesses) in enumerate(rows):
             self._record(seq, len(guesses), accepted[i])
@@ -227,6 +237,34 @@ class Speculator:
                 self.rollback(seq)
             out.append((seq, chunks[id(seq)]))
         return out
+
+    def _drawer(self, j: int, guesses: dict[Sequence, list[int]]) -> Draw:
+        """How the chain draws position ``j``'s tokens: by the sampler, as without speculation,
+        except for a guess with a distribution (a sampling draft), which the rejection rule
+        keeps or replaces."""
+        ruled = {
+            s: (q[j], g[j])
+            for s, g in guesses.items()
+            if (q := self._probs.get(s)) is not None and j < len(g)
+        }
+        if not ruled:
+            return draw_samples
+
+        def draw(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+            tokens = processed.argmax(dim=-1)
+            plain = [b for b, s in enumerate(seqs) if s not in ruled]
+            if plain:
+                at = torch.tensor(plain, device=processed.device)
+                drawn = draw_samples(processed.index_select(0, at), [seqs[b] for b in plain])
+                tokens.index_copy_(0, at, drawn)
+            for b, seq in enumerate(seqs):
+                if seq in ruled:
+                    q, guess = ruled[seq]
+                    p = probabilities(processed[b : b + 1], seq.params)
+                    tokens[b] = accept_or_resample(p, q.to(p.dtype), guess, seq.generator)[0]
+            return tokens
+
+        return draw
 
     def _record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         s = self.stats

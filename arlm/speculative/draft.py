@@ -1,5 +1,8 @@
 """A draft model as proposer: a smaller model sharing the target's tokenizer (or the target
-itself, quantized) guesses k tokens greedily through its own paged KV cache.
+itself, quantized) guesses k tokens through its own paged KV cache: greedily for a greedy
+request, and for a sampled one by drawing from its distribution at the request's temperature
+(returned with the guesses, for the rejection rule of ``arlm.speculative.rejection``), from a
+generator of its own seeded from the request's seed.
 
 The draft reuses the engine's ``ModelRunner`` and ``BlockManager`` for that cache, with one
 ``_DraftRow`` per sequence standing in for the engine's ``Sequence``: the ids the draft has
@@ -23,6 +26,12 @@ from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.kv_cache.config import CacheConfig
 from arlm.model.transformer import Transformer
+from arlm.sampling.params import MIN_SAMPLING_TEMPERATURE
+from arlm.speculative.proposer import Guess
+
+# mixed into a request's seed for the draft's own generator, so the draft's draws are not the
+# sequence's (which decide acceptance)
+DRAFT_SEED_OFFSET = 0x5EC
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class _DraftRow:
     prompt_len: int = 0
     params: _NoPromptScoring = field(default_factory=_NoPromptScoring)
     prompt_logprobs: tuple = ()
+    generator: torch.Generator | None = None  # a sampled request's draws
 
     @property
     def num_pending(self) -> int:
@@ -69,6 +79,12 @@ class DraftProposer:
         row = self.rows.get(seq)
         if row is None:
             row = self.rows[seq] = _DraftRow(prompt_len=seq.prompt_len)
+            if seq.params.temperature >= MIN_SAMPLING_TEMPERATURE:
+                row.generator = torch.Generator(device=self.runner.device)
+                if seq.params.seed is None:
+                    row.generator.seed()
+                else:
+                    row.generator.manual_seed(seq.params.seed + seq.index + DRAFT_SEED_OFFSET)
         ids = seq.token_ids
         keep = _agreeing(row.token_ids, ids, min(row.num_cached, len(ids)))
         row.token_ids = list(ids)
@@ -77,25 +93,36 @@ class DraftProposer:
         return row
 
     @torch.inference_mode()
-    def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
-        """Per sequence, ``ks[i]`` greedy guesses (fewer, or none, when the draft's pool is
-        full)."""
+    def propose(self, seqs: list, ks: list[int]) -> list[Guess]:
+        """Per sequence, ``ks[i]`` guesses (fewer, or none, when the draft's pool is full)."""
         rows = [self._sync(seq) for seq in seqs]
-        guesses: list[list[int]] = [[] for _ in seqs]
+        temperatures = [seq.params.temperature for seq in seqs]
+        guesses = [Guess() for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, row in enumerate(rows) if self.blocks.ensure(row, len(row.token_ids))]
         batch = ScheduledBatch(prefill=[(rows[i], rows[i].num_pending) for i in active])
         index = {id(row): i for i, row in enumerate(rows)}
         while active:
             logits, fed, _ = self.runner.run(batch, self.blocks.take_orders())
-            for row, token in zip(fed, logits.argmax(dim=-1).tolist(), strict=True):
-                row.token_ids.append(token)
-                guesses[index[id(row)]].append(token)
+            tokens = logits.argmax(dim=-1).tolist()
+            for j, row in enumerate(fed):
+                i = index[id(row)]
+                if row.generator is not None:  # q at the request's temperature, and a draw
+                    q = (logits[j] / temperatures[i]).softmax(dim=-1)
+                    probs[i].append(q)
+                    tokens[j] = int(torch.multinomial(q, 1, generator=row.generator))
+                row.token_ids.append(tokens[j])
+                guesses[i].tokens.append(tokens[j])
             active = [
                 i
                 for i in active
-                if len(guesses[i]) < ks[i] and self.blocks.ensure(rows[i], len(rows[i].token_ids))
+                if len(guesses[i].tokens) < ks[i]
+                and self.blocks.ensure(rows[i], len(rows[i].token_ids))
             ]
             batch = ScheduledBatch(decode=[rows[i] for i in active])
+        for guess, qs in zip(guesses, probs, strict=True):
+            if qs:
+                guess.probs = torch.stack(qs)
         return guesses
 
     def release(self, seq) -> None:

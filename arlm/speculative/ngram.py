@@ -14,6 +14,8 @@ from array import array
 from collections.abc import Sequence as Seq
 from typing import Protocol
 
+from arlm.speculative.proposer import Guess
+
 
 class HasTokens(Protocol):
     token_ids: list[int]
@@ -53,10 +55,11 @@ class NgramProposer:
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, seqs: list[HasTokens], ks: list[int]) -> list[list[int]]:
-        """Per sequence, up to ``ks[i]`` guessed next ids (maybe none)."""
+    def propose(self, seqs: list[HasTokens], ks: list[int]) -> list[Guess]:
+        """Per sequence, up to ``ks[i]`` guessed next ids (maybe none), each a point mass."""
         return [
-            lookup(s.token_ids, k, self.min_n, self.max_n) for s, k in zip(seqs, ks, strict=True)
+            Guess(lookup(s.token_ids, k, self.min_n, self.max_n))
+            for s, k in zip(seqs, ks, strict=True)
         ]
 
     def release(self, seq: HasTokens) -> None:
