@@ -15,7 +15,7 @@ import arlm
 from arlm.api import LM
 from arlm.cli import main
 from arlm.engine import Engine, EngineConfig
-from arlm.engine.speculation import check
+from arlm.engine.speculation import PROBE_EVERY, _Tracking, check
 from arlm.formats.checkpoint import save_model
 from arlm.kv_cache import CacheConfig
 from arlm.sampling import SamplingParams
@@ -30,10 +30,15 @@ from tests.numerics import assert_clear_choices, assert_close, choice_logits
 from tests.serving import LiveServer
 
 GREEDY = dict(temperature=0, ignore_eos=True)
-# speculating at any batch size, so that mixed batches verify
-NGRAM = SpeculativeConfig(prompt_lookup_min=1, disable_by_batch_size=64)
+# speculating at any batch size, so that mixed batches verify, and k fixed: the adaptive k
+# follows measured times (test_k_follows_acceptance_and_cost checks it alone)
+NGRAM = SpeculativeConfig(prompt_lookup_min=1, disable_by_batch_size=64, adaptive=False)
 DRAFT = SpeculativeConfig(
-    method="draft", draft_model="(in memory)", num_speculative_tokens=3, disable_by_batch_size=64
+    method="draft",
+    draft_model="(in memory)",
+    num_speculative_tokens=3,
+    disable_by_batch_size=64,
+    adaptive=False,
 )
 
 
@@ -340,13 +345,15 @@ def test_a_loop_is_met_at_the_same_token_with_prompt_lookup(policy, tokenizer):
     for g, w in zip(got, plain, strict=True):
         assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
         assert g.loops_broken == w.loops_broken and (g.loop is None) == (w.loop is None)
+    stats = lm.engine.stats()
     if policy == "stop":
         assert any(c.finish_reason == "repetition" for c in got)
-    else:
+        # prompt lookup guesses a loop's continuation: most of its guesses are kept
+        drafted = stats["spec_decode_num_draft_tokens"]
+        assert stats["spec_decode_num_accepted_tokens"] > drafted / 2
+    else:  # a break leaves the loop, and the guesses that continued it fail
         assert any(c.loops_broken for c in got)
-    # prompt lookup guesses a loop's continuation: most of its guesses are kept
-    stats = lm.engine.stats()
-    assert stats["spec_decode_num_accepted_tokens"] > stats["spec_decode_num_draft_tokens"] / 2
+        assert stats["spec_decode_num_accepted_tokens"] > 0
 
 
 def test_prompt_lookup_finds_the_latest_longest_match():
@@ -456,3 +463,24 @@ def test_metrics_carry_vllms_spec_decode_names(target, tokenizer):
         'spec_decode_num_accepted_tokens_per_pos_total{position="0"}',
     ):
         assert "arlm:" + name in text, name
+
+
+def test_k_follows_acceptance_and_cost(target, tokenizer):
+    """k makes the most tokens per unit of work: all k while guesses are kept and cheap, fewer
+    as acceptance falls, none when guessing costs more than it saves (then one guess every
+    ``PROBE_EVERY`` steps, so a recovering acceptance is seen)."""
+    engine = _engine(target, tokenizer, SpeculativeConfig(num_speculative_tokens=6))
+    spec = engine.speculator
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=100))
+    (seq,) = engine.requests["0"]
+    track = spec._tracking.setdefault(seq, _Tracking())
+    assert spec._k(seq) == 6  # no acceptance seen yet: guess fully
+    track.rate = 0.5
+    assert spec._k(seq) == 4  # 1.94 tokens for 1 + 4 * 0.025 of work; 3 or 5 make fewer
+    spec._step_seconds, spec._guess_seconds = 1.0, 0.5  # a draft half as costly as a step
+    assert spec._k(seq) == 0
+    assert [spec._k(seq) for _ in range(PROBE_EVERY)].count(1) == 1
+    track.rate = 0.95  # a draft that good pays even at that cost
+    assert spec._k(seq) == 5
+    spec._guess_seconds = 0.0
+    assert spec._k(seq) == 6

@@ -21,10 +21,13 @@ position's token from the target's processed distribution p with one uniform fro
 sequence's own generator, as without speculation, and keeps the guess d only if the draw is d.
 For a guess that is a point mass (prompt lookup, a greedy draft) this *is* the rejection rule of
 Leviathan et al. / Chen et al.: d is kept with probability p(d) = min(1, p(d) / q(d)), and a
-rejection yields a draw from p without d, which is max(0, p - q) normalised
-(``arlm.speculative.rejection`` has the rule for a general q; the tests check both). Each token
-is distributed exactly as the target's, and a seeded sequence draws its uniforms in the same
-order with or without speculation, alone or batched, so it gives the same tokens.
+rejection yields a draw from p without d, which is max(0, p - q) normalised. Each token is
+distributed exactly as the target's, and a seeded sequence draws its uniforms in the same order
+with or without speculation, alone or batched, so it gives the same tokens. A draft that samples
+returns the distribution q of each guess; for those positions the chain's draw is the general
+rule (``arlm.speculative.rejection``: keep d with probability min(1, p(d)/q(d)), else draw from
+max(0, p - q) normalised), with the sequence's own generator: the same distribution, and the
+same tokens alone or batched.
 
 How many to guess. Each sequence keeps an average of how often its guesses were accepted, a;
 the i-th guess is reached and accepted with chance a^i, and is worth verifying while that
@@ -36,7 +39,6 @@ forward is bound by compute, and verified positions cost as much as decoded toke
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from collections.abc import Callable
@@ -56,10 +58,15 @@ from arlm.speculative.proposer import Proposer
 from arlm.speculative.rejection import accept_or_resample
 
 # One more position of a verify row, relative to the cost of a decode step (measured on a CPU
-# by benchmarks/speculative.py: a row of 5 positions costs about 1.3 decode steps).
-POSITION_COST = 0.1
-# The weight of the latest verification in a sequence's acceptance average.
+# by benchmarks/speculative.py, "verify rows of 4 wrong guesses": 0.023 at batch 1).
+POSITION_COST = 0.025
+# The weight of the latest verification in a sequence's acceptance average, and of the latest
+# step in the average step and proposer times.
 ACCEPTANCE_DECAY = 0.3
+TIME_DECAY = 0.1
+# Steps a sequence whose guesses do not pay goes without guessing before it tries one again
+# (its acceptance may have changed).
+PROBE_EVERY = 16
 
 
 def check(
@@ -134,9 +141,11 @@ class SpecStats:
 
 @dataclass
 class _Tracking:
-    """One sequence's acceptance average (1 before its first verification: guess fully)."""
+    """One sequence's acceptance average (1 before its first verification: guess fully), and
+    the steps it has gone without guessing because guesses would not pay."""
 
     rate: float = 1.0
+    idle: int = 0
 
 
 class Speculator:
@@ -157,36 +166,71 @@ class Speculator:
         self.stats = SpecStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self._tracking: weakref.WeakKeyDictionary[Sequence, _Tracking] = weakref.WeakKeyDictionary()
         self._probs: dict[Sequence, torch.Tensor] = {}
+        # averages of a step's seconds outside the proposer, and of the proposer's seconds per
+        # guessed position (a draft model's forward), measured between consecutive proposals
+        self._step_seconds: float | None = None
+        self._guess_seconds = 0.0
+        self._last: tuple[float, float] | None = None  # the last proposal: (start, its seconds)
 
     def _k(self, seq: Sequence) -> int:
-        """How many guesses ``seq`` gets now: by its acceptance, within what it may still add."""
+        """How many guesses ``seq`` gets now (0: none): the k that makes the most tokens per
+        unit of work, within what it may still add."""
         most = self.config.num_speculative_tokens
-        k = most
-        if self.config.adaptive:
-            rate = self._tracking.setdefault(seq, _Tracking()).rate
-            if rate < 1:
-                k = max(1, min(most, int(math.log(POSITION_COST) / math.log(max(rate, 1e-9)))))
         # a verify row appends at most k + 1 tokens and feeds positions up to len + k - 1
         room = min(seq.params.max_tokens - seq.num_generated - 1, self.limit - len(seq.token_ids))
-        return min(k, room)
+        if not self.config.adaptive:
+            return min(most, room)
+        track = self._tracking.setdefault(seq, _Tracking())
+        # each guess costs a verified position and its share of the proposer's time
+        cost = POSITION_COST
+        if self._step_seconds:
+            cost += self._guess_seconds / self._step_seconds
+        best_k, best, tokens, reach = 0, 1.0, 1.0, 1.0
+        for k in range(1, most + 1):
+            reach *= track.rate  # the chance that guess k is reached and accepted
+            tokens += reach
+            if tokens / (1 + k * cost) > best:
+                best_k, best = k, tokens / (1 + k * cost)
+        if best_k == 0:  # guessing would cost more than it saves; try one now and then
+            track.idle += 1
+            if track.idle < PROBE_EVERY:
+                return 0
+            track.idle, best_k = 0, 1
+        return min(best_k, room)
+
+    def _timed(self, start: float, seconds: float, rounds: int) -> None:
+        """Average in the step that ended at ``start`` and this proposal's ``seconds`` for
+        ``rounds`` guessed positions."""
+        per_guess = seconds / rounds
+        self._guess_seconds += TIME_DECAY * (per_guess - self._guess_seconds)
+        if self._last is not None:
+            step = start - self._last[0] - self._last[1]
+            # a gap with no steps (an idle server) is no step's time
+            if self._step_seconds is None:
+                self._step_seconds = step
+            elif step < 10 * self._step_seconds:
+                self._step_seconds += TIME_DECAY * (step - self._step_seconds)
+        self._last = (start, seconds)
 
     def propose(self, running: list[Sequence]) -> dict[Sequence, list[int]]:
         """Guesses for the running sequences that decode next, none when there are more of
         them than ``max_batch``."""
         decoding = [s for s in running if s.status is Status.RUNNING and s.num_pending == 1]
-        if not decoding or len(decoding) > self.config.max_batch:
-            return {}
         seqs, ks = [], []
-        for seq in decoding:
-            k = self._k(seq)
-            if k >= 1:
-                seqs.append(seq)
-                ks.append(k)
+        if decoding and len(decoding) <= self.config.max_batch:
+            for seq in decoding:
+                k = self._k(seq)
+                if k >= 1:
+                    seqs.append(seq)
+                    ks.append(k)
         if not seqs:
+            self._last = None  # the next step's time is not a proposal's
             return {}
         start = time.perf_counter()
         guesses = self.proposer.propose(seqs, ks)
-        self.stats.draft_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.stats.draft_seconds += seconds
+        self._timed(start, seconds, max(ks))
         # a sampling draft's distributions, for ``verify``'s rejection rule (a step that
         # verifies nothing drops them with the next proposal)
         self._probs = {
