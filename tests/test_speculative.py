@@ -15,7 +15,7 @@ import arlm
 from arlm.api import LM
 from arlm.cli import main
 from arlm.engine import Engine, EngineConfig
-from arlm.engine.speculation import PROBE_EVERY, _Tracking, check
+from arlm.engine.speculation import PROBE_EVERY, check
 from arlm.formats.checkpoint import save_model
 from arlm.kv_cache import CacheConfig
 from arlm.sampling import SamplingParams
@@ -473,7 +473,7 @@ def test_k_follows_acceptance_and_cost(target, tokenizer):
     spec = engine.speculator
     engine.add_request([1, 2, 3], SamplingParams(max_tokens=100))
     (seq,) = engine.requests["0"]
-    track = spec._tracking.setdefault(seq, _Tracking())
+    track = spec._track(seq)
     assert spec._k(seq) == 6  # no acceptance seen yet: guess fully
     track.rate = 0.5
     assert spec._k(seq) == 4  # 1.94 tokens for 1 + 4 * 0.025 of work; 3 or 5 make fewer
@@ -484,3 +484,6 @@ def test_k_follows_acceptance_and_cost(target, tokenizer):
     assert spec._k(seq) == 5
     spec._guess_seconds = 0.0
     assert spec._k(seq) == 6
+    spec._rate = 0.2  # a new sequence starts from the engine's acceptance
+    engine.add_request([4, 5, 6], SamplingParams(max_tokens=100))
+    assert spec._track(engine.requests["1"][0]).rate == 0.2

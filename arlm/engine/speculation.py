@@ -30,11 +30,14 @@ max(0, p - q) normalised), with the sequence's own generator: the same distribut
 same tokens alone or batched.
 
 How many to guess. Each sequence keeps an average of how often its guesses were accepted, a;
-the i-th guess is reached and accepted with chance a^i, and is worth verifying while that
-exceeds ``POSITION_COST``, what one more position in a verify row costs relative to a decode
-step; so k = log(POSITION_COST) / log(a), between 1 and ``num_speculative_tokens``. Past
-``SpeculativeConfig.max_batch`` decode rows in a step nobody speculates: with many rows the
-forward is bound by compute, and verified positions cost as much as decoded tokens.
+the i-th guess is reached and accepted with chance a^i, so k guesses make 1 + a + ... + a^k
+tokens in one verify row, for 1 + k * c of a decode step's work, where c is one more verified
+position (``POSITION_COST``) plus the proposer's measured seconds per guessed position over a
+step's measured seconds. The k (up to ``num_speculative_tokens``) with the most tokens per
+work is taken, none when no k beats one token per step, with one guess every ``PROBE_EVERY``
+steps to see the acceptance again. Past ``SpeculativeConfig.max_batch`` decode rows in a step
+nobody speculates: with many rows the forward is bound by compute, and verified positions
+cost as much as decoded tokens.
 """
 
 from __future__ import annotations
@@ -141,10 +144,10 @@ class SpecStats:
 
 @dataclass
 class _Tracking:
-    """One sequence's acceptance average (1 before its first verification: guess fully), and
-    the steps it has gone without guessing because guesses would not pay."""
+    """One sequence's acceptance average (it starts from the engine's), and the steps it has
+    gone without guessing because guesses would not pay."""
 
-    rate: float = 1.0
+    rate: float
     idle: int = 0
 
 
@@ -166,11 +169,20 @@ class Speculator:
         self.stats = SpecStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self._tracking: weakref.WeakKeyDictionary[Sequence, _Tracking] = weakref.WeakKeyDictionary()
         self._probs: dict[Sequence, torch.Tensor] = {}
+        # the acceptance average over all sequences: where a new one starts (1 at first: guess
+        # fully until something is known)
+        self._rate = 1.0
         # averages of a step's seconds outside the proposer, and of the proposer's seconds per
         # guessed position (a draft model's forward), measured between consecutive proposals
         self._step_seconds: float | None = None
         self._guess_seconds = 0.0
         self._last: tuple[float, float] | None = None  # the last proposal: (start, its seconds)
+
+    def _track(self, seq: Sequence) -> _Tracking:
+        track = self._tracking.get(seq)
+        if track is None:
+            track = self._tracking[seq] = _Tracking(self._rate)
+        return track
 
     def _k(self, seq: Sequence) -> int:
         """How many guesses ``seq`` gets now (0: none): the k that makes the most tokens per
@@ -180,7 +192,7 @@ class Speculator:
         room = min(seq.params.max_tokens - seq.num_generated - 1, self.limit - len(seq.token_ids))
         if not self.config.adaptive:
             return min(most, room)
-        track = self._tracking.setdefault(seq, _Tracking())
+        track = self._track(seq)
         # each guess costs a verified position and its share of the proposer's time
         cost = POSITION_COST
         if self._step_seconds:
@@ -321,8 +333,9 @@ class Speculator:
         seq.spec_accepted_tokens += accepted
         # the guesses judged: up to the first rejection
         judged = accepted if accepted == proposed else accepted + 1
-        track = self._tracking.setdefault(seq, _Tracking())
+        track = self._track(seq)
         track.rate += ACCEPTANCE_DECAY * (accepted / judged - track.rate)
+        self._rate += ACCEPTANCE_DECAY * (accepted / judged - self._rate)
 
     def release(self, seq: Sequence) -> None:
         """``seq`` finished: the proposer forgets it."""
