@@ -15,10 +15,12 @@ from arlm.validate import check_int
 
 METHODS = ("ngram", "draft")
 DRAFT_QUANTIZATIONS = ("int8", "int4")
-# Decode rows in one step above which no row speculates: past it the forward is bound by
-# compute, not by reading the weights, and each verified position costs about as much as a
-# decoded token (measured on a 2-core CPU by benchmarks/speculative.py, "batch" part).
-DEFAULT_DISABLE_BY_BATCH_SIZE = 4
+# Decode rows in one step above which no row speculates: with many rows the forward is bound by
+# compute, not by reading the weights, and a verified position costs more of a step. On a CPU
+# (benchmarks/speculative.py, "batch" part) prompt lookup still paid at 32 rows (1.4x to 1.7x),
+# the largest size measured, and guesses that never pay cost nothing measurable at 16 rows
+# (the adaptive k stops them); past 32 it is unmeasured, so it stops there.
+DEFAULT_DISABLE_BY_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
