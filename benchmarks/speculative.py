@@ -155,7 +155,8 @@ def measure(settings: dict, prompts, rounds: int) -> dict:
 def table(title: str, results: dict, base: str, reference: list, notes: dict) -> None:
     rows = []
     for name, (rate, tokens) in results.items():
-        same = "yes" if reference is None or tokens == reference else "NO"
+        # sampled runs draw their tokens otherwise with speculation: nothing to compare
+        same = "-" if reference is None else "yes" if tokens == reference else "NO"
         rows.append(
             [name, f"{rate:.1f}", f"{rate / results[base][0]:.2f}x", same, notes.get(name, "")]
         )

@@ -4,6 +4,7 @@ its metrics, and its settings checked."""
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -15,7 +16,7 @@ import arlm
 from arlm.api import LM
 from arlm.cli import main
 from arlm.engine import Engine, EngineConfig
-from arlm.engine.speculation import PROBE_EVERY, check
+from arlm.engine.speculation import POSITION_COST, PROBE_BUDGET, PROBE_EVERY, check
 from arlm.formats.checkpoint import save_model
 from arlm.kv_cache import CacheConfig
 from arlm.sampling import SamplingParams
@@ -477,9 +478,13 @@ def test_k_follows_acceptance_and_cost(target, tokenizer):
     assert spec._k(seq) == 6  # no acceptance seen yet: guess fully
     track.rate = 0.5
     assert spec._k(seq) == 4  # 1.94 tokens for 1 + 4 * 0.025 of work; 3 or 5 make fewer
-    spec._step_seconds, spec._guess_seconds = 1.0, 0.5  # a draft half as costly as a step
-    assert spec._k(seq) == 0
-    assert [spec._k(seq) for _ in range(PROBE_EVERY)].count(1) == 1
+    spec._step_seconds, spec._guess_seconds = 0.1, 0.005  # a cheap proposer: probes each 16
+    track.rate = 0.01
+    assert [spec._k(seq) for _ in range(2 * PROBE_EVERY)].count(1) == 2
+    spec._guess_seconds = 0.05  # a draft half as costly as a step: probes take 2% of the work
+    track.rate, track.idle = 0.5, 0
+    every = math.ceil((POSITION_COST + 0.5) / PROBE_BUDGET)
+    assert [spec._k(seq) for _ in range(every)] == [0] * (every - 1) + [1]
     track.rate = 0.95  # a draft that good pays even at that cost
     assert spec._k(seq) == 5
     spec._guess_seconds = 0.0

@@ -35,13 +35,14 @@ tokens in one verify row, for 1 + k * c of a decode step's work, where c is one 
 position (``POSITION_COST``) plus the proposer's measured seconds per guessed position over a
 step's measured seconds. The k (up to ``num_speculative_tokens``) with the most tokens per
 work is taken, none when no k beats one token per step, with one guess every ``PROBE_EVERY``
-steps to see the acceptance again. Past ``SpeculativeConfig.max_batch`` decode rows in a step
-nobody speculates: with many rows the forward is bound by compute, and verified positions
-cost as much as decoded tokens.
+steps (more for a costly proposer) to see the acceptance again. Past
+``SpeculativeConfig.max_batch`` decode rows in a step nobody speculates: with many rows the
+forward is bound by compute, and verified positions cost more of a step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -67,9 +68,11 @@ POSITION_COST = 0.025
 # step in the average step and proposer times.
 ACCEPTANCE_DECAY = 0.3
 TIME_DECAY = 0.1
-# Steps a sequence whose guesses do not pay goes without guessing before it tries one again
-# (its acceptance may have changed).
+# A sequence whose guesses do not pay tries one again after PROBE_EVERY steps (its acceptance
+# may have changed), or later for a costly proposer: probes take at most PROBE_BUDGET of the
+# work (an int4 self-draft's guess can cost more than a step).
 PROBE_EVERY = 16
+PROBE_BUDGET = 0.02
 
 
 def check(
@@ -205,7 +208,7 @@ class Speculator:
                 best_k, best = k, tokens / (1 + k * cost)
         if best_k == 0:  # guessing would cost more than it saves; try one now and then
             track.idle += 1
-            if track.idle < PROBE_EVERY:
+            if track.idle < max(PROBE_EVERY, math.ceil(cost / PROBE_BUDGET)):
                 return 0
             track.idle, best_k = 0, 1
         return min(best_k, room)
