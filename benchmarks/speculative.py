@@ -100,21 +100,6 @@ def grounded_prompts(tokenizer, n: int = 4, passage_tokens: int = 120) -> list[l
     raise RuntimeError("the corpus has too few long documents")
 
 
-def decode_rate(run_n, run_1, rounds: int) -> tuple[float, list]:
-    """Decode tok/s of a generation of NEW_TOKENS (``run_n`` returns its tokens) against one of
-    a single token (``run_1``): the median over ``rounds``; and the tokens of the last round."""
-    rates = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run_1()
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens = run_n()
-        whole = time.perf_counter() - start
-        rates.append((NEW_TOKENS - 1) / max(whole - first, 1e-9))
-    return statistics.median(rates), tokens
-
-
 def arlm_runner(lm, prompt, **sampling):
     def run(n):
         return lambda: lm.generate(prompt, max_tokens=n, ignore_eos=True, **sampling).token_ids
@@ -137,19 +122,29 @@ def hf_runner(model, prompt, **kw):
 
 
 def measure(settings: dict, prompts, rounds: int) -> dict:
-    """Per setting: (decode tok/s summed over the prompts as one stream, tokens per prompt)."""
-    results = {}
-    for name, make in settings.items():
-        for prompt in prompts[:1]:  # warm-up: allocation, first calls
-            run_n, run_1 = make(prompt)
-            run_1(), run_n()
-        times, tokens = [], []
-        for prompt in prompts:
-            rate, toks = decode_rate(*make(prompt), rounds)
-            times.append((NEW_TOKENS - 1) / rate)
-            tokens.append(toks)
-        results[name] = (len(prompts) * (NEW_TOKENS - 1) / sum(times), tokens)
-    return results
+    """Per setting: (decode tok/s over the prompts, its tokens per prompt). Each prompt's time
+    is the median over ``rounds`` of (time for NEW_TOKENS) - (time for 1 token); the settings
+    alternate within every round, so the machine's drift falls on all of them alike."""
+    runners = {name: [make(p) for p in prompts] for name, make in settings.items()}
+    for pairs in runners.values():  # warm-up: allocation, first calls
+        pairs[0][1](), pairs[0][0]()
+    times = {name: [[] for _ in prompts] for name in settings}
+    tokens = {name: [None] * len(prompts) for name in settings}
+    for _ in range(rounds):
+        for i in range(len(prompts)):
+            for name in settings:
+                run_n, run_1 = runners[name][i]
+                start = time.perf_counter()
+                run_1()
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                tokens[name][i] = run_n()
+                times[name][i].append(time.perf_counter() - start - first)
+    total = len(prompts) * (NEW_TOKENS - 1)
+    return {
+        name: (total / sum(statistics.median(t) for t in times[name]), tokens[name])
+        for name in settings
+    }
 
 
 def table(title: str, results: dict, base: str, reference: list, notes: dict) -> None:
