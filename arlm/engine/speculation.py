@@ -62,7 +62,8 @@ from arlm.speculative.proposer import Proposer
 from arlm.speculative.rejection import accept_or_resample
 
 # One more position of a verify row, relative to the cost of a decode step (measured on a CPU
-# by benchmarks/speculative.py, "verify rows of 4 wrong guesses": 0.023 at batch 1).
+# by benchmarks/speculative.py, "verify rows of 4 wrong guesses": 0.008 to 0.033 at batch 1
+# over runs on a loaded machine).
 POSITION_COST = 0.025
 # The weight of the latest verification in a sequence's acceptance average, and of the latest
 # step in the average step and proposer times.
