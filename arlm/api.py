@@ -15,6 +15,7 @@ from arlm.config import resolve_dtype
 from arlm.engine import Chunk, Completion, Engine, EngineConfig
 from arlm.engine.contrastive import contrastive_generate
 from arlm.engine.memory import check_weights_fit
+from arlm.engine.speculation import check as check_speculation
 from arlm.engine.tensor_parallel import TensorParallelGroup
 from arlm.formats.checkpoint import load_model
 from arlm.formats.generation_config import sampling_defaults
@@ -25,6 +26,7 @@ from arlm.model.quantize import quantize as quantize_weights
 from arlm.model.transformer import Transformer
 from arlm.placement import auto_dtype, resolve_device
 from arlm.sampling import SamplingParams
+from arlm.speculative import SpeculativeConfig
 from arlm.tokenizer import Tokenizer
 from arlm.validate import check_int
 
@@ -59,7 +61,9 @@ class LM:
     the engine's limits (``EngineConfig``; None: defaults sized from the model and the machine).
     ``sampling_defaults``: ``SamplingParams`` fields that a request given as keywords (here, on
     the command line, or to the server) takes when it does not set them; ``arlm.load`` fills
-    them from the model's generation_config.json. The engine is built at the first generation.
+    them from the model's generation_config.json. ``speculative``: speculative decoding
+    (``arlm.speculative.SpeculativeConfig``), ``draft`` the draft model of its method "draft";
+    a setting that cannot work is refused here. The engine is built at the first generation.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class LM:
         engine_config: EngineConfig | None = None,
         sampling_defaults: dict | None = None,
         tensor_parallel: TensorParallelGroup | None = None,
+        speculative: SpeculativeConfig | None = None,
+        draft: Transformer | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -82,6 +88,16 @@ class LM:
         # the model is whole here
         self.tensor_parallel = tensor_parallel
         self._workers: list = []  # the processes of the other ranks, when this one started them
+        self.speculative, self.draft = speculative, draft
+        if speculative is not None:  # at load, not at the first generation
+            check_speculation(
+                speculative,
+                model.config,
+                self.engine_config.max_model_len or model.config.block_size,
+                windowed=self.cache_config.window is not None,
+                tensor_parallel=tensor_parallel is not None,
+                draft=draft.config if draft is not None else None,
+            )
         self._engine: Engine | None = None
 
     @property
@@ -101,6 +117,8 @@ class LM:
                 self.cache_config,
                 self.engine_config,
                 tensor_parallel=self.tensor_parallel,
+                speculative=self.speculative,
+                draft=self.draft,
             )
         return self._engine
 
@@ -304,6 +322,7 @@ def load(
     preemption_mode: str = "auto",
     enforce_eager: bool = False,
     tensor_parallel_size: int = 1,
+    speculative: SpeculativeConfig | dict | str | None = None,
 ) -> LM | None:
     """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
     model by id (``"org/name"``; a local path of that name wins).
@@ -357,6 +376,12 @@ def load(
     other ranks runs rank 0's engine steps until rank 0 closes it (``LM.close``, or its exit),
     then returns None. In a plain process it starts the other N - 1 processes itself. Only
     generation runs split (not ``score`` or ``logits``), eagerly (no CUDA graphs).
+
+    speculative: speculative decoding, a ``SpeculativeConfig`` or its JSON or dict (vLLM's
+    names): prompt lookup (``{"method": "ngram", "num_speculative_tokens": 4}``) or a draft
+    model (``{"method": "draft", "draft_model": PATH}``, loaded here on the same device and
+    dtype; ``"quantization": "int4"`` with the target's own path is a self-draft). See
+    ``arlm.engine.speculation`` and docs/speculative.md.
     """
     # every argument, for workers that load the same model (arlm.launch)
     arguments = dict(locals())
@@ -375,6 +400,13 @@ def load(
         preemption_mode=preemption_mode,
         enforce_eager=enforce_eager,
     )
+    if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+        speculative = SpeculativeConfig.from_json(speculative)
+    if speculative is not None and tensor_parallel_size != 1:
+        raise ValueError(
+            "speculative decoding does not run with tensor parallelism yet; load with "
+            "tensor_parallel_size=1 or without speculative"
+        )
     if generation_config not in GENERATION_CONFIGS:
         raise ValueError(
             f"generation_config={generation_config!r} is not allowed; it must be one of "
@@ -404,9 +436,51 @@ def load(
         model, tokenizer = load_model(path, device=device, dtype=dtype)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
+    draft = None
+    if speculative is not None and speculative.method == "draft":
+        draft = _load_draft(speculative, tokenizer, device, model.wte.weight.dtype, group_size)
     if tensor_parallel_size != 1:
         return _split(model, tokenizer, cache_config, engine_config, defaults, arguments)
-    return LM(pack(model), tokenizer, cache_config, engine_config, defaults)
+    return LM(
+        pack(model),
+        tokenizer,
+        cache_config,
+        engine_config,
+        defaults,
+        speculative=speculative,
+        draft=draft,
+    )
+
+
+def _load_draft(
+    config: SpeculativeConfig,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    dtype: torch.dtype,
+    group_size: int,
+) -> Transformer:
+    """The draft model of ``config``, on the target's device and dtype, refused unless its
+    tokenizer is the target's."""
+    from arlm.formats import hf
+
+    path = config.draft_model
+    if hf.is_hf_dir(path):
+        draft, draft_tokenizer = hf.load_hf(path, device=device, dtype=dtype)
+    else:
+        draft, draft_tokenizer = load_model(path, device=device, dtype=dtype)
+    same = draft_tokenizer.vocab_size == tokenizer.vocab_size and all(
+        draft_tokenizer.id_to_token(i) == tokenizer.id_to_token(i)
+        for i in range(tokenizer.vocab_size)
+    )
+    if not same:
+        raise ValueError(
+            f"the draft model at {path} has another tokenizer ({draft_tokenizer.vocab_size} ids, "
+            f"the target's {tokenizer.vocab_size}, or other tokens): a draft's guesses are "
+            "token ids, so it must share the target's tokenizer"
+        )
+    if config.quantization is not None:
+        quantize_weights(draft, config.quantization, group_size)
+    return pack(draft)
 
 
 def _split(model, tokenizer, cache_config, engine_config, defaults, arguments) -> LM | None:

@@ -111,6 +111,13 @@ def add_cache_options(p: argparse.ArgumentParser, engine: bool = True) -> None:
     if engine:
         g = p.add_argument_group("engine")
         add_options(g, EngineConfig)
+        g.add_argument(
+            "--speculative-config",
+            metavar="JSON",
+            help='speculative decoding, vLLM\'s fields: {"method": "ngram", '
+            '"num_speculative_tokens": 4} (prompt lookup) or {"method": "draft", "model": PATH} '
+            "(a draft model sharing the tokenizer); see docs/speculative.md (default: off)",
+        )
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:
@@ -120,6 +127,8 @@ def load_kwargs(args: argparse.Namespace) -> dict:
     for name, value in cache.items():  # arlm.load's names for them
         kwargs["kv_cache_dtype" if name == "dtype" else f"kv_{name}"] = value
     kwargs.update(given(args, EngineConfig))
+    if getattr(args, "speculative_config", None) is not None:
+        kwargs["speculative"] = args.speculative_config  # JSON, parsed and checked by load
     if getattr(args, "tensor_parallel_size", 1) != 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs

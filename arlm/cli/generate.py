@@ -20,6 +20,7 @@ from arlm.cli.common import (
     load_kwargs,
     sampling_kwargs,
 )
+from arlm.engine.speculation import summary as speculation_line
 from arlm.formats.prompts import read_prompts
 
 
@@ -159,3 +160,5 @@ def stream(lm, args: argparse.Namespace, params) -> None:
             f"total {time.perf_counter() - started:.2f} s]",
             file=sys.stderr,
         )
+        if lm.speculative is not None:
+            print(f"[{speculation_line(engine)}]", file=sys.stderr)

@@ -25,12 +25,14 @@ from arlm.engine.requests import InvalidRequest, check_params, check_prompt, new
 from arlm.engine.runner import ModelRunner
 from arlm.engine.scheduler import Scheduler
 from arlm.engine.sequence import Sequence, Status
+from arlm.engine.speculation import Speculator, speculator_for
 from arlm.engine.stats import engine_stats
 from arlm.engine.tensor_parallel import TensorParallelGroup, TensorParallelRunner
 from arlm.engine.token_chain import TokenChain
 from arlm.kv_cache.config import CacheConfig
 from arlm.model.transformer import Transformer
 from arlm.sampling.params import SamplingParams
+from arlm.speculative.config import SpeculativeConfig
 from arlm.tokenizer import Tokenizer
 
 __all__ = ["Engine", "EngineConfig", "InvalidRequest"]
@@ -39,7 +41,8 @@ __all__ = ["Engine", "EngineConfig", "InvalidRequest"]
 class Engine:
     """Continuous batching over ``model``; see the module docstring. ``tensor_parallel``: the
     ranks ``model`` is split over, this one rank 0 (``arlm.engine.tensor_parallel``); None: the
-    model is whole here."""
+    model is whole here. ``speculative``: speculative decoding (``arlm.engine.speculation``),
+    with ``draft`` the draft model for its method "draft"."""
 
     def __init__(
         self,
@@ -48,6 +51,8 @@ class Engine:
         cache_config: CacheConfig | None = None,
         config: EngineConfig | None = None,
         tensor_parallel: TensorParallelGroup | None = None,
+        speculative: SpeculativeConfig | None = None,
+        draft: Transformer | None = None,
     ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = model.wte.weight.device
@@ -92,6 +97,10 @@ class Engine:
         self.end_ids = frozenset(t for t in tokenizer.eos_token_ids if 0 <= t < vocab)
         limit = None if self.max_len is None else min(self.max_len, self.context)
         self.chain = TokenChain(tokenizer, vocab, self.device, limit, self._finish, self._rollback)
+        self.speculator: Speculator | None = None  # arlm.engine.speculation
+        if speculative is not None:
+            tp = tensor_parallel is not None
+            self.speculator = speculator_for(speculative, self, draft, sizes.max_num_seqs, tp)
         if self.eager_reason is None:
             self.use_decode_graphs(capture=True)
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
@@ -184,11 +193,13 @@ class Engine:
         for seqs in list(self.requests.values()):
             for seq in [s for s in seqs if s.finished]:
                 self._emit(outputs, seq, [])  # finished before running (max_tokens 0)
-        batch = self.scheduler.schedule()
+        guesses = self.speculator.propose(self.scheduler.running) if self.speculator else None
+        batch = self.scheduler.schedule(guesses)
         if batch:
             self.steps += 1
             orders = self.block_manager.take_orders() if self.block_manager else None
             logits, rows, scored = self.runner.run(batch, orders)
+            logits, verify_logits = logits[: len(rows)], logits[len(rows) :]
             if scored is not None:  # prompt log-probabilities (arlm.engine.prompt_logprobs)
                 scored.record()
             if self.block_manager is not None:  # only a prefill completes prompt blocks
@@ -202,6 +213,9 @@ class Engine:
                 logits, rows = logits[keep], [rows[i] for i in keep]
             for seq, chunks in self.chain.run(logits, rows):
                 self._emit(outputs, seq, chunks)
+            if batch.verify:
+                for seq, chunks in self.speculator.verify(verify_logits, batch.verify):
+                    self._emit(outputs, seq, chunks)
         return list(outputs.values())
 
     def _rollback(self, seq: Sequence) -> None:
@@ -217,6 +231,8 @@ class Engine:
         seq.finish_reason, seq.error = reason, error
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
+        if self.speculator is not None:  # a draft model's cache lets it go
+            self.speculator.release(seq)
 
     def _emit(self, outputs: dict[int, RequestOutput], seq: Sequence, chunks: list) -> None:
         key = id(seq)

@@ -23,6 +23,13 @@ class Usage:
     cached_prompt_tokens: int = 0  # prompt positions reused from the prefix cache
     kv_cache_bytes: int = 0  # its KV blocks at their most (whole blocks)
     kv_cache_peak_bytes: int = 0  # of those, the bytes its positions filled
+    spec_draft_tokens: int = 0  # speculative guesses verified
+    spec_accepted_tokens: int = 0  # of those, accepted (each saved a forward)
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """The share of speculative guesses accepted (0 without speculation)."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
 
     @property
     def prefill_tokens_per_second(self) -> float:

@@ -138,13 +138,17 @@ class ModelRunner:
         self, batch: ScheduledBatch, orders: Orders | None
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         """Carry out ``orders``, forward ``batch`` and advance its rows' ``num_cached``; the
-        next-token logits (K, vocab) of the K rows that sample, those rows' sequences in the
-        same order, and the prompt positions scored for prompt log-probabilities with their
-        logits (None when no sequence asked: ``arlm.engine.prompt_logprobs``)."""
+        next-token logits (K, vocab) of the K rows that sample, followed by those of every
+        position of the verify rows (1 + guesses each, in ``batch.verify`` order), the K rows'
+        sequences in the same order, and the prompt positions scored for prompt
+        log-probabilities with their logits (None when no sequence asked:
+        ``arlm.engine.prompt_logprobs``)."""
         self.apply(orders)
         logits, rows, scored = self._forward(batch)
         for seq in batch.decode:
             seq.num_cached += 1
+        for seq, guesses in batch.verify:
+            seq.num_cached += 1 + len(guesses)
         for seq, n in batch.prefill:
             seq.num_cached += n
         return logits, rows, scored
@@ -152,7 +156,7 @@ class ModelRunner:
     def _forward(
         self, batch: ScheduledBatch
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
-        if self.decode_graphs is not None and not batch.prefill:
+        if self.decode_graphs is not None and not batch.prefill and not batch.verify:
             rows = batch.decode
             logits = self.decode_graphs.run(
                 [s.token_ids[s.num_cached] for s in rows],
@@ -165,6 +169,12 @@ class ModelRunner:
             tokens.append(seq.token_ids[seq.num_cached])
             select.append(len(select))
             rows.append(seq)
+        # verify rows: the pending token and the guesses, logits at every one of them, after
+        # the rows that sample (arlm.engine.speculation)
+        verify_select = []
+        for seq, guesses in batch.verify:
+            verify_select += range(len(tokens), len(tokens) + 1 + len(guesses))
+            tokens += [seq.token_ids[seq.num_cached], *guesses]
         # prompt positions scored for prompt log-probabilities: their rows follow the sampling
         # rows in logits_at
         scored, scored_select = PromptRows(), []
@@ -189,7 +199,8 @@ class ModelRunner:
             return logits[0, : len(rows)].float(), rows, None
         layout = StepLayout(
             [PagedRow(s.block_table, s.num_cached, 1) for s in batch.decode],
-            [PagedRow(s.block_table, s.num_cached, n) for s, n in batch.prefill],
+            [PagedRow(s.block_table, s.num_cached, 1 + len(g)) for s, g in batch.verify]
+            + [PagedRow(s.block_table, s.num_cached, n) for s, n in batch.prefill],
         )
         positions = to_device([layout.positions()], torch.long, self.device)
         seq_ends = None
@@ -199,11 +210,12 @@ class ModelRunner:
             idx,
             kv_cache=self.cache.step(layout),
             positions=positions,
-            logits_at=to_device(select + scored_select, torch.long, self.device),
+            logits_at=to_device(select + verify_select + scored_select, torch.long, self.device),
             seq_ends=seq_ends,
         )
         logits = logits[0].float()
         if not scored_select:
             return logits, rows, None
-        scored.logits = logits[len(select) :]
-        return logits[: len(select)], rows, scored
+        sampled = len(select) + len(verify_select)
+        scored.logits = logits[sampled:]
+        return logits[:sampled], rows, scored

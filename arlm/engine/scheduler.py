@@ -41,17 +41,20 @@ PREEMPTION_MODES = ("auto", "recompute", "swap")
 @dataclass
 class ScheduledBatch:
     """One forward: ``decode`` rows feed one position; ``prefill`` rows feed ``n`` positions
-    from their ``num_cached``."""
+    from their ``num_cached``; ``verify`` rows feed their pending token and their guessed ones
+    (speculative decoding, ``arlm.engine.speculation``)."""
 
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)
+    verify: list[tuple[Sequence, list[int]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decode) + sum(n for _, n in self.prefill)
+        spec = sum(1 + len(g) for _, g in self.verify)
+        return len(self.decode) + sum(n for _, n in self.prefill) + spec
 
     def __bool__(self) -> bool:
-        return bool(self.decode or self.prefill)
+        return bool(self.decode or self.prefill or self.verify)
 
 
 class Scheduler:
@@ -85,7 +88,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, guesses: dict[Sequence, list[int]] | None = None) -> ScheduledBatch:
+        """The next forward's rows. ``guesses``: speculative tokens for decoding sequences; a
+        decode row verifies them where the token budget and free blocks allow."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
@@ -96,6 +101,8 @@ class Scheduler:
                 else:
                     preempted = True
         budget -= len(batch.decode)
+        if guesses and not preempted:
+            budget = self._speculate(batch, guesses, budget)
         for seq in list(self.running):
             if seq.status is Status.RUNNING and seq.num_pending > 1 and budget > 0:
                 n = min(seq.num_pending, budget)
@@ -107,6 +114,7 @@ class Scheduler:
         if preempted:  # a sequence scheduled above may have been preempted since
             batch.decode = [s for s in batch.decode if s.status is Status.RUNNING]
             batch.prefill = [(s, n) for s, n in batch.prefill if s.status is Status.RUNNING]
+            batch.verify = [(s, g) for s, g in batch.verify if s.status is Status.RUNNING]
             return batch
         bm = self.block_manager
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -134,6 +142,27 @@ class Scheduler:
             batch.prefill.append((seq, n))
             budget -= n
         return batch
+
+    def _speculate(self, batch: ScheduledBatch, guesses: dict, budget: int) -> int:
+        """Turn decode rows with guesses into verify rows, the guesses cut to the token budget
+        left and to blocks free past the admission watermark (a guess never preempts anyone);
+        the budget left after them."""
+        bm, decode = self.block_manager, []
+        for seq in batch.decode:
+            extra = guesses.get(seq, [])[: max(budget, 0)]
+            if extra and bm is not None:
+                need = bm.blocks_for(len(seq.token_ids) + len(extra)) - len(seq.block_table)
+                if bm.num_free_blocks - need < bm.watermark or not bm.ensure(
+                    seq, len(seq.token_ids) + len(extra)
+                ):
+                    extra = []
+            if extra:
+                batch.verify.append((seq, extra))
+                budget -= len(extra)
+            else:
+                decode.append(seq)
+        batch.decode = decode
+        return budget
 
     def _run(self, seq: Sequence) -> None:
         if seq.scheduled_time is None:

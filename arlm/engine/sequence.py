@@ -53,6 +53,8 @@ class Sequence:
     host_table: list[int] = field(default_factory=list)
     peak_blocks: int = 0
     cached_prompt_tokens: int = 0
+    spec_draft_tokens: int = 0  # speculative guesses verified (arlm.engine.speculation)
+    spec_accepted_tokens: int = 0  # of those, accepted
 
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # one per prompt token after the first, when params.prompt_logprobs is set
@@ -114,6 +116,8 @@ class Sequence:
             cached_prompt_tokens=self.cached_prompt_tokens,
             kv_cache_bytes=kv_cache_bytes,
             kv_cache_peak_bytes=kv_cache_peak_bytes,
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
         )
 
     def closing_chunk(self, usage: Usage) -> Chunk:

@@ -140,6 +140,11 @@ class TensorParallelRunner:
     def restart(self, seq: Sequence) -> None:
         self.inner.restart(seq)
 
+    def preallocate(self, max_num_seqs: int, max_len: int) -> None:
+        # every rank's pool, so no rank touches new memory mid-service
+        self.group.broadcast(("preallocate", max_num_seqs, max_len))
+        self.inner.preallocate(max_num_seqs, max_len)
+
     def run(self, batch: ScheduledBatch, orders: Orders | None):
         self.group.broadcast(("step", orders, *_rows(batch)))
         return self.inner.run(batch, orders)
@@ -154,6 +159,9 @@ def run_worker(model: Transformer, group: TensorParallelGroup) -> None:
             return
         if kind == "runner":  # a new engine on rank 0: a new cache here, the same size
             runner = ModelRunner(model, *body)
+            continue
+        if kind == "preallocate":
+            runner.preallocate(*body)
             continue
         orders, decode, prefill = body
         runner.run(_batch(decode, prefill), orders)

@@ -43,6 +43,13 @@ log = logging.getLogger("arlm.engine")
 
 # finish(seq, reason, error): end a sequence (the engine's scheduler frees its blocks)
 Finish = Callable[[Sequence, str, str | None], None]
+# draw(processed logits (B, vocab), their sequences) -> one token per row (B,)
+Draw = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]
+
+
+def draw_samples(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Each row's token by its own settings and generator (``arlm.sampling.sampler.sample``)."""
+    return sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
 
 
 class TokenChain:
@@ -106,11 +113,14 @@ class TokenChain:
             grammar=grammar,
         )
 
-    def run(self, logits: torch.Tensor, rows: list[Sequence]) -> list[tuple[Sequence, list]]:
+    def run(
+        self, logits: torch.Tensor, rows: list[Sequence], draw: Draw = draw_samples
+    ) -> list[tuple[Sequence, list]]:
         """Sample and apply one token to each row; (sequence, the chunks it made final) for
-        every row, including those that failed (no chunks)."""
+        every row, including those that failed (no chunks). ``draw`` picks the tokens from the
+        processed logits (speculative decoding's rejection rule replaces it)."""
         out, now = [], time.perf_counter()
-        for seq, token, logprob in self._sample(logits, rows):
+        for seq, token, logprob in self._sample(logits, rows, draw):
             if seq.first_token_time is None:
                 seq.first_token_time = now
             try:
@@ -123,7 +133,7 @@ class TokenChain:
         out += [(seq, []) for seq in rows if id(seq) not in done]  # their sampling failed
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence]):
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence], draw: Draw):
         """(sequence, token, logprob or None) per row; a row whose processing, sampling or
         logprobs fail, or that leaves no token possible, finishes with finish_reason "error" and
         gets no token."""
@@ -149,12 +159,12 @@ class TokenChain:
             processed = processed.index_select(0, to_device(kept, torch.long, logits.device))
         seqs = [rows[i] for i in kept]
         try:
-            drawn = self._draw(logits, processed, kept, seqs, checked)
+            drawn = self._draw(logits, processed, kept, seqs, checked, draw)
         except Exception:
             # find the row at fault: draw each alone (the rare path; the rows' generators may
             # have moved on in the failed batch)
             drawn = [
-                self._draw_row(logits[i : i + 1], processed[j : j + 1], seq, j in checked)
+                self._draw_row(logits[i : i + 1], processed[j : j + 1], seq, j in checked, draw)
                 for j, (i, seq) in enumerate(zip(kept, seqs, strict=True))
             ]
         out = []
@@ -167,11 +177,13 @@ class TokenChain:
             out.append((seq, token, logprob))
         return out
 
-    def _draw(self, logits, processed, kept: list[int], seqs: list[Sequence], checked: list[int]):
+    def _draw(
+        self, logits, processed, kept: list[int], seqs: list[Sequence], checked: list[int], draw
+    ):
         """(sequence, token, any token possible, logprob or None) for the rows ``kept`` of
         ``logits`` (raw) and ``processed`` (one row each), in one batch and one host copy."""
         device = logits.device
-        tokens = sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = draw(processed, seqs)
         fetch = [tokens]
         if checked:
             some = processed.index_select(0, to_device(checked, torch.long, device))
@@ -194,11 +206,11 @@ class TokenChain:
                 logprobs[j] = lp
         return list(zip(seqs, host[0], possible, logprobs, strict=True))
 
-    def _draw_row(self, raw: torch.Tensor, row: torch.Tensor, seq: Sequence, check: bool):
+    def _draw_row(self, raw: torch.Tensor, row: torch.Tensor, seq: Sequence, check: bool, draw):
         """``_draw`` of one row (1, vocab) alone; its token is None when that fails (and the
         sequence has failed)."""
         try:
-            token = int(sample(row, [seq.params], [seq.generator])[0])
+            token = int(draw(row, [seq])[0])
             possible = not check or bool(torch.isfinite(row).any())
             logprob = None
             if seq.params.logprobs is not None:

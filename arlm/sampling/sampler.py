@@ -145,8 +145,30 @@ def sample(
     if not drawn:
         return tokens
     rows = to_device(drawn, torch.long, logits.device)
-    x = logits.index_select(0, rows)
-    ps = [params[b] for b in drawn]
+    x = _filtered(logits.index_select(0, rows), [params[b] for b in drawn])
+    # inverse transform sampling: one uniform number per row from the row's own generator,
+    # located in the row's cumulative distribution (torch.multinomial draws a whole vocabulary
+    # of exponentials per row: 0.8 ms a row for GPT-2's 50k tokens here)
+    cdf = x.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.cat(
+        [torch.rand(1, generator=generators[b], device=x.device, dtype=cdf.dtype) for b in drawn]
+    )
+    # right=True skips tokens of probability 0, whose interval of the cdf is empty
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return tokens.index_copy_(0, rows, picked.clamp_(max=x.size(-1) - 1))
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``sample`` draws one row's token from: (vocab,) probabilities of
+    ``logits`` (1, vocab), already processed, after temperature and the filters (one-hot at the
+    argmax for greedy decoding)."""
+    if params.temperature < MIN_SAMPLING_TEMPERATURE:
+        return torch.nn.functional.one_hot(logits[0].argmax(), logits.size(-1)).to(logits.dtype)
+    return _filtered(logits, [params]).softmax(dim=-1)[0]
+
+
+def _filtered(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
+    """Rows ``x`` (B, vocab) divided by their temperature, then each filter a row asks for."""
     x = x / _column([p.temperature for p in ps], x)
     # each filter runs once for all rows when any row asks for it
     if any(p.top_k for p in ps):
@@ -159,16 +181,7 @@ def sample(
         x = min_p_filter(x, _column([p.min_p for p in ps], x))
     if any(p.typical_p < 1 for p in ps):
         x = typical_filter(x, _column([p.typical_p for p in ps], x))
-    # inverse transform sampling: one uniform number per row from the row's own generator,
-    # located in the row's cumulative distribution (torch.multinomial draws a whole vocabulary
-    # of exponentials per row: 0.8 ms a row for GPT-2's 50k tokens here)
-    cdf = x.softmax(dim=-1).cumsum(dim=-1)
-    u = torch.cat(
-        [torch.rand(1, generator=generators[b], device=x.device, dtype=cdf.dtype) for b in drawn]
-    )
-    # right=True skips tokens of probability 0, whose interval of the cdf is empty
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    return tokens.index_copy_(0, rows, picked.clamp_(max=x.size(-1) - 1))
+    return x
 
 
 def logprob_tensors(

@@ -6,7 +6,8 @@ sequence's mean after its first token), end-to-end latency, queue time, prompt a
 token counts, and requests by finish reason. Gauges and engine counters are read from the
 engine's latest ``stats()`` at each scrape: running, waiting and swapped-out sequences, KV-cache
 usage (blocks held over all blocks), prefix-cache queries and hits (in tokens), blocks brought
-back from the host tier, preemptions (``arlm.engine.scheduler``), loops detected and broken.
+back from the host tier, preemptions (``arlm.engine.scheduler``), loops detected and broken, and
+with speculative decoding vLLM's ``spec_decode`` counters (``arlm.engine.speculation``).
 """
 
 from __future__ import annotations
@@ -145,5 +146,35 @@ class _EngineCollector:
             "loops_detected": ("Loops the detector reported.", s["loops_detected"]),
             "loops_broken": ("Loops the break policy broke.", s["loops_broken"]),
         }
+        if "spec_decode_num_drafts" in s:  # speculative decoding (arlm.engine.speculation)
+            counters.update(
+                spec_decode_num_drafts=(
+                    "Verify rows (speculating steps of a sequence).",
+                    s["spec_decode_num_drafts"],
+                ),
+                spec_decode_num_draft_tokens=(
+                    "Speculative guesses verified.",
+                    s["spec_decode_num_draft_tokens"],
+                ),
+                spec_decode_num_accepted_tokens=(
+                    "Speculative guesses accepted.",
+                    s["spec_decode_num_accepted_tokens"],
+                ),
+                spec_decode_draft_seconds=(
+                    "Seconds spent in the proposer.",
+                    s["spec_decode_draft_seconds"],
+                ),
+            )
         for name, (text, value) in counters.items():
             yield CounterMetricFamily(p + name, text, value=value)
+        if "spec_decode_num_drafts" in s:
+            by_pos = CounterMetricFamily(
+                p + "spec_decode_num_accepted_tokens_per_pos",
+                "Speculative guesses accepted, by their position in the guessed run (0: first).",
+                labels=["position"],
+            )
+            i = 0
+            while (n := s.get(f"spec_decode_num_accepted_tokens_pos_{i}")) is not None:
+                by_pos.add_metric([str(i)], n)
+                i += 1
+            yield by_pos
