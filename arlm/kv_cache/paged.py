@@ -307,14 +307,10 @@ class PagedStep:
     ) -> torch.Tensor:
         # q: (1, n_head, N, hd); k, v: (1, n_kv_head, N, hd), the layout's tokens in order
         cache = self.cache
-        codec, hd = cache.codec, cache.head_dim
+        hd = cache.head_dim
         scale = hd**-0.5 if scale is None else scale
         k_planes, v_planes = cache.k[layer], cache.v[layer]
-        for planes, x in ((k_planes, k), (v_planes, v)):
-            new = x[0].transpose(0, 1)  # (N, n_kv_head, hd)
-            for plane, part in zip(planes, codec.encode(new), strict=True):
-                flat = plane.view(-1, plane.size(-1))
-                flat.index_copy_(0, self._write, part.reshape(-1, part.size(-1)).to(plane.dtype))
+        _store(cache, layer, k, v, self._write)
         out = []
         nd = self.n_decode
         if nd:
@@ -383,6 +379,19 @@ class PagedStep:
         queries = q[0].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
         y = sdpa(queries, keys, values, visible[:, None, None, :], scale)
         return y[:, :, 0].transpose(0, 1)[None]
+
+
+def _store(
+    cache: PagedKVCache, layer: int, k: torch.Tensor, v: torch.Tensor, cells: torch.Tensor
+) -> None:
+    """Write a forward's new keys and values, (1, n_kv_head, N, hd), through the codec into
+    ``layer``'s planes seen as rows of (blocks * n_kv_head * block_size, width): token t's
+    head h at row ``cells[t * n_kv_head + h]``. One indexed copy per plane."""
+    for planes, x in ((cache.k[layer], k), (cache.v[layer], v)):
+        new = x[0].transpose(0, 1)  # (N, n_kv_head, hd)
+        for plane, part in zip(planes, cache.codec.encode(new), strict=True):
+            flat = plane.view(-1, plane.size(-1))
+            flat.index_copy_(0, cells, part.reshape(-1, part.size(-1)).to(plane.dtype))
 
 
 def _work(dtype: torch.dtype) -> torch.dtype:
@@ -462,9 +471,7 @@ class StaticDecode:
         cache = self.cache
         hd = cache.head_dim
         (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
-        for plane, x in ((k_plane, k), (v_plane, v)):
-            new = x[0].transpose(0, 1).reshape(-1, hd)  # (B * n_kv_head, hd)
-            plane.view(-1, hd).index_copy_(0, self._write, new.to(plane.dtype))
+        _store(cache, layer, k, v, self._write)
         scale = hd**-0.5 if scale is None else scale
         y = decode_attention(
             q[0].transpose(0, 1), k_plane, v_plane, self._tables, self._lengths, scale
