@@ -14,7 +14,6 @@ from arlm.tokenizer import Tokenizer
 from arlm.train import TrainConfig, Trainer
 from arlm.train.corpus import builtin_documents
 
-
 # Session fixtures that cost seconds: every test that uses one runs on the same xdist worker, so
 # each is built once per run, not once per worker.
 SHARED_ON_ONE_WORKER = ("trained_run", "docs_results")
