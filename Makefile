@@ -19,9 +19,9 @@ demo: $(VENV)/.installed
 		--top-k 50 --seed 0 --stats
 
 # two workers (pytest-xdist): subprocess-heavy tests overlap with compute; tests/conftest.py
-# groups the tests that share an expensive fixture onto one worker
+# keeps each file's tests, and all users of the trained model, on one worker each
 test: $(VENV)/.installed
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check arlm tests benchmarks

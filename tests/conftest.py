@@ -1,5 +1,5 @@
 """Shared fixtures: a tokenizer and a small run trained once per test session; and how the
-suite shares two cores under pytest-xdist (``make test`` runs ``pytest -n 2 --dist loadgroup``)."""
+suite shares two cores under pytest-xdist (``make test`` runs ``pytest -n 2 --dist loadfile``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from arlm.tokenizer import Tokenizer
 from arlm.train import TrainConfig, Trainer
 from arlm.train.corpus import builtin_documents
 
-# Session fixtures that cost seconds: every test that uses one runs on the same xdist worker, so
-# each is built once per run, not once per worker.
-SHARED_ON_ONE_WORKER = ("trained_run", "docs_results")
+# The files whose tests use ``trained_run``: under ``make test`` (``pytest -n 2 --dist loadfile``)
+# they run on one worker, so the model is trained once per run, not once per worker. Collection
+# fails if a test elsewhere takes the fixture, so this list cannot silently go stale.
+TRAINED_RUN_FILES = ("tests/test_bench.py", "tests/test_cli.py", "tests/test_quantize.py",
+                     "tests/test_train.py")  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,24 +30,38 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups off the items
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for ``--dist loadgroup``: the users of an expensive session fixture share one
-    worker; so do the tests of a module whose module-scoped fixtures they use (a live server, a
-    torchrun baseline, a model), so each module fixture is built once. Other tests go wherever
-    a worker is free."""
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        if fixtures is None:
-            continue
-        shared = [name for name in SHARED_ON_ONE_WORKER if name in fixtures.name2fixturedefs]
-        module_scoped = any(
-            d.scope == "module" for defs in fixtures.name2fixturedefs.values() for d in defs
+    strays = sorted(
+        {
+            item.nodeid.split("::")[0]
+            for item in items
+            if "trained_run" in getattr(item, "fixturenames", ())
+            and item.nodeid.split("::")[0] not in TRAINED_RUN_FILES
+        }
+    )
+    if strays:
+        raise pytest.UsageError(
+            f"{', '.join(strays)} use trained_run: add them to TRAINED_RUN_FILES in "
+            "tests/conftest.py (its users share one xdist worker)"
         )
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-        elif module_scoped:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; without xdist it is never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile`` with the files of ``TRAINED_RUN_FILES`` as one unit. A file's tests
+    share a worker, so a module-scoped fixture (a live server, a torchrun baseline) and the docs
+    runner are built once. (``--dist loadgroup`` would say this with markers, but xdist 3.8
+    writes the group into ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class TrainedRunTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "trained_run" if file in TRAINED_RUN_FILES else file
+
+    return TrainedRunTogether(config, log)
 
 
 @pytest.fixture(scope="session")
