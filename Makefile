@@ -18,8 +18,10 @@ demo: $(VENV)/.installed
 	$(BIN)/arlm generate $(RUN) "The for statement" --max-tokens 80 --temperature 0.8 \
 		--top-k 50 --seed 0 --stats
 
+# two workers (pytest-xdist): subprocess-heavy tests overlap with compute; tests/conftest.py
+# keeps each file's tests, and all users of the trained model, on one worker each
 test: $(VENV)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check arlm tests benchmarks

@@ -1,6 +1,9 @@
-"""Shared fixtures: a tokenizer and a small run trained once per test session."""
+"""Shared fixtures: a tokenizer and a small run trained once per test session; and how the
+suite shares two cores under pytest-xdist (``make test`` runs ``pytest -n 2 --dist loadfile``)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -10,6 +13,55 @@ from arlm.model import Transformer
 from arlm.tokenizer import Tokenizer
 from arlm.train import TrainConfig, Trainer
 from arlm.train.corpus import builtin_documents
+
+# The files whose tests use ``trained_run``: under ``make test`` (``pytest -n 2 --dist loadfile``)
+# they run on one worker, so the model is trained once per run, not once per worker. Collection
+# fails if a test elsewhere takes the fixture, so this list cannot silently go stale.
+TRAINED_RUN_FILES = ("tests/test_bench.py", "tests/test_cli.py", "tests/test_quantize.py",
+                     "tests/test_train.py")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # two workers on two cores: one intra-op thread each (the tiny models gain nothing from
+        # more, and OpenMP threads of two processes fighting over two cores stall each other);
+        # servers and training runs that a test starts inherit the same
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    strays = sorted(
+        {
+            item.nodeid.split("::")[0]
+            for item in items
+            if "trained_run" in getattr(item, "fixturenames", ())
+            and item.nodeid.split("::")[0] not in TRAINED_RUN_FILES
+        }
+    )
+    if strays:
+        raise pytest.UsageError(
+            f"{', '.join(strays)} use trained_run: add them to TRAINED_RUN_FILES in "
+            "tests/conftest.py (its users share one xdist worker)"
+        )
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; without xdist it is never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile`` with the files of ``TRAINED_RUN_FILES`` as one unit. A file's tests
+    share a worker, so a module-scoped fixture (a live server, a torchrun baseline) and the docs
+    runner are built once. (``--dist loadgroup`` would say this with markers, but xdist 3.8
+    writes the group into ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class TrainedRunTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "trained_run" if file in TRAINED_RUN_FILES else file
+
+    return TrainedRunTogether(config, log)
 
 
 @pytest.fixture(scope="session")

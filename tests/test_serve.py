@@ -489,6 +489,10 @@ def test_sigterm_drains_running_requests_then_exits_zero(tokenizer, tmp_path):
             str(port),
             "--log-level",
             "warning",
+            # the drain waits for the request, however slowly a loaded machine decodes its
+            # 1,500 tokens (30 s by default, which a busy 2-core machine overran)
+            "--drain-timeout",
+            "110",
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
