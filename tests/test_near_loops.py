@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arlm.api import LM
@@ -54,17 +54,19 @@ def found_bound(p: int, k: int, config: NearLoopConfig) -> bool:
 RULES = [CONFIG, NearLoopConfig(window=160, ngram=3, min_overlap=0.5)]
 
 
+def inside_bound(config: NearLoopConfig) -> list[tuple[int, int]]:
+    """Every (period up to 40, edits per copy up to 3) inside the rule's guarantee; a copy
+    keeps at least one of its tokens. Drawn from directly: under the default's short window
+    most pairs are outside, and filtering them out trips Hypothesis's health check."""
+    pairs = [(p, k) for p in range(1, 41) for k in range(min(3, p - 1) + 1)]
+    return [(p, k) for p, k in pairs if found_bound(p, k, config)]
+
+
 @pytest.mark.parametrize("config", RULES, ids=["default", "wide"])
 @settings(max_examples=150, deadline=None)
-@given(
-    p=st.integers(1, 40),
-    k=st.integers(0, 3),
-    lead=st.integers(0, 40),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_a_cycle_with_k_edits_per_copy_is_found(config, p, k, lead, seed):
-    k = min(k, p - 1)  # a copy keeps at least one of its tokens
-    assume(found_bound(p, k, config))  # inside the rule's guarantee
+@given(data=st.data(), lead=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_a_cycle_with_k_edits_per_copy_is_found(config, data, lead, seed):
+    p, k = data.draw(st.sampled_from(inside_bound(config)), label="period, edits")
     rng = random.Random(seed)
     pattern = rng.sample(CYCLE_IDS, p)  # distinct tokens: the clean cycle has p distinct n-grams
     prefix = [rng.choice(EDIT_IDS) for _ in range(lead)]
