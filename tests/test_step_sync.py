@@ -157,7 +157,7 @@ class HostDeviceAudit(TorchFunctionMode):
         return "?"
 
 
-def _requests() -> list[tuple[list[int], SamplingParams]]:
+def processor_requests() -> list[tuple[list[int], SamplingParams]]:
     """Rows that each switch on processors of the sampling side; the prompt repeats itself so
     that DRY and the n-gram ban have work from the first token on."""
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
@@ -202,7 +202,7 @@ def test_the_sampling_side_of_a_step_never_waits_for_the_device(tokenizer, monke
     monkeypatch.setattr(TokenChain, "run", recorded_run)
     with audit:  # from the engine's start, so the tensors made for requests are classified
         engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
-        for prompt, params in _requests():
+        for prompt, params in processor_requests():
             engine.add_request(prompt, params)
         steps = 0
         while engine.has_unfinished():
