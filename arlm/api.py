@@ -321,6 +321,7 @@ def load(
     kv_offload_gib: float = 0.0,
     preemption_mode: str = "auto",
     enforce_eager: bool = False,
+    async_scheduling: bool | None = None,
     tensor_parallel_size: int = 1,
     speculative: SpeculativeConfig | dict | str | None = None,
 ) -> LM | None:
@@ -368,7 +369,9 @@ def load(
     kv_offload_gib: host memory for KV blocks the pool evicts or swaps out (0: none);
     preemption_mode: ``auto``, ``recompute`` or ``swap``, how a sequence gives its blocks up
     when the pool runs out; enforce_eager: no CUDA graphs for decode steps (see
-    ``arlm.engine.cuda_graphs``).
+    ``arlm.engine.cuda_graphs``); async_scheduling: launch each decode step before the host
+    has seen the one before's tokens (None: on CUDA wherever it can; see
+    ``arlm.engine.overlap``).
 
     tensor_parallel_size: split the model over this many processes (``arlm.launch``), each
     holding its share of every layer's heads and MLP columns and its heads' KV cache. Under
@@ -399,6 +402,7 @@ def load(
         kv_offload_gib=kv_offload_gib,
         preemption_mode=preemption_mode,
         enforce_eager=enforce_eager,
+        async_scheduling=async_scheduling,
     )
     if speculative is not None and not isinstance(speculative, SpeculativeConfig):
         speculative = SpeculativeConfig.from_json(speculative)

@@ -29,20 +29,37 @@ def pinned_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+class HostCopy:
+    """A device-to-host copy of some tensors, queued on the stream and not yet waited for:
+    ``wait`` returns them on the CPU. On the CPU there is nothing to wait for."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._shapes = [(t.shape, t.dtype) for t in tensors]
+        self._done: torch.cuda.Event | None = None
+        if not tensors or tensors[0].device.type != "cuda":
+            self._host = [t.cpu() for t in tensors]
+            return
+        # one flat float64 buffer: one copy, and integers exact up to 2**53
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        self._flat = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        self._flat.copy_(flat, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def wait(self) -> list[torch.Tensor]:
+        """The tensors on the CPU, once the copy is done (the host waits for the GPU here)."""
+        if self._done is None:
+            return self._host
+        self._done.synchronize()
+        out, offset = [], 0
+        for shape, dtype in self._shapes:
+            n = shape.numel()
+            out.append(self._flat[offset : offset + n].view(shape).to(dtype))
+            offset += n
+        return out
+
+
 def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The ``tensors`` on the CPU, moved in one device-to-host copy: the step's one wait for the
     GPU. Integer values round-trip exactly (as float64, up to 2**53)."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return [t.cpu() for t in tensors]
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    out, offset = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append(host[offset : offset + n].view(t.shape).to(t.dtype))
-        offset += n
-    return out
+    return HostCopy(tensors).wait()

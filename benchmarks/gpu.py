@@ -14,6 +14,9 @@ Sections (each guarded: a failure prints an error line and the others go on):
 - decode: batch-1 greedy decode of 256 tokens after a 64-token prompt: ``lm.generate``,
   transformers' ``generate`` (eager), and ``generate`` with a static cache and
   ``torch.compile`` (``cache_implementation="static"``), after a warm-up run each;
+- steps: 64 sequences decoding, 20 steady ``Engine.step`` calls under ``torch.profiler``: wall
+  time per step against the device's busy time (the sum of its kernels' and copies' times),
+  with overlap scheduling (``async_scheduling``, the default on CUDA) and without;
 - offline: 256 requests, prompts of 64 to 512 tokens, 128 new tokens each, greedy, through
   ``lm.generate`` of the whole list at max_num_seqs 64 and 256, and transformers' continuous
   batching at the same caps (``benchmarks/peers/transformers_cb.py``);
@@ -67,14 +70,14 @@ from pathlib import Path
 import torch
 
 import arlm
-from arlm.engine import AsyncEngine, EngineConfig
+from arlm.engine import AsyncEngine, Engine, EngineConfig
 from arlm.model.packing import weight_bytes
 from arlm.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
 import transformers_cb  # noqa: E402
 
-SECTIONS = ("bandwidth", "decode", "offline", "tpot", "train", "speculative")
+SECTIONS = ("bandwidth", "decode", "steps", "offline", "tpot", "train", "speculative")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class Sizes:
     streams: tuple[int, int] = (1, 64)  # tpot: alone, under load
     serve_streams: tuple[int, ...] = (1, 16, 64)
     stream_new: int = 128
+    step_seqs: int = 64  # steps: the decode steps profiled
+    step_count: int = 20
     max_model_len: int = 1024
     train: dict | None = None  # TrainConfig shape keywords
     train_batch: int = 16
@@ -149,6 +154,8 @@ TINY = Sizes(
     streams=(1, 4),
     serve_streams=(1, 4),
     stream_new=8,
+    step_seqs=4,
+    step_count=3,
     max_model_len=64,
     train=dict(preset="tiny", n_layer=2, n_embd=64, n_head=4, block_size=64, vocab_size=512),
     train_batch=2,
@@ -280,6 +287,50 @@ def decode(ctx: dict) -> dict:
         out["hf_static_compile_tok_s"] = sizes.new / seconds
     except Exception as e:  # noqa: BLE001 (the peer's failure is reported, not fatal)
         out["hf_static_compile_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def steps(ctx: dict) -> dict:
+    """Steady decode steps of ``step_seqs`` sequences through ``Engine.step``, profiled: wall
+    time per step against the device's busy time (its kernels' and copies' durations), with
+    overlap scheduling (the default on CUDA) and without."""
+    device, sizes, lm = ctx["device"], ctx["sizes"], ctx["lm"]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    out = {}
+    for overlap in (True, False):
+        config = EngineConfig(
+            max_num_seqs=sizes.step_seqs,
+            max_model_len=sizes.max_model_len,
+            async_scheduling=overlap,
+        )
+        engine = Engine(lm.model, lm.tokenizer, lm.cache_config, config)
+        rng = random.Random(3)
+        params = SamplingParams(max_tokens=sizes.step_count + 16, temperature=0.0, ignore_eos=True)
+        for _ in range(sizes.step_seqs):
+            engine.add_request(random_ids(rng, lm.model.config.vocab_size, sizes.prompt), params)
+        running = engine.scheduler.running
+        while engine.scheduler.waiting or any(s.num_cached < s.prompt_len for s in running):
+            engine.step()  # the prefill
+        for _ in range(4):  # the first decode steps: graphs' first replays, the overlap's start
+            engine.step()
+        sync(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(sizes.step_count):
+                engine.step()
+            sync(device)
+            wall = (time.perf_counter() - start) / sizes.step_count
+        key = "overlap" if overlap else "plain"
+        out[f"{key}_step_ms"] = wall * 1e3
+        if device.type == "cuda":
+            busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+            out[f"{key}_busy_ms"] = busy / sizes.step_count * 1e3
+            out[f"{key}_busy_share"] = out[f"{key}_busy_ms"] / out[f"{key}_step_ms"]
+        out[f"{key}_overlapped_steps"] = engine.stats()["overlapped_steps"]
+        del engine
+        free_memory(device)
     return out
 
 
@@ -596,6 +647,7 @@ def speculation(ctx: dict) -> dict:
 RUNNERS = {
     "bandwidth": bandwidth,
     "decode": decode,
+    "steps": steps,
     "offline": offline,
     "tpot": tpot,
     "train": train,
@@ -637,6 +689,14 @@ def table(results: dict, sizes: Sizes) -> str:
         peer = dec.get("hf_static_compile_tok_s", dec.get("hf_static_compile_error"))
         row("batch-1 decode tok/s vs static cache + compile", a, peer)
         row("greedy tokens equal to transformers eager", f"{dec['greedy_agree']}/{sizes.new}")
+    st = results.get("steps", {})
+    if "overlap_step_ms" in st:
+        n = sizes.step_seqs
+        row(f"decode step ms, {n} seqs, overlap vs not", st["overlap_step_ms"], st["plain_step_ms"])
+    if "overlap_busy_share" in st:
+        for key in ("overlap", "plain"):
+            busy, share = st[f"{key}_busy_ms"], st[f"{key}_busy_share"]
+            row(f"GPU busy ms of a {n}-seq step ({key})", busy, None, "", f"{share:.0%} busy")
     for cap in sizes.seq_caps:
         if f"arlm_{cap}_tok_s" in off:
             peer = off.get(f"hf_cb_{cap}_tok_s")

@@ -185,7 +185,8 @@ def test_cuda_graph_steps_give_the_eager_tokens(tokenizer, family):
 @cuda
 def test_a_graph_decode_step_never_waits_for_the_device_but_for_its_sampled_ids(tokenizer):
     """torch's sync debug mode raises on any implicit synchronisation (``.item()``, a pageable
-    copy, ``.tolist()`` of a device tensor); the step's one wait is an event's."""
+    copy, ``.tolist()`` of a device tensor); the step's one wait is an event's, for the ids of
+    the step before (overlap scheduling, on by default on CUDA)."""
     model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
     engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
     for p in _prompts(6, seed=1):
@@ -200,3 +201,4 @@ def test_a_graph_decode_step_never_waits_for_the_device_but_for_its_sampled_ids(
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert engine.stats()["graph_steps"] == before + 10
+    assert engine.stats()["overlapped_steps"] >= 9  # each launched before the last landed

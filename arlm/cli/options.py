@@ -2,8 +2,9 @@
 default and one help text: the field's (``arlm.config.option``).
 
 A field becomes ``--field-name`` (or its ``flag``); ``bool`` fields are switches (``--no-...``
-for those on by default), ``list`` fields repeat, ``dict[int, float]`` fields take ``K=V``.
-Only options given on the command line reach the dataclass, so its defaults stay the defaults.
+for those on by default, both for those whose default None means "by the machine"), ``list``
+fields repeat, ``dict[int, float]`` fields take ``K=V``. Only options given on the command line
+reach the dataclass, so its defaults stay the defaults.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def add_options(parser, cls, *, prefix: str = "", dest_prefix: str = "", help: s
         if "metavar" in f.metadata:
             kw["metavar"] = f.metadata["metavar"]
         if outer is bool:
-            if default:
+            if default is None:  # unset picks a default by the machine: both switches
+                kw.update(action=argparse.BooleanOptionalAction, help=text)
+            elif default:
                 flag = "--no-" + flag.removeprefix("--")
                 kw.update(action="store_false", help=f"do not {text[0].lower()}{text[1:]}")
             else:

@@ -16,6 +16,8 @@ ModelRunner    the cache's tensors, one forward     (runner.py, cuda_graphs.py)
 TokenChain     sample -> append -> loop -> stop     (token_chain.py)
 Engine         add_request / step / abort           (engine.py; offline.py: a batch of
                / outputs, stats                     prompts to completion; stats.py)
+Overlap        the step in flight: the next one     (overlap.py)
+               launched before it lands
 AsyncEngine    a background step loop, async streams per request (async_engine.py)
 """
 

@@ -49,7 +49,9 @@ class EngineConfig:
     sequence gives up its blocks when the pool runs out ("auto": swap to the host tier where it
     has room, else recompute). enforce_eager: no CUDA graphs (default off: on CUDA, decode
     steps replay graphs captured at start-up for batch-size buckets where the model and cache
-    allow it; see ``arlm.engine.cuda_graphs``).
+    allow it; see ``arlm.engine.cuda_graphs``). async_scheduling: overlap each decode step's
+    scheduling and host work with the device's run of the step before (None: on CUDA wherever
+    it can; True where it cannot is refused; see ``arlm.engine.overlap``).
     """
 
     max_num_seqs: int | None = option(
@@ -86,6 +88,11 @@ class EngineConfig:
         False,
         help="on CUDA, launch every step's kernels from Python instead of replaying decode "
         "steps from CUDA graphs",
+    )
+    async_scheduling: bool | None = option(
+        None,
+        help="schedule and launch each decode step while the device still runs the one "
+        "before (default: on CUDA, where the model and settings allow it)",
     )
 
     def __post_init__(self) -> None:

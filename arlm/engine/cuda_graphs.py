@@ -52,8 +52,13 @@ class DecodeGraphs:
         # rows at position 0 of the spare block
         self._inputs = torch.zeros(largest, 2 + max_blocks, dtype=torch.long, device=device)
         self._inputs[:, 2:] = cache.spare
-        self._staging = torch.zeros(largest, 2 + max_blocks, dtype=torch.long, pin_memory=capture)
-        self._staging[:, 2:] = cache.spare
+        # two host buffers, taken in turn: with overlap scheduling the host fills the next
+        # step's while the copy from this one may still be queued (arlm.engine.overlap)
+        self._staging = []
+        for _ in range(2):
+            staging = torch.zeros(largest, 2 + max_blocks, dtype=torch.long, pin_memory=capture)
+            staging[:, 2:] = cache.spare
+            self._staging.append(staging)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
@@ -95,22 +100,28 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= rows)
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def run(
+        self, tokens: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
         """The next-token logits (rows, vocab) of one decode row per entry: row i feeds
-        ``tokens[i]`` at ``positions[i]`` through its block table ``tables[i]``."""
+        ``tokens[i]`` at ``positions[i]`` through its block table ``tables[i]``. ``tokens`` may
+        be a tensor on the device (ids the step before sampled: ``arlm.engine.overlap``)."""
         rows = len(tokens)
         batch = self.bucket(rows)
+        staging = self._staging[self.steps % 2]
         self.steps += 1
-        staging = self._staging
         staging[rows:batch, :2] = 0
         staging[rows:batch, 2:] = self.cache.spare
-        staging[:rows, 0] = torch.tensor(tokens)
+        if not isinstance(tokens, torch.Tensor):
+            staging[:rows, 0] = torch.tensor(tokens)
         staging[:rows, 1] = torch.tensor(positions)
         width, spare = staging.size(1) - 2, self.cache.spare
         staging[:rows, 2:] = torch.tensor([t + [spare] * (width - len(t)) for t in tables])
-        # the staging buffer is reused next step; the step's read of its sampled ids waits for
-        # this copy, which is queued before it
+        # this buffer is filled again two steps on; by then the host has waited for the ids
+        # sampled after this copy, which is queued before them
         self._inputs[:batch].copy_(staging[:batch], non_blocking=True)
+        if isinstance(tokens, torch.Tensor):
+            self._inputs[:rows, 0].copy_(tokens)
         if batch in self._graphs:
             self._graphs[batch].replay()
             return self._logits[batch][:rows]

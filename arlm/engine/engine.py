@@ -20,6 +20,7 @@ from arlm.engine import offline
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.config import DEFAULT_WINDOW_MAX_MODEL_LEN, EngineConfig, plan
 from arlm.engine.outputs import Completion, RequestOutput
+from arlm.engine.overlap import Overlap, overlap_unsupported
 from arlm.engine.prompt_logprobs import scoring_only
 from arlm.engine.requests import InvalidRequest, check_params, check_prompt, new_sequences
 from arlm.engine.runner import ModelRunner
@@ -103,6 +104,16 @@ class Engine:
             self.speculator = speculator_for(speculative, self, draft, sizes.max_num_seqs, tp)
         if self.eager_reason is None:
             self.use_decode_graphs(capture=True)
+        # the step in flight while the next is scheduled (arlm.engine.overlap), or None
+        self.overlap: Overlap | None = None
+        refused = overlap_unsupported(self, tensor_parallel is not None)
+        wanted = config.async_scheduling
+        if wanted and refused:
+            raise ValueError(f"async_scheduling does not run with {refused}")
+        if wanted is None:  # where a device runs the forward while the host goes on
+            wanted = self.device.type == "cuda" and refused is None
+        if wanted:
+            self.overlap = Overlap(self)
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         # outputs kept for whoever reads that request (``next_output``), while others step
         self._mailbox: dict[str, deque[RequestOutput]] = defaultdict(deque)
@@ -193,11 +204,16 @@ class Engine:
         for seqs in list(self.requests.values()):
             for seq in [s for s in seqs if s.finished]:
                 self._emit(outputs, seq, [])  # finished before running (max_tokens 0)
+        overlap = self.overlap  # a step in flight lands, the next launched before it
+        if overlap is not None and overlap.follow(lambda s, chunks: self._emit(outputs, s, chunks)):
+            return list(outputs.values())  # (or, where the next could not go, a plain step)
         guesses = self.speculator.propose(self.scheduler.running) if self.speculator else None
         batch = self.scheduler.schedule(guesses)
         if batch:
             self.steps += 1
             orders = self.block_manager.take_orders() if self.block_manager else None
+            if overlap is not None and overlap.launch(batch, orders):
+                return list(outputs.values())  # its tokens come at the next step
             logits, rows, scored = self.runner.run(batch, orders)
             logits, verify_logits = logits[: len(rows)], logits[len(rows) :]
             if scored is not None:  # prompt log-probabilities (arlm.engine.prompt_logprobs)

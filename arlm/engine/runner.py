@@ -108,7 +108,10 @@ class ModelRunner:
         if self.windowed is not None:
             return self.windowed.nbytes, self.windowed.used_bytes
         cache = self.cache
-        return seq.peak_blocks * cache.block_bytes, seq.num_cached * cache.bytes_per_token
+        # a row that ended while the step after it was in flight computed one position past
+        # its ids (arlm.engine.overlap): not one it holds
+        held = min(seq.num_cached, len(seq.token_ids))
+        return seq.peak_blocks * cache.block_bytes, held * cache.bytes_per_token
 
     def restart(self, seq: Sequence) -> None:
         """Forget ``seq``'s cached positions (a cache that cannot rewind refills from 0)."""
@@ -135,16 +138,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(
-        self, batch: ScheduledBatch, orders: Orders | None
+        self, batch: ScheduledBatch, orders: Orders | None, fed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         """Carry out ``orders``, forward ``batch`` and advance its rows' ``num_cached``; the
         next-token logits (K, vocab) of the K rows that sample, followed by those of every
         position of the verify rows (1 + guesses each, in ``batch.verify`` order), the K rows'
         sequences in the same order, and the prompt positions scored for prompt
         log-probabilities with their logits (None when no sequence asked:
-        ``arlm.engine.prompt_logprobs``)."""
+        ``arlm.engine.prompt_logprobs``). ``fed``: a batch of decode rows only, whose input ids
+        are this tensor (rows,) on the device, sampled by the step before and not yet on the
+        host (``arlm.engine.overlap``)."""
+        if fed is not None and (batch.prefill or batch.verify or self.cache is None):
+            raise ValueError("ids still on the device feed decode rows of the paged cache only")
         self.apply(orders)
-        logits, rows, scored = self._forward(batch)
+        logits, rows, scored = self._forward(batch, fed)
         for seq in batch.decode:
             seq.num_cached += 1
         for seq, guesses in batch.verify:
@@ -154,19 +161,20 @@ class ModelRunner:
         return logits, rows, scored
 
     def _forward(
-        self, batch: ScheduledBatch
+        self, batch: ScheduledBatch, fed: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         if self.decode_graphs is not None and not batch.prefill and not batch.verify:
             rows = batch.decode
             logits = self.decode_graphs.run(
-                [s.token_ids[s.num_cached] for s in rows],
+                fed if fed is not None else [s.token_ids[s.num_cached] for s in rows],
                 [s.num_cached for s in rows],
                 [s.block_table for s in rows],
             )
             return logits, rows, None
         tokens, select, rows = [], [], []
         for seq in batch.decode:
-            tokens.append(seq.token_ids[seq.num_cached])
+            if fed is None:
+                tokens.append(seq.token_ids[seq.num_cached])
             select.append(len(select))
             rows.append(seq)
         # verify rows: the pending token and the guesses, logits at every one of them, after
@@ -188,7 +196,7 @@ class ModelRunner:
                 scored.add(seq, wanted)
                 at = len(tokens) - n - start  # flat index of position 0 of this sequence
                 scored_select += [at + p for p in wanted]
-        idx = to_device([tokens], torch.long, self.device)
+        idx = fed[None] if fed is not None else to_device([tokens], torch.long, self.device)
         if self.windowed is not None:
             (seq,) = [*batch.decode, *(s for s, _ in batch.prefill)]
             if seq.num_cached == 0:  # a new sequence, or one refilled after a break

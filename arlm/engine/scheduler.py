@@ -143,6 +143,21 @@ class Scheduler:
             budget -= n
         return batch
 
+    def can_admit(self) -> bool:
+        """Whether the next ``schedule`` would bring a swapped-out or waiting sequence in (the
+        same first-come test it makes, on the queues' heads)."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        bm = self.block_manager
+        if self.swapped:
+            return bm.can_swap_in(self.swapped[0])
+        if not self.waiting:
+            return False
+        seq = self.waiting[0]
+        if bm is None:
+            return True
+        return bm.can_allocate(seq, watermark=bool(self.running)) and not self._head_in_prefill(seq)
+
     def _speculate(self, batch: ScheduledBatch, guesses: dict, budget: int) -> int:
         """Turn decode rows with guesses into verify rows, the guesses cut to the token budget
         left and to blocks free past the admission watermark (a guess never preempts anyone);

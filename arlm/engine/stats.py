@@ -1,7 +1,7 @@
 """What ``Engine.stats`` reports: gauges (sequences by state, KV blocks in use) and counters
-(preemptions, prefix-cache and host-tier hits, loops, steps, speculative decoding's), read
-from the parts that own them. The server's ``/metrics`` and ``arlm generate --stats`` print
-these."""
+(preemptions, prefix-cache and host-tier hits, loops, steps, overlapped steps, speculative
+decoding's), read from the parts that own them. The server's ``/metrics`` and ``arlm generate
+--stats`` print these."""
 
 from __future__ import annotations
 
@@ -33,5 +33,6 @@ def engine_stats(engine: Engine) -> dict[str, float]:
         "loops_broken": chain.loops_broken,
         "steps": engine.steps,
         "graph_steps": graphs.steps if (graphs := engine.runner.decode_graphs) else 0,
+        "overlapped_steps": engine.overlap.steps if engine.overlap else 0,
         **(engine.speculator.metrics() if engine.speculator else {}),
     }

@@ -8,7 +8,9 @@ chain, of any exception type, finishes that sequence alone with finish_reason "e
 once; the others go on.
 
 The sampled ids, and all else the host needs of the logits, come back in one device-to-host
-copy (``arlm.devices.to_host``).
+copy (``arlm.devices.HostCopy``). ``launch`` and ``land`` split a step of rows with no
+host-side state in two: sampled and on its way to the host, then applied, so that the next
+step can be launched in between (``arlm.engine.overlap``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from dataclasses import replace
 
 import torch
 
-from arlm.devices import to_device, to_host
+from arlm.devices import HostCopy, to_device
 from arlm.engine.outputs import Chunk
 from arlm.engine.sequence import Sequence
 from arlm.loops.policy import LoopAction
 from arlm.loops.thinking import ThinkMarkers
 from arlm.sampling.breakers import BreakerIndex
-from arlm.sampling.params import MAX_DRY_MULTIPLIER, SamplingParams
+from arlm.sampling.params import MAX_DRY_MULTIPLIER, SamplingParams, TokenLogprob
 from arlm.sampling.sampler import (
     ALL_BANNED,
     SequenceSampler,
@@ -50,6 +52,38 @@ Draw = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]
 def draw_samples(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Each row's token by its own settings and generator (``arlm.sampling.sampler.sample``)."""
     return sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
+
+
+class DrawnTokens:
+    """One batch's sampled ids, their copy to the host started: ``tokens`` (B,) stays on the
+    device, where the next step can feed it on before the host has seen it
+    (``arlm.engine.overlap``); ``results`` waits for the copy."""
+
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        tokens: torch.Tensor,
+        copy: HostCopy,
+        checked: list[int],
+        wants: list[int],
+    ) -> None:
+        self.seqs, self.tokens, self._copy = seqs, tokens, copy
+        self._checked, self._wants = checked, wants  # rows checked for a possible token; logprobs
+
+    def results(self) -> list[tuple[Sequence, int, bool, TokenLogprob | None]]:
+        """(sequence, token, any token possible, logprob or None) per row."""
+        seqs, checked, wants = self.seqs, self._checked, self._wants
+        host = [t.tolist() for t in self._copy.wait()]
+        possible = [True] * len(seqs)
+        for j, ok in zip(checked, host[1] if checked else [], strict=True):
+            possible[j] = ok
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if wants:
+            tops = [seqs[j].params.logprobs for j in wants]
+            picked = [host[0][j] for j in wants]
+            for j, lp in zip(wants, as_token_logprobs(picked, *host[-3:], tops), strict=True):
+                logprobs[j] = lp
+        return list(zip(seqs, host[0], possible, logprobs, strict=True))
 
 
 class TokenChain:
@@ -119,8 +153,27 @@ class TokenChain:
         """Sample and apply one token to each row; (sequence, the chunks it made final) for
         every row, including those that failed (no chunks). ``draw`` picks the tokens from the
         processed logits (speculative decoding's rejection rule replaces it)."""
+        out = self._apply(self._sample(logits, rows, draw))
+        done = {id(seq) for seq, _ in out}
+        out += [(seq, []) for seq in rows if id(seq) not in done]  # their sampling failed
+        return out
+
+    def launch(self, logits: torch.Tensor, rows: list[Sequence]) -> DrawnTokens:
+        """Sample one token per row on the device and start their copy to the host, without
+        waiting for it; ``land`` applies them. For rows with no bans and no processors only
+        (``arlm.engine.overlap.overlappable``): nothing of theirs needs the host first."""
+        return self._launch(logits, logits, list(range(len(rows))), rows, [], draw_samples)
+
+    def land(self, drawn: DrawnTokens) -> list[tuple[Sequence, list]]:
+        """Apply the tokens ``launch`` drew, to the rows that have not finished since (aborted,
+        or ended by the token before)."""
+        results = [r for r in drawn.results() if not r[0].finished]
+        return self._apply((seq, token, logprob) for seq, token, _, logprob in results)
+
+    def _apply(self, sampled: Iterable[tuple]) -> list[tuple[Sequence, list]]:
+        """Append each (sequence, token, logprob); (sequence, the chunks it made final)."""
         out, now = [], time.perf_counter()
-        for seq, token, logprob in self._sample(logits, rows, draw):
+        for seq, token, logprob in sampled:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             try:
@@ -129,8 +182,6 @@ class TokenChain:
                 self.fail(seq, e)
                 chunks = []
             out.append((seq, chunks))
-        done = {id(seq) for seq, _ in out}
-        out += [(seq, []) for seq in rows if id(seq) not in done]  # their sampling failed
         return out
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence], draw: Draw):
@@ -184,6 +235,12 @@ class TokenChain:
     ):
         """(sequence, token, any token possible, logprob or None) for the rows ``kept`` of
         ``logits`` (raw) and ``processed`` (one row each), in one batch and one host copy."""
+        return self._launch(logits, processed, kept, seqs, checked, draw).results()
+
+    def _launch(
+        self, logits, processed, kept: list[int], seqs: list[Sequence], checked: list[int], draw
+    ) -> DrawnTokens:
+        """``_draw`` up to the copy to the host, which is started and not waited for."""
         device = logits.device
         tokens = draw(processed, seqs)
         fetch = [tokens]
@@ -196,17 +253,7 @@ class TokenChain:
             chosen = tokens.index_select(0, to_device(wants, torch.long, device))
             top = max(seqs[j].params.logprobs for j in wants)
             fetch += logprob_tensors(raw, chosen, top)
-        host = [t.tolist() for t in to_host(fetch)]
-        possible = [True] * len(seqs)
-        for j, ok in zip(checked, host[1] if checked else [], strict=True):
-            possible[j] = ok
-        logprobs = [None] * len(seqs)
-        if wants:
-            tops = [seqs[j].params.logprobs for j in wants]
-            picked = [host[0][j] for j in wants]
-            for j, lp in zip(wants, as_token_logprobs(picked, *host[-3:], tops), strict=True):
-                logprobs[j] = lp
-        return list(zip(seqs, host[0], possible, logprobs, strict=True))
+        return DrawnTokens(seqs, tokens, HostCopy(fetch), checked, wants)
 
     def _draw_row(self, raw: torch.Tensor, row: torch.Tensor, seq: Sequence, check: bool, draw):
         """``_draw`` of one row (1, vocab) alone; its token is None when that fails (and the

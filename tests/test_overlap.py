@@ -1,0 +1,211 @@
+"""Overlap scheduling (``arlm.engine.overlap``): a decode step's successor is scheduled and
+launched, fed the ids still on the device, before the host has applied them.
+
+On the CPU nothing runs behind the host, so nothing is faster here; what these tests check is
+that the steps it launches, the ids it feeds from the device, the rows it leaves out or drops,
+and the joins it delays by a step change no row's output. Two paths batch rows differently
+(a row joins a step later with overlap), so greedy rows are checked for near-ties and
+log-probabilities compared within float32's tolerance (tests/numerics.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from arlm.engine import Engine, EngineConfig
+from arlm.kv_cache import CacheConfig
+from arlm.sampling import SamplingParams
+from arlm.speculative.config import SpeculativeConfig
+from tests.conftest import make_model
+from tests.numerics import assert_clear_choices, assert_close, choice_logits
+from tests.test_engine import _mixed_params, _prompts
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tokenizer):
+    return make_model(request.param, vocab_size=tokenizer.vocab_size, seed=5)
+
+
+def _engine(model, tokenizer, overlap: bool, graphs: bool = False, **config) -> Engine:
+    config.setdefault("kv_cache_memory_gib", 0.02)  # graphs give the whole pool its memory
+    engine = Engine(model, tokenizer, config=EngineConfig(async_scheduling=overlap, **config))
+    if graphs:
+        engine.use_decode_graphs(capture=False)
+    return engine
+
+
+def _plain_params(n: int) -> list[SamplingParams]:
+    """Rows that draw on the device alone (no processors, no loop guard): greedy, and seeded
+    samples with log-probabilities, of different lengths so rows join and leave."""
+    out = []
+    for i in range(n):
+        kw = dict(max_tokens=3 + (i * 7) % 19, ignore_eos=True)
+        if i % 2 == 0:
+            kw.update(temperature=0)
+        else:
+            kw.update(temperature=0.9, top_k=30, top_p=0.95, seed=300 + i, logprobs=2)
+        out.append(SamplingParams(**kw))
+    return out
+
+
+def _generate(engine: Engine, prompts, params):
+    results = engine.generate(prompts, params, progress=False)
+    assert engine.stats()["blocks_in_use"] == 0  # every block came back, dropped rows' too
+    return results
+
+
+def _no_near_ties(model, prompts, params, results) -> None:
+    for prompt, p, c in zip(prompts, params, results, strict=True):
+        if p.temperature == 0:
+            assert_clear_choices(choice_logits(model, prompt, c.token_ids))
+
+
+def _assert_same(got, want) -> None:
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.finish_reason == b.finish_reason and a.text == b.text
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
+            assert x.token_id == y.token_id
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+            values = [x.logprob, *(v for _, v in x.top)]
+            assert_close(values, [y.logprob, *(v for _, v in y.top)])
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "padded"])
+def test_overlapped_steps_give_the_plain_steps_output_as_rows_join_and_leave(
+    model, tokenizer, graphs
+):
+    prompts, params = _prompts(8, seed=3), _plain_params(8)
+    config = dict(max_num_seqs=3, max_num_batched_tokens=40)
+    plain = _generate(_engine(model, tokenizer, False, graphs, **config), prompts, params)
+    _no_near_ties(model, prompts, params, plain)
+    engine = _engine(model, tokenizer, True, graphs, **config)
+    _assert_same(_generate(engine, prompts, params), plain)
+    stats = engine.stats()
+    assert stats["overlapped_steps"] * 2 > stats["steps"]  # most steps went in the overlap
+
+
+def test_rows_ended_by_a_token_the_host_sees_a_step_late_end_where_they_would(model, tokenizer):
+    """Stop ids and stop strings end rows whose next step was already launched: that step's
+    result for them is dropped, and the output is the plain path's."""
+    prompts = _prompts(6, seed=8)
+    free = [SamplingParams(max_tokens=30, temperature=1.0, seed=40 + i) for i in range(6)]
+    runs = _generate(_engine(model, tokenizer, False), prompts, free)
+    params = []
+    for i, (p, run) in enumerate(zip(free, runs, strict=True)):  # each ends at its own step
+        at = 3 + 4 * i
+        if i % 2 == 0:
+            params.append(replace(p, stop_token_ids=[run.token_ids[at]]))
+        else:
+            params.append(replace(p, stop=[run.text[at : at + 3]]))
+    plain = _generate(_engine(model, tokenizer, False), prompts, params)
+    assert all(c.finish_reason == "stop" and len(c.token_ids) < 30 for c in plain)
+    engine = _engine(model, tokenizer, True)
+    _assert_same(_generate(engine, prompts, params), plain)
+    assert engine.stats()["overlapped_steps"] > 0
+
+
+def test_rows_with_processors_or_a_loop_guard_step_plainly_among_overlapped_ones(model, tokenizer):
+    """Penalties and a loop guard need each token on the host before the next: while such a
+    row runs, steps do not overlap; before and after it, they do."""
+    prompts = _prompts(10, seed=11)
+    params = _mixed_params(10)  # a third with repetition penalties
+    params[4] = replace(params[4], loop_policy="break")
+    config = dict(max_num_seqs=4)
+    plain = _generate(_engine(model, tokenizer, False, **config), prompts, params)
+    _no_near_ties(model, prompts, params, plain)
+    engine = _engine(model, tokenizer, True, **config)
+    _assert_same(_generate(engine, prompts, params), plain)
+    stats = engine.stats()
+    assert 0 < stats["overlapped_steps"] < stats["steps"] / 2
+
+
+def test_preempted_rows_and_waiting_ones_give_the_plain_steps_tokens(model, tokenizer):
+    """A pool a third of the peak: rows preempt each other, and the waiting ones join as
+    blocks come back, both through plain steps in between overlapped ones."""
+    prompts = [p[:12] for p in _prompts(6, seed=7)]
+    params = [replace(sp, max_tokens=24 + 4 * i) for i, sp in enumerate(_plain_params(6))]
+    c = model.config
+    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 8  # bytes of 8 positions, float32
+    need = [-(-(len(p) + sp.max_tokens) // 8) for p, sp in zip(prompts, params, strict=True)]
+    pool = max(sum(need) // 3, max(need) + 2)
+    config = dict(
+        kv_block_size=8,
+        max_num_seqs=6,
+        kv_cache_memory_gib=(pool + 0.5) * block / 2**30,
+        enable_prefix_caching=False,
+    )
+    plain_engine = _engine(model, tokenizer, False, **config)
+    plain = _generate(plain_engine, prompts, params)
+    _no_near_ties(model, prompts, params, plain)
+    assert plain_engine.stats()["preemptions"] > 0
+    engine = _engine(model, tokenizer, True, **config)
+    _assert_same(_generate(engine, prompts, params), plain)
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["overlapped_steps"] > 0
+
+
+def test_a_request_aborted_while_its_next_step_is_in_flight_ends_and_frees_its_blocks(
+    model, tokenizer
+):
+    greedy = dict(temperature=0, ignore_eos=True)
+    engine = _engine(model, tokenizer, True, max_num_seqs=3)
+    keep = engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, **greedy))
+    gone = engine.add_request([8, 9], SamplingParams(max_tokens=20, n=2, **greedy))
+    for _ in range(4):
+        engine.step()
+    assert engine.overlap.in_flight is not None and engine.stats()["overlapped_steps"] > 0
+    engine.abort(gone)
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs[gone].finished and outs[gone].completion.finish_reason == "abort"
+    assert keep not in outs or not outs[keep].finished
+    tokens = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == keep
+            if out.finished:
+                tokens = out.completion.token_ids
+    alone = _engine(model, tokenizer, False).generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=20, **greedy), progress=False
+    )[0]
+    _no_near_ties(model, [[5, 6, 7]], [SamplingParams(**greedy)], [alone])
+    assert tokens == alone.token_ids
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_overlap_is_on_by_default_on_cuda_only_and_refused_where_it_cannot_run(model, tokenizer):
+    assert Engine(model, tokenizer).overlap is None  # a CPU runs the forward itself
+    assert _engine(model, tokenizer, True).overlap is not None
+    with pytest.raises(ValueError, match="async_scheduling does not run with speculative"):
+        Engine(
+            model,
+            tokenizer,
+            config=EngineConfig(async_scheduling=True),
+            speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=2),
+        )
+    if model.config.family != "gpt2":  # the windowed cache needs rotary positions
+        with pytest.raises(ValueError, match="async_scheduling does not run with the windowed"):
+            Engine(model, tokenizer, CacheConfig(window=16), EngineConfig(async_scheduling=True))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_on_cuda_overlapped_graph_steps_give_the_plain_steps_tokens(tokenizer, family):
+    """Over 100 engine steps with rows joining and leaving, float32: what the device runs
+    behind the host, from ids it never sent back first, against steps that wait for them."""
+    model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    prompts, params = _prompts(16, seed=3), _plain_params(16)
+    config = dict(max_num_seqs=5, max_num_batched_tokens=40)
+    plain = Engine(model, tokenizer, config=EngineConfig(async_scheduling=False, **config))
+    overlapped = Engine(model, tokenizer, config=EngineConfig(**config))
+    assert overlapped.overlap is not None and overlapped.eager_reason is None  # the defaults
+    want = _generate(plain, prompts, params)
+    _assert_same(_generate(overlapped, prompts, params), want)
+    stats = overlapped.stats()
+    assert stats["steps"] >= 100 and stats["overlapped_steps"] * 2 > stats["steps"]
