@@ -25,7 +25,25 @@ Sections (each guarded: a failure prints an error line and the others go on):
   installed, ``arlm serve`` under ``arlm bench serve``'s client at 1, 16 and 64 streams;
 - train: GPT-2 124M's shape (12 x 768, 50,257 ids, block 1024), batch 16, ``--bf16
   --compile``, 30 timed steps of arlm's ``Trainer`` after the compiling ones: tokens/s and MFU
-  against the same run's measured bfloat16 matmul peak (``arlm.train.flops``).
+  against the same run's measured bfloat16 matmul peak (``arlm.train.flops``);
+- speculative: batch-1 greedy decode of 256 tokens after an input-grounded prompt (a passage
+  of the built-in corpus, a blank line and its first line again: ``benchmarks/speculative.py``'s
+  prompts, runners and timing, decode tok/s with the prefill's time taken out, median of 3
+  rounds): arlm plain, with prompt lookup (``{"method": "ngram"}``, k=4) and with a draft
+  model, beside transformers' plain ``generate``, ``prompt_lookup_num_tokens=4`` and
+  ``assistant_model``; the acceptance of each arlm proposer, and how many greedy tokens each
+  speculative run shares with its plain one (a verify row computes its logits in another
+  kernel shape, so in bfloat16 a near-tie may fall the other way). The weights are random, so
+  the passage means nothing to the model: prompt lookup is accepted where the greedy output
+  repeats the prompt or itself, as random models' outputs soon do, and its gain is read
+  against the acceptance printed beside it. The draft is a random Llama of the same shape and
+  vocabulary with 2 layers (an eighth of the target's): two unrelated random models agree by
+  chance only, so the draft rows are a cost-only measurement (what proposing and verifying
+  cost at almost no acceptance: the floor of draft decoding), not a speed-up. An int4
+  self-draft is not measured here: its acceptance on random weights, whose logits lie close
+  together, says little about a trained model's, and its forward is no cheaper than the
+  target's (arlm's int4 linear dequantizes its whole weight at every call,
+  ``arlm.model.quantize``, so on a GPU it moves more bytes than the bfloat16 layer).
 
 Run: ``python benchmarks/gpu.py`` (under 6 minutes on one H200); ``--quick`` for a smoke run
 (fewer tokens, requests and steps); ``--device cpu --quick`` runs every section with tiny
@@ -59,7 +77,7 @@ from arlm.sampling import SamplingParams
 sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
 import transformers_cb  # noqa: E402
 
-SECTIONS = ("bandwidth", "decode", "steps", "offline", "tpot", "train")
+SECTIONS = ("bandwidth", "decode", "steps", "offline", "tpot", "train", "speculative")
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,8 @@ class Sizes:
     train_batch: int = 16
     train_steps: int = 30
     copy_bytes: int = 2**31
+    spec_new: int = 256  # speculative: new tokens after the grounded prompt
+    spec_rounds: int = 3  # and timed rounds (median)
 
 
 LLAMA_1B = dict(
@@ -110,6 +130,8 @@ QUICK_GPU = Sizes(
     stream_new=16,
     train=GPT2_124M,
     train_steps=5,
+    spec_new=64,
+    spec_rounds=1,
 )
 TINY = Sizes(
     llama=dict(
@@ -139,6 +161,8 @@ TINY = Sizes(
     train_batch=2,
     train_steps=3,
     copy_bytes=2**24,
+    spec_new=32,
+    spec_rounds=1,
 )
 
 
@@ -174,21 +198,36 @@ def free_memory(device: torch.device) -> None:
 # -- models -----------------------------------------------------------------------------------
 
 
-def build_llama(sizes: Sizes, root: Path, device: torch.device):
-    """The random Llama as a Hugging Face folder (with a tokenizer: prompts are ids, it only has
-    to exist), and transformers' model of it on ``device`` for the peers."""
+def build_llama(
+    sizes: Sizes,
+    root: Path,
+    device: torch.device,
+    name: str = "llama",
+    seed: int = 0,
+    tokenizer: Path | None = None,
+    **overrides,
+):
+    """The random Llama (``sizes.llama`` with ``overrides``) as a Hugging Face folder
+    ``root / name`` with a tokenizer (prompts are ids, it only has to exist; ``tokenizer``: a
+    ``tokenizer.json`` to copy rather than train one), and transformers' model of it on
+    ``device`` for the peers."""
     import transformers
 
     from arlm.tokenizer import Tokenizer
     from arlm.train.corpus import builtin_documents
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**sizes.llama, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        **{**sizes.llama, **overrides}, bos_token_id=0, eos_token_id=1
+    )
     with torch.device(device):  # initialised where it runs: seconds, not minutes, for 1.1B
         hf = transformers.LlamaForCausalLM(config).to(sizes.dtype).eval()
-    folder = root / "llama"
+    folder = root / name
     hf.save_pretrained(folder)
-    Tokenizer.train(builtin_documents(), 300).save(folder / "tokenizer.json")
+    if tokenizer is None:
+        Tokenizer.train(builtin_documents(), 300).save(folder / "tokenizer.json")
+    else:
+        (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     (folder / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     return folder, hf
 
@@ -533,6 +572,78 @@ def train(ctx: dict) -> dict:
     }
 
 
+def _agree(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+def speculation(ctx: dict) -> dict:
+    # benchmarks/speculative.py, beside this script: its prompts, runners and timing
+    from speculative import K, arlm_runner, counters, grounded_prompts, hf_runner, measure
+
+    from arlm.engine.speculation import summary
+    from arlm.speculative import SpeculativeConfig
+
+    device, sizes, lm, hf, root = ctx["device"], ctx["sizes"], ctx["lm"], ctx["hf"], ctx["root"]
+    new = sizes.spec_new
+    prompts = grounded_prompts(lm.tokenizer, n=1, passage_tokens=2 * sizes.prompt)
+    layers = max(1, sizes.llama["num_hidden_layers"] // 8)
+    draft_folder, draft_hf = build_llama(
+        sizes, root, device, "draft", seed=1, tokenizer=ctx["folder"] / "tokenizer.json",
+        num_hidden_layers=layers,
+    )  # fmt: skip
+    draft = arlm.load(draft_folder, device=device, dtype=sizes.dtype).model
+    for m in (hf, draft_hf):
+        m.generation_config.pad_token_id = 0  # batch 1: never used, but generate asks for one
+    draft_hf.generation_config.num_assistant_tokens = K
+    draft_hf.generation_config.num_assistant_tokens_schedule = "constant"
+
+    def lm_with(spec: dict | None = None, draft_model=None) -> arlm.LM:
+        config = SpeculativeConfig(num_speculative_tokens=K, **spec) if spec else None
+        engine = EngineConfig(max_num_seqs=1)  # batch 1: no more graphs or rows than it needs
+        return arlm.LM(
+            lm.model, lm.tokenizer, lm.cache_config, engine, speculative=config, draft=draft_model
+        )
+
+    plain = lm_with()
+    ngram = lm_with({"method": "ngram", "prompt_lookup_max": 4})
+    drafted = lm_with({"method": "draft", "draft_model": str(draft_folder)}, draft)
+    greedy = dict(temperature=0)
+    settings = {
+        "arlm": lambda p: arlm_runner(plain, p, new, **greedy),
+        "arlm ngram": lambda p: arlm_runner(ngram, p, new, **greedy),
+        "arlm draft": lambda p: arlm_runner(drafted, p, new, **greedy),
+    }
+    peers = {
+        "hf": {},
+        "hf prompt_lookup": {"prompt_lookup_num_tokens": K},
+        "hf assistant": {"assistant_model": draft_hf},
+    }
+    out = {"prompt_tokens": len(prompts[0]), "new_tokens": new, "k": K, "draft_layers": layers}
+    for name, kw in peers.items():
+        try:  # a peer's failure is reported, and the others are measured
+            hf_runner(hf, prompts[0], 2, **kw)[0]()
+            settings[name] = lambda p, kw=kw: hf_runner(hf, p, new, **kw)
+        except Exception as e:  # noqa: BLE001
+            out[f"{name.replace(' ', '_')}_error"] = f"{type(e).__name__}: {e}"[:300]
+    before = {name: counters(x) for name, x in (("ngram", ngram), ("draft", drafted))}
+    results = measure(settings, prompts, sizes.spec_rounds, new)
+    for name, (rate, _) in results.items():
+        out[f"{name.replace(' ', '_')}_tok_s"] = rate
+    for name, x in (("ngram", ngram), ("draft", drafted)):
+        stats = {k: v - before[name][k] for k, v in counters(x).items()}
+        guessed = stats["spec_decode_num_draft_tokens"]
+        accepted = stats["spec_decode_num_accepted_tokens"]
+        out[f"{name}_acceptance"] = accepted / guessed if guessed else None
+        out[f"{name}_summary"] = summary(stats).removeprefix("speculation: ")
+        out[f"{name}_agree"] = _agree(results[f"arlm {name}"][1][0], results["arlm"][1][0])
+    for name in ("hf prompt_lookup", "hf assistant"):
+        if name in results:
+            key = name.replace(" ", "_")
+            out[f"{key}_agree"] = _agree(results[name][1][0], results["hf"][1][0])
+    return out
+
+
 RUNNERS = {
     "bandwidth": bandwidth,
     "decode": decode,
@@ -540,6 +651,7 @@ RUNNERS = {
     "offline": offline,
     "tpot": tpot,
     "train": train,
+    "speculative": speculation,
 }
 
 
@@ -620,6 +732,28 @@ def table(results: dict, sizes: Sizes) -> str:
             "MFU >= 45%",
             mfu,
         )
+    sp = results.get("speculative", {})
+    if "arlm_tok_s" in sp:
+        new = sp["new_tokens"]
+        for name, what in (("ngram", "prompt lookup"), ("draft", "draft model (cost only)")):
+            rate = sp[f"arlm_{name}_tok_s"]
+            row(f"batch-1 {what} tok/s vs arlm plain", rate, sp["arlm_tok_s"])
+            acceptance = sp[f"{name}_acceptance"]
+            accepted = "-" if acceptance is None else f"{acceptance:.1%}"
+            agree = f"{sp[f'{name}_agree']}/{new}"
+            row(f"  {what}: acceptance, greedy tokens equal to plain", f"{accepted}, {agree}")
+        for ours, peer, what in (
+            ("arlm_ngram_tok_s", "hf_prompt_lookup", "prompt lookup tok/s vs transformers'"),
+            ("arlm_draft_tok_s", "hf_assistant", "draft tok/s vs transformers assistant_model"),
+        ):
+            theirs = sp.get(f"{peer}_tok_s", sp.get(f"{peer}_error"))
+            row(f"batch-1 {what}", sp[ours], theirs)
+        if "hf_tok_s" in sp:
+            for peer, what in (("hf_prompt_lookup", "prompt lookup"), ("hf_assistant", "draft")):
+                if f"{peer}_tok_s" in sp:
+                    agree = f"{sp[f'{peer}_agree']}/{new} tokens equal"
+                    what = f"  transformers {what} vs its plain generate ({agree})"
+                    row(what, sp[f"{peer}_tok_s"], sp["hf_tok_s"])
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -100,15 +100,15 @@ def grounded_prompts(tokenizer, n: int = 4, passage_tokens: int = 120) -> list[l
     raise RuntimeError("the corpus has too few long documents")
 
 
-def arlm_runner(lm, prompt, **sampling):
+def arlm_runner(lm, prompt, new_tokens: int = NEW_TOKENS, **sampling):
     def run(n):
         return lambda: lm.generate(prompt, max_tokens=n, ignore_eos=True, **sampling).token_ids
 
-    return run(NEW_TOKENS), run(1)
+    return run(new_tokens), run(1)
 
 
-def hf_runner(model, prompt, **kw):
-    ids = torch.tensor([prompt])
+def hf_runner(model, prompt, new_tokens: int = NEW_TOKENS, **kw):
+    ids = torch.tensor([prompt], device=model.device)
 
     def run(n):
         def go():
@@ -118,13 +118,14 @@ def hf_runner(model, prompt, **kw):
 
         return go
 
-    return run(NEW_TOKENS), run(1)
+    return run(new_tokens), run(1)
 
 
-def measure(settings: dict, prompts, rounds: int) -> dict:
+def measure(settings: dict, prompts, rounds: int, new_tokens: int = NEW_TOKENS) -> dict:
     """Per setting: (decode tok/s over the prompts, its tokens per prompt). Each prompt's time
-    is the median over ``rounds`` of (time for NEW_TOKENS) - (time for 1 token); the settings
-    alternate within every round, so the machine's drift falls on all of them alike."""
+    is the median over ``rounds`` of (time for ``new_tokens``) - (time for 1 token), the
+    runners (``arlm_runner``, ``hf_runner``) made for ``new_tokens``; the settings alternate
+    within every round, so the machine's drift falls on all of them alike."""
     runners = {name: [make(p) for p in prompts] for name, make in settings.items()}
     for pairs in runners.values():  # warm-up: allocation, first calls
         pairs[0][1](), pairs[0][0]()
@@ -140,7 +141,7 @@ def measure(settings: dict, prompts, rounds: int) -> dict:
                 start = time.perf_counter()
                 tokens[name][i] = run_n()
                 times[name][i].append(time.perf_counter() - start - first)
-    total = len(prompts) * (NEW_TOKENS - 1)
+    total = len(prompts) * (new_tokens - 1)
     return {
         name: (total / sum(statistics.median(t) for t in times[name]), tokens[name])
         for name in settings

@@ -1,6 +1,7 @@
 """On a CUDA GPU: ``device="auto"`` and ``dtype="auto"`` pick it and the checkpoint's dtype, the
 engine's KV cache keeps to ``gpu_memory_utilization``, a model that cannot fit is refused with
-both numbers, and a training step never waits for the device. Skipped without a GPU."""
+both numbers, and neither a training step nor the sampling side of an engine step with logits
+processors waits for the device. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import transformers
 import arlm
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.memory import GIB, activation_peak, check_weights_fit
+from arlm.engine.token_chain import TokenChain
 from arlm.train import TrainConfig, Trainer
 from tests.conftest import make_model
+from tests.test_step_sync import processor_requests
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -100,3 +103,33 @@ def test_a_training_step_does_not_wait_for_the_gpu(tmp_path, cache_dir):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_the_sampling_side_of_a_step_with_processors_does_not_wait_for_the_gpu(
+    tokenizer, monkeypatch
+):
+    """Rows with penalties, DRY, logit bias, min_tokens, n-gram bans, a grammar and a loop
+    break (``tests/test_step_sync.py``'s requests): every ``TokenChain.run`` after the first
+    step (first-call set-up: the grammar kernel's compile) runs under the sync debug mode; its
+    one wait is ``to_host``'s event, which the mode allows."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
+    for prompt, params in processor_requests():
+        engine.add_request(prompt, params)
+    engine.step()
+    torch.cuda.synchronize()
+    run, checked = TokenChain.run, []
+
+    def checked_run(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(True)
+
+    monkeypatch.setattr(TokenChain, "run", checked_run)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(checked) >= 8
+    assert engine.chain.loops_broken >= 1  # the break path (bans, a fresh sampler) ran

@@ -194,7 +194,9 @@ class TokenChain:
             if banned or seq.sampler.processors:
                 try:
                     row = logits[i : i + 1].clone()
-                    row[:, sorted(banned)] = float("-inf")
+                    row.index_fill_(
+                        1, to_device(sorted(banned), torch.long, row.device), float("-inf")
+                    )
                     row = seq.sampler.process(row)
                 except Exception as e:  # one sequence's failure is its own
                     self.fail(seq, e)

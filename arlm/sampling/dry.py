@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from arlm.devices import to_device
 from arlm.sampling.breakers import DryBreakers, dry_sequence_breakers
 from arlm.sampling.processors import History, Processor
 
@@ -132,9 +133,7 @@ class Dry(Processor):
             tokens += penalties.keys()
             amounts += penalties.values()
         if rows:
-            device = logits.device
-            index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-            logits = logits.index_put(
-                index, -torch.tensor(amounts, device=device, dtype=logits.dtype), accumulate=True
-            )
+            index = to_device([rows, tokens], torch.long, logits.device)
+            amounts = to_device(amounts, logits.dtype, logits.device)
+            logits = logits.index_put(index.unbind(), -amounts, accumulate=True)
         return logits

@@ -5,6 +5,10 @@ Processors that depend on the history update their state one appended token at a
 go up for the new token and down for the one leaving a ``penalty_last_n`` window), so a step
 does not rescan the history. DRY, the one that must look at its whole window, is in
 ``arlm.sampling.dry``.
+
+On a GPU none of them makes the host wait: what they take from the history reaches the device
+in pinned, asynchronous copies (``arlm.devices``), masks are applied with ``index_fill`` and
+``torch.where`` rather than data-dependent indexing, and nothing is read back.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from arlm.devices import pinned_to, to_device
 
 
 @dataclass
@@ -61,7 +67,7 @@ class _WindowCounts:
             if self.last_n:
                 lo = max(lo, len(ids) - self.last_n)
             if lo < len(ids):
-                index = torch.tensor(ids[lo:], device=device)
+                index = to_device(ids[lo:], torch.long, device)
                 self.counts[b].index_add_(0, index, torch.ones(len(index), device=device))
 
     def append(self, history: History) -> None:
@@ -69,16 +75,17 @@ class _WindowCounts:
         for b, ids in enumerate(history.rows):
             lo, new = self._first_counted(history, b), len(ids) - 1
             if new >= lo:
-                rows.append(b), tokens.append(ids[new]), deltas.append(1.0)
+                rows.append(b), tokens.append(ids[new]), deltas.append(1)
             leaving = new - self.last_n
             if self.last_n and leaving >= lo:
-                rows.append(b), tokens.append(ids[leaving]), deltas.append(-1.0)
+                rows.append(b), tokens.append(ids[leaving]), deltas.append(-1)
         if rows:
-            device = self.counts.device
+            # one copy for all three: the deltas travel as integers
+            rows_t, tokens_t, deltas_t = to_device(
+                [rows, tokens, deltas], torch.long, self.counts.device
+            )
             self.counts.index_put_(
-                (torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
-                torch.tensor(deltas, device=device),
-                accumulate=True,
+                (rows_t, tokens_t), deltas_t.to(self.counts.dtype), accumulate=True
             )
 
 
@@ -159,9 +166,8 @@ class NoRepeatNGram(Processor):
             rows += [b] * len(banned)
             tokens += banned
         if rows:
-            device = logits.device
-            index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-            logits = logits.index_put(index, _neg_inf(logits))
+            index = to_device([rows, tokens], torch.long, logits.device)
+            logits = logits.index_put(index.unbind(), logits.new_full((), float("-inf")))
         return logits
 
 
@@ -174,8 +180,9 @@ class LogitBias(Processor):
             raise ValueError(
                 f"logit_bias names token ids {bad}; this vocabulary's ids are 0..{vocab_size - 1}"
             )
-        self.bias = torch.zeros(vocab_size, device=device)
-        self.bias[list(bias)] = torch.tensor(list(bias.values()), device=device)
+        host = torch.zeros(vocab_size)
+        host[list(bias)] = torch.tensor(list(bias.values()))
+        self.bias = pinned_to(host, device)
 
     def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
         return logits + self.bias
@@ -186,19 +193,18 @@ class MinTokens(Processor):
 
     def __init__(self, min_tokens: int, end_ids: Iterable[int]) -> None:
         self.min_tokens, self.end_ids = min_tokens, sorted(end_ids)
+        self._ends: torch.Tensor | None = None  # the end ids on the logits' device
 
     def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
-        early = [b for b in range(len(history.rows)) if history.generated(b) < self.min_tokens]
-        if early and self.end_ids:
-            device = logits.device
-            logits = logits.clone()
-            rows = torch.tensor(early, device=device)[:, None]
-            logits[rows, torch.tensor(self.end_ids, device=device)] = float("-inf")
-        return logits
-
-
-def _neg_inf(logits: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        early = [history.generated(b) < self.min_tokens for b in range(len(history.rows))]
+        if not any(early) or not self.end_ids:
+            return logits
+        if self._ends is None or self._ends.device != logits.device:
+            self._ends = to_device(self.end_ids, torch.long, logits.device)
+        masked = logits.index_fill(1, self._ends, float("-inf"))
+        if all(early):
+            return masked
+        return torch.where(to_device(early, torch.bool, logits.device)[:, None], masked, logits)
 
 
 # The filters take one value for all rows or a column (B, 1) of per-row values; a row whose

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from arlm.devices import pinned_to
 from arlm.sampling.processors import History, Processor
 
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -244,6 +245,7 @@ class GrammarMask(Processor):
         self._xgr, self.vocab_size = xgr, vocab_size
         self._compiled, self._ends, self._banned = compiled, ends, banned
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._banned_on: torch.Tensor | None = None  # ``banned`` on the logits' device
         self.matcher = None
 
     def reset(self, history: History) -> None:
@@ -262,9 +264,12 @@ class GrammarMask(Processor):
 
     def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
         self.matcher.fill_next_token_bitmask(self._bitmask)
-        bitmask = self._bitmask.to(logits.device, non_blocking=True)
+        # xgrammar's bitmask is in pageable memory, and a copy from there (non_blocking or
+        # not) waits for the device: copied through pinned memory, it joins the stream's queue
+        bitmask = pinned_to(self._bitmask, logits.device)
         self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.size(-1))
         if self._banned is not None:
-            banned = self._banned[: logits.size(-1)].to(logits.device, non_blocking=True)
-            logits.masked_fill_(banned, float("-inf"))
+            if self._banned_on is None or self._banned_on.device != logits.device:
+                self._banned_on = pinned_to(self._banned, logits.device)  # once per sequence
+            logits.masked_fill_(self._banned_on[: logits.size(-1)], float("-inf"))
         return logits
