@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from arlm.config import ModelConfig
+from arlm.devices import to_device
 from arlm.engine.sequence import Sequence, Status
 from arlm.engine.token_chain import Draw, TokenChain, draw_samples
 from arlm.model.transformer import Transformer
@@ -297,7 +298,7 @@ class Speculator:
         for j in range(max(len(g) for _, g in rows) + 1):
             seqs = [rows[i][0] for i in active]
             before = [len(s.token_ids) for s in seqs]
-            index = torch.tensor([first[i] + j for i in active], device=logits.device)
+            index = to_device([first[i] + j for i in active], torch.long, logits.device)
             draw = self._drawer(j, {seq: rows[i][1] for i, seq in zip(active, seqs, strict=True)})
             for seq, made in self.chain.run(logits.index_select(0, index), seqs, draw):
                 chunks[id(seq)].extend(made)
@@ -340,7 +341,7 @@ class Speculator:
             tokens = processed.argmax(dim=-1)
             plain = [b for b, s in enumerate(seqs) if s not in ruled]
             if plain:
-                at = torch.tensor(plain, device=processed.device)
+                at = to_device(plain, torch.long, processed.device)
                 drawn = draw_samples(processed.index_select(0, at), [seqs[b] for b in plain])
                 tokens.index_copy_(0, at, drawn)
             for b, seq in enumerate(seqs):
