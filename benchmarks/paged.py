@@ -8,7 +8,8 @@ position)``, which is how it sized itself.
 
 1. Decode speed at 16 sequences (GPT-2 124M's layers, a 512-token vocabulary, random weights,
    float32; 16 prompts of 64
-   to 320 tokens, 64 new tokens each, greedy): output tok/s, current / slot design.
+   to 320 tokens, 64 new tokens each, greedy): output tok/s, current / slot design
+   (``--baseline COMMIT``: against that commit instead, a before/after check of any change).
 2. Concurrency at one budget: a Llama-shaped model with a 4,096-token context, 256 requests of
    about 600 tokens (500 prompt + 100 new), a 256 MiB KV budget: the most sequences running at
    once, paged against the slot design's count; the blocks in use checked at every step against
@@ -83,7 +84,7 @@ def run_decode(path: Path, rounds: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def decode_speed(skip_baseline: bool, rounds: int) -> None:
+def decode_speed(skip_baseline: bool, rounds: int, baseline: str = BASELINE) -> None:
     print("1. decode, 16 sequences, GPT-2 124M shape, float32 (best of", rounds, "runs)")
     now = run_decode(ROOT, rounds)
     print(f"   paged (this code)        {now['tok_s']:8.1f} tok/s")
@@ -91,17 +92,19 @@ def decode_speed(skip_baseline: bool, rounds: int) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", BASELINE, "arlm"], capture_output=True, check=True
+            ["git", "-C", str(ROOT), "archive", baseline, "arlm"], capture_output=True, check=True
         ).stdout
         archive_path = Path(tmp) / "a.tar"
         archive_path.write_bytes(archive)
         with tarfile.open(archive_path) as t:
             t.extractall(tmp, filter="data")
         before = run_decode(Path(tmp), rounds)
-    print(f"   slots ({BASELINE})         {before['tok_s']:8.1f} tok/s")
+    name = "slots" if baseline == BASELINE else "before"
+    print(f"   {name} ({baseline})         {before['tok_s']:8.1f} tok/s")
     same = now["tokens"] == before["tokens"]
     print(
-        f"   paged / slots            {now['tok_s'] / before['tok_s']:8.3f}x  same tokens: {same}"
+        f"   paged / {name:5}            {now['tok_s'] / before['tok_s']:8.3f}x  "
+        f"same tokens: {same}"
     )
 
 
@@ -309,11 +312,16 @@ def long_context_defaults() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help=f"the commit part 1 compares with (default: {BASELINE}, the slot design)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--parts", default="1234", help="which of the parts 1-5 to run")
     args = p.parse_args()
     if "1" in args.parts:
-        decode_speed(args.skip_baseline, args.rounds)
+        decode_speed(args.skip_baseline, args.rounds, args.baseline)
     if "2" in args.parts:
         concurrency()
     if "3" in args.parts:
