@@ -250,6 +250,11 @@ def bandwidth(ctx: dict) -> dict:
     return {"copy_bytes_per_s": rate, "weight_bytes": per_step, "limit_tok_s": rate / per_step}
 
 
+def _agree(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
 def decode(ctx: dict) -> dict:
     device, sizes, lm, hf = ctx["device"], ctx["sizes"], ctx["lm"], ctx["hf"]
     prompt = random_ids(random.Random(1), sizes.llama["vocab_size"], sizes.prompt)
@@ -267,12 +272,7 @@ def decode(ctx: dict) -> dict:
     hf_generate()
     seconds, tokens = timed(device, hf_generate)
     out["hf_eager_tok_s"] = sizes.new / seconds
-    hf_ids = tokens[0, sizes.prompt :].tolist()
-    same = next(
-        (i for i, (a, b) in enumerate(zip(completion.token_ids, hf_ids, strict=True)) if a != b),
-        None,
-    )
-    out["greedy_agree"] = sizes.new if same is None else same
+    out["greedy_agree"] = _agree(completion.token_ids, tokens[0, sizes.prompt :].tolist())
     try:
         static = dict(cache_implementation="static")
         try:
@@ -570,11 +570,6 @@ def train(ctx: dict) -> dict:
         "peak_tflops": peak / 1e12,
         "last_loss": float(losses[-1]),
     }
-
-
-def _agree(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 def speculation(ctx: dict) -> dict:

@@ -20,7 +20,7 @@ from arlm.engine import offline
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.config import DEFAULT_WINDOW_MAX_MODEL_LEN, EngineConfig, plan
 from arlm.engine.outputs import Completion, RequestOutput
-from arlm.engine.overlap import Overlap, overlap_unsupported
+from arlm.engine.overlap import Overlap, overlap_for
 from arlm.engine.prompt_logprobs import scoring_only
 from arlm.engine.requests import InvalidRequest, check_params, check_prompt, new_sequences
 from arlm.engine.runner import ModelRunner
@@ -105,15 +105,8 @@ class Engine:
         if self.eager_reason is None:
             self.use_decode_graphs(capture=True)
         # the step in flight while the next is scheduled (arlm.engine.overlap), or None
-        self.overlap: Overlap | None = None
-        refused = overlap_unsupported(self, tensor_parallel is not None)
-        wanted = config.async_scheduling
-        if wanted and refused:
-            raise ValueError(f"async_scheduling does not run with {refused}")
-        if wanted is None:  # where a device runs the forward while the host goes on
-            wanted = self.device.type == "cuda" and refused is None
-        if wanted:
-            self.overlap = Overlap(self)
+        tp = tensor_parallel is not None
+        self.overlap: Overlap | None = overlap_for(self, config.async_scheduling, tp)
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         # outputs kept for whoever reads that request (``next_output``), while others step
         self._mailbox: dict[str, deque[RequestOutput]] = defaultdict(deque)

@@ -49,15 +49,22 @@ def overlappable(seq: Sequence) -> bool:
     return seq.guard is None and not seq.sampler.processors
 
 
-def overlap_unsupported(engine: Engine, tensor_parallel: bool) -> str | None:
-    """Why ``engine`` cannot overlap its steps, or None when it can."""
+def overlap_for(engine: Engine, wanted: bool | None, tensor_parallel: bool) -> Overlap | None:
+    """``engine``'s overlap, or None where its steps do not overlap. ``wanted`` is
+    ``EngineConfig.async_scheduling``: None overlaps on CUDA wherever the engine can (a CPU runs
+    the forward itself, so there is nothing to overlap); True where it cannot is refused."""
+    refused = None
     if engine.block_manager is None:
-        return "the windowed KV cache (kv_window), which feeds one sequence from the host"
-    if engine.speculator is not None:
-        return "speculative decoding, whose guesses are made from the ids just sampled"
-    if tensor_parallel:
-        return "tensor parallelism, which sends each step's ids to the other ranks"
-    return None
+        refused = "the windowed KV cache (kv_window), which feeds one sequence from the host"
+    elif engine.speculator is not None:
+        refused = "speculative decoding, whose guesses are made from the ids just sampled"
+    elif tensor_parallel:
+        refused = "tensor parallelism, which sends each step's ids to the other ranks"
+    if wanted and refused:
+        raise ValueError(f"async_scheduling does not run with {refused}")
+    if wanted is None:
+        wanted = engine.device.type == "cuda" and refused is None
+    return Overlap(engine) if wanted else None
 
 
 class Overlap:
