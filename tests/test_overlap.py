@@ -85,7 +85,45 @@ def test_overlapped_steps_give_the_plain_steps_output_as_rows_join_and_leave(
     engine = _engine(model, tokenizer, True, graphs, **config)
     _assert_same(_generate(engine, prompts, params), plain)
     stats = engine.stats()
-    assert stats["overlapped_steps"] * 2 > stats["steps"]  # most steps went in the overlap
+    # rows join in overlapped steps too: only the first, with nothing in flight, is plain
+    assert stats["overlapped_steps"] == stats["steps"] - 1
+
+
+def test_joins_in_overlapped_steps_share_prefix_blocks_and_chunk_long_prompts(model, tokenizer):
+    """Sequences join beside rows in flight, their prompts chunked across several overlapped
+    steps (a small token budget) and their shared head found in the prefix cache (a system
+    prompt, and ``n`` samples of one prompt), registered by steps whose ids had not landed."""
+    system = _prompts(1, seed=21)[0][:24] + [7] * 10
+    prompts = [system + p[:20] for p in _prompts(6, seed=22)]
+    params = [replace(p, n=2) if i % 3 == 0 else p for i, p in enumerate(_plain_params(6))]
+    config = dict(max_num_seqs=4, max_num_batched_tokens=24, kv_block_size=8)
+    plain_engine = _engine(model, tokenizer, False, **config)
+    plain = [c for cs in _generate(plain_engine, prompts, params) for c in cs]  # n > 1: lists
+    each = [(p, sp) for p, sp in zip(prompts, params, strict=True) for _ in range(sp.n)]
+    _no_near_ties(model, [p for p, _ in each], [sp for _, sp in each], plain)
+    engine = _engine(model, tokenizer, True, **config)
+    _assert_same([c for cs in _generate(engine, prompts, params) for c in cs], plain)
+    stats = engine.stats()
+    assert stats["prefix_cache_hit_tokens"] == plain_engine.stats()["prefix_cache_hit_tokens"] > 0
+    assert stats["overlapped_steps"] == stats["steps"] - 1
+
+
+def test_a_request_for_prompt_logprobs_joins_through_a_plain_step(model, tokenizer):
+    """Prompt log-probabilities are read on the host after their forward: the step that
+    prefills such a prompt lands the one before it first, and the others overlap around it."""
+    prompts, params = _prompts(6, seed=4), _plain_params(6)
+    params[3] = replace(params[3], prompt_logprobs=1)
+    config = dict(max_num_seqs=3)
+    plain = _generate(_engine(model, tokenizer, False, **config), prompts, params)
+    _no_near_ties(model, prompts, params, plain)
+    engine = _engine(model, tokenizer, True, **config)
+    got = _generate(engine, prompts, params)
+    _assert_same(got, plain)
+    scored = [[(t.token_id, t.logprob) for t in c.prompt_logprobs[1:]] for c in (got[3], plain[3])]
+    assert [t for t, _ in scored[0]] == [t for t, _ in scored[1]]
+    assert_close([v for _, v in scored[0]], [v for _, v in scored[1]])
+    stats = engine.stats()
+    assert 0 < stats["overlapped_steps"] < stats["steps"] - 1
 
 
 def test_rows_ended_by_a_token_the_host_sees_a_step_late_end_where_they_would(model, tokenizer):
@@ -123,9 +161,12 @@ def test_rows_with_processors_or_a_loop_guard_step_plainly_among_overlapped_ones
     assert 0 < stats["overlapped_steps"] < stats["steps"] / 2
 
 
-def test_preempted_rows_and_waiting_ones_give_the_plain_steps_tokens(model, tokenizer):
-    """A pool a third of the peak: rows preempt each other, and the waiting ones join as
-    blocks come back, both through plain steps in between overlapped ones."""
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_rows_and_waiting_ones_give_the_plain_steps_tokens(model, tokenizer, mode):
+    """A pool a third of the peak: rows preempt each other through plain steps, and come
+    back, like the waiting ones, in overlapped steps as blocks come back. Swapped-in rows
+    feed their pending ids from the host beside the fed ones, through the padded decode
+    path."""
     prompts = [p[:12] for p in _prompts(6, seed=7)]
     params = [replace(sp, max_tokens=24 + 4 * i) for i, sp in enumerate(_plain_params(6))]
     c = model.config
@@ -137,15 +178,20 @@ def test_preempted_rows_and_waiting_ones_give_the_plain_steps_tokens(model, toke
         max_num_seqs=6,
         kv_cache_memory_gib=(pool + 0.5) * block / 2**30,
         enable_prefix_caching=False,
+        preemption_mode=mode,
     )
-    plain_engine = _engine(model, tokenizer, False, **config)
+    if mode == "swap":
+        config["kv_offload_gib"] = sum(need) * block / 2**30
+    graphs = mode == "swap"
+    plain_engine = _engine(model, tokenizer, False, graphs, **config)
     plain = _generate(plain_engine, prompts, params)
     _no_near_ties(model, prompts, params, plain)
     assert plain_engine.stats()["preemptions"] > 0
-    engine = _engine(model, tokenizer, True, **config)
+    engine = _engine(model, tokenizer, True, graphs, **config)
     _assert_same(_generate(engine, prompts, params), plain)
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["overlapped_steps"] > 0
+    assert stats["swapped"] == 0 and (mode == "recompute" or engine.scheduler.num_swaps > 0)
 
 
 def test_a_request_aborted_while_its_next_step_is_in_flight_ends_and_frees_its_blocks(

@@ -101,27 +101,32 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(
-        self, tokens: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]]
+        self,
+        tokens: list[int],
+        positions: list[int],
+        tables: list[list[int]],
+        fed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The next-token logits (rows, vocab) of one decode row per entry: row i feeds
-        ``tokens[i]`` at ``positions[i]`` through its block table ``tables[i]``. ``tokens`` may
-        be a tensor on the device (ids the step before sampled: ``arlm.engine.overlap``)."""
-        rows = len(tokens)
+        """The next-token logits (rows, vocab) of one decode row per position: row i feeds its
+        token at ``positions[i]`` through its block table ``tables[i]``. The first
+        ``len(fed)`` rows' tokens are ``fed``, on the device (ids the step before sampled:
+        ``arlm.engine.overlap``); the other rows' are ``tokens``, in order."""
+        rows, num_fed = len(positions), 0 if fed is None else len(fed)
         batch = self.bucket(rows)
         staging = self._staging[self.steps % 2]
         self.steps += 1
         staging[rows:batch, :2] = 0
         staging[rows:batch, 2:] = self.cache.spare
-        if not isinstance(tokens, torch.Tensor):
-            staging[:rows, 0] = torch.tensor(tokens)
+        if num_fed < rows:
+            staging[num_fed:rows, 0] = torch.tensor(tokens)
         staging[:rows, 1] = torch.tensor(positions)
         width, spare = staging.size(1) - 2, self.cache.spare
         staging[:rows, 2:] = torch.tensor([t + [spare] * (width - len(t)) for t in tables])
         # this buffer is filled again two steps on; by then the host has waited for the ids
         # sampled after this copy, which is queued before them
         self._inputs[:batch].copy_(staging[:batch], non_blocking=True)
-        if isinstance(tokens, torch.Tensor):
-            self._inputs[:rows, 0].copy_(tokens)
+        if num_fed:
+            self._inputs[:num_fed, 0].copy_(fed)
         if batch in self._graphs:
             self._graphs[batch].replay()
             return self._logits[batch][:rows]

@@ -3,12 +3,16 @@
 A plain step waits for its sampled ids to reach the host before anything else happens: the
 host appends them, detokenizes, checks stop strings and lengths, then schedules and launches
 the next forward, and the GPU idles through all of it. Most of that work does not need step
-N's ids. When every row of a decode-only step draws its token on the device with no host-side
-state in the way (``overlappable``), its ids stay on the device with their copy to the host
-queued (``TokenChain.launch``), and the next ``Engine.step``:
+N's ids. When every row of a step draws its token on the device with no host-side state in the
+way (``overlappable``; a prompt chunk also scores nothing: ``joinable``), its ids stay on the
+device with their copy to the host queued (``TokenChain.launch``), and the next
+``Engine.step``:
 
-1. schedules the same rows one position further (their blocks ensured; no one joins),
-2. launches that forward with step N's ids fed from the device (``ModelRunner.run(fed=)``),
+1. schedules the same rows one position further, their blocks ensured, and what is left of
+   the token budget to prompts, as a plain step would: chunks of prompts still prefilling, and
+   sequences that join (``Scheduler.schedule_beside``);
+2. launches that forward, with step N's ids fed from the device (``ModelRunner.run(fed=)``)
+   and the prompts' from the host;
 3. only then waits for step N's ids and runs their host side (``TokenChain.land``) while the
    device computes step N+1.
 
@@ -16,10 +20,11 @@ So a step's tokens are handed out one ``step`` call after the forward that made 
 A row that step N's token ends (an end id, a stop string, an abort) has computed one position
 in step N+1 for nothing; that result is dropped, and its blocks were freed in stream order
 after it. Rows that step N's token ends by length are known before and left out. Anything else
-ends the overlap for one step, which then lands step N first and runs as before: a sequence
-that could join (waiting or swapped out, with room), a row that must wait for blocks
-(preemption), or rows with processors or a loop guard. Speculative decoding builds its guesses
-from the ids themselves, and tensor parallelism sends them to the other ranks: neither overlaps.
+ends the overlap for one step, which then lands step N first and runs as before: a row that
+must wait for blocks (the plain step preempts), or a row, or a sequence next in line to join,
+with processors, a loop guard or prompt log-probabilities. Speculative decoding builds its
+guesses from the ids themselves, and tensor parallelism sends them to the other ranks: neither
+overlaps.
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ def overlappable(seq: Sequence) -> bool:
     guard (its bans and breaks follow every token) and no logits processors (penalties, DRY,
     bias, min_tokens, n-gram bans and grammars read the ids so far)."""
     return seq.guard is None and not seq.sampler.processors
+
+
+def joinable(seq: Sequence) -> bool:
+    """Whether ``seq`` can run a prompt chunk in a step whose ids stay in flight:
+    ``overlappable``, and not scoring its prompt (prompt log-probabilities are recorded on the
+    host after their forward)."""
+    return overlappable(seq) and seq.params.prompt_logprobs is None
 
 
 def overlap_for(engine: Engine, wanted: bool | None, tensor_parallel: bool) -> Overlap | None:
@@ -77,13 +89,14 @@ class Overlap:
         self.steps = 0
 
     def launch(self, batch: ScheduledBatch, orders: Orders | None) -> bool:
-        """Run ``batch`` and leave its ids in flight when it is decode rows only, each
-        ``overlappable``; False, having run nothing, otherwise."""
-        if batch.prefill or batch.verify or not all(overlappable(s) for s in batch.decode):
+        """Run ``batch`` and leave its ids in flight when its rows can all go on without the
+        host (``overlappable`` decode rows, ``joinable`` prompts, no verify rows); False,
+        having run nothing, otherwise."""
+        if batch.verify or not all(overlappable(s) for s in batch.decode):
             return False
-        engine = self.engine
-        logits, rows, _ = engine.runner.run(batch, orders)
-        self.in_flight = engine.chain.launch(logits, rows)
+        if not all(joinable(s) for s, _ in batch.prefill):
+            return False
+        self.in_flight = self._run(batch, orders, None)
         return True
 
     def follow(self, emit: Emit) -> bool:
@@ -101,10 +114,15 @@ class Overlap:
     def _next(self, landing: DrawnTokens) -> DrawnTokens | None:
         """The step after ``landing``, launched, or None where that step must wait for it."""
         engine = self.engine
-        scheduler, bm, limit = engine.scheduler, engine.block_manager, engine.chain.limit
+        scheduler, limit = engine.scheduler, engine.chain.limit
         alive = [i for i, s in enumerate(landing.seqs) if not s.finished]
-        running = {id(s) for s in scheduler.running}
-        if running != {id(landing.seqs[i]) for i in alive} or scheduler.can_admit():
+        in_flight = {id(landing.seqs[i]) for i in alive}
+        # the other running rows are prompts still prefilling in chunks, and like the next
+        # sequence to join, they go in only if their tokens can stay on the device too
+        if not all(joinable(s) for s in scheduler.running if id(s) not in in_flight):
+            return None
+        head = scheduler.next_admission()
+        if head is not None and not joinable(head):
             return None
         # a row whose token in flight is its last (max_tokens, or the context) stops there
         keep = [
@@ -113,15 +131,22 @@ class Overlap:
             if landing.seqs[i].num_generated + 1 < landing.seqs[i].params.max_tokens
             and (limit is None or len(landing.seqs[i].token_ids) + 1 <= limit)
         ]
-        rows = [landing.seqs[i] for i in keep]
-        # blocks for one more position each, without preempting anyone (a row left short waits
-        # for the plain step, whose scheduler preempts)
-        if not rows or not all(bm.ensure(s, s.num_cached + 1) for s in rows):
+        batch = scheduler.schedule_beside([landing.seqs[i] for i in keep], joinable)
+        if not batch:  # (None: a row would preempt another; empty: nothing goes on)
             return None
         fed = landing.tokens
         if len(keep) < len(landing.seqs):
             fed = fed.index_select(0, to_device(keep, torch.long, fed.device))
         engine.steps += 1
         self.steps += 1
-        logits, rows, _ = engine.runner.run(ScheduledBatch(decode=rows), bm.take_orders(), fed)
+        return self._run(batch, engine.block_manager.take_orders(), fed)
+
+    def _run(
+        self, batch: ScheduledBatch, orders: Orders | None, fed: torch.Tensor | None
+    ) -> DrawnTokens:
+        """Forward ``batch`` and sample its rows, leaving the ids in flight."""
+        engine = self.engine
+        logits, rows, _ = engine.runner.run(batch, orders, fed)
+        for seq, _ in batch.prefill:  # the prompt blocks it completes, for the prefix cache
+            engine.block_manager.computed(seq)
         return engine.chain.launch(logits, rows)

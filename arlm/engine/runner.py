@@ -145,10 +145,10 @@ class ModelRunner:
         position of the verify rows (1 + guesses each, in ``batch.verify`` order), the K rows'
         sequences in the same order, and the prompt positions scored for prompt
         log-probabilities with their logits (None when no sequence asked:
-        ``arlm.engine.prompt_logprobs``). ``fed``: a batch of decode rows only, whose input ids
-        are this tensor (rows,) on the device, sampled by the step before and not yet on the
-        host (``arlm.engine.overlap``)."""
-        if fed is not None and (batch.prefill or batch.verify or self.cache is None):
+        ``arlm.engine.prompt_logprobs``). ``fed``: the input ids of the first ``len(fed)``
+        decode rows, on the device, sampled by the step before and not yet on the host
+        (``arlm.engine.overlap``); the other rows' come from their token ids."""
+        if fed is not None and (batch.verify or self.cache is None or len(fed) > len(batch.decode)):
             raise ValueError("ids still on the device feed decode rows of the paged cache only")
         self.apply(orders)
         logits, rows, scored = self._forward(batch, fed)
@@ -163,20 +163,19 @@ class ModelRunner:
     def _forward(
         self, batch: ScheduledBatch, fed: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
+        num_fed = 0 if fed is None else len(fed)  # the first rows' ids are on the device
         if self.decode_graphs is not None and not batch.prefill and not batch.verify:
             rows = batch.decode
             logits = self.decode_graphs.run(
-                fed if fed is not None else [s.token_ids[s.num_cached] for s in rows],
+                [s.token_ids[s.num_cached] for s in rows[num_fed:]],
                 [s.num_cached for s in rows],
                 [s.block_table for s in rows],
+                fed,
             )
             return logits, rows, None
-        tokens, select, rows = [], [], []
-        for seq in batch.decode:
-            if fed is None:
-                tokens.append(seq.token_ids[seq.num_cached])
-            select.append(len(select))
-            rows.append(seq)
+        # one position per decode row, the fed ones' ids written in on the device below
+        tokens = [0] * num_fed + [s.token_ids[s.num_cached] for s in batch.decode[num_fed:]]
+        select, rows = list(range(len(batch.decode))), list(batch.decode)
         # verify rows: the pending token and the guesses, logits at every one of them, after
         # the rows that sample (arlm.engine.speculation)
         verify_select = []
@@ -196,7 +195,9 @@ class ModelRunner:
                 scored.add(seq, wanted)
                 at = len(tokens) - n - start  # flat index of position 0 of this sequence
                 scored_select += [at + p for p in wanted]
-        idx = fed[None] if fed is not None else to_device([tokens], torch.long, self.device)
+        idx = to_device([tokens], torch.long, self.device)
+        if num_fed:
+            idx[0, :num_fed] = fed
         if self.windowed is not None:
             (seq,) = [*batch.decode, *(s for s, _ in batch.prefill)]
             if seq.num_cached == 0:  # a new sequence, or one refilled after a break

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from arlm.engine.block_manager import BlockManager
@@ -92,35 +93,67 @@ class Scheduler:
         """The next forward's rows. ``guesses``: speculative tokens for decoding sequences; a
         decode row verifies them where the token budget and free blocks allow."""
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        preempted = False
+        short = False  # a sequence had no room: someone was preempted
         for seq in list(self.running):  # oldest first
             if seq.status is Status.RUNNING and seq.num_pending == 1:
                 if self._room(seq, len(seq.token_ids)):
                     batch.decode.append(seq)
                 else:
-                    preempted = True
-        budget -= len(batch.decode)
-        if guesses and not preempted:
+                    short = True
+        budget = self.max_num_batched_tokens - len(batch.decode)
+        if guesses and not short:
             budget = self._speculate(batch, guesses, budget)
-        for seq in list(self.running):
-            if seq.status is Status.RUNNING and seq.num_pending > 1 and budget > 0:
-                n = min(seq.num_pending, budget)
-                if self._room(seq, seq.num_cached + n):
-                    batch.prefill.append((seq, n))
-                    budget -= n
-                else:
-                    preempted = True
-        if preempted:  # a sequence scheduled above may have been preempted since
+        left = self._prefills(batch, budget, preempt=True)
+        if short or left is None:  # a sequence scheduled above may have been preempted since
             batch.decode = [s for s in batch.decode if s.status is Status.RUNNING]
             batch.prefill = [(s, n) for s, n in batch.prefill if s.status is Status.RUNNING]
             batch.verify = [(s, g) for s, g in batch.verify if s.status is Status.RUNNING]
             return batch
+        self._admit(batch, left)
+        return batch
+
+    def schedule_beside(
+        self, rows: list[Sequence], admits: Callable[[Sequence], bool]
+    ) -> ScheduledBatch | None:
+        """The forward after one still in flight (``arlm.engine.overlap``): ``rows``, running
+        sequences whose next token is that forward's and not yet here, one position each, then
+        prompts as ``schedule`` gives them the budget, only admitting sequences ``admits``
+        allows (the first it refuses waits, and those behind it). Nothing is preempted, as the
+        sequence to go could be one in flight: None where a row would need that."""
+        bm = self.block_manager
+        if not all(bm.ensure(seq, seq.num_cached + 1) for seq in rows):
+            return None
+        batch = ScheduledBatch(decode=list(rows))
+        left = self._prefills(batch, self.max_num_batched_tokens - len(rows), preempt=False)
+        if left is None:
+            return None
+        self._admit(batch, left, admits)
+        return batch
+
+    def _prefills(self, batch: ScheduledBatch, budget: int, preempt: bool) -> int | None:
+        """Schedule the running sequences still prefilling, as far as ``budget`` goes; the
+        budget left, or None when one had no room (preempting others first if ``preempt``)."""
+        short = False
+        for seq in list(self.running):
+            if seq.status is Status.RUNNING and seq.num_pending > 1 and budget > 0:
+                n = min(seq.num_pending, budget)
+                if self._room(seq, seq.num_cached + n, preempt):
+                    batch.prefill.append((seq, n))
+                    budget -= n
+                else:
+                    short = True
+        return None if short else budget
+
+    def _admit(
+        self, batch: ScheduledBatch, budget: int, admits: Callable[[Sequence], bool] | None = None
+    ) -> None:
+        """Bring in swapped-out, then waiting sequences, first come first served, while the
+        budget, ``max_num_seqs``, the pool and ``admits`` allow."""
         bm = self.block_manager
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.swapped[0]
-            if not bm.can_swap_in(seq):
-                return batch
+            if not bm.can_swap_in(seq) or (admits is not None and not admits(seq)):
+                return
             self.swapped.popleft()
             bm.swap_in(seq)
             bm.ensure(seq, len(seq.token_ids))  # can_swap_in counted its next block
@@ -132,6 +165,8 @@ class Scheduler:
             fits = bm is None or bm.can_allocate(seq, watermark=bool(self.running))
             if not fits or (bm is not None and self._head_in_prefill(seq)):
                 break
+            if admits is not None and not admits(seq):
+                break
             self.waiting.popleft()
             if bm is not None:
                 bm.allocate(seq)
@@ -141,22 +176,23 @@ class Scheduler:
             self._run(seq)
             batch.prefill.append((seq, n))
             budget -= n
-        return batch
 
-    def can_admit(self) -> bool:
-        """Whether the next ``schedule`` would bring a swapped-out or waiting sequence in (the
-        same first-come test it makes, on the queues' heads)."""
+    def next_admission(self) -> Sequence | None:
+        """The swapped-out or waiting sequence the next ``schedule`` would bring in first (the
+        same first-come test it makes, on the queues' heads), or None."""
         if len(self.running) >= self.max_num_seqs:
-            return False
+            return None
         bm = self.block_manager
         if self.swapped:
-            return bm.can_swap_in(self.swapped[0])
+            head = self.swapped[0]
+            return head if bm.can_swap_in(head) else None
         if not self.waiting:
-            return False
-        seq = self.waiting[0]
+            return None
+        head = self.waiting[0]
         if bm is None:
-            return True
-        return bm.can_allocate(seq, watermark=bool(self.running)) and not self._head_in_prefill(seq)
+            return head
+        fits = bm.can_allocate(head, watermark=bool(self.running))
+        return head if fits and not self._head_in_prefill(head) else None
 
     def _speculate(self, batch: ScheduledBatch, guesses: dict, budget: int) -> int:
         """Turn decode rows with guesses into verify rows, the guesses cut to the token budget
@@ -185,13 +221,16 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
-    def _room(self, seq: Sequence, end: int) -> bool:
+    def _room(self, seq: Sequence, end: int, preempt: bool = True) -> bool:
         """Blocks for ``seq`` up to position ``end``, preempting the most recently admitted
-        sequences until they fit; False when ``seq`` itself had to go."""
+        sequences until they fit; False when ``seq`` itself had to go (or, without ``preempt``,
+        when they do not fit now)."""
         bm = self.block_manager
         if bm is None:
             return True
         while not bm.ensure(seq, end):
+            if not preempt:
+                return False
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
