@@ -20,7 +20,7 @@ from arlm.sampling import SamplingParams
 from arlm.speculative.config import SpeculativeConfig
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close, choice_logits
-from tests.test_engine import _mixed_params, _prompts
+from tests.test_engine import _prompts
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -146,19 +146,52 @@ def test_rows_ended_by_a_token_the_host_sees_a_step_late_end_where_they_would(mo
     assert engine.stats()["overlapped_steps"] > 0
 
 
-def test_rows_with_processors_or_a_loop_guard_step_plainly_among_overlapped_ones(model, tokenizer):
-    """Penalties and a loop guard need each token on the host before the next: while such a
-    row runs, steps do not overlap; before and after it, they do."""
+def test_rows_with_penalties_bias_and_min_tokens_overlap_and_give_the_plain_steps_output(
+    model, tokenizer
+):
+    """Their processors take each token while it is still on the device (the penalties count
+    it there, a short ``penalty_last_n`` window letting older ones go; ``min_tokens`` counts it
+    as generated): every step overlaps, and no row's output changes. A bias towards the end
+    id would end the rows at once but for ``min_tokens``, so where its mask lifts decides
+    where they end."""
+    prompts = _prompts(8, seed=12)
+    params = []
+    for i, p in enumerate(_plain_params(8)):
+        if i % 4 == 0:
+            p = replace(p, repetition_penalty=1.5, penalty_last_n=3)
+        elif i % 4 == 1:
+            p = replace(p, presence_penalty=1.2, frequency_penalty=0.7, logit_bias={9: 4.0})
+        elif i % 4 == 2:
+            p = replace(p, frequency_penalty=1.5, penalty_last_n=4, logit_bias={11: -100.0})
+        else:
+            end = tokenizer.eos_token_ids[0]
+            p = replace(p, ignore_eos=False, min_tokens=2 + i % 3, logit_bias={end: 30.0})
+        params.append(p)
+    config = dict(max_num_seqs=3, max_num_batched_tokens=40)
+    plain = _generate(_engine(model, tokenizer, False, **config), prompts, params)
+    _no_near_ties(model, prompts, params, plain)
+    assert all(len(plain[i].token_ids) == params[i].min_tokens for i in (3, 7))
+    engine = _engine(model, tokenizer, True, **config)
+    _assert_same(_generate(engine, prompts, params), plain)
+    stats = engine.stats()
+    assert stats["overlapped_steps"] == stats["steps"] - 1
+
+
+def test_rows_with_host_side_state_step_plainly_among_overlapped_ones(model, tokenizer):
+    """DRY, n-gram bans and a loop guard need each token on the host before the next: while
+    such a row runs, steps do not overlap; before and after it, they do."""
     prompts = _prompts(10, seed=11)
-    params = _mixed_params(10)  # a third with repetition penalties
-    params[4] = replace(params[4], loop_policy="break")
+    params = _plain_params(10)
+    params[4] = replace(params[4], dry_multiplier=0.8, max_tokens=12)
+    params[5] = replace(params[5], no_repeat_ngram_size=2, max_tokens=12)
+    params[6] = replace(params[6], loop_policy="break", max_tokens=12)
     config = dict(max_num_seqs=4)
     plain = _generate(_engine(model, tokenizer, False, **config), prompts, params)
     _no_near_ties(model, prompts, params, plain)
     engine = _engine(model, tokenizer, True, **config)
     _assert_same(_generate(engine, prompts, params), plain)
     stats = engine.stats()
-    assert 0 < stats["overlapped_steps"] < stats["steps"] / 2
+    assert 0 < stats["overlapped_steps"] < stats["steps"] - 12
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -243,10 +276,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_on_cuda_overlapped_graph_steps_give_the_plain_steps_tokens(tokenizer, family):
-    """Over 100 engine steps with rows joining and leaving, float32: what the device runs
-    behind the host, from ids it never sent back first, against steps that wait for them."""
+    """Over 100 engine steps with rows joining and leaving, some with penalties, float32: what
+    the device runs behind the host, from ids it never sent back first, against steps that wait
+    for them."""
     model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5).cuda()
     prompts, params = _prompts(16, seed=3), _plain_params(16)
+    for i in range(1, 16, 4):  # their penalties count the ids in flight on the device
+        params[i] = replace(
+            params[i], presence_penalty=0.5, frequency_penalty=0.5, penalty_last_n=5
+        )
     config = dict(max_num_seqs=5, max_num_batched_tokens=40)
     plain = Engine(model, tokenizer, config=EngineConfig(async_scheduling=False, **config))
     overlapped = Engine(model, tokenizer, config=EngineConfig(**config))

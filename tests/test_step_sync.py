@@ -30,6 +30,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from arlm.engine import Engine, EngineConfig
+from arlm.engine.overlap import Overlap
+from arlm.engine.runner import ModelRunner
 from arlm.engine.token_chain import TokenChain
 from arlm.sampling import SamplingParams
 from tests.conftest import make_model
@@ -97,6 +99,8 @@ class HostDeviceAudit(TorchFunctionMode):
             host = kwargs.get("device") is None and all(self.is_host(t) for t in inputs)
         elif name in ("cpu", "numpy", "pin_memory"):
             host = True
+            if out is args[0]:  # on CUDA a new tensor: the device one stays on the device
+                out = out.view_as(out)
         elif name in MOVES and _moves_to_a_device(name, args, kwargs):
             host = name == "copy_" and self.is_host(args[0])
             if out is args[0] and name != "copy_":
@@ -210,6 +214,44 @@ def test_the_sampling_side_of_a_step_never_waits_for_the_device(tokenizer, monke
             steps += 1
     assert steps >= 10
     assert engine.chain.loops_broken >= 1  # the break path (bans, a fresh sampler) ran
+    assert audit.sites == [], "\n".join(dict.fromkeys(audit.sites))
+
+
+def _recording(audit: HostDeviceAudit, monkeypatch, cls, name: str, on: bool) -> None:
+    """Make ``cls.name`` record (``on``) or not while it runs, then restore what was."""
+    method = getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        before, audit.recording = audit.recording, on
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            audit.recording = before
+
+    monkeypatch.setattr(cls, name, wrapped)
+
+
+def test_an_overlapped_step_waits_for_nothing_but_the_ids_it_lands(tokenizer, monkeypatch):
+    """With overlap scheduling the step after one in flight is scheduled (with rows joining),
+    its rows' processors take the ids in flight on the device (``SequenceSampler.push``), it is
+    sampled, and only then the ids in flight land: all of it, the model's forward aside, with
+    no wait but ``arlm.devices``' copy of those ids."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5)
+    audit = HostDeviceAudit()
+    _recording(audit, monkeypatch, Overlap, "follow", True)
+    _recording(audit, monkeypatch, Overlap, "launch", True)
+    _recording(audit, monkeypatch, ModelRunner, "_forward", False)
+    with audit:
+        config = EngineConfig(max_num_seqs=3, async_scheduling=True)
+        engine = Engine(model, tokenizer, config=config)
+        for prompt, params in processor_requests()[:3]:  # plain, sampled, penalties
+            engine.add_request(prompt, params)
+        bias = SamplingParams(max_tokens=9, min_tokens=4, logit_bias={0: 9.0}, temperature=0)
+        engine.add_request([9] * 5, bias)
+        while engine.has_unfinished():
+            engine.step()
+    stats = engine.stats()
+    assert stats["overlapped_steps"] == stats["steps"] - 1 >= 15
     assert audit.sites == [], "\n".join(dict.fromkeys(audit.sites))
 
 

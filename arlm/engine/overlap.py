@@ -4,9 +4,9 @@ A plain step waits for its sampled ids to reach the host before anything else ha
 host appends them, detokenizes, checks stop strings and lengths, then schedules and launches
 the next forward, and the GPU idles through all of it. Most of that work does not need step
 N's ids. When every row of a step draws its token on the device with no host-side state in the
-way (``overlappable``; a prompt chunk also scores nothing: ``joinable``), its ids stay on the
-device with their copy to the host queued (``TokenChain.launch``), and the next
-``Engine.step``:
+way (``overlappable``: no loop guard, and processors, if any, that take a token still on the
+device; a prompt chunk also scores nothing: ``joinable``), its ids stay on the device with
+their copy to the host queued (``TokenChain.launch``), and the next ``Engine.step``:
 
 1. schedules the same rows one position further, their blocks ensured, and what is left of
    the token budget to prompts, as a plain step would: chunks of prompts still prefilling, and
@@ -22,9 +22,9 @@ in step N+1 for nothing; that result is dropped, and its blocks were freed in st
 after it. Rows that step N's token ends by length are known before and left out. Anything else
 ends the overlap for one step, which then lands step N first and runs as before: a row that
 must wait for blocks (the plain step preempts), or a row, or a sequence next in line to join,
-with processors, a loop guard or prompt log-probabilities. Speculative decoding builds its
-guesses from the ids themselves, and tensor parallelism sends them to the other ranks: neither
-overlaps.
+with DRY, n-gram bans, a grammar, a loop guard or prompt log-probabilities. Speculative
+decoding builds its guesses from the ids themselves, and tensor parallelism sends them to the
+other ranks: neither overlaps.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ Emit = Callable[[Sequence, list], None]
 
 def overlappable(seq: Sequence) -> bool:
     """Whether ``seq``'s next token can be drawn and fed on with no host step between: no loop
-    guard (its bans and breaks follow every token) and no logits processors (penalties, DRY,
-    bias, min_tokens, n-gram bans and grammars read the ids so far)."""
-    return seq.guard is None and not seq.sampler.processors
+    guard (its bans and breaks follow every token), and only logits processors that can take
+    a token still on the device (bias, min_tokens and the penalties can; DRY, n-gram bans and
+    grammars read the ids on the host)."""
+    return seq.guard is None and seq.sampler.pushable
 
 
 def joinable(seq: Sequence) -> bool:
@@ -131,7 +132,8 @@ class Overlap:
             if landing.seqs[i].num_generated + 1 < landing.seqs[i].params.max_tokens
             and (limit is None or len(landing.seqs[i].token_ids) + 1 <= limit)
         ]
-        batch = scheduler.schedule_beside([landing.seqs[i] for i in keep], joinable)
+        rows, ending = [landing.seqs[i] for i in keep], len(alive) - len(keep)
+        batch = scheduler.schedule_beside(rows, ending, joinable)
         if not batch:  # (None: a row would preempt another; empty: nothing goes on)
             return None
         fed = landing.tokens
@@ -144,9 +146,13 @@ class Overlap:
     def _run(
         self, batch: ScheduledBatch, orders: Orders | None, fed: torch.Tensor | None
     ) -> DrawnTokens:
-        """Forward ``batch`` and sample its rows, leaving the ids in flight."""
+        """Forward ``batch`` and sample its rows, leaving the ids in flight; ``fed``, the
+        first decode rows' ids, go to their processors first (``SequenceSampler.push``)."""
         engine = self.engine
         logits, rows, _ = engine.runner.run(batch, orders, fed)
         for seq, _ in batch.prefill:  # the prompt blocks it completes, for the prefix cache
             engine.block_manager.computed(seq)
+        for i, seq in enumerate(batch.decode[: 0 if fed is None else len(fed)]):
+            if seq.sampler.processors:
+                seq.sampler.push(fed[i : i + 1])
         return engine.chain.launch(logits, rows)

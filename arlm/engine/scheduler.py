@@ -113,13 +113,15 @@ class Scheduler:
         return batch
 
     def schedule_beside(
-        self, rows: list[Sequence], admits: Callable[[Sequence], bool]
+        self, rows: list[Sequence], ending: int, admits: Callable[[Sequence], bool]
     ) -> ScheduledBatch | None:
         """The forward after one still in flight (``arlm.engine.overlap``): ``rows``, running
         sequences whose next token is that forward's and not yet here, one position each, then
         prompts as ``schedule`` gives them the budget, only admitting sequences ``admits``
-        allows (the first it refuses waits, and those behind it). Nothing is preempted, as the
-        sequence to go could be one in flight: None where a row would need that."""
+        allows (the first it refuses waits, and those behind it). ``ending`` running sequences
+        end with the token in flight (by length): their seats may be taken. Nothing is
+        preempted, as the sequence to go could be one in flight: None where a row would need
+        that."""
         bm = self.block_manager
         if not all(bm.ensure(seq, seq.num_cached + 1) for seq in rows):
             return None
@@ -127,7 +129,7 @@ class Scheduler:
         left = self._prefills(batch, self.max_num_batched_tokens - len(rows), preempt=False)
         if left is None:
             return None
-        self._admit(batch, left, admits)
+        self._admit(batch, left, admits, ending)
         return batch
 
     def _prefills(self, batch: ScheduledBatch, budget: int, preempt: bool) -> int | None:
@@ -145,12 +147,18 @@ class Scheduler:
         return None if short else budget
 
     def _admit(
-        self, batch: ScheduledBatch, budget: int, admits: Callable[[Sequence], bool] | None = None
+        self,
+        batch: ScheduledBatch,
+        budget: int,
+        admits: Callable[[Sequence], bool] | None = None,
+        ending: int = 0,
     ) -> None:
         """Bring in swapped-out, then waiting sequences, first come first served, while the
-        budget, ``max_num_seqs``, the pool and ``admits`` allow."""
+        budget, ``max_num_seqs`` (``ending`` of the running not counted), the pool and
+        ``admits`` allow."""
         bm = self.block_manager
-        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+        limit = self.max_num_seqs + ending
+        while self.swapped and budget > 0 and len(self.running) < limit:
             seq = self.swapped[0]
             if not bm.can_swap_in(seq) or (admits is not None and not admits(seq)):
                 return
@@ -160,7 +168,7 @@ class Scheduler:
             self._run(seq)
             batch.decode.append(seq)  # swapped out while decoding: one position pending
             budget -= 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             fits = bm is None or bm.can_allocate(seq, watermark=bool(self.running))
             if not fits or (bm is not None and self._head_in_prefill(seq)):

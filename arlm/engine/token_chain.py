@@ -69,6 +69,9 @@ class DrawnTokens:
     ) -> None:
         self.seqs, self.tokens, self._copy = seqs, tokens, copy
         self._checked, self._wants = checked, wants  # rows checked for a possible token; logprobs
+        # rows whose processing failed, with why: they fail when this batch lands, after the
+        # token before (``TokenChain.land``)
+        self.failed: list[tuple[Sequence, Exception]] = []
 
     def results(self) -> list[tuple[Sequence, int, bool, TokenLogprob | None]]:
         """(sequence, token, any token possible, logprob or None) per row."""
@@ -160,15 +163,32 @@ class TokenChain:
 
     def launch(self, logits: torch.Tensor, rows: list[Sequence]) -> DrawnTokens:
         """Sample one token per row on the device and start their copy to the host, without
-        waiting for it; ``land`` applies them. For rows with no bans and no processors only
-        (``arlm.engine.overlap.overlappable``): nothing of theirs needs the host first."""
-        return self._launch(logits, logits, list(range(len(rows))), rows, [], draw_samples)
+        waiting for it; ``land`` applies them. For rows with no bans, and processors that can
+        take their tokens on the device, only (``arlm.engine.overlap.overlappable``)."""
+        processed, kept, checked, failed = self._process(logits, rows)
+        seqs = [rows[i] for i in kept]
+        drawn = self._launch(logits, processed, kept, seqs, checked, draw_samples)
+        drawn.failed = failed
+        return drawn
 
     def land(self, drawn: DrawnTokens) -> list[tuple[Sequence, list]]:
         """Apply the tokens ``launch`` drew, to the rows that have not finished since (aborted,
-        or ended by the token before)."""
-        results = [r for r in drawn.results() if not r[0].finished]
-        return self._apply((seq, token, logprob) for seq, token, _, logprob in results)
+        or ended by the token before); (sequence, the chunks it made final) for each, and for
+        each row that failed in it."""
+        sampled, failed = [], list(drawn.failed)
+        for seq, token, possible, logprob in drawn.results():
+            if seq.finished:
+                continue
+            if possible:
+                sampled.append((seq, token, logprob))
+            else:
+                failed.append((seq, ValueError(ALL_BANNED)))
+        out = self._apply(sampled)
+        for seq, error in failed:
+            if not seq.finished:
+                self.fail(seq, error)
+                out.append((seq, []))
+        return out
 
     def _apply(self, sampled: Iterable[tuple]) -> list[tuple[Sequence, list]]:
         """Append each (sequence, token, logprob); (sequence, the chunks it made final)."""
@@ -188,28 +208,11 @@ class TokenChain:
         """(sequence, token, logprob or None) per row; a row whose processing, sampling or
         logprobs fail, or that leaves no token possible, finishes with finish_reason "error" and
         gets no token."""
-        processed, kept, checked = logits, [], []  # copied only when a row has bans or processors
-        for i, seq in enumerate(rows):
-            banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
-            if banned or seq.sampler.processors:
-                try:
-                    row = logits[i : i + 1].clone()
-                    row.index_fill_(
-                        1, to_device(sorted(banned), torch.long, row.device), float("-inf")
-                    )
-                    row = seq.sampler.process(row)
-                except Exception as e:  # one sequence's failure is its own
-                    self.fail(seq, e)
-                    continue
-                if processed is logits:
-                    processed = logits.clone()
-                processed[i] = row[0]
-                checked.append(len(kept))
-            kept.append(i)
+        processed, kept, checked, failed = self._process(logits, rows)
+        for seq, error in failed:
+            self.fail(seq, error)
         if not kept:
             return []
-        if len(kept) < len(rows):
-            processed = processed.index_select(0, to_device(kept, torch.long, logits.device))
         seqs = [rows[i] for i in kept]
         try:
             drawn = self._draw(logits, processed, kept, seqs, checked, draw)
@@ -229,6 +232,32 @@ class TokenChain:
                 continue
             out.append((seq, token, logprob))
         return out
+
+    def _process(self, logits: torch.Tensor, rows: list[Sequence]):
+        """Each row's bans and processors applied: (the processed logits of the rows kept,
+        their indices in ``rows``, the positions among them to check for a possible token, and
+        (sequence, exception) for each row whose processing failed, not kept)."""
+        processed, kept, checked, failed = logits, [], [], []  # copied only if a row processes
+        for i, seq in enumerate(rows):
+            banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
+            if banned or seq.sampler.processors:
+                try:
+                    row = logits[i : i + 1].clone()
+                    row.index_fill_(
+                        1, to_device(sorted(banned), torch.long, row.device), float("-inf")
+                    )
+                    row = seq.sampler.process(row)
+                except Exception as e:  # one sequence's failure is its own
+                    failed.append((seq, e))
+                    continue
+                if processed is logits:
+                    processed = logits.clone()
+                processed[i] = row[0]
+                checked.append(len(kept))
+            kept.append(i)
+        if len(kept) < len(rows):
+            processed = processed.index_select(0, to_device(kept, torch.long, logits.device))
+        return processed, kept, checked, failed
 
     def _draw(
         self, logits, processed, kept: list[int], seqs: list[Sequence], checked: list[int], draw
