@@ -255,6 +255,21 @@ def test_a_request_aborted_while_its_next_step_is_in_flight_ends_and_frees_its_b
     assert engine.block_manager.num_used_blocks == 0
 
 
+def test_a_row_left_no_possible_token_fails_alone_when_its_step_lands(tokenizer):
+    """``min_tokens`` holding off every id (all of them stop ids here) bans every token: the
+    row's step was launched like the others', and it fails with the reason when it lands."""
+    model = make_model("llama", vocab_size=16, seed=5)
+    banned = SamplingParams(max_tokens=5, min_tokens=3, stop_token_ids=list(range(16)))
+    fine = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts, params = [[1, 2, 3], [4, 5], [6, 7, 8]], [fine, banned, fine]
+    plain = _generate(_engine(model, tokenizer, False), prompts, params)
+    engine = _engine(model, tokenizer, True)
+    got = _generate(engine, prompts, params)
+    assert got[1].finish_reason == "error" and "every token is banned" in got[1].error
+    assert got[1].token_ids == [] and engine.stats()["overlapped_steps"] > 0
+    _assert_same(got[::2], plain[::2])
+
+
 def test_overlap_is_on_by_default_on_cuda_only_and_refused_where_it_cannot_run(model, tokenizer):
     assert Engine(model, tokenizer).overlap is None  # a CPU runs the forward itself
     assert _engine(model, tokenizer, True).overlap is not None
