@@ -21,6 +21,7 @@ from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from arlm.kv_cache import CacheConfig
 from arlm.kv_cache.decode_attention import decode_attention, decode_attention_reference
 from arlm.sampling import SamplingParams
+from arlm.speculative.config import SpeculativeConfig
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close, choice_logits
 from tests.test_engine import _mixed_params, _prompts
@@ -202,3 +203,22 @@ def test_a_graph_decode_step_never_waits_for_the_device_but_for_its_sampled_ids(
         torch.cuda.set_sync_debug_mode("default")
     assert engine.stats()["graph_steps"] == before + 10
     assert engine.stats()["overlapped_steps"] >= 9  # each launched before the last landed
+
+
+@cuda
+def test_verify_steps_replay_captured_graphs_and_give_the_greedy_tokens(tokenizer):
+    """Prompt lookup on CUDA, float32: verify rows (one graph row per position) replayed from
+    the captured graphs give the tokens of decoding without speculation."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    prompts = [p * 3 for p in _prompts(6, seed=2)]  # repeated: prompt lookup finds guesses
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False)
+    plain = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=4))
+    speculating = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=4), speculative=spec)
+    assert speculating.eager_reason is None
+    want = plain.generate(prompts, params, progress=False)
+    got = speculating.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    stats = speculating.stats()
+    assert stats["spec_decode_num_draft_tokens"] > 0
+    assert stats["graph_steps"] > stats["steps"] // 2  # verify steps replay graphs too

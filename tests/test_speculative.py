@@ -126,17 +126,41 @@ def _processed(sp: SamplingParams) -> bool:
     return bool(sp.repetition_penalty != 1 or sp.logit_bias or sp.dry_multiplier)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft-self", "draft-other"])
+def _count_verify_steps(graphs) -> list[int]:
+    """Wrap ``graphs.run`` to count the steps it runs with verify rows (a block table given
+    for more than one position)."""
+    run, seen = graphs.run, [0]
+
+    def counted(tokens, positions, tables, fed=None):
+        seen[0] += len({id(t) for t in tables}) < len(tables)
+        return run(tokens, positions, tables, fed)
+
+    graphs.run = counted
+    return seen
+
+
+@pytest.mark.parametrize(
+    "method,graphs",
+    [("ngram", False), ("ngram", True), ("draft-self", False), ("draft-other", True)],
+    ids=["ngram", "ngram-padded", "draft-self", "draft-other-padded"],
+)
 def test_greedy_tokens_are_those_without_speculation_in_mixed_batches(
-    method, mixed, target, other, tokenizer
+    method, graphs, mixed, target, other, tokenizer
 ):
+    """``padded``: steps without prefill run through the padded decode path (CUDA graphs' on a
+    GPU), each verify row as one row per position."""
     prompts, params, plain = mixed
     spec, draft = NGRAM, None
     if method != "ngram":
         spec, draft = DRAFT, target if method == "draft-self" else other
     engine = _engine(target, tokenizer, spec, draft)
+    if graphs:
+        engine.use_decode_graphs(capture=False)
+        verify_steps = _count_verify_steps(engine.runner.decode_graphs)
     got = _run_joining(engine, prompts, params)
     _assert_same(got, plain)
+    if graphs:
+        assert verify_steps[0] > 0
     stats = engine.stats()
     assert stats["spec_decode_num_draft_tokens"] > 0
     accepted = stats["spec_decode_num_accepted_tokens"]

@@ -7,6 +7,11 @@ live in static buffers (token ids, positions, block tables) updated in place bef
 replay, and a step of n rows runs the graph of the smallest bucket >= n with the extra rows
 padded: a padding row reads and writes only the cache's spare block and its logits are dropped.
 
+A row is one position: speculative decoding's verify rows (a pending token and its guesses)
+run as one row per position, each with its sequence's block table. Every layer writes all rows'
+keys and values before any row attends, so a guess's row reads the positions before it in the
+same step, as causal attention over the chunk would.
+
 The same object runs the same padded forward eagerly where there is no CUDA (``capture``
 False), which is how the CPU tests check that padding and bucketing change no row's output.
 """
@@ -94,6 +99,11 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.cache.device)
         self.capture_seconds = time.perf_counter() - start
         self.capture_bytes = torch.cuda.memory_reserved(self.cache.device) - before
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows a step can have: the largest bucket."""
+        return self.buckets[-1]
 
     def bucket(self, rows: int) -> int:
         """The batch size a step of ``rows`` rows runs at."""

@@ -115,10 +115,15 @@ class Engine:
         self.steps = 0
 
     def use_decode_graphs(self, capture: bool) -> None:
-        """Run decode-only steps through CUDA graphs (``capture``; else the same padded forward
-        eagerly, as the CPU tests do), for up to ``max_num_seqs`` rows."""
+        """Run steps without prefill through CUDA graphs (``capture``; else the same padded
+        forward eagerly, as the CPU tests do), for up to ``max_num_seqs`` rows, or as many
+        positions as the rows that speculate verify together."""
         max_blocks = -(-(self.max_len or 0) // self.block_size)
-        self.runner.use_decode_graphs(capture, self.scheduler.max_num_seqs, max_blocks)
+        rows = self.scheduler.max_num_seqs
+        if self.speculator is not None:
+            spec = self.speculator.config
+            rows = max(rows, min(rows, spec.max_batch) * (1 + spec.num_speculative_tokens))
+        self.runner.use_decode_graphs(capture, rows, max_blocks)
 
     def preallocate(self) -> None:
         """Give the KV pool its memory now (``ModelRunner.preallocate``): a server's memory is

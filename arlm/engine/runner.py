@@ -10,9 +10,9 @@ sequence's tokens. After the forward the runner advances each row's ``num_cached
 A windowed cache (``kv_window``) holds one sequence: the same batches of one row run through
 ``WindowedKVCache`` at that row's position, with no blocks; it cannot rewind (``rewindable``).
 
-With ``use_decode_graphs``, a step of decode rows only runs through ``DecodeGraphs``: padded to
-a batch-size bucket and replayed from a CUDA graph (on CUDA), the host copying only the rows'
-token ids, positions and block tables.
+With ``use_decode_graphs``, a step without prefill chunks runs through ``DecodeGraphs``: its
+decode rows and its verify rows' positions, padded to a batch-size bucket and replayed from a
+CUDA graph (on CUDA), the host copying only the rows' token ids, positions and block tables.
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ class ModelRunner:
         return None
 
     def use_decode_graphs(self, capture: bool, max_batch: int, max_blocks: int) -> None:
-        """Run decode-only steps padded to batch-size buckets through static buffers, replayed
-        from CUDA graphs when ``capture`` (else the same forward, eagerly: the CPU tests'). Every
-        block gets its memory now, as graphs replay fixed tensors."""
+        """Run steps without prefill (up to ``max_batch`` positions) padded to batch-size
+        buckets through static buffers, replayed from CUDA graphs when ``capture`` (else the
+        same forward, eagerly: the CPU tests'). Every block gets its memory now, as graphs
+        replay fixed tensors."""
         reason = self.decode_graphs_unsupported()
         if reason is not None:
             raise ValueError(f"decode graphs do not support {reason}")
@@ -164,15 +165,17 @@ class ModelRunner:
         self, batch: ScheduledBatch, fed: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         num_fed = 0 if fed is None else len(fed)  # the first rows' ids are on the device
-        if self.decode_graphs is not None and not batch.prefill and not batch.verify:
+        graphs = self.decode_graphs
+        if graphs is not None and not batch.prefill and batch.num_tokens <= graphs.max_rows:
             rows = batch.decode
-            logits = self.decode_graphs.run(
-                [s.token_ids[s.num_cached] for s in rows[num_fed:]],
-                [s.num_cached for s in rows],
-                [s.block_table for s in rows],
-                fed,
-            )
-            return logits, rows, None
+            tokens = [s.token_ids[s.num_cached] for s in rows[num_fed:]]
+            positions = [s.num_cached for s in rows]
+            tables = [s.block_table for s in rows]
+            for seq, guesses in batch.verify:  # a row per position (arlm.engine.cuda_graphs)
+                tokens += [seq.token_ids[seq.num_cached], *guesses]
+                positions += range(seq.num_cached, seq.num_cached + 1 + len(guesses))
+                tables += [seq.block_table] * (1 + len(guesses))
+            return graphs.run(tokens, positions, tables, fed), rows, None
         # one position per decode row, the fed ones' ids written in on the device below
         tokens = [0] * num_fed + [s.token_ids[s.num_cached] for s in batch.decode[num_fed:]]
         select, rows = list(range(len(batch.decode))), list(batch.decode)
