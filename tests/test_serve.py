@@ -303,6 +303,31 @@ def test_loop_policy_and_repetition_detection_through_the_api(live, reference, m
         ServeConfig(repetition_detection='{"min_count": 1}')
 
 
+def test_near_loops_and_the_break_hold_through_the_api(live, reference):
+    near = {"window": 24, "ngram": 3, "min_overlap": 0.5}
+    body = {"prompt": "The for", "max_tokens": 100, **GREEDY, "loop_policy": "stop"}
+    body["near_repetition_detection"] = near
+    choice = httpx.post(live.url + "/v1/completions", json=body).json()["choices"][0]
+    kw = dict(max_tokens=100, **GREEDY, near_repetition_detection=near)
+    expected = reference.generate("The for", loop_policy="stop", **kw)
+    assert expected.finish_reason == choice["finish_reason"] == "repetition"
+    assert choice["text"] == expected.text
+    held = dict(body, loop_policy="break", loop_break_hold=5, max_loop_breaks=2)
+    choice = httpx.post(live.url + "/v1/completions", json=held).json()["choices"][0]
+    expected = reference.generate(
+        "The for", loop_policy="break", loop_break_hold=5, max_loop_breaks=2, **kw
+    )
+    assert choice["text"] == expected.text
+    assert choice["loops_broken"] == expected.loops_broken >= 1
+    for bad, field in (
+        (dict(body, near_repetition_detection={"window": 3, "ngram": 3}), "window=3"),
+        (dict(body, near_repetition_detection={"overlap": 0.5}), "overlap"),
+        (dict(body, loop_break_hold=-1), "loop_break_hold=-1"),
+    ):
+        r = httpx.post(live.url + "/v1/completions", json=bad)
+        assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
 def test_health_and_requests_are_503_until_the_model_is_loaded():
     with LiveServer(None) as s:
         assert httpx.get(s.url + "/health").status_code == 503
@@ -377,7 +402,9 @@ FIELDS = [
     "presence_penalty",
     "min_p",
     "repetition_detection",
+    "near_repetition_detection",
     "loop_policy",
+    "loop_break_hold",
     "dry_sequence_breakers",
     "stop_token_ids",
     "min_tokens",

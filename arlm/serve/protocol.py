@@ -47,6 +47,14 @@ class RepetitionDetection(_Body):
     min_span: int | None = None
 
 
+class NearRepetitionDetection(_Body):
+    """arlm's near-duplicate loop rule (``arlm.loops.near.NearLoopConfig``)."""
+
+    window: int | None = None
+    ngram: int | None = None
+    min_overlap: float | None = None
+
+
 class _Request(_Body):
     """The fields both endpoints take: OpenAI's, then vLLM's and llama.cpp's extensions and
     arlm's loop handling, under ``SamplingParams``' names."""
@@ -78,8 +86,10 @@ class _Request(_Body):
     dry_penalty_last_n: int | None = None
     dry_sequence_breakers: list[str] | None = None
     repetition_detection: RepetitionDetection | None = None
+    near_repetition_detection: NearRepetitionDetection | None = None
     loop_policy: str | None = None
     max_loop_breaks: int | None = None
+    loop_break_hold: int | None = None
     structured_outputs: dict | None = None  # vLLM's: json, regex, choice, grammar, json_object
     response_format: dict | None = None  # OpenAI's: text, json_object, json_schema
 
@@ -135,6 +145,9 @@ class _Request(_Body):
             kwargs["repetition_detection"] = self.repetition_detection.model_dump(exclude_none=True)
         elif repetition_detection is not None:
             kwargs["repetition_detection"] = repetition_detection
+        if self.near_repetition_detection is not None:
+            near = self.near_repetition_detection.model_dump(exclude_none=True)
+            kwargs["near_repetition_detection"] = near
         if self.loop_policy is None and loop_policy is not None:
             kwargs["loop_policy"] = loop_policy
         try:
