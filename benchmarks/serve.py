@@ -21,7 +21,8 @@ Agents and evaluators, for arlm (issue 25), in the same run:
   of at least 200 objects, which no answer completes within max_tokens, so every answer runs
   to max_tokens as the free ones do: answers that ended early would change the batch and the
   share of prefill in each token's time), against the same requests free (``ignore_eos`` off
-  in both): output tok/s and TPOT, target <= 10% slower;
+  in both), after a warm-up, each arm run twice in the order free, constrained, constrained,
+  free: output tok/s and TPOT (the means of an arm's two runs), target <= 10% slower;
 - prompt log-probability scoring in lm-evaluation-harness's request shape (a token-id prompt of
   a 64-token context and a 4-token continuation, ``echo``, ``logprobs=1``, ``max_tokens=1``,
   not streamed), 16 in flight: prompt tokens scored per second. vLLM's CPU server is the peer
@@ -37,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -211,11 +213,13 @@ SCORING_CONTEXT, SCORING_CONTINUATION, SCORING_REQUESTS = 64, 4, 128
 
 def bench_free_and_constrained(url: str) -> dict:
     """32 requests at 16 streams, free and under ``CONSTRAINT``, the same prompts, no
-    ignore_eos."""
-    out = {}
-    for name, extra in (("free", None), ("constrained", json.dumps(CONSTRAINT))):
-        config = ServeBenchConfig(
-            num_prompts=32,
+    ignore_eos: after a warm-up, each arm twice in the order free, constrained, constrained,
+    free (drift in the machine's speed falls on both alike); each arm's throughput and TPOT
+    are the means of its two runs."""
+
+    def config(extra: str | None, num_prompts: int = 32) -> ServeBenchConfig:
+        return ServeBenchConfig(
+            num_prompts=num_prompts,
             max_concurrency=16,
             input_len=INPUT_LEN,
             output_len=OUTPUT_LEN,
@@ -224,7 +228,19 @@ def bench_free_and_constrained(url: str) -> dict:
             seed=16,
             extra_body=extra,
         )
-        out[name] = asyncio.run(run(url, config))
+
+    arms = {"free": None, "constrained": json.dumps(CONSTRAINT)}
+    asyncio.run(run(url, config(None, num_prompts=16)))  # warm-up (the schema stays uncompiled)
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    for name in ("free", "constrained", "constrained", "free"):
+        runs[name].append(asyncio.run(run(url, config(arms[name]))))
+    out = {}
+    for name, results in runs.items():
+        out[name] = {
+            key: statistics.mean(r[key] for r in results)
+            for key in ("output_throughput", "median_tpot_ms")
+        }
+        out[name]["total_output_tokens"] = sum(r["total_output_tokens"] for r in results)
     return out
 
 

@@ -241,18 +241,19 @@ class TokenChain:
         for i, seq in enumerate(rows):
             banned = seq.guard.banned(seq.num_generated) if seq.guard is not None else ()
             if banned or seq.sampler.processors:
-                try:
-                    row = logits[i : i + 1].clone()
-                    row.index_fill_(
-                        1, to_device(sorted(banned), torch.long, row.device), float("-inf")
-                    )
-                    row = seq.sampler.process(row)
-                except Exception as e:  # one sequence's failure is its own
-                    failed.append((seq, e))
-                    continue
                 if processed is logits:
                     processed = logits.clone()
-                processed[i] = row[0]
+                row = processed[i : i + 1]  # processors may write into it in place
+                try:
+                    if banned:
+                        index = to_device(sorted(banned), torch.long, row.device)
+                        row.index_fill_(1, index, float("-inf"))
+                    out = seq.sampler.process(row)
+                except Exception as e:  # one sequence's failure is its own (its row is dropped)
+                    failed.append((seq, e))
+                    continue
+                if out.data_ptr() != row.data_ptr():
+                    row.copy_(out)
                 checked.append(len(kept))
             kept.append(i)
         if len(kept) < len(rows):
@@ -273,9 +274,9 @@ class TokenChain:
         device = logits.device
         tokens = draw(processed, seqs)
         fetch = [tokens]
-        if checked:
+        if checked:  # a row whose largest logit is -inf (or NaN) has no token to draw
             some = processed.index_select(0, to_device(checked, torch.long, device))
-            fetch.append(torch.isfinite(some).any(dim=-1))
+            fetch.append(some.amax(dim=-1) > float("-inf"))
         wants = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
         if wants:
             raw = logits.index_select(0, to_device([kept[j] for j in wants], torch.long, device))
@@ -289,7 +290,7 @@ class TokenChain:
         sequence has failed)."""
         try:
             token = int(draw(row, [seq])[0])
-            possible = not check or bool(torch.isfinite(row).any())
+            possible = not check or bool(row.amax() > float("-inf"))
             logprob = None
             if seq.params.logprobs is not None:
                 chosen = torch.tensor([token], device=raw.device)
