@@ -430,21 +430,24 @@ def load(
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(stored.dtype or torch.float32, device)
     dtype = resolve_dtype(dtype)
-    check_weights_fit(stored.nbytes(dtype), device, dtype)
+    # split over GPUs, the model is read into host memory and each rank moves only its share to
+    # its GPU (``_split``): a model larger than one GPU loads where its shares fit
+    check_weights_fit(stored.nbytes(dtype), device, dtype, tensor_parallel_size)
+    read_to = torch.device("cpu") if tensor_parallel_size != 1 else device
     defaults = {}
     if hf.is_hf_dir(path):
         if generation_config == "auto":  # before the weights: a bad file fails fast
             defaults = sampling_defaults(path)
-        model, tokenizer = hf.load_hf(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        model, tokenizer = hf.load_hf(path, device=read_to, dtype=dtype, allow_pickle=allow_pickle)
     else:
-        model, tokenizer = load_model(path, device=device, dtype=dtype)
+        model, tokenizer = load_model(path, device=read_to, dtype=dtype)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
     draft = None
     if speculative is not None and speculative.method == "draft":
         draft = _load_draft(speculative, tokenizer, device, model.wte.weight.dtype, group_size)
     if tensor_parallel_size != 1:
-        return _split(model, tokenizer, cache_config, engine_config, defaults, arguments)
+        return _split(model, tokenizer, device, cache_config, engine_config, defaults, arguments)
     return LM(
         pack(model),
         tokenizer,
@@ -487,9 +490,10 @@ def _load_draft(
     return pack(draft)
 
 
-def _split(model, tokenizer, cache_config, engine_config, defaults, arguments) -> LM | None:
-    """``model`` split over ``tensor_parallel_size`` ranks (see ``load``): rank 0's LM, or None
-    on the other ranks once rank 0 has closed."""
+def _split(model, tokenizer, device, cache_config, engine_config, defaults, arguments) -> LM | None:
+    """``model`` (in host memory) split over ``tensor_parallel_size`` ranks (see ``load``), each
+    rank's share on its ``device``: rank 0's LM, or None on the other ranks once rank 0 has
+    closed."""
     from arlm import launch
     from arlm.engine.tensor_parallel import run_worker
     from arlm.model.tensor_parallel import head_split, parallelize
@@ -499,9 +503,11 @@ def _split(model, tokenizer, cache_config, engine_config, defaults, arguments) -
     store, workers = None, []
     if not launch.under_torchrun():
         store, workers = launch.spawn_workers(size, load, arguments)
-    group, mesh = launch.join(size, model.wte.weight.device, store)
-    # the linear layers become DTensors: no packed CPU kernels for them
+    group, mesh = launch.join(size, device, store)
+    # the linear layers become DTensors (no packed CPU kernels for them), each rank's shard
+    # moved to the mesh's device one matrix at a time; then the rest (norms, buffers) follows
     parallelize(model, mesh)
+    model.to(device)
     if group.rank != 0:
         run_worker(model, group)
         launch.leave([])

@@ -77,6 +77,10 @@ def test_a_model_that_does_not_fit_is_refused_naming_both_sizes():
     with pytest.raises(ValueError, match=r"need \d+\.\d\d GiB in bfloat16, more than the \d+"):
         check_weights_fit(free + GIB, device, torch.bfloat16)
     check_weights_fit(min(free // 2, GIB), device, torch.bfloat16)  # fits: no error
+    # split over two GPUs, a model one GPU cannot hold is checked by each one's share
+    check_weights_fit(free + GIB // 2, device, torch.bfloat16, ranks=2)
+    with pytest.raises(ValueError, match=r"a 1/2 share of the weights needs .* tensor_parallel"):
+        check_weights_fit(3 * free, device, torch.bfloat16, ranks=2)
 
 
 def test_a_kv_budget_above_the_free_memory_is_refused(tokenizer):

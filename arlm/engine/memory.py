@@ -129,17 +129,24 @@ def fit_blocks(
     return fit
 
 
-def check_weights_fit(nbytes: int, device: torch.device, dtype: torch.dtype) -> None:
-    """A ValueError naming both numbers when weights of ``nbytes`` cannot fit the free memory
-    of the CUDA ``device``, before any of them is loaded (nothing to check on a CPU, which
-    pages)."""
+def check_weights_fit(
+    nbytes: int, device: torch.device, dtype: torch.dtype, ranks: int = 1
+) -> None:
+    """A ValueError naming both numbers when weights of ``nbytes``, split over ``ranks`` GPUs
+    (tensor parallelism), cannot fit the free memory of the CUDA ``device``, before any of them
+    is loaded (nothing to check on a CPU, which pages)."""
     if device.type != "cuda":
         return
     free, total = torch.cuda.mem_get_info(device)
-    if nbytes > free:
+    share = nbytes // ranks
+    if share > free:
         name = str(dtype).removeprefix("torch.")
+        what, more = "the model's weights need", "a larger GPU"
+        if ranks > 1:
+            what = f"a 1/{ranks} share of the weights needs"
+            more += " or more of them (tensor_parallel_size)"
         raise ValueError(
-            f"the model's weights need {nbytes / GIB:.2f} GiB in {name}, more than the "
-            f"{free / GIB:.2f} GiB free on {device} (of {total / GIB:.2f} GiB); load with "
-            "quantize=int8/int4 or dtype=bfloat16, or use a larger GPU"
+            f"{what} {share / GIB:.2f} GiB in {name}, more than the {free / GIB:.2f} GiB free "
+            f"on {device} (of {total / GIB:.2f} GiB); load with quantize=int8/int4 or "
+            f"dtype=bfloat16, or use {more}"
         )
