@@ -9,6 +9,7 @@ log-probabilities compared within float32's tolerance (tests/numerics.py)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -268,6 +269,68 @@ def test_a_row_left_no_possible_token_fails_alone_when_its_step_lands(tokenizer)
     assert got[1].finish_reason == "error" and "every token is banned" in got[1].error
     assert got[1].token_ids == [] and engine.stats()["overlapped_steps"] > 0
     _assert_same(got[::2], plain[::2])
+
+
+def _random_workload(seed: int, model):
+    """Prompts (half sharing a head), a mix of rows the overlap runs on the device (greedy,
+    seeded samples, ``n`` of 2, penalties, bias with ``min_tokens``) and rows it must step
+    plainly for (DRY, prompt log-probabilities), an engine config whose pool may run short (a
+    host tier to swap to, or none), and whether decode steps take the padded path."""
+    rng = random.Random(seed)
+    head = [rng.randrange(1, 500) for _ in range(16)]
+    prompts, params = [], []
+    for i in range(8):
+        tail = [rng.randrange(1, 500) for _ in range(rng.randrange(1, 30))]
+        prompts.append(head + tail if rng.random() < 0.5 else tail)
+        kw = dict(max_tokens=rng.randrange(2, 20), ignore_eos=True, temperature=0)
+        kind = rng.choice(["greedy", "sampled", "n", "penalties", "bias", "dry", "scored"])
+        if kind in ("sampled", "n"):
+            kw.update(temperature=0.9, top_k=40, seed=seed * 100 + i, n=1 + (kind == "n"))
+        elif kind == "penalties":
+            kw.update(
+                presence_penalty=0.6, frequency_penalty=0.4, penalty_last_n=rng.choice([0, 3])
+            )
+        elif kind == "bias":
+            kw.update(ignore_eos=False, min_tokens=2, logit_bias={rng.randrange(500): 5.0})
+        elif kind == "dry":
+            kw.update(dry_multiplier=0.8)
+        elif kind == "scored":
+            kw.update(prompt_logprobs=1)
+        params.append(SamplingParams(**kw))
+    c = model.config
+    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 8  # bytes of 8 positions, float32
+    need = [-(-(len(p) + sp.max_tokens) // 8) * sp.n for p, sp in zip(prompts, params, strict=True)]
+    pool = max(int(sum(need) * rng.choice([0.2, 0.5, 3.0])), max(need) + 2)
+    config = dict(
+        kv_block_size=8,
+        max_num_seqs=rng.randrange(2, 6),
+        max_num_batched_tokens=rng.choice([16, 24, 40]),
+        kv_cache_memory_gib=(pool + 0.5) * block / 2**30,
+        kv_offload_gib=rng.choice(
+            [0, sum(need) * block / 2**30]
+        ),  # preempted: swap, else recompute
+    )
+    return prompts, params, config, rng.random() < 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 6, 10])  # padded; swapped; recomputed and padded
+def test_random_workloads_give_the_plain_steps_output(model, tokenizer, seed):
+    prompts, params, config, graphs = _random_workload(seed, model)
+    plain_engine = _engine(model, tokenizer, False, graphs, **config)
+    plain = _generate(plain_engine, prompts, params)
+    engine = _engine(model, tokenizer, True, graphs, **config)
+    got = _generate(engine, prompts, params)
+    for p, sp, a, b in zip(prompts, params, got, plain, strict=True):
+        a, b = (a, b) if isinstance(a, list) else ([a], [b])  # lists where any n > 1
+        if sp.temperature == 0 and not (sp.presence_penalty or sp.logit_bias or sp.dry_multiplier):
+            _no_near_ties(model, [p], [sp], b)
+        _assert_same(a, b)
+        if sp.prompt_logprobs is not None:
+            want = [(t.token_id, t.logprob) for t in b[0].prompt_logprobs[1:]]
+            have = [(t.token_id, t.logprob) for t in a[0].prompt_logprobs[1:]]
+            assert [t for t, _ in have] == [t for t, _ in want]
+            assert_close([v for _, v in have], [v for _, v in want])
+    assert engine.stats()["overlapped_steps"] > 0
 
 
 def test_overlap_is_on_by_default_on_cuda_only_and_refused_where_it_cannot_run(model, tokenizer):

@@ -22,6 +22,10 @@ A waiting prompt whose first block a running sequence is still prefilling waits 
 prefill is done, then finds those blocks in the prefix cache: ``n`` samples of one prompt, or
 many requests with one system prompt, compute and store their shared head once.
 
+While a step's sampled ids are still on their way to the host (overlap scheduling,
+``arlm.engine.overlap``), ``schedule_beside`` schedules the next step the same way around the
+rows that sampled them, preempting no one.
+
 With ``block_manager`` None (the windowed cache: one sequence, memory fixed by its window)
 there is nothing to count.
 """

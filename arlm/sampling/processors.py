@@ -105,8 +105,8 @@ class _WindowCounts:
 
     def _leaving(self, history: History, after: int) -> list[tuple[int, int]]:
         """(row, id) of each row's id that leaves the window as the id at ``len(ids) + after``
-        comes in (``after`` is -1 or the tokens ahead, one at most: under ``last_n``, so the id
-        leaving is on the host)."""
+        comes in: -1 for the id just appended, or the tokens already ahead of the one pushed
+        (none: one token at most is in flight), so the id leaving is always on the host."""
         out = []
         for b, ids in enumerate(history.rows):
             leaving = len(ids) + after - self.last_n
