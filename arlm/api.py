@@ -360,8 +360,9 @@ def load(
     The engine that every generation runs through (see ``arlm.engine.EngineConfig``):
     max_num_seqs: sequences decoded together (None: 64 on a CPU, 256 on a GPU, at most one per
     KV block); max_num_batched_tokens: positions per forward, so prompts prefill in chunks of at
-    most this (None: 512); max_model_len: the longest prompt + generation (None: the context,
-    or what the KV pool holds where that is less); kv_cache_memory_gib: the KV pool's budget
+    most this (None: 8,192 on a GPU, 512 on a CPU); max_model_len: the longest prompt +
+    generation (None: the context, or what the KV pool holds where that is less);
+    kv_cache_memory_gib: the KV pool's budget
     (None: on a CPU a quarter of the machine's memory; on a GPU what ``gpu_memory_utilization``
     leaves, see ``arlm.engine.memory``); gpu_memory_utilization: the share of the GPU's memory
     the weights, activations and KV cache may fill (None: 0.9);

@@ -11,6 +11,7 @@ import transformers
 
 import arlm
 from arlm.engine import Engine, EngineConfig
+from arlm.engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from arlm.engine.memory import GIB, activation_peak, check_weights_fit
 from arlm.engine.token_chain import TokenChain
 from arlm.train import TrainConfig, Trainer
@@ -53,7 +54,8 @@ def test_the_kv_cache_keeps_to_gpu_memory_utilization(tokenizer):
     model = make_model("llama", n_layer=2, block_size=65536).to(device)
     longest, block = 2 * 2 * 2 * 32 * 4 * 65536, 2 * 2 * 2 * 32 * 4 * 16
     torch.cuda.empty_cache()
-    peak = activation_peak(model, 512)  # the engine's widest step (512 positions by default)
+    chunk = DEFAULT_MAX_NUM_BATCHED_TOKENS["cuda"]
+    peak = activation_peak(model, chunk)  # the engine's widest step (8,192 positions on CUDA)
     total = torch.cuda.mem_get_info(device)[1]
     # room for half of the longest sequence above what is in use and the activations
     half = (_in_use(device) + peak + 0.5 * longest) / total
@@ -63,6 +65,7 @@ def test_the_kv_cache_keeps_to_gpu_memory_utilization(tokenizer):
     utilization = (_in_use(device) + peak + 5.5 * longest) / total
     engine = Engine(model, tokenizer, config=EngineConfig(gpu_memory_utilization=utilization))
     assert engine.block_manager.num_blocks * block <= 5.5 * longest + block
+    assert engine.scheduler.max_num_batched_tokens == chunk == 8192  # the GPU's default
     engine.preallocate()
     assert _in_use(device) <= utilization * total
     out = engine.generate(

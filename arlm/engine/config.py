@@ -22,7 +22,10 @@ from arlm.model.transformer import Transformer
 from arlm.validate import check_float, check_int
 
 DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 64}
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+# A GPU computes a chunk of thousands of positions in about the time it takes to launch one
+# step's kernels, so it prefills in few large chunks (vLLM's server default on large GPUs); a
+# CPU's step time grows with every position, so its chunks stay short for the running rows.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 512}
 # The windowed cache has no pool to bound a sequence; without this one request could hold the
 # engine for ever (max_tokens 10**15).
 DEFAULT_WINDOW_MAX_MODEL_LEN = 2**20
@@ -35,11 +38,12 @@ class EngineConfig:
     """The engine's limits. None picks a default sized from the model and the machine.
 
     max_num_seqs: sequences running at once (default 256 on a GPU, 64 elsewhere, at most one per
-    KV block). max_num_batched_tokens: positions per forward (default 512, at least
-    max_num_seqs): larger prefill chunks finish prompts sooner and delay the running sequences'
-    next token longer. max_model_len: the longest prompt + generation of a sequence (default:
-    the model's context, or what the KV pool holds where that is less; with the windowed cache,
-    which runs past the context, ``DEFAULT_WINDOW_MAX_MODEL_LEN``, 1,048,576).
+    KV block). max_num_batched_tokens: positions per forward (default 8,192 on a GPU, 512
+    elsewhere, at least max_num_seqs): larger prefill chunks finish prompts sooner and delay
+    the running sequences' next token longer. max_model_len: the longest prompt + generation
+    of a sequence (default: the model's context, or what the KV pool holds where that is less;
+    with the windowed cache, which runs past the context, ``DEFAULT_WINDOW_MAX_MODEL_LEN``,
+    1,048,576).
     kv_cache_memory_gib: the KV pool's budget (default: on a CPU a quarter of the machine's
     memory; on a GPU what gpu_memory_utilization leaves, see ``arlm.engine.memory``).
     gpu_memory_utilization: the share of the GPU's memory the engine may fill with weights,
@@ -58,7 +62,9 @@ class EngineConfig:
         None, help="sequences running at once (default: 256 on a GPU, 64 on a CPU)"
     )
     max_num_batched_tokens: int | None = option(
-        None, help="positions per forward; longer prompts prefill in chunks (default: 512)"
+        None,
+        help="positions per forward; longer prompts prefill in chunks (default: 8192 on a GPU, "
+        "512 on a CPU)",
     )
     max_model_len: int | None = option(
         None, help="longest prompt + generation of a sequence (default: the context)"
@@ -129,13 +135,14 @@ def plan(config: EngineConfig, model: Transformer, cache_config: CacheConfig) ->
     context, bs = model.config.block_size, config.kv_block_size
     device = model.wte.weight.device.type
     seqs = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS.get(device, DEFAULT_MAX_NUM_SEQS["cpu"])
+    chunk = DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device, DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu"])
     if cache_config.window is not None:
         if config.max_num_seqs not in (None, 1):
             raise ValueError(
                 f"max_num_seqs={config.max_num_seqs}: the windowed KV cache (kv_window) runs "
                 "one sequence at a time; use max_num_seqs=1, or a cache without a window"
             )
-        tokens = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+        tokens = config.max_num_batched_tokens or chunk
         return Plan(None, 0, 0, 1, tokens)
     max_len = config.max_model_len or context
     if max_len > context:
@@ -145,7 +152,7 @@ def plan(config: EngineConfig, model: Transformer, cache_config: CacheConfig) ->
     codec = make_codec(cache_config.dtype, model.wte.weight.dtype)
     per_position = model.config.n_layer * 2 * model.config.n_kv_head
     block_bytes = bs * per_position * codec.bytes_per_vector(model.config.head_dim)
-    tokens = config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, seqs)
+    tokens = config.max_num_batched_tokens or max(chunk, seqs)
     num_blocks = fit_blocks(config, model, bs, block_bytes, tokens)
     if num_blocks * bs < max_len:
         if config.max_model_len is not None:
