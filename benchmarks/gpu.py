@@ -364,8 +364,15 @@ def offline(ctx: dict) -> dict:
         lm = engine_lm(ctx, cap)
         warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         lm.generate([p[:64] for p in prompts[:cap]], warm, progress=False)
+        before = lm.engine.stats()
         seconds, _ = timed(device, lambda lm=lm: lm.generate(prompts, params, progress=False))
         out[f"arlm_{cap}_tok_s"] = sizes.requests * sizes.offline_new / seconds
+        after = lm.engine.stats()  # how its steps ran: replayed graphs, overlapped
+        n = {k: after[k] - before[k] for k in ("steps", "graph_steps", "overlapped_steps")}
+        out[f"arlm_{cap}_steps"] = (
+            f"{n['steps']} steps: {n['graph_steps']} graphs, {n['steps'] - n['graph_steps']} "
+            f"eager, {n['overlapped_steps']} overlapped"
+        )
         del lm
         free_memory(device)
     reason = transformers_cb.available()
@@ -704,6 +711,7 @@ def table(results: dict, sizes: Sizes) -> str:
                 peer,
                 target,
             )
+            row(f"offline steps, max_num_seqs {cap}", off[f"arlm_{cap}_steps"])
     alone, loaded = sizes.streams
     if f"engine_tpot_ms_{loaded}" in tp:
         a, b = tp[f"engine_tpot_ms_{loaded}"], tp[f"engine_tpot_ms_{alone}"]
