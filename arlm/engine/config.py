@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from arlm.config import option
-from arlm.engine.memory import GIB, fit_blocks
+from arlm.engine.memory import GIB, WidestStep, fit_blocks
 from arlm.engine.scheduler import PREEMPTION_MODES
 from arlm.kv_cache.codec import make_codec
 from arlm.kv_cache.config import CacheConfig
@@ -153,7 +153,7 @@ def plan(config: EngineConfig, model: Transformer, cache_config: CacheConfig) ->
     per_position = model.config.n_layer * 2 * model.config.n_kv_head
     block_bytes = bs * per_position * codec.bytes_per_vector(model.config.head_dim)
     tokens = config.max_num_batched_tokens or max(chunk, seqs)
-    num_blocks = fit_blocks(config, model, bs, block_bytes, tokens)
+    num_blocks = fit_blocks(config, model, bs, block_bytes, WidestStep(tokens, min(seqs, tokens)))
     if num_blocks * bs < max_len:
         if config.max_model_len is not None:
             raise ValueError(

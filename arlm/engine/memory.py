@@ -49,29 +49,41 @@ class Budget:
 
 
 @torch.inference_mode()
-def activation_peak(model: Transformer, tokens: int) -> int:
-    """Bytes a forward over ``tokens`` positions (one sequence, every position's logits)
-    allocates on its CUDA device above the memory in use before it, measured by running it."""
+def activation_peak(model: Transformer, tokens: int, sampled: int) -> int:
+    """Bytes a forward over ``tokens`` positions allocates on its CUDA device above the memory
+    in use before it, measured by running it: one sequence, with logits at ``sampled`` of its
+    positions, as the engine's widest step computes them at its rows that sample only (the
+    logits of every position of a long chunk would be gigabytes the engine never holds)."""
     device = model.wte.weight.device
     tokens = min(tokens, model.config.block_size)
     idx = torch.zeros((1, tokens), dtype=torch.long, device=device)
+    at = torch.arange(max(tokens - sampled, 0), tokens, device=device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    model(idx)
+    model(idx, logits_at=at)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     torch.cuda.empty_cache()  # give the activations' blocks back for the cache to take
     return peak
 
 
+@dataclass(frozen=True)
+class WidestStep:
+    """The largest forward the engine will run: ``tokens`` positions
+    (``max_num_batched_tokens``), logits at ``rows`` of them (``max_num_seqs``)."""
+
+    tokens: int
+    rows: int
+
+
 def gpu_budget(
-    model: Transformer, utilization: float, explicit_gib: float | None, profile_tokens: int
+    model: Transformer, utilization: float, explicit_gib: float | None, widest: WidestStep
 ) -> Budget:
-    """The KV budget on the model's CUDA device; a ValueError naming the numbers when the
-    weights and activations leave no room."""
+    """The KV budget on the model's CUDA device, after the activations of the ``widest`` step;
+    a ValueError naming the numbers when the weights and activations leave no room."""
     device = model.wte.weight.device
-    peak = activation_peak(model, profile_tokens)
+    peak = activation_peak(model, widest.tokens, widest.rows)
     free, total = torch.cuda.mem_get_info(device)
     used = total - free  # the weights, the CUDA context, other processes
     if explicit_gib is not None:
@@ -99,12 +111,10 @@ def gpu_budget(
     return Budget(budget, source)
 
 
-def kv_budget(config: MemoryLimits, model: Transformer, profile_tokens: int) -> Budget:
+def kv_budget(config: MemoryLimits, model: Transformer, widest: WidestStep) -> Budget:
     """The KV cache's budget for ``model`` on its device under ``config``."""
     if model.wte.weight.device.type == "cuda":
-        return gpu_budget(
-            model, config.gpu_memory_utilization, config.kv_cache_memory_gib, profile_tokens
-        )
+        return gpu_budget(model, config.gpu_memory_utilization, config.kv_cache_memory_gib, widest)
     if config.kv_cache_memory_gib is not None:
         return Budget(config.kv_cache_memory_gib * GIB, "kv_cache_memory_gib")
     return Budget(
@@ -113,11 +123,11 @@ def kv_budget(config: MemoryLimits, model: Transformer, profile_tokens: int) -> 
 
 
 def fit_blocks(
-    config: MemoryLimits, model: Transformer, block_size: int, block_bytes: int, profile_tokens: int
+    config: MemoryLimits, model: Transformer, block_size: int, block_bytes: int, widest: WidestStep
 ) -> int:
     """How many KV blocks of ``block_bytes`` each the budget holds; a ValueError naming both
     numbers when it holds fewer than two (a sequence's first block and the next one)."""
-    budget = kv_budget(config, model, profile_tokens)
+    budget = kv_budget(config, model, widest)
     fit = int(budget.nbytes // block_bytes)
     if fit < 2:
         raise ValueError(
