@@ -321,6 +321,7 @@ def load(
     kv_offload_gib: float = 0.0,
     preemption_mode: str = "auto",
     enforce_eager: bool = False,
+    enable_torch_compile: bool = False,
     async_scheduling: bool | None = None,
     tensor_parallel_size: int = 1,
     speculative: SpeculativeConfig | dict | str | None = None,
@@ -370,7 +371,9 @@ def load(
     kv_offload_gib: host memory for KV blocks the pool evicts or swaps out (0: none);
     preemption_mode: ``auto``, ``recompute`` or ``swap``, how a sequence gives its blocks up
     when the pool runs out; enforce_eager: no CUDA graphs for decode steps (see
-    ``arlm.engine.cuda_graphs``); async_scheduling: launch each decode step before the host
+    ``arlm.engine.cuda_graphs``); enable_torch_compile: compile the decode step with
+    ``torch.compile`` before its graphs are captured (CUDA only; slower start-up);
+    async_scheduling: launch each decode step before the host
     has seen the one before's tokens (None: on CUDA wherever it can; see
     ``arlm.engine.overlap``).
 
@@ -403,6 +406,7 @@ def load(
         kv_offload_gib=kv_offload_gib,
         preemption_mode=preemption_mode,
         enforce_eager=enforce_eager,
+        enable_torch_compile=enable_torch_compile,
         async_scheduling=async_scheduling,
     )
     if speculative is not None and not isinstance(speculative, SpeculativeConfig):

@@ -84,6 +84,31 @@ def test_padded_decode_logprobs_match_the_plain_path(model, tokenizer):
             assert_close([y.logprob, *(v for _, v in y.top)], [x.logprob, *(v for _, v in x.top)])
 
 
+def test_a_compiled_padded_step_gives_the_uncompiled_tokens_and_logprobs(tokenizer):
+    """``enable_torch_compile``'s forward (torch.compile over the padded decode step, the batch
+    size symbolic), run eagerly on the CPU: six greedy rows four at a time, so buckets of 4 and
+    2 run through the one compiled graph (a bucket of 1 would compile another: 30 s here).
+    Fused kernels round otherwise: no near-tie among the top 3 tokens compared,
+    log-probabilities within float32's tolerance."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5)
+    prompts = _prompts(6, seed=4)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3)
+    plain = _engine(model, tokenizer, True, max_num_seqs=4)
+    compiled = _engine(model, tokenizer, False, max_num_seqs=4)
+    compiled.use_decode_graphs(capture=False, compile=True)
+    want = plain.generate(prompts, params, progress=False)
+    got = compiled.generate(prompts, params, progress=False)
+    for prompt, a, b in zip(prompts, want, got, strict=True):
+        assert_clear_choices(choice_logits(model, prompt, a.token_ids), ranks=3)
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            assert_close([y.logprob, *(v for _, v in y.top)], [x.logprob, *(v for _, v in x.top)])
+    assert compiled.stats()["graph_steps"] > 10
+    with pytest.raises(ValueError, match="enable_torch_compile .* none runs here: not a CUDA"):
+        Engine(model, tokenizer, config=EngineConfig(enable_torch_compile=True))
+
+
 def test_a_padding_row_changes_no_other_row(model, tokenizer):
     """The logits of 3 rows padded to a bucket of 4 equal each row's alone (bucket 1), and the
     padding writes only the spare block."""

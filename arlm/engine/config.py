@@ -53,7 +53,9 @@ class EngineConfig:
     sequence gives up its blocks when the pool runs out ("auto": swap to the host tier where it
     has room, else recompute). enforce_eager: no CUDA graphs (default off: on CUDA, decode
     steps replay graphs captured at start-up for batch-size buckets where the model and cache
-    allow it; see ``arlm.engine.cuda_graphs``). async_scheduling: overlap each decode step's
+    allow it; see ``arlm.engine.cuda_graphs``). enable_torch_compile: compile that decode
+    step with ``torch.compile`` before capturing it (default off; needs the graphs).
+    async_scheduling: overlap each decode step's
     scheduling and host work with the device's run of the step before (None: on CUDA wherever
     it can; True where it cannot is refused; see ``arlm.engine.overlap``).
     """
@@ -94,6 +96,11 @@ class EngineConfig:
         False,
         help="on CUDA, launch every step's kernels from Python instead of replaying decode "
         "steps from CUDA graphs",
+    )
+    enable_torch_compile: bool = option(
+        False,
+        help="on CUDA, compile the decode step with torch.compile (fused kernels) before its "
+        "graphs are captured: slower start-up",
     )
     async_scheduling: bool | None = option(
         None,

@@ -46,6 +46,7 @@ class DecodeGraphs:
         max_blocks: int,
         *,
         capture: bool,
+        compile: bool = False,
     ) -> None:
         if not cache.static_decode:
             raise ValueError("decode graphs need float blocks, no sliding windows, a spare block")
@@ -69,6 +70,9 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         self.capture_bytes = 0
         self.steps = 0  # decode steps run through the static buffers
+        # compiled: one graph for every bucket (the batch size symbolic), its elementwise work
+        # (norms, rotary, activations, residuals) fused into fewer kernels, before any capture
+        self._step = torch.compile(self._forward, dynamic=True) if compile else self._forward
         if capture:
             self._capture()
 
@@ -87,13 +91,13 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: kernels compiled, workspaces allocated
             for batch in self.buckets[::-1]:
-                self._forward(batch)
+                self._step(batch)
         torch.cuda.current_stream().wait_stream(side)
         pool = None
         for batch in self.buckets[::-1]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[batch] = self._forward(batch)
+                self._logits[batch] = self._step(batch)
             pool = graph.pool()
             self._graphs[batch] = graph
         torch.cuda.synchronize(self.cache.device)
@@ -140,4 +144,4 @@ class DecodeGraphs:
         if batch in self._graphs:
             self._graphs[batch].replay()
             return self._logits[batch][:rows]
-        return self._forward(batch)[:rows]
+        return self._step(batch)[:rows]

@@ -86,6 +86,11 @@ class Engine:
         if self.device.type == "cuda":
             self.eager_reason = "enforce_eager" if config.enforce_eager else None
             self.eager_reason = self.eager_reason or self.runner.decode_graphs_unsupported()
+        if config.enable_torch_compile and self.eager_reason is not None:
+            raise ValueError(
+                "enable_torch_compile compiles the decode step that CUDA graphs replay, and "
+                f"none runs here: {self.eager_reason}"
+            )
         self.scheduler = Scheduler(
             self.block_manager,
             sizes.max_num_seqs,
@@ -103,7 +108,7 @@ class Engine:
             tp = tensor_parallel is not None
             self.speculator = speculator_for(speculative, self, draft, sizes.max_num_seqs, tp)
         if self.eager_reason is None:
-            self.use_decode_graphs(capture=True)
+            self.use_decode_graphs(capture=True, compile=config.enable_torch_compile)
         # the step in flight while the next is scheduled (arlm.engine.overlap), or None
         tp = tensor_parallel is not None
         self.overlap: Overlap | None = overlap_for(self, config.async_scheduling, tp)
@@ -114,16 +119,17 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
 
-    def use_decode_graphs(self, capture: bool) -> None:
+    def use_decode_graphs(self, capture: bool, compile: bool = False) -> None:
         """Run steps without prefill through CUDA graphs (``capture``; else the same padded
         forward eagerly, as the CPU tests do), for up to ``max_num_seqs`` rows, or as many
-        positions as the rows that speculate verify together."""
+        positions as the rows that speculate verify together; ``compile``: that forward
+        through ``torch.compile`` first."""
         max_blocks = -(-(self.max_len or 0) // self.block_size)
         rows = self.scheduler.max_num_seqs
         if self.speculator is not None:
             spec = self.speculator.config
             rows = max(rows, min(rows, spec.max_batch) * (1 + spec.num_speculative_tokens))
-        self.runner.use_decode_graphs(capture, rows, max_blocks)
+        self.runner.use_decode_graphs(capture, rows, max_blocks, compile)
 
     def preallocate(self) -> None:
         """Give the KV pool its memory now (``ModelRunner.preallocate``): a server's memory is

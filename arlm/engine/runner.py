@@ -73,17 +73,19 @@ class ModelRunner:
             return "LongRoPE (its factors depend on each row's length)"
         return None
 
-    def use_decode_graphs(self, capture: bool, max_batch: int, max_blocks: int) -> None:
+    def use_decode_graphs(
+        self, capture: bool, max_batch: int, max_blocks: int, compile: bool = False
+    ) -> None:
         """Run steps without prefill (up to ``max_batch`` positions) padded to batch-size
         buckets through static buffers, replayed from CUDA graphs when ``capture`` (else the
-        same forward, eagerly: the CPU tests'). Every block gets its memory now, as graphs
-        replay fixed tensors."""
+        same forward, eagerly: the CPU tests'), compiled first when ``compile``. Every block
+        gets its memory now, as graphs replay fixed tensors."""
         reason = self.decode_graphs_unsupported()
         if reason is not None:
             raise ValueError(f"decode graphs do not support {reason}")
         self.cache.add_spare_block()
         self.decode_graphs = DecodeGraphs(
-            self.model, self.cache, max_batch, max_blocks, capture=capture
+            self.model, self.cache, max_batch, max_blocks, capture=capture, compile=compile
         )
 
     def preallocate(self, max_num_seqs: int, max_len: int) -> None:

@@ -123,7 +123,9 @@ class TensorParallelRunner:
         # a captured graph would have to replay the other ranks' collectives in step
         return "tensor parallelism"
 
-    def use_decode_graphs(self, capture: bool, max_batch: int, max_blocks: int) -> None:
+    def use_decode_graphs(
+        self, capture: bool, max_batch: int, max_blocks: int, compile: bool = False
+    ) -> None:
         raise ValueError("decode graphs do not support tensor parallelism")
 
     @property
