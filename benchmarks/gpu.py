@@ -11,9 +11,10 @@ Sections (each guarded: a failure prints an error line and the others go on):
   limit it implies: that rate over the bytes of weights a decode step reads (the linear
   layers', output head included: ``arlm.model.packing.weight_bytes``; of the input embedding a
   step reads one row);
-- decode: batch-1 greedy decode of 256 tokens after a 64-token prompt: ``lm.generate``,
-  transformers' ``generate`` (eager), and ``generate`` with a static cache and
-  ``torch.compile`` (``cache_implementation="static"``), after a warm-up run each;
+- decode: batch-1 greedy decode of 256 tokens after a 64-token prompt: ``lm.generate``, and
+  (on CUDA) the same with ``enable_torch_compile`` (its start-up time too), transformers'
+  ``generate`` (eager), and ``generate`` with a static cache and ``torch.compile``
+  (``cache_implementation="static"``), after a warm-up run each;
 - steps: 64 sequences decoding, 20 steady ``Engine.step`` calls under ``torch.profiler``: wall
   time per step against the device's busy time (the sum of its kernels' and copies' times),
   with overlap scheduling (``async_scheduling``, the default on CUDA) and without;
@@ -256,12 +257,25 @@ def _agree(a: list[int], b: list[int]) -> int:
 
 
 def decode(ctx: dict) -> dict:
-    device, sizes, lm, hf = ctx["device"], ctx["sizes"], ctx["lm"], ctx["hf"]
+    device, sizes, hf = ctx["device"], ctx["sizes"], ctx["hf"]
     prompt = random_ids(random.Random(1), sizes.llama["vocab_size"], sizes.prompt)
     params = SamplingParams(max_tokens=sizes.new, temperature=0.0, ignore_eos=True)
+    lm = engine_lm(ctx, 1)
     lm.generate(prompt, params)  # warm-up: kernels, allocator, the engine itself
-    seconds, completion = timed(device, lambda: lm.generate(prompt, params))
+    seconds, completion = timed(device, lambda lm=lm: lm.generate(prompt, params))
     out = {"arlm_tok_s": sizes.new / seconds}
+    del lm  # its KV pool and graphs, before transformers' caches
+    free_memory(device)
+    if device.type == "cuda":  # the same with the decode step compiled before its capture
+        start = time.perf_counter()
+        lm = engine_lm(ctx, 1, enable_torch_compile=True)
+        lm.generate(prompt, params)  # compiling, capturing, warming up
+        out["arlm_compile_s"] = time.perf_counter() - start
+        seconds, fused = timed(device, lambda lm=lm: lm.generate(prompt, params))
+        out["arlm_compiled_tok_s"] = sizes.new / seconds
+        out["compiled_agree"] = _agree(fused.token_ids, completion.token_ids)
+        del lm
+        free_memory(device)
     ids = torch.tensor([prompt], device=device)
     greedy = dict(max_new_tokens=sizes.new, min_new_tokens=sizes.new, do_sample=False)
 
@@ -300,11 +314,7 @@ def steps(ctx: dict) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     out = {}
     for overlap in (True, False):
-        config = EngineConfig(
-            max_num_seqs=sizes.step_seqs,
-            max_model_len=sizes.max_model_len,
-            async_scheduling=overlap,
-        )
+        config = engine_config(ctx, sizes.step_seqs, async_scheduling=overlap)
         engine = Engine(lm.model, lm.tokenizer, lm.cache_config, config)
         rng = random.Random(3)
         params = SamplingParams(max_tokens=sizes.step_count + 16, temperature=0.0, ignore_eos=True)
@@ -348,10 +358,25 @@ def offline_requests(sizes: Sizes) -> list[dict]:
     ]
 
 
-def engine_lm(ctx: dict, max_num_seqs: int) -> arlm.LM:
+def engine_config(
+    ctx: dict, max_num_seqs: int, max_model_len: int | None = None, **kw
+) -> EngineConfig:
+    """An engine for ``max_num_seqs`` sequences of ``max_model_len`` positions (None: the
+    sizes') with a KV budget of what they hold at most: by default an engine takes 0.9 of the
+    GPU less what is in use, so a second engine beside a first (speculative builds three side
+    by side) would find no room."""
+    c, sizes = ctx["lm"].model.config, ctx["sizes"]
+    max_model_len = max_model_len or sizes.max_model_len
+    per_position = 2 * c.n_layer * c.n_kv_head * c.head_dim * sizes.dtype.itemsize
+    gib = max_num_seqs * (max_model_len + 16) * per_position / 2**30
+    return EngineConfig(
+        max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory_gib=gib, **kw
+    )
+
+
+def engine_lm(ctx: dict, max_num_seqs: int, **kw) -> arlm.LM:
     lm = ctx["lm"]
-    config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=ctx["sizes"].max_model_len)
-    return arlm.LM(lm.model, lm.tokenizer, lm.cache_config, config)
+    return arlm.LM(lm.model, lm.tokenizer, lm.cache_config, engine_config(ctx, max_num_seqs, **kw))
 
 
 def offline(ctx: dict) -> dict:
@@ -602,7 +627,8 @@ def speculation(ctx: dict) -> dict:
 
     def lm_with(spec: dict | None = None, draft_model=None) -> arlm.LM:
         config = SpeculativeConfig(num_speculative_tokens=K, **spec) if spec else None
-        engine = EngineConfig(max_num_seqs=1)  # batch 1: no more graphs or rows than it needs
+        # batch 1: no more graphs, rows or memory than the prompt and its new tokens need
+        engine = engine_config(ctx, 1, len(prompts[0]) + new)
         return arlm.LM(
             lm.model, lm.tokenizer, lm.cache_config, engine, speculative=config, draft=draft_model
         )
@@ -691,6 +717,12 @@ def table(results: dict, sizes: Sizes) -> str:
         peer = dec.get("hf_static_compile_tok_s", dec.get("hf_static_compile_error"))
         row("batch-1 decode tok/s vs static cache + compile", a, peer)
         row("greedy tokens equal to transformers eager", f"{dec['greedy_agree']}/{sizes.new}")
+    if "arlm_compiled_tok_s" in dec:
+        a = dec["arlm_compiled_tok_s"]
+        row("batch-1 decode tok/s, --enable-torch-compile vs not", a, dec["arlm_tok_s"])
+        row("  compiled: vs bandwidth limit", a, limit, ">= 0.60x")
+        seconds, agree = dec["arlm_compile_s"], dec["compiled_agree"]
+        row("  compiled: start-up s, greedy tokens equal", f"{seconds:.0f} s, {agree}/{sizes.new}")
     st = results.get("steps", {})
     if "overlap_step_ms" in st:
         n = sizes.step_seqs
