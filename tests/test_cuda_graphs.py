@@ -69,14 +69,11 @@ def test_padded_decode_steps_give_the_plain_path_s_tokens_as_rows_join_and_leave
     assert padded_engine.stats()["blocks_in_use"] == 0
 
 
-def test_padded_decode_logprobs_match_the_plain_path(model, tokenizer):
-    prompts = _prompts(6, seed=4)
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
-    config = dict(max_num_seqs=4)
-    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
-    padded = _engine(model, tokenizer, True, **config).generate(prompts, params, progress=False)
-    for prompt, a, b in zip(prompts, plain, padded, strict=True):
-        # padding rounds otherwise: no near-tie among the 3 top tokens compared
+def _assert_same_greedy_logprobs(model, prompts, want, got) -> None:
+    """Greedy completions with 3 top log-probabilities each, from two paths that round
+    otherwise: no near-tie among the 3 top tokens compared, the tokens equal, the
+    log-probabilities within float32's tolerance."""
+    for prompt, a, b in zip(prompts, want, got, strict=True):
         assert_clear_choices(choice_logits(model, prompt, a.token_ids), ranks=3)
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
@@ -84,12 +81,20 @@ def test_padded_decode_logprobs_match_the_plain_path(model, tokenizer):
             assert_close([y.logprob, *(v for _, v in y.top)], [x.logprob, *(v for _, v in x.top)])
 
 
+def test_padded_decode_logprobs_match_the_plain_path(model, tokenizer):
+    prompts = _prompts(6, seed=4)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    config = dict(max_num_seqs=4)
+    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
+    padded = _engine(model, tokenizer, True, **config).generate(prompts, params, progress=False)
+    _assert_same_greedy_logprobs(model, prompts, plain, padded)
+
+
 def test_a_compiled_padded_step_gives_the_uncompiled_tokens_and_logprobs(tokenizer):
     """``enable_torch_compile``'s forward (torch.compile over the padded decode step, the batch
     size symbolic), run eagerly on the CPU: six greedy rows four at a time, so buckets of 4 and
     2 run through the one compiled graph (a bucket of 1 would compile another: 30 s here).
-    Fused kernels round otherwise: no near-tie among the top 3 tokens compared,
-    log-probabilities within float32's tolerance."""
+    Fused kernels round otherwise."""
     model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5)
     prompts = _prompts(6, seed=4)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3)
@@ -98,12 +103,7 @@ def test_a_compiled_padded_step_gives_the_uncompiled_tokens_and_logprobs(tokeniz
     compiled.use_decode_graphs(capture=False, compile=True)
     want = plain.generate(prompts, params, progress=False)
     got = compiled.generate(prompts, params, progress=False)
-    for prompt, a, b in zip(prompts, want, got, strict=True):
-        assert_clear_choices(choice_logits(model, prompt, a.token_ids), ranks=3)
-        assert a.token_ids == b.token_ids
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
-            assert_close([y.logprob, *(v for _, v in y.top)], [x.logprob, *(v for _, v in x.top)])
+    _assert_same_greedy_logprobs(model, prompts, want, got)
     assert compiled.stats()["graph_steps"] > 10
     with pytest.raises(ValueError, match="enable_torch_compile .* none runs here: not a CUDA"):
         Engine(model, tokenizer, config=EngineConfig(enable_torch_compile=True))
