@@ -1,9 +1,11 @@
-"""Overlap scheduling (``arlm.engine.overlap``): a decode step's successor is scheduled and
-launched, fed the ids still on the device, before the host has applied them.
+"""Overlap scheduling (``arlm.engine.overlap``): a step's successor is scheduled and its
+forward launched, fed the ids still on the device, before the host has applied them; it is
+sampled once they have landed.
 
 On the CPU nothing runs behind the host, so nothing is faster here; what these tests check is
-that the steps it launches, the ids it feeds from the device, the rows it leaves out or drops,
-and the joins it delays by a step change no row's output. Two paths batch rows differently
+that the steps it launches, the ids it feeds from the device, the rows it leaves out, drops or
+feeds again from the host, and the joins it schedules beside rows in flight change no row's
+output. Two paths batch rows differently
 (a row joins a step later with overlap), so greedy rows are checked for near-ties and
 log-probabilities compared within float32's tolerance (tests/numerics.py)."""
 
@@ -150,11 +152,11 @@ def test_rows_ended_by_a_token_the_host_sees_a_step_late_end_where_they_would(mo
 def test_rows_with_penalties_bias_and_min_tokens_overlap_and_give_the_plain_steps_output(
     model, tokenizer
 ):
-    """Their processors take each token while it is still on the device (the penalties count
-    it there, a short ``penalty_last_n`` window letting older ones go; ``min_tokens`` counts it
-    as generated): every step overlaps, and no row's output changes. A bias towards the end
-    id would end the rows at once but for ``min_tokens``, so where its mask lifts decides
-    where they end."""
+    """Their processors take each token on the host as it lands, before the next step is
+    sampled (the penalties count it, a short ``penalty_last_n`` window letting older ones go;
+    ``min_tokens`` counts it as generated): every step overlaps, and no row's output changes.
+    A bias towards the end id would end the rows at once but for ``min_tokens``, so where its
+    mask lifts decides where they end."""
     prompts = _prompts(8, seed=12)
     params = []
     for i, p in enumerate(_plain_params(8)):
@@ -178,21 +180,28 @@ def test_rows_with_penalties_bias_and_min_tokens_overlap_and_give_the_plain_step
     assert stats["overlapped_steps"] == stats["steps"] - 1
 
 
-def test_rows_with_host_side_state_step_plainly_among_overlapped_ones(model, tokenizer):
-    """DRY, n-gram bans and a loop guard need each token on the host before the next: while
-    such a row runs, steps do not overlap; before and after it, they do."""
+def test_rows_with_dry_ngram_bans_a_grammar_and_a_loop_break_overlap_too(model, tokenizer):
+    """Their state follows each token on the host: the step after one in flight is launched
+    first, and sampled once that token has landed. A loop break that rolls a row back while its
+    next step was in flight drops that step's result for it, and the row is fed again from the
+    host in the next overlapped step."""
     prompts = _prompts(10, seed=11)
     params = _plain_params(10)
+    loop = dict(loop_policy="break", repetition_detection={"min_span": 0, "min_count": 3})
     params[4] = replace(params[4], dry_multiplier=0.8, max_tokens=12)
     params[5] = replace(params[5], no_repeat_ngram_size=2, max_tokens=12)
-    params[6] = replace(params[6], loop_policy="break", max_tokens=12)
+    params[6] = replace(params[6], logit_bias={60: 30.0}, max_tokens=16, **loop)
+    params[7] = replace(params[7], structured_outputs={"json_object": True}, ignore_eos=False)
     config = dict(max_num_seqs=4)
-    plain = _generate(_engine(model, tokenizer, False, **config), prompts, params)
+    plain_engine = _engine(model, tokenizer, False, **config)
+    plain = _generate(plain_engine, prompts, params)
     _no_near_ties(model, prompts, params, plain)
+    assert plain_engine.stats()["loops_broken"] > 0
     engine = _engine(model, tokenizer, True, **config)
     _assert_same(_generate(engine, prompts, params), plain)
     stats = engine.stats()
-    assert 0 < stats["overlapped_steps"] < stats["steps"] - 12
+    assert stats["loops_broken"] == plain_engine.stats()["loops_broken"]
+    assert stats["overlapped_steps"] == stats["steps"] - 1
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -272,10 +281,11 @@ def test_a_row_left_no_possible_token_fails_alone_when_its_step_lands(tokenizer)
 
 
 def _random_workload(seed: int, model):
-    """Prompts (half sharing a head), a mix of rows the overlap runs on the device (greedy,
-    seeded samples, ``n`` of 2, penalties, bias with ``min_tokens``) and rows it must step
-    plainly for (DRY, prompt log-probabilities), an engine config whose pool may run short (a
-    host tier to swap to, or none), and whether decode steps take the padded path."""
+    """Prompts (half sharing a head), a mix of rows (greedy, seeded samples, ``n`` of 2,
+    penalties, bias with ``min_tokens``, DRY, a grammar, a loop break, and prompt
+    log-probabilities, which the overlap steps plainly for), an engine config whose pool may
+    run short (a host tier to swap to, or none), and whether decode steps take the padded
+    path."""
     rng = random.Random(seed)
     head = [rng.randrange(1, 500) for _ in range(16)]
     prompts, params = [], []
@@ -283,7 +293,8 @@ def _random_workload(seed: int, model):
         tail = [rng.randrange(1, 500) for _ in range(rng.randrange(1, 30))]
         prompts.append(head + tail if rng.random() < 0.5 else tail)
         kw = dict(max_tokens=rng.randrange(2, 20), ignore_eos=True, temperature=0)
-        kind = rng.choice(["greedy", "sampled", "n", "penalties", "bias", "dry", "scored"])
+        kinds = ["greedy", "sampled", "n", "penalties", "bias", "dry", "json", "loop", "scored"]
+        kind = rng.choice(kinds)
         if kind in ("sampled", "n"):
             kw.update(temperature=0.9, top_k=40, seed=seed * 100 + i, n=1 + (kind == "n"))
         elif kind == "penalties":
@@ -294,6 +305,11 @@ def _random_workload(seed: int, model):
             kw.update(ignore_eos=False, min_tokens=2, logit_bias={rng.randrange(500): 5.0})
         elif kind == "dry":
             kw.update(dry_multiplier=0.8)
+        elif kind == "json":
+            kw.update(structured_outputs={"json_object": True}, ignore_eos=False)
+        elif kind == "loop":
+            detection = {"min_span": 0, "min_count": 3}
+            kw.update(loop_policy="break", repetition_detection=detection, logit_bias={60: 30.0})
         elif kind == "scored":
             kw.update(prompt_logprobs=1)
         params.append(SamplingParams(**kw))
@@ -313,7 +329,7 @@ def _random_workload(seed: int, model):
     return prompts, params, config, rng.random() < 0.5
 
 
-@pytest.mark.parametrize("seed", [0, 6, 10])  # padded; swapped; recomputed and padded
+@pytest.mark.parametrize("seed", [2, 7, 18])  # padded: a loop break; recomputed; swapped
 def test_random_workloads_give_the_plain_steps_output(model, tokenizer, seed):
     prompts, params, config, graphs = _random_workload(seed, model)
     plain_engine = _engine(model, tokenizer, False, graphs, **config)
@@ -322,7 +338,8 @@ def test_random_workloads_give_the_plain_steps_output(model, tokenizer, seed):
     got = _generate(engine, prompts, params)
     for p, sp, a, b in zip(prompts, params, got, plain, strict=True):
         a, b = (a, b) if isinstance(a, list) else ([a], [b])  # lists where any n > 1
-        if sp.temperature == 0 and not (sp.presence_penalty or sp.logit_bias or sp.dry_multiplier):
+        processed = sp.presence_penalty or sp.logit_bias or sp.dry_multiplier
+        if sp.temperature == 0 and not (processed or sp.structured_outputs):
             _no_near_ties(model, [p], [sp], b)
         _assert_same(a, b)
         if sp.prompt_logprobs is not None:

@@ -76,45 +76,6 @@ def test_penalty_window_counts_only_the_last_n_tokens():
     torch.testing.assert_close(proc(logits, history), expected)
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(repetition_penalty=1.5, penalty_last_n=4),
-        dict(repetition_penalty=1.3),
-        dict(presence_penalty=0.5, frequency_penalty=0.8, penalty_last_n=3),
-        dict(frequency_penalty=1.0),
-        dict(min_tokens=6, logit_bias={3: 2.0, 0: 1.0}),
-    ],
-)
-def test_tokens_pushed_on_the_device_leave_the_state_appended_ones_do(kw):
-    """Overlap scheduling hands a row's processors its next token while it is still on the
-    device (``push``) and processes the row's next logits before the host appends it. Before
-    and after that append, the processed logits equal a sampler's that saw each token on the
-    host first, with ids leaving the penalty window and ``min_tokens`` running out."""
-    logits, ids = _case(batch=1, length=24)
-    params = SamplingParams(**kw)
-    host_ids, device_ids = ids[0, :5].tolist(), ids[0, :5].tolist()
-    host = SequenceSampler(params, V, host_ids, 5, end_ids=[0])
-    pushed = SequenceSampler(params, V, device_ids, 5, end_ids=[0])
-    assert pushed.pushable
-    for token in ids[0, 5:].tolist():
-        host_ids.append(token)
-        host.appended()
-        pushed.push(torch.tensor([token]))
-        torch.testing.assert_close(pushed.process(logits[:1]), host.process(logits[:1]))
-        device_ids.append(token)  # the token lands
-        pushed.appended()
-        torch.testing.assert_close(pushed.process(logits[:1]), host.process(logits[:1]))
-
-
-def test_processors_that_read_the_ids_on_the_host_take_no_pushed_token():
-    for kw in (dict(no_repeat_ngram_size=2), dict(dry_multiplier=0.8)):
-        sampler = SequenceSampler(SamplingParams(**kw), V, [1, 2, 3], 3, dry_breakers={})
-        assert not sampler.pushable
-        with pytest.raises(TypeError, match="needs each token on the host"):
-            sampler.push(torch.tensor([4]))
-
-
 @pytest.mark.parametrize("k", [1, 5, 49, 50, 80])
 def test_top_k_matches_transformers(k):
     logits, ids = _case()

@@ -232,26 +232,25 @@ def _recording(audit: HostDeviceAudit, monkeypatch, cls, name: str, on: bool) ->
 
 
 def test_an_overlapped_step_waits_for_nothing_but_the_ids_it_lands(tokenizer, monkeypatch):
-    """With overlap scheduling the step after one in flight is scheduled (with rows joining),
-    its rows' processors take the ids in flight on the device (``SequenceSampler.push``), it is
-    sampled, and only then the ids in flight land: all of it, the model's forward aside, with
-    no wait but ``arlm.devices``' copy of those ids."""
+    """With overlap scheduling the step after one in flight is scheduled (with rows joining)
+    and its forward launched, the ids in flight land, and the step is sampled, every row's bans
+    and processors (penalties, DRY, n-gram bans, bias, a grammar, a loop break) applied: all of
+    it, the model's forward aside, with no wait but ``arlm.devices``' copy of those ids."""
     model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5)
     audit = HostDeviceAudit()
     _recording(audit, monkeypatch, Overlap, "follow", True)
     _recording(audit, monkeypatch, Overlap, "launch", True)
     _recording(audit, monkeypatch, ModelRunner, "_forward", False)
     with audit:
-        config = EngineConfig(max_num_seqs=3, async_scheduling=True)
+        config = EngineConfig(max_num_seqs=4, async_scheduling=True)
         engine = Engine(model, tokenizer, config=config)
-        for prompt, params in processor_requests()[:3]:  # plain, sampled, penalties
+        for prompt, params in processor_requests():
             engine.add_request(prompt, params)
-        bias = SamplingParams(max_tokens=9, min_tokens=4, logit_bias={0: 9.0}, temperature=0)
-        engine.add_request([9] * 5, bias)
         while engine.has_unfinished():
             engine.step()
     stats = engine.stats()
     assert stats["overlapped_steps"] == stats["steps"] - 1 >= 15
+    assert engine.chain.loops_broken >= 1  # a row rolled back while its next step was in flight
     assert audit.sites == [], "\n".join(dict.fromkeys(audit.sites))
 
 

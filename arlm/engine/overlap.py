@@ -1,30 +1,33 @@
-"""Overlap scheduling: step N+1 is scheduled and launched while the device still runs step N.
+"""Overlap scheduling: step N+1 is scheduled and its forward launched while the device still
+runs step N.
 
 A plain step waits for its sampled ids to reach the host before anything else happens: the
 host appends them, detokenizes, checks stop strings and lengths, then schedules and launches
-the next forward, and the GPU idles through all of it. Most of that work does not need step
-N's ids. When every row of a step draws its token on the device with no host-side state in the
-way (``overlappable``: no loop guard, and processors, if any, that take a token still on the
-device; a prompt chunk also scores nothing: ``joinable``), its ids stay on the device with
+the next forward, and the GPU idles through all of it. The next forward does not need step N's
+ids on the host: they can be fed to it from the device. So a step's ids stay on the device with
 their copy to the host queued (``TokenChain.launch``), and the next ``Engine.step``:
 
 1. schedules the same rows one position further, their blocks ensured, and what is left of
-   the token budget to prompts, as a plain step would: chunks of prompts still prefilling, and
+   the token budget to prompts as a plain step would: chunks of prompts still prefilling, and
    sequences that join (``Scheduler.schedule_beside``);
 2. launches that forward, with step N's ids fed from the device (``ModelRunner.run(fed=)``)
-   and the prompts' from the host;
-3. only then waits for step N's ids and runs their host side (``TokenChain.land``) while the
-   device computes step N+1.
+   and the others' from the host;
+3. waits for step N's ids and runs their host side (``TokenChain.land``: append, processors'
+   and loop guards' state, detokenizing, stop strings, lengths) while the device computes;
+4. then samples step N+1 (``TokenChain.launch``), its processors, grammars and loop guards up
+   to date with step N's ids, and leaves those ids in flight in turn.
 
-So a step's tokens are handed out one ``step`` call after the forward that made them.
-A row that step N's token ends (an end id, a stop string, an abort) has computed one position
-in step N+1 for nothing; that result is dropped, and its blocks were freed in stream order
-after it. Rows that step N's token ends by length are known before and left out. Anything else
-ends the overlap for one step, which then lands step N first and runs as before: a row that
-must wait for blocks (the plain step preempts), or a row, or a sequence next in line to join,
-with DRY, n-gram bans, a grammar, a loop guard or prompt log-probabilities. Speculative
-decoding builds its guesses from the ids themselves, and tensor parallelism sends them to the
-other ranks: neither overlaps.
+So a step's tokens are handed out one ``step`` call after the forward that made them, and
+every row overlaps, whatever its sampling settings. A row that step N's token ends (an end id,
+a stop string, an abort) or rolls back (a loop break, a closed thinking section) has computed
+one position in step N+1 for nothing: its result is dropped, a rolled-back row is fed again
+from the host, and blocks freed or released after that forward are reused only by later ones.
+Rows that step N's token ends by length are known before and left out. Anything else ends the
+overlap for one step, which then lands step N first and runs as before: a row that must wait
+for blocks (the plain step preempts), or a prompt chunk, running or next in line to join,
+whose prompt log-probabilities are asked for (``joinable``). Speculative decoding builds its
+guesses from the ids themselves, and tensor parallelism sends them to the other ranks: neither
+overlaps.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 
 from arlm.devices import to_device
 from arlm.engine.block_manager import Orders
+from arlm.engine.prompt_logprobs import positions_to_score
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
 from arlm.engine.token_chain import DrawnTokens
@@ -47,19 +51,11 @@ if TYPE_CHECKING:
 Emit = Callable[[Sequence, list], None]
 
 
-def overlappable(seq: Sequence) -> bool:
-    """Whether ``seq``'s next token can be drawn and fed on with no host step between: no loop
-    guard (its bans and breaks follow every token), and only logits processors that can take
-    a token still on the device (bias, min_tokens and the penalties can; DRY, n-gram bans and
-    grammars read the ids on the host)."""
-    return seq.guard is None and seq.sampler.pushable
-
-
 def joinable(seq: Sequence) -> bool:
-    """Whether ``seq`` can run a prompt chunk in a step whose ids stay in flight:
-    ``overlappable``, and not scoring its prompt (prompt log-probabilities are recorded on the
-    host after their forward)."""
-    return overlappable(seq) and seq.params.prompt_logprobs is None
+    """Whether ``seq``'s prompt positions still to run can go in a step whose ids stay in
+    flight: none of them is scored for prompt log-probabilities (those are recorded on the host
+    after their forward)."""
+    return not positions_to_score(seq, seq.num_cached, seq.num_pending)
 
 
 def overlap_for(engine: Engine, wanted: bool | None, tensor_parallel: bool) -> Overlap | None:
@@ -90,36 +86,46 @@ class Overlap:
         self.steps = 0
 
     def launch(self, batch: ScheduledBatch, orders: Orders | None) -> bool:
-        """Run ``batch`` and leave its ids in flight when its rows can all go on without the
-        host (``overlappable`` decode rows, ``joinable`` prompts, no verify rows); False,
-        having run nothing, otherwise."""
-        if batch.verify or not all(overlappable(s) for s in batch.decode):
+        """Run ``batch`` and leave its ids in flight when it has no verify rows and no prompt
+        chunk it scores (``joinable``); False, having run nothing, otherwise."""
+        if batch.verify or not all(joinable(s) for s, _ in batch.prefill):
             return False
-        if not all(joinable(s) for s, _ in batch.prefill):
-            return False
-        self.in_flight = self._run(batch, orders, None)
+        logits, rows = self._forward(batch, orders, None)
+        self.in_flight = self.engine.chain.launch(logits, rows)
         return True
 
     def follow(self, emit: Emit) -> bool:
-        """Launch the next step over the rows in flight where it can, then land the step in
-        flight; True when the next step was launched (and is now in flight), False when it was
-        not, or nothing was in flight."""
+        """Launch the next step's forward where it can, land the step in flight, then sample
+        the next step's rows that are still valid; True when the next step was launched (and is
+        now in flight), False when it was not, or nothing was in flight."""
         landing = self.in_flight
         if landing is None:
             return False
-        self.in_flight = self._next(landing)
+        launched = self._next(landing)
         for seq, chunks in self.engine.chain.land(landing):
             emit(seq, chunks)
-        return self.in_flight is not None
+        self.in_flight = None
+        if launched is None:
+            return False
+        logits, rows = launched
+        # a row the landed tokens ended or rolled back (its next id is on the host again)
+        # computed this step for nothing
+        valid = [j for j, s in enumerate(rows) if not s.finished and s.num_pending == 0]
+        if len(valid) < len(rows):
+            logits = logits.index_select(0, to_device(valid, torch.long, logits.device))
+            rows = [rows[j] for j in valid]
+        self.in_flight = self.engine.chain.launch(logits, rows)
+        return True
 
-    def _next(self, landing: DrawnTokens) -> DrawnTokens | None:
-        """The step after ``landing``, launched, or None where that step must wait for it."""
+    def _next(self, landing: DrawnTokens) -> tuple[torch.Tensor, list[Sequence]] | None:
+        """The step after ``landing``: its forward launched, its logits and rows that sample;
+        or None where that step must wait for ``landing``."""
         engine = self.engine
         scheduler, limit = engine.scheduler, engine.chain.limit
         alive = [i for i, s in enumerate(landing.seqs) if not s.finished]
         in_flight = {id(landing.seqs[i]) for i in alive}
-        # the other running rows are prompts still prefilling in chunks, and like the next
-        # sequence to join, they go in only if their tokens can stay on the device too
+        # the other running rows (prompts prefilling in chunks, rows fed again from the host),
+        # like the next sequence to join, go in only if they score no prompt positions
         if not all(joinable(s) for s in scheduler.running if id(s) not in in_flight):
             return None
         head = scheduler.next_admission()
@@ -141,18 +147,15 @@ class Overlap:
             fed = fed.index_select(0, to_device(keep, torch.long, fed.device))
         engine.steps += 1
         self.steps += 1
-        return self._run(batch, engine.block_manager.take_orders(), fed)
+        return self._forward(batch, engine.block_manager.take_orders(), fed)
 
-    def _run(
+    def _forward(
         self, batch: ScheduledBatch, orders: Orders | None, fed: torch.Tensor | None
-    ) -> DrawnTokens:
-        """Forward ``batch`` and sample its rows, leaving the ids in flight; ``fed``, the
-        first decode rows' ids, go to their processors first (``SequenceSampler.push``)."""
+    ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Launch ``batch``'s forward (``fed``: the first decode rows' ids, on the device);
+        its logits and the rows that sample."""
         engine = self.engine
         logits, rows, _ = engine.runner.run(batch, orders, fed)
         for seq, _ in batch.prefill:  # the prompt blocks it completes, for the prefix cache
             engine.block_manager.computed(seq)
-        for i, seq in enumerate(batch.decode[: 0 if fed is None else len(fed)]):
-            if seq.sampler.processors:
-                seq.sampler.push(fed[i : i + 1])
-        return engine.chain.launch(logits, rows)
+        return logits, rows

@@ -120,17 +120,24 @@ class Scheduler:
         self, rows: list[Sequence], ending: int, admits: Callable[[Sequence], bool]
     ) -> ScheduledBatch | None:
         """The forward after one still in flight (``arlm.engine.overlap``): ``rows``, running
-        sequences whose next token is that forward's and not yet here, one position each, then
-        prompts as ``schedule`` gives them the budget, only admitting sequences ``admits``
-        allows (the first it refuses waits, and those behind it). ``ending`` running sequences
-        end with the token in flight (by length): their seats may be taken. Nothing is
-        preempted, as the sequence to go could be one in flight: None where a row would need
-        that."""
+        sequences whose next token is that forward's and not yet here, one position each; the
+        running ones whose one next id is on the host (rolled back while in flight), one
+        position each; then prompts as ``schedule`` gives them the budget, only admitting
+        sequences ``admits`` allows (the first it refuses waits, and those behind it).
+        ``ending`` running sequences end with the token in flight (by length): their seats may
+        be taken. Nothing is preempted, as the sequence to go could be one in flight: None
+        where a row would need that."""
         bm = self.block_manager
         if not all(bm.ensure(seq, seq.num_cached + 1) for seq in rows):
             return None
         batch = ScheduledBatch(decode=list(rows))
-        left = self._prefills(batch, self.max_num_batched_tokens - len(rows), preempt=False)
+        for seq in self.running:  # rows in flight have no id pending on the host yet
+            if seq.status is Status.RUNNING and seq.num_pending == 1:
+                if not bm.ensure(seq, len(seq.token_ids)):
+                    return None
+                batch.decode.append(seq)
+        budget = self.max_num_batched_tokens - len(batch.decode)
+        left = self._prefills(batch, budget, preempt=False)
         if left is None:
             return None
         self._admit(batch, left, admits, ending)

@@ -162,9 +162,9 @@ class TokenChain:
         return out
 
     def launch(self, logits: torch.Tensor, rows: list[Sequence]) -> DrawnTokens:
-        """Sample one token per row on the device and start their copy to the host, without
-        waiting for it; ``land`` applies them. For rows with no bans, and processors that can
-        take their tokens on the device, only (``arlm.engine.overlap.overlappable``)."""
+        """Sample one token per row on the device (bans and processors applied as ``run``
+        applies them) and start their copy to the host, without waiting for it; ``land``
+        applies them."""
         processed, kept, checked, failed = self._process(logits, rows)
         seqs = [rows[i] for i in kept]
         drawn = self._launch(logits, processed, kept, seqs, checked, draw_samples)

@@ -9,10 +9,6 @@ does not rescan the history. DRY, the one that must look at its whole window, is
 On a GPU none of them makes the host wait: what they take from the history reaches the device
 in pinned, asynchronous copies (``arlm.devices``), masks are applied with ``index_fill`` and
 ``torch.where`` rather than data-dependent indexing, and nothing is read back.
-
-The ``pushable`` ones (bias, ``min_tokens``, the penalties) can also take a token that is still
-on the device (``push``), before the host has it: overlap scheduling (``arlm.engine.overlap``)
-samples a row's next token while its last one is on its way to the host.
 """
 
 from __future__ import annotations
@@ -27,15 +23,13 @@ from arlm.devices import pinned_to, to_device
 
 @dataclass
 class History:
-    """Token ids per row of a batch: the prompt, then the generated tokens; and ``ahead``,
-    tokens every row has sampled past them that are still on the device (``push``)."""
+    """Token ids per row of a batch: the prompt, then the generated tokens."""
 
     rows: list[list[int]]
     prompt_lens: list[int]
-    ahead: int = 0
 
     def generated(self, row: int) -> int:
-        return len(self.rows[row]) + self.ahead - self.prompt_lens[row]
+        return len(self.rows[row]) - self.prompt_lens[row]
 
 
 class Processor:
@@ -43,22 +37,13 @@ class Processor:
 
     ``reset`` rebuilds any state from the whole history (at the start and after a rewind);
     ``append`` updates it after one id was appended to every row. Both do nothing by default.
-    A ``pushable`` processor also takes tokens still on the device: ``push`` updates its state
-    with one (B,) tensor of ids that follow the history (``history.ahead`` counts none of them
-    yet), and ``append`` is not called for them when they reach the host.
     """
-
-    pushable = False
 
     def reset(self, history: History) -> None:
         pass
 
     def append(self, history: History) -> None:
         pass
-
-    def push(self, history: History, tokens: torch.Tensor) -> None:
-        if not self.pushable:
-            raise TypeError(f"{type(self).__name__} needs each token on the host")
 
     def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
         raise NotImplementedError
@@ -91,33 +76,9 @@ class _WindowCounts:
             lo, new = self._first_counted(history, b), len(ids) - 1
             if new >= lo:
                 rows.append(b), tokens.append(ids[new]), deltas.append(1)
-        self._update(rows, tokens, deltas, self._leaving(history, -1))
-
-    def push(self, history: History, tokens: torch.Tensor) -> None:
-        """Count ``tokens`` (B,), on the device, at the position after each row's ids and the
-        tokens ahead of them (generated, so always counted)."""
-        self.counts.index_put_(
-            (torch.arange(len(tokens), device=tokens.device), tokens),
-            torch.ones(len(tokens), dtype=self.counts.dtype, device=tokens.device),
-            accumulate=True,
-        )
-        self._update([], [], [], self._leaving(history, history.ahead))
-
-    def _leaving(self, history: History, after: int) -> list[tuple[int, int]]:
-        """(row, id) of each row's id that leaves the window as the id at ``len(ids) + after``
-        comes in: -1 for the id just appended, or the tokens already ahead of the one pushed
-        (none: one token at most is in flight), so the id leaving is always on the host."""
-        out = []
-        for b, ids in enumerate(history.rows):
-            leaving = len(ids) + after - self.last_n
-            if self.last_n and leaving >= self._first_counted(history, b):
-                out.append((b, ids[leaving]))
-        return out
-
-    def _update(self, rows: list, tokens: list, deltas: list, leaving: list) -> None:
-        rows += [b for b, _ in leaving]
-        tokens += [t for _, t in leaving]
-        deltas += [-1] * len(leaving)
+            leaving = new - self.last_n
+            if self.last_n and leaving >= lo:
+                rows.append(b), tokens.append(ids[leaving]), deltas.append(-1)
         if rows:
             # one copy for all three: the deltas travel as integers
             rows_t, tokens_t, deltas_t = to_device(
@@ -132,8 +93,6 @@ class RepetitionPenalty(Processor):
     """CTRL's penalty, as transformers applies it: for every token in the history (or its last
     ``last_n``), a positive logit is divided by ``penalty`` and a negative one multiplied."""
 
-    pushable = True
-
     def __init__(self, penalty: float, vocab_size: int, last_n: int, device: torch.device):
         self.penalty, self.device = penalty, device
         self.window = _WindowCounts(vocab_size, last_n, generated_only=False)
@@ -144,9 +103,6 @@ class RepetitionPenalty(Processor):
     def append(self, history: History) -> None:
         self.window.append(history)
 
-    def push(self, history: History, tokens: torch.Tensor) -> None:
-        self.window.push(history, tokens)
-
     def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
         penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
         return torch.where(self.window.counts > 0, penalized, logits)
@@ -155,8 +111,6 @@ class RepetitionPenalty(Processor):
 class OpenAIPenalty(Processor):
     """OpenAI's presence and frequency penalties over the generated tokens:
     ``logit[j] - count[j] * frequency - (count[j] > 0) * presence``."""
-
-    pushable = True
 
     def __init__(
         self,
@@ -174,9 +128,6 @@ class OpenAIPenalty(Processor):
 
     def append(self, history: History) -> None:
         self.window.append(history)
-
-    def push(self, history: History, tokens: torch.Tensor) -> None:
-        self.window.push(history, tokens)
 
     def __call__(self, logits: torch.Tensor, history: History) -> torch.Tensor:
         counts = self.window.counts
@@ -223,8 +174,6 @@ class NoRepeatNGram(Processor):
 class LogitBias(Processor):
     """Add a fixed value to chosen tokens' logits (OpenAI's ``logit_bias``)."""
 
-    pushable = True  # it keeps no state
-
     def __init__(self, bias: dict[int, float], vocab_size: int, device: torch.device) -> None:
         bad = sorted(t for t in bias if t >= vocab_size)
         if bad:
@@ -241,8 +190,6 @@ class LogitBias(Processor):
 
 class MinTokens(Processor):
     """Mask the ids that would end generation until a row has generated ``min_tokens``."""
-
-    pushable = True  # it reads only how many tokens there are
 
     def __init__(self, min_tokens: int, end_ids: Iterable[int]) -> None:
         self.min_tokens, self.end_ids = min_tokens, sorted(end_ids)

@@ -102,24 +102,8 @@ class SequenceSampler:
         for proc in self.processors:
             proc.reset(self.history)
 
-    @property
-    def pushable(self) -> bool:
-        """Whether every processor can take a token still on the device (``push``)."""
-        return all(proc.pushable for proc in self.processors)
-
-    def push(self, token: torch.Tensor) -> None:
-        """Update the processors with the next token (1,) while it is still on the device;
-        ``appended`` then has nothing to do for it."""
-        for proc in self.processors:
-            proc.push(self.history, token)
-        self.history.ahead += 1
-
     def appended(self) -> None:
-        """Update the processors after one id was appended to the token ids (unless they
-        took it on the device first: ``push``)."""
-        if self.history.ahead:
-            self.history.ahead -= 1
-            return
+        """Update the processors after one id was appended to the token ids."""
         for proc in self.processors:
             proc.append(self.history)
 
