@@ -363,19 +363,18 @@ def load(
     KV block); max_num_batched_tokens: positions per forward, so prompts prefill in chunks of at
     most this (None: 8,192 on a GPU, 512 on a CPU); max_model_len: the longest prompt +
     generation (None: the context, or what the KV pool holds where that is less);
-    kv_cache_memory_gib: the KV pool's budget
-    (None: on a CPU a quarter of the machine's memory; on a GPU what ``gpu_memory_utilization``
-    leaves, see ``arlm.engine.memory``); gpu_memory_utilization: the share of the GPU's memory
-    the weights, activations and KV cache may fill (None: 0.9);
+    kv_cache_memory_gib: the KV pool's budget (None: on a CPU a quarter of the machine's
+    memory; on a GPU what ``gpu_memory_utilization`` leaves, see ``arlm.engine.memory``);
+    gpu_memory_utilization: the share of the GPU's memory the weights, activations and KV
+    cache may fill (None: 0.9);
     enable_prefix_caching: prompts that start alike share the computed head's KV blocks;
     kv_offload_gib: host memory for KV blocks the pool evicts or swaps out (0: none);
     preemption_mode: ``auto``, ``recompute`` or ``swap``, how a sequence gives its blocks up
     when the pool runs out; enforce_eager: no CUDA graphs for decode steps (see
     ``arlm.engine.cuda_graphs``); enable_torch_compile: compile the decode step with
     ``torch.compile`` before its graphs are captured (CUDA only; slower start-up);
-    async_scheduling: launch each decode step before the host
-    has seen the one before's tokens (None: on CUDA wherever it can; see
-    ``arlm.engine.overlap``).
+    async_scheduling: launch each step before the host has seen the one before's tokens
+    (None: on CUDA wherever it can; see ``arlm.engine.overlap``).
 
     tensor_parallel_size: split the model over this many processes (``arlm.launch``), each
     holding its share of every layer's heads and MLP columns and its heads' KV cache. Under

@@ -55,9 +55,9 @@ class EngineConfig:
     steps replay graphs captured at start-up for batch-size buckets where the model and cache
     allow it; see ``arlm.engine.cuda_graphs``). enable_torch_compile: compile that decode
     step with ``torch.compile`` before capturing it (default off; needs the graphs).
-    async_scheduling: overlap each decode step's
-    scheduling and host work with the device's run of the step before (None: on CUDA wherever
-    it can; True where it cannot is refused; see ``arlm.engine.overlap``).
+    async_scheduling: overlap each step's scheduling and host work with the device's run of
+    the step before (None: on CUDA wherever it can; True where it cannot is refused; see
+    ``arlm.engine.overlap``).
     """
 
     max_num_seqs: int | None = option(

@@ -69,8 +69,8 @@ class DrawnTokens:
     ) -> None:
         self.seqs, self.tokens, self._copy = seqs, tokens, copy
         self._checked, self._wants = checked, wants  # rows checked for a possible token; logprobs
-        # rows whose processing failed, with why: they fail when this batch lands, after the
-        # token before (``TokenChain.land``)
+        # rows whose processing failed, with why: they fail when this batch lands, their last
+        # output going out with the others' (``TokenChain.land``)
         self.failed: list[tuple[Sequence, Exception]] = []
 
     def results(self) -> list[tuple[Sequence, int, bool, TokenLogprob | None]]:
