@@ -138,7 +138,9 @@ class Overlap:
             if landing.seqs[i].num_generated + 1 < landing.seqs[i].params.max_tokens
             and (limit is None or len(landing.seqs[i].token_ids) + 1 <= limit)
         ]
-        rows, ending = [landing.seqs[i] for i in keep], len(alive) - len(keep)
+        rows = [landing.seqs[i] for i in keep]
+        # their seats may be taken now, unless a loop guard could roll them back instead
+        ending = sum(1 for i in set(alive) - set(keep) if landing.seqs[i].guard is None)
         batch = scheduler.schedule_beside(rows, ending, joinable)
         if not batch:  # (None: a row would preempt another; empty: nothing goes on)
             return None
