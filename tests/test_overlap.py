@@ -39,6 +39,13 @@ def _engine(model, tokenizer, overlap: bool, graphs: bool = False, **config) -> 
     return engine
 
 
+def _block_gib(model) -> float:
+    """GiB of one KV block of 8 positions of ``model``, float32 (the pools here are sized in
+    blocks)."""
+    c = model.config
+    return 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 8 / 2**30
+
+
 def _plain_params(n: int) -> list[SamplingParams]:
     """Rows that draw on the device alone (no processors, no loop guard): greedy, and seeded
     samples with log-probabilities, of different lengths so rows join and leave."""
@@ -212,19 +219,18 @@ def test_preempted_rows_and_waiting_ones_give_the_plain_steps_tokens(model, toke
     path."""
     prompts = [p[:12] for p in _prompts(6, seed=7)]
     params = [replace(sp, max_tokens=24 + 4 * i) for i, sp in enumerate(_plain_params(6))]
-    c = model.config
-    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 8  # bytes of 8 positions, float32
+    block = _block_gib(model)
     need = [-(-(len(p) + sp.max_tokens) // 8) for p, sp in zip(prompts, params, strict=True)]
     pool = max(sum(need) // 3, max(need) + 2)
     config = dict(
         kv_block_size=8,
         max_num_seqs=6,
-        kv_cache_memory_gib=(pool + 0.5) * block / 2**30,
+        kv_cache_memory_gib=(pool + 0.5) * block,
         enable_prefix_caching=False,
         preemption_mode=mode,
     )
     if mode == "swap":
-        config["kv_offload_gib"] = sum(need) * block / 2**30
+        config["kv_offload_gib"] = sum(need) * block
     graphs = mode == "swap"
     plain_engine = _engine(model, tokenizer, False, graphs, **config)
     plain = _generate(plain_engine, prompts, params)
@@ -313,18 +319,15 @@ def _random_workload(seed: int, model):
         elif kind == "scored":
             kw.update(prompt_logprobs=1)
         params.append(SamplingParams(**kw))
-    c = model.config
-    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 8  # bytes of 8 positions, float32
+    block = _block_gib(model)
     need = [-(-(len(p) + sp.max_tokens) // 8) * sp.n for p, sp in zip(prompts, params, strict=True)]
     pool = max(int(sum(need) * rng.choice([0.2, 0.5, 3.0])), max(need) + 2)
     config = dict(
         kv_block_size=8,
         max_num_seqs=rng.randrange(2, 6),
         max_num_batched_tokens=rng.choice([16, 24, 40]),
-        kv_cache_memory_gib=(pool + 0.5) * block / 2**30,
-        kv_offload_gib=rng.choice(
-            [0, sum(need) * block / 2**30]
-        ),  # preempted: swap, else recompute
+        kv_cache_memory_gib=(pool + 0.5) * block,
+        kv_offload_gib=rng.choice([0, sum(need) * block]),  # preempted: swap, else recompute
     )
     return prompts, params, config, rng.random() < 0.5
 

@@ -16,15 +16,17 @@ import itertools
 import time
 from collections import defaultdict, deque
 
+import torch
+
 from arlm.engine import offline
-from arlm.engine.block_manager import BlockManager
+from arlm.engine.block_manager import BlockManager, Orders
 from arlm.engine.config import DEFAULT_WINDOW_MAX_MODEL_LEN, EngineConfig, plan
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.engine.overlap import Overlap, overlap_for
-from arlm.engine.prompt_logprobs import scoring_only
+from arlm.engine.prompt_logprobs import PromptRows, scoring_only
 from arlm.engine.requests import InvalidRequest, check_params, check_prompt, new_sequences
 from arlm.engine.runner import ModelRunner
-from arlm.engine.scheduler import Scheduler
+from arlm.engine.scheduler import ScheduledBatch, Scheduler
 from arlm.engine.sequence import Sequence, Status
 from arlm.engine.speculation import Speculator, speculator_for
 from arlm.engine.stats import engine_stats
@@ -218,13 +220,10 @@ class Engine:
             orders = self.block_manager.take_orders() if self.block_manager else None
             if overlap is not None and overlap.launch(batch, orders):
                 return list(outputs.values())  # its tokens come at the next step
-            logits, rows, scored = self.runner.run(batch, orders)
+            logits, rows, scored = self.forward(batch, orders)
             logits, verify_logits = logits[: len(rows)], logits[len(rows) :]
             if scored is not None:  # prompt log-probabilities (arlm.engine.prompt_logprobs)
                 scored.record()
-            if self.block_manager is not None:  # only a prefill completes prompt blocks
-                for seq, _ in batch.prefill:
-                    self.block_manager.computed(seq)
             if done := scoring_only(rows):  # max_tokens 0: its prompt is in, it is done
                 for i in done:
                     self._finish(rows[i], "length")
@@ -237,6 +236,17 @@ class Engine:
                 for seq, chunks in self.speculator.verify(verify_logits, batch.verify):
                     self._emit(outputs, seq, chunks)
         return list(outputs.values())
+
+    def forward(
+        self, batch: ScheduledBatch, orders: Orders | None, fed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
+        """``ModelRunner.run`` of ``batch`` (see there, ``fed`` too), then the prompt blocks its
+        prefill chunks complete registered for the prefix cache."""
+        out = self.runner.run(batch, orders, fed)
+        if self.block_manager is not None:  # only a prefill completes prompt blocks
+            for seq, _ in batch.prefill:
+                self.block_manager.computed(seq)
+        return out
 
     def _rollback(self, seq: Sequence) -> None:
         """Go on from ``seq.num_cached`` after a loop break rolled its tokens back."""

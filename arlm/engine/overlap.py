@@ -90,7 +90,7 @@ class Overlap:
         chunk it scores (``joinable``); False, having run nothing, otherwise."""
         if batch.verify or not all(joinable(s) for s, _ in batch.prefill):
             return False
-        logits, rows = self._forward(batch, orders, None)
+        logits, rows, _ = self.engine.forward(batch, orders)
         self.in_flight = self.engine.chain.launch(logits, rows)
         return True
 
@@ -121,7 +121,7 @@ class Overlap:
         """The step after ``landing``: its forward launched, its logits and rows that sample;
         or None where that step must wait for ``landing``."""
         engine = self.engine
-        scheduler, limit = engine.scheduler, engine.chain.limit
+        scheduler = engine.scheduler
         alive = [i for i, s in enumerate(landing.seqs) if not s.finished]
         in_flight = {id(landing.seqs[i]) for i in alive}
         # the other running rows (prompts prefilling in chunks, rows fed again from the host),
@@ -132,12 +132,7 @@ class Overlap:
         if head is not None and not joinable(head):
             return None
         # a row whose token in flight is its last (max_tokens, or the context) stops there
-        keep = [
-            i
-            for i in alive
-            if landing.seqs[i].num_generated + 1 < landing.seqs[i].params.max_tokens
-            and (limit is None or len(landing.seqs[i].token_ids) + 1 <= limit)
-        ]
+        keep = [i for i in alive if not engine.chain.at_length(landing.seqs[i], ahead=1)]
         rows = [landing.seqs[i] for i in keep]
         # their seats may be taken now, unless a loop guard could roll them back instead
         ending = sum(1 for i in set(alive) - set(keep) if landing.seqs[i].guard is None)
@@ -149,15 +144,5 @@ class Overlap:
             fed = fed.index_select(0, to_device(keep, torch.long, fed.device))
         engine.steps += 1
         self.steps += 1
-        return self._forward(batch, engine.block_manager.take_orders(), fed)
-
-    def _forward(
-        self, batch: ScheduledBatch, orders: Orders | None, fed: torch.Tensor | None
-    ) -> tuple[torch.Tensor, list[Sequence]]:
-        """Launch ``batch``'s forward (``fed``: the first decode rows' ids, on the device);
-        its logits and the rows that sample."""
-        engine = self.engine
-        logits, rows, _ = engine.runner.run(batch, orders, fed)
-        for seq, _ in batch.prefill:  # the prompt blocks it completes, for the prefix cache
-            engine.block_manager.computed(seq)
+        logits, rows, _ = engine.forward(batch, engine.block_manager.take_orders(), fed)
         return logits, rows

@@ -334,11 +334,16 @@ class TokenChain:
             return []
         settled = guard.settled if guard is not None else seq.num_generated
         chunks = seq.chunks(settled)
-        full = self.limit is not None and len(seq.token_ids) > self.limit
-        if seq.num_generated == seq.params.max_tokens or full:
+        if self.at_length(seq):
             seq.text.flush()
             self.finish(seq, "length", None)
         return chunks
+
+    def at_length(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether ``seq``, with ``ahead`` more tokens than it holds, ends by length: its
+        ``max_tokens``, or more tokens than ``limit``."""
+        full = self.limit is not None and len(seq.token_ids) + ahead > self.limit
+        return seq.num_generated + ahead >= seq.params.max_tokens or full
 
     def _break(self, seq: Sequence) -> None:
         """Go on from the kept ids after a loop break: the guard, the text and the processors
