@@ -242,7 +242,8 @@ class Engine:
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         """``ModelRunner.run`` of ``batch`` (see there, ``fed`` too), then the prompt blocks its
         prefill chunks complete registered for the prefix cache."""
-        out = self.runner.run(batch, orders, fed)
+        # ids from the device only in overlapped steps, which the tensor-parallel runner never runs
+        out = self.runner.run(batch, orders) if fed is None else self.runner.run(batch, orders, fed)
         if self.block_manager is not None:  # only a prefill completes prompt blocks
             for seq, _ in batch.prefill:
                 self.block_manager.computed(seq)
