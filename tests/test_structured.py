@@ -126,6 +126,16 @@ def test_regex_choice_grammar_and_json_object(lm):
     assert all(re.fullmatch(r"\(\d+(\+\d+)*\)", o.text) for o in sums if o.finish_reason == "stop")
 
 
+def test_free_requests_never_build_the_grammar_compiler(tokenizer):
+    # building it loads xgrammar and reads the whole vocabulary: only a constrained request may
+    # pay that (a GPU machine's image may lack the library altogether)
+    lm = LM(make_model(), tokenizer, engine_config=EngineConfig(kv_cache_memory_gib=0.1))
+    lm.generate(["Once upon", "a"], SamplingParams(max_tokens=4), progress=False)
+    assert lm.engine.chain._grammars is None
+    lm.generate("Pick:", SamplingParams(max_tokens=8, structured_outputs={"choice": ["a", "b"]}))
+    assert lm.engine.chain._grammars is not None
+
+
 def test_constrained_and_free_rows_share_steps_and_free_rows_are_unchanged(lm):
     free = SamplingParams(max_tokens=12, temperature=0)
     alone = lm.generate("Once upon", free)

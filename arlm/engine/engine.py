@@ -183,9 +183,13 @@ class Engine:
     def check_params(self, params: SamplingParams, prompt_len: int) -> None:
         """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do."""
         vocab, window_max_len = self.model.config.vocab_size, self.window_max_len
-        grammars, rewindable = self.chain.grammars, self.runner.rewindable
         check_params(
-            params, vocab, window_max_len, prompt_len, grammars=grammars, rewindable=rewindable
+            params,
+            vocab,
+            window_max_len,
+            prompt_len,
+            grammars=lambda: self.chain.grammars,
+            rewindable=self.runner.rewindable,
         )
 
     def abort(self, request_id: str) -> None:

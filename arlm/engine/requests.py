@@ -8,6 +8,8 @@ windowed cache allows. (``SamplingParams`` checked the rest when they were made.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from arlm.engine.block_manager import block_hashes
@@ -60,11 +62,13 @@ def check_params(
     window_max_len: int | None,
     prompt_len: int,
     *,
-    grammars: GrammarCompiler,
+    grammars: Callable[[], GrammarCompiler],
     rewindable: bool,
 ) -> None:
     """Raise ``InvalidRequest`` for what ``params`` ask that this model cannot do. A
-    structured output's grammar is compiled here, once, into ``grammars``' cache; a cache
+    structured output's grammar is compiled here, once, into the cache of the compiler that
+    ``grammars()`` gives (called only for such a request: building the compiler loads the
+    grammar library and reads the whole vocabulary, a cost a free request must not pay); a cache
     that cannot rewind (not ``rewindable``) computes no prompt position's logits."""
     if params.penalty_alpha > 0:  # contrastive search is not per row yet
         raise InvalidRequest(
@@ -89,7 +93,7 @@ def check_params(
         )
     if params.structured_outputs is not None:
         try:
-            grammars.compile(params.structured_outputs)
+            grammars().compile(params.structured_outputs)
         except ValueError as e:
             raise InvalidRequest(str(e), "structured_outputs") from None
     if params.prompt_logprobs is not None and not rewindable:

@@ -16,6 +16,7 @@ are not per request: the first request's seed, if any, seeds the run.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -74,8 +75,11 @@ def run_transformers_cb(
     page_size = 256
     longest = max(len(r["prompt_token_ids"]) + r["max_tokens"] for r in requests)
     num_blocks = math.ceil(1.3 * max_num_seqs * math.ceil(longest / page_size)) + 1
+    # transformers before 5.2x named the page ``block_size`` (5.17 on the GPU image)
+    params = inspect.signature(ContinuousBatchingConfig).parameters
+    page_kw = "page_size" if "page_size" in params else "block_size"
     cb_config = ContinuousBatchingConfig(
-        page_size=page_size,
+        **{page_kw: page_size},
         num_blocks=num_blocks,
         max_batch_tokens=max_batch_tokens,
         max_requests_per_batch=max_num_seqs,
