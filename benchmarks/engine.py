@@ -50,6 +50,7 @@ from arlm.kv_cache import KVCache
 from arlm.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
+from baseline import ROOT, checkout, env  # noqa: E402
 from decode import build_hf as build  # noqa: E402  (the same models as decode.py)
 
 N_REQUESTS, CONCURRENCY, NEW = 64, 16, 128
@@ -86,7 +87,9 @@ def arlm_single(lm, requests: list[dict]) -> dict:
     return summarize(outs, seconds)
 
 
-def arlm_engine(lm, requests: list[dict]) -> dict:
+def arlm_engine(lm, requests: list[dict], blocks: bool = True) -> dict:
+    """The requests through the engine's steps; with ``blocks``, the KV blocks in use are
+    counted at every step (against what the sequences hold)."""
     engine = lm.engine
     ids = [engine.add_request(r["prompt_token_ids"], params_of(r)) for r in requests]
     done, peak_blocks, over = {}, 0, 0
@@ -95,6 +98,8 @@ def arlm_engine(lm, requests: list[dict]) -> dict:
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.completion
+        if not blocks:
+            continue
         running = engine.scheduler.running
         in_use = len({b for s in running for b in s.block_table})
         # what the sequences hold, in whole blocks, plus one block each
@@ -103,6 +108,8 @@ def arlm_engine(lm, requests: list[dict]) -> dict:
         over += in_use > bound
     seconds = time.perf_counter() - start
     result = summarize([done[i] for i in ids], seconds)
+    if not blocks:
+        return result
     bytes_per_block = engine.runner.kv_bytes_per_token * engine.block_manager.block_size
     result.update(
         peak_blocks=peak_blocks,
@@ -177,16 +184,18 @@ def bare_decode(model, prompt: list[int], new: int) -> float:
     return (new - 1) / (time.perf_counter() - start)
 
 
-def batch1(lm, rounds: int = 5) -> tuple[float, float]:
-    """Median decode tokens/s at batch 1: (lm.generate, bare loop), alternating rounds."""
+def batch1(lm, rounds: int = 5, bare: bool = True) -> tuple[float, float]:
+    """Median decode tokens/s at batch 1: (lm.generate, bare loop), alternating rounds; NaN for
+    the bare loop without ``bare``."""
     prompt = list(range(1, 65))
-    engine_rates, bare_rates = [], []
+    engine_rates, bare_rates = [], [float("nan")]
     lm.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True)  # warm-up
     for _ in range(rounds):
         c = lm.generate(prompt, max_tokens=NEW, temperature=0, ignore_eos=True)
         engine_rates.append(c.usage.decode_tokens_per_second)
-        bare_rates.append(bare_decode(lm.model, prompt, NEW))
-    return statistics.median(engine_rates), statistics.median(bare_rates)
+        if bare:
+            bare_rates.append(bare_decode(lm.model, prompt, NEW))
+    return statistics.median(engine_rates), statistics.median(bare_rates[bare:])
 
 
 def prefix_caching(folder: Path) -> tuple[float, float]:
@@ -375,13 +384,65 @@ def run_model(kind: str, root: Path, vllm_python: str) -> None:
     )
 
 
+def arms(folder: Path) -> dict:
+    """arlm's own columns on the model in ``folder`` (one request at a time, the engine, batch-1
+    decode), as ``--baseline`` measures each commit's code: in a process of its own."""
+    lm = arlm.load(folder, max_num_seqs=CONCURRENCY)
+    requests = make_requests(lm.config.vocab_size)
+    single = arlm_single(lm, requests[:SINGLE])
+    engine = arlm_engine(lm, requests, blocks=False)
+    rate, _ = batch1(lm, bare=False)
+    return {"single": single, "engine": engine, "batch1": rate}
+
+
+def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
+    """arlm's columns for this checkout and for ``commit`` on the same model, each run in a
+    process of its own, in the order this, commit, commit, this, ... (``rounds`` each), so
+    drift in the machine's speed falls on both alike; the means of each side's rounds."""
+    folder = build(kind, root)
+    sides: dict[str, list[dict]] = {"this": [], commit: []}
+    order = (["this", commit, commit, "this"] * rounds)[: 2 * rounds]
+    with checkout(commit) as old:
+        for side in order:
+            code = ROOT if side == "this" else old
+            cmd = [sys.executable, __file__, "--arms", str(folder)]
+            run = subprocess.run(cmd, env=env(code), capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(f"{side}'s run failed:\n{run.stderr[-3000:]}")
+            sides[side].append(json.loads(run.stdout.strip().splitlines()[-1]))
+    print(f"\n== {kind}: this checkout against {commit}, {rounds} round(s) each ==")
+    rows = (
+        ("engine, 16 at once, output tok/s", lambda r: r["engine"]["output_tokens_per_s"]),
+        ("engine, 16 at once, TPOT ms", lambda r: r["engine"]["tpot_ms"]),
+        ("one at a time, output tok/s", lambda r: r["single"]["output_tokens_per_s"]),
+        ("batch-1 decode tok/s", lambda r: r["batch1"]),
+    )
+    print(f"  {'':<34}{'this':>10}{commit:>10}{'this/before':>13}")
+    for name, get in rows:
+        now, then = (statistics.mean(get(r) for r in sides[s]) for s in ("this", commit))
+        print(f"  {name:<34}{now:10.1f}{then:10.1f}{now / then:12.3f}x")
+    requests = make_requests(arlm.load(folder).config.vocab_size)
+    a, b = sides["this"][0]["engine"]["outputs"], sides[commit][0]["engine"]["outputs"]
+    print(f"  tokens, engine: {agreement(a, b, requests)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
     p.add_argument("--vllm-python", default=os.environ.get("ARLM_VLLM_PYTHON", DEFAULT_VLLM))
     p.add_argument("--attention", action="store_true", help="only the attention measurement")
     p.add_argument("--profile", action="store_true", help="only the 16-sequence step profile")
+    p.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="only arlm's own columns, this checkout against COMMIT's code (a before/after)",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="with --baseline: runs of each side")
+    p.add_argument("--arms", metavar="FOLDER", help=argparse.SUPPRESS)  # one side's process
     args = p.parse_args()
+    if args.arms:
+        print(json.dumps(arms(Path(args.arms))))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.attention:
         attention()
@@ -389,6 +450,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.profile:
             profile_step(build("gpt2", Path(tmp)))
+            return
+        if args.baseline:
+            for kind in args.models.split(","):
+                before_after(kind, Path(tmp), args.baseline, args.rounds)
             return
         for kind in args.models.split(","):
             run_model(kind, Path(tmp), args.vllm_python)

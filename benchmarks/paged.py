@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from baseline import ROOT, checkout, env
+
 BASELINE = "e7ab6fd"
-ROOT = Path(__file__).resolve().parent.parent
 
 # the decode workload, run by both designs: the script is the same code for each
 DECODE = r"""
@@ -75,9 +74,8 @@ print(json.dumps({"tok_s": 16 * 64 / best, "tokens": [o.token_ids for o in outs]
 
 
 def run_decode(path: Path, rounds: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(path)}
     out = subprocess.run(
-        [sys.executable, "-c", DECODE, str(rounds)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", DECODE, str(rounds)], env=env(path), capture_output=True, text=True
     )
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
@@ -90,15 +88,8 @@ def decode_speed(skip_baseline: bool, rounds: int, baseline: str = BASELINE) -> 
     print(f"   paged (this code)        {now['tok_s']:8.1f} tok/s")
     if skip_baseline:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", baseline, "arlm"], capture_output=True, check=True
-        ).stdout
-        archive_path = Path(tmp) / "a.tar"
-        archive_path.write_bytes(archive)
-        with tarfile.open(archive_path) as t:
-            t.extractall(tmp, filter="data")
-        before = run_decode(Path(tmp), rounds)
+    with checkout(baseline) as folder:
+        before = run_decode(folder, rounds)
     name = "slots" if baseline == BASELINE else "before"
     print(f"   {name} ({baseline})         {before['tok_s']:8.1f} tok/s")
     same = now["tokens"] == before["tokens"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -52,6 +53,7 @@ import httpx
 from arlm.measure.serve_bench import ServeBenchConfig, run
 
 sys.path.insert(0, str(Path(__file__).parent))
+from baseline import checkout, env  # noqa: E402
 from decode import build  # noqa: E402  (the same GPT-2 folder and GGUF files as decode.py)
 
 CONCURRENCY = {1: 8, 4: 16, 16: 64}  # streams -> requests sent
@@ -68,7 +70,10 @@ class Peer:
     missing: str | None = None  # why it cannot run, with the command that installs it
 
 
-def peers(root: Path, folder: Path, args: argparse.Namespace, port: int) -> list[Peer]:
+def peers(
+    root: Path, folder: Path, args: argparse.Namespace, port: int, old: Path | None = None
+) -> list[Peer]:
+    """The servers, in the order they run; ``old`` holds ``--baseline``'s commit's code."""
     arlm = [sys.executable, "-m", "arlm", "serve", str(folder), "--port", str(port)]
     arlm += ["--max-num-seqs", "16", "--max-queue", "32", "--log-level", "warning"]
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
@@ -92,8 +97,12 @@ def peers(root: Path, folder: Path, args: argparse.Namespace, port: int) -> list
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    before = []
+    if old is not None:  # the same command; the commit's arlm first on the import path
+        before = [Peer(f"arlm@{args.baseline}", arlm + ["--served-model-name", "gpt2"], env(old))]
     return [
         Peer("arlm", arlm + ["--served-model-name", "gpt2"]),
+        *before,
         Peer("arlm int8", arlm + ["--served-model-name", "gpt2", "--quantize", "int8"]),
         Peer("vLLM", vllm, vllm_env, no_vllm),
         Peer("llama f32", llama + ["-m", str(root / "gpt2-f32.gguf")], missing=no_llama),
@@ -296,10 +305,18 @@ def main() -> None:
         help="only the agents and evaluators measurements (constrained decoding, prompt "
         "scoring), not the concurrency sweep and the overload",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="also serve COMMIT's arlm, the same way, right after this checkout's (a "
+        "before/after: its concurrency sweep only)",
+    )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="benchmarks/out/serve.json", help="the results as JSON")
     args = p.parse_args()
     wanted = [s.strip() for s in args.servers.split(",")]
+    if args.baseline:
+        wanted.append(f"arlm@{args.baseline}")
     root = Path(tempfile.mkdtemp(prefix="arlm-serve-bench-"))
     folder = build("gpt2", root)
     import torch
@@ -309,7 +326,9 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     overloaded = None
     agents: dict[str, dict] = {}  # issue 25's measurements, per server
-    for peer in peers(root, folder, args, args.port):
+    stack = contextlib.ExitStack()
+    old = stack.enter_context(checkout(args.baseline)) if args.baseline else None
+    for peer in peers(root, folder, args, args.port, old):
         if peer.name not in wanted:
             continue
         if peer.missing:
@@ -338,6 +357,7 @@ def main() -> None:
                 overloaded = overload(server, results["arlm"][16]["request_throughput"])
         finally:
             server.stop()
+    stack.close()
     if not args.agents_only:
         report(results, overloaded)
     if "vLLM" in agents:
@@ -373,7 +393,9 @@ def report(results: dict, overloaded: dict | None) -> None:
         f"  arlm TPOT p50 at 16 / at 1: "
         f"{a[16]['median_tpot_ms'] / a[1]['median_tpot_ms']:.2f}x  (target <= 3)"
     )
+    before = [("arlm", name) for name in results if name.startswith("arlm@")]
     for mine, theirs in (
+        *before,
         ("arlm", "vLLM"),
         ("arlm", "llama f32"),
         ("arlm int8", "llama q8_0"),
@@ -383,7 +405,11 @@ def report(results: dict, overloaded: dict | None) -> None:
             continue
         ratios = "  ".join(f"c={c}: {tput(mine, c) / tput(theirs, c):.2f}x" for c in CONCURRENCY)
         ttft = results[mine][16]["median_ttft_ms"] / results[theirs][16]["median_ttft_ms"]
-        print(f"  {mine} / {theirs}, output tok/s: {ratios};  TTFT p50 at 16: {ttft:.2f}x")
+        tpot = results[mine][16]["median_tpot_ms"] / results[theirs][16]["median_tpot_ms"]
+        print(
+            f"  {mine} / {theirs}, output tok/s: {ratios};  TTFT p50 at 16: {ttft:.2f}x;  "
+            f"TPOT p50 at 16: {tpot:.2f}x"
+        )
     if overloaded is not None:
         o = overloaded
         refused = o["status_counts"].get("429", 0)

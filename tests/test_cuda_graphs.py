@@ -175,6 +175,11 @@ def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim):
     if torch.cuda.is_available():
         _kernel_against_reference("cuda", n_head, n_kv_head, head_dim)
         return
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+        # its interpreter cannot loop over a range whose bounds were loaded (the compiler can)
+        pytest.skip(f"Triton {triton.__version__}'s interpreter; the test needs 3.7 or later")
     code = (
         "from tests.test_cuda_graphs import _kernel_against_reference as check; "
         f"check('cpu', {n_head}, {n_kv_head}, {head_dim})"
