@@ -25,6 +25,12 @@ slot views (the design before paged memory), the paged cache reading blocks in p
 engine does), and gathering each row's blocks into a dense tensor. ``--profile`` prints where
 one 16-sequence decode step's time goes.
 
+``--baseline COMMIT`` is a before/after check of a change: only arlm's own columns (one at a
+time, the engine at 16, batch-1 decode), for this checkout and for COMMIT's code (its ``arlm``
+package from ``git archive``), each run in a process of its own, in the order this, COMMIT,
+COMMIT, this, ... (``--rounds`` each); the means, their ratios, and how many greedy requests
+gave the same tokens.
+
 Run: ``python benchmarks/engine.py`` (about 20 minutes on 2 cores with vLLM installed);
 ``--models gpt2`` for one model, ``--vllm-python PATH`` for another vLLM environment.
 """

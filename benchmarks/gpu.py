@@ -836,11 +836,11 @@ def main() -> None:
                 print(f"{name}: error: {type(e).__name__}: {e}")
                 traceback.print_exc(limit=3)
             free_memory(device)
+            if args.json:  # after every section: a run cut off by a time limit keeps its figures
+                Path(args.json).write_text(json.dumps(results, indent=2))
     print()
     print(table(results, sizes))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

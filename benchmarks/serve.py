@@ -28,6 +28,10 @@ Agents and evaluators, for arlm (issue 25), in the same run:
   not streamed), 16 in flight: prompt tokens scored per second. vLLM's CPU server is the peer
   when installed (the same requests); without it, arlm's figure stands alone.
 
+``--baseline COMMIT`` (a before/after check of a change) also serves COMMIT's arlm (its
+``arlm`` package from ``git archive``, first on the server's import path), the same command,
+right after this checkout's: its concurrency sweep, and its ratios to this checkout's.
+
 Run: ``python benchmarks/serve.py`` (about 10 minutes on 2 cores with both peers);
 ``--servers arlm,vllm`` for some, ``--vllm-python`` / ``--llama-server`` for other installs.
 """

@@ -35,18 +35,22 @@ def _dense(pool: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("n_kv_head", [2, 4])
-def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head):
+@pytest.mark.parametrize("spread", [1, 5])
+def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head, spread):
     """Decode rows whose tables share blocks, at lengths inside and across blocks: the CPU path
     (one fused call over the pool's blocks, merged by log-sum-exp) equals attention over each
-    row's positions gathered."""
+    row's positions gathered. Spread out (``spread`` 5: block b is block 5b of a larger pool),
+    the rows read under half the range their blocks span, and the blocks read are copied out
+    instead of attending over the whole range."""
     g = torch.Generator().manual_seed(0)
     H, hd, bs, n_head = n_kv_head, 16, 4, 4
-    cache = PagedKVCache(1, H, hd, 40, bs, windows=[window])
-    cache.reserve(40)
+    cache = PagedKVCache(1, H, hd, 40 * spread, bs, windows=[window])
+    cache.reserve(40 * spread)
     for plane in (*cache.k[0], *cache.v[0]):
         plane.copy_(torch.randn(plane.shape, generator=g))
     shared = [3, 9, 4]  # a prefix two rows read
     tables = [shared + [20, 21], shared + [30], [1, 2], [5], list(range(10, 20))]
+    tables = [[b * spread for b in t] for t in tables]
     positions = [17, 12, 5, 0, 37]  # each row writes its last position
     layout = StepLayout([PagedRow(t, p, 1) for t, p in zip(tables, positions, strict=True)], [])
     step = cache.step(layout)
@@ -55,6 +59,8 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head):
     k_new = torch.randn(1, H, B, hd, generator=g)
     v_new = torch.randn(1, H, B, hd, generator=g)
     out = step.attend(0, q, k_new, v_new, scale=0.3)
+    if window is None:  # (a window of 7 reads a few blocks of each row: copied out at 1 too)
+        assert (step._readers[window].index is not None) == (spread > 1)
     (k,), (v,) = cache.k[0], cache.v[0]
     for b, (table, p) in enumerate(zip(tables, positions, strict=True)):
         keys, values = _dense(k, table, p + 1), _dense(v, table, p + 1)

@@ -218,10 +218,13 @@ class PagedKVCache:
 
 class _BlockReaders:
     """For one window length, which decode rows read which blocks, laid out for one fused
-    attention call per layer: the blocks ``lo..hi-1`` of the pool are its batch; block i's
-    queries are the G heads of each of its (up to R) readers, ``rows[i, r]`` (``nd``, a dummy
-    row, where a block has fewer); ``mask`` (hi-lo, 1, R*G, block_size) hides the positions a
-    reader does not see (past its position, or before its window)."""
+    attention call per layer. Its batch is the pool's blocks ``lo..hi-1`` (a view: no copy)
+    where the rows read most of that range; where they read less than half of it (``index``:
+    the blocks read, copied out), as when blocks freed between cached prompt blocks were
+    handed out again (a lone row after other traffic read 8 blocks of a 123-block range).
+    Entry i's queries are the G heads of each of its (up to R) readers, ``rows[i, r]`` (``nd``,
+    a dummy row, where a block has fewer); ``mask`` (entries, 1, R*G, block_size) hides the
+    positions a reader does not see (past its position, or before its window)."""
 
     def __init__(
         self,
@@ -241,19 +244,26 @@ class _BlockReaders:
         block = tables[row, col]
         order = torch.argsort(block * (nd + 1) + row)  # by block, then row
         row, col, block = row[order], col[order], block[order]
-        self.lo, hi = int(block[0]), int(block[-1]) + 1
+        read, counts = torch.unique_consecutive(block, return_counts=True)
+        lo, hi = int(read[0]), int(read[-1]) + 1
+        self.index: torch.Tensor | None = None
+        self.lo = lo
+        entry = block - lo  # each pair's batch entry
+        if hi - lo > 2 * read.numel():
+            self.index = read
+            entry = torch.repeat_interleave(torch.arange(read.numel()), counts)
         # each pair's rank among its block's readers
-        _, counts = torch.unique_consecutive(block, return_counts=True)
         starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         rank = torch.arange(block.numel()) - starts
         R = int(counts.max())
-        self.blocks, self.readers = hi - self.lo, R
+        self.blocks = read.numel() if self.index is not None else hi - lo
+        self.readers = R
         self.rows = torch.full((self.blocks, R), nd, dtype=torch.long)
-        self.rows[block - self.lo, rank] = row
+        self.rows[entry, rank] = row
         pos = col[:, None] * block_size + torch.arange(block_size)  # (pairs, block_size)
         sees = (pos >= first[row, None]) & (pos <= positions[row, None])
         visible = torch.ones(self.blocks, R, block_size, dtype=torch.bool)  # dummies see all
-        visible[block - self.lo, rank] = sees
+        visible[entry, rank] = sees
         visible = visible.repeat_interleave(group, dim=1)[:, None]  # (blocks, 1, R*G, bs)
         self.mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
@@ -414,10 +424,15 @@ def _read_blocks_in_place(
     _, n_head, nd, hd = q.shape
     H = cache.n_kv_head
     G, R, n = n_head // H, readers.readers, readers.blocks
-    window = slice(readers.lo, readers.lo + n)
     dtype = _work(q.dtype)
-    keys = cache.codec.decode([p[window] for p in k_planes], dtype)
-    values = cache.codec.decode([p[window] for p in v_planes], dtype)
+
+    def read(plane: torch.Tensor) -> torch.Tensor:
+        if readers.index is not None:
+            return plane.index_select(0, readers.index)
+        return plane[readers.lo : readers.lo + n]
+
+    keys = cache.codec.decode([read(p) for p in k_planes], dtype)
+    values = cache.codec.decode([read(p) for p in v_planes], dtype)
     rows = q[0].to(dtype).view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
     rows = torch.cat((rows, rows.new_zeros(1, H, G, hd)))  # the dummy reader
     owner = readers.rows.flatten()
