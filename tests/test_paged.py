@@ -33,25 +33,34 @@ def _dense(pool: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.size(1), -1, x.size(-1))[:, :length]
 
 
+ROWS = {
+    # tables sharing a prefix of blocks, lengths inside and across blocks
+    "shared": (
+        [[3, 9, 4, 20, 21], [3, 9, 4, 30], [1, 2], [5], list(range(10, 20))],
+        [17, 12, 5, 0, 37],
+    ),
+    # one row alone (batch-1 decode), out of order, block 5 of its range not its own
+    "alone": ([[2, 4, 3, 6]], [13]),
+}
+
+
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("n_kv_head", [2, 4])
-@pytest.mark.parametrize("spread", [1, 5])
-def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head, spread):
-    """Decode rows whose tables share blocks, at lengths inside and across blocks: the CPU path
-    (one fused call over the pool's blocks, merged by log-sum-exp) equals attention over each
-    row's positions gathered. Spread out (``spread`` 5: block b is block 5b of a larger pool),
-    the rows read under half the range their blocks span, and the blocks read are copied out
-    instead of attending over the whole range."""
+@pytest.mark.parametrize("rows,spread", [("shared", 1), ("shared", 5), ("alone", 1)])
+def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head, rows, spread):
+    """Decode rows at lengths inside and across blocks: the CPU path (one fused call over the
+    pool's blocks, merged by log-sum-exp) equals attention over each row's positions gathered.
+    Spread out (``spread`` 5: block b is block 5b of a larger pool), the rows read under half
+    the range their blocks span, and the blocks read are copied out instead of attending over
+    the whole range."""
     g = torch.Generator().manual_seed(0)
     H, hd, bs, n_head = n_kv_head, 16, 4, 4
     cache = PagedKVCache(1, H, hd, 40 * spread, bs, windows=[window])
     cache.reserve(40 * spread)
     for plane in (*cache.k[0], *cache.v[0]):
         plane.copy_(torch.randn(plane.shape, generator=g))
-    shared = [3, 9, 4]  # a prefix two rows read
-    tables = [shared + [20, 21], shared + [30], [1, 2], [5], list(range(10, 20))]
+    tables, positions = ROWS[rows]  # each row writes its last position
     tables = [[b * spread for b in t] for t in tables]
-    positions = [17, 12, 5, 0, 37]  # each row writes its last position
     layout = StepLayout([PagedRow(t, p, 1) for t, p in zip(tables, positions, strict=True)], [])
     step = cache.step(layout)
     B = len(tables)

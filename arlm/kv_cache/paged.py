@@ -260,6 +260,10 @@ class _BlockReaders:
         self.readers = R
         self.rows = torch.full((self.blocks, R), nd, dtype=torch.long)
         self.rows[entry, rank] = row
+        # one row alone (batch-1 decode): its entries are merged without routing (see
+        # ``_read_blocks_in_place``), the blocks of the range it does not read left out
+        self.alone = nd == 1
+        self.skipped = (self.rows[:, 0] == nd)[:, None, None] if self.alone else None
         pos = col[:, None] * block_size + torch.arange(block_size)  # (pairs, block_size)
         sees = (pos >= first[row, None]) & (pos <= positions[row, None])
         visible = torch.ones(self.blocks, R, block_size, dtype=torch.bool)  # dummies see all
@@ -433,6 +437,14 @@ def _read_blocks_in_place(
 
     keys = cache.codec.decode([read(p) for p in k_planes], dtype)
     values = cache.codec.decode([read(p) for p in v_planes], dtype)
+    if readers.alone:  # every entry is the one row's: a softmax over its blocks' log-sum-exps
+        queries = q[0].to(dtype).view(1, H, G, hd).expand(n, H, G, hd)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            queries, keys, values, attn_mask=readers.mask, scale=scale
+        )
+        weight = torch.softmax(lse.masked_fill(readers.skipped, float("-inf")), dim=0)
+        y = (out.float() * weight[..., None]).sum(0).to(q.dtype)  # (H, G, hd)
+        return y.view(1, n_head, 1, hd)
     rows = q[0].to(dtype).view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
     rows = torch.cat((rows, rows.new_zeros(1, H, G, hd)))  # the dummy reader
     owner = readers.rows.flatten()
