@@ -30,7 +30,8 @@ Agents and evaluators, for arlm (issue 25), in the same run:
 
 ``--baseline COMMIT`` (a before/after check of a change) also serves COMMIT's arlm (its
 ``arlm`` package from ``git archive``, first on the server's import path), the same command,
-right after this checkout's: its concurrency sweep, and its ratios to this checkout's.
+right after this checkout's: the two servers' concurrency sweeps and their ratios (no agents,
+evaluators or overload runs).
 
 Run: ``python benchmarks/serve.py`` (about 10 minutes on 2 cores with both peers);
 ``--servers arlm,vllm`` for some, ``--vllm-python`` / ``--llama-server`` for other installs.
@@ -313,7 +314,7 @@ def main() -> None:
         "--baseline",
         metavar="COMMIT",
         help="also serve COMMIT's arlm, the same way, right after this checkout's (a "
-        "before/after: its concurrency sweep only)",
+        "before/after: the concurrency sweeps only)",
     )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="benchmarks/out/serve.json", help="the results as JSON")
@@ -352,6 +353,8 @@ def main() -> None:
                     f"ready in {ready:.0f} s)",
                     flush=True,
                 )
+            if args.baseline:  # a before/after: the two servers' sweeps alone
+                continue
             if peer.name == "arlm":
                 agents["arlm"] = bench_free_and_constrained(server.url)
             if peer.name in ("arlm", "vLLM"):
