@@ -194,14 +194,15 @@ def batch1(lm, rounds: int = 5, bare: bool = True) -> tuple[float, float]:
     """Median decode tokens/s at batch 1: (lm.generate, bare loop), alternating rounds; NaN for
     the bare loop without ``bare``."""
     prompt = list(range(1, 65))
-    engine_rates, bare_rates = [], [float("nan")]
+    engine_rates, bare_rates = [], []
     lm.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True)  # warm-up
     for _ in range(rounds):
         c = lm.generate(prompt, max_tokens=NEW, temperature=0, ignore_eos=True)
         engine_rates.append(c.usage.decode_tokens_per_second)
         if bare:
             bare_rates.append(bare_decode(lm.model, prompt, NEW))
-    return statistics.median(engine_rates), statistics.median(bare_rates[bare:])
+    bare_rate = statistics.median(bare_rates) if bare_rates else float("nan")
+    return statistics.median(engine_rates), bare_rate
 
 
 def prefix_caching(folder: Path) -> tuple[float, float]:
@@ -427,7 +428,7 @@ def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
     for name, get in rows:
         now, then = (statistics.mean(get(r) for r in sides[s]) for s in ("this", commit))
         print(f"  {name:<34}{now:10.1f}{then:10.1f}{now / then:12.3f}x")
-    requests = make_requests(arlm.load(folder).config.vocab_size)
+    requests = make_requests(json.loads((folder / "config.json").read_text())["vocab_size"])
     a, b = sides["this"][0]["engine"]["outputs"], sides[commit][0]["engine"]["outputs"]
     print(f"  tokens, engine: {agreement(a, b, requests)}")
 
