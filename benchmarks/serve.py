@@ -81,6 +81,7 @@ def peers(
     """The servers, in the order they run; ``old`` holds ``--baseline``'s commit's code."""
     arlm = [sys.executable, "-m", "arlm", "serve", str(folder), "--port", str(port)]
     arlm += ["--max-num-seqs", "16", "--max-queue", "32", "--log-level", "warning"]
+    arlm += ["--served-model-name", "gpt2"]
     vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     vllm += ["--port", str(port), "--dtype", "float32", "--max-num-seqs", "16"]
     vllm += ["--served-model-name", "gpt2", "--disable-uvicorn-access-log"]
@@ -104,11 +105,11 @@ def peers(
     }
     before = []
     if old is not None:  # the same command; the commit's arlm first on the import path
-        before = [Peer(f"arlm@{args.baseline}", arlm + ["--served-model-name", "gpt2"], env(old))]
+        before = [Peer(f"arlm@{args.baseline}", arlm, env(old))]
     return [
-        Peer("arlm", arlm + ["--served-model-name", "gpt2"]),
+        Peer("arlm", arlm),
         *before,
-        Peer("arlm int8", arlm + ["--served-model-name", "gpt2", "--quantize", "int8"]),
+        Peer("arlm int8", arlm + ["--quantize", "int8"]),
         Peer("vLLM", vllm, vllm_env, no_vllm),
         Peer("llama f32", llama + ["-m", str(root / "gpt2-f32.gguf")], missing=no_llama),
         Peer("llama q8_0", llama + ["-m", str(root / "gpt2-q8_0.gguf")], missing=no_llama),

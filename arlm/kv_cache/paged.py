@@ -260,10 +260,9 @@ class _BlockReaders:
         self.readers = R
         self.rows = torch.full((self.blocks, R), nd, dtype=torch.long)
         self.rows[entry, rank] = row
-        # one row alone (batch-1 decode): its entries are merged without routing (see
-        # ``_read_blocks_in_place``), the blocks of the range it does not read left out
-        self.alone = nd == 1
-        self.skipped = (self.rows[:, 0] == nd)[:, None, None] if self.alone else None
+        # one row alone (batch-1 decode; None otherwise): the entries of the range it does not
+        # read, left out when its entries are merged without routing (``_read_blocks_in_place``)
+        self.skipped = (self.rows[:, 0] == nd)[:, None, None] if nd == 1 else None
         pos = col[:, None] * block_size + torch.arange(block_size)  # (pairs, block_size)
         sees = (pos >= first[row, None]) & (pos <= positions[row, None])
         visible = torch.ones(self.blocks, R, block_size, dtype=torch.bool)  # dummies see all
@@ -437,7 +436,7 @@ def _read_blocks_in_place(
 
     keys = cache.codec.decode([read(p) for p in k_planes], dtype)
     values = cache.codec.decode([read(p) for p in v_planes], dtype)
-    if readers.alone:  # every entry is the one row's: a softmax over its blocks' log-sum-exps
+    if readers.skipped is not None:  # one row alone: a softmax over its blocks' log-sum-exps
         queries = q[0].to(dtype).view(1, H, G, hd).expand(n, H, G, hd)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             queries, keys, values, attn_mask=readers.mask, scale=scale
