@@ -12,7 +12,7 @@ import torch
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.block_manager import BlockManager, block_hashes
 from arlm.engine.sequence import Sequence
-from arlm.kv_cache import PagedKVCache, PagedRow, StepLayout, make_codec
+from arlm.kv_cache import PagedKVCache, PagedRow, StepLayout, make_codec, paged
 from arlm.kv_cache.decode_attention import decode_attention_reference
 from arlm.sampling import SamplingParams
 from tests.conftest import make_model
@@ -44,23 +44,35 @@ ROWS = {
 }
 
 
+# where block b of the tables lies in a pool of 200: as it is; in clusters of 8 with 20 unread
+# blocks between; spread out, every 5th block
+PLACES = {"packed": lambda b: b, "clusters": lambda b: b + 20 * (b // 8), "spread": lambda b: 5 * b}
+# how many fused calls read them with a call priced at 16 positions (blocks of 4): gaps over 4
+# blocks get a call of their own; None: copied out, attending over the gaps would cost more
+CALLS = {"packed": 2, "clusters": 4, "spread": None}
+
+
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("n_kv_head", [2, 4])
-@pytest.mark.parametrize("rows,spread", [("shared", 1), ("shared", 5), ("alone", 1)])
-def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head, rows, spread):
-    """Decode rows at lengths inside and across blocks: the CPU path (one fused call over the
-    pool's blocks, merged by log-sum-exp) equals attention over each row's positions gathered.
-    Spread out (``spread`` 5: block b is block 5b of a larger pool), the rows read under half
-    the range their blocks span, and the blocks read are copied out instead of attending over
-    the whole range."""
+@pytest.mark.parametrize(
+    "rows,place",
+    [("shared", "packed"), ("shared", "clusters"), ("shared", "spread"), ("alone", "packed")],
+)
+def test_decode_reads_blocks_in_place_as_a_dense_reference(
+    window, n_kv_head, rows, place, monkeypatch
+):
+    """Decode rows at lengths inside and across blocks: the CPU path (fused calls over ranges
+    of the pool's blocks, merged by log-sum-exp) equals attention over each row's positions
+    gathered, whether the blocks are read in one range, in several, or copied out."""
+    monkeypatch.setattr(paged, "CALL_POSITIONS", 16)
     g = torch.Generator().manual_seed(0)
     H, hd, bs, n_head = n_kv_head, 16, 4, 4
-    cache = PagedKVCache(1, H, hd, 40 * spread, bs, windows=[window])
-    cache.reserve(40 * spread)
+    cache = PagedKVCache(1, H, hd, 200, bs, windows=[window])
+    cache.reserve(200)
     for plane in (*cache.k[0], *cache.v[0]):
         plane.copy_(torch.randn(plane.shape, generator=g))
     tables, positions = ROWS[rows]  # each row writes its last position
-    tables = [[b * spread for b in t] for t in tables]
+    tables = [[PLACES[place](b) for b in t] for t in tables]
     layout = StepLayout([PagedRow(t, p, 1) for t, p in zip(tables, positions, strict=True)], [])
     step = cache.step(layout)
     B = len(tables)
@@ -68,8 +80,10 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(window, n_kv_head, ro
     k_new = torch.randn(1, H, B, hd, generator=g)
     v_new = torch.randn(1, H, B, hd, generator=g)
     out = step.attend(0, q, k_new, v_new, scale=0.3)
-    if window is None:  # (a window of 7 reads a few blocks of each row: copied out at 1 too)
-        assert (step._readers[window].index is not None) == (spread > 1)
+    if window is None:  # (a window of 7 reads a few blocks of each row, often apart)
+        segments = step._readers[window].segments
+        want = 1 if rows == "alone" else CALLS[place]
+        assert (None if segments is None else len(segments)) == want
     (k,), (v,) = cache.k[0], cache.v[0]
     for b, (table, p) in enumerate(zip(tables, positions, strict=True)):
         keys, values = _dense(k, table, p + 1), _dense(v, table, p + 1)

@@ -14,11 +14,12 @@ of its new keys and values are written in one indexed copy per plane per layer.
 Decode attention reads the blocks in place; how depends on the device, chosen by measurement
 (``benchmarks/engine.py --attention``):
 
-- on a CPU, one fused attention call over the pool's blocks that any row reads: each block is
-  one batch entry, its queries the rows that read it (``_BlockReaders``), and the rows' partial
-  results are merged by their log-sum-exp. No row's history is copied; gathering each row's
-  blocks into a dense tensor instead measured 3 to 10 times slower (it copies the whole
-  history of every row in every layer).
+- on a CPU, fused attention calls over the ranges of the pool that hold the blocks any row
+  reads: each block is one batch entry, its queries the rows that read it (``_BlockReaders``),
+  and each row's partial results are merged by their log-sum-exp. No row's history is copied
+  unless the blocks read lie scattered over the pool; gathering each row's blocks into a dense
+  tensor instead measured 3 to 10 times slower (it copies the whole history of every row in
+  every layer).
 - on CUDA, for float blocks of full-attention layers, ``decode_attention``'s Triton kernel
   follows each row's block table.
 
@@ -216,15 +217,27 @@ class PagedKVCache:
         return self.bytes_per_token * self.block_size
 
 
+# A fused attention call costs, with its setup, about what attending over this many more
+# positions does (measured at GPT-2's 12 heads of 64 on 2 cores: a call about 25 us, each block
+# of 16 positions about 3 us more). It prices ranges read in place against one another and
+# against copying the blocks read out, which costs about what attending over them does.
+CALL_POSITIONS = 128
+
+
 class _BlockReaders:
-    """For one window length, which decode rows read which blocks, laid out for one fused
-    attention call per layer. Its batch is the pool's blocks ``lo..hi-1`` (a view: no copy)
-    where the rows read most of that range; where they read less than half of it (``index``:
-    the blocks read, copied out), as when blocks freed between cached prompt blocks were
-    handed out again (a lone row after other traffic read 8 blocks of a 123-block range).
-    Entry i's queries are the G heads of each of its (up to R) readers, ``rows[i, r]`` (``nd``,
-    a dummy row, where a block has fewer); ``mask`` (entries, 1, R*G, block_size) hides the
-    positions a reader does not see (past its position, or before its window)."""
+    """For one window length, which decode rows read which blocks, laid out for fused attention
+    calls, one per ``segments`` range of the pool (views: no copy) each layer. The ranges hold
+    every block read and the gaps between them too short to be worth a call of their own;
+    where attending over them would cost more than copying the blocks read out (see
+    ``CALL_POSITIONS``), as when a lone row after other traffic reads 8 blocks scattered over
+    123, ``index`` (the blocks read) is copied out instead and ``segments`` is None.
+
+    The batch's ``blocks`` entries are the ranges' blocks one after another. Entry i's queries
+    are the G heads of each of its (up to R) readers, ``rows[i, r]``; where a block has fewer
+    readers (and in the gaps) row 0 fills in, its results left out of the merge. ``mask``
+    (entries, 1, R*G, block_size) hides the positions a reader does not see (past its
+    position, or before its window). ``pairs[d]`` lists row d's results, as ``entry * R + r``,
+    to merge by their log-sum-exps (``pad`` marks the list's padding)."""
 
     def __init__(
         self,
@@ -240,35 +253,58 @@ class _BlockReaders:
         first = first.clamp(min=0)
         j = torch.arange(width)
         wanted = (j >= first[:, None] // block_size) & (j <= positions[:, None] // block_size)
-        row, col = wanted.nonzero(as_tuple=True)
+        row, col = wanted.nonzero(as_tuple=True)  # row by row
         block = tables[row, col]
         order = torch.argsort(block * (nd + 1) + row)  # by block, then row
-        row, col, block = row[order], col[order], block[order]
-        read, counts = torch.unique_consecutive(block, return_counts=True)
-        lo, hi = int(read[0]), int(read[-1]) + 1
-        self.index: torch.Tensor | None = None
-        self.lo = lo
-        entry = block - lo  # each pair's batch entry
-        if hi - lo > 2 * read.numel():
-            self.index = read
-            entry = torch.repeat_interleave(torch.arange(read.numel()), counts)
+        read, counts = torch.unique_consecutive(block[order], return_counts=True)
+        self.segments, read_entry = _segments(read, block_size)
+        self.index = read if self.segments is None else None
+        self.blocks = int(read_entry[-1]) + 1
         # each pair's rank among its block's readers
         starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        rank = torch.arange(block.numel()) - starts
-        R = int(counts.max())
-        self.blocks = read.numel() if self.index is not None else hi - lo
-        self.readers = R
-        self.rows = torch.full((self.blocks, R), nd, dtype=torch.long)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel()) - starts
+        entry = torch.empty_like(order)
+        entry[order] = torch.repeat_interleave(read_entry, counts)
+        R = self.readers = int(counts.max())
+        self.rows = torch.zeros(self.blocks, R, dtype=torch.long)
         self.rows[entry, rank] = row
-        # one row alone (batch-1 decode; None otherwise): the entries of the range it does not
-        # read, left out when its entries are merged without routing (``_read_blocks_in_place``)
-        self.skipped = (self.rows[:, 0] == nd)[:, None, None] if nd == 1 else None
         pos = col[:, None] * block_size + torch.arange(block_size)  # (pairs, block_size)
         sees = (pos >= first[row, None]) & (pos <= positions[row, None])
-        visible = torch.ones(self.blocks, R, block_size, dtype=torch.bool)  # dummies see all
+        visible = torch.ones(self.blocks, R, block_size, dtype=torch.bool)  # fill-ins see all
         visible[entry, rank] = sees
         visible = visible.repeat_interleave(group, dim=1)[:, None]  # (blocks, 1, R*G, bs)
         self.mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+        per_row = wanted.sum(1)
+        slot = torch.arange(row.numel()) - torch.repeat_interleave(
+            torch.cumsum(per_row, 0) - per_row, per_row
+        )
+        self.pairs = torch.zeros(nd, int(per_row.max()), dtype=torch.long)
+        self.pairs[row, slot] = entry * R + rank
+        self.pad = torch.ones(self.pairs.shape, dtype=torch.bool)
+        self.pad[row, slot] = False
+        self.pad = self.pad[..., None, None]
+
+
+def _segments(
+    read: torch.Tensor, block_size: int
+) -> tuple[list[tuple[int, int]] | None, torch.Tensor]:
+    """The pool ranges [lo, hi) to attend over for the sorted blocks ``read``, and each block's
+    entry in the batch they make one after another; (None, 0..n-1) where copying the blocks
+    out costs less (see ``CALL_POSITIONS``)."""
+    gaps = read[1:] - read[:-1] - 1
+    cut = gaps * block_size > CALL_POSITIONS  # a gap wider than a call costs: a range of its own
+    span = int(read[-1] - read[0]) + 1 - int(gaps[cut].sum())
+    calls = int(cut.sum()) + 1
+    if (span - 2 * read.numel()) * block_size + (calls - 1) * CALL_POSITIONS > 0:
+        return None, torch.arange(read.numel())
+    segment = torch.cat((cut.new_zeros(1), cut)).cumsum(0)  # each block's range
+    starts = torch.cat((cut.new_ones(1), cut)).nonzero().flatten()  # the first block of each
+    lo = read[starts]
+    hi = torch.cat((read[starts[1:] - 1], read[-1:])) + 1
+    offset = torch.cumsum(hi - lo, 0) - (hi - lo)
+    entry = offset[segment] + read - lo[segment]
+    return list(zip(lo.tolist(), hi.tolist(), strict=True)), entry
 
 
 class PagedStep:
@@ -428,40 +464,37 @@ def _read_blocks_in_place(
     H = cache.n_kv_head
     G, R, n = n_head // H, readers.readers, readers.blocks
     dtype = _work(q.dtype)
-
-    def read(plane: torch.Tensor) -> torch.Tensor:
-        if readers.index is not None:
-            return plane.index_select(0, readers.index)
-        return plane[readers.lo : readers.lo + n]
-
-    keys = cache.codec.decode([read(p) for p in k_planes], dtype)
-    values = cache.codec.decode([read(p) for p in v_planes], dtype)
-    if readers.skipped is not None:  # one row alone: a softmax over its blocks' log-sum-exps
-        queries = q[0].to(dtype).view(1, H, G, hd).expand(n, H, G, hd)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            queries, keys, values, attn_mask=readers.mask, scale=scale
-        )
-        weight = torch.softmax(lse.masked_fill(readers.skipped, float("-inf")), dim=0)
-        y = (out.float() * weight[..., None]).sum(0).to(q.dtype)  # (H, G, hd)
-        return y.view(1, n_head, 1, hd)
     rows = q[0].to(dtype).view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
-    rows = torch.cat((rows, rows.new_zeros(1, H, G, hd)))  # the dummy reader
-    owner = readers.rows.flatten()
-    queries = rows.index_select(0, owner).view(n, R, H, G, hd)
-    queries = queries.permute(0, 2, 1, 3, 4).reshape(n, H, R * G, hd)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        queries, keys, values, attn_mask=readers.mask, scale=scale
-    )
-    # back to one entry per (block, reader); then merge each row's blocks by log-sum-exp
-    out = out.view(n, H, R, G, hd).transpose(1, 2).reshape(n * R, H, G, hd).float()
+    queries = rows.index_select(0, readers.rows.flatten()).view(n, R, H, G, hd)
+    queries = queries.transpose(1, 2).reshape(n, H, R * G, hd)
+
+    def batches(planes: list[torch.Tensor]) -> list[torch.Tensor]:  # one per fused call
+        if readers.segments is None:
+            return [cache.codec.decode([p.index_select(0, readers.index) for p in planes], dtype)]
+        return [
+            cache.codec.decode([p[lo:hi] for p in planes], dtype) for lo, hi in readers.segments
+        ]
+
+    outs, lses = [], []
+    entry = 0
+    for keys, values in zip(batches(k_planes), batches(v_planes), strict=True):
+        span = slice(entry, entry + keys.size(0))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            queries[span], keys, values, attn_mask=readers.mask[span], scale=scale
+        )
+        outs.append(out)
+        lses.append(lse)
+        entry += keys.size(0)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses)
+    # one result per (entry, reader); each row's merged by the softmax of their log-sum-exps
+    out = out.view(n, H, R, G, hd).transpose(1, 2).reshape(n * R, H, G, hd)
     lse = lse.view(n, H, R, G).transpose(1, 2).reshape(n * R, H, G)
-    index = owner[:, None, None].expand_as(lse)
-    top = lse.new_full((nd + 1, H, G), float("-inf")).scatter_reduce_(0, index, lse, "amax")
-    weight = torch.exp(lse - top.index_select(0, owner))
-    total = lse.new_zeros(nd + 1, H, G).index_add_(0, owner, weight)
-    y = out.new_zeros(nd + 1, H, G, hd).index_add_(0, owner, out * weight[..., None])
-    y = (y[:nd] / total[:nd, ..., None]).to(q.dtype)  # (nd, H, G, hd)
-    return y.reshape(nd, n_head, hd).transpose(0, 1)[None]
+    pairs = readers.pairs.flatten()
+    weight = lse.index_select(0, pairs).view(nd, -1, H, G).masked_fill(readers.pad, float("-inf"))
+    weight = torch.softmax(weight, dim=1)
+    y = out.index_select(0, pairs).view(nd, -1, H, G, hd).mul_(weight[..., None]).sum(1)
+    return y.to(q.dtype).reshape(nd, n_head, hd).transpose(0, 1)[None]
 
 
 class StaticDecode:
