@@ -48,16 +48,20 @@ ROWS = {
 # blocks between; spread out, every 5th block
 PLACES = {"packed": lambda b: b, "clusters": lambda b: b + 20 * (b // 8), "spread": lambda b: 5 * b}
 # how many fused calls read them with a call priced at 16 positions (blocks of 4): gaps over 4
-# blocks get a call of their own; None: copied out, attending over the gaps would cost more
-CALLS = {"packed": 2, "clusters": 4, "spread": None}
+# blocks get a call of their own; None: copied out, attending over the gaps would cost more (a
+# lone row's copy, in its table's order, is attended as it is)
+CALLS = {
+    ("shared", "packed"): 2,
+    ("shared", "clusters"): 4,
+    ("shared", "spread"): None,
+    ("alone", "packed"): 1,
+    ("alone", "spread"): None,
+}
 
 
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("n_kv_head", [2, 4])
-@pytest.mark.parametrize(
-    "rows,place",
-    [("shared", "packed"), ("shared", "clusters"), ("shared", "spread"), ("alone", "packed")],
-)
+@pytest.mark.parametrize("rows,place", list(CALLS))
 def test_decode_reads_blocks_in_place_as_a_dense_reference(
     window, n_kv_head, rows, place, monkeypatch
 ):
@@ -81,9 +85,10 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(
     v_new = torch.randn(1, H, B, hd, generator=g)
     out = step.attend(0, q, k_new, v_new, scale=0.3)
     if window is None:  # (a window of 7 reads a few blocks of each row, often apart)
-        segments = step._readers[window].segments
-        want = 1 if rows == "alone" else CALLS[place]
-        assert (None if segments is None else len(segments)) == want
+        readers = step._readers[window]
+        segments = readers.segments
+        assert (None if segments is None else len(segments)) == CALLS[rows, place]
+        assert (readers.lone is not None) == (rows == "alone" and segments is None)
     (k,), (v,) = cache.k[0], cache.v[0]
     for b, (table, p) in enumerate(zip(tables, positions, strict=True)):
         keys, values = _dense(k, table, p + 1), _dense(v, table, p + 1)

@@ -237,7 +237,11 @@ class _BlockReaders:
     readers (and in the gaps) row 0 fills in, its results left out of the merge. ``mask``
     (entries, 1, R*G, block_size) hides the positions a reader does not see (past its
     position, or before its window). ``pairs[d]`` lists row d's results, as ``entry * R + r``,
-    to merge by their log-sum-exps (``pad`` marks the list's padding)."""
+    to merge by their log-sum-exps (``pad`` marks the list's padding).
+
+    One row alone whose blocks are copied out (``lone``: its blocks in its table's order, and
+    the span of the copy it sees) needs none of that: copied in order, they are its history
+    as it is, attended by one plain call with nothing to merge."""
 
     def __init__(
         self,
@@ -259,6 +263,11 @@ class _BlockReaders:
         read, counts = torch.unique_consecutive(block[order], return_counts=True)
         self.segments, read_entry = _segments(read, block_size)
         self.index = read if self.segments is None else None
+        self.lone: tuple[torch.Tensor, int, int] | None = None
+        if self.index is not None and nd == 1:
+            start = int(col[0]) * block_size
+            self.lone = (block, int(first[0]) - start, int(positions[0]) + 1 - start)
+            return
         self.blocks = int(read_entry[-1]) + 1
         # each pair's rank among its block's readers
         starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
@@ -462,6 +471,14 @@ def _read_blocks_in_place(
     (1, n_head, nd, hd)."""
     _, n_head, nd, hd = q.shape
     H = cache.n_kv_head
+    if readers.lone is not None:
+        blocks, lo, hi = readers.lone
+
+        def history(planes: list[torch.Tensor]) -> torch.Tensor:  # (1, H, positions, hd)
+            x = cache.codec.decode([p.index_select(0, blocks) for p in planes], q.dtype)
+            return as_rows(x, 1)[:, :, lo:hi]
+
+        return sdpa(q, history(k_planes), history(v_planes), None, scale)
     G, R, n = n_head // H, readers.readers, readers.blocks
     dtype = _work(q.dtype)
     rows = q[0].to(dtype).view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
