@@ -69,6 +69,7 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(
     of the pool's blocks, merged by log-sum-exp) equals attention over each row's positions
     gathered, whether the blocks are read in one range, in several, or copied out."""
     monkeypatch.setattr(paged, "CALL_POSITIONS", 16)
+    monkeypatch.setattr(paged, "LONE_COPY_POSITIONS", 0)  # a lone row copies where scattered
     g = torch.Generator().manual_seed(0)
     H, hd, bs, n_head = n_kv_head, 16, 4, 4
     cache = PagedKVCache(1, H, hd, 200, bs, windows=[window])
