@@ -384,18 +384,11 @@ class PagedStep:
         ):
             first, mask = views[layer]
             end, T = chunk.start + chunk.length, chunk.length
-            keys = self._history(k_planes, blocks)[:, :, first:end]
-            values = self._history(v_planes, blocks)[:, :, first:end]
+            keys = _history(cache, k_planes, blocks, cache.dtype)[:, :, first:end]
+            values = _history(cache, v_planes, blocks, cache.dtype)[:, :, first:end]
             out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask, scale))
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
-
-    def _history(self, planes: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
-        """The positions of ``blocks`` in order, (1, n_kv_head, len(blocks) * block_size, hd)."""
-        return as_rows(
-            self.cache.codec.decode([p.index_select(0, blocks) for p in planes], self.cache.dtype),
-            1,
-        )
 
     def _decode(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode rows' queries q (1, n_head, nd, hd) over what their blocks hold."""
@@ -457,6 +450,21 @@ def _store(
             flat.index_copy_(0, cells, part.reshape(-1, part.size(-1)).to(plane.dtype))
 
 
+def _history(
+    cache: PagedKVCache, planes: list[torch.Tensor], blocks: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The positions of ``blocks`` in order, (1, n_kv_head, len(blocks) * block_size, hd), in
+    ``dtype``: each plane copied straight into (n_kv_head, blocks, block_size, width), one copy
+    (an index_select into a transposed ``out``; a copy and then a transpose took 3 times as
+    long)."""
+    copies = []
+    for plane in planes:
+        copy = plane.new_empty(plane.size(1), blocks.numel(), *plane.shape[2:])
+        torch.index_select(plane, 0, blocks, out=copy.transpose(0, 1))
+        copies.append(copy)
+    return cache.codec.decode(copies, dtype).view(1, cache.n_kv_head, -1, cache.head_dim)
+
+
 def _work(dtype: torch.dtype) -> torch.dtype:
     """The dtype the CPU decode attends in: each block's partial result comes back in the
     inputs' dtype, and in a half type that would round every block's output before the merge,
@@ -478,16 +486,9 @@ def _read_blocks_in_place(
     H = cache.n_kv_head
     if readers.lone is not None:
         blocks, lo, hi = readers.lone
-
-        def history(planes: list[torch.Tensor]) -> torch.Tensor:  # (1, H, positions, hd)
-            copies = []
-            for plane in planes:  # copied straight into (H, blocks, block_size, width): one copy
-                copy = plane.new_empty(plane.size(1), blocks.numel(), *plane.shape[2:])
-                torch.index_select(plane, 0, blocks, out=copy.transpose(0, 1))
-                copies.append(copy)
-            return cache.codec.decode(copies, q.dtype).view(1, H, -1, hd)[:, :, lo:hi]
-
-        return sdpa(q, history(k_planes), history(v_planes), None, scale)
+        keys = _history(cache, k_planes, blocks, q.dtype)[:, :, lo:hi]
+        values = _history(cache, v_planes, blocks, q.dtype)[:, :, lo:hi]
+        return sdpa(q, keys, values, None, scale)
     G, R, n = n_head // H, readers.readers, readers.blocks
     dtype = _work(q.dtype)
     rows = q[0].to(dtype).view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
