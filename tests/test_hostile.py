@@ -238,7 +238,7 @@ def test_a_non_streaming_client_that_leaves_gets_499(live):
             if not given.is_set():
                 given.set()
                 return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.02)  # 100 tokens take longer than this, even here alone
             return {"type": "http.disconnect"}
 
         async def send(message):

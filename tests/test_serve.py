@@ -335,6 +335,27 @@ def test_health_and_requests_are_503_until_the_model_is_loaded():
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
 
 
+def test_health_is_ok_once_the_request_workers_serve_started_have_imported_arlm(model, tokenizer):
+    """``arlm serve`` starts its request workers while the model loads; each imports arlm (and
+    torch), seconds of CPU that a small machine's forward would otherwise share with them, so
+    /health says ok only once they have. Requests are served meanwhile."""
+    with LiveServer(None, ServeConfig(prepare_workers=1)) as s:
+        s.server.workers.start()
+        assert s.server.workers.starting  # a fresh interpreter importing torch: not this soon
+        s.server.attach(new_lm(model, tokenizer))
+        assert httpx.get(s.url + "/health").status_code == 503
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 120
+        while httpx.get(s.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "the worker did not start within 120 s"
+            time.sleep(0.05)
+        assert not s.server.workers.starting
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+        s.server.workers.close()
+
+
 def test_metrics_use_vllms_names_under_arlm(live, client):
     client.completions.create(model="tiny", prompt="x", max_tokens=3)
     text = httpx.get(live.url + "/metrics").text

@@ -121,7 +121,10 @@ class Server:
 
     @property
     def ready(self) -> bool:
-        return self.front is not None and not self.draining and self.front.error is None
+        """Whether ``/health`` says ok: the model serves, and the request workers ``arlm serve``
+        started have imported arlm (until then they take CPU from the forward)."""
+        loaded = self.front is not None and not self.draining and self.front.error is None
+        return loaded and (self.workers is None or not self.workers.starting)
 
     @property
     def max_len(self) -> int | None:

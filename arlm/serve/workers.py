@@ -36,7 +36,9 @@ class WorkerFailed(Exception):
 
 
 class _Worker:
-    """One process and the parent's end of its pipe."""
+    """One process and the parent's end of its pipe. ``started`` is set once the process has
+    imported arlm and says so (or has died trying): a thread waits for that message, so that
+    nothing else reads the pipe before it."""
 
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")  # fork would copy the model and torch
@@ -47,18 +49,30 @@ class _Worker:
         self.process.start()
         child.close()
         self.configured = False
+        self.started = threading.Event()
+        threading.Thread(target=self._await_start, name="arlm-prepare-start", daemon=True).start()
+
+    def _await_start(self) -> None:
+        try:
+            if self.conn.poll(START_TIMEOUT):
+                self.conn.recv()
+        except (EOFError, OSError):  # died, or killed: ``run`` finds out
+            pass
+        self.started.set()
 
     def run(self, setup: PrepareSetup, job: tuple, timeout: float) -> tuple:
         """``job``'s reply; ``WorkerFailed`` when it takes longer than ``timeout`` seconds once
         the worker has it, or the worker dies (the pool then kills and replaces it). The first
         job of a worker sends ``setup`` ahead of it."""
         try:
+            if not self.started.wait(START_TIMEOUT):
+                raise WorkerFailed(f"the worker did not start within {START_TIMEOUT:.0f} s")
             if not self.configured:
                 self.conn.send(setup)
                 self.configured = True
             self.conn.send(job)
             # the worker acknowledges the job first: the time limit starts there, not while a
-            # new worker is still importing arlm
+            # new worker still reads its setup
             if not self.conn.poll(START_TIMEOUT):
                 raise WorkerFailed(f"the worker did not start within {START_TIMEOUT:.0f} s")
             self.conn.recv()
@@ -77,25 +91,39 @@ class _Worker:
 class WorkerPool:
     """``size`` worker processes preparing requests, each job within ``timeout`` seconds.
     Workers start on first use, or at ``start`` (``arlm serve`` starts them while the model
-    loads); ``setup`` must be set before the first ``prepare``, which waits for an idle one."""
+    loads, and says it is ready once they have: ``starting``); ``setup`` must be set before the
+    first ``prepare``, which waits for an idle one."""
 
     def __init__(self, size: int, timeout: float) -> None:
         self.size, self.timeout = size, timeout
         self.setup: PrepareSetup | None = None
         self._workers: list[_Worker] = []
+        self._first: list[_Worker] = []  # those ``start`` started
         self._idle: asyncio.Queue | None = None  # made in the event loop that uses the pool
         self._closed = False
 
     def start(self) -> None:
-        """Start the workers now (each imports arlm in the background)."""
+        """Start the workers now (each imports arlm in the background): ``starting`` until
+        they have."""
+        self._spawn()
+        self._first = list(self._workers)
+
+    def _spawn(self) -> None:
         while len(self._workers) < self.size:
             self._workers.append(_Worker())
+
+    @property
+    def starting(self) -> bool:
+        """Whether a worker ``start`` started is still importing arlm: on a machine of few
+        cores that takes seconds of CPU from the model's forward (workers started on first use
+        or as replacements do not count)."""
+        return not all(w.started.is_set() for w in self._first)
 
     async def prepare(self, model: type, body: bytes) -> Prepared:
         """``Preparer.prepare(model, body)`` in a worker; ``APIError`` as it raises, or a 400
         when the job ran out of time."""
         if self._idle is None:
-            self.start()
+            self._spawn()
             self._idle = asyncio.Queue()
             for worker in self._workers:
                 self._idle.put_nowait(worker)
@@ -151,6 +179,7 @@ def _work(conn) -> None:
     """A worker's life: take its setup, cap memory, answer jobs until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
     os.environ["RAYON_NUM_THREADS"] = "1"  # one tokenizer thread: a small, known footprint
+    conn.send("imported")  # arlm is imported: this function's module came with it
     try:
         preparer = Preparer.from_setup(conn.recv())
     except EOFError:
