@@ -107,6 +107,32 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(
         assert_close(out[0].transpose(0, 1), ref, scale=1.0)
 
 
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("place", ["packed", "spread"])
+def test_a_lone_row_of_few_positions_reads_its_table_as_the_general_path_does(
+    window, place, monkeypatch
+):
+    """Batch-1 decode within ``LONE_COPY_POSITIONS`` takes its blocks straight from its table
+    (no sorting of who reads what): the same result as the general path's."""
+    g = torch.Generator().manual_seed(1)
+    H, hd, bs, n_head = 2, 16, 4, 4
+    cache = PagedKVCache(1, H, hd, 200, bs, windows=[window])
+    cache.reserve(200)
+    for plane in (*cache.k[0], *cache.v[0]):
+        plane.copy_(torch.randn(plane.shape, generator=g))
+    (table,), (position,) = ROWS["alone"]
+    layout = StepLayout([PagedRow([PLACES[place](b) for b in table], position, 1)], [])
+    q = torch.randn(1, n_head, 1, hd, generator=g)
+    k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
+    step = cache.step(layout)
+    short = step.attend(0, q, k_new, v_new, scale=0.3)
+    readers = step._readers[window]
+    assert readers.lone is not None and readers.segments is None  # no ranges were worked out
+    monkeypatch.setattr(paged, "LONE_COPY_POSITIONS", 0)
+    general = cache.step(layout).attend(0, q, k_new, v_new, scale=0.3)
+    assert_close(short, general, scale=1.0)
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_quantized_blocks_read_as_they_were_stored(model, kv_dtype):
     """A decode step over int8/int4 blocks equals attention over the dequantized positions."""

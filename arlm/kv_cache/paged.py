@@ -258,6 +258,15 @@ class _BlockReaders:
         dtype: torch.dtype,
     ) -> None:
         nd, width = tables.shape
+        if nd == 1:  # alone, and few positions: copied out whatever the layout, no sorting
+            position = int(positions[0])
+            seen = 0 if window is None else max(0, position - window + 1)
+            lo, hi = seen // block_size, position // block_size + 1
+            if (hi - lo) * block_size <= LONE_COPY_POSITIONS:
+                self.segments = self.index = None
+                start = lo * block_size
+                self.lone = (tables[0, lo:hi], seen - start, position + 1 - start)
+                return
         first = positions - window + 1 if window is not None else torch.zeros_like(positions)
         first = first.clamp(min=0)
         j = torch.arange(width)
