@@ -258,14 +258,16 @@ class _BlockReaders:
         dtype: torch.dtype,
     ) -> None:
         nd, width = tables.shape
-        if nd == 1:  # alone, and few positions: copied out whatever the layout, no sorting
+        self.lone: tuple[torch.Tensor, int, int] | None = None
+        if nd == 1:  # alone: its blocks in its table's order, and the span of them it sees
             position = int(positions[0])
             seen = 0 if window is None else max(0, position - window + 1)
             lo, hi = seen // block_size, position // block_size + 1
-            if (hi - lo) * block_size <= LONE_COPY_POSITIONS:
+            start = lo * block_size
+            lone = (tables[0, lo:hi], seen - start, position + 1 - start)
+            if (hi - lo) * block_size <= LONE_COPY_POSITIONS:  # copied whatever the layout
                 self.segments = self.index = None
-                start = lo * block_size
-                self.lone = (tables[0, lo:hi], seen - start, position + 1 - start)
+                self.lone = lone
                 return
         first = positions - window + 1 if window is not None else torch.zeros_like(positions)
         first = first.clamp(min=0)
@@ -277,10 +279,8 @@ class _BlockReaders:
         read, counts = torch.unique_consecutive(block[order], return_counts=True)
         self.segments, read_entry = _segments(read, block_size)
         self.index = read if self.segments is None else None
-        self.lone: tuple[torch.Tensor, int, int] | None = None
-        if nd == 1 and (self.index is not None or len(read) * block_size <= LONE_COPY_POSITIONS):
-            start = int(col[0]) * block_size
-            self.lone = (block, int(first[0]) - start, int(positions[0]) + 1 - start)
+        if nd == 1 and self.index is not None:  # more positions, but scattered: copied too
+            self.lone = lone
             return
         self.blocks = int(read_entry[-1]) + 1
         # each pair's rank among its block's readers
