@@ -107,16 +107,17 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(
         assert_close(out[0].transpose(0, 1), ref, scale=1.0)
 
 
-@pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("place", ["packed", "spread"])
-def test_a_lone_row_of_few_positions_reads_its_table_as_the_general_path_does(
-    window, place, monkeypatch
+def test_a_lone_windowed_row_of_few_positions_reads_its_table_as_the_general_path_does(
+    place, monkeypatch
 ):
-    """Batch-1 decode within ``LONE_COPY_POSITIONS`` takes its blocks straight from its table
-    (no sorting of who reads what): the same result as the general path's."""
+    """Batch-1 decode past what ``LoneHistory`` holds, whose window reads at most
+    ``LONE_COPY_POSITIONS``, takes its blocks straight from its table (no sorting of who reads
+    what): the same result as the general path's."""
+    monkeypatch.setattr(paged, "LONE_COPY_POSITIONS", 12)  # position 13 is past it
     g = torch.Generator().manual_seed(1)
     H, hd, bs, n_head = 2, 16, 4, 4
-    cache = PagedKVCache(1, H, hd, 200, bs, windows=[window])
+    cache = PagedKVCache(1, H, hd, 200, bs, windows=[7])
     cache.reserve(200)
     for plane in (*cache.k[0], *cache.v[0]):
         plane.copy_(torch.randn(plane.shape, generator=g))
@@ -126,11 +127,79 @@ def test_a_lone_row_of_few_positions_reads_its_table_as_the_general_path_does(
     k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
     step = cache.step(layout)
     short = step.attend(0, q, k_new, v_new, scale=0.3)
-    readers = step._readers[window]
+    readers = step._readers[7]
     assert readers.lone is not None and readers.segments is None  # no ranges were worked out
     monkeypatch.setattr(paged, "LONE_COPY_POSITIONS", 0)
     general = cache.step(layout).attend(0, q, k_new, v_new, scale=0.3)
     assert_close(short, general, scale=1.0)
+
+
+def _attend_dense(cache, table, position, q, scale):
+    """Attention of q (1, n_head, 1, hd) over the positions ``cache``'s blocks hold for
+    ``table`` up to ``position``, decoded through the codec, within the layer's window."""
+    k, v = (
+        cache.codec.decode([_dense(p, table, position + 1) for p in planes], torch.float32)
+        for planes in (cache.k[0], cache.v[0])
+    )
+    window = cache.windows[0]
+    lo = 0 if window is None else max(0, position - window + 1)
+    group = q.size(1) // k.size(0)
+    k, v = k[:, lo:].repeat_interleave(group, 0), v[:, lo:].repeat_interleave(group, 0)
+    return torch.softmax(q[0] @ k.transpose(1, 2) * scale, -1) @ v  # (n_head, 1, hd)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("between", ["chunk", "copy", "write", "another table"])
+def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
+    kv_dtype, window, between, monkeypatch
+):
+    """One row decoding alone copies its blocks out once and then adds each step's position
+    (no copy of its history after the first step), attending as over the pool's blocks; a
+    step that writes other rows' positions, a block copy or write, or another table in between
+    drops what it holds, so the next step copies the blocks again and reads what they hold
+    now."""
+    copies = []
+
+    def history(*args):
+        copies.append(args[2].tolist())
+        return original(*args)
+
+    original = paged._history
+    monkeypatch.setattr(paged, "_history", history)
+    g = torch.Generator().manual_seed(2)
+    H, hd, bs, n_head = 2, 16, 4, 4
+    cache = PagedKVCache(1, H, hd, 40, bs, codec=make_codec(kv_dtype, torch.float32))
+    cache.windows = [window]
+    cache.reserve(40)
+    data = [torch.randn(p.shape, generator=g).to(p.dtype) for p in cache.read_blocks(range(40))]
+    cache.write_blocks(list(range(40)), data)
+    table = [2, 4, 3, 6, 9]
+
+    def decode(table, position):
+        q = torch.randn(1, n_head, 1, hd, generator=g)
+        k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
+        out = cache.step(StepLayout([PagedRow(table, position, 1)], [])).attend(
+            0, q, k_new, v_new, scale=0.3
+        )
+        assert_close(out[0], _attend_dense(cache, table, position, q, 0.3), scale=1.0)
+
+    for position in range(10, 14):
+        decode(table, position)
+    assert copies == [[2, 4, 3], [2, 4, 3]]  # keys and values, at the first step only
+    if between == "chunk":  # another sequence, which holds block 2 now, prefills into it
+        q = torch.randn(1, n_head, 4, hd, generator=g)
+        k_new, v_new = torch.randn(2, 1, H, 4, hd, generator=g)
+        cache.step(StepLayout([], [PagedRow([2], 0, 4)])).attend(0, q, k_new, v_new, scale=0.3)
+    elif between == "copy":
+        cache.copy_blocks([(7, 2)])
+    elif between == "write":
+        cache.write_blocks([4], cache.read_blocks([8]))
+    else:  # the same positions through another block
+        table = [2, 5, 3, 6, 9]
+    copies.clear()
+    decode(table, 14)
+    assert copies == [table[:4], table[:4]]
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])

@@ -14,12 +14,13 @@ of its new keys and values are written in one indexed copy per plane per layer.
 Decode attention reads the blocks in place; how depends on the device, chosen by measurement
 (``benchmarks/engine.py --attention``):
 
-- on a CPU, fused attention calls over the ranges of the pool that hold the blocks any row
-  reads: each block is one batch entry, its queries the rows that read it (``_BlockReaders``),
-  and each row's partial results are merged by their log-sum-exp. No row's history is copied
-  unless the blocks read lie scattered over the pool; gathering each row's blocks into a dense
-  tensor instead measured 3 to 10 times slower (it copies the whole history of every row in
-  every layer).
+- on a CPU, one row alone (batch-1 decode) attends over its history held as one tensor from
+  step to step (``LoneHistory``); more rows take fused attention calls over the ranges of the
+  pool that hold the blocks any row reads: each block is one batch entry, its queries the rows
+  that read it (``_BlockReaders``), and each row's partial results are merged by their
+  log-sum-exp. No row's history is copied unless the blocks read lie scattered over the
+  pool; gathering each row's blocks into a dense tensor instead measured 3 to 10 times slower
+  (it copies the whole history of every row in every layer).
 - on CUDA, for float blocks of full-attention layers, ``decode_attention``'s Triton kernel
   follows each row's block table.
 
@@ -115,6 +116,7 @@ class PagedKVCache:
         self.v: list[list[torch.Tensor]] = []
         self.allocated = 0
         self.spare: int | None = None  # a block no sequence owns (``add_spare_block``)
+        self.lone_history = LoneHistory(n_layer)
 
     @classmethod
     def for_model(
@@ -174,6 +176,7 @@ class PagedKVCache:
             return
         src = to_device([s for s, _ in pairs], torch.long, self.device)
         dst = to_device([d for _, d in pairs], torch.long, self.device)
+        self.lone_history.reset()
         for plane in self._planes():
             plane.index_copy_(0, dst, plane.index_select(0, src))
 
@@ -185,6 +188,7 @@ class PagedKVCache:
     def write_blocks(self, ids: list[int], data: list[torch.Tensor]) -> None:
         """Store ``data`` (as ``read_blocks`` returns it, on any device) in blocks ``ids``."""
         index = to_device(ids, torch.long, self.device)
+        self.lone_history.reset()
         for plane, part in zip(self._planes(), data, strict=True):
             plane.index_copy_(0, index, part.to(self.device, non_blocking=True))
 
@@ -222,11 +226,79 @@ class PagedKVCache:
 # of 16 positions about 3 us more). It prices ranges read in place against one another and
 # against copying the blocks read out, which costs about what attending over them does.
 CALL_POSITIONS = 128
-# One row alone that reads at most this many positions copies its blocks out in its table's
-# order and attends them in one plain call, cheaper than merging per-block results (at GPT-2's
-# shape on 2 cores: 198 against 320 us a layer at 192 positions, 410 against 620 at 960, but
-# 1,231 against 906 at 1,920).
+# One row alone that reads at most this many positions attends over its blocks copied out in its
+# table's order, in one plain call: held from step to step (``LoneHistory``), or, for a window
+# past that, copied each step; both cheaper than merging per-block results (at GPT-2's shape on
+# 2 cores, copied each step: 198 against 320 us a layer at 192 positions, 410 against 620 at
+# 960, but 1,231 against 906 at 1,920). It also bounds what ``LoneHistory`` holds.
 LONE_COPY_POSITIONS = 1024
+
+
+class LoneHistory:
+    """One decode row alone, step after step (batch-1 generation, one request at a time), on a
+    CPU: its history of every layer held as one tensor, kept from step to step and grown by the
+    position each step writes. Copying the row's blocks out in every step instead read its
+    whole history twice a layer (the copy, then the attention); the slot design read it once,
+    in place, and this reads it once too.
+
+    It holds what the pool holds only while nothing but that row's own steps writes the pool:
+    ``follow`` drops it for any other step (another row, a prefill chunk, a table that is not
+    the one it copied), and the cache's block copies and writes drop it. It covers rows of up
+    to ``LONE_COPY_POSITIONS`` positions, so it holds at most that many positions a layer in
+    the dtype the row attends in."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.blocks: list[int] = []  # the table the positions held were read through
+        self.filled = [0] * n_layer  # positions held, per layer
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def reset(self) -> None:
+        self.blocks = []
+        self.filled = [0] * len(self.filled)
+
+    def follow(self, layout: StepLayout, device: torch.device) -> bool:
+        """Whether a forward over ``layout`` attends through this history: one decode row
+        alone, on a CPU, within ``LONE_COPY_POSITIONS``. What it holds stays only where the row
+        reads through the same table as before; anything else drops it."""
+        row = layout.decode[0] if len(layout.decode) == 1 and not layout.chunks else None
+        if device.type != "cpu" or row is None or row.start >= LONE_COPY_POSITIONS:
+            self.reset()
+            return False
+        if row.blocks[: len(self.blocks)] != self.blocks:
+            self.reset()
+        self.blocks = list(row.blocks)
+        return True
+
+    def read(
+        self, cache: PagedKVCache, layer: int, position: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row's keys and values of ``layer`` up to ``position``, which this step has just
+        stored, each (1, n_kv_head, position + 1, hd) in ``dtype``: the held ones and that
+        position read back from its block (through the codec, as every step reads it), or,
+        where they do not reach it, all of them copied from the blocks."""
+        bs, blocks = cache.block_size, self.blocks
+        k, v = self.k[layer], self.v[layer]
+        if k is None or v is None or k.dtype != dtype:
+            capacity = -(-LONE_COPY_POSITIONS // bs) * bs
+            k, v = (
+                torch.empty(1, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
+                for _ in range(2)
+            )
+            self.k[layer], self.v[layer] = k, v
+            self.filled[layer] = 0
+        if self.filled[layer] == position:
+            block, offset = blocks[position // bs], position % bs
+            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                new = cache.codec.decode([p[block, :, offset] for p in planes], dtype)
+                held[0, :, position].copy_(new)
+        else:
+            n = position // bs + 1
+            index = torch.tensor(blocks[:n], dtype=torch.long)
+            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                held[:, :, : n * bs].copy_(_history(cache, planes, index, dtype))
+        self.filled[layer] = position + 1
+        return k[:, :, : position + 1], v[:, :, : position + 1]
 
 
 class _BlockReaders:
@@ -346,6 +418,7 @@ class PagedStep:
         self._write = pinned_to((torch.tensor(cells)[:, None] + heads).flatten(), device)
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
+        self._lone = cache.lone_history.follow(layout, device)
         if nd:
             width = max(len(r.blocks) for r in layout.decode)
             table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
@@ -412,6 +485,11 @@ class PagedStep:
             return y.transpose(0, 1)[None]
         if cache.device.type != "cpu":
             return self._decode_gathered(layer, q, scale)
+        if self._lone:
+            position = self.layout.decode[0].start
+            keys, values = cache.lone_history.read(cache, layer, position, q.dtype)
+            seen = 0 if window is None else max(0, position - window + 1)
+            return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
         readers = self._readers.get(window)
         if readers is None:
             group = q.size(1) // cache.n_kv_head
@@ -543,6 +621,7 @@ class StaticDecode:
 
     def __init__(self, cache: PagedKVCache, tables: torch.Tensor, positions: torch.Tensor) -> None:
         self.cache = cache
+        cache.lone_history.reset()  # its rows write the pool
         H, bs = cache.n_kv_head, cache.block_size
         block = tables.gather(1, (positions // bs)[:, None])  # (B, 1)
         heads = torch.arange(H, device=tables.device) * bs
