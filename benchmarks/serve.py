@@ -31,7 +31,9 @@ Agents and evaluators, for arlm (issue 25), in the same run:
 ``--baseline COMMIT`` (a before/after check of a change) also serves COMMIT's arlm (its
 ``arlm`` package from ``git archive``, first on the server's import path), the same command,
 right after this checkout's: the two servers' concurrency sweeps and their ratios (no agents,
-evaluators or overload runs).
+evaluators or overload runs). With ``--rounds N`` each side is served N times, in the order
+this, COMMIT, COMMIT, this, ..., so that drift in the machine's speed falls on both alike, and
+the means of each side's sweeps are compared.
 
 Run: ``python benchmarks/serve.py`` (about 10 minutes on 2 cores with both peers);
 ``--servers arlm,vllm`` for some, ``--vllm-python`` / ``--llama-server`` for other installs.
@@ -317,10 +319,18 @@ def main() -> None:
         help="also serve COMMIT's arlm, the same way, right after this checkout's (a "
         "before/after: the concurrency sweeps only)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --baseline: sweeps of each side, alternating (this, COMMIT, COMMIT, this, ...)",
+    )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default="benchmarks/out/serve.json", help="the results as JSON")
     args = p.parse_args()
     wanted = [s.strip() for s in args.servers.split(",")]
+    if args.rounds < 1 or (args.rounds > 1 and not (args.baseline and "arlm" in wanted)):
+        p.error("--rounds N (N >= 1) alternates arlm with --baseline's: give both")
     if args.baseline:
         wanted.append(f"arlm@{args.baseline}")
     root = Path(tempfile.mkdtemp(prefix="arlm-serve-bench-"))
@@ -332,11 +342,14 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     overloaded = None
     agents: dict[str, dict] = {}  # issue 25's measurements, per server
+    sweeps: dict[str, list[dict[int, dict]]] = {}  # per server, one per time it was served
     stack = contextlib.ExitStack()
     old = stack.enter_context(checkout(args.baseline)) if args.baseline else None
-    for peer in peers(root, folder, args, args.port, old):
-        if peer.name not in wanted:
-            continue
+    order = [p for p in peers(root, folder, args, args.port, old) if p.name in wanted]
+    if args.baseline and args.rounds > 1:  # this, COMMIT, COMMIT, this, ...
+        mine, theirs = (p for p in order if p.name in ("arlm", f"arlm@{args.baseline}"))
+        order = ([mine, theirs, theirs, mine] * args.rounds)[: 2 * args.rounds]
+    for peer in order:
         if peer.missing:
             print(f"{peer.name}: skipped ({peer.missing})")
             continue
@@ -344,9 +357,10 @@ def main() -> None:
         try:
             ready = server.wait_ready()
             bench(server.url, 4, 8)  # warm-up: first-call allocations and compilation
-            results[peer.name] = {}
+            sweep = results[peer.name] = {}
+            sweeps.setdefault(peer.name, []).append(sweep)
             for c, n in ({} if args.agents_only else CONCURRENCY).items():
-                r = results[peer.name][c] = bench(server.url, c, n)
+                r = sweep[c] = bench(server.url, c, n)
                 print(
                     f"{peer.name:11} c={c:<3} {r['output_throughput']:7.1f} tok/s  TTFT p50 "
                     f"{r.get('median_ttft_ms', float('nan')):7.0f} ms  TPOT p50 "
@@ -366,6 +380,7 @@ def main() -> None:
         finally:
             server.stop()
     stack.close()
+    results = {name: mean_sweep(runs) for name, runs in sweeps.items()}
     if not args.agents_only:
         report(results, overloaded)
     if "vLLM" in agents:
@@ -375,6 +390,20 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     record = {"runs": results, "overload": overloaded, "agents": agents}
     Path(args.out).write_text(json.dumps(record, indent=1))
+
+
+def mean_sweep(runs: list[dict[int, dict]]) -> dict[int, dict]:
+    """One server's sweep: the one run as it is, or the mean of each number over ``runs``."""
+    if len(runs) == 1:
+        return runs[0]
+    return {
+        c: {
+            key: statistics.mean(run[c][key] for run in runs)
+            for key, value in runs[0][c].items()
+            if isinstance(value, (int, float))
+        }
+        for c in runs[0]
+    }
 
 
 def report(results: dict, overloaded: dict | None) -> None:

@@ -169,8 +169,8 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
     monkeypatch.setattr(paged, "_history", history)
     g = torch.Generator().manual_seed(2)
     H, hd, bs, n_head = 2, 16, 4, 4
-    cache = PagedKVCache(1, H, hd, 40, bs, codec=make_codec(kv_dtype, torch.float32))
-    cache.windows = [window]
+    codec = make_codec(kv_dtype, torch.float32)
+    cache = PagedKVCache(1, H, hd, 40, bs, codec=codec, windows=[window])
     cache.reserve(40)
     data = [torch.randn(p.shape, generator=g).to(p.dtype) for p in cache.read_blocks(range(40))]
     cache.write_blocks(list(range(40)), data)
