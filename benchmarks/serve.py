@@ -251,14 +251,13 @@ def bench_free_and_constrained(url: str) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for name in ("free", "constrained", "constrained", "free"):
         runs[name].append(asyncio.run(run(url, config(arms[name]))))
-    out = {}
-    for name, results in runs.items():
-        out[name] = {
-            key: statistics.mean(r[key] for r in results)
-            for key in ("output_throughput", "median_tpot_ms")
+    return {
+        name: {
+            **means(results),
+            "total_output_tokens": sum(r["total_output_tokens"] for r in results),
         }
-        out[name]["total_output_tokens"] = sum(r["total_output_tokens"] for r in results)
-    return out
+        for name, results in runs.items()
+    }
 
 
 async def _score_all(url: str, prompts: list[list[int]], concurrency: int) -> float:
@@ -339,7 +338,6 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; GPT-2 124M, random weights")
     print(f"{INPUT_LEN}-token prompts, {OUTPUT_LEN} output tokens (ignore_eos), greedy\n")
-    results: dict[str, dict[int, dict]] = {}
     overloaded = None
     agents: dict[str, dict] = {}  # issue 25's measurements, per server
     sweeps: dict[str, list[dict[int, dict]]] = {}  # per server, one per time it was served
@@ -357,7 +355,7 @@ def main() -> None:
         try:
             ready = server.wait_ready()
             bench(server.url, 4, 8)  # warm-up: first-call allocations and compilation
-            sweep = results[peer.name] = {}
+            sweep: dict[int, dict] = {}
             sweeps.setdefault(peer.name, []).append(sweep)
             for c, n in ({} if args.agents_only else CONCURRENCY).items():
                 r = sweep[c] = bench(server.url, c, n)
@@ -376,7 +374,7 @@ def main() -> None:
                 agents.setdefault(peer.name, {})["scoring"] = bench_scoring(server.url)
             report_agents({peer.name: agents[peer.name]} if peer.name in agents else {})
             if peer.name == "arlm" and not args.agents_only:
-                overloaded = overload(server, results["arlm"][16]["request_throughput"])
+                overloaded = overload(server, sweep[16]["request_throughput"])
         finally:
             server.stop()
     stack.close()
@@ -392,18 +390,20 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(record, indent=1))
 
 
+def means(results: list[dict]) -> dict:
+    """Each number in ``results`` (benchmark results with the same keys), averaged."""
+    return {
+        key: statistics.mean(r[key] for r in results)
+        for key, value in results[0].items()
+        if isinstance(value, (int, float))
+    }
+
+
 def mean_sweep(runs: list[dict[int, dict]]) -> dict[int, dict]:
-    """One server's sweep: the one run as it is, or the mean of each number over ``runs``."""
+    """One server's sweep: the one run as it is, or each concurrency's ``means`` over ``runs``."""
     if len(runs) == 1:
         return runs[0]
-    return {
-        c: {
-            key: statistics.mean(run[c][key] for run in runs)
-            for key, value in runs[0][c].items()
-            if isinstance(value, (int, float))
-        }
-        for c in runs[0]
-    }
+    return {c: means([run[c] for run in runs]) for c in runs[0]}
 
 
 def report(results: dict, overloaded: dict | None) -> None:
