@@ -123,7 +123,19 @@ def test_two_nodes_meet_through_a_rendezvous_endpoint(tmp_path, corpus, cache, o
         command += ["--batch-size", "2"]
         launchers.append(subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))  # fmt: skip
-    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    outputs: list[str] = []
+    try:
+        for p in launchers:
+            outputs.append(p.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+        # a hung node: neither launcher nor its rank may outlive the test (and take the CPU
+        # from the tests after it). A launcher stops its rank on SIGTERM (the rank runs in a
+        # session of its own: killing the launcher alone would leave it); what both printed
+        # says where each stopped.
+        for p in launchers:
+            p.terminate()
+        outputs += [p.communicate(timeout=60)[0] for p in launchers[len(outputs) :]]
+        pytest.fail("the two nodes did not finish in 300 s:\n" + "\n----\n".join(outputs))
     assert [p.returncode for p in launchers] == [0, 0], outputs
     assert sum(o.count("trained to step 6") for o in outputs) == 1
     assert_same_run(one_process, tmp_path / "nodes")
