@@ -234,6 +234,11 @@ CALL_POSITIONS = 128
 LONE_COPY_POSITIONS = 1024
 
 
+def _first_seen(position: int, window: int | None) -> int:
+    """The first position a query at ``position`` sees under ``window`` (None: all)."""
+    return 0 if window is None else max(0, position - window + 1)
+
+
 class LoneHistory:
     """One decode row alone, step after step (batch-1 generation, one request at a time), on a
     CPU: its history of every layer held as one tensor, kept from step to step and grown by the
@@ -333,7 +338,7 @@ class _BlockReaders:
         self.lone: tuple[torch.Tensor, int, int] | None = None
         if nd == 1:  # alone: its blocks in its table's order, and the span of them it sees
             position = int(positions[0])
-            seen = 0 if window is None else max(0, position - window + 1)
+            seen = _first_seen(position, window)
             lo, hi = seen // block_size, position // block_size + 1
             start = lo * block_size
             lone = (tables[0, lo:hi], seen - start, position + 1 - start)
@@ -419,7 +424,7 @@ class PagedStep:
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
         self._lone = cache.lone_history.follow(layout, device)
-        if nd:
+        if nd and not self._lone:  # a lone row reads its held history: no tables to build
             width = max(len(r.blocks) for r in layout.decode)
             table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
             self._tables = torch.tensor(table, dtype=torch.long)
@@ -477,6 +482,11 @@ class PagedStep:
         cache = self.cache
         window = cache.windows[layer]
         (k_planes, v_planes) = cache.k[layer], cache.v[layer]
+        if self._lone:
+            position = self.layout.decode[0].start
+            keys, values = cache.lone_history.read(cache, layer, position, q.dtype)
+            seen = _first_seen(position, window)
+            return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
         if self._kernel and window is None:
             (k_plane,), (v_plane,) = k_planes, v_planes
             y = decode_attention(
@@ -485,11 +495,6 @@ class PagedStep:
             return y.transpose(0, 1)[None]
         if cache.device.type != "cpu":
             return self._decode_gathered(layer, q, scale)
-        if self._lone:
-            position = self.layout.decode[0].start
-            keys, values = cache.lone_history.read(cache, layer, position, q.dtype)
-            seen = 0 if window is None else max(0, position - window + 1)
-            return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
         readers = self._readers.get(window)
         if readers is None:
             group = q.size(1) // cache.n_kv_head
