@@ -54,13 +54,14 @@ except ImportError:
     llama_cpp = None
 
 
-def build_hf(kind: str, root: Path) -> Path:
-    """A random-weight model of ``kind`` as a Hugging Face folder with a tokenizer."""
+def build_hf(kind: str, root: Path, positions: int = 1024) -> Path:
+    """A random-weight model of ``kind`` as a Hugging Face folder with a tokenizer, taking
+    sequences of up to ``positions`` (another number names the folder ``{kind}-{positions}``)."""
     import transformers
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config()
+        config = transformers.GPT2Config(n_positions=positions)
         hf = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(
@@ -70,11 +71,11 @@ def build_hf(kind: str, root: Path) -> Path:
             num_hidden_layers=12,
             num_attention_heads=12,
             num_key_value_heads=4,
-            max_position_embeddings=1024,
+            max_position_embeddings=positions,
             tie_word_embeddings=False,
         )
         hf = transformers.LlamaForCausalLM(config)
-    folder = root / kind
+    folder = root / (kind if positions == 1024 else f"{kind}-{positions}")
     hf.save_pretrained(folder)
     # the tokenizer only has to exist: prompts are random ids
     Tokenizer.train(builtin_documents(), 1000).save(folder / "tokenizer.json")

@@ -26,10 +26,11 @@ engine does), and gathering each row's blocks into a dense tensor. ``--profile``
 one 16-sequence decode step's time goes.
 
 ``--baseline COMMIT`` is a before/after check of a change: only arlm's own columns (one at a
-time, the engine at 16, batch-1 decode), for this checkout and for COMMIT's code (its ``arlm``
-package from ``git archive``), each run in a process of its own, in the order this, COMMIT,
-COMMIT, this, ... (``--rounds`` each); the means, their ratios, and how many greedy requests
-gave the same tokens.
+time, the engine at 16, batch-1 decode, and batch-1 decode after prompts of 1,536 and 6,144
+tokens on a copy of the model taking 8,192 positions), for this checkout and for COMMIT's code
+(its ``arlm`` package from ``git archive``), each run in a process of its own, in the order
+this, COMMIT, COMMIT, this, ... (``--rounds`` each); the means, their ratios, and how many
+greedy requests gave the same tokens.
 
 Run: ``python benchmarks/engine.py`` (about 20 minutes on 2 cores with vLLM installed);
 ``--models gpt2`` for one model, ``--vllm-python PATH`` for another vLLM environment.
@@ -60,6 +61,9 @@ from baseline import ROOT, checkout, env  # noqa: E402
 from decode import build_hf as build  # noqa: E402  (the same models as decode.py)
 
 N_REQUESTS, CONCURRENCY, NEW = 64, 16, 128
+# --baseline's long rows: prompt lengths past the 1,024 positions of the other columns, decoded
+# at batch 1 by a copy of the model that takes LONG_MODEL positions
+LONG, LONG_MODEL = (1536, 6144), 8192
 SINGLE = 16  # requests timed one at a time
 DEFAULT_VLLM = "/work/peers/vllm-venv/bin/python"
 
@@ -203,6 +207,19 @@ def batch1(lm, rounds: int = 5, bare: bool = True) -> tuple[float, float]:
             bare_rates.append(bare_decode(lm.model, prompt, NEW))
     bare_rate = statistics.median(bare_rates) if bare_rates else float("nan")
     return statistics.median(engine_rates), bare_rate
+
+
+def long_decode(lm, new: int = 64, rounds: int = 3) -> dict[str, float]:
+    """Median batch-1 decode tokens/s after a prompt of each of the ``LONG`` lengths."""
+    rates = {}
+    for n in LONG:
+        prompt = [i % 30000 + 1 for i in range(n)]
+        runs = [
+            lm.generate(prompt, max_tokens=new, temperature=0, ignore_eos=True)
+            for _ in range(rounds)
+        ]
+        rates[str(n)] = statistics.median(c.usage.decode_tokens_per_second for c in runs)
+    return rates
 
 
 def prefix_caching(folder: Path) -> tuple[float, float]:
@@ -391,28 +408,32 @@ def run_model(kind: str, root: Path, vllm_python: str) -> None:
     )
 
 
-def arms(folder: Path) -> dict:
+def arms(folder: Path, long_folder: Path) -> dict:
     """arlm's own columns on the model in ``folder`` (one request at a time, the engine, batch-1
-    decode), as ``--baseline`` measures each commit's code: in a process of its own."""
+    decode), and batch-1 decode of long prompts on its copy in ``long_folder``, as
+    ``--baseline`` measures each commit's code: in a process of its own."""
     lm = arlm.load(folder, max_num_seqs=CONCURRENCY)
     requests = make_requests(lm.config.vocab_size)
     single = arlm_single(lm, requests[:SINGLE])
     engine = arlm_engine(lm, requests, blocks=False)
     rate, _ = batch1(lm, bare=False)
-    return {"single": single, "engine": engine, "batch1": rate}
+    del lm
+    # one sequence: the slot design reserves max_model_len positions for each of max_num_seqs
+    long = long_decode(arlm.load(long_folder, max_num_seqs=1))
+    return {"single": single, "engine": engine, "batch1": rate, "long": long}
 
 
 def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
     """arlm's columns for this checkout and for ``commit`` on the same model, each run in a
     process of its own, in the order this, commit, commit, this, ... (``rounds`` each), so
     drift in the machine's speed falls on both alike; the means of each side's rounds."""
-    folder = build(kind, root)
+    folder, long_folder = build(kind, root), build(kind, root, LONG_MODEL)
     sides: dict[str, list[dict]] = {"this": [], commit: []}
     order = (["this", commit, commit, "this"] * rounds)[: 2 * rounds]
     with checkout(commit) as old:
         for side in order:
             code = ROOT if side == "this" else old
-            cmd = [sys.executable, __file__, "--arms", str(folder)]
+            cmd = [sys.executable, __file__, "--arms", str(folder), str(long_folder)]
             run = subprocess.run(cmd, env=env(code), capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(f"{side}'s run failed:\n{run.stderr[-3000:]}")
@@ -423,11 +444,15 @@ def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
         ("engine, 16 at once, TPOT ms", lambda r: r["engine"]["tpot_ms"]),
         ("one at a time, output tok/s", lambda r: r["single"]["output_tokens_per_s"]),
         ("batch-1 decode tok/s", lambda r: r["batch1"]),
+        *(
+            (f"batch-1 decode tok/s at {n:,} positions", lambda r, n=n: r["long"][str(n)])
+            for n in LONG
+        ),
     )
-    print(f"  {'':<34}{'this':>10}{commit:>10}{'this/before':>13}")
+    print(f"  {'':<42}{'this':>10}{commit:>10}{'this/before':>13}")
     for name, get in rows:
         now, then = (statistics.mean(get(r) for r in sides[s]) for s in ("this", commit))
-        print(f"  {name:<34}{now:10.1f}{then:10.1f}{now / then:12.3f}x")
+        print(f"  {name:<42}{now:10.1f}{then:10.1f}{now / then:12.3f}x")
     requests = make_requests(json.loads((folder / "config.json").read_text())["vocab_size"])
     a, b = sides["this"][0]["engine"]["outputs"], sides[commit][0]["engine"]["outputs"]
     print(f"  tokens, engine: {agreement(a, b, requests)}")
@@ -445,10 +470,10 @@ def main() -> None:
         help="only arlm's own columns, this checkout against COMMIT's code (a before/after)",
     )
     p.add_argument("--rounds", type=int, default=1, help="with --baseline: runs of each side")
-    p.add_argument("--arms", metavar="FOLDER", help=argparse.SUPPRESS)  # one side's process
+    p.add_argument("--arms", nargs=2, help=argparse.SUPPRESS)  # one side's process
     args = p.parse_args()
     if args.arms:
-        print(json.dumps(arms(Path(args.arms))))
+        print(json.dumps(arms(*map(Path, args.arms))))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.attention:

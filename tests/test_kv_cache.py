@@ -216,10 +216,14 @@ def test_growing_the_pool_keeps_what_the_existing_blocks_hold():
     tables = {0: [1, 0, 2, 3], 1: [8, 6, 7, 9]}
     step(model, cache, {0: tables[0]}, seqs, chunks=[(0, 0, 20)])
     assert cache.allocated == 4
+    # one chunk alone: its positions held as well (arlm.kv_cache.paged.LoneHistory)
+    history = cache.lone_history.nbytes
+    assert history and cache.nbytes == storage_bytes(cache) == 4 * cache.block_bytes + history
     held = [p[:4].clone() for planes in (*cache.k, *cache.v) for p in planes]
     assert all(h.any() for h in held)
     step(model, cache, tables, seqs, decode=[(0, 20)], chunks=[(1, 0, 21)])  # the pool grows
     assert cache.allocated == 10
+    # two rows: the held positions are given back
     assert cache.nbytes == storage_bytes(cache) == cache.allocated * cache.block_bytes
     grown = [p for planes in (*cache.k, *cache.v) for p in planes]
     for plane, before in zip(grown, held, strict=True):

@@ -69,7 +69,8 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(
     of the pool's blocks, merged by log-sum-exp) equals attention over each row's positions
     gathered, whether the blocks are read in one range, in several, or copied out."""
     monkeypatch.setattr(paged, "CALL_POSITIONS", 16)
-    monkeypatch.setattr(paged, "LONE_COPY_POSITIONS", 0)  # a lone row copies where scattered
+    monkeypatch.setattr(paged, "LONE_HISTORY_BYTES", 0)  # a lone row reads blocks as others do
+    monkeypatch.setattr(paged, "LONE_COPY_POSITIONS", 0)  # and copies them where scattered
     g = torch.Generator().manual_seed(0)
     H, hd, bs, n_head = n_kv_head, 16, 4, 4
     cache = PagedKVCache(1, H, hd, 200, bs, windows=[window])
@@ -114,6 +115,7 @@ def test_a_lone_windowed_row_of_few_positions_reads_its_table_as_the_general_pat
     """Batch-1 decode past what ``LoneHistory`` holds, whose window reads at most
     ``LONE_COPY_POSITIONS``, takes its blocks straight from its table (no sorting of who reads
     what): the same result as the general path's."""
+    monkeypatch.setattr(paged, "LONE_HISTORY_BYTES", 0)  # nothing held
     monkeypatch.setattr(paged, "LONE_COPY_POSITIONS", 12)  # position 13 is past it
     g = torch.Generator().manual_seed(1)
     H, hd, bs, n_head = 2, 16, 4, 4
@@ -155,10 +157,10 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
     kv_dtype, window, between, monkeypatch
 ):
     """One row decoding alone copies its blocks out once and then adds each step's position
-    (no copy of its history after the first step), attending as over the pool's blocks; a
-    step that writes other rows' positions, a block copy or write, or another table in between
-    drops what it holds, so the next step copies the blocks again and reads what they hold
-    now."""
+    (read back from its block: no copy of its history after the first step), attending as
+    over the pool's blocks; a step that writes other rows' positions, a block copy or write,
+    or another table in between drops what it holds, so the next step copies the blocks again
+    and reads what they hold now."""
     copies = []
 
     def history(*args):
@@ -186,7 +188,8 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
 
     for position in range(10, 14):
         decode(table, position)
-    assert copies == [[2, 4, 3], [2, 4, 3]]  # keys and values, at the first step only
+    # keys and values: every block at the first step, then the block of each step's position
+    assert copies == [[2, 4, 3]] * 2 + [[3]] * 2 + [[6]] * 4
     if between == "chunk":  # another sequence, which holds block 2 now, prefills into it
         q = torch.randn(1, n_head, 4, hd, generator=g)
         k_new, v_new = torch.randn(2, 1, H, 4, hd, generator=g)
@@ -200,6 +203,89 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
     copies.clear()
     decode(table, 14)
     assert copies == [table[:4], table[:4]]
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_a_lone_rows_held_history_grows_with_it_up_to_what_it_may_hold(kv_dtype, monkeypatch):
+    """The held history starts small and doubles as its row grows, keeping what it holds (the
+    row's blocks are copied out at the first step only); past what ``LONE_HISTORY_BYTES``
+    holds the row reads its blocks as other rows do, and the held tensors are given back."""
+    copies = []
+
+    def history(*args):
+        copies.append(args[2].tolist())
+        return original(*args)
+
+    original = paged._history
+    monkeypatch.setattr(paged, "_history", history)
+    H, hd, bs, n_head = 2, 16, 4, 4
+    monkeypatch.setattr(paged, "LONE_HISTORY_START", 8)
+    monkeypatch.setattr(paged, "LONE_HISTORY_BYTES", 30 * 2 * H * hd * 4)  # 30 float32 positions
+    g = torch.Generator().manual_seed(3)
+    cache = PagedKVCache(1, H, hd, 40, bs, codec=make_codec(kv_dtype, torch.float32))
+    cache.reserve(40)
+    data = [torch.randn(p.shape, generator=g).to(p.dtype) for p in cache.read_blocks(range(40))]
+    cache.write_blocks(list(range(40)), data)
+    table = [17, 3, 30, 8, 12, 25, 1, 9, 33]
+    held = []
+    for position in range(6, 36):
+        if position == 30:  # keys and values: all at the first step, then a block a step
+            assert copies == [table[:2]] * 2 + [
+                [table[p // bs]] for p in range(7, 30) for _ in "kv"
+            ]
+        q = torch.randn(1, n_head, 1, hd, generator=g)
+        k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
+        out = cache.step(StepLayout([PagedRow(table, position, 1)], [])).attend(
+            0, q, k_new, v_new, scale=0.3
+        )
+        assert_close(out[0], _attend_dense(cache, table, position, q, 0.3), scale=1.0)
+        k = cache.lone_history.k[0]
+        held.append(None if k is None else k.size(2))
+    # positions 6-7 fit 8; 8-15 fit 16; 16-29 fit 30, in whole blocks; 30 on: none held
+    assert held == [8] * 2 + [16] * 8 + [32] * 14 + [None] * 6
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("window", [None, 7])
+def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
+    kv_dtype, window, monkeypatch
+):
+    """A row alone through its prompt's chunks, a verify step of four positions and decode
+    steps from a position before its end (two guesses rejected): each step reads back only the
+    blocks of the positions it wrote, and attends as a cache that holds no history does."""
+    copies = []
+
+    def history(*args):
+        copies.append(args[2].tolist())
+        return original(*args)
+
+    original = paged._history
+    H, hd, bs, n_head = 2, 16, 4, 4
+    caches = [
+        PagedKVCache(1, H, hd, 16, bs, codec=make_codec(kv_dtype, torch.float32), windows=[window])
+        for _ in range(2)
+    ]
+    caches[1].lone_history.max_positions = 0  # the reference: reads its blocks every step
+    for cache in caches:
+        cache.reserve(16)
+    table = [5, 1, 7, 3, 9, 11]
+    g = torch.Generator().manual_seed(4)
+    # (start, length, a chunk): the prompt's two chunks, a decode step, a verify step of the
+    # pending token and 3 guesses (14-17), then decode from 16 (guesses at 16 and 17 rejected)
+    steps = [(0, 6, True), (6, 7, True), (13, 1, False), (14, 4, True)]
+    steps += [(16, 1, False), (17, 1, False), (18, 1, False)]
+    for start, length, chunk in steps:
+        q = torch.randn(1, n_head, length, hd, generator=g)
+        k_new, v_new = torch.randn(2, 1, H, length, hd, generator=g)
+        row = [PagedRow(table, start, length)]
+        layout = StepLayout([], row) if chunk else StepLayout(row, [])
+        monkeypatch.setattr(paged, "_history", history)
+        out = caches[0].step(layout).attend(0, q, k_new, v_new, scale=0.3)
+        monkeypatch.setattr(paged, "_history", original)
+        want = caches[1].step(layout).attend(0, q, k_new, v_new, scale=0.3)
+        assert_close(out, want, scale=1.0)
+    blocks = [[5, 1], [1, 7, 3], [3], [3, 9], [9], [9], [9]]
+    assert copies == [b for b in blocks for _ in "kv"]
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])

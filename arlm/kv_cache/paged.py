@@ -15,7 +15,8 @@ Decode attention reads the blocks in place; how depends on the device, chosen by
 (``benchmarks/engine.py --attention``):
 
 - on a CPU, one row alone (batch-1 decode) attends over its history held as one tensor from
-  step to step (``LoneHistory``); more rows take fused attention calls over the ranges of the
+  step to step (``LoneHistory``, which a lone row's prefill chunks and speculative verify
+  steps extend too); more rows take fused attention calls over the ranges of the
   pool that hold the blocks any row reads: each block is one batch entry, its queries the rows
   that read it (``_BlockReaders``), and each row's partial results are merged by their
   log-sum-exp. No row's history is copied unless the blocks read lie scattered over the
@@ -24,8 +25,8 @@ Decode attention reads the blocks in place; how depends on the device, chosen by
 - on CUDA, for float blocks of full-attention layers, ``decode_attention``'s Triton kernel
   follows each row's block table.
 
-A prefill chunk gathers its own history (one copy for all of its queries) and attends with a
-causal mask.
+A prefill chunk beside other rows gathers its own history (one copy for all of its queries)
+and attends with a causal mask.
 
 A sliding-window layer stores every position like the others and masks its queries to their
 window (the rings of the slot design are gone: a block outlives the window of one sequence
@@ -54,6 +55,10 @@ class PagedRow:
     start: int
     length: int
 
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
 
 @dataclass(frozen=True)
 class StepLayout:
@@ -73,12 +78,12 @@ class StepLayout:
 
     def positions(self) -> list[int]:
         """Every token's position, in the flat order."""
-        return [p for r in self.rows for p in range(r.start, r.start + r.length)]
+        return [p for r in self.rows for p in range(r.start, r.end)]
 
     def sequence_ends(self) -> list[int]:
         """For every token, in the flat order, the position its sequence reaches in this
         forward (exclusive)."""
-        return [r.start + r.length for r in self.rows for _ in range(r.length)]
+        return [r.end for r in self.rows for _ in range(r.length)]
 
 
 class PagedKVCache:
@@ -116,7 +121,8 @@ class PagedKVCache:
         self.v: list[list[torch.Tensor]] = []
         self.allocated = 0
         self.spare: int | None = None  # a block no sequence owns (``add_spare_block``)
-        self.lone_history = LoneHistory(n_layer)
+        history_position = 2 * n_layer * n_kv_head * head_dim * dtype.itemsize
+        self.lone_history = LoneHistory(n_layer, LONE_HISTORY_BYTES // history_position)
 
     @classmethod
     def for_model(
@@ -209,7 +215,8 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return planes_nbytes(self.k, self.v)
+        """The blocks' planes and what ``lone_history`` holds."""
+        return planes_nbytes(self.k, self.v) + self.lone_history.nbytes
 
     @property
     def bytes_per_token(self) -> int:
@@ -226,12 +233,18 @@ class PagedKVCache:
 # of 16 positions about 3 us more). It prices ranges read in place against one another and
 # against copying the blocks read out, which costs about what attending over them does.
 CALL_POSITIONS = 128
-# One row alone that reads at most this many positions attends over its blocks copied out in its
-# table's order, in one plain call: held from step to step (``LoneHistory``), or, for a window
-# past that, copied each step; both cheaper than merging per-block results (at GPT-2's shape on
-# 2 cores, copied each step: 198 against 320 us a layer at 192 positions, 410 against 620 at
-# 960, but 1,231 against 906 at 1,920). It also bounds what ``LoneHistory`` holds.
+# One row alone whose window (past ``LoneHistory``'s cap) reads at most this many positions
+# attends over its blocks copied out each step in its table's order, in one plain call: cheaper
+# than merging per-block results (at GPT-2's shape on 2 cores: 198 against 320 us a layer at
+# 192 positions, 410 against 620 at 960, but 1,231 against 906 at 1,920).
 LONE_COPY_POSITIONS = 1024
+# What ``LoneHistory`` may hold, all layers' keys and values: it grows with its row, doubling
+# from ``LONE_HISTORY_START`` positions, up to as many as this holds (in float32, 7,281
+# positions of GPT-2 124M; 8,192 of a 1B Llama's 16 layers of 8 KV heads of 64). A longer row
+# reads its blocks in place, merged per block: batch-1 decode after a 3,072-token prompt of
+# ``benchmarks/engine.py``'s Llama ran at 16-17 tok/s so, at 29-37 held, on 2 cores.
+LONE_HISTORY_BYTES = 512 * 2**20
+LONE_HISTORY_START = 256
 
 
 def _first_seen(position: int, window: int | None) -> int:
@@ -240,19 +253,22 @@ def _first_seen(position: int, window: int | None) -> int:
 
 
 class LoneHistory:
-    """One decode row alone, step after step (batch-1 generation, one request at a time), on a
-    CPU: its history of every layer held as one tensor, kept from step to step and grown by the
-    position each step writes. Copying the row's blocks out in every step instead read its
-    whole history twice a layer (the copy, then the attention); the slot design read it once,
-    in place, and this reads it once too.
+    """One row alone, step after step (batch-1 generation, one request at a time, its prompt's
+    chunks, its speculative verify steps), on a CPU: its history of every layer held as one
+    tensor, kept from step to step and grown by the positions each step writes. Copying the
+    row's blocks out in every step instead read its whole history twice a layer (the copy,
+    then the attention); the slot design read it once, in place, and this reads it once too.
 
-    It holds what the pool holds only while nothing but that row's own steps writes the pool:
-    ``follow`` drops it for any other step (another row, a prefill chunk, a table that is not
-    the one it copied), and the cache's block copies and writes drop it. It covers rows of up
-    to ``LONE_COPY_POSITIONS`` positions, so it holds at most that many positions a layer in
-    the dtype the row attends in."""
+    Held position i is what the pool holds at i through ``blocks`` for every i below
+    ``filled``: only that row's own steps write the pool while it is held. ``follow`` drops it
+    for any other step (another row beside it, a table that is not the one it copied), and the
+    cache's block copies and writes drop it. A step that writes from a position at or below
+    ``filled`` (the next token, or again after rejected guesses) reads back just what it
+    wrote. Its tensors grow with the row, doubling, and serve rows of up to
+    ``max_positions``; past that they are freed and the row reads its blocks like any other."""
 
-    def __init__(self, n_layer: int) -> None:
+    def __init__(self, n_layer: int, max_positions: int) -> None:
+        self.max_positions = max_positions
         self.blocks: list[int] = []  # the table the positions held were read through
         self.filled = [0] * n_layer  # positions held, per layer
         self.k: list[torch.Tensor | None] = [None] * n_layer
@@ -262,48 +278,68 @@ class LoneHistory:
         self.blocks = []
         self.filled = [0] * len(self.filled)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
+
     def follow(self, layout: StepLayout, device: torch.device) -> bool:
-        """Whether a forward over ``layout`` attends through this history: one decode row
-        alone, on a CPU, within ``LONE_COPY_POSITIONS``. What it holds stays only where the row
-        reads through the same table as before; anything else drops it."""
-        row = layout.decode[0] if len(layout.decode) == 1 and not layout.chunks else None
-        if device.type != "cpu" or row is None or row.start >= LONE_COPY_POSITIONS:
+        """Whether a forward over ``layout`` attends through this history: one row alone (a
+        decode row or a chunk), on a CPU, within ``max_positions``. What it holds stays only
+        where the row reads through the same table as before; anything else drops it."""
+        rows = layout.rows
+        # not one row, or one too long to hold: its memory goes back until a lone row comes
+        if device.type != "cpu" or len(rows) != 1 or rows[0].end > self.max_positions:
             self.reset()
+            self.k = [None] * len(self.k)
+            self.v = [None] * len(self.v)
             return False
+        (row,) = rows
         if row.blocks[: len(self.blocks)] != self.blocks:
             self.reset()
         self.blocks = list(row.blocks)
         return True
 
     def read(
-        self, cache: PagedKVCache, layer: int, position: int, dtype: torch.dtype
+        self, cache: PagedKVCache, layer: int, row: PagedRow, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The row's keys and values of ``layer`` up to ``position``, which this step has just
-        stored, each (1, n_kv_head, position + 1, hd) in ``dtype``: the held ones and that
-        position read back from its block (through the codec, as every step reads it), or,
-        where they do not reach it, all of them copied from the blocks."""
-        bs, blocks = cache.block_size, self.blocks
+        """The row's keys and values of ``layer`` up to the end of ``row``, whose positions
+        this step has just stored, each (1, n_kv_head, end, hd) in ``dtype``: the held ones
+        and the step's positions read back from their blocks (through the codec, as every step
+        reads them), or, where the held ones do not reach the step's, all of them copied from
+        the blocks."""
+        bs, end = cache.block_size, row.end
+        k, v = self._room(cache, layer, end, dtype)
+        start = row.start if self.filled[layer] >= row.start else 0  # from the first block
+        lo, hi = start // bs, -(-end // bs)
+        index = torch.tensor(self.blocks[lo:hi], dtype=torch.long)
+        for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+            copied = _history(cache, planes, index, dtype)
+            held[:, :, start:end].copy_(copied[:, :, start - lo * bs : end - lo * bs])
+        self.filled[layer] = end
+        return k[:, :, :end], v[:, :, :end]
+
+    def _room(
+        self, cache: PagedKVCache, layer: int, need: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s held tensors, with room for ``need`` positions: grown to the power of two
+        that fits (at least ``LONE_HISTORY_START``, at most ``max_positions``, in whole blocks)
+        keeping what they hold, or new in another dtype."""
         k, v = self.k[layer], self.v[layer]
-        if k is None or v is None or k.dtype != dtype:
-            capacity = -(-LONE_COPY_POSITIONS // bs) * bs
-            k, v = (
-                torch.empty(1, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
-                for _ in range(2)
-            )
-            self.k[layer], self.v[layer] = k, v
-            self.filled[layer] = 0
-        if self.filled[layer] == position:
-            block, offset = blocks[position // bs], position % bs
-            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
-                new = cache.codec.decode([p[block, :, offset] for p in planes], dtype)
-                held[0, :, position].copy_(new)
-        else:
-            n = position // bs + 1
-            index = torch.tensor(blocks[:n], dtype=torch.long)
-            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
-                held[:, :, : n * bs].copy_(_history(cache, planes, index, dtype))
-        self.filled[layer] = position + 1
-        return k[:, :, : position + 1], v[:, :, : position + 1]
+        if k is not None and v is not None and k.dtype == dtype and k.size(2) >= need:
+            return k, v
+        kept = self.filled[layer] if k is not None and k.dtype == dtype else 0
+        doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
+        capacity = max(need, min(doubled, self.max_positions))
+        capacity = -(-capacity // cache.block_size) * cache.block_size
+        grown = []
+        for old in (k, v):
+            new = torch.empty(1, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
+            if kept:
+                new[:, :, :kept].copy_(old[:, :, :kept])
+            grown.append(new)
+        self.k[layer], self.v[layer] = grown
+        self.filled[layer] = kept
+        return grown[0], grown[1]
 
 
 class _BlockReaders:
@@ -414,9 +450,7 @@ class PagedStep:
         self.cache, self.layout = cache, layout
         bs, H, device = cache.block_size, cache.n_kv_head, cache.device
         cells = [
-            r.blocks[p // bs] * H * bs + p % bs
-            for r in layout.rows
-            for p in range(r.start, r.start + r.length)
+            r.blocks[p // bs] * H * bs + p % bs for r in layout.rows for p in range(r.start, r.end)
         ]
         # rows of a plane seen as (blocks * n_kv_head * block_size, width), token-major
         heads = torch.arange(H) * bs
@@ -438,8 +472,7 @@ class PagedStep:
             layer_views(cache.windows, c.start, c.length, device) for c in layout.chunks
         ]
         self._chunk_blocks = [
-            to_device(c.blocks[: -(-(c.start + c.length) // bs)], torch.long, device)
-            for c in layout.chunks
+            to_device(c.blocks[: -(-c.end // bs)], torch.long, device) for c in layout.chunks
         ]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
@@ -470,9 +503,13 @@ class PagedStep:
             self.layout.chunks, self._chunk_views, self._chunk_blocks, strict=True
         ):
             first, mask = views[layer]
-            end, T = chunk.start + chunk.length, chunk.length
-            keys = _history(cache, k_planes, blocks, cache.dtype)[:, :, first:end]
-            values = _history(cache, v_planes, blocks, cache.dtype)[:, :, first:end]
+            end, T = chunk.end, chunk.length
+            if self._lone:
+                keys, values = cache.lone_history.read(cache, layer, chunk, cache.dtype)
+            else:
+                keys = _history(cache, k_planes, blocks, cache.dtype)
+                values = _history(cache, v_planes, blocks, cache.dtype)
+            keys, values = keys[:, :, first:end], values[:, :, first:end]
             out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask, scale))
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
@@ -483,9 +520,9 @@ class PagedStep:
         window = cache.windows[layer]
         (k_planes, v_planes) = cache.k[layer], cache.v[layer]
         if self._lone:
-            position = self.layout.decode[0].start
-            keys, values = cache.lone_history.read(cache, layer, position, q.dtype)
-            seen = _first_seen(position, window)
+            (row,) = self.layout.decode
+            keys, values = cache.lone_history.read(cache, layer, row, q.dtype)
+            seen = _first_seen(row.start, window)
             return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
         if self._kernel and window is None:
             (k_plane,), (v_plane,) = k_planes, v_planes
