@@ -157,7 +157,7 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
     kv_dtype, window, between, monkeypatch
 ):
     """One row decoding alone copies its blocks out once and then adds each step's position
-    (read back from its block: no copy of its history after the first step), attending as
+    (indexed in its block: no copy of its history after the first step), attending as
     over the pool's blocks; a step that writes other rows' positions, a block copy or write,
     or another table in between drops what it holds, so the next step copies the blocks again
     and reads what they hold now."""
@@ -188,8 +188,7 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
 
     for position in range(10, 14):
         decode(table, position)
-    # keys and values: every block at the first step, then the block of each step's position
-    assert copies == [[2, 4, 3]] * 2 + [[3]] * 2 + [[6]] * 4
+    assert copies == [[2, 4, 3]] * 2  # keys and values, at the first step only
     if between == "chunk":  # another sequence, which holds block 2 now, prefills into it
         q = torch.randn(1, n_head, 4, hd, generator=g)
         k_new, v_new = torch.randn(2, 1, H, 4, hd, generator=g)
@@ -229,10 +228,8 @@ def test_a_lone_rows_held_history_grows_with_it_up_to_what_it_may_hold(kv_dtype,
     table = [17, 3, 30, 8, 12, 25, 1, 9, 33]
     held = []
     for position in range(6, 36):
-        if position == 30:  # keys and values: all at the first step, then a block a step
-            assert copies == [table[:2]] * 2 + [
-                [table[p // bs]] for p in range(7, 30) for _ in "kv"
-            ]
+        if position == 30:
+            assert copies == [table[:2]] * 2  # keys and values, at the first step only
         q = torch.randn(1, n_head, 1, hd, generator=g)
         k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
         out = cache.step(StepLayout([PagedRow(table, position, 1)], [])).attend(
@@ -251,8 +248,9 @@ def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
     kv_dtype, window, monkeypatch
 ):
     """A row alone through its prompt's chunks, a verify step of four positions and decode
-    steps from a position before its end (two guesses rejected): each step reads back only the
-    blocks of the positions it wrote, and attends as a cache that holds no history does."""
+    steps from a position before its end (two guesses rejected): each chunk copies out only
+    the blocks of the positions it wrote, each decode step no block, and every step attends as
+    a cache that holds no history does."""
     copies = []
 
     def history(*args):
@@ -284,7 +282,7 @@ def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
         monkeypatch.setattr(paged, "_history", original)
         want = caches[1].step(layout).attend(0, q, k_new, v_new, scale=0.3)
         assert_close(out, want, scale=1.0)
-    blocks = [[5, 1], [1, 7, 3], [3], [3, 9], [9], [9], [9]]
+    blocks = [[5, 1], [1, 7, 3], [3, 9]]  # the chunks'
     assert copies == [b for b in blocks for _ in "kv"]
 
 

@@ -310,11 +310,17 @@ class LoneHistory:
         bs, end = cache.block_size, row.end
         k, v = self._room(cache, layer, end, dtype)
         start = row.start if self.filled[layer] >= row.start else 0  # from the first block
-        lo, hi = start // bs, -(-end // bs)
-        index = torch.tensor(self.blocks[lo:hi], dtype=torch.long)
-        for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
-            copied = _history(cache, planes, index, dtype)
-            held[:, :, start:end].copy_(copied[:, :, start - lo * bs : end - lo * bs])
+        if end - start == 1:  # a decode step's position, indexed in its block (a few us less
+            block, offset = self.blocks[start // bs], start % bs  # a layer than a block copy)
+            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                new = cache.codec.decode([p[block, :, offset] for p in planes], dtype)
+                held[0, :, start].copy_(new)
+        else:
+            lo, hi = start // bs, -(-end // bs)
+            index = torch.tensor(self.blocks[lo:hi], dtype=torch.long)
+            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                copied = _history(cache, planes, index, dtype)
+                held[:, :, start:end].copy_(copied[:, :, start - lo * bs : end - lo * bs])
         self.filled[layer] = end
         return k[:, :, :end], v[:, :, :end]
 
