@@ -136,6 +136,28 @@ def test_a_lone_windowed_row_of_few_positions_reads_its_table_as_the_general_pat
     assert_close(short, general, scale=1.0)
 
 
+def _record_copies(monkeypatch) -> list[list[int]]:
+    """The blocks of every history copy (``paged._history``) from now on, in order."""
+    copies = []
+    original = paged._history
+
+    def history(*args):
+        copies.append(args[2].tolist())
+        return original(*args)
+
+    monkeypatch.setattr(paged, "_history", history)
+    return copies
+
+
+def _fill_randomly(cache, g) -> None:
+    """Every block of ``cache`` allocated and holding random values, through its codec."""
+    cache.reserve(cache.num_blocks)
+    ids = list(range(cache.num_blocks))
+    cache.write_blocks(
+        ids, [torch.randn(p.shape, generator=g).to(p.dtype) for p in cache.read_blocks(ids)]
+    )
+
+
 def _attend_dense(cache, table, position, q, scale):
     """Attention of q (1, n_head, 1, hd) over the positions ``cache``'s blocks hold for
     ``table`` up to ``position``, decoded through the codec, within the layer's window."""
@@ -161,21 +183,12 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
     over the pool's blocks; a step that writes other rows' positions, a block copy or write,
     or another table in between drops what it holds, so the next step copies the blocks again
     and reads what they hold now."""
-    copies = []
-
-    def history(*args):
-        copies.append(args[2].tolist())
-        return original(*args)
-
-    original = paged._history
-    monkeypatch.setattr(paged, "_history", history)
+    copies = _record_copies(monkeypatch)
     g = torch.Generator().manual_seed(2)
     H, hd, bs, n_head = 2, 16, 4, 4
     codec = make_codec(kv_dtype, torch.float32)
     cache = PagedKVCache(1, H, hd, 40, bs, codec=codec, windows=[window])
-    cache.reserve(40)
-    data = [torch.randn(p.shape, generator=g).to(p.dtype) for p in cache.read_blocks(range(40))]
-    cache.write_blocks(list(range(40)), data)
+    _fill_randomly(cache, g)
     table = [2, 4, 3, 6, 9]
 
     def decode(table, position):
@@ -209,22 +222,13 @@ def test_a_lone_rows_held_history_grows_with_it_up_to_what_it_may_hold(kv_dtype,
     """The held history starts small and doubles as its row grows, keeping what it holds (the
     row's blocks are copied out at the first step only); past what ``LONE_HISTORY_BYTES``
     holds the row reads its blocks as other rows do, and the held tensors are given back."""
-    copies = []
-
-    def history(*args):
-        copies.append(args[2].tolist())
-        return original(*args)
-
-    original = paged._history
-    monkeypatch.setattr(paged, "_history", history)
+    copies = _record_copies(monkeypatch)
     H, hd, bs, n_head = 2, 16, 4, 4
     monkeypatch.setattr(paged, "LONE_HISTORY_START", 8)
     monkeypatch.setattr(paged, "LONE_HISTORY_BYTES", 30 * 2 * H * hd * 4)  # 30 float32 positions
     g = torch.Generator().manual_seed(3)
     cache = PagedKVCache(1, H, hd, 40, bs, codec=make_codec(kv_dtype, torch.float32))
-    cache.reserve(40)
-    data = [torch.randn(p.shape, generator=g).to(p.dtype) for p in cache.read_blocks(range(40))]
-    cache.write_blocks(list(range(40)), data)
+    _fill_randomly(cache, g)
     table = [17, 3, 30, 8, 12, 25, 1, 9, 33]
     held = []
     for position in range(6, 36):
@@ -251,13 +255,7 @@ def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
     steps from a position before its end (two guesses rejected): each chunk copies out only
     the blocks of the positions it wrote, each decode step no block, and every step attends as
     a cache that holds no history does."""
-    copies = []
-
-    def history(*args):
-        copies.append(args[2].tolist())
-        return original(*args)
-
-    original = paged._history
+    copies = _record_copies(monkeypatch)
     H, hd, bs, n_head = 2, 16, 4, 4
     caches = [
         PagedKVCache(1, H, hd, 16, bs, codec=make_codec(kv_dtype, torch.float32), windows=[window])
@@ -277,10 +275,10 @@ def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
         k_new, v_new = torch.randn(2, 1, H, length, hd, generator=g)
         row = [PagedRow(table, start, length)]
         layout = StepLayout([], row) if chunk else StepLayout(row, [])
-        monkeypatch.setattr(paged, "_history", history)
         out = caches[0].step(layout).attend(0, q, k_new, v_new, scale=0.3)
-        monkeypatch.setattr(paged, "_history", original)
+        recorded = len(copies)
         want = caches[1].step(layout).attend(0, q, k_new, v_new, scale=0.3)
+        del copies[recorded:]  # the reference's copies are not counted
         assert_close(out, want, scale=1.0)
     blocks = [[5, 1], [1, 7, 3], [3, 9]]  # the chunks'
     assert copies == [b for b in blocks for _ in "kv"]
