@@ -149,10 +149,12 @@ def _record_copies(monkeypatch) -> list[list[int]]:
     return copies
 
 
-def _fill_randomly(cache, g) -> None:
-    """Every block of ``cache`` allocated and holding random values, through its codec."""
-    cache.reserve(cache.num_blocks)
-    ids = list(range(cache.num_blocks))
+def _fill_randomly(cache, g, blocks: int | None = None) -> None:
+    """The first ``blocks`` blocks of ``cache`` (all by default) allocated and holding random
+    values, through its codec."""
+    blocks = cache.num_blocks if blocks is None else blocks
+    cache.reserve(blocks)
+    ids = list(range(blocks))
     cache.write_blocks(
         ids, [torch.randn(p.shape, generator=g).to(p.dtype) for p in cache.read_blocks(ids)]
     )
@@ -187,8 +189,8 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
     g = torch.Generator().manual_seed(2)
     H, hd, bs, n_head = 2, 16, 4, 4
     codec = make_codec(kv_dtype, torch.float32)
-    cache = PagedKVCache(1, H, hd, 40, bs, codec=codec, windows=[window])
-    _fill_randomly(cache, g)
+    cache = PagedKVCache(1, H, hd, 80, bs, codec=codec, windows=[window])
+    _fill_randomly(cache, g, 40)  # the other 40 blocks' memory is the held history's to take
     table = [2, 4, 3, 6, 9]
 
     def decode(table, position):
@@ -227,8 +229,8 @@ def test_a_lone_rows_held_history_grows_with_it_up_to_what_it_may_hold(kv_dtype,
     monkeypatch.setattr(paged, "LONE_HISTORY_START", 8)
     monkeypatch.setattr(paged, "LONE_HISTORY_BYTES", 30 * 2 * H * hd * 4)  # 30 float32 positions
     g = torch.Generator().manual_seed(3)
-    cache = PagedKVCache(1, H, hd, 40, bs, codec=make_codec(kv_dtype, torch.float32))
-    _fill_randomly(cache, g)
+    cache = PagedKVCache(1, H, hd, 80, bs, codec=make_codec(kv_dtype, torch.float32))
+    _fill_randomly(cache, g, 40)  # the other 40 blocks' memory is the held history's to take
     table = [17, 3, 30, 8, 12, 25, 1, 9, 33]
     held = []
     for position in range(6, 36):
@@ -242,8 +244,45 @@ def test_a_lone_rows_held_history_grows_with_it_up_to_what_it_may_hold(kv_dtype,
         assert_close(out[0], _attend_dense(cache, table, position, q, 0.3), scale=1.0)
         k = cache.lone_history.k[0]
         held.append(None if k is None else k.size(2))
-    # positions 6-7 fit 8; 8-15 fit 16; 16-29 fit 30, in whole blocks; 30 on: none held
-    assert held == [8] * 2 + [16] * 8 + [32] * 14 + [None] * 6
+    # positions 6-7 fit 8; 8-15 fit 16; 16-29 fit the 30 it may hold; 30 on: none held
+    assert held == [8] * 2 + [16] * 8 + [30] * 14 + [None] * 6
+
+
+def test_a_lone_rows_held_history_takes_only_what_the_budget_leaves_the_blocks(monkeypatch):
+    """The held history lives in the memory of the blocks that have none yet: it grows only
+    as far as that reaches, and is given back when the blocks take that memory, so the cache
+    never holds more than all its blocks would (its budget)."""
+    H, hd, bs, n_head = 2, 16, 4, 4
+    monkeypatch.setattr(paged, "LONE_HISTORY_START", 8)
+    g = torch.Generator().manual_seed(6)
+    cache = PagedKVCache(1, H, hd, 12, bs)
+    budget = cache.num_blocks * cache.block_bytes
+    _fill_randomly(cache, g, 4)
+    held = []
+    for position in range(6, 24):
+        table = list(range(position // bs + 1))  # the row's blocks, given as it needs them
+        cache.reserve(len(table))
+        q = torch.randn(1, n_head, 1, hd, generator=g)
+        k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
+        out = cache.step(StepLayout([PagedRow(table, position, 1)], [])).attend(
+            0, q, k_new, v_new, scale=0.3
+        )
+        assert_close(out[0], _attend_dense(cache, table, position, q, 0.3), scale=1.0)
+        assert cache.nbytes <= budget
+        k = cache.lone_history.k[0]
+        held.append(None if k is None else k.size(2))
+    # 4 blocks with memory leave 8 (32 positions): 8 held, then 16; block 4 doubles the pool
+    # to 8 blocks, which leave 4 (16 positions): the row at position 16 no longer fits
+    assert held == [8] * 2 + [16] * 8 + [None] * 8
+    # held, then the pool takes the rest of the budget: the held tensors are given back
+    cache = PagedKVCache(1, H, hd, 12, bs)
+    _fill_randomly(cache, g, 4)
+    q = torch.randn(1, n_head, 1, hd, generator=g)
+    k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
+    cache.step(StepLayout([PagedRow([0, 1], 6, 1)], [])).attend(0, q, k_new, v_new)
+    assert cache.lone_history.nbytes > 0
+    cache.reserve(12)
+    assert cache.lone_history.nbytes == 0 and cache.nbytes == budget
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
@@ -257,11 +296,11 @@ def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
     a cache that holds no history does."""
     copies = _record_copies(monkeypatch)
     H, hd, bs, n_head = 2, 16, 4, 4
+    # the reference's blocks all have memory, so it holds no history: it reads its blocks
     caches = [
-        PagedKVCache(1, H, hd, 16, bs, codec=make_codec(kv_dtype, torch.float32), windows=[window])
-        for _ in range(2)
+        PagedKVCache(1, H, hd, n, bs, codec=make_codec(kv_dtype, torch.float32), windows=[window])
+        for n in (48, 16)
     ]
-    caches[1].lone_history.max_positions = 0  # the reference: reads its blocks every step
     for cache in caches:
         cache.reserve(16)
     table = [5, 1, 7, 3, 9, 11]

@@ -90,7 +90,10 @@ class PagedKVCache:
     """``num_blocks`` blocks of ``block_size`` positions per layer, through a codec (floats, or
     int8/int4 with a scale per position and head). Blocks get memory as they are first needed
     (the planes grow by doubling up to ``num_blocks``), so a model serving one short request
-    holds a few blocks. ``windows``: one per layer, a sliding window's length or None."""
+    holds a few blocks. ``windows``: one per layer, a sliding window's length or None.
+
+    What all ``num_blocks`` blocks take is the cache's budget: a lone row's held history
+    (``LoneHistory``) takes only what the blocks not yet given memory leave of it."""
 
     def __init__(
         self,
@@ -121,8 +124,7 @@ class PagedKVCache:
         self.v: list[list[torch.Tensor]] = []
         self.allocated = 0
         self.spare: int | None = None  # a block no sequence owns (``add_spare_block``)
-        history_position = 2 * n_layer * n_kv_head * head_dim * dtype.itemsize
-        self.lone_history = LoneHistory(n_layer, LONE_HISTORY_BYTES // history_position)
+        self.lone_history = LoneHistory(n_layer)
 
     @classmethod
     def for_model(
@@ -172,6 +174,8 @@ class PagedKVCache:
                 for a, b in zip(new_planes, old_planes, strict=True):
                     a[: self.allocated].copy_(b[: self.allocated])
         self.k, self.v, self.allocated = k, v, n
+        if self.lone_history.nbytes > self.lone_history_room() * self._history_position:
+            self.lone_history.release()  # the blocks took the memory it held
 
     def _planes(self) -> list[torch.Tensor]:
         return [p for layer in (*self.k, *self.v) for p in layer]
@@ -218,6 +222,17 @@ class PagedKVCache:
         """The blocks' planes and what ``lone_history`` holds."""
         return planes_nbytes(self.k, self.v) + self.lone_history.nbytes
 
+    def lone_history_room(self) -> int:
+        """How many positions ``lone_history`` may hold: what the budget (all ``num_blocks``
+        blocks) leaves beside the blocks given memory so far, up to ``LONE_HISTORY_BYTES``."""
+        free = (self.num_blocks - self.allocated) * self.block_bytes
+        return min(LONE_HISTORY_BYTES, free) // self._history_position
+
+    @property
+    def _history_position(self) -> int:
+        """Bytes of one position of ``lone_history``: every layer's key and value, unquantized."""
+        return 2 * self.n_layer * self.n_kv_head * self.head_dim * self.dtype.itemsize
+
     @property
     def bytes_per_token(self) -> int:
         """Bytes one position of one sequence costs stored in every layer."""
@@ -240,7 +255,8 @@ CALL_POSITIONS = 128
 LONE_COPY_POSITIONS = 1024
 # What ``LoneHistory`` may hold, all layers' keys and values: it grows with its row, doubling
 # from ``LONE_HISTORY_START`` positions, up to as many as this holds (in float32, 7,281
-# positions of GPT-2 124M; 8,192 of a 1B Llama's 16 layers of 8 KV heads of 64). A longer row
+# positions of GPT-2 124M; 8,192 of a 1B Llama's 16 layers of 8 KV heads of 64) and as the
+# budget's blocks not yet given memory hold (``PagedKVCache.lone_history_room``). A longer row
 # reads its blocks in place, merged per block: batch-1 decode after a 3,072-token prompt of
 # ``benchmarks/engine.py``'s Llama ran at 16-17 tok/s so, at 29-37 held, on 2 cores.
 LONE_HISTORY_BYTES = 512 * 2**20
@@ -258,17 +274,18 @@ class LoneHistory:
     tensor, kept from step to step and grown by the positions each step writes. Copying the
     row's blocks out in every step instead read its whole history twice a layer (the copy,
     then the attention); the slot design read it once, in place, and this reads it once too.
+    It takes memory the cache's budget has not given its blocks yet (``lone_history_room``).
 
     Held position i is what the pool holds at i through ``blocks`` for every i below
     ``filled``: only that row's own steps write the pool while it is held. ``follow`` drops it
     for any other step (another row beside it, a table that is not the one it copied), and the
     cache's block copies and writes drop it. A step that writes from a position at or below
     ``filled`` (the next token, or again after rejected guesses) reads back just what it
-    wrote. Its tensors grow with the row, doubling, and serve rows of up to
-    ``max_positions``; past that they are freed and the row reads its blocks like any other."""
+    wrote. Its tensors grow with the row, doubling, up to the room the cache has for them at
+    each step; a row past that reads its blocks like any other, and the tensors are freed."""
 
-    def __init__(self, n_layer: int, max_positions: int) -> None:
-        self.max_positions = max_positions
+    def __init__(self, n_layer: int) -> None:
+        self.max_positions = 0  # the room at the current step (``follow``)
         self.blocks: list[int] = []  # the table the positions held were read through
         self.filled = [0] * n_layer  # positions held, per layer
         self.k: list[torch.Tensor | None] = [None] * n_layer
@@ -278,21 +295,27 @@ class LoneHistory:
         self.blocks = []
         self.filled = [0] * len(self.filled)
 
+    def release(self) -> None:
+        """Drop what is held and give its memory back."""
+        self.reset()
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
 
-    def follow(self, layout: StepLayout, device: torch.device) -> bool:
+    def follow(self, layout: StepLayout, device: torch.device, room: int) -> bool:
         """Whether a forward over ``layout`` attends through this history: one row alone (a
-        decode row or a chunk), on a CPU, within ``max_positions``. What it holds stays only
-        where the row reads through the same table as before; anything else drops it."""
+        decode row or a chunk), on a CPU, within the ``room`` positions it may hold now. What
+        it holds stays only where the row reads through the same table as before; anything
+        else drops it."""
         rows = layout.rows
         # not one row, or one too long to hold: its memory goes back until a lone row comes
-        if device.type != "cpu" or len(rows) != 1 or rows[0].end > self.max_positions:
-            self.reset()
-            self.k = [None] * len(self.k)
-            self.v = [None] * len(self.v)
+        if device.type != "cpu" or len(rows) != 1 or rows[0].end > room:
+            self.release()
             return False
+        self.max_positions = room
         (row,) = rows
         if row.blocks[: len(self.blocks)] != self.blocks:
             self.reset()
@@ -328,15 +351,15 @@ class LoneHistory:
         self, cache: PagedKVCache, layer: int, need: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer``'s held tensors, with room for ``need`` positions: grown to the power of two
-        that fits (at least ``LONE_HISTORY_START``, at most ``max_positions``, in whole blocks)
+        that fits, in whole blocks (at least ``LONE_HISTORY_START``, at most ``max_positions``),
         keeping what they hold, or new in another dtype."""
         k, v = self.k[layer], self.v[layer]
         if k is not None and v is not None and k.dtype == dtype and k.size(2) >= need:
             return k, v
         kept = self.filled[layer] if k is not None and k.dtype == dtype else 0
         doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
-        capacity = max(need, min(doubled, self.max_positions))
-        capacity = -(-capacity // cache.block_size) * cache.block_size
+        whole = -(-doubled // cache.block_size) * cache.block_size
+        capacity = max(need, min(whole, self.max_positions))
         grown = []
         for old in (k, v):
             new = torch.empty(1, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
@@ -463,7 +486,7 @@ class PagedStep:
         self._write = pinned_to((torch.tensor(cells)[:, None] + heads).flatten(), device)
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
-        self._lone = cache.lone_history.follow(layout, device)
+        self._lone = cache.lone_history.follow(layout, device, cache.lone_history_room())
         if nd and not self._lone:  # a lone row reads its held history: no tables to build
             width = max(len(r.blocks) for r in layout.decode)
             table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
@@ -477,8 +500,10 @@ class PagedStep:
         self._chunk_views = [
             layer_views(cache.windows, c.start, c.length, device) for c in layout.chunks
         ]
+        # a lone chunk reads its held history instead of its blocks
         self._chunk_blocks = [
-            to_device(c.blocks[: -(-c.end // bs)], torch.long, device) for c in layout.chunks
+            None if self._lone else to_device(c.blocks[: -(-c.end // bs)], torch.long, device)
+            for c in layout.chunks
         ]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
