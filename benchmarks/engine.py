@@ -20,14 +20,14 @@ KV cache (what arlm's batch-1 loop was before the engine); prefix caching (16 re
 400-token head, prefill with and without it); and the peak of the KV blocks in use against what
 the sequences hold.
 
-``--attention`` measures one decode step's attention at 16 sequences x 250/500/1000 positions:
-slot views (the design before paged memory), the paged cache reading blocks in place (what the
-engine does), and gathering each row's blocks into a dense tensor. ``--profile`` prints where
-one 16-sequence decode step's time goes.
+``--attention`` measures one decode step's attention at 16 and at 4 sequences x 250/500/1000
+positions: slot views (the design before paged memory), the paged cache reading blocks in place
+(what the engine does), and gathering each row's blocks into a dense tensor. ``--profile``
+prints where one 16-sequence decode step's time goes.
 
 ``--baseline COMMIT`` is a before/after check of a change: only arlm's own columns (one at a
-time, the engine at 16, batch-1 decode, and batch-1 decode after prompts of 1,536 and 6,144
-tokens on a copy of the model taking 8,192 positions), for this checkout and for COMMIT's code
+time, the engine at 16 and at 4, batch-1 decode, and batch-1 decode after prompts of 1,536 and
+6,144 tokens on a copy of the model taking 8,192 positions), for this checkout and for COMMIT's code
 (its ``arlm`` package from ``git archive``), each run in a process of its own, in the order
 this, COMMIT, COMMIT, this, ... (``--rounds`` each); the means, their ratios, and how many
 greedy requests gave the same tokens.
@@ -65,6 +65,7 @@ N_REQUESTS, CONCURRENCY, NEW = 64, 16, 128
 # at batch 1 by a copy of the model that takes LONG_MODEL positions
 LONG, LONG_MODEL = (1536, 6144), 8192
 SINGLE = 16  # requests timed one at a time
+FEW = 4  # --baseline: requests in each wave of a few at once (``arlm_waves``)
 DEFAULT_VLLM = "/work/peers/vllm-venv/bin/python"
 
 
@@ -128,6 +129,24 @@ def arlm_engine(lm, requests: list[dict], blocks: bool = True) -> dict:
         allocated_kv_mib=engine.runner.cache.nbytes / 2**20,
     )
     return result
+
+
+def arlm_waves(lm, requests: list[dict], width: int) -> dict:
+    """The requests through the engine ``width`` at a time, each wave finished before the next
+    starts: steps of a few rows, as a server with that many clients runs."""
+    completions, seconds = [], 0.0
+    for i in range(0, len(requests), width):
+        wave = requests[i : i + width]
+        ids = [lm.engine.add_request(r["prompt_token_ids"], params_of(r)) for r in wave]
+        done = {}
+        start = time.perf_counter()
+        while lm.engine.has_unfinished():
+            for out in lm.engine.step():
+                if out.finished:
+                    done[out.request_id] = out.completion
+        seconds += time.perf_counter() - start
+        completions += [done[i] for i in ids]
+    return summarize(completions, seconds)
 
 
 def summarize(completions, seconds: float) -> dict:
@@ -307,14 +326,15 @@ def attention_at(
 
 
 def attention(n_layer: int = 12, heads: int = 12, head_dim: int = 64) -> None:
-    """One decode step's attention for 16 rows, per layer."""
-    print(f"\ndecode attention, 16 sequences, {heads} heads of {head_dim}, float32, one layer (ms)")
-    print(
-        f"  {'positions':>9}  {'slot views':>10}  {'paged':>8}  {'gather':>8}  {'paged/slot':>10}"
-    )
-    for S in (250, 500, 1000):
-        a, b, c = attention_at(S, heads, head_dim, n_layer)
-        print(f"  {S:9d}  {a:10.2f}  {b:8.2f}  {c:8.2f}  {b / a:10.2f}")
+    """One decode step's attention for 16 rows and for 4, per layer."""
+    for B in (16, FEW):
+        shape = f"{B} sequences, {heads} heads of {head_dim}, float32, one layer (ms)"
+        print(f"\ndecode attention, {shape}")
+        columns = ("slot views", 10), ("paged", 8), ("gather", 8), ("paged/slot", 10)
+        print(f"  {'positions':>9}" + "".join(f"  {name:>{w}}" for name, w in columns))
+        for S in (250, 500, 1000):
+            a, b, c = attention_at(S, heads, head_dim, n_layer, B)
+            print(f"  {S:9d}  {a:10.2f}  {b:8.2f}  {c:8.2f}  {b / a:10.2f}")
 
 
 def profile_step(folder: Path) -> None:
@@ -409,18 +429,19 @@ def run_model(kind: str, root: Path, vllm_python: str) -> None:
 
 
 def arms(folder: Path, long_folder: Path) -> dict:
-    """arlm's own columns on the model in ``folder`` (one request at a time, the engine, batch-1
-    decode), and batch-1 decode of long prompts on its copy in ``long_folder``, as
-    ``--baseline`` measures each commit's code: in a process of its own."""
+    """arlm's own columns on the model in ``folder`` (one request at a time, the engine at 16 and
+    at ``FEW``, batch-1 decode), and batch-1 decode of long prompts on its copy in
+    ``long_folder``, as ``--baseline`` measures each commit's code: in a process of its own."""
     lm = arlm.load(folder, max_num_seqs=CONCURRENCY)
     requests = make_requests(lm.config.vocab_size)
     single = arlm_single(lm, requests[:SINGLE])
     engine = arlm_engine(lm, requests, blocks=False)
+    few = arlm_waves(lm, requests[:SINGLE], FEW)
     rate, _ = batch1(lm, bare=False)
     del lm
     # one sequence: the slot design reserves max_model_len positions for each of max_num_seqs
     long = long_decode(arlm.load(long_folder, max_num_seqs=1))
-    return {"single": single, "engine": engine, "batch1": rate, "long": long}
+    return {"single": single, "engine": engine, "few": few, "batch1": rate, "long": long}
 
 
 def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
@@ -442,6 +463,7 @@ def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
     rows = (
         ("engine, 16 at once, output tok/s", lambda r: r["engine"]["output_tokens_per_s"]),
         ("engine, 16 at once, TPOT ms", lambda r: r["engine"]["tpot_ms"]),
+        (f"engine, {FEW} at once, output tok/s", lambda r: r["few"]["output_tokens_per_s"]),
         ("one at a time, output tok/s", lambda r: r["single"]["output_tokens_per_s"]),
         ("batch-1 decode tok/s", lambda r: r["batch1"]),
         *(
