@@ -137,15 +137,10 @@ def arlm_waves(lm, requests: list[dict], width: int) -> dict:
     completions, seconds = [], 0.0
     for i in range(0, len(requests), width):
         wave = requests[i : i + width]
-        ids = [lm.engine.add_request(r["prompt_token_ids"], params_of(r)) for r in wave]
-        done = {}
+        prompts, params = [r["prompt_token_ids"] for r in wave], [params_of(r) for r in wave]
         start = time.perf_counter()
-        while lm.engine.has_unfinished():
-            for out in lm.engine.step():
-                if out.finished:
-                    done[out.request_id] = out.completion
+        completions += lm.engine.generate(prompts, params, progress=False)
         seconds += time.perf_counter() - start
-        completions += [done[i] for i in ids]
     return summarize(completions, seconds)
 
 

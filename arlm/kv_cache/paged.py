@@ -285,7 +285,6 @@ class LoneHistory:
     each step; a row past that reads its blocks like any other, and the tensors are freed."""
 
     def __init__(self, n_layer: int) -> None:
-        self.max_positions = 0  # the room at the current step (``follow``)
         self.blocks: list[int] = []  # the table the positions held were read through
         self.filled = [0] * n_layer  # positions held, per layer
         self.k: list[torch.Tensor | None] = [None] * n_layer
@@ -315,7 +314,6 @@ class LoneHistory:
         if device.type != "cpu" or len(rows) != 1 or rows[0].end > room:
             self.release()
             return False
-        self.max_positions = room
         (row,) = rows
         if row.blocks[: len(self.blocks)] != self.blocks:
             self.reset()
@@ -351,15 +349,15 @@ class LoneHistory:
         self, cache: PagedKVCache, layer: int, need: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer``'s held tensors, with room for ``need`` positions: grown to the power of two
-        that fits, in whole blocks (at least ``LONE_HISTORY_START``, at most ``max_positions``),
-        keeping what they hold, or new in another dtype."""
+        that fits, in whole blocks (at least ``LONE_HISTORY_START``, at most the cache's
+        ``lone_history_room``), keeping what they hold, or new in another dtype."""
         k, v = self.k[layer], self.v[layer]
         if k is not None and v is not None and k.dtype == dtype and k.size(2) >= need:
             return k, v
         kept = self.filled[layer] if k is not None and k.dtype == dtype else 0
         doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
         whole = -(-doubled // cache.block_size) * cache.block_size
-        capacity = max(need, min(whole, self.max_positions))
+        capacity = max(need, min(whole, cache.lone_history_room()))
         grown = []
         for old in (k, v):
             new = torch.empty(1, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
