@@ -191,3 +191,32 @@ def test_a_killed_rank_stops_the_run_and_leaves_the_last_checkpoint(tmp_path, co
     assert step > 0 and step % 3 == 0
     ok(train(out, corpus, cache, "--resume", "--steps", str(step + 2)))
     assert json.loads((out / "train_state.json").read_text())["step"] == step + 2
+
+
+# a rank's exit after its run: its last barrier's Work stays held, so gloo's worker thread never
+# frees it (taking the GIL) while the main thread destroys the group with DDP's reducer (joining
+# that thread, holding the GIL); that deadlock hung a finished run now and then
+CLOSING = """
+import torch
+from arlm.train import distributed
+
+world, device = distributed.init_world("cpu")
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+model(torch.ones(2, 4)).sum().backward()
+distributed.barrier(world)
+(work,) = distributed._LATEST_BARRIER
+assert work.is_completed()
+distributed.close_world(world)
+del model  # the reducer, and with it the process group
+print("closed", world.rank)
+"""
+
+
+def test_a_rank_leaves_the_group_holding_its_last_barrier(tmp_path):
+    script = tmp_path / "closing.py"
+    script.write_text(CLOSING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script)]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(done.stdout.split("\n")[:2]) == ["closed 0", "closed 1"]
