@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from arlm.collectives import held_barrier
 from arlm.engine.tensor_parallel import TensorParallelGroup
 
 # a worker waits on rank 0 between requests: a server may idle for days
@@ -92,8 +93,10 @@ def join(size: int, device: torch.device, store: dist.TCPStore | None = None):
 
 
 def leave(workers: list) -> None:
-    """Tear the process group down (after the workers were told to stop) and wait for them."""
+    """Tear the process group down (after the workers were told to stop: every rank leaves)
+    and wait for them."""
     if dist.is_initialized():
+        held_barrier()  # the model's mesh holds the group: see ``_LATEST_BARRIER``
         dist.destroy_process_group()
     for process in workers:
         process.join(timeout=60)

@@ -198,13 +198,14 @@ def test_a_killed_rank_stops_the_run_and_leaves_the_last_checkpoint(tmp_path, co
 # that thread, holding the GIL); that deadlock hung a finished run now and then
 CLOSING = """
 import torch
+from arlm import collectives
 from arlm.train import distributed
 
 world, device = distributed.init_world("cpu")
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
 model(torch.ones(2, 4)).sum().backward()
 distributed.barrier(world)
-(work,) = distributed._LATEST_BARRIER
+(work,) = collectives._LATEST_BARRIER
 assert work.is_completed()
 distributed.close_world(world)
 del model  # the reducer, and with it the process group

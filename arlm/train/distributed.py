@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from arlm.collectives import held_barrier
 from arlm.placement import resolve_device as resolve_any_device
 
 
@@ -84,20 +85,9 @@ def sum_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
-# The Work of this process's latest barrier, kept until the next one or the process's end. Gloo's
-# worker thread drops its reference to a finished Work just after waking the caller; if that drop
-# is the last, the worker frees the Work's tensors and must take the GIL to do it. After a run's
-# closing barrier the main thread destroys the process group (with DDP's reducer) holding the
-# GIL, and joins that worker: both wait forever. A finished two-rank run hung so at exit in 3 of
-# 90 runs under load (torch 2.13). Holding the Work, the worker's drop is never the last.
-_LATEST_BARRIER: list[dist.Work] = []
-
-
 def barrier(world: World) -> None:
     if world.distributed:
-        work = dist.barrier(async_op=True)
-        work.wait()
-        _LATEST_BARRIER[:] = [work]
+        held_barrier()
 
 
 def broadcast_object(obj: object, world: World) -> object:
