@@ -323,6 +323,87 @@ def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
     assert copies == [b for b in blocks for _ in "kv"]
 
 
+# decode rows A, B, C, D (blocks 0-9, 10-19, 20-29, 30-39) and chunks, step by step:
+# (decode rows as (table, position), chunks as (table, start, length))
+_A, _B, _C, _D = (list(range(10 * i, 10 * i + 10)) for i in range(4))
+HELD_STEPS = [
+    ([(_A, 12), (_B, 20), (_C, 7)], []),  # every row's slot filled from its blocks
+    ([(_A, 13), (_B, 21), (_C, 8)], []),  # then each step reads back one position a row
+    ([(_A, 14), (_B, 22), (_C, 9)], [(_D, 0, 6)]),  # D's prompt beside them
+    ([(_A, 15), (_B, 23), (_C, 10), (_D, 6)], []),  # D gets a slot
+    # B waits; another table writes over its first blocks (as if they were someone else's)
+    ([(_A, 16), (_C, 11), (_D, 7)], [([10, 11], 0, 8)]),
+    ([(_A, 17), (_B, 24), (_D, 8)], [(_C, 12, 4)]),  # B back (all read again); C verifies 4
+    ([(_A, 18), (_B, 25), (_C, 14), (_D, 9)], []),  # C from 14: guesses at 14 and 15 rejected
+    ([(_A, 19), (_D, 10)], [(_C, 13, 3)]),  # B gone; C writes 13-15 again, from before its end
+    ([(_A, 20), (_C, 16), (_D, 11)], []),  # slots 0, 2 and 3 of 4
+]
+# the blocks a step of decode rows alone copies out: none but what a slot lacks
+HELD_COPIES = {1: [], 6: [[_C[3]]] * 2, 8: [[_C[3]]] * 2}
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_rows_beside_others_attend_over_held_slots_as_over_their_blocks(
+    kv_dtype, window, monkeypatch
+):
+    """Decode rows joining, waiting, verifying guesses and leaving, beside prompt chunks: each
+    step through held slots (``HeldRows``) equals the step of a cache that holds nothing and
+    reads its blocks; a step of rows that only decode copies no block out, a row back after a
+    step away reads its blocks again, and the cache stays within its budget."""
+    copies = _record_copies(monkeypatch)
+    H, hd, bs, n_head = 2, 16, 4, 4
+    g = torch.Generator().manual_seed(6)
+    caches = []
+    for n in (200, 40):  # the reference's blocks all have memory: it holds nothing
+        cache = PagedKVCache(1, H, hd, n, bs, codec=make_codec(kv_dtype, torch.float32))
+        cache.windows = [window]
+        _fill_randomly(cache, torch.Generator().manual_seed(3), 40)
+        caches.append(cache)
+    held = caches[0].held_rows
+    for i, (decode, chunks) in enumerate(HELD_STEPS):
+        layout = StepLayout(
+            [PagedRow(t, p, 1) for t, p in decode], [PagedRow(t, p, n) for t, p, n in chunks]
+        )
+        N = layout.num_tokens
+        q = torch.randn(1, n_head, N, hd, generator=g)
+        k_new, v_new = torch.randn(2, 1, H, N, hd, generator=g)
+        before = len(copies)
+        out = caches[0].step(layout).attend(0, q, k_new, v_new, scale=0.3)
+        held_copies = copies[before:]
+        want = caches[1].step(layout).attend(0, q, k_new, v_new, scale=0.3)
+        del copies[before + len(held_copies) :]
+        assert_close(out, want, scale=1.0)
+        assert len(held.slots) == len(decode)
+        assert caches[0].nbytes <= caches[0].num_blocks * caches[0].block_bytes
+        if i in HELD_COPIES:  # 1: one position a row; 6 and 8: C's rewritten positions
+            assert held_copies == HELD_COPIES[i]
+        if i == 5:  # B read again from its first block
+            assert [_B[:6]] * 2 == [c for c in held_copies if c[:1] == [_B[0]]]
+    assert held.slots == [0, 2, 3] and held.tables[1] == []
+
+
+def test_held_slots_stay_within_what_the_budget_leaves_the_blocks():
+    """Four short rows take four slots; then one row, longer, beside a chunk would need its
+    length in each of the four slots the tensors keep, more than the budget leaves the 20
+    blocks given memory: it reads its blocks, and the held slots' memory goes back."""
+    g = torch.Generator().manual_seed(2)
+    cache = PagedKVCache(1, 2, 16, 40, 4)
+    _fill_randomly(cache, g, 20)  # room for 80 positions of held history
+    budget = cache.num_blocks * cache.block_bytes
+    tables = [list(range(8)), list(range(8, 12)), list(range(12, 16)), list(range(16, 20))]
+    steps = [StepLayout([PagedRow(t, 15, 1) for t in tables], [])]  # 4 slots of 16
+    steps.append(StepLayout([PagedRow(tables[0], 30, 1)], [PagedRow(tables[1], 12, 2)]))
+    for layout, held in zip(steps, ([0, 1, 2, 3], []), strict=True):
+        N = layout.num_tokens
+        q, k_new, v_new = torch.randn(3, 1, 4, N, 16, generator=g)
+        out = cache.step(layout).attend(0, q, k_new[:, :2], v_new[:, :2], scale=0.3)
+        assert cache.held_rows.slots == held and cache.nbytes <= budget
+        for i, r in enumerate(layout.decode):  # over what the blocks hold after the step
+            want = _attend_dense(cache, r.blocks, r.start, q[:, :, i : i + 1], 0.3)
+            assert_close(out[0, :, i], want[:, 0], scale=1.0)
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_quantized_blocks_read_as_they_were_stored(model, kv_dtype):
     """A decode step over int8/int4 blocks equals attention over the dequantized positions."""

@@ -11,17 +11,19 @@ tokens (one per decoding sequence) and then each prefill chunk's tokens; ``StepL
 which row each token belongs to. ``step`` returns the ``Cache`` object for one such forward. All
 of its new keys and values are written in one indexed copy per plane per layer.
 
-Decode attention reads the blocks in place; how depends on the device, chosen by measurement
-(``benchmarks/engine.py --attention``):
+How decode attention reads the blocks depends on the device, chosen by measurement
+(``benchmarks/engine.py --attention``, ``docs/benchmarks.md``):
 
 - on a CPU, one row alone (batch-1 decode) attends over its history held as one tensor from
   step to step (``LoneHistory``, which a lone row's prefill chunks and speculative verify
-  steps extend too); more rows take fused attention calls over the ranges of the
-  pool that hold the blocks any row reads: each block is one batch entry, its queries the rows
-  that read it (``_BlockReaders``), and each row's partial results are merged by their
-  log-sum-exp. No row's history is copied unless the blocks read lie scattered over the
-  pool; gathering each row's blocks into a dense tensor instead measured 3 to 10 times slower
-  (it copies the whole history of every row in every layer).
+  steps extend too), and up to ``HELD_ROWS`` decode rows over theirs held in the slots of one
+  tensor (``HeldRows``), both within the room the budget leaves; more rows, or rows past that
+  room, take fused attention calls over the ranges of the pool that hold the blocks any row
+  reads: each block is one batch entry, its queries the rows that read it
+  (``_BlockReaders``), and each row's partial results are merged by their log-sum-exp. No
+  row's history is copied unless the blocks read lie scattered over the pool; gathering each
+  row's blocks into a dense tensor instead measured 3 to 10 times slower (it copies the whole
+  history of every row in every layer).
 - on CUDA, for float blocks of full-attention layers, ``decode_attention``'s Triton kernel
   follows each row's block table.
 
@@ -125,6 +127,7 @@ class PagedKVCache:
         self.allocated = 0
         self.spare: int | None = None  # a block no sequence owns (``add_spare_block``)
         self.lone_history = LoneHistory(n_layer)
+        self.held_rows = HeldRows(n_layer)
 
     @classmethod
     def for_model(
@@ -174,8 +177,10 @@ class PagedKVCache:
                 for a, b in zip(new_planes, old_planes, strict=True):
                     a[: self.allocated].copy_(b[: self.allocated])
         self.k, self.v, self.allocated = k, v, n
-        if self.lone_history.nbytes > self.lone_history_room() * self._history_position:
-            self.lone_history.release()  # the blocks took the memory it held
+        room = self.lone_history_room() * self._history_position
+        for held in (self.lone_history, self.held_rows):
+            if held.nbytes > room:
+                held.release()  # the blocks took the memory it held
 
     def _planes(self) -> list[torch.Tensor]:
         return [p for layer in (*self.k, *self.v) for p in layer]
@@ -187,6 +192,7 @@ class PagedKVCache:
         src = to_device([s for s, _ in pairs], torch.long, self.device)
         dst = to_device([d for _, d in pairs], torch.long, self.device)
         self.lone_history.reset()
+        self.held_rows.reset()
         for plane in self._planes():
             plane.index_copy_(0, dst, plane.index_select(0, src))
 
@@ -199,6 +205,7 @@ class PagedKVCache:
         """Store ``data`` (as ``read_blocks`` returns it, on any device) in blocks ``ids``."""
         index = to_device(ids, torch.long, self.device)
         self.lone_history.reset()
+        self.held_rows.reset()
         for plane, part in zip(self._planes(), data, strict=True):
             plane.index_copy_(0, index, part.to(self.device, non_blocking=True))
 
@@ -219,8 +226,8 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """The blocks' planes and what ``lone_history`` holds."""
-        return planes_nbytes(self.k, self.v) + self.lone_history.nbytes
+        """The blocks' planes and what ``lone_history`` and ``held_rows`` hold."""
+        return planes_nbytes(self.k, self.v) + self.lone_history.nbytes + self.held_rows.nbytes
 
     def lone_history_room(self) -> int:
         """How many positions ``lone_history`` may hold: what the budget (all ``num_blocks``
@@ -369,6 +376,167 @@ class LoneHistory:
         return grown[0], grown[1]
 
 
+# Decode rows beside others (a server's few clients) on a CPU attend over held copies of their
+# histories (``HeldRows``) while there are at most this many; more read their blocks in place.
+HELD_ROWS = 16
+
+
+class HeldRows:
+    """Decode rows beside one another on a CPU: each row's history of every layer held in a
+    slot of one padded tensor per layer, kept from step to step and extended by the keys and
+    values each step stores, so one attention call reads every row's keys, masked to its own
+    positions (as the slot design did). Reading the blocks in place instead lays the queries
+    out per block, makes fused calls over the pool and merges each row's per-block results:
+    GPT-2's engine 4 at once ran 2.5% faster held (``docs/benchmarks.md``). It takes memory the
+    cache's budget has not given its blocks (``lone_history_room``), and only while
+    ``LoneHistory`` holds none.
+
+    A slot's first ``filled`` positions are what the pool holds there through its row's table.
+    Each step's rows are matched to the slots by the blocks of those positions; a slot that no
+    row of the step matches is emptied (its row finished or waits), and the cache's block
+    copies and writes empty them all. A row's step writes from its ``start`` on: its slot keeps
+    the positions before that, and reads the rest back from the blocks (a new row's slot, all
+    of them; a row back from a verify step or rejected guesses, the few it lacks)."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.tables: list[list[int]] = []  # per slot: the table its positions were read through
+        self.filled: list[list[int]] = []  # per slot, per layer: positions held
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # (slots, n_kv_head, capacity, hd)
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.slots: list[int] = []  # this step's decode rows' slots, in their order
+        self.slot_index = self._positions = torch.zeros(0, dtype=torch.long)  # slots, starts
+
+    def reset(self) -> None:
+        self.tables, self.filled, self.slots = [], [], []
+
+    def release(self) -> None:
+        """Empty every slot and give the memory back."""
+        self.reset()
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
+
+    def follow(self, cache: PagedKVCache, layout: StepLayout) -> bool:
+        """Whether the decode rows of ``layout`` attend through held slots: on a CPU, from 1 to
+        ``HELD_ROWS`` of them (one alone is ``LoneHistory``'s), all within the room the budget
+        leaves. Matches the step's rows to the slots (see the class docstring)."""
+        decode, bs = layout.decode, cache.block_size
+        alone = len(decode) == 1 and not layout.chunks
+        if cache.device.type != "cpu" or not decode or len(decode) > HELD_ROWS or alone:
+            self.release()
+            return False
+        free = set(range(len(self.tables)))
+        matched: dict[int, int] = {}
+        for i, row in enumerate(layout.rows):
+            for s in sorted(free):
+                n = -(-min(self.filled[s]) // bs)  # the blocks of the positions it holds
+                if n and row.blocks[:n] == self.tables[s][:n]:
+                    matched[i] = s
+                    free.discard(s)
+                    break
+        n_layer = len(self.k)
+        for s in free:  # no row of this step reads it
+            self.tables[s], self.filled[s] = [], [0] * n_layer
+        free_slots = sorted(free)
+        self.slots = []
+        for i, row in enumerate(decode):
+            s = matched.get(i)
+            if s is None:
+                if free_slots:
+                    s = free_slots.pop(0)
+                else:
+                    s = len(self.tables)
+                    self.tables.append([])
+                    self.filled.append([0] * n_layer)
+            self.slots.append(s)
+            self.tables[s] = list(row.blocks)
+        for i, row in enumerate(layout.chunks, start=len(decode)):
+            if i in matched:  # it writes from its start: only what is before stays held
+                s = matched[i]
+                self.tables[s] = list(row.blocks)
+                self.filled[s] = [min(f, row.start) for f in self.filled[s]]
+        # the slots the tensors will have (they never lose one), at the longest row's length
+        slots = max([max(self.slots) + 1] + [t.size(0) for t in self.k if t is not None])
+        if slots * max(r.end for r in decode) > cache.lone_history_room():
+            self.release()
+            return False
+        self.slot_index = torch.tensor(self.slots)
+        self._positions = torch.tensor([r.start for r in decode])
+        return True
+
+    def read(
+        self,
+        cache: PagedKVCache,
+        layer: int,
+        rows: list[PagedRow],
+        new: tuple[torch.Tensor, torch.Tensor],
+        cells: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s keys and values of the slots up to the last of this step's decode
+        ``rows`` (whose positions the step has just stored), each (slots, n_kv_head, longest,
+        hd) in ``dtype``: the held ones, the rows' new positions read back from their blocks
+        (through the codec, as every step reads them), and what a slot lacks before them."""
+        bs = cache.block_size
+        slots, longest = max(self.slots) + 1, max(r.end for r in rows)
+        k, v = self._room(cache, layer, slots, longest, dtype)
+        slot, position = self.slot_index, self._positions
+        # what the blocks now hold at the rows' positions: the step's keys and values as they
+        # are where the codec stores floats of this dtype, else read back through it
+        stored = isinstance(cache.codec, FloatCodec) and cache.dtype == dtype
+        cells = cells[: len(rows) * cache.n_kv_head]
+        for planes, x, held in ((cache.k[layer], new[0], k), (cache.v[layer], new[1], v)):
+            if stored:
+                value = x[0].transpose(0, 1)
+            else:
+                flat = [p.view(-1, p.size(-1)).index_select(0, cells) for p in planes]
+                value = cache.codec.decode(flat, dtype).view(len(rows), cache.n_kv_head, -1)
+            held[slot, :, position] = value  # (rows, n_kv_head, hd)
+        for s, row in zip(self.slots, rows, strict=True):
+            first = self.filled[s][layer]
+            if first < row.start:  # what the slot lacks before the step's position
+                lo, hi = first // bs, -(-row.start // bs)
+                index = torch.tensor(row.blocks[lo:hi], dtype=torch.long)
+                for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                    copied = _history(cache, planes, index, dtype)
+                    held[s, :, first : row.start].copy_(
+                        copied[0, :, first - lo * bs : row.start - lo * bs]
+                    )
+            self.filled[s][layer] = row.end
+        return k[:slots, :, :longest], v[:slots, :, :longest]
+
+    def _room(
+        self, cache: PagedKVCache, layer: int, slots: int, need: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s held tensors with at least ``slots`` slots of ``need`` positions: grown
+        as ``LoneHistory``'s are (doubling, in whole blocks, within the room), keeping what
+        they hold, or new in another dtype (and then holding nothing)."""
+        k, v = self.k[layer], self.v[layer]
+        keep = k is not None and v is not None and k.dtype == dtype
+        if keep and k.size(0) >= slots and k.size(2) >= need:
+            return k, v
+        slots = max(slots, k.size(0) if keep else 0)
+        doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
+        whole = -(-doubled // cache.block_size) * cache.block_size
+        capacity = max(need, min(whole, cache.lone_history_room() // slots))
+        grown = []
+        for old in (k, v):
+            # zeros: a masked position still enters the scores, and garbage there can be NaN
+            new = torch.zeros(slots, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
+            if keep:
+                n, length = old.size(0), min(old.size(2), capacity)
+                new[:n, :, :length].copy_(old[:, :, :length])
+            grown.append(new)
+        if not keep:
+            for filled in self.filled:
+                filled[layer] = 0
+        self.k[layer], self.v[layer] = grown
+        return grown[0], grown[1]
+
+
 class _BlockReaders:
     """For one window length, which decode rows read which blocks, laid out for fused attention
     calls, one per ``segments`` range of the pool (views: no copy) each layer. The ranges hold
@@ -485,7 +653,9 @@ class PagedStep:
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
         self._lone = cache.lone_history.follow(layout, device, cache.lone_history_room())
-        if nd and not self._lone:  # a lone row reads its held history: no tables to build
+        self._held = cache.held_rows.follow(cache, layout)
+        self._held_masks: dict[int | None, torch.Tensor] = {}
+        if nd and not (self._lone or self._held):  # held histories: no tables to build
             width = max(len(r.blocks) for r in layout.decode)
             table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
             self._tables = torch.tensor(table, dtype=torch.long)
@@ -525,7 +695,10 @@ class PagedStep:
         _store(cache, layer, k, v, self._write)
         out = []
         nd = self.n_decode
-        if nd:
+        if nd and self._held:
+            new = k[:, :, :nd], v[:, :, :nd]
+            out.append(self._decode_held(layer, q[:, :, :nd], new, scale))
+        elif nd:
             out.append(self._decode(layer, q[:, :, :nd], scale))
         offset = nd
         for chunk, views, blocks in zip(
@@ -569,6 +742,34 @@ class PagedStep:
             )
             self._readers[window] = readers
         return _read_blocks_in_place(cache, k_planes, v_planes, q, readers, scale)
+
+    def _decode_held(
+        self, layer: int, q: torch.Tensor, new: tuple[torch.Tensor, torch.Tensor], scale: float
+    ) -> torch.Tensor:
+        """Decode rows' queries over their held slots (``HeldRows``): one call over every
+        slot, each masked to its row's positions; a slot no row of this step reads (its row
+        gone) gets a zero query and sees its first position, and its result is left out."""
+        cache, rows = self.cache, self.layout.decode
+        held = cache.held_rows
+        keys, values = held.read(cache, layer, rows, new, self._write, q.dtype)
+        window = cache.windows[layer]
+        mask = self._held_masks.get(window)
+        if mask is None:
+            seen = torch.zeros(keys.size(0), 1, 1, keys.size(2), dtype=torch.bool)
+            seen[..., 0] = True
+            for s, row in zip(held.slots, rows, strict=True):
+                seen[s, ..., 0] = False
+                seen[s, ..., _first_seen(row.start, window) : row.end] = True
+            mask = self._held_masks[window] = seen
+        queries = q[0].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
+        if held.slots == list(range(keys.size(0))):
+            y = sdpa(queries, keys, values, mask, scale)
+        else:
+            slot = held.slot_index
+            spread = queries.new_zeros(keys.size(0), *queries.shape[1:])
+            spread[slot] = queries
+            y = sdpa(spread, keys, values, mask, scale)[slot]
+        return y[:, :, 0].transpose(0, 1)[None]
 
     def _decode_gathered(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Each row's blocks gathered into a dense tensor, a length and window mask: the path
@@ -693,6 +894,7 @@ class StaticDecode:
     def __init__(self, cache: PagedKVCache, tables: torch.Tensor, positions: torch.Tensor) -> None:
         self.cache = cache
         cache.lone_history.reset()  # its rows write the pool
+        cache.held_rows.reset()
         H, bs = cache.n_kv_head, cache.block_size
         block = tables.gather(1, (positions // bs)[:, None])  # (B, 1)
         heads = torch.arange(H, device=tables.device) * bs
