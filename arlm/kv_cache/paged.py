@@ -424,9 +424,12 @@ class HeldRows:
         ``HELD_ROWS`` of them (one alone is ``LoneHistory``'s), all within the room the budget
         leaves. Matches the step's rows to the slots (see the class docstring)."""
         decode, bs = layout.decode, cache.block_size
-        alone = len(decode) == 1 and not layout.chunks
-        if cache.device.type != "cpu" or not decode or len(decode) > HELD_ROWS or alone:
+        # one row alone is LoneHistory's, and the memory goes to it
+        if cache.device.type != "cpu" or len(decode) > HELD_ROWS or len(layout.rows) == 1:
             self.release()
+            return False
+        if not decode:  # prompts only: the slots go, their memory stays for the rows to come
+            self.reset()
             return False
         free = set(range(len(self.tables)))
         matched: dict[int, int] = {}
