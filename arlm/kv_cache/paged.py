@@ -480,16 +480,16 @@ class HeldRows:
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer``'s keys and values of the slots up to the last of this step's decode
-        ``rows`` (whose positions the step has just stored), each (slots, n_kv_head, longest,
-        hd) in ``dtype``: the held ones, the rows' new positions read back from their blocks
-        (through the codec, as every step reads them), and what a slot lacks before them."""
+        ``rows``, each (slots, n_kv_head, longest, hd) in ``dtype``: the held ones, the rows'
+        positions the step has just stored (``new``, through the flat ``cells`` it stored them
+        at), as the blocks now hold them, and what a slot lacks before them."""
         bs = cache.block_size
         slots, longest = max(self.slots) + 1, max(r.end for r in rows)
         k, v = self._room(cache, layer, slots, longest, dtype)
         slot, position = self.slot_index, self._positions
         # what the blocks now hold at the rows' positions: the step's keys and values as they
         # are where the codec stores floats of this dtype, else read back through it
-        stored = isinstance(cache.codec, FloatCodec) and cache.dtype == dtype
+        stored = isinstance(cache.codec, FloatCodec) and cache.k[layer][0].dtype == dtype
         cells = cells[: len(rows) * cache.n_kv_head]
         for planes, x, held in ((cache.k[layer], new[0], k), (cache.v[layer], new[1], v)):
             if stored:
