@@ -197,6 +197,9 @@ def test_a_killed_rank_stops_the_run_and_leaves_the_last_checkpoint(tmp_path, co
 # frees it (taking the GIL) while the main thread destroys the group with DDP's reducer (joining
 # that thread, holding the GIL); that deadlock hung a finished run now and then
 CLOSING = """
+import sys
+from pathlib import Path
+
 import torch
 from arlm import collectives
 from arlm.train import distributed
@@ -209,7 +212,7 @@ distributed.barrier(world)
 assert work.is_completed()
 distributed.close_world(world)
 del model  # the reducer, and with it the process group
-print("closed", world.rank)
+(Path(sys.argv[1]) / f"closed{world.rank}").touch()  # (the ranks' prints would interleave)
 """
 
 
@@ -217,7 +220,7 @@ def test_a_rank_leaves_the_group_holding_its_last_barrier(tmp_path):
     script = tmp_path / "closing.py"
     script.write_text(CLOSING)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", str(script)]
+    command += ["--nproc-per-node", "2", str(script), str(tmp_path)]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(done.stdout.split("\n")[:2]) == ["closed 0", "closed 1"]
+    assert sorted(p.name for p in tmp_path.glob("closed*")) == ["closed0", "closed1"]
