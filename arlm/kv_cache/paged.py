@@ -275,7 +275,35 @@ def _first_seen(position: int, window: int | None) -> int:
     return 0 if window is None else max(0, position - window + 1)
 
 
-class LoneHistory:
+class _HeldTensors:
+    """Keys and values held on the host beside the pool, per layer (``LoneHistory``,
+    ``HeldRows``); each says what it holds and forgets it in ``reset``."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def release(self) -> None:
+        """Drop what is held (the subclass's ``reset``) and give its memory back."""
+        self.reset()
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
+
+
+def _held_capacity(cache: PagedKVCache, need: int, slots: int = 1) -> int:
+    """Positions per slot for held tensors that must take ``need``: the power of two that fits
+    (at least ``LONE_HISTORY_START``), in whole blocks, at most what the cache's room gives
+    each of ``slots``, and never fewer than ``need``."""
+    doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
+    whole = -(-doubled // cache.block_size) * cache.block_size
+    return max(need, min(whole, cache.lone_history_room() // slots))
+
+
+class LoneHistory(_HeldTensors):
     """One row alone, step after step (batch-1 generation, one request at a time, its prompt's
     chunks, its speculative verify steps), on a CPU: its history of every layer held as one
     tensor, kept from step to step and grown by the positions each step writes. Copying the
@@ -292,24 +320,13 @@ class LoneHistory:
     each step; a row past that reads its blocks like any other, and the tensors are freed."""
 
     def __init__(self, n_layer: int) -> None:
+        super().__init__(n_layer)
         self.blocks: list[int] = []  # the table the positions held were read through
         self.filled = [0] * n_layer  # positions held, per layer
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
 
     def reset(self) -> None:
         self.blocks = []
         self.filled = [0] * len(self.filled)
-
-    def release(self) -> None:
-        """Drop what is held and give its memory back."""
-        self.reset()
-        self.k = [None] * len(self.k)
-        self.v = [None] * len(self.v)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
 
     def follow(self, layout: StepLayout, device: torch.device, room: int) -> bool:
         """Whether a forward over ``layout`` attends through this history: one row alone (a
@@ -362,9 +379,7 @@ class LoneHistory:
         if k is not None and v is not None and k.dtype == dtype and k.size(2) >= need:
             return k, v
         kept = self.filled[layer] if k is not None and k.dtype == dtype else 0
-        doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
-        whole = -(-doubled // cache.block_size) * cache.block_size
-        capacity = max(need, min(whole, cache.lone_history_room()))
+        capacity = _held_capacity(cache, need)
         grown = []
         for old in (k, v):
             new = torch.empty(1, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
@@ -381,7 +396,7 @@ class LoneHistory:
 HELD_ROWS = 16
 
 
-class HeldRows:
+class HeldRows(_HeldTensors):
     """Decode rows beside one another on a CPU: each row's history of every layer held in a
     slot of one padded tensor per layer, kept from step to step and extended by the keys and
     values each step stores, so one attention call reads every row's keys, masked to its own
@@ -399,25 +414,14 @@ class HeldRows:
     of them; a row back from a verify step or rejected guesses, the few it lacks)."""
 
     def __init__(self, n_layer: int) -> None:
+        super().__init__(n_layer)  # k, v: (slots, n_kv_head, capacity, hd) per layer
         self.tables: list[list[int]] = []  # per slot: the table its positions were read through
         self.filled: list[list[int]] = []  # per slot, per layer: positions held
-        self.k: list[torch.Tensor | None] = [None] * n_layer  # (slots, n_kv_head, capacity, hd)
-        self.v: list[torch.Tensor | None] = [None] * n_layer
         self.slots: list[int] = []  # this step's decode rows' slots, in their order
         self.slot_index = self._positions = torch.zeros(0, dtype=torch.long)  # slots, starts
 
     def reset(self) -> None:
         self.tables, self.filled, self.slots = [], [], []
-
-    def release(self) -> None:
-        """Empty every slot and give the memory back."""
-        self.reset()
-        self.k = [None] * len(self.k)
-        self.v = [None] * len(self.v)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
 
     def follow(self, cache: PagedKVCache, layout: StepLayout) -> bool:
         """Whether the decode rows of ``layout`` attend through held slots: on a CPU, from 1 to
@@ -522,9 +526,7 @@ class HeldRows:
         if keep and k.size(0) >= slots and k.size(2) >= need:
             return k, v
         slots = max(slots, k.size(0) if keep else 0)
-        doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
-        whole = -(-doubled // cache.block_size) * cache.block_size
-        capacity = max(need, min(whole, cache.lone_history_room() // slots))
+        capacity = _held_capacity(cache, need, slots)
         grown = []
         for old in (k, v):
             # zeros: a masked position still enters the scores, and garbage there can be NaN
