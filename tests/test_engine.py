@@ -10,6 +10,8 @@ import pytest
 
 from arlm.api import LM
 from arlm.engine import AsyncEngine, Engine, EngineConfig
+from arlm.engine.config import held_share
+from arlm.engine.memory import GIB
 from arlm.kv_cache import CacheConfig
 from arlm.sampling import SamplingParams
 from tests.conftest import make_model
@@ -273,6 +275,30 @@ def test_engine_limits_and_requests_are_checked(model, tokenizer):
     # a sequence stops at max_model_len however many tokens it asked for
     out = engine.generate([[1, 2]], SamplingParams(max_tokens=100, **GREEDY), progress=False)
     assert out[0].finish_reason == "length" and len(out[0].token_ids) == 31
+
+
+def test_a_full_pool_leaves_the_held_histories_their_share(tokenizer):
+    """On a CPU an eighth of the budget is the held histories' (``held_share``): with every
+    block given memory up front (``preallocate``, as ``arlm serve`` does) a lone row and rows
+    beside one another still hold theirs, and the cache stays within the budget. An explicit
+    max_model_len that needs the whole budget gets it; on a GPU nothing is set aside."""
+    model = make_model("gpt2", vocab_size=tokenizer.vocab_size, seed=5)
+    c = model.config
+    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 16  # bytes of 16 positions, float32
+    engine = Engine(model, tokenizer, config=EngineConfig(kv_cache_memory_gib=128 * block / GIB))
+    cache = engine.runner.cache
+    assert (cache.num_blocks, cache.held_blocks) == (112, 16)
+    engine.preallocate()
+    assert cache.allocated == cache.num_blocks
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=40, **GREEDY), progress=False)
+    assert cache.lone_history.nbytes > 0
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    engine.generate(prompts, SamplingParams(max_tokens=40, **GREEDY), progress=False)
+    assert cache.held_rows.nbytes > 0 and len(cache.held_rows.tables) == 3
+    assert cache.nbytes <= 128 * block
+    whole = EngineConfig(max_model_len=128, kv_cache_memory_gib=8.5 * block / GIB)
+    assert Engine(model, tokenizer, config=whole).runner.cache.held_blocks == 0
+    assert held_share(EngineConfig(), "cuda", 64, 16, block) == 0
 
 
 def test_a_windowed_engine_runs_one_sequence_past_the_context(tokenizer):

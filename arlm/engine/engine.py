@@ -69,7 +69,14 @@ class Engine:
         if sizes.max_len is None:
             self.window_max_len = config.max_model_len or DEFAULT_WINDOW_MAX_MODEL_LEN
         bs = config.kv_block_size
-        runner_args = (model, self.cache_config, sizes.num_blocks, bs, sizes.host_blocks)
+        runner_args = (
+            model,
+            self.cache_config,
+            sizes.num_blocks,
+            bs,
+            sizes.host_blocks,
+            sizes.held_blocks,
+        )
         if tensor_parallel is None:
             self.runner = ModelRunner(*runner_args)
         else:  # the other ranks run each step too (arlm.engine.tensor_parallel)

@@ -1,7 +1,9 @@
 """How much memory the engine's KV cache may take, and so how many sequences run at once.
 
 On a CPU the budget is ``kv_cache_memory_gib``, or a quarter of the machine's memory: the
-weights, the activations and everything else on the machine share the rest.
+weights, the activations and everything else on the machine share the rest. An eighth of it
+goes to the held histories of a few decoding rows rather than to the pool's blocks
+(``arlm.engine.config.held_share``).
 
 On a GPU the engine owns the device, as vLLM does: the budget is ``gpu_memory_utilization`` of
 the device's memory, less what is in use once the weights are loaded (the weights, the CUDA

@@ -41,6 +41,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         host_blocks: int = 0,
+        held_blocks: int = 0,
     ) -> None:
         self.model = model
         self.device = model.wte.weight.device
@@ -55,7 +56,9 @@ class ModelRunner:
                 model.config, 1, cache_config.window, cache_config.sink_tokens, **kw
             )
         else:
-            self.cache = PagedKVCache.for_model(model.config, num_blocks, block_size, **kw)
+            self.cache = PagedKVCache.for_model(
+                model.config, num_blocks, block_size, held_blocks=held_blocks, **kw
+            )
             if host_blocks:
                 self.host = HostKVPool(self.cache, host_blocks)
         self.decode_graphs: DecodeGraphs | None = None

@@ -110,11 +110,12 @@ class TensorParallelRunner:
         num_blocks: int,
         block_size: int,
         host_blocks: int = 0,
+        held_blocks: int = 0,
         *,
         group: TensorParallelGroup,
     ) -> None:
         self.group = group
-        args = (cache_config, num_blocks, block_size, host_blocks)
+        args = (cache_config, num_blocks, block_size, host_blocks, held_blocks)
         group.broadcast(("runner", *args))
         self.inner = ModelRunner(model, *args)
         self.cache, self.windowed, self.decode_graphs = self.inner.cache, self.inner.windowed, None

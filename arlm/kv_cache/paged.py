@@ -94,8 +94,9 @@ class PagedKVCache:
     (the planes grow by doubling up to ``num_blocks``), so a model serving one short request
     holds a few blocks. ``windows``: one per layer, a sliding window's length or None.
 
-    What all ``num_blocks`` blocks take is the cache's budget: a lone row's held history
-    (``LoneHistory``) takes only what the blocks not yet given memory leave of it."""
+    The cache's budget is what all ``num_blocks`` blocks take and ``held_blocks`` blocks' worth
+    more, set aside for the held histories (``LoneHistory``, ``HeldRows``): they take that and
+    what the blocks not yet given memory leave (``lone_history_room``)."""
 
     def __init__(
         self,
@@ -109,6 +110,7 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         codec: Codec | None = None,
         windows: list[int | None] | None = None,
+        held_blocks: int = 0,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(
@@ -119,6 +121,7 @@ class PagedKVCache:
         self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
         self.windows = windows or [None] * n_layer
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.held_blocks = held_blocks
         # one position in one layer, k and v
         self.position_bytes = 2 * n_kv_head * self.codec.bytes_per_vector(head_dim)
         self.device = torch.device(device)
@@ -139,6 +142,7 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         codec: Codec | None = None,
+        held_blocks: int = 0,
     ) -> PagedKVCache:
         return cls(
             config.n_layer,
@@ -150,6 +154,7 @@ class PagedKVCache:
             dtype=dtype,
             codec=codec,
             windows=config.layer_windows,
+            held_blocks=held_blocks,
         )
 
     def reserve(self, blocks: int) -> None:
@@ -230,9 +235,10 @@ class PagedKVCache:
         return planes_nbytes(self.k, self.v) + self.lone_history.nbytes + self.held_rows.nbytes
 
     def lone_history_room(self) -> int:
-        """How many positions ``lone_history`` may hold: what the budget (all ``num_blocks``
-        blocks) leaves beside the blocks given memory so far, up to ``LONE_HISTORY_BYTES``."""
-        free = (self.num_blocks - self.allocated) * self.block_bytes
+        """How many positions the held histories may hold: what the budget (all ``num_blocks``
+        blocks and ``held_blocks``) leaves beside the blocks given memory so far, up to
+        ``LONE_HISTORY_BYTES``."""
+        free = (self.num_blocks + self.held_blocks - self.allocated) * self.block_bytes
         return min(LONE_HISTORY_BYTES, free) // self._history_position
 
     @property
