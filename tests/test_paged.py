@@ -12,7 +12,7 @@ import torch
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.block_manager import BlockManager, block_hashes
 from arlm.engine.sequence import Sequence
-from arlm.kv_cache import PagedKVCache, PagedRow, StepLayout, make_codec, paged
+from arlm.kv_cache import PagedKVCache, PagedRow, StepLayout, held, make_codec, paged
 from arlm.kv_cache.decode_attention import decode_attention_reference
 from arlm.sampling import SamplingParams
 from tests.conftest import make_model
@@ -137,15 +137,17 @@ def test_a_lone_windowed_row_of_few_positions_reads_its_table_as_the_general_pat
 
 
 def _record_copies(monkeypatch) -> list[list[int]]:
-    """The blocks of every history copy (``paged._history``) from now on, in order."""
+    """The blocks of every history copy (``gather_history``, in the pool's steps and the held
+    histories) from now on, in order."""
     copies = []
-    original = paged._history
+    original = held.gather_history
 
     def history(*args):
         copies.append(args[2].tolist())
         return original(*args)
 
-    monkeypatch.setattr(paged, "_history", history)
+    for module in (paged, held):
+        monkeypatch.setattr(module, "gather_history", history)
     return copies
 
 
@@ -226,13 +228,13 @@ def test_a_lone_rows_held_history_grows_with_it_up_to_what_it_may_hold(kv_dtype,
     holds the row reads its blocks as other rows do, and the held tensors are given back."""
     copies = _record_copies(monkeypatch)
     H, hd, bs, n_head = 2, 16, 4, 4
-    monkeypatch.setattr(paged, "LONE_HISTORY_START", 8)
+    monkeypatch.setattr(held, "LONE_HISTORY_START", 8)
     monkeypatch.setattr(paged, "LONE_HISTORY_BYTES", 30 * 2 * H * hd * 4)  # 30 float32 positions
     g = torch.Generator().manual_seed(3)
     cache = PagedKVCache(1, H, hd, 80, bs, codec=make_codec(kv_dtype, torch.float32))
     _fill_randomly(cache, g, 40)  # the other 40 blocks' memory is the held history's to take
     table = [17, 3, 30, 8, 12, 25, 1, 9, 33]
-    held = []
+    sizes = []
     for position in range(6, 36):
         if position == 30:
             assert copies == [table[:2]] * 2  # keys and values, at the first step only
@@ -243,9 +245,9 @@ def test_a_lone_rows_held_history_grows_with_it_up_to_what_it_may_hold(kv_dtype,
         )
         assert_close(out[0], _attend_dense(cache, table, position, q, 0.3), scale=1.0)
         k = cache.lone_history.k[0]
-        held.append(None if k is None else k.size(2))
+        sizes.append(None if k is None else k.size(2))
     # positions 6-7 fit 8; 8-15 fit 16; 16-29 fit the 30 it may hold; 30 on: none held
-    assert held == [8] * 2 + [16] * 8 + [30] * 14 + [None] * 6
+    assert sizes == [8] * 2 + [16] * 8 + [30] * 14 + [None] * 6
 
 
 def test_a_lone_rows_held_history_takes_only_what_the_budget_leaves_the_blocks(monkeypatch):
@@ -253,12 +255,12 @@ def test_a_lone_rows_held_history_takes_only_what_the_budget_leaves_the_blocks(m
     as far as that reaches, and is given back when the blocks take that memory, so the cache
     never holds more than all its blocks would (its budget)."""
     H, hd, bs, n_head = 2, 16, 4, 4
-    monkeypatch.setattr(paged, "LONE_HISTORY_START", 8)
+    monkeypatch.setattr(held, "LONE_HISTORY_START", 8)
     g = torch.Generator().manual_seed(6)
     cache = PagedKVCache(1, H, hd, 12, bs)
     budget = cache.num_blocks * cache.block_bytes
     _fill_randomly(cache, g, 4)
-    held = []
+    sizes = []
     for position in range(6, 24):
         table = list(range(position // bs + 1))  # the row's blocks, given as it needs them
         cache.reserve(len(table))
@@ -270,10 +272,10 @@ def test_a_lone_rows_held_history_takes_only_what_the_budget_leaves_the_blocks(m
         assert_close(out[0], _attend_dense(cache, table, position, q, 0.3), scale=1.0)
         assert cache.nbytes <= budget
         k = cache.lone_history.k[0]
-        held.append(None if k is None else k.size(2))
+        sizes.append(None if k is None else k.size(2))
     # 4 blocks with memory leave 8 (32 positions): 8 held, then 16; block 4 doubles the pool
     # to 8 blocks, which leave 4 (16 positions): the row at position 16 no longer fits
-    assert held == [8] * 2 + [16] * 8 + [None] * 8
+    assert sizes == [8] * 2 + [16] * 8 + [None] * 8
     # held, then the pool takes the rest of the budget: the held tensors are given back
     cache = PagedKVCache(1, H, hd, 12, bs)
     _fill_randomly(cache, g, 4)
@@ -360,7 +362,7 @@ def test_decode_rows_beside_others_attend_over_held_slots_as_over_their_blocks(
         cache.windows = [window]
         _fill_randomly(cache, torch.Generator().manual_seed(3), 40)
         caches.append(cache)
-    held = caches[0].held_rows
+    held_rows = caches[0].held_rows
     for i, (decode, chunks) in enumerate(HELD_STEPS):
         layout = StepLayout(
             [PagedRow(t, p, 1) for t, p in decode], [PagedRow(t, p, n) for t, p, n in chunks]
@@ -374,13 +376,13 @@ def test_decode_rows_beside_others_attend_over_held_slots_as_over_their_blocks(
         want = caches[1].step(layout).attend(0, q, k_new, v_new, scale=0.3)
         del copies[before + len(held_copies) :]
         assert_close(out, want, scale=1.0)
-        assert len(held.slots) == len(decode)
+        assert len(held_rows.slots) == len(decode)
         assert caches[0].nbytes <= caches[0].num_blocks * caches[0].block_bytes
         if i in HELD_COPIES:  # 1: one position a row; 6 and 8: C's rewritten positions
             assert held_copies == HELD_COPIES[i]
         if i == 5:  # B read again from its first block
             assert [_B[:6]] * 2 == [c for c in held_copies if c[:1] == [_B[0]]]
-    assert held.slots == [0, 2, 3] and held.tables[1] == []
+    assert held_rows.slots == [0, 2, 3] and held_rows.tables[1] == []
 
 
 def test_held_slots_stay_within_what_the_budget_leaves_the_blocks():
@@ -394,11 +396,11 @@ def test_held_slots_stay_within_what_the_budget_leaves_the_blocks():
     tables = [list(range(8)), list(range(8, 12)), list(range(12, 16)), list(range(16, 20))]
     steps = [StepLayout([PagedRow(t, 15, 1) for t in tables], [])]  # 4 slots of 16
     steps.append(StepLayout([PagedRow(tables[0], 30, 1)], [PagedRow(tables[1], 12, 2)]))
-    for layout, held in zip(steps, ([0, 1, 2, 3], []), strict=True):
+    for layout, slots in zip(steps, ([0, 1, 2, 3], []), strict=True):
         N = layout.num_tokens
         q, k_new, v_new = torch.randn(3, 1, 4, N, 16, generator=g)
         out = cache.step(layout).attend(0, q, k_new[:, :2], v_new[:, :2], scale=0.3)
-        assert cache.held_rows.slots == held and cache.nbytes <= budget
+        assert cache.held_rows.slots == slots and cache.nbytes <= budget
         for i, r in enumerate(layout.decode):  # over what the blocks hold after the step
             want = _attend_dense(cache, r.blocks, r.start, q[:, :, i : i + 1], 0.3)
             assert_close(out[0, :, i], want[:, 0], scale=1.0)

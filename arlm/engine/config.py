@@ -18,7 +18,7 @@ from arlm.engine.memory import GIB, WidestStep, fit_blocks
 from arlm.engine.scheduler import PREEMPTION_MODES
 from arlm.kv_cache.codec import make_codec
 from arlm.kv_cache.config import CacheConfig
-from arlm.kv_cache.paged import LONE_HISTORY_BYTES
+from arlm.kv_cache.held import LONE_HISTORY_BYTES
 from arlm.model.transformer import Transformer
 from arlm.validate import check_float, check_int
 

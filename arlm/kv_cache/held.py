@@ -1,0 +1,313 @@
+"""Keys and values held on a CPU beside the paged pool, for decode steps that would otherwise
+read their blocks in place (``arlm.kv_cache.paged``): one row alone holds its history as one
+tensor (``LoneHistory``), up to ``HELD_ROWS`` rows beside one another hold theirs in the slots of
+one tensor (``HeldRows``). Each step extends them by the positions it stores; anything that
+writes the pool another way (block copies, block writes, other rows) drops what they hold.
+
+Their memory comes from the KV budget: the share set aside for them and what the blocks not yet
+given memory leave (``PagedKVCache.lone_history_room``); the pool grows into that memory only
+after giving it back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from arlm.kv_cache.codec import FloatCodec
+
+if TYPE_CHECKING:
+    from arlm.kv_cache.paged import PagedKVCache, PagedRow, StepLayout
+
+# What ``LoneHistory`` may hold, all layers' keys and values: it grows with its row, doubling
+# from ``LONE_HISTORY_START`` positions, up to as many as this holds (in float32, 7,281
+# positions of GPT-2 124M; 8,192 of a 1B Llama's 16 layers of 8 KV heads of 64) and as the
+# budget's share for it and its blocks not yet given memory hold
+# (``PagedKVCache.lone_history_room``). A longer row reads its blocks in place, merged per
+# block: batch-1 decode after a 3,072-token prompt of ``benchmarks/engine.py``'s Llama ran at
+# 16-17 tok/s so, at 29-37 held, on 2 cores.
+LONE_HISTORY_BYTES = 512 * 2**20
+LONE_HISTORY_START = 256
+
+
+def gather_history(
+    cache: PagedKVCache, planes: list[torch.Tensor], blocks: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The positions of ``blocks`` in order, (1, n_kv_head, len(blocks) * block_size, hd), in
+    ``dtype``: each plane copied straight into (n_kv_head, blocks, block_size, width), one copy
+    (an index_select into a transposed ``out``; a copy and then a transpose took 3 times as
+    long)."""
+    copies = []
+    for plane in planes:
+        copy = plane.new_empty(plane.size(1), blocks.numel(), *plane.shape[2:])
+        torch.index_select(plane, 0, blocks, out=copy.transpose(0, 1))
+        copies.append(copy)
+    return cache.codec.decode(copies, dtype).view(1, cache.n_kv_head, -1, cache.head_dim)
+
+
+class _HeldTensors:
+    """Keys and values held on the host beside the pool, per layer (``LoneHistory``,
+    ``HeldRows``); each says what it holds and forgets it in ``reset``."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def release(self) -> None:
+        """Drop what is held (the subclass's ``reset``) and give its memory back."""
+        self.reset()
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
+
+
+def _held_capacity(cache: PagedKVCache, need: int, slots: int = 1) -> int:
+    """Positions per slot for held tensors that must take ``need``: the power of two that fits
+    (at least ``LONE_HISTORY_START``), in whole blocks, at most what the cache's room gives
+    each of ``slots``, and never fewer than ``need``."""
+    doubled = max(LONE_HISTORY_START, 1 << (need - 1).bit_length())
+    whole = -(-doubled // cache.block_size) * cache.block_size
+    return max(need, min(whole, cache.lone_history_room() // slots))
+
+
+class LoneHistory(_HeldTensors):
+    """One row alone, step after step (batch-1 generation, one request at a time, its prompt's
+    chunks, its speculative verify steps), on a CPU: its history of every layer held as one
+    tensor, kept from step to step and grown by the positions each step writes. Copying the
+    row's blocks out in every step instead read its whole history twice a layer (the copy,
+    then the attention); the slot design read it once, in place, and this reads it once too.
+    It takes memory the cache's budget has not given its blocks yet (``lone_history_room``).
+
+    Held position i is what the pool holds at i through ``blocks`` for every i below
+    ``filled``: only that row's own steps write the pool while it is held. ``follow`` drops it
+    for any other step (another row beside it, a table that is not the one it copied), and the
+    cache's block copies and writes drop it. A step that writes from a position at or below
+    ``filled`` (the next token, or again after rejected guesses) reads back just what it
+    wrote. Its tensors grow with the row, doubling, up to the room the cache has for them at
+    each step; a row past that reads its blocks like any other, and the tensors are freed."""
+
+    def __init__(self, n_layer: int) -> None:
+        super().__init__(n_layer)
+        self.blocks: list[int] = []  # the table the positions held were read through
+        self.filled = [0] * n_layer  # positions held, per layer
+
+    def reset(self) -> None:
+        self.blocks = []
+        self.filled = [0] * len(self.filled)
+
+    def follow(self, layout: StepLayout, device: torch.device, room: int) -> bool:
+        """Whether a forward over ``layout`` attends through this history: one row alone (a
+        decode row or a chunk), on a CPU, within the ``room`` positions it may hold now. What
+        it holds stays only where the row reads through the same table as before; anything
+        else drops it."""
+        rows = layout.rows
+        # not one row, or one too long to hold: its memory goes back until a lone row comes
+        if device.type != "cpu" or len(rows) != 1 or rows[0].end > room:
+            self.release()
+            return False
+        (row,) = rows
+        if row.blocks[: len(self.blocks)] != self.blocks:
+            self.reset()
+        self.blocks = list(row.blocks)
+        return True
+
+    def read(
+        self, cache: PagedKVCache, layer: int, row: PagedRow, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row's keys and values of ``layer`` up to the end of ``row``, whose positions
+        this step has just stored, each (1, n_kv_head, end, hd) in ``dtype``: the held ones
+        and the step's positions read back from their blocks (through the codec, as every step
+        reads them), or, where the held ones do not reach the step's, all of them copied from
+        the blocks."""
+        bs, end = cache.block_size, row.end
+        k, v = self._room(cache, layer, end, dtype)
+        start = row.start if self.filled[layer] >= row.start else 0  # from the first block
+        if end - start == 1:  # a decode step's position, indexed in its block (a few us less
+            block, offset = self.blocks[start // bs], start % bs  # a layer than a block copy)
+            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                new = cache.codec.decode([p[block, :, offset] for p in planes], dtype)
+                held[0, :, start].copy_(new)
+        else:
+            lo, hi = start // bs, -(-end // bs)
+            index = torch.tensor(self.blocks[lo:hi], dtype=torch.long)
+            for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                copied = gather_history(cache, planes, index, dtype)
+                held[:, :, start:end].copy_(copied[:, :, start - lo * bs : end - lo * bs])
+        self.filled[layer] = end
+        return k[:, :, :end], v[:, :, :end]
+
+    def _room(
+        self, cache: PagedKVCache, layer: int, need: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s held tensors, with room for ``need`` positions: grown to the power of two
+        that fits, in whole blocks (at least ``LONE_HISTORY_START``, at most the cache's
+        ``lone_history_room``), keeping what they hold, or new in another dtype."""
+        k, v = self.k[layer], self.v[layer]
+        if k is not None and v is not None and k.dtype == dtype and k.size(2) >= need:
+            return k, v
+        kept = self.filled[layer] if k is not None and k.dtype == dtype else 0
+        capacity = _held_capacity(cache, need)
+        grown = []
+        for old in (k, v):
+            new = torch.empty(1, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
+            if kept:
+                new[:, :, :kept].copy_(old[:, :, :kept])
+            grown.append(new)
+        self.k[layer], self.v[layer] = grown
+        self.filled[layer] = kept
+        return grown[0], grown[1]
+
+
+# Decode rows beside others (a server's few clients) on a CPU attend over held copies of their
+# histories (``HeldRows``) while there are at most this many; more read their blocks in place.
+HELD_ROWS = 16
+
+
+class HeldRows(_HeldTensors):
+    """Decode rows beside one another on a CPU: each row's history of every layer held in a
+    slot of one padded tensor per layer, kept from step to step and extended by the keys and
+    values each step stores, so one attention call reads every row's keys, masked to its own
+    positions (as the slot design did). Reading the blocks in place instead lays the queries
+    out per block, makes fused calls over the pool and merges each row's per-block results:
+    GPT-2's engine 4 at once ran 2.5% faster held (``docs/benchmarks.md``). It takes memory the
+    cache's budget has not given its blocks (``lone_history_room``), and only while
+    ``LoneHistory`` holds none.
+
+    A slot's first ``filled`` positions are what the pool holds there through its row's table.
+    Each step's rows are matched to the slots by the blocks of those positions; a slot that no
+    row of the step matches is emptied (its row finished or waits), and the cache's block
+    copies and writes empty them all. A row's step writes from its ``start`` on: its slot keeps
+    the positions before that, and reads the rest back from the blocks (a new row's slot, all
+    of them; a row back from a verify step or rejected guesses, the few it lacks)."""
+
+    def __init__(self, n_layer: int) -> None:
+        super().__init__(n_layer)  # k, v: (slots, n_kv_head, capacity, hd) per layer
+        self.tables: list[list[int]] = []  # per slot: the table its positions were read through
+        self.filled: list[list[int]] = []  # per slot, per layer: positions held
+        self.slots: list[int] = []  # this step's decode rows' slots, in their order
+        self.slot_index = self._positions = torch.zeros(0, dtype=torch.long)  # slots, starts
+
+    def reset(self) -> None:
+        self.tables, self.filled, self.slots = [], [], []
+
+    def follow(self, cache: PagedKVCache, layout: StepLayout) -> bool:
+        """Whether the decode rows of ``layout`` attend through held slots: on a CPU, from 1 to
+        ``HELD_ROWS`` of them (one alone is ``LoneHistory``'s), all within the room the budget
+        leaves. Matches the step's rows to the slots (see the class docstring)."""
+        decode, bs = layout.decode, cache.block_size
+        # one row alone is LoneHistory's, and the memory goes to it
+        if cache.device.type != "cpu" or len(decode) > HELD_ROWS or len(layout.rows) == 1:
+            self.release()
+            return False
+        if not decode:  # prompts only: the slots go, their memory stays for the rows to come
+            self.reset()
+            return False
+        free = set(range(len(self.tables)))
+        matched: dict[int, int] = {}
+        for i, row in enumerate(layout.rows):
+            for s in sorted(free):
+                n = -(-min(self.filled[s]) // bs)  # the blocks of the positions it holds
+                if n and row.blocks[:n] == self.tables[s][:n]:
+                    matched[i] = s
+                    free.discard(s)
+                    break
+        n_layer = len(self.k)
+        for s in free:  # no row of this step reads it
+            self.tables[s], self.filled[s] = [], [0] * n_layer
+        free_slots = sorted(free)
+        self.slots = []
+        for i, row in enumerate(decode):
+            s = matched.get(i)
+            if s is None:
+                if free_slots:
+                    s = free_slots.pop(0)
+                else:
+                    s = len(self.tables)
+                    self.tables.append([])
+                    self.filled.append([0] * n_layer)
+            self.slots.append(s)
+            self.tables[s] = list(row.blocks)
+        for i, row in enumerate(layout.chunks, start=len(decode)):
+            if i in matched:  # it writes from its start: only what is before stays held
+                s = matched[i]
+                self.tables[s] = list(row.blocks)
+                self.filled[s] = [min(f, row.start) for f in self.filled[s]]
+        # the slots the tensors will have (they never lose one), at the longest row's length
+        slots = max([max(self.slots) + 1] + [t.size(0) for t in self.k if t is not None])
+        if slots * max(r.end for r in decode) > cache.lone_history_room():
+            self.release()
+            return False
+        self.slot_index = torch.tensor(self.slots)
+        self._positions = torch.tensor([r.start for r in decode])
+        return True
+
+    def read(
+        self,
+        cache: PagedKVCache,
+        layer: int,
+        rows: list[PagedRow],
+        new: tuple[torch.Tensor, torch.Tensor],
+        cells: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s keys and values of the slots up to the last of this step's decode
+        ``rows``, each (slots, n_kv_head, longest, hd) in ``dtype``: the held ones, the rows'
+        positions the step has just stored (``new``, through the flat ``cells`` it stored them
+        at), as the blocks now hold them, and what a slot lacks before them."""
+        bs = cache.block_size
+        slots, longest = max(self.slots) + 1, max(r.end for r in rows)
+        k, v = self._room(cache, layer, slots, longest, dtype)
+        slot, position = self.slot_index, self._positions
+        # what the blocks now hold at the rows' positions: the step's keys and values as they
+        # are where the codec stores floats of this dtype, else read back through it
+        stored = isinstance(cache.codec, FloatCodec) and cache.k[layer][0].dtype == dtype
+        cells = cells[: len(rows) * cache.n_kv_head]
+        for planes, x, held in ((cache.k[layer], new[0], k), (cache.v[layer], new[1], v)):
+            if stored:
+                value = x[0].transpose(0, 1)
+            else:
+                flat = [p.view(-1, p.size(-1)).index_select(0, cells) for p in planes]
+                value = cache.codec.decode(flat, dtype).view(len(rows), cache.n_kv_head, -1)
+            held[slot, :, position] = value  # (rows, n_kv_head, hd)
+        for s, row in zip(self.slots, rows, strict=True):
+            first = self.filled[s][layer]
+            if first < row.start:  # what the slot lacks before the step's position
+                lo, hi = first // bs, -(-row.start // bs)
+                index = torch.tensor(row.blocks[lo:hi], dtype=torch.long)
+                for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
+                    copied = gather_history(cache, planes, index, dtype)
+                    held[s, :, first : row.start].copy_(
+                        copied[0, :, first - lo * bs : row.start - lo * bs]
+                    )
+            self.filled[s][layer] = row.end
+        return k[:slots, :, :longest], v[:slots, :, :longest]
+
+    def _room(
+        self, cache: PagedKVCache, layer: int, slots: int, need: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s held tensors with at least ``slots`` slots of ``need`` positions: grown
+        as ``LoneHistory``'s are (doubling, in whole blocks, within the room), keeping what
+        they hold, or new in another dtype (and then holding nothing)."""
+        k, v = self.k[layer], self.v[layer]
+        keep = k is not None and v is not None and k.dtype == dtype
+        if keep and k.size(0) >= slots and k.size(2) >= need:
+            return k, v
+        slots = max(slots, k.size(0) if keep else 0)
+        capacity = _held_capacity(cache, need, slots)
+        grown = []
+        for old in (k, v):
+            # zeros: a masked position still enters the scores, and garbage there can be NaN
+            new = torch.zeros(slots, cache.n_kv_head, capacity, cache.head_dim, dtype=dtype)
+            if keep:
+                n, length = old.size(0), min(old.size(2), capacity)
+                new[:n, :, :length].copy_(old[:, :, :length])
+            grown.append(new)
+        if not keep:
+            for filled in self.filled:
+                filled[layer] = 0
+        self.k[layer], self.v[layer] = grown
+        return grown[0], grown[1]
