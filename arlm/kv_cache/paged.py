@@ -484,19 +484,22 @@ class PagedStep:
         self, layer: int, q: torch.Tensor, new: tuple[torch.Tensor, torch.Tensor], scale: float
     ) -> torch.Tensor:
         """Decode rows' queries over their held slots (``HeldRows``): one call over every
-        slot, each masked to its row's positions; a slot no row of this step reads (its row
-        gone) gets a zero query and sees its first position, and its result is left out."""
+        slot, each masked to its row's positions, from the first any row's window sees; a slot
+        no row of this step reads (its row gone) gets a zero query and sees one position, and
+        its result is left out."""
         cache, rows = self.cache, self.layout.decode
         held = cache.held_rows
         keys, values = held.read(cache, layer, rows, new, self._write, q.dtype)
         window = cache.windows[layer]
+        first = min(_first_seen(row.start, window) for row in rows)
+        keys, values = keys[:, :, first:], values[:, :, first:]
         mask = self._held_masks.get(window)
         if mask is None:
             seen = torch.zeros(keys.size(0), 1, 1, keys.size(2), dtype=torch.bool)
             seen[..., 0] = True
             for s, row in zip(held.slots, rows, strict=True):
                 seen[s, ..., 0] = False
-                seen[s, ..., _first_seen(row.start, window) : row.end] = True
+                seen[s, ..., _first_seen(row.start, window) - first : row.end - first] = True
             mask = self._held_masks[window] = seen
         queries = q[0].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
         if held.slots == list(range(keys.size(0))):
