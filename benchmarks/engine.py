@@ -27,7 +27,9 @@ prints where one 16-sequence decode step's time goes.
 
 ``--baseline COMMIT`` is a before/after check of a change: only arlm's own columns (one at a
 time, the engine at 16 and at 4, batch-1 decode, and batch-1 decode after prompts of 1,536 and
-6,144 tokens on a copy of the model taking 8,192 positions), for this checkout and for COMMIT's code
+6,144 tokens on a copy of the model taking 8,192 positions; then 4 at once and one at a time
+"as served": the default ``max_num_seqs``, the pool preallocated as ``arlm serve`` does, in a
+4 GiB budget), for this checkout and for COMMIT's code
 (its ``arlm`` package from ``git archive``), each run in a process of its own, in the order
 this, COMMIT, COMMIT, this, ... (``--rounds`` each); the means, their ratios, and how many
 greedy requests gave the same tokens.
@@ -66,6 +68,10 @@ N_REQUESTS, CONCURRENCY, NEW = 64, 16, 128
 LONG, LONG_MODEL = (1536, 6144), 8192
 SINGLE = 16  # requests timed one at a time
 FEW = 4  # --baseline: requests in each wave of a few at once (``arlm_waves``)
+# --baseline, "as served": the engine as ``arlm serve`` makes it (the default max_num_seqs, its
+# pool given memory up front) within a quarter of a 16 GiB machine, which 64 of GPT-2's
+# sequences of 1,024 positions (4.5 GiB of keys and values) would more than fill
+SERVED_GIB = 4.0
 DEFAULT_VLLM = "/work/peers/vllm-venv/bin/python"
 
 
@@ -434,9 +440,22 @@ def arms(folder: Path, long_folder: Path) -> dict:
     few = arlm_waves(lm, requests[:SINGLE], FEW)
     rate, _ = batch1(lm, bare=False)
     del lm
+    served = arlm.load(folder, kv_cache_memory_gib=SERVED_GIB)
+    served.engine.preallocate()
+    served_few = arlm_waves(served, requests[:SINGLE], FEW)
+    served_single = arlm_single(served, requests[:SINGLE])
+    del served
     # one sequence: the slot design reserves max_model_len positions for each of max_num_seqs
     long = long_decode(arlm.load(long_folder, max_num_seqs=1))
-    return {"single": single, "engine": engine, "few": few, "batch1": rate, "long": long}
+    return {
+        "single": single,
+        "engine": engine,
+        "few": few,
+        "batch1": rate,
+        "long": long,
+        "served_few": served_few,
+        "served_single": served_single,
+    }
 
 
 def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
@@ -460,6 +479,14 @@ def before_after(kind: str, root: Path, commit: str, rounds: int) -> None:
         ("engine, 16 at once, TPOT ms", lambda r: r["engine"]["tpot_ms"]),
         (f"engine, {FEW} at once, output tok/s", lambda r: r["few"]["output_tokens_per_s"]),
         ("one at a time, output tok/s", lambda r: r["single"]["output_tokens_per_s"]),
+        (
+            f"as served, {FEW} at once, output tok/s",
+            lambda r: r["served_few"]["output_tokens_per_s"],
+        ),
+        (
+            "as served, one at a time, output tok/s",
+            lambda r: r["served_single"]["output_tokens_per_s"],
+        ),
         ("batch-1 decode tok/s", lambda r: r["batch1"]),
         *(
             (f"batch-1 decode tok/s at {n:,} positions", lambda r, n=n: r["long"][str(n)])
