@@ -442,6 +442,7 @@ def arms(folder: Path, long_folder: Path) -> dict:
     del lm
     served = arlm.load(folder, kv_cache_memory_gib=SERVED_GIB)
     served.engine.preallocate()
+    arlm_waves(served, requests[:FEW], FEW)  # warm-up: a new model's first steps run slower
     served_few = arlm_waves(served, requests[:SINGLE], FEW)
     served_single = arlm_single(served, requests[:SINGLE])
     del served
