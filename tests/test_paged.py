@@ -351,9 +351,14 @@ def test_decode_rows_beside_others_attend_over_held_slots_as_over_their_blocks(
 ):
     """Decode rows joining, waiting, verifying guesses and leaving, beside prompt chunks: each
     step through held slots (``HeldRows``) equals the step of a cache that holds nothing and
-    reads its blocks; a step of rows that only decode copies no block out, a row back after a
-    step away reads its blocks again, and the cache stays within its budget."""
+    reads its blocks; a step of rows that only decode copies no block out and, over float
+    blocks, stores nothing in the pool (the slots write back), a row back after a step away
+    reads its blocks again, the pool holds what the reference's does whenever it is read, and
+    the cache stays within its budget."""
     copies = _record_copies(monkeypatch)
+    stores = []  # the caches whose pool each step stores into
+    store = paged._store
+    monkeypatch.setattr(paged, "_store", lambda cache, *a: stores.append(cache) or store(cache, *a))
     H, hd, bs, n_head = 2, 16, 4, 4
     g = torch.Generator().manual_seed(6)
     caches = []
@@ -371,8 +376,11 @@ def test_decode_rows_beside_others_attend_over_held_slots_as_over_their_blocks(
         q = torch.randn(1, n_head, N, hd, generator=g)
         k_new, v_new = torch.randn(2, 1, H, N, hd, generator=g)
         before = len(copies)
+        stores.clear()
         out = caches[0].step(layout).attend(0, q, k_new, v_new, scale=0.3)
         held_copies = copies[before:]
+        # written back later: decode rows alone over float blocks
+        assert (caches[0] in stores) == bool(chunks or kv_dtype != "float32")
         want = caches[1].step(layout).attend(0, q, k_new, v_new, scale=0.3)
         del copies[before + len(held_copies) :]
         assert_close(out, want, scale=1.0)
@@ -382,7 +390,23 @@ def test_decode_rows_beside_others_attend_over_held_slots_as_over_their_blocks(
             assert held_copies == HELD_COPIES[i]
         if i == 5:  # B read again from its first block
             assert [_B[:6]] * 2 == [c for c in held_copies if c[:1] == [_B[0]]]
+        if i in (3, 6):  # the pool as read (a block copy's source, a swap): what it should be
+            _assert_same_blocks(*caches, 40)
     assert held_rows.slots == [0, 2, 3] and held_rows.tables[1] == []
+    # A alone reads its history from the blocks (LoneHistory): the slots wrote back first
+    layout = StepLayout([PagedRow(_A, 21, 1)], [])
+    q, k_new, v_new = torch.randn(3, 1, n_head, 1, hd, generator=g)
+    out, want = (c.step(layout).attend(0, q, k_new[:, :H], v_new[:, :H], 0.3) for c in caches)
+    assert_close(out, want, scale=1.0)
+    _assert_same_blocks(*caches, 40)
+
+
+def _assert_same_blocks(cache: PagedKVCache, reference: PagedKVCache, n: int) -> None:
+    """The first ``n`` blocks of both pools hold the same bits, as a block copy or swap reads
+    them."""
+    ids = list(range(n))
+    for a, b in zip(cache.read_blocks(ids), reference.read_blocks(ids), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_held_slots_stay_within_what_the_budget_leaves_the_blocks():
@@ -401,6 +425,7 @@ def test_held_slots_stay_within_what_the_budget_leaves_the_blocks():
         q, k_new, v_new = torch.randn(3, 1, 4, N, 16, generator=g)
         out = cache.step(layout).attend(0, q, k_new[:, :2], v_new[:, :2], scale=0.3)
         assert cache.held_rows.slots == slots and cache.nbytes <= budget
+        cache.held_rows.flush()  # what the slots have not written back yet
         for i, r in enumerate(layout.decode):  # over what the blocks hold after the step
             want = _attend_dense(cache, r.blocks, r.start, q[:, :, i : i + 1], 0.3)
             assert_close(out[0, :, i], want[:, 0], scale=1.0)

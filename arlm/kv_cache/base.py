@@ -234,11 +234,15 @@ def storage_bytes(obj: object) -> int:
     """Bytes of every distinct tensor storage reachable from a cache object's public attributes.
 
     An independent count of what a cache really allocated, to check its ``nbytes`` against;
-    private attributes hold the current forward's indices, not what the cache stores.
+    private attributes hold the current forward's indices, not what the cache stores. Each
+    object is walked once (a part may point back at its cache).
     """
-    seen, total, stack = set(), 0, [obj]
+    seen, walked, total, stack = set(), set(), 0, [obj]
     while stack:
         x = stack.pop()
+        if id(x) in walked:
+            continue
+        walked.add(id(x))
         if isinstance(x, torch.Tensor):
             storage = x.untyped_storage()
             if storage.data_ptr() not in seen:

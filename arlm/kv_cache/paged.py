@@ -131,7 +131,7 @@ class PagedKVCache:
         self.allocated = 0
         self.spare: int | None = None  # a block no sequence owns (``add_spare_block``)
         self.lone_history = LoneHistory(n_layer)
-        self.held_rows = HeldRows(n_layer)
+        self.held_rows = HeldRows(self)
 
     @classmethod
     def for_model(
@@ -204,6 +204,7 @@ class PagedKVCache:
 
     def read_blocks(self, ids: list[int]) -> list[torch.Tensor]:
         """What blocks ``ids`` hold, one tensor per plane (layers' k, then v), on the device."""
+        self.held_rows.flush()
         index = to_device(ids, torch.long, self.device)
         return [plane.index_select(0, index) for plane in self._planes()]
 
@@ -390,7 +391,9 @@ class PagedStep:
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
         self._lone = cache.lone_history.follow(layout, device, cache.lone_history_room())
-        self._held = cache.held_rows.follow(cache, layout)
+        self._held = cache.held_rows.follow(layout)
+        # decode rows alone over float blocks store in their held slots only (written back)
+        self._deferred = self._held and not layout.chunks and isinstance(cache.codec, FloatCodec)
         self._held_masks: dict[int | None, torch.Tensor] = {}
         if nd and not (self._lone or self._held):  # held histories: no tables to build
             width = max(len(r.blocks) for r in layout.decode)
@@ -429,12 +432,15 @@ class PagedStep:
         hd = cache.head_dim
         scale = hd**-0.5 if scale is None else scale
         k_planes, v_planes = cache.k[layer], cache.v[layer]
-        _store(cache, layer, k, v, self._write)
+        # written back later only where the slots hold what the pool would (the same dtype)
+        deferred = self._deferred and q.dtype == k.dtype == k_planes[0].dtype
+        if not deferred:
+            _store(cache, layer, k, v, self._write)
         out = []
         nd = self.n_decode
         if nd and self._held:
             new = k[:, :, :nd], v[:, :, :nd]
-            out.append(self._decode_held(layer, q[:, :, :nd], new, scale))
+            out.append(self._decode_held(layer, q[:, :, :nd], new, scale, deferred))
         elif nd:
             out.append(self._decode(layer, q[:, :, :nd], scale))
         offset = nd
@@ -481,7 +487,12 @@ class PagedStep:
         return _read_blocks_in_place(cache, k_planes, v_planes, q, readers, scale)
 
     def _decode_held(
-        self, layer: int, q: torch.Tensor, new: tuple[torch.Tensor, torch.Tensor], scale: float
+        self,
+        layer: int,
+        q: torch.Tensor,
+        new: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+        deferred: bool,
     ) -> torch.Tensor:
         """Decode rows' queries over their held slots (``HeldRows``): one call over every
         slot, each masked to its row's positions, from the first any row's window sees; a slot
@@ -489,7 +500,7 @@ class PagedStep:
         its result is left out."""
         cache, rows = self.cache, self.layout.decode
         held = cache.held_rows
-        keys, values = held.read(cache, layer, rows, new, self._write, q.dtype)
+        keys, values = held.read(layer, rows, new, self._write, q.dtype, deferred)
         window = cache.windows[layer]
         first = min(_first_seen(row.start, window) for row in rows)
         keys, values = keys[:, :, first:], values[:, :, first:]
