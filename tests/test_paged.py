@@ -151,6 +151,16 @@ def _record_copies(monkeypatch) -> list[list[int]]:
     return copies
 
 
+def _record_stores(monkeypatch) -> list[PagedKVCache]:
+    """The cache of every step's store of its keys and values in the pool, from now on."""
+    stores = []
+    original = paged._store
+    monkeypatch.setattr(
+        paged, "_store", lambda cache, *a: stores.append(cache) or original(cache, *a)
+    )
+    return stores
+
+
 def _fill_randomly(cache, g, blocks: int | None = None) -> None:
     """The first ``blocks`` blocks of ``cache`` (all by default) allocated and holding random
     values, through its codec."""
@@ -164,7 +174,9 @@ def _fill_randomly(cache, g, blocks: int | None = None) -> None:
 
 def _attend_dense(cache, table, position, q, scale):
     """Attention of q (1, n_head, 1, hd) over the positions ``cache``'s blocks hold for
-    ``table`` up to ``position``, decoded through the codec, within the layer's window."""
+    ``table`` up to ``position`` (once the held histories have written back), decoded through
+    the codec, within the layer's window."""
+    cache.write_back()
     k, v = (
         cache.codec.decode([_dense(p, table, position + 1) for p in planes], torch.float32)
         for planes in (cache.k[0], cache.v[0])
@@ -183,42 +195,50 @@ def test_a_lone_row_grows_its_held_history_and_drops_it_when_the_pool_changes(
     kv_dtype, window, between, monkeypatch
 ):
     """One row decoding alone copies its blocks out once and then adds each step's position
-    (indexed in its block: no copy of its history after the first step), attending as
-    over the pool's blocks; a step that writes other rows' positions, a block copy or write,
-    or another table in between drops what it holds, so the next step copies the blocks again
-    and reads what they hold now."""
+    (indexed in its block: no copy of its history after the first step; over float blocks,
+    the step's own keys and values, stored in the pool only later), attending as a cache that
+    holds no history does; a step that writes other rows' positions, a block copy or write,
+    or another table in between writes back and drops what it holds, so the next step copies
+    the blocks again and reads what they hold now, as the reference's do."""
     copies = _record_copies(monkeypatch)
+    stores = _record_stores(monkeypatch)
     g = torch.Generator().manual_seed(2)
     H, hd, bs, n_head = 2, 16, 4, 4
     codec = make_codec(kv_dtype, torch.float32)
-    cache = PagedKVCache(1, H, hd, 80, bs, codec=codec, windows=[window])
-    _fill_randomly(cache, g, 40)  # the other 40 blocks' memory is the held history's to take
+    caches = []
+    for n in (80, 40):  # the reference's blocks all have memory: it holds nothing
+        cache = PagedKVCache(1, H, hd, n, bs, codec=codec, windows=[window])
+        _fill_randomly(cache, torch.Generator().manual_seed(3), 40)
+        caches.append(cache)
     table = [2, 4, 3, 6, 9]
 
-    def decode(table, position):
-        q = torch.randn(1, n_head, 1, hd, generator=g)
-        k_new, v_new = torch.randn(2, 1, H, 1, hd, generator=g)
-        out = cache.step(StepLayout([PagedRow(table, position, 1)], [])).attend(
-            0, q, k_new, v_new, scale=0.3
-        )
-        assert_close(out[0], _attend_dense(cache, table, position, q, 0.3), scale=1.0)
+    def step(layout, T=1):
+        q = torch.randn(1, n_head, T, hd, generator=g)
+        k_new, v_new = torch.randn(2, 1, H, T, hd, generator=g)
+        out = caches[0].step(layout).attend(0, q, k_new, v_new, scale=0.3)
+        recorded = len(copies), len(stores)
+        want = caches[1].step(layout).attend(0, q, k_new, v_new, scale=0.3)
+        del copies[recorded[0] :], stores[recorded[1] :]  # the reference's are not counted
+        assert_close(out, want, scale=1.0)
 
     for position in range(10, 14):
-        decode(table, position)
+        step(StepLayout([PagedRow(table, position, 1)], []))
     assert copies == [[2, 4, 3]] * 2  # keys and values, at the first step only
+    assert len(stores) == (0 if kv_dtype == "float32" else 4)
     if between == "chunk":  # another sequence, which holds block 2 now, prefills into it
-        q = torch.randn(1, n_head, 4, hd, generator=g)
-        k_new, v_new = torch.randn(2, 1, H, 4, hd, generator=g)
-        cache.step(StepLayout([], [PagedRow([2], 0, 4)])).attend(0, q, k_new, v_new, scale=0.3)
+        step(StepLayout([], [PagedRow([2], 0, 4)]), T=4)
     elif between == "copy":
-        cache.copy_blocks([(7, 2)])
+        for cache in caches:
+            cache.copy_blocks([(7, 2)])
     elif between == "write":
-        cache.write_blocks([4], cache.read_blocks([8]))
+        for cache in caches:
+            cache.write_blocks([4], cache.read_blocks([8]))
     else:  # the same positions through another block
         table = [2, 5, 3, 6, 9]
     copies.clear()
-    decode(table, 14)
+    step(StepLayout([PagedRow(table, 14, 1)], []))
     assert copies == [table[:4], table[:4]]
+    _assert_same_blocks(*caches, 40)
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
@@ -323,6 +343,7 @@ def test_a_lone_rows_chunks_and_rejected_guesses_extend_its_held_history(
         assert_close(out, want, scale=1.0)
     blocks = [[5, 1], [1, 7, 3], [3, 9]]  # the chunks'
     assert copies == [b for b in blocks for _ in "kv"]
+    _assert_same_blocks(*caches, 16)  # the decode steps' positions written back
 
 
 # decode rows A, B, C, D (blocks 0-9, 10-19, 20-29, 30-39) and chunks, step by step:
@@ -356,9 +377,7 @@ def test_decode_rows_beside_others_attend_over_held_slots_as_over_their_blocks(
     reads its blocks again, the pool holds what the reference's does whenever it is read, and
     the cache stays within its budget."""
     copies = _record_copies(monkeypatch)
-    stores = []  # the caches whose pool each step stores into
-    store = paged._store
-    monkeypatch.setattr(paged, "_store", lambda cache, *a: stores.append(cache) or store(cache, *a))
+    stores = _record_stores(monkeypatch)
     H, hd, bs, n_head = 2, 16, 4, 4
     g = torch.Generator().manual_seed(6)
     caches = []
@@ -425,7 +444,6 @@ def test_held_slots_stay_within_what_the_budget_leaves_the_blocks():
         q, k_new, v_new = torch.randn(3, 1, 4, N, 16, generator=g)
         out = cache.step(layout).attend(0, q, k_new[:, :2], v_new[:, :2], scale=0.3)
         assert cache.held_rows.slots == slots and cache.nbytes <= budget
-        cache.held_rows.flush()  # what the slots have not written back yet
         for i, r in enumerate(layout.decode):  # over what the blocks hold after the step
             want = _attend_dense(cache, r.blocks, r.start, q[:, :, i : i + 1], 0.3)
             assert_close(out[0, :, i], want[:, 0], scale=1.0)

@@ -4,6 +4,14 @@ tensor (``LoneHistory``), up to ``HELD_ROWS`` rows beside one another hold their
 one tensor (``HeldRows``). Each step extends them by the positions it stores; anything that
 writes the pool another way (block copies, block writes, other rows) drops what they hold.
 
+They are written back: a step of decode rows alone over float blocks stores its keys and values
+in the held tensors only, and the pool gets them later, one indexed copy per plane for many
+steps (``flush``), before anything else reads or writes the blocks (a step of other rows or
+with prompt chunks, a row's history dropped, the cache's block reads, copies and writes) and
+before the held memory goes. Storing each step's positions in the pool as well (scattered
+writes of one position per head) took 155-160 ms of a 4 x 128-token GPT-2 wave on 2 cores and
+the write-back 7-11 ms; 77-92 ms of one row's 128 tokens, written back in 2 ms.
+
 Their memory comes from the KV budget: the share set aside for them and what the blocks not yet
 given memory leave (``PagedKVCache.lone_history_room``); the pool grows into that memory only
 after giving it back.
@@ -47,12 +55,42 @@ def gather_history(
 
 
 class _HeldTensors:
-    """Keys and values held on the host beside the pool, per layer (``LoneHistory``,
-    ``HeldRows``); each says what it holds and forgets it in ``reset``."""
+    """Keys and values held on the host beside the pool, per layer, in slots (``LoneHistory``
+    has one, ``HeldRows`` several); each says what it holds, writes back what the pool lacks
+    in ``flush`` and forgets it in ``reset``."""
 
-    def __init__(self, n_layer: int) -> None:
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache  # the pool they copy from and write back to
+        self.k: list[torch.Tensor | None] = [None] * cache.n_layer
+        self.v: list[torch.Tensor | None] = [None] * cache.n_layer
+
+    def _write_back(
+        self,
+        layer: int,
+        spans: list[tuple[int, list[int], int, int]],
+        cells: dict[tuple[int, int, int], torch.Tensor],
+    ) -> None:
+        """Store ``layer``'s held positions ``spans`` (slot, its table, from, to) in the pool
+        through each slot's table: one indexed copy per plane. ``cells`` keeps each span's
+        rows of the flat planes for the next layer (the same spans in every layer, mostly).
+        Only float blocks of the held dtype defer their store, so the values go as held."""
+        cache, k, v = self.cache, self.k[layer], self.v[layer]
+        H, bs, hd = cache.n_kv_head, cache.block_size, cache.head_dim
+        index, keys, values = [], [], []
+        for s, table, lo, hi in spans:
+            if (s, lo, hi) not in cells:  # rows of the planes seen flat, head-major
+                at = torch.arange(lo, hi)
+                block = torch.tensor(table)[at // bs]
+                heads = torch.arange(H)[:, None] * bs
+                cells[s, lo, hi] = (heads + (block * H * bs + at % bs)[None]).flatten()
+            index.append(cells[s, lo, hi])
+            keys.append(k[s, :, lo:hi].reshape(-1, hd))
+            values.append(v[s, :, lo:hi].reshape(-1, hd))
+        rows = torch.cat(index)
+        # the planes a forward made are inference tensors; a block read may flush outside one
+        with torch.inference_mode():
+            for (plane,), held in ((cache.k[layer], keys), (cache.v[layer], values)):
+                plane.view(-1, hd).index_copy_(0, rows, torch.cat(held))
 
     def release(self) -> None:
         """Drop what is held (the subclass's ``reset``) and give its memory back."""
@@ -63,6 +101,16 @@ class _HeldTensors:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
+
+
+def _stored_after(stored: int, copied_from: int, row: PagedRow, deferred: bool) -> int:
+    """How many of a slot's first positions the pool holds as it does after a step that put
+    ``row``'s positions in it: those copied from the blocks (from ``copied_from`` to the row's
+    start) and the step's own (stored in the pool too unless ``deferred``) agree with the pool
+    where everything before them does, that is where the pool held ``stored`` >= their first."""
+    if stored < copied_from:
+        return stored
+    return row.start if deferred else row.end
 
 
 def _held_capacity(cache: PagedKVCache, need: int, slots: int = 1) -> int:
@@ -82,31 +130,43 @@ class LoneHistory(_HeldTensors):
     then the attention); the slot design read it once, in place, and this reads it once too.
     It takes memory the cache's budget has not given its blocks yet (``lone_history_room``).
 
-    Held position i is what the pool holds at i through ``blocks`` for every i below
-    ``filled``: only that row's own steps write the pool while it is held. ``follow`` drops it
-    for any other step (another row beside it, a table that is not the one it copied), and the
-    cache's block copies and writes drop it. A step that writes from a position at or below
-    ``filled`` (the next token, or again after rejected guesses) reads back just what it
-    wrote. Its tensors grow with the row, doubling, up to the room the cache has for them at
+    Held position i is what the pool holds at i through ``blocks`` (or will, once written
+    back: from ``stored`` on) for every i below ``filled``: only that row's own steps write the
+    pool while it is held. ``follow`` writes back and drops it for any other step (another row
+    beside it, a table that is not the one it copied), and so do the cache's block copies and
+    writes. A step that writes from a position at or below ``filled`` (the next token, or again
+    after rejected guesses) reads back just what it wrote, or takes its keys and values as
+    they are where it left their store to the write-back. Its tensors grow with the row, doubling, up to the room the cache has for them at
     each step; a row past that reads its blocks like any other, and the tensors are freed."""
 
-    def __init__(self, n_layer: int) -> None:
-        super().__init__(n_layer)
+    def __init__(self, cache: PagedKVCache) -> None:
+        super().__init__(cache)
         self.blocks: list[int] = []  # the table the positions held were read through
-        self.filled = [0] * n_layer  # positions held, per layer
+        self.filled = [0] * cache.n_layer  # positions held, per layer
+        self.stored = [0] * cache.n_layer  # of them, the first the pool holds too, per layer
 
     def reset(self) -> None:
+        self.flush()
         self.blocks = []
         self.filled = [0] * len(self.filled)
+        self.stored = [0] * len(self.stored)
 
-    def follow(self, layout: StepLayout, device: torch.device, room: int) -> bool:
+    def flush(self) -> None:
+        """Store in the pool the positions held that it lacks (``stored`` to ``filled``)."""
+        cells: dict[tuple[int, int, int], torch.Tensor] = {}
+        for layer, (stored, filled) in enumerate(zip(self.stored, self.filled, strict=True)):
+            if stored < filled:
+                self._write_back(layer, [(0, self.blocks, stored, filled)], cells)
+                self.stored[layer] = filled
+
+    def follow(self, layout: StepLayout) -> bool:
         """Whether a forward over ``layout`` attends through this history: one row alone (a
-        decode row or a chunk), on a CPU, within the ``room`` positions it may hold now. What
-        it holds stays only where the row reads through the same table as before; anything
-        else drops it."""
-        rows = layout.rows
+        decode row or a chunk), on a CPU, within the room the cache has for it now. What it
+        holds stays only where the row reads through the same table as before; anything else
+        drops it."""
+        rows, cache = layout.rows, self.cache
         # not one row, or one too long to hold: its memory goes back until a lone row comes
-        if device.type != "cpu" or len(rows) != 1 or rows[0].end > room:
+        if cache.device.type != "cpu" or len(rows) != 1 or rows[0].end > cache.lone_history_room():
             self.release()
             return False
         (row,) = rows
@@ -116,40 +176,52 @@ class LoneHistory(_HeldTensors):
         return True
 
     def read(
-        self, cache: PagedKVCache, layer: int, row: PagedRow, dtype: torch.dtype
+        self,
+        layer: int,
+        row: PagedRow,
+        dtype: torch.dtype,
+        new: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The row's keys and values of ``layer`` up to the end of ``row``, whose positions
-        this step has just stored, each (1, n_kv_head, end, hd) in ``dtype``: the held ones
-        and the step's positions read back from their blocks (through the codec, as every step
-        reads them), or, where the held ones do not reach the step's, all of them copied from
-        the blocks."""
+        """The row's keys and values of ``layer`` up to the end of ``row``, each (1,
+        n_kv_head, end, hd) in ``dtype``: the held ones and the step's positions, read back
+        from their blocks (through the codec, as every step reads them) where the step stored
+        them, else its keys and values ``new`` (a decode step written back later); where the
+        held ones do not reach the step's, all of them copied from the blocks."""
+        cache = self.cache
         bs, end = cache.block_size, row.end
-        k, v = self._room(cache, layer, end, dtype)
+        k, v = self._room(layer, end, dtype)
         start = row.start if self.filled[layer] >= row.start else 0  # from the first block
-        if end - start == 1:  # a decode step's position, indexed in its block (a few us less
-            block, offset = self.blocks[start // bs], start % bs  # a layer than a block copy)
+        read_to = end if new is None else row.start  # where the blocks hold what to read
+        if read_to - start == 1:  # a decode step's position, indexed in its block (a few us
+            block, offset = self.blocks[start // bs], start % bs  # less than a block copy)
             for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
-                new = cache.codec.decode([p[block, :, offset] for p in planes], dtype)
-                held[0, :, start].copy_(new)
-        else:
-            lo, hi = start // bs, -(-end // bs)
+                value = cache.codec.decode([p[block, :, offset] for p in planes], dtype)
+                held[0, :, start].copy_(value)
+        elif read_to > start:
+            lo, hi = start // bs, -(-read_to // bs)
             index = torch.tensor(self.blocks[lo:hi], dtype=torch.long)
             for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
                 copied = gather_history(cache, planes, index, dtype)
-                held[:, :, start:end].copy_(copied[:, :, start - lo * bs : end - lo * bs])
+                held[:, :, start:read_to].copy_(copied[:, :, start - lo * bs : read_to - lo * bs])
+        if new is not None:  # (1, n_kv_head, 1, hd) each, of the row's one position
+            k[:, :, row.start : end].copy_(new[0])
+            v[:, :, row.start : end].copy_(new[1])
+        self.stored[layer] = _stored_after(self.stored[layer], start, row, new is not None)
         self.filled[layer] = end
         return k[:, :, :end], v[:, :, :end]
 
-    def _room(
-        self, cache: PagedKVCache, layer: int, need: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _room(self, layer: int, need: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer``'s held tensors, with room for ``need`` positions: grown to the power of two
         that fits, in whole blocks (at least ``LONE_HISTORY_START``, at most the cache's
         ``lone_history_room``), keeping what they hold, or new in another dtype."""
+        cache = self.cache
         k, v = self.k[layer], self.v[layer]
         if k is not None and v is not None and k.dtype == dtype and k.size(2) >= need:
             return k, v
-        kept = self.filled[layer] if k is not None and k.dtype == dtype else 0
+        same = k is not None and k.dtype == dtype
+        if k is not None and not same:
+            self.flush()  # what they hold goes
+        kept = self.filled[layer] if same else 0
         capacity = _held_capacity(cache, need)
         grown = []
         for old in (k, v):
@@ -159,6 +231,7 @@ class LoneHistory(_HeldTensors):
             grown.append(new)
         self.k[layer], self.v[layer] = grown
         self.filled[layer] = kept
+        self.stored[layer] = min(self.stored[layer], kept)
         return grown[0], grown[1]
 
 
@@ -177,24 +250,16 @@ class HeldRows(_HeldTensors):
     cache's budget has not given its blocks (``lone_history_room``), and only while
     ``LoneHistory`` holds none.
 
-    A slot's first ``filled`` positions are what its row's table reaches there. Each step's
-    rows are matched to the slots by the blocks of those positions; a slot that no row of the
-    step matches is emptied (its row finished or waits), and the cache's block copies and writes
-    empty them all. A row's step writes from its ``start`` on: its slot keeps the positions
-    before that, and reads the rest back from the blocks (a new row's slot, all of them; a row
-    back from a verify step or rejected guesses, the few it lacks).
-
-    The slots are written back: a step of decode rows alone over float blocks (``deferred``)
-    stores its keys and values in the slots only, and the pool gets them later, in one indexed
-    copy per plane for many steps (``flush``): before anything else reads or writes the blocks
-    (a step with prompt chunks or other rows, a slot emptied, the cache's block reads, copies
-    and writes) and before the slots' memory goes. Storing every step's position in the pool
-    as well (scattered writes of one position per head, beside the slots') cost about 0.7 ms of
-    a 4-row GPT-2 step on 2 cores. The pool holds a slot's first ``stored`` positions."""
+    A slot's first ``filled`` positions are what its row's table reaches there, and the pool
+    holds its first ``stored`` (the rest is written back). Each step's rows are matched to the
+    slots by the blocks of those positions; a slot that no row of the step matches is emptied
+    (its row finished or waits), and the cache's block copies and writes empty them all. A
+    row's step writes from its ``start`` on: its slot keeps the positions before that, and
+    reads the rest back from the blocks (a new row's slot, all of them; a row back from a
+    verify step or rejected guesses, the few it lacks)."""
 
     def __init__(self, cache: PagedKVCache) -> None:
-        super().__init__(cache.n_layer)  # k, v: (slots, n_kv_head, capacity, hd) per layer
-        self.cache = cache  # the pool the slots write back to
+        super().__init__(cache)  # k, v: (slots, n_kv_head, capacity, hd) per layer
         self.tables: list[list[int]] = []  # per slot: the table its positions were read through
         self.filled: list[list[int]] = []  # per slot, per layer: positions held
         self.stored: list[list[int]] = []  # per slot, per layer: positions the pool holds too
@@ -206,35 +271,19 @@ class HeldRows(_HeldTensors):
         self.tables, self.filled, self.stored, self.slots = [], [], [], []
 
     def flush(self) -> None:
-        """Store in the pool what the slots hold and it does not: each slot's positions from
-        ``stored`` to ``filled``, per layer, through the slot's table."""
-        cache = self.cache
-        H, bs, hd = cache.n_kv_head, cache.block_size, cache.head_dim
-        heads = torch.arange(H)[:, None] * bs
-        cells: dict[tuple[int, int, int], torch.Tensor] = {}  # the same spans in every layer
-        for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            spans = [
-                (s, stored[layer], filled[layer])
-                for s, (stored, filled) in enumerate(zip(self.stored, self.filled, strict=True))
-                if stored[layer] < filled[layer]
-            ]
-            if not spans:
-                continue
-            index, keys, values = [], [], []
-            for s, lo, hi in spans:
-                if (s, lo, hi) not in cells:  # rows of the planes seen flat, head-major
-                    at = torch.arange(lo, hi)
-                    block = torch.tensor(self.tables[s])[at // bs]
-                    cells[s, lo, hi] = (heads + (block * H * bs + at % bs)[None]).flatten()
-                index.append(cells[s, lo, hi])
-                keys.append(k[s, :, lo:hi].reshape(-1, hd))
-                values.append(v[s, :, lo:hi].reshape(-1, hd))
-                self.stored[s][layer] = hi
-            rows = torch.cat(index)
-            for planes, held in ((cache.k[layer], keys), (cache.v[layer], values)):
-                # deferred only where the blocks are floats of the slots' dtype: stored as held
-                (plane,) = planes
-                plane.view(-1, hd).index_copy_(0, rows, torch.cat(held))
+        """Store in the pool the positions the slots hold that it lacks (``stored`` to
+        ``filled``, per slot and layer), through each slot's table."""
+        cells: dict[tuple[int, int, int], torch.Tensor] = {}
+        for layer in range(len(self.k)):
+            spans = []
+            for s, (table, stored, filled) in enumerate(
+                zip(self.tables, self.stored, self.filled, strict=True)
+            ):
+                if stored[layer] < filled[layer]:
+                    spans.append((s, table, stored[layer], filled[layer]))
+                    stored[layer] = filled[layer]
+            if spans:
+                self._write_back(layer, spans, cells)
 
     def follow(self, layout: StepLayout) -> bool:
         """Whether the decode rows of ``layout`` attend through held slots: on a CPU, from 1 to
@@ -325,8 +374,7 @@ class HeldRows(_HeldTensors):
                 value = cache.codec.decode(flat, dtype).view(len(rows), cache.n_kv_head, -1)
             held[slot, :, position] = value  # (rows, n_kv_head, hd)
         for s, row in zip(self.slots, rows, strict=True):
-            first, stored = self.filled[s][layer], self.stored[s]
-            stored[layer] = min(stored[layer], row.start)  # rewritten from there on
+            first = min(self.filled[s][layer], row.start)
             if first < row.start:  # what the slot lacks before the step's position
                 lo, hi = first // bs, -(-row.start // bs)
                 index = torch.tensor(row.blocks[lo:hi], dtype=torch.long)
@@ -335,10 +383,8 @@ class HeldRows(_HeldTensors):
                     held[s, :, first : row.start].copy_(
                         copied[0, :, first - lo * bs : row.start - lo * bs]
                     )
-                if stored[layer] == first:
-                    stored[layer] = row.start
-            if not deferred and stored[layer] == row.start:
-                stored[layer] = row.end
+            stored = self.stored[s]
+            stored[layer] = _stored_after(stored[layer], first, row, deferred)
             self.filled[s][layer] = row.end
         return k[:slots, :, :longest], v[:slots, :, :longest]
 

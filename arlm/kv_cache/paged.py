@@ -130,7 +130,7 @@ class PagedKVCache:
         self.v: list[list[torch.Tensor]] = []
         self.allocated = 0
         self.spare: int | None = None  # a block no sequence owns (``add_spare_block``)
-        self.lone_history = LoneHistory(n_layer)
+        self.lone_history = LoneHistory(self)
         self.held_rows = HeldRows(self)
 
     @classmethod
@@ -204,9 +204,15 @@ class PagedKVCache:
 
     def read_blocks(self, ids: list[int]) -> list[torch.Tensor]:
         """What blocks ``ids`` hold, one tensor per plane (layers' k, then v), on the device."""
-        self.held_rows.flush()
+        self.write_back()
         index = to_device(ids, torch.long, self.device)
         return [plane.index_select(0, index) for plane in self._planes()]
+
+    def write_back(self) -> None:
+        """Store in the blocks what the held histories hold and they do not yet (decode steps
+        store there later; ``arlm.kv_cache.held``)."""
+        self.lone_history.flush()
+        self.held_rows.flush()
 
     def write_blocks(self, ids: list[int], data: list[torch.Tensor]) -> None:
         """Store ``data`` (as ``read_blocks`` returns it, on any device) in blocks ``ids``."""
@@ -390,10 +396,12 @@ class PagedStep:
         self._write = pinned_to((torch.tensor(cells)[:, None] + heads).flatten(), device)
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
-        self._lone = cache.lone_history.follow(layout, device, cache.lone_history_room())
+        self._lone = cache.lone_history.follow(layout)
         self._held = cache.held_rows.follow(layout)
-        # decode rows alone over float blocks store in their held slots only (written back)
-        self._deferred = self._held and not layout.chunks and isinstance(cache.codec, FloatCodec)
+        # decode rows alone over float blocks store in their held histories only (written back)
+        self._deferred = (
+            (self._lone or self._held) and not layout.chunks and isinstance(cache.codec, FloatCodec)
+        )
         self._held_masks: dict[int | None, torch.Tensor] = {}
         if nd and not (self._lone or self._held):  # held histories: no tables to build
             width = max(len(r.blocks) for r in layout.decode)
@@ -432,17 +440,17 @@ class PagedStep:
         hd = cache.head_dim
         scale = hd**-0.5 if scale is None else scale
         k_planes, v_planes = cache.k[layer], cache.v[layer]
-        # written back later only where the slots hold what the pool would (the same dtype)
+        # written back later only where the held tensors hold what the pool would (one dtype)
         deferred = self._deferred and q.dtype == k.dtype == k_planes[0].dtype
         if not deferred:
             _store(cache, layer, k, v, self._write)
         out = []
         nd = self.n_decode
+        new = k[:, :, :nd], v[:, :, :nd]
         if nd and self._held:
-            new = k[:, :, :nd], v[:, :, :nd]
             out.append(self._decode_held(layer, q[:, :, :nd], new, scale, deferred))
         elif nd:
-            out.append(self._decode(layer, q[:, :, :nd], scale))
+            out.append(self._decode(layer, q[:, :, :nd], scale, new if deferred else None))
         offset = nd
         for chunk, views, blocks in zip(
             self.layout.chunks, self._chunk_views, self._chunk_blocks, strict=True
@@ -450,7 +458,7 @@ class PagedStep:
             first, mask = views[layer]
             end, T = chunk.end, chunk.length
             if self._lone:
-                keys, values = cache.lone_history.read(cache, layer, chunk, cache.dtype)
+                keys, values = cache.lone_history.read(layer, chunk, cache.dtype)
             else:
                 keys = gather_history(cache, k_planes, blocks, cache.dtype)
                 values = gather_history(cache, v_planes, blocks, cache.dtype)
@@ -459,14 +467,21 @@ class PagedStep:
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
-    def _decode(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode rows' queries q (1, n_head, nd, hd) over what their blocks hold."""
+    def _decode(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        scale: float,
+        new: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Decode rows' queries q (1, n_head, nd, hd) over what their blocks hold; a lone row's
+        keys and values ``new`` where the step left them to be written back."""
         cache = self.cache
         window = cache.windows[layer]
         (k_planes, v_planes) = cache.k[layer], cache.v[layer]
         if self._lone:
             (row,) = self.layout.decode
-            keys, values = cache.lone_history.read(cache, layer, row, q.dtype)
+            keys, values = cache.lone_history.read(layer, row, q.dtype, new)
             seen = _first_seen(row.start, window)
             return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
         if self._kernel and window is None:
