@@ -402,7 +402,7 @@ class PagedStep:
         self._deferred = (
             (self._lone or self._held) and not layout.chunks and isinstance(cache.codec, FloatCodec)
         )
-        self._held_masks: dict[int | None, torch.Tensor] = {}
+        self._held_masks: dict[int | None, tuple[int, torch.Tensor]] = {}  # first seen, mask
         if nd and not (self._lone or self._held):  # held histories: no tables to build
             width = max(len(r.blocks) for r in layout.decode)
             table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
@@ -517,16 +517,16 @@ class PagedStep:
         held = cache.held_rows
         keys, values = held.read(layer, rows, new, self._write, q.dtype, deferred)
         window = cache.windows[layer]
-        first = min(_first_seen(row.start, window) for row in rows)
-        keys, values = keys[:, :, first:], values[:, :, first:]
-        mask = self._held_masks.get(window)
-        if mask is None:
-            seen = torch.zeros(keys.size(0), 1, 1, keys.size(2), dtype=torch.bool)
+        if window not in self._held_masks:  # the same in every layer of that window
+            first = min(_first_seen(row.start, window) for row in rows)
+            seen = torch.zeros(keys.size(0), 1, 1, keys.size(2) - first, dtype=torch.bool)
             seen[..., 0] = True
             for s, row in zip(held.slots, rows, strict=True):
                 seen[s, ..., 0] = False
                 seen[s, ..., _first_seen(row.start, window) - first : row.end - first] = True
-            mask = self._held_masks[window] = seen
+            self._held_masks[window] = first, seen
+        first, mask = self._held_masks[window]
+        keys, values = keys[:, :, first:], values[:, :, first:]
         queries = q[0].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
         if held.slots == list(range(keys.size(0))):
             y = sdpa(queries, keys, values, mask, scale)
