@@ -76,12 +76,12 @@ class _HeldTensors:
         Only float blocks of the held dtype defer their store, so the values go as held."""
         cache, k, v = self.cache, self.k[layer], self.v[layer]
         H, bs, hd = cache.n_kv_head, cache.block_size, cache.head_dim
+        heads = torch.arange(H)[:, None] * bs
         index, keys, values = [], [], []
         for s, table, lo, hi in spans:
             if (s, lo, hi) not in cells:  # rows of the planes seen flat, head-major
                 at = torch.arange(lo, hi)
                 block = torch.tensor(table)[at // bs]
-                heads = torch.arange(H)[:, None] * bs
                 cells[s, lo, hi] = (heads + (block * H * bs + at % bs)[None]).flatten()
             index.append(cells[s, lo, hi])
             keys.append(k[s, :, lo:hi].reshape(-1, hd))

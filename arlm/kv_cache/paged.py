@@ -446,11 +446,12 @@ class PagedStep:
             _store(cache, layer, k, v, self._write)
         out = []
         nd = self.n_decode
-        new = k[:, :, :nd], v[:, :, :nd]
         if nd and self._held:
+            new = k[:, :, :nd], v[:, :, :nd]
             out.append(self._decode_held(layer, q[:, :, :nd], new, scale, deferred))
         elif nd:
-            out.append(self._decode(layer, q[:, :, :nd], scale, new if deferred else None))
+            lone_new = (k[:, :, :nd], v[:, :, :nd]) if deferred else None
+            out.append(self._decode(layer, q[:, :, :nd], scale, lone_new))
         offset = nd
         for chunk, views, blocks in zip(
             self.layout.chunks, self._chunk_views, self._chunk_blocks, strict=True
