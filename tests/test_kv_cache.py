@@ -216,9 +216,12 @@ def test_growing_the_pool_keeps_what_the_existing_blocks_hold():
     tables = {0: [1, 0, 2, 3], 1: [8, 6, 7, 9]}
     step(model, cache, {0: tables[0]}, seqs, chunks=[(0, 0, 20)])
     assert cache.allocated == 4
-    # one chunk alone: its positions held as well (arlm.kv_cache.held.LoneHistory)
+    # one chunk alone: its positions held, and stored in the pool only when written back
+    # (arlm.kv_cache.held.LoneHistory)
     history = cache.lone_history.nbytes
     assert history and cache.nbytes == storage_bytes(cache) == 4 * cache.block_bytes + history
+    assert not any(p[:4].any() for planes in (*cache.k, *cache.v) for p in planes)
+    cache.write_back()  # the pool gets them once something reads it
     held = [p[:4].clone() for planes in (*cache.k, *cache.v) for p in planes]
     assert all(h.any() for h in held)
     step(model, cache, tables, seqs, decode=[(0, 20)], chunks=[(1, 0, 21)])  # the pool grows

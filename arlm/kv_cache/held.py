@@ -4,13 +4,14 @@ tensor (``LoneHistory``), up to ``HELD_ROWS`` rows beside one another hold their
 one tensor (``HeldRows``). Each step extends them by the positions it stores; anything that
 writes the pool another way (block copies, block writes, other rows) drops what they hold.
 
-They are written back: a step of decode rows alone over float blocks stores its keys and values
-in the held tensors only, and the pool gets them later, one indexed copy per plane for many
-steps (``flush``), before anything else reads or writes the blocks (a step of other rows or
-with prompt chunks, a row's history dropped, the cache's block reads, copies and writes) and
-before the held memory goes. Storing each step's positions in the pool as well (scattered
-writes of one position per head) took 155-160 ms of a 4 x 128-token GPT-2 wave on 2 cores and
-the write-back 7-11 ms; 77-92 ms of one row's 128 tokens, written back in 2 ms.
+They are written back: a step of decode rows alone, or of one row alone (its prompt chunks
+too), over float blocks stores its keys and values in the held tensors only, and the pool gets
+them later, one indexed copy per plane for many steps (``flush``), before anything else reads or
+writes the blocks (a step of other rows, or of held rows with prompt chunks, a row's history
+dropped, the cache's block reads, copies and writes) and before the held memory goes. Storing
+each step's positions in the pool as well (scattered writes of one position per head) took
+155-160 ms of a 4 x 128-token GPT-2 wave on 2 cores and the write-back 7-11 ms; 77-92 ms of one
+row's 128 tokens, written back in 2 ms.
 
 Their memory comes from the KV budget: the share set aside for them and what the blocks not yet
 given memory leave (``PagedKVCache.lone_history_room``); the pool grows into that memory only
@@ -113,6 +114,16 @@ def _stored_after(stored: int, copied_from: int, row: PagedRow, deferred: bool) 
     return row.start if deferred else row.end
 
 
+def _leading_blocks_in_common(a: list[int], b: list[int]) -> int:
+    """How many of the first blocks tables ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _held_capacity(cache: PagedKVCache, need: int, slots: int = 1) -> int:
     """Positions per slot for held tensors that must take ``need``: the power of two that fits
     (at least ``LONE_HISTORY_START``), in whole blocks, at most what the cache's room gives
@@ -133,12 +144,14 @@ class LoneHistory(_HeldTensors):
     Held position i is what the pool holds at i through ``blocks`` (or will, once written
     back: from ``stored`` on) for every i below ``filled``: only that row's own steps write the
     pool while it is held. ``follow`` writes back and drops it for any other step (another row
-    beside it, a table that is not the one it copied), and so do the cache's block copies and
-    writes. A step that writes from a position at or below ``filled`` (the next token, or again
-    after rejected guesses) reads back just what it wrote, or takes its keys and values as
-    they are where it left their store to the write-back. Its tensors grow with the row,
-    doubling, up to the room the cache has for them at each step; a row past that reads its
-    blocks like any other, and the tensors are freed."""
+    beside it), and so do the cache's block copies and writes; a row with another table (the
+    next request, its prompt's first blocks found in the prefix cache) keeps what the first
+    blocks both tables share hold. A step copies from the blocks only the positions before its
+    own that the history lacks, and takes its own keys and values as they are where it left
+    their store to the write-back, else reads them back (a step may write from a position
+    below ``filled``: the next token, or again after rejected guesses). Its tensors grow with
+    the row, doubling, up to the room the cache has for them at each step; a row past that
+    reads its blocks like any other, and the tensors are freed."""
 
     def __init__(self, cache: PagedKVCache) -> None:
         super().__init__(cache)
@@ -163,16 +176,20 @@ class LoneHistory(_HeldTensors):
     def follow(self, layout: StepLayout) -> bool:
         """Whether a forward over ``layout`` attends through this history: one row alone (a
         decode row or a chunk), on a CPU, within the room the cache has for it now. What it
-        holds stays only where the row reads through the same table as before; anything else
-        drops it."""
+        holds stays where the row reads through the same blocks as before; anything else
+        drops it (written back first)."""
         rows, cache = layout.rows, self.cache
         # not one row, or one too long to hold: its memory goes back until a lone row comes
         if cache.device.type != "cpu" or len(rows) != 1 or rows[0].end > cache.lone_history_room():
             self.release()
             return False
         (row,) = rows
-        if row.blocks[: len(self.blocks)] != self.blocks:
-            self.reset()
+        shared = _leading_blocks_in_common(row.blocks, self.blocks)
+        if shared < len(self.blocks):  # another table: only what the blocks both hold stays
+            self.flush()
+            keep = shared * cache.block_size
+            self.filled = [min(f, keep) for f in self.filled]
+            self.stored = [min(f, keep) for f in self.stored]
         self.blocks = list(row.blocks)
         return True
 
@@ -186,12 +203,12 @@ class LoneHistory(_HeldTensors):
         """The row's keys and values of ``layer`` up to the end of ``row``, each (1,
         n_kv_head, end, hd) in ``dtype``: the held ones and the step's positions, read back
         from their blocks (through the codec, as every step reads them) where the step stored
-        them, else its keys and values ``new`` (a decode step written back later); where the
-        held ones do not reach the step's, all of them copied from the blocks."""
+        them, else its keys and values ``new`` (a step written back later), and what the held
+        ones lack before the step's, copied from the blocks."""
         cache = self.cache
         bs, end = cache.block_size, row.end
         k, v = self._room(layer, end, dtype)
-        start = row.start if self.filled[layer] >= row.start else 0  # from the first block
+        start = min(self.filled[layer], row.start)  # the first position it lacks or rewrites
         read_to = end if new is None else row.start  # where the blocks hold what to read
         if read_to - start == 1:  # a decode step's position, indexed in its block (a few us
             block, offset = self.blocks[start // bs], start % bs  # less than a block copy)
@@ -204,7 +221,7 @@ class LoneHistory(_HeldTensors):
             for planes, held in ((cache.k[layer], k), (cache.v[layer], v)):
                 copied = gather_history(cache, planes, index, dtype)
                 held[:, :, start:read_to].copy_(copied[:, :, start - lo * bs : read_to - lo * bs])
-        if new is not None:  # (1, n_kv_head, 1, hd) each, of the row's one position
+        if new is not None:  # (1, n_kv_head, T, hd) each, of the row's T positions
             k[:, :, row.start : end].copy_(new[0])
             v[:, :, row.start : end].copy_(new[1])
         self.stored[layer] = _stored_after(self.stored[layer], start, row, new is not None)

@@ -398,9 +398,10 @@ class PagedStep:
         self._readers: dict[int | None, _BlockReaders] = {}
         self._lone = cache.lone_history.follow(layout)
         self._held = cache.held_rows.follow(layout)
-        # decode rows alone over float blocks store in their held histories only (written back)
-        self._deferred = (
-            (self._lone or self._held) and not layout.chunks and isinstance(cache.codec, FloatCodec)
+        # a lone row (decoding or a prompt chunk), or decode rows alone, over float blocks store
+        # in their held histories only (written back)
+        self._deferred = isinstance(cache.codec, FloatCodec) and (
+            self._lone or (self._held and not layout.chunks)
         )
         self._held_masks: dict[int | None, tuple[int, torch.Tensor]] = {}  # first seen, mask
         if nd and not (self._lone or self._held):  # held histories: no tables to build
@@ -441,7 +442,7 @@ class PagedStep:
         scale = hd**-0.5 if scale is None else scale
         k_planes, v_planes = cache.k[layer], cache.v[layer]
         # written back later only where the held tensors hold what the pool would (one dtype)
-        deferred = self._deferred and q.dtype == k.dtype == k_planes[0].dtype
+        deferred = self._deferred and q.dtype == k.dtype == k_planes[0].dtype == cache.dtype
         if not deferred:
             _store(cache, layer, k, v, self._write)
         out = []
@@ -459,7 +460,9 @@ class PagedStep:
             first, mask = views[layer]
             end, T = chunk.end, chunk.length
             if self._lone:
-                keys, values = cache.lone_history.read(layer, chunk, cache.dtype)
+                at = slice(offset, offset + T)
+                new = (k[:, :, at], v[:, :, at]) if deferred else None
+                keys, values = cache.lone_history.read(layer, chunk, cache.dtype, new)
             else:
                 keys = gather_history(cache, k_planes, blocks, cache.dtype)
                 values = gather_history(cache, v_planes, blocks, cache.dtype)
