@@ -77,21 +77,21 @@ class _HeldTensors:
         Only float blocks of the held dtype defer their store, so the values go as held."""
         cache, k, v = self.cache, self.k[layer], self.v[layer]
         H, bs, hd = cache.n_kv_head, cache.block_size, cache.head_dim
-        heads = torch.arange(H)[:, None] * bs
         index, keys, values = [], [], []
         for s, table, lo, hi in spans:
             if (s, lo, hi) not in cells:  # rows of the planes seen flat, head-major
                 at = torch.arange(lo, hi)
                 block = torch.tensor(table)[at // bs]
+                heads = torch.arange(H)[:, None] * bs
                 cells[s, lo, hi] = (heads + (block * H * bs + at % bs)[None]).flatten()
             index.append(cells[s, lo, hi])
             keys.append(k[s, :, lo:hi].reshape(-1, hd))
             values.append(v[s, :, lo:hi].reshape(-1, hd))
-        rows = torch.cat(index)
+        rows = _joined(index)
         # the planes a forward made are inference tensors; a block read may flush outside one
         with torch.inference_mode():
             for (plane,), held in ((cache.k[layer], keys), (cache.v[layer], values)):
-                plane.view(-1, hd).index_copy_(0, rows, torch.cat(held))
+                plane.view(-1, hd).index_copy_(0, rows, _joined(held))
 
     def release(self) -> None:
         """Drop what is held (the subclass's ``reset``) and give its memory back."""
@@ -102,6 +102,11 @@ class _HeldTensors:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.k, *self.v) if t is not None)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` as one tensor: one part as it is (``torch.cat`` would copy it)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _stored_after(stored: int, copied_from: int, row: PagedRow, deferred: bool) -> int:
