@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
-import sys
 
 import pytest
 
@@ -332,49 +330,6 @@ def test_interleaved_streams_each_get_their_own_text(model, tokenizer):
     early.close()
     lm.engine.step()
     assert not lm.engine.has_unfinished() and lm.engine.scheduler.running == []
-
-
-# a fresh process: is the first 24 MiB block its C library hands out mapped for it? (glibc's
-# malloc counts such blocks in mallinfo2's hblks), before and after a CPU model runner is made
-_FIRST_BLOCK_MAPPED = """
-import ctypes, sys, torch
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in (
-        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
-libc = ctypes.CDLL(None)
-if not hasattr(libc, "mallinfo2"):
-    sys.exit(3)
-libc.mallinfo2.restype = Info
-if sys.argv[1] == "runner":
-    from arlm.config import ModelConfig
-    from arlm.engine.runner import ModelRunner
-    from arlm.kv_cache import CacheConfig
-    from arlm.model.transformer import Transformer
-    ModelRunner(Transformer(ModelConfig.preset("tiny", vocab_size=64)), CacheConfig(), 4, 16)
-before = libc.mallinfo2().hblks
-block = torch.empty(24 * 2**20, dtype=torch.uint8)
-print(libc.mallinfo2().hblks - before)
-"""
-
-
-def test_a_cpu_model_runner_keeps_each_steps_activations_in_the_heap():
-    """glibc's malloc maps fresh pages for a block of 128 KiB or more until frees teach it
-    otherwise, and a forward's activations come and go every step: a model runner on the CPU
-    raises that threshold to 32 MiB (``arlm.host_allocator``), so a 24 MiB block comes from the
-    heap even in a fresh process."""
-
-    def mapped(kind: str) -> int:
-        run = subprocess.run(
-            [sys.executable, "-c", _FIRST_BLOCK_MAPPED, kind], capture_output=True, text=True
-        )
-        if run.returncode == 3:
-            pytest.skip("not glibc 2.33 or later: no mallinfo2")
-        assert run.returncode == 0, run.stderr
-        return int(run.stdout)
-
-    if mapped("plain") != 1:
-        pytest.skip("this C library serves a fresh process's 24 MiB block from its heap already")
-    assert mapped("runner") == 0
 
 
 def test_the_serving_loop_writes_the_held_histories_back_when_it_goes_idle(model, tokenizer):

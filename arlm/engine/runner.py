@@ -25,7 +25,6 @@ from arlm.engine.cuda_graphs import DecodeGraphs
 from arlm.engine.prompt_logprobs import PromptRows, positions_to_score
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
-from arlm.host_allocator import keep_activations_in_the_heap
 from arlm.kv_cache.codec import FloatCodec, make_codec
 from arlm.kv_cache.config import CacheConfig
 from arlm.kv_cache.offload import HostKVPool
@@ -46,8 +45,6 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = model.wte.weight.device
-        if self.device.type == "cpu":  # each step's activations from the heap, not new pages
-            keep_activations_in_the_heap()
         dtype = model.wte.weight.dtype
         codec = make_codec(cache_config.dtype, dtype)
         kw = dict(device=self.device, dtype=dtype, codec=codec)
