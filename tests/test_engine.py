@@ -332,36 +332,6 @@ def test_interleaved_streams_each_get_their_own_text(model, tokenizer):
     assert not lm.engine.has_unfinished() and lm.engine.scheduler.running == []
 
 
-def test_the_serving_loop_writes_the_held_histories_back_when_it_goes_idle(model, tokenizer):
-    """A request alone decodes through its held history, whose steps store nothing in the pool
-    (``arlm.kv_cache.held``); once the loop has nothing left to run it writes them back, so the
-    next request's first step has nothing to write."""
-    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=4))
-    lone = engine.runner.cache.lone_history
-    written = []
-    flush = lone.flush
-    lone.flush = lambda: written.append(list(zip(lone.stored, lone.filled, strict=True))) or flush()
-    front = AsyncEngine(engine)
-
-    async def run():
-        async for out in front.generate([1, 2, 3], SamplingParams(max_tokens=12, **GREEDY), "a"):
-            if out.finished:
-                return out.completion.token_ids
-
-    try:
-        ids = asyncio.run(run())
-        assert len(ids) == 12
-        for _ in range(100):  # the loop writes back once it finds nothing to run
-            if written:
-                break
-            asyncio.run(asyncio.sleep(0.02))
-        # every layer held the 14 positions it fed (3 + 11) the pool lacked, and holds them still
-        assert written == [[(0, 14)] * len(lone.filled)]
-        assert lone.stored == lone.filled == [14] * len(lone.filled)
-    finally:
-        front.stop()
-
-
 def test_async_engine_streams_each_request_and_aborts_a_cancelled_one(model, tokenizer):
     engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=4))
     front = AsyncEngine(engine)

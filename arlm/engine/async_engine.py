@@ -219,20 +219,15 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
-        busy = False
         try:
             while not self._stopping:
                 self._drain_inbox()
                 if not engine.has_unfinished():
-                    if busy:  # idle now: the write-back the next request's first step would do
-                        engine.write_back()
-                        busy = False
                     self.stats = engine.stats()
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue
                 outputs = engine.step()
-                busy = True
                 self.stats = engine.stats()
                 if self.on_output is not None:
                     for out in outputs:

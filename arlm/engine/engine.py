@@ -145,12 +145,6 @@ class Engine:
         then flat from the start."""
         self.runner.preallocate(self.scheduler.max_num_seqs, self.max_len)
 
-    def write_back(self) -> None:
-        """Store in the KV pool what the held histories keep beside it on a CPU and it lacks
-        (``arlm.kv_cache.held``): a server does it while idle, so the next request's first step
-        does not."""
-        self.runner.write_back()
-
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(

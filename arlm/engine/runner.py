@@ -100,11 +100,6 @@ class ModelRunner:
             longest = -(-max_len // self.cache.block_size)
             self.cache.reserve(min(self.cache.num_blocks, max_num_seqs * longest))
 
-    def write_back(self) -> None:
-        """``PagedKVCache.write_back``; the windowed cache holds nothing beside itself."""
-        if self.cache is not None:
-            self.cache.write_back()
-
     @property
     def rewindable(self) -> bool:
         return self.windowed is None

@@ -148,10 +148,6 @@ class TensorParallelRunner:
         self.group.broadcast(("preallocate", max_num_seqs, max_len))
         self.inner.preallocate(max_num_seqs, max_len)
 
-    def write_back(self) -> None:
-        self.group.broadcast(("write_back",))
-        self.inner.write_back()
-
     def run(self, batch: ScheduledBatch, orders: Orders | None):
         self.group.broadcast(("step", orders, *_rows(batch)))
         return self.inner.run(batch, orders)
@@ -169,9 +165,6 @@ def run_worker(model: Transformer, group: TensorParallelGroup) -> None:
             continue
         if kind == "preallocate":
             runner.preallocate(*body)
-            continue
-        if kind == "write_back":
-            runner.write_back()
             continue
         orders, decode, prefill = body
         runner.run(_batch(decode, prefill), orders)
