@@ -121,6 +121,8 @@ def _stored_after(stored: int, copied_from: int, row: PagedRow, deferred: bool) 
 
 def _leading_blocks_in_common(a: list[int], b: list[int]) -> int:
     """How many of the first blocks tables ``a`` and ``b`` share."""
+    if a[: len(b)] == b:  # every step of a row goes on through its own table: one C compare
+        return len(b)
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -165,10 +167,14 @@ class LoneHistory(_HeldTensors):
         self.stored = [0] * cache.n_layer  # of them, the first the pool holds too, per layer
 
     def reset(self) -> None:
-        self.flush()
+        self._keep(0)
         self.blocks = []
-        self.filled = [0] * len(self.filled)
-        self.stored = [0] * len(self.stored)
+
+    def _keep(self, n: int) -> None:
+        """Write back, then hold only the first ``n`` positions (the pool holds them all)."""
+        self.flush()
+        self.filled = [min(f, n) for f in self.filled]
+        self.stored = list(self.filled)
 
     def flush(self) -> None:
         """Store in the pool the positions held that it lacks (``stored`` to ``filled``)."""
@@ -191,10 +197,7 @@ class LoneHistory(_HeldTensors):
         (row,) = rows
         shared = _leading_blocks_in_common(row.blocks, self.blocks)
         if shared < len(self.blocks):  # another table: only what the blocks both hold stays
-            self.flush()
-            keep = shared * cache.block_size
-            self.filled = [min(f, keep) for f in self.filled]
-            self.stored = [min(f, keep) for f in self.stored]
+            self._keep(shared * cache.block_size)
         self.blocks = list(row.blocks)
         return True
 
