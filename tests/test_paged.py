@@ -519,6 +519,32 @@ def test_shared_blocks_are_copied_before_they_are_written():
     assert bm.num_free_blocks == 16 and bm.num_used_blocks == 0
 
 
+def test_new_blocks_come_from_free_ones_before_the_prefix_cache_is_evicted():
+    """A finished prompt's full blocks stay cached while free blocks are left (the pool grows
+    into its budget rather than evict: ``docs/inference.md``), then go least recently freed
+    first."""
+    bm = BlockManager(8, 4)
+    first = _seq(list(range(1, 14)), 4)  # 3 full blocks and one position
+    bm.allocate(first)
+    assert bm.ensure(first, 13)
+    first.num_cached = 13
+    bm.computed(first)
+    bm.free(first)
+    other = _seq(list(range(100, 113)), 4)
+    bm.allocate(other)
+    assert bm.ensure(other, 13)
+    assert sorted(other.block_table) == [3, 4, 5, 6]  # none of the first prompt's cached ones
+    again = _seq(list(range(1, 14)), 4)
+    bm.allocate(again)
+    assert again.block_table == [0, 1, 2] and again.num_cached == 12
+    bm.free(again)  # its blocks are freed tail first: 2, 1, 0
+    late = _seq(list(range(200, 213)), 4)  # one free block left: then the cached ones
+    bm.allocate(late)
+    assert bm.ensure(late, 13)
+    assert late.block_table == [7, 2, 1, 0]
+    assert bm.cached == {}  # the first prompt is no longer found
+
+
 def test_rows_in_a_copied_block_see_what_the_shared_one_held(model, tokenizer):
     """Through the engine: n samples share the prompt's full blocks; a loop break inside the
     generated text, then more steps, give each sample what it gives alone."""
