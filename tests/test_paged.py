@@ -494,14 +494,20 @@ def _seq(prompt: list[int], bs: int) -> Sequence:
     )
 
 
+def _computed(bm: BlockManager, prompt: list[int]) -> Sequence:
+    """A sequence whose whole ``prompt`` has been through a forward: its full blocks registered."""
+    seq = _seq(prompt, bm.block_size)
+    bm.allocate(seq)
+    assert bm.ensure(seq, len(prompt))
+    seq.num_cached = len(prompt)
+    bm.computed(seq)
+    return seq
+
+
 def test_shared_blocks_are_copied_before_they_are_written():
     bm = BlockManager(16, 4)
     prompt = list(range(1, 14))  # 3 full blocks and one position
-    a = _seq(prompt, 4)
-    bm.allocate(a)
-    assert bm.ensure(a, len(prompt))
-    a.num_cached = len(prompt)
-    bm.computed(a)
+    a = _computed(bm, prompt)
     b = _seq(prompt, 4)
     bm.allocate(b)  # the 3 full blocks, by reference
     assert b.block_table == a.block_table[:3] and b.num_cached == 12
@@ -524,11 +530,7 @@ def test_new_blocks_come_from_free_ones_before_the_prefix_cache_is_evicted():
     into its budget rather than evict: ``docs/inference.md``), then go least recently freed
     first."""
     bm = BlockManager(8, 4)
-    first = _seq(list(range(1, 14)), 4)  # 3 full blocks and one position
-    bm.allocate(first)
-    assert bm.ensure(first, 13)
-    first.num_cached = 13
-    bm.computed(first)
+    first = _computed(bm, list(range(1, 14)))  # 3 full blocks and one position
     bm.free(first)
     other = _seq(list(range(100, 113)), 4)
     bm.allocate(other)
