@@ -16,6 +16,7 @@ from arlm.engine.memory import GIB, activation_peak, check_weights_fit
 from arlm.engine.token_chain import TokenChain
 from arlm.train import TrainConfig, Trainer
 from tests.conftest import make_model
+from tests.numerics import assert_close
 from tests.test_step_sync import processor_requests
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -140,3 +141,21 @@ def test_the_sampling_side_of_a_step_with_processors_does_not_wait_for_the_gpu(
         engine.step()
     assert len(checked) >= 8
     assert engine.chain.loops_broken >= 1  # the break path (bans, a fresh sampler) ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_chunks_over_cached_positions_give_one_forward_s_log_probabilities(tokenizer, dtype):
+    """On CUDA a prompt chunk after the first attends to its cached positions through a
+    lower-right causal bias, no mask tensor (``arlm.kv_cache.base.causal_mask``; FlashAttention
+    in bfloat16): its prompt log-probabilities, 8 positions a step, equal one teacher-forced
+    forward's. Rounding: ulps of the dtype at the log-probabilities' size; a query that saw
+    the wrong keys moves them by far more in float32."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).to("cuda", dtype)
+    engine = EngineConfig(max_num_seqs=2, max_num_batched_tokens=8)
+    lm = arlm.LM(model, tokenizer, engine_config=engine)
+    ids = [(7 * i) % tokenizer.vocab_size for i in range(1, 41)]  # five chunks
+    c = lm.generate(ids, max_tokens=0, prompt_logprobs=0)
+    got = torch.tensor([p.logprob for p in c.prompt_logprobs[1:]])
+    logp = lm.logits(ids).float().log_softmax(dim=-1).cpu()
+    want = logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert_close(got, want, dtype=dtype)

@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import KVCache
+from arlm.kv_cache.base import causal_mask, sdpa
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close
 
@@ -56,6 +58,21 @@ def test_chunk_appended_after_cached_positions_sees_the_right_mask(family):
         rest, _ = model(seq[:, 25:], kv_cache=cache, start_pos=25)
     assert_close(chunk, full[:, 10:25])
     assert_close(rest, full[:, 25:])
+
+
+@pytest.mark.parametrize(("start", "T"), [(10, 15), (1, 2), (7, 7)])
+def test_a_chunk_over_cached_positions_on_cuda_gets_a_causal_bias_equal_to_the_dense_mask(start, T):
+    """On CUDA a chunk's queries over their cached positions get a lower-right causal bias
+    (FlashAttention applies it with no mask tensor; ``causal_mask`` only names the device, so
+    this runs on a CPU); it lets each query see the keys the dense mask of a CPU does."""
+    bias = causal_mask(start, T, torch.device("cuda"))
+    assert isinstance(bias, CausalBias)
+    dense = causal_mask(start, T, torch.device("cpu"))
+    assert dense.shape == (T, start + T)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, T, 8, generator=g)  # 4 query heads over 2 key heads, as GQA reads
+    k, v = (torch.randn(2, 2, start + T, 8, generator=g) for _ in range(2))
+    assert_close(sdpa(q, k, v, bias), sdpa(q, k, v, dense))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,12 +10,18 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from arlm.kv_cache.codec import Codec
 
 # rotate(x, positions): x (B, n_kv_head, N, head_dim) turned by the rotary angle of each of the
 # N positions (N,); the model provides it, so a cache can move keys without knowing RoPE's math
 Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# What attention's queries may see: True where a query may look (T, S), a lower-right causal
+# bias (the T queries are the last T of the S keys, each seeing the keys up to its own), or
+# None for plain causal alignment
+Mask = torch.Tensor | CausalBias | None
 
 
 class Cache(Protocol):
@@ -58,12 +64,11 @@ def sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: Mask,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd); ``mask`` True where a
-    query may look, or None for plain causal alignment (the T queries are the last T keys);
-    ``scale`` multiplies the scores (None: 1/sqrt(hd))."""
+    """Attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd) where ``mask`` lets
+    them look (``Mask``); ``scale`` multiplies the scores (None: 1/sqrt(hd))."""
     T, S = q.size(2), k.size(2)
     # on CUDA, not cuDNN's kernel: it builds a plan for every new shape (3.7 ms of host time a
     # call, measured on an H200), and a cache's shapes change with every step
@@ -88,7 +93,7 @@ class DenseCache:
     layer: ``_prepare`` makes room and returns each layer's mask, ``update`` stores and returns
     k, v."""
 
-    _masks: list[torch.Tensor | None]
+    _masks: list[Mask]
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
         self._masks = self._prepare(start_pos, T, rotate)
@@ -123,11 +128,16 @@ def planes_nbytes(*layers: list[list[torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for planes in layers for ps in planes for t in ps)
 
 
-def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor | None:
+def causal_mask(start_pos: int, T: int, device: torch.device) -> Mask:
     """The mask for T queries at ``start_pos..`` over keys ``0..start_pos+T-1``; ``None`` where
-    plain causal alignment is right (one query sees every key; a prefill from 0 has S == T)."""
+    plain causal alignment is right (one query sees every key; a prefill from 0 has S == T). On
+    CUDA a lower-right causal bias: FlashAttention applies it itself, where a dense mask would
+    rule FlashAttention out for a kernel that reads the mask. On a CPU the dense mask: PyTorch
+    makes the bias dense there anyway (in as much time, measured at 64-512 queries)."""
     if T == 1 or start_pos == 0:
         return None
+    if device.type == "cuda":
+        return causal_lower_right(T, start_pos + T)
     keys = torch.arange(start_pos + T, device=device)
     queries = torch.arange(start_pos, start_pos + T, device=device)
     return keys[None, :] <= queries[:, None]  # (T, start_pos + T)
@@ -135,7 +145,7 @@ def causal_mask(start_pos: int, T: int, device: torch.device) -> torch.Tensor | 
 
 def window_mask(
     start_pos: int, T: int, window: int | None, device: torch.device
-) -> tuple[int, torch.Tensor | None]:
+) -> tuple[int, Mask]:
     """(first key, mask) for T queries at ``start_pos..`` over keys ``first..start_pos+T-1``
     when each query sees only the keys less than ``window`` positions before it (sliding-window
     attention); ``window`` None sees every earlier key. Keys before ``first`` are out of every
@@ -152,7 +162,7 @@ def window_mask(
 
 def layer_views(
     windows: list[int | None], start_pos: int, T: int, device: torch.device
-) -> list[tuple[int, torch.Tensor | None]]:
+) -> list[tuple[int, Mask]]:
     """``window_mask`` for each layer's window, computed once per distinct window."""
     views = {w: window_mask(start_pos, T, w, device) for w in set(windows)}
     return [views[w] for w in windows]
@@ -216,7 +226,7 @@ class RingChunk:
 
 def layer_masks(
     windows: list[int | None], start_pos: int, T: int, device: torch.device
-) -> list[torch.Tensor | None]:
+) -> list[Mask]:
     """Each layer's mask for T queries over the same T keys (teacher forcing: no cache)."""
     return [mask for _, mask in layer_views(windows, start_pos, T, device)]
 

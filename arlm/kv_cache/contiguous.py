@@ -7,6 +7,7 @@ import torch
 from arlm.config import ModelConfig
 from arlm.kv_cache.base import (
     DenseCache,
+    Mask,
     RingChunk,
     Rotate,
     alloc_planes,
@@ -85,7 +86,7 @@ class KVCache(DenseCache):
 
     def _prepare(
         self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
-    ) -> list[torch.Tensor | None]:
+    ) -> list[Mask]:
         start_pos = require_int_position(start_pos, "contiguous")
         if start_pos + T > self.max_len:
             raise ValueError(

@@ -29,7 +29,14 @@ from __future__ import annotations
 import torch
 
 from arlm.config import ModelConfig
-from arlm.kv_cache.base import DenseCache, Rotate, alloc_planes, planes_nbytes, require_int_position
+from arlm.kv_cache.base import (
+    DenseCache,
+    Mask,
+    Rotate,
+    alloc_planes,
+    planes_nbytes,
+    require_int_position,
+)
 from arlm.kv_cache.codec import Codec, FloatCodec
 
 
@@ -98,7 +105,7 @@ class WindowedKVCache(DenseCache):
 
     def _prepare(
         self, start_pos: int | torch.Tensor, T: int, rotate: Rotate | None = None
-    ) -> list[torch.Tensor | None]:
+    ) -> list[Mask]:
         return [self._mask(start_pos, T, rotate)] * len(self.k)  # every layer alike
 
     def _mask(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from arlm.config import ModelConfig
 from arlm.kv_cache import Cache
-from arlm.kv_cache.base import layer_masks
+from arlm.kv_cache.base import Mask, layer_masks
 from arlm.model.loss import linear_cross_entropy
 from arlm.model.quantize import quantized_linear
 
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: Cache | None,
-        mask: torch.Tensor | None,
+        mask: Mask,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         heads = self.n_head + 2 * self.n_kv_head  # q heads, then k heads, then v heads
@@ -158,7 +158,7 @@ class Attention(nn.Module):
         return self.c_proj(y)
 
     def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
     ) -> torch.Tensor:
         """Causal (or masked) attention of the whole sequence: (B, n_head, T, head_dim)."""
         out_dtype = None
