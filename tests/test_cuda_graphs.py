@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
@@ -25,6 +26,7 @@ from arlm.speculative.config import SpeculativeConfig
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close, choice_logits
 from tests.test_engine import _mixed_params, _prompts
+from tests.test_window_cache import windowed_model
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -90,6 +92,26 @@ def test_padded_decode_logprobs_match_the_plain_path(model, tokenizer):
     _assert_same_greedy_logprobs(model, prompts, plain, padded)
 
 
+@pytest.mark.parametrize("layers", ["all", "mixed"])
+def test_padded_decode_steps_of_sliding_window_layers_give_the_plain_path_s_tokens(
+    layers, tokenizer
+):
+    """Models whose every layer slides (Mistral) or every other one (Gemma 3), a window of 8
+    over blocks of 4, rows decoding 40 positions past prompts of 3 to 30: a padded step reads
+    each row's last 8 positions of a sliding layer (``decode_attention``'s window, as the
+    captured step's kernel does), the plain path its held history masked to the window."""
+    model = windowed_model(layers, tokenizer.vocab_size, seed=1)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (3, 17, 30, 9)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=3)
+    config = dict(max_num_seqs=3, kv_block_size=4)
+    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
+    padded_engine = _engine(model, tokenizer, True, **config)
+    padded = padded_engine.generate(prompts, params, progress=False)
+    _assert_same_greedy_logprobs(model, prompts, plain, padded)
+    assert padded_engine.stats()["graph_steps"] > 40
+
+
 def test_a_compiled_padded_step_gives_the_uncompiled_tokens_and_logprobs(tokenizer):
     """``enable_torch_compile``'s forward (torch.compile over the padded decode step, the batch
     size symbolic), run eagerly on the CPU: six greedy rows four at a time, so buckets of 4 and
@@ -147,7 +169,9 @@ def test_unsupported_caches_are_refused_with_the_reason(tokenizer):
     assert engine.eager_reason == "not a CUDA device"
 
 
-def _kernel_against_reference(device: str, n_head: int, n_kv_head: int, head_dim: int) -> None:
+def _rows(device: str, n_head: int, n_kv_head: int, head_dim: int):
+    """Six rows' queries, their block tables over one pool and their lengths: (q, k, v, tables,
+    lengths)."""
     g = torch.Generator().manual_seed(0)
     rows, bs, width = 6, 16, 19  # up to 304 positions a row
     k = torch.randn(rows * width, n_kv_head, bs, head_dim, generator=g).to(device)
@@ -158,22 +182,52 @@ def _kernel_against_reference(device: str, n_head: int, n_kv_head: int, head_dim
     tables[2, :2] = tables[1, :2]
     tables = tables.to(device)
     q = torch.randn(rows, n_head, head_dim, generator=g).to(device)
+    return q, k, v, tables, lengths
+
+
+def _kernel_against_reference(
+    device: str, n_head: int, n_kv_head: int, head_dim: int, window: int | None = None
+) -> None:
+    q, k, v, tables, lengths = _rows(device, n_head, n_kv_head, head_dim)
     scale = head_dim**-0.5
-    got = decode_attention(q, k, v, tables, lengths, scale, use_triton=True)
-    want = decode_attention_reference(q, k, v, tables, lengths, scale)
+    got = decode_attention(q, k, v, tables, lengths, scale, window=window, use_triton=True)
+    want = decode_attention_reference(q, k, v, tables, lengths, scale, window)
     # weighted means of values of size max|v|, summed in another order (the kernel's splits)
     assert_close(got, want, scale=v.abs().max().item())
 
 
+def test_the_reference_with_a_window_attends_over_each_row_s_last_positions():
+    """The reference the kernel is checked against, with a sliding window of 50: each row's
+    query over its own last 50 positions (fewer where it has fewer), taken out by hand."""
+    q, k, v, tables, lengths = _rows("cpu", 8, 2, 24)
+    got = decode_attention_reference(q, k, v, tables, lengths, 24**-0.5, 50)
+    for b, n in enumerate(lengths.tolist()):
+        # the row's positions in order: block after block of its table
+        keys, values = (x[tables[b]].transpose(0, 1).flatten(1, 2) for x in (k, v))
+        seen = slice(max(0, n - 50), n)
+        want = F.scaled_dot_product_attention(
+            q[b][None, :, None],
+            keys[None, :, seen],
+            values[None, :, seen],
+            scale=24**-0.5,
+            enable_gqa=True,
+        )
+        assert_close(got[b], want[0, :, 0])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-@pytest.mark.parametrize("n_head,n_kv_head,head_dim", [(4, 4, 16), (8, 2, 24), (6, 1, 64)])
-def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim):
+@pytest.mark.parametrize(
+    "n_head,n_kv_head,head_dim,window",
+    [(4, 4, 16, None), (8, 2, 24, None), (6, 1, 64, None), (8, 2, 24, 50), (4, 4, 16, 64)],
+)
+def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, window):
     """The kernel, compiled on CUDA, else run by Triton's interpreter on the CPU: grouped
     heads, a head size that is not a power of two, lengths at and across its blocks of 64 and
-    its splits. Triton reads TRITON_INTERPRET when it is first imported (its library's own jit
-    functions are built then), so the interpreted run gets a process of its own."""
+    its splits, sliding windows that cut the longer rows (from inside a block of 64, and at
+    one's edge). Triton reads TRITON_INTERPRET when it is first imported (its library's own
+    jit functions are built then), so the interpreted run gets a process of its own."""
     if torch.cuda.is_available():
-        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim)
+        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window)
         return
     import triton
 
@@ -182,7 +236,7 @@ def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim):
         pytest.skip(f"Triton {triton.__version__}'s interpreter; the test needs 3.7 or later")
     code = (
         "from tests.test_cuda_graphs import _kernel_against_reference as check; "
-        f"check('cpu', {n_head}, {n_kv_head}, {head_dim})"
+        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window})"
     )
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
@@ -211,6 +265,24 @@ def test_cuda_graph_steps_give_the_eager_tokens(tokenizer, family):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     stats = graphed.stats()
     assert stats["steps"] >= 100 and stats["graph_steps"] > stats["steps"] // 2
+
+
+@cuda
+@pytest.mark.parametrize("layers", ["all", "mixed"])
+def test_sliding_window_layers_are_captured_and_give_the_eager_tokens(tokenizer, layers):
+    """Windowed models (a window of 8) run their decode steps through the graphs, the kernel
+    reading each row's window; the same greedy tokens as eager steps, 60 positions past it."""
+    model = windowed_model(layers, tokenizer.vocab_size, seed=1).cuda()
+    prompts = _prompts(6, seed=3)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    config = dict(max_num_seqs=4, kv_block_size=4)
+    eager = Engine(model, tokenizer, config=EngineConfig(enforce_eager=True, **config))
+    graphed = Engine(model, tokenizer, config=EngineConfig(**config))
+    assert graphed.eager_reason is None
+    want = eager.generate(prompts, params, progress=False)
+    got = graphed.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert graphed.stats()["graph_steps"] > 60
 
 
 @cuda

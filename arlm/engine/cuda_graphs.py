@@ -49,7 +49,7 @@ class DecodeGraphs:
         compile: bool = False,
     ) -> None:
         if not cache.static_decode:
-            raise ValueError("decode graphs need float blocks, no sliding windows, a spare block")
+            raise ValueError("decode graphs need float blocks and a spare block")
         self.model, self.cache = model, cache
         self.buckets = batch_buckets(max_batch)
         device = cache.device

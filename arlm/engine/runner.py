@@ -70,8 +70,6 @@ class ModelRunner:
             return "the windowed KV cache (kv_window)"
         if not isinstance(self.cache.codec, FloatCodec):
             return f"a quantized KV cache ({self.cache.codec.name})"
-        if any(w is not None for w in self.cache.windows):
-            return "sliding-window layers"
         if self.model.config.rope_type == "longrope":
             return "LongRoPE (its factors depend on each row's length)"
         return None

@@ -6,11 +6,13 @@ them as device tensors (``tables``, ``lengths``), so one call serves any batch w
 setup and can be captured in a CUDA graph. On CUDA it runs a Triton kernel that follows row b's
 block table through exactly ``lengths[b]`` positions (never a gathered copy), split along the
 sequence so that even one row keeps many multiprocessors busy (flash-decoding); the splits'
-partial results are merged by their log-sum-exp. Elsewhere, and for the kernel's own tests,
-``decode_attention_reference`` does the same with PyTorch ops.
+partial results are merged by their log-sum-exp. A sliding-window layer's rows read only their
+window's positions, from ``lengths[b] - window`` on: the kernel's splits cover just those, so a
+long row of a windowed layer costs what its window does. Elsewhere, and for the kernel's own
+tests, ``decode_attention_reference`` does the same with PyTorch ops.
 
-Only float planes (the float codec) of full-attention layers take this path; the engine runs
-everything else through ``PagedStep``'s other paths.
+Only float planes (the float codec) take this path; the engine runs quantized blocks through
+``PagedStep``'s other paths.
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ def decode_attention(
     lengths: torch.Tensor,
     scale: float,
     *,
+    window: int | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, n_head, hd), row b over positions ``0..lengths[b]-1`` of the blocks
     ``tables[b]`` (B, max blocks) of k_plane, v_plane (num_blocks, n_kv_head, block_size, hd)
-    -> (B, n_head, hd). ``use_triton`` None: the kernel on CUDA, the reference elsewhere. Every
-    length is >= 1."""
+    -> (B, n_head, hd); with a sliding ``window``, over its last ``window`` positions only.
+    ``use_triton`` None: the kernel on CUDA, the reference elsewhere. Every length is >= 1."""
     if use_triton is None:
         use_triton = q.device.type == "cuda"
     if not use_triton:
-        return decode_attention_reference(q, k_plane, v_plane, tables, lengths, scale)
-    return _triton_decode(q, k_plane, v_plane, tables, lengths, scale)
+        return decode_attention_reference(q, k_plane, v_plane, tables, lengths, scale, window)
+    return _triton_decode(q, k_plane, v_plane, tables, lengths, scale, window)
 
 
 def as_rows(blocks: torch.Tensor, rows: int) -> torch.Tensor:
@@ -56,12 +59,17 @@ def decode_attention_reference(
     tables: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """``decode_attention`` with PyTorch ops: the rows' blocks gathered whole, a length mask."""
+    """``decode_attention`` with PyTorch ops: the rows' blocks gathered whole, a length mask
+    (and a window's)."""
     B, index = tables.size(0), tables.flatten()
     keys = as_rows(k_plane.index_select(0, index), B)
     values = as_rows(v_plane.index_select(0, index), B)
-    visible = torch.arange(keys.size(2), device=q.device) < lengths[:, None]  # (B, positions)
+    position = torch.arange(keys.size(2), device=q.device)
+    visible = position < lengths[:, None]  # (B, positions)
+    if window is not None:
+        visible &= position >= lengths[:, None] - window
     y = F.scaled_dot_product_attention(
         q[:, :, None],
         keys,
@@ -81,7 +89,7 @@ def num_splits(batch: int, n_kv_head: int, device: torch.device) -> int:
     return max(1, min(32, (2 * sms) // max(1, batch * n_kv_head)))
 
 
-def _triton_decode(q, k_plane, v_plane, tables, lengths, scale) -> torch.Tensor:
+def _triton_decode(q, k_plane, v_plane, tables, lengths, scale, window) -> torch.Tensor:
     kernel = _kernel()
     B, n_head, hd = q.shape
     n_kv = k_plane.size(1)
@@ -101,6 +109,7 @@ def _triton_decode(q, k_plane, v_plane, tables, lengths, scale) -> torch.Tensor:
         out,
         lse,
         scale,
+        0 if window is None else window,
         q.stride(0),
         q.stride(1),
         tables.stride(0),
@@ -149,6 +158,7 @@ def _kernel():
         Out,
         Lse,
         scale,
+        window,  # a sliding window's length; 0: none
         sq_b,
         sq_h,
         st_b,
@@ -173,13 +183,14 @@ def _kernel():
         IEEE: tl.constexpr,
     ):
         # one program: one row, one kv head (and the GROUP query heads that share it), one
-        # split of the row's positions
+        # split of the positions the row's query sees (the last ``window`` of them, or all)
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         length = tl.load(Lengths + b)
-        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * per_split
+        first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+        per_split = tl.cdiv(tl.cdiv(length - first, SPLITS), BLOCK_N) * BLOCK_N
+        lo = first + split * per_split
         hi = tl.minimum(lo + per_split, length)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM_PAD)

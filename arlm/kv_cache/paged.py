@@ -24,8 +24,8 @@ How decode attention reads the blocks depends on the device, chosen by measureme
   log-sum-exp. No row's history is copied unless the blocks read lie scattered over the
   pool; gathering each row's blocks into a dense tensor instead measured 3 to 10 times slower
   (it copies the whole history of every row in every layer).
-- on CUDA, for float blocks of full-attention layers, ``decode_attention``'s Triton kernel
-  follows each row's block table.
+- on CUDA, for float blocks, ``decode_attention``'s Triton kernel follows each row's block
+  table (a sliding-window layer's rows through their window's positions only).
 
 A prefill chunk beside other rows gathers its own history (one copy for all of its queries)
 and attends with a causal mask.
@@ -228,11 +228,10 @@ class PagedKVCache:
 
     @property
     def static_decode(self) -> bool:
-        """Whether decode steps can take ``StaticDecode`` (float planes, no sliding windows, a
-        spare block for padding rows, every block allocated so the planes never move)."""
+        """Whether decode steps can take ``StaticDecode`` (float planes, a spare block for
+        padding rows, every block allocated so the planes never move)."""
         return (
             isinstance(self.codec, FloatCodec)
-            and all(w is None for w in self.windows)
             and self.spare is not None
             and self.allocated == self.num_blocks
         )
@@ -409,7 +408,7 @@ class PagedStep:
             table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
             self._tables = torch.tensor(table, dtype=torch.long)
             self._positions = torch.tensor([r.start for r in layout.decode], dtype=torch.long)
-            # on CUDA, float full-attention layers read through the decode kernel
+            # on CUDA, float blocks read through the decode kernel
             self._kernel = device.type == "cuda" and isinstance(cache.codec, FloatCodec)
             if device.type != "cpu":
                 self._tables_dev = pinned_to(self._tables, device)
@@ -488,11 +487,11 @@ class PagedStep:
             keys, values = cache.lone_history.read(layer, row, q.dtype, new)
             seen = _first_seen(row.start, window)
             return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
-        if self._kernel and window is None:
+        if self._kernel:
             (k_plane,), (v_plane,) = k_planes, v_planes
-            y = decode_attention(
-                q[0].transpose(0, 1), k_plane, v_plane, self._tables_dev, self._lengths_dev, scale
-            )
+            rows = q[0].transpose(0, 1)
+            tables, lengths = self._tables_dev, self._lengths_dev
+            y = decode_attention(rows, k_plane, v_plane, tables, lengths, scale, window=window)
             return y.transpose(0, 1)[None]
         if cache.device.type != "cpu":
             return self._decode_gathered(layer, q, scale)
@@ -543,7 +542,7 @@ class PagedStep:
 
     def _decode_gathered(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Each row's blocks gathered into a dense tensor, a length and window mask: the path
-        for what the CUDA kernel does not cover (quantized blocks, sliding windows)."""
+        for what the CUDA kernel does not cover (quantized blocks)."""
         cache = self.cache
         bs, nd = cache.block_size, self.n_decode
         tables = self._tables_dev
@@ -641,10 +640,11 @@ def _read_blocks_in_place(
 class StaticDecode:
     """The ``Cache`` of a decode-only forward whose rows come as device tensors: row b's token
     is at position ``positions[b]``, its block table row ``tables[b]``. It writes each row's
-    key and value there and attends through ``decode_attention``. Nothing in it depends on a
-    host value, so a forward through it can be captured once per batch size and replayed with
-    new contents in the same tensors (``arlm.engine.cuda_graphs``). Padding rows' tables point
-    at the cache's spare block. Needs ``PagedKVCache.static_decode``."""
+    key and value there and attends through ``decode_attention`` (a sliding-window layer's
+    rows over their window). Nothing in it depends on a host value, so a forward through it
+    can be captured once per batch size and replayed with new contents in the same tensors
+    (``arlm.engine.cuda_graphs``). Padding rows' tables point at the cache's spare block. Needs
+    ``PagedKVCache.static_decode``."""
 
     def __init__(self, cache: PagedKVCache, tables: torch.Tensor, positions: torch.Tensor) -> None:
         self.cache = cache
@@ -675,7 +675,8 @@ class StaticDecode:
         (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
         _store(cache, layer, k, v, self._write)
         scale = hd**-0.5 if scale is None else scale
+        rows, window = q[0].transpose(0, 1), cache.windows[layer]
         y = decode_attention(
-            q[0].transpose(0, 1), k_plane, v_plane, self._tables, self._lengths, scale
+            rows, k_plane, v_plane, self._tables, self._lengths, scale, window=window
         )
         return y.transpose(0, 1)[None]
