@@ -148,10 +148,12 @@ def test_a_padding_row_changes_no_other_row(model, tokenizer):
     tokens = [s.token_ids[s.num_cached] for s in rows]
     positions = [s.num_cached for s in rows]
     tables = [s.block_table for s in rows]
-    together = graphs.run(tokens, positions, tables).clone()
+    ends = [p + 1 for p in positions]
+    together = graphs.run(tokens, positions, tables, ends).clone()
     after = [p[:spare] for p in runner.cache.k[0]]
     for i in range(3):
-        alone = graphs.run(tokens[i : i + 1], positions[i : i + 1], tables[i : i + 1])
+        one = slice(i, i + 1)
+        alone = graphs.run(tokens[one], positions[one], tables[one], ends[one])
         assert_close(together[i], alone[0])
     # the step wrote each row's own position and nothing else outside the spare block
     bs = engine.block_size

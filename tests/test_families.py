@@ -379,6 +379,38 @@ def test_longrope_rows_batched_decode_as_alone(case):
 
 
 @cases(LONGROPE)
+def test_longrope_decode_steps_run_padded_as_a_cuda_graph_runs_them(case):
+    """The padded decode forward a CUDA graph captures (run eagerly here) picks LongRoPE's
+    factors row by row from each row's reach in the static buffers, never reading them: rows
+    past the original context (16), short of it, and one crossing it as it decodes give the
+    plain path's tokens and log-probabilities."""
+    _, folder, _ = case
+    plain, padded = (arlm.load(folder, max_num_seqs=3, kv_cache_memory_gib=0.02) for _ in "ab")
+    padded.engine.use_decode_graphs(capture=False)
+    prompts = [_ids(n, seed=n)[0].tolist() for n in (20, 3, 8)]  # 3 + 12 stays short
+    params = dict(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    want, got = plain.generate(prompts, **params), padded.generate(prompts, **params)
+    for a, b in zip(want, got, strict=True):
+        assert b.token_ids == a.token_ids
+        assert_close([t.logprob for t in b.logprobs], [t.logprob for t in a.logprobs])
+    assert padded.engine.stats()["graph_steps"] >= 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@cases(LONGROPE)
+def test_longrope_decode_steps_replay_cuda_graphs_with_the_eager_tokens(case):
+    _, folder, _ = case
+    kw = dict(device="cuda", max_num_seqs=3)
+    eager, graphed = arlm.load(folder, enforce_eager=True, **kw), arlm.load(folder, **kw)
+    assert graphed.engine.eager_reason is None
+    prompts = [_ids(n, seed=n)[0].tolist() for n in (20, 3, 8)]
+    params = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    want, got = eager.generate(prompts, **params), graphed.generate(prompts, **params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert graphed.engine.stats()["graph_steps"] >= 10
+
+
+@cases(LONGROPE)
 def test_longrope_switches_factors_per_forward(case):
     """LongRoPE picks its factors per forward, as transformers' model does: a forward that reaches
     past the original context turns all its positions by the long factors. transformers' generate

@@ -132,9 +132,9 @@ def _count_verify_steps(graphs) -> list[int]:
     for more than one position)."""
     run, seen = graphs.run, [0]
 
-    def counted(tokens, positions, tables, fed=None):
+    def counted(tokens, positions, tables, ends, fed=None):
         seen[0] += len({id(t) for t in tables}) < len(tables)
-        return run(tokens, positions, tables, fed)
+        return run(tokens, positions, tables, ends, fed)
 
     graphs.run = counted
     return seen

@@ -25,6 +25,10 @@ import torch
 from arlm.kv_cache.paged import PagedKVCache, StaticDecode
 from arlm.model.transformer import Transformer
 
+# the static inputs' columns, per row: token id, position, how far its sequence reaches in the
+# step (LongRoPE picks its factors by it), then the block table from column TABLE on
+TABLE = 3
+
 
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to ``max_batch`` (itself the last), as vLLM's capture sizes:
@@ -54,16 +58,17 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         device = cache.device
         largest = self.buckets[-1]
-        # per row: token id, position, then its block table (``max_blocks`` wide); padding
-        # rows at position 0 of the spare block
-        self._inputs = torch.zeros(largest, 2 + max_blocks, dtype=torch.long, device=device)
-        self._inputs[:, 2:] = cache.spare
+        # per row: the columns before TABLE, then its block table (``max_blocks`` wide);
+        # padding rows at position 0 of the spare block
+        width = TABLE + max_blocks
+        self._inputs = torch.zeros(largest, width, dtype=torch.long, device=device)
+        self._inputs[:, TABLE:] = cache.spare
         # two host buffers, taken in turn: with overlap scheduling the host fills the next
         # step's while the copy from this one may still be queued (arlm.engine.overlap)
         self._staging = []
         for _ in range(2):
-            staging = torch.zeros(largest, 2 + max_blocks, dtype=torch.long, pin_memory=capture)
-            staging[:, 2:] = cache.spare
+            staging = torch.zeros(largest, width, dtype=torch.long, pin_memory=capture)
+            staging[:, TABLE:] = cache.spare
             self._staging.append(staging)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
@@ -78,9 +83,11 @@ class DecodeGraphs:
 
     def _forward(self, batch: int) -> torch.Tensor:
         rows = self._inputs[:batch]
-        tokens, positions, tables = rows[:, 0], rows[:, 1], rows[:, 2:]
+        tokens, positions, ends, tables = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, TABLE:]
         step = StaticDecode(self.cache, tables, positions)
-        logits, _ = self.model(tokens[None], kv_cache=step, positions=positions[None])
+        logits, _ = self.model(
+            tokens[None], kv_cache=step, positions=positions[None], seq_ends=ends[None]
+        )
         return logits[0].float()  # (batch, vocab)
 
     @torch.inference_mode()
@@ -119,23 +126,26 @@ class DecodeGraphs:
         tokens: list[int],
         positions: list[int],
         tables: list[list[int]],
+        ends: list[int],
         fed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The next-token logits (rows, vocab) of one decode row per position: row i feeds its
-        token at ``positions[i]`` through its block table ``tables[i]``. The first
-        ``len(fed)`` rows' tokens are ``fed``, on the device (ids the step before sampled:
-        ``arlm.engine.overlap``); the other rows' are ``tokens``, in order."""
+        token at ``positions[i]`` through its block table ``tables[i]``, its sequence reaching
+        ``ends[i]`` in this step (its position + 1; a verify row's, the last guess's). The
+        first ``len(fed)`` rows' tokens are ``fed``, on the device (ids the step before
+        sampled: ``arlm.engine.overlap``); the other rows' are ``tokens``, in order."""
         rows, num_fed = len(positions), 0 if fed is None else len(fed)
         batch = self.bucket(rows)
         staging = self._staging[self.steps % 2]
         self.steps += 1
-        staging[rows:batch, :2] = 0
-        staging[rows:batch, 2:] = self.cache.spare
+        staging[rows:batch, :TABLE] = 0
+        staging[rows:batch, TABLE:] = self.cache.spare
         if num_fed < rows:
             staging[num_fed:rows, 0] = torch.tensor(tokens)
         staging[:rows, 1] = torch.tensor(positions)
-        width, spare = staging.size(1) - 2, self.cache.spare
-        staging[:rows, 2:] = torch.tensor([t + [spare] * (width - len(t)) for t in tables])
+        staging[:rows, 2] = torch.tensor(ends)
+        width, spare = staging.size(1) - TABLE, self.cache.spare
+        staging[:rows, TABLE:] = torch.tensor([t + [spare] * (width - len(t)) for t in tables])
         # this buffer is filled again two steps on; by then the host has waited for the ids
         # sampled after this copy, which is queued before them
         self._inputs[:batch].copy_(staging[:batch], non_blocking=True)

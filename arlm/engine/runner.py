@@ -70,8 +70,6 @@ class ModelRunner:
             return "the windowed KV cache (kv_window)"
         if not isinstance(self.cache.codec, FloatCodec):
             return f"a quantized KV cache ({self.cache.codec.name})"
-        if self.model.config.rope_type == "longrope":
-            return "LongRoPE (its factors depend on each row's length)"
         return None
 
     def use_decode_graphs(
@@ -174,11 +172,14 @@ class ModelRunner:
             tokens = [s.token_ids[s.num_cached] for s in rows[num_fed:]]
             positions = [s.num_cached for s in rows]
             tables = [s.block_table for s in rows]
+            ends = [p + 1 for p in positions]  # how far each row's sequence reaches (LongRoPE)
             for seq, guesses in batch.verify:  # a row per position (arlm.engine.cuda_graphs)
                 tokens += [seq.token_ids[seq.num_cached], *guesses]
-                positions += range(seq.num_cached, seq.num_cached + 1 + len(guesses))
+                end = seq.num_cached + 1 + len(guesses)
+                positions += range(seq.num_cached, end)
                 tables += [seq.block_table] * (1 + len(guesses))
-            return graphs.run(tokens, positions, tables, fed), rows, None
+                ends += [end] * (1 + len(guesses))
+            return graphs.run(tokens, positions, tables, ends, fed), rows, None
         # one position per decode row, the fed ones' ids written in on the device below
         tokens = [0] * num_fed + [s.token_ids[s.num_cached] for s in batch.decode[num_fed:]]
         select, rows = list(range(len(batch.decode))), list(batch.decode)

@@ -299,14 +299,14 @@ class Transformer(nn.Module):
         LongRoPE as transformers runs it, where a sequence whose forward reaches past the
         original context turns all its positions by the long factors ("long"), any other by the
         short ones ("full"). With ``seq_ends``, each token by its own sequence's reach: a bool
-        tensor like ``positions``, True where long, when the sequences of a batch differ."""
+        tensor like ``positions``, True where long, never read here (on a GPU a read waits for
+        the device, and a captured decode step cannot read at all)."""
         if "long" not in self.inv_freq:
             return "full"
         original = self.config.rope_scaling["original_max_position_embeddings"]
         if seq_ends is None:
             return "long" if int(positions.max()) + 1 > original else "full"
-        long = seq_ends > original
-        return "long" if bool(long.all()) else "full" if not bool(long.any()) else long
+        return seq_ends > original
 
     def _rope(
         self, positions: torch.Tensor, dtype: torch.dtype, kind: str = "full", scaled: bool = True
