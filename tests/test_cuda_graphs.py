@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
-from arlm.kv_cache import CacheConfig
+from arlm.kv_cache import CacheConfig, make_codec
 from arlm.kv_cache.decode_attention import decode_attention, decode_attention_reference
 from arlm.sampling import SamplingParams
 from arlm.speculative.config import SpeculativeConfig
@@ -163,46 +163,76 @@ def test_a_padding_row_changes_no_other_row(model, tokenizer):
         assert {(blk, off) for blk, _, off in changed} == written
 
 
-def test_unsupported_caches_are_refused_with_the_reason(tokenizer):
+def test_the_windowed_cache_is_refused_with_the_reason(tokenizer):
     model = make_model("llama", vocab_size=tokenizer.vocab_size)
-    engine = Engine(model, tokenizer, CacheConfig(dtype="int8"))
-    with pytest.raises(ValueError, match="quantized KV cache"):
+    engine = Engine(model, tokenizer, CacheConfig(window=16))
+    with pytest.raises(ValueError, match="windowed KV cache"):
         engine.use_decode_graphs(capture=False)
     assert engine.eager_reason == "not a CUDA device"
 
 
-def _rows(device: str, n_head: int, n_kv_head: int, head_dim: int):
-    """Six rows' queries, their block tables over one pool and their lengths: (q, k, v, tables,
-    lengths)."""
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_padded_decode_steps_over_quantized_blocks_give_the_plain_path_s_tokens(tokenizer, kv):
+    """int8 and int4 blocks through the padded decode step (the kernel's reference decodes
+    them here, the kernel as it reads them on CUDA): the plain path's greedy tokens and
+    log-probabilities, which read the same stored codes."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5)
+    prompts = _prompts(6, seed=4)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3)
+    config = dict(max_num_seqs=4)
+    cache = CacheConfig(dtype=kv)
+    plain = Engine(model, tokenizer, cache, EngineConfig(kv_cache_memory_gib=0.02, **config))
+    padded = Engine(model, tokenizer, cache, EngineConfig(kv_cache_memory_gib=0.02, **config))
+    padded.use_decode_graphs(capture=False)
+    want = plain.generate(prompts, params, progress=False)
+    got = padded.generate(prompts, params, progress=False)
+    for a, b in zip(want, got, strict=True):
+        assert b.token_ids == a.token_ids
+        assert_close([t.logprob for t in b.logprobs], [t.logprob for t in a.logprobs])
+    assert padded.stats()["graph_steps"] > 10
+
+
+def _rows(device: str, n_head: int, n_kv_head: int, head_dim: int, kv: str = "auto"):
+    """Six rows' queries, their block tables over one pool of keys and values stored through
+    the ``kv`` codec, and their lengths: (q, codec, k planes, v planes, tables, lengths)."""
     g = torch.Generator().manual_seed(0)
     rows, bs, width = 6, 16, 19  # up to 304 positions a row
-    k = torch.randn(rows * width, n_kv_head, bs, head_dim, generator=g).to(device)
-    v = torch.randn(rows * width, n_kv_head, bs, head_dim, generator=g).to(device)
+    codec = make_codec(kv, torch.float32)
+    k, v = (
+        [p.to(device) for p in codec.encode(torch.randn(rows * width, n_kv_head, bs, head_dim))]
+        for _ in "kv"
+    )
     lengths = torch.tensor([1, 63, 64, 65, 200, 300], device=device)
     # every row's blocks scattered over the pool; rows 1 and 2 share their first two
     tables = torch.randperm(rows * width, generator=g).view(rows, width)
     tables[2, :2] = tables[1, :2]
     tables = tables.to(device)
     q = torch.randn(rows, n_head, head_dim, generator=g).to(device)
-    return q, k, v, tables, lengths
+    return q, codec, k, v, tables, lengths
 
 
 def _kernel_against_reference(
-    device: str, n_head: int, n_kv_head: int, head_dim: int, window: int | None = None
+    device: str,
+    n_head: int,
+    n_kv_head: int,
+    head_dim: int,
+    window: int | None = None,
+    kv: str = "auto",
 ) -> None:
-    q, k, v, tables, lengths = _rows(device, n_head, n_kv_head, head_dim)
+    q, codec, k, v, tables, lengths = _rows(device, n_head, n_kv_head, head_dim, kv)
     scale = head_dim**-0.5
-    got = decode_attention(q, k, v, tables, lengths, scale, window=window, use_triton=True)
-    want = decode_attention_reference(q, k, v, tables, lengths, scale, window)
+    args = (q, codec, k, v, tables, lengths, scale)
+    got = decode_attention(*args, window=window, use_triton=True)
+    want = decode_attention_reference(*args, window)
     # weighted means of values of size max|v|, summed in another order (the kernel's splits)
-    assert_close(got, want, scale=v.abs().max().item())
+    assert_close(got, want, scale=codec.decode(v, torch.float32).abs().max().item())
 
 
 def test_the_reference_with_a_window_attends_over_each_row_s_last_positions():
     """The reference the kernel is checked against, with a sliding window of 50: each row's
     query over its own last 50 positions (fewer where it has fewer), taken out by hand."""
-    q, k, v, tables, lengths = _rows("cpu", 8, 2, 24)
-    got = decode_attention_reference(q, k, v, tables, lengths, 24**-0.5, 50)
+    q, codec, (k,), (v,), tables, lengths = _rows("cpu", 8, 2, 24)
+    got = decode_attention_reference(q, codec, [k], [v], tables, lengths, 24**-0.5, 50)
     for b, n in enumerate(lengths.tolist()):
         # the row's positions in order: block after block of its table
         keys, values = (x[tables[b]].transpose(0, 1).flatten(1, 2) for x in (k, v))
@@ -219,17 +249,26 @@ def test_the_reference_with_a_window_attends_over_each_row_s_last_positions():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize(
-    "n_head,n_kv_head,head_dim,window",
-    [(4, 4, 16, None), (8, 2, 24, None), (6, 1, 64, None), (8, 2, 24, 50), (4, 4, 16, 64)],
+    "n_head,n_kv_head,head_dim,window,kv",
+    [
+        (4, 4, 16, None, "auto"),
+        (8, 2, 24, None, "auto"),
+        (6, 1, 64, None, "auto"),
+        (8, 2, 24, 50, "auto"),
+        (4, 4, 16, 64, "auto"),
+        (8, 2, 24, None, "int8"),
+        (8, 2, 24, 50, "int4"),
+    ],
 )
-def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, window):
+def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, window, kv):
     """The kernel, compiled on CUDA, else run by Triton's interpreter on the CPU: grouped
     heads, a head size that is not a power of two, lengths at and across its blocks of 64 and
     its splits, sliding windows that cut the longer rows (from inside a block of 64, and at
-    one's edge). Triton reads TRITON_INTERPRET when it is first imported (its library's own
-    jit functions are built then), so the interpreted run gets a process of its own."""
+    one's edge), int8 and int4 blocks decoded as they are read. Triton reads TRITON_INTERPRET
+    when it is first imported (its library's own jit functions are built then), so the
+    interpreted run gets a process of its own."""
     if torch.cuda.is_available():
-        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window)
+        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window, kv)
         return
     import triton
 
@@ -238,7 +277,7 @@ def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, win
         pytest.skip(f"Triton {triton.__version__}'s interpreter; the test needs 3.7 or later")
     code = (
         "from tests.test_cuda_graphs import _kernel_against_reference as check; "
-        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window})"
+        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r})"
     )
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
@@ -285,6 +324,24 @@ def test_sliding_window_layers_are_captured_and_give_the_eager_tokens(tokenizer,
     got = graphed.generate(prompts, params, progress=False)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert graphed.stats()["graph_steps"] > 60
+
+
+@cuda
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_quantized_blocks_are_captured_and_give_the_eager_tokens(tokenizer, kv):
+    """int8 and int4 KV caches run their decode steps through the graphs, the kernel decoding
+    the blocks it reads; the same greedy tokens as eager steps (the same kernel)."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    prompts = _prompts(6, seed=3)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    cache, config = CacheConfig(dtype=kv), dict(max_num_seqs=4)
+    eager = Engine(model, tokenizer, cache, EngineConfig(enforce_eager=True, **config))
+    graphed = Engine(model, tokenizer, cache, EngineConfig(**config))
+    assert graphed.eager_reason is None
+    want = eager.generate(prompts, params, progress=False)
+    got = graphed.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert graphed.stats()["graph_steps"] > 30
 
 
 @cuda

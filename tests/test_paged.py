@@ -100,12 +100,13 @@ def test_decode_reads_blocks_in_place_as_a_dense_reference(
         heads = keys.repeat_interleave(n_head // H, 0), values.repeat_interleave(n_head // H, 0)
         want = torch.softmax(q[0, :, b, None] @ heads[0].transpose(1, 2) * 0.3, -1) @ heads[1]
         assert_close(out[0, :, b], want[:, 0], scale=1.0)
-    if window is None:  # the CUDA kernel's reference follows the same tables
-        width = max(map(len, tables))
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-        lengths = torch.tensor(positions) + 1
-        ref = decode_attention_reference(q[0].transpose(0, 1), k, v, padded, lengths, 0.3)
-        assert_close(out[0].transpose(0, 1), ref, scale=1.0)
+    # the CUDA kernel's reference follows the same tables
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    lengths = torch.tensor(positions) + 1
+    rows = q[0].transpose(0, 1)
+    ref = decode_attention_reference(rows, cache.codec, [k], [v], padded, lengths, 0.3, window)
+    assert_close(out[0].transpose(0, 1), ref, scale=1.0)
 
 
 @pytest.mark.parametrize("place", ["packed", "spread"])

@@ -53,7 +53,7 @@ class DecodeGraphs:
         compile: bool = False,
     ) -> None:
         if not cache.static_decode:
-            raise ValueError("decode graphs need float blocks and a spare block")
+            raise ValueError("decode graphs need a spare block and every block allocated")
         self.model, self.cache = model, cache
         self.buckets = batch_buckets(max_batch)
         device = cache.device

@@ -25,7 +25,7 @@ from arlm.engine.cuda_graphs import DecodeGraphs
 from arlm.engine.prompt_logprobs import PromptRows, positions_to_score
 from arlm.engine.scheduler import ScheduledBatch
 from arlm.engine.sequence import Sequence
-from arlm.kv_cache.codec import FloatCodec, make_codec
+from arlm.kv_cache.codec import make_codec
 from arlm.kv_cache.config import CacheConfig
 from arlm.kv_cache.offload import HostKVPool
 from arlm.kv_cache.paged import PagedKVCache, PagedRow, StepLayout
@@ -68,8 +68,6 @@ class ModelRunner:
         None when they can."""
         if self.windowed is not None:
             return "the windowed KV cache (kv_window)"
-        if not isinstance(self.cache.codec, FloatCodec):
-            return f"a quantized KV cache ({self.cache.codec.name})"
         return None
 
     def use_decode_graphs(

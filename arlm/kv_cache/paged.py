@@ -24,8 +24,9 @@ How decode attention reads the blocks depends on the device, chosen by measureme
   log-sum-exp. No row's history is copied unless the blocks read lie scattered over the
   pool; gathering each row's blocks into a dense tensor instead measured 3 to 10 times slower
   (it copies the whole history of every row in every layer).
-- on CUDA, for float blocks, ``decode_attention``'s Triton kernel follows each row's block
-  table (a sliding-window layer's rows through their window's positions only).
+- on CUDA, ``decode_attention``'s Triton kernel follows each row's block table, decoding
+  quantized blocks as it reads them (a sliding-window layer's rows read their window's
+  positions only); on other devices its reference gathers each row's blocks.
 
 A prefill chunk beside other rows gathers its own history (one copy for all of its queries)
 and attends with a causal mask.
@@ -45,7 +46,7 @@ from arlm.config import ModelConfig
 from arlm.devices import pinned_to, to_device
 from arlm.kv_cache.base import Rotate, alloc_planes, layer_views, planes_nbytes, sdpa
 from arlm.kv_cache.codec import Codec, FloatCodec
-from arlm.kv_cache.decode_attention import as_rows, decode_attention
+from arlm.kv_cache.decode_attention import decode_attention
 from arlm.kv_cache.held import LONE_HISTORY_BYTES, HeldRows, LoneHistory, gather_history
 
 
@@ -228,13 +229,9 @@ class PagedKVCache:
 
     @property
     def static_decode(self) -> bool:
-        """Whether decode steps can take ``StaticDecode`` (float planes, a spare block for
-        padding rows, every block allocated so the planes never move)."""
-        return (
-            isinstance(self.codec, FloatCodec)
-            and self.spare is not None
-            and self.allocated == self.num_blocks
-        )
+        """Whether decode steps can take ``StaticDecode`` (a spare block for padding rows,
+        every block allocated so the planes never move)."""
+        return self.spare is not None and self.allocated == self.num_blocks
 
     @property
     def nbytes(self) -> int:
@@ -408,8 +405,6 @@ class PagedStep:
             table = [r.blocks + [0] * (width - len(r.blocks)) for r in layout.decode]
             self._tables = torch.tensor(table, dtype=torch.long)
             self._positions = torch.tensor([r.start for r in layout.decode], dtype=torch.long)
-            # on CUDA, float blocks read through the decode kernel
-            self._kernel = device.type == "cuda" and isinstance(cache.codec, FloatCodec)
             if device.type != "cpu":
                 self._tables_dev = pinned_to(self._tables, device)
                 self._lengths_dev = pinned_to(self._positions + 1, device)
@@ -487,14 +482,12 @@ class PagedStep:
             keys, values = cache.lone_history.read(layer, row, q.dtype, new)
             seen = _first_seen(row.start, window)
             return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
-        if self._kernel:
-            (k_plane,), (v_plane,) = k_planes, v_planes
-            rows = q[0].transpose(0, 1)
-            tables, lengths = self._tables_dev, self._lengths_dev
-            y = decode_attention(rows, k_plane, v_plane, tables, lengths, scale, window=window)
+        if cache.device.type != "cpu":  # the kernel on CUDA, its reference elsewhere
+            rows, tables, lengths = q[0].transpose(0, 1), self._tables_dev, self._lengths_dev
+            y = decode_attention(
+                rows, cache.codec, k_planes, v_planes, tables, lengths, scale, window=window
+            )
             return y.transpose(0, 1)[None]
-        if cache.device.type != "cpu":
-            return self._decode_gathered(layer, q, scale)
         readers = self._readers.get(window)
         if readers is None:
             group = q.size(1) // cache.n_kv_head
@@ -538,30 +531,6 @@ class PagedStep:
             spread = queries.new_zeros(keys.size(0), *queries.shape[1:])
             spread[slot] = queries
             y = sdpa(spread, keys, values, mask, scale)[slot]
-        return y[:, :, 0].transpose(0, 1)[None]
-
-    def _decode_gathered(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Each row's blocks gathered into a dense tensor, a length and window mask: the path
-        for what the CUDA kernel does not cover (quantized blocks)."""
-        cache = self.cache
-        bs, nd = cache.block_size, self.n_decode
-        tables = self._tables_dev
-        width = tables.size(1)
-
-        def dense(planes: list[torch.Tensor]) -> torch.Tensor:
-            index = tables.flatten()
-            return as_rows(
-                cache.codec.decode([p.index_select(0, index) for p in planes], q.dtype), nd
-            )
-
-        keys, values = dense(cache.k[layer]), dense(cache.v[layer])
-        pos = torch.arange(width * bs, device=q.device)
-        at = (self._lengths_dev - 1)[:, None]
-        visible = pos <= at
-        if (window := cache.windows[layer]) is not None:
-            visible &= pos > at - window
-        queries = q[0].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
-        y = sdpa(queries, keys, values, visible[:, None, None, :], scale)
         return y[:, :, 0].transpose(0, 1)[None]
 
 
@@ -672,11 +641,11 @@ class StaticDecode:
         # q: (1, n_head, B, hd); k, v: (1, n_kv_head, B, hd), one token per row
         cache = self.cache
         hd = cache.head_dim
-        (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
         _store(cache, layer, k, v, self._write)
         scale = hd**-0.5 if scale is None else scale
         rows, window = q[0].transpose(0, 1), cache.windows[layer]
+        planes = cache.k[layer], cache.v[layer]
         y = decode_attention(
-            rows, k_plane, v_plane, self._tables, self._lengths, scale, window=window
+            rows, cache.codec, *planes, self._tables, self._lengths, scale, window=window
         )
         return y.transpose(0, 1)[None]

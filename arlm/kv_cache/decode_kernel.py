@@ -1,0 +1,124 @@
+"""The Triton kernel behind ``arlm.kv_cache.decode_attention``: one program per row, KV head
+and split of the positions the row's query sees, reading the row's blocks through its table and
+decoding quantized ones as it reads them. Imported only where it runs (CUDA, or Triton's
+interpreter in the tests), so arlm itself does not need Triton."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_vectors(P, Scale, Low, at, aux, d, n_ok, d_ok, QUANT: tl.constexpr):
+    """The vectors of BLOCK_N positions, (BLOCK_N, HEAD_DIM_PAD): from plane ``P`` where
+    each starts (element offsets ``at``), as stored (floats) or decoded to float32 with
+    their scales (and minimums) at offsets ``aux`` of those planes."""
+    mask = n_ok[:, None] & d_ok[None, :]
+    if QUANT == 0:
+        return tl.load(P + at[:, None] + d[None, :], mask=mask, other=0.0)
+    scale = tl.load(Scale + aux, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if QUANT == 8:
+        codes = tl.load(P + at[:, None] + d[None, :], mask=mask, other=0)
+        return codes.to(tl.float32) * scale
+    # int4: element 2j in the low nibble of byte j, 2j+1 in the high one
+    packed = tl.load(P + at[:, None] + (d // 2)[None, :], mask=mask, other=0)
+    codes = tl.where((d % 2 == 0)[None, :], packed & 15, packed >> 4)
+    low = tl.load(Low + aux, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    return codes.to(tl.float32) * scale + low
+
+
+@triton.jit
+def split_decode(
+    Q,
+    K,
+    V,
+    KScale,
+    KLow,
+    VScale,
+    VLow,
+    Tables,
+    Lengths,
+    Out,
+    Lse,
+    scale,
+    window,  # a sliding window's length; 0: none
+    sq_b,
+    sq_h,
+    st_b,
+    sk_s,
+    sk_h,
+    sk_p,
+    sv_s,
+    sv_h,
+    sv_p,
+    sa_s,
+    sa_h,
+    sa_p,
+    so_b,
+    so_h,
+    so_s,
+    sl_b,
+    sl_h,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+    QUANT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # one program: one row, one kv head (and the GROUP query heads that share it), one
+    # split of the positions the row's query sees (the last ``window`` of them, or all)
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(Lengths + b)
+    first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+    per_split = tl.cdiv(tl.cdiv(length - first, SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, length)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kv_head * GROUP + g
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    q = tl.load(
+        Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_PAD], tl.float32)  # softmax denominators
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        # each position's block from the row's table, then its offset in the block
+        block = tl.load(Tables + b * st_b + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        at = n % BLOCK_SIZE
+        aux = block * sa_s + kv_head * sa_h + at * sa_p  # its scale's (and minimum's)
+        k_at = block * sk_s + kv_head * sk_h + at * sk_p
+        k = load_vectors(K, KScale, KLow, k_at, aux, d, n_ok, d_ok, QUANT).to(q.dtype)
+        # float32 queries: exact products (the default would round inputs to tf32)
+        precision = "ieee" if IEEE else None
+        s = tl.dot(q, tl.trans(k), input_precision=precision)
+        s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # (GROUP_PAD, BLOCK_N)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v_at = block * sv_s + kv_head * sv_h + at * sv_p
+        v = load_vectors(V, VScale, VLow, v_at, aux, d, n_ok, d_ok, QUANT).to(q.dtype)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=precision)
+        acc = acc * alpha[:, None] + pv
+        total = total * alpha + tl.sum(p, 1)
+        m = m_new
+    has = total > 0  # a split past the row's length saw nothing
+    out = acc / tl.where(has, total, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+    tl.store(
+        Out + b * so_b + heads[:, None] * so_h + split * so_s + d[None, :],
+        out,
+        mask=g_ok[:, None],
+    )
+    tl.store(Lse + b * sl_b + heads * sl_h + split, lse, mask=g_ok)
