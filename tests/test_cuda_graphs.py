@@ -383,3 +383,27 @@ def test_verify_steps_replay_captured_graphs_and_give_the_greedy_tokens(tokenize
     stats = speculating.stats()
     assert stats["spec_decode_num_draft_tokens"] > 0
     assert stats["graph_steps"] > stats["steps"] // 2  # verify steps replay graphs too
+
+
+@cuda
+def test_a_draft_model_s_steps_replay_graphs_of_their_own(tokenizer):
+    """The target as its own greedy draft on CUDA, float32: the draft's one-token steps replay
+    its captured graphs, its guesses are the target's own (all accepted but where the two
+    paths' rounding splits a near-tie), and the tokens are those of decoding without
+    speculation."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    prompts = _prompts(6, seed=2)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    spec = SpeculativeConfig(
+        method="draft", draft_model="(in memory)", num_speculative_tokens=3, adaptive=False
+    )
+    config = EngineConfig(max_num_seqs=4)
+    plain = Engine(model, tokenizer, config=config)
+    speculating = Engine(model, tokenizer, config=config, speculative=spec, draft=model)
+    want = plain.generate(prompts, params, progress=False)
+    got = speculating.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert speculating.speculator.proposer.runner.decode_graphs.steps > 0
+    stats = speculating.stats()
+    drafted = stats["spec_decode_num_draft_tokens"]
+    assert drafted > 0 and stats["spec_decode_num_accepted_tokens"] >= 0.9 * drafted

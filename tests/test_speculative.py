@@ -142,14 +142,21 @@ def _count_verify_steps(graphs) -> list[int]:
 
 @pytest.mark.parametrize(
     "method,graphs",
-    [("ngram", False), ("ngram", True), ("draft-self", False), ("draft-other", True)],
-    ids=["ngram", "ngram-padded", "draft-self", "draft-other-padded"],
+    [
+        ("ngram", False),
+        ("ngram", True),
+        ("draft-self", False),
+        ("draft-self", True),
+        ("draft-other", True),
+    ],
+    ids=["ngram", "ngram-padded", "draft-self", "draft-self-padded", "draft-other-padded"],
 )
 def test_greedy_tokens_are_those_without_speculation_in_mixed_batches(
     method, graphs, mixed, target, other, tokenizer
 ):
     """``padded``: steps without prefill run through the padded decode path (CUDA graphs' on a
-    GPU), each verify row as one row per position."""
+    GPU), each verify row as one row per position, and so do a draft model's one-token
+    steps."""
     prompts, params, plain = mixed
     spec, draft = NGRAM, None
     if method != "ngram":
@@ -162,6 +169,8 @@ def test_greedy_tokens_are_those_without_speculation_in_mixed_batches(
     _assert_same(got, plain)
     if graphs:
         assert verify_steps[0] > 0
+    if graphs and draft is not None:
+        assert engine.speculator.proposer.runner.decode_graphs.steps > 0
     stats = engine.stats()
     assert stats["spec_decode_num_draft_tokens"] > 0
     accepted = stats["spec_decode_num_accepted_tokens"]

@@ -138,6 +138,7 @@ class Engine:
         if self.speculator is not None:
             spec = self.speculator.config
             rows = max(rows, min(rows, spec.max_batch) * (1 + spec.num_speculative_tokens))
+            self.speculator.use_decode_graphs(capture)
         self.runner.use_decode_graphs(capture, rows, max_blocks, compile)
 
     def preallocate(self) -> None:

@@ -209,6 +209,12 @@ class Speculator:
         self._guess_seconds = 0.0
         self._last: tuple[float, float] | None = None  # the last proposal: (start, its seconds)
 
+    def use_decode_graphs(self, capture: bool) -> None:
+        """A draft model's one-token steps through CUDA graphs too (``capture``; else their
+        padded forward eagerly), for the most rows that speculate at once."""
+        if isinstance(self.proposer, DraftProposer):
+            self.proposer.use_decode_graphs(capture, self.config.max_batch)
+
     def _track(self, seq: Sequence) -> _Tracking:
         track = self._tracking.get(seq)
         if track is None:

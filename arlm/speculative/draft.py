@@ -11,7 +11,9 @@ seen (the sequence's, then its own guesses), its cached positions and its block 
 sequence's ids are kept (accepted guesses stay; rejected ones, and whatever a loop break took
 back, are dropped with their blocks), and the positions the draft lacks (the target's last
 token, a prompt at the start) are fed in one chunk whose last position gives the first guess;
-then k - 1 batched one-token steps give the rest. All rows of a step share one forward.
+then k - 1 batched one-token steps give the rest. All rows of a step share one forward; on a
+GPU those one-token steps replay CUDA graphs (``use_decode_graphs``), as the target's do: a
+small draft's eager step is mostly kernel launches.
 """
 
 from __future__ import annotations
@@ -69,11 +71,26 @@ class DraftProposer:
     positions (its cache's blocks get memory as they are first used)."""
 
     def __init__(self, model: Transformer, max_num_seqs: int, max_len: int, block_size: int):
-        num_blocks = max_num_seqs * math.ceil(max_len / block_size)
         self.model = model.eval()
-        self.runner = ModelRunner(model, CacheConfig(), num_blocks, block_size)
-        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=False)
+        self.max_len, self.block_size = max_len, block_size
+        self._pool(max_num_seqs)
         self.rows: dict[object, _DraftRow] = {}  # engine sequence -> its draft row
+
+    def _pool(self, rows: int) -> None:
+        """A cache (and its books) for ``rows`` sequences of ``max_len`` positions."""
+        num_blocks = rows * math.ceil(self.max_len / self.block_size)
+        self.runner = ModelRunner(self.model, CacheConfig(), num_blocks, self.block_size)
+        self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching=False)
+
+    def use_decode_graphs(self, capture: bool, max_batch: int) -> None:
+        """Run the one-token steps of up to ``max_batch`` rows (the most that speculate at
+        once) through CUDA graphs (``capture``; else the same padded forward eagerly, as the
+        CPU tests do). Graphs replay fixed tensors, so the pool gets all its memory now, sized
+        for ``max_batch`` sequences (more rows than that get no guesses while it is full).
+        Called before any proposal."""
+        self._pool(max_batch)
+        blocks_per_row = math.ceil(self.max_len / self.block_size)
+        self.runner.use_decode_graphs(capture, max_batch, blocks_per_row)
 
     def _sync(self, seq) -> _DraftRow:
         row = self.rows.get(seq)
