@@ -15,6 +15,10 @@ Sections (each guarded: a failure prints an error line and the others go on):
   (on CUDA) the same with ``enable_torch_compile`` (its start-up time too), transformers'
   ``generate`` (eager), and ``generate`` with a static cache and ``torch.compile``
   (``cache_implementation="static"``), after a warm-up run each;
+- variants: batch-1 greedy decode as above after a prompt longer than a window, through the
+  KV caches and layers the decode graphs also take: the float cache, int8 and int4 blocks,
+  and the same weights with a sliding window on every layer (Mistral's layout), each with how
+  its steps ran (replayed graphs or eager);
 - steps: 64 sequences decoding, 20 steady ``Engine.step`` calls under ``torch.profiler``: wall
   time per step against the device's busy time (the sum of its kernels' and copies' times),
   with overlap scheduling (``async_scheduling``, the default on CUDA) and without;
@@ -72,13 +76,14 @@ import torch
 
 import arlm
 from arlm.engine import AsyncEngine, Engine, EngineConfig
+from arlm.kv_cache import CacheConfig
 from arlm.model.packing import weight_bytes
 from arlm.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
 import transformers_cb  # noqa: E402
 
-SECTIONS = ("bandwidth", "decode", "steps", "offline", "tpot", "train", "speculative")
+SECTIONS = ("bandwidth", "decode", "variants", "steps", "offline", "tpot", "train", "speculative")
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,8 @@ class Sizes:
     dtype: torch.dtype
     prompt: int = 64  # batch-1 decode
     new: int = 256
+    variant_prompt: int = 768  # variants: a prompt past the window
+    window: int = 256
     requests: int = 256  # offline
     prompt_range: tuple[int, int] = (64, 512)
     offline_new: int = 128
@@ -158,6 +165,8 @@ TINY = Sizes(
     step_seqs=4,
     step_count=3,
     max_model_len=64,
+    variant_prompt=40,
+    window=16,
     train=dict(preset="tiny", n_layer=2, n_embd=64, n_head=4, block_size=64, vocab_size=512),
     train_batch=2,
     train_steps=3,
@@ -304,6 +313,53 @@ def decode(ctx: dict) -> dict:
     return out
 
 
+def variants(ctx: dict) -> dict:
+    device, sizes, lm = ctx["device"], ctx["sizes"], ctx["lm"]
+    prompt = random_ids(random.Random(2), sizes.llama["vocab_size"], sizes.variant_prompt)
+    params = SamplingParams(max_tokens=sizes.new, temperature=0.0, ignore_eos=True)
+    out = {}
+    for name, model, cache in (
+        ("float", lm.model, lm.cache_config),
+        ("int8", lm.model, CacheConfig(dtype="int8")),
+        ("int4", lm.model, CacheConfig(dtype="int4")),
+        ("window", windowed_copy(ctx).model, lm.cache_config),
+    ):
+        variant = arlm.LM(model, lm.tokenizer, cache, engine_config(ctx, 1))
+        variant.generate(prompt, params)  # warm-up
+        before = variant.engine.stats()
+        seconds, _ = timed(device, lambda v=variant: v.generate(prompt, params))
+        out[f"{name}_tok_s"] = sizes.new / seconds
+        out[f"{name}_steps"] = steps_summary(before, variant.engine.stats())
+        del variant
+        free_memory(device)
+    return out
+
+
+def windowed_copy(ctx: dict) -> arlm.LM:
+    """The model's folder as a Mistral folder (the same weights, linked) whose every layer
+    slides over ``sizes.window`` positions, loaded."""
+    folder, sizes = ctx["folder"], ctx["sizes"]
+    copy = ctx["root"] / "mistral"
+    copy.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "config.json" and not (copy / f.name).exists():
+            (copy / f.name).symlink_to(f)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    config["sliding_window"] = sizes.window
+    (copy / "config.json").write_text(json.dumps(config))
+    return arlm.load(copy, device=ctx["device"], dtype=sizes.dtype)
+
+
+def steps_summary(before: dict, after: dict) -> str:
+    """How the steps between two ``Engine.stats()`` ran."""
+    n = {k: after[k] - before[k] for k in ("steps", "graph_steps", "overlapped_steps")}
+    return (
+        f"{n['steps']} steps: {n['graph_steps']} graphs, {n['steps'] - n['graph_steps']} "
+        f"eager, {n['overlapped_steps']} overlapped"
+    )
+
+
 def steps(ctx: dict) -> dict:
     """Steady decode steps of ``step_seqs`` sequences through ``Engine.step``, profiled: wall
     time per step against the device's busy time (its kernels' and copies' durations), with
@@ -392,12 +448,8 @@ def offline(ctx: dict) -> dict:
         before = lm.engine.stats()
         seconds, _ = timed(device, lambda lm=lm: lm.generate(prompts, params, progress=False))
         out[f"arlm_{cap}_tok_s"] = sizes.requests * sizes.offline_new / seconds
-        after = lm.engine.stats()  # how its steps ran: replayed graphs, overlapped
-        n = {k: after[k] - before[k] for k in ("steps", "graph_steps", "overlapped_steps")}
-        out[f"arlm_{cap}_steps"] = (
-            f"{n['steps']} steps: {n['graph_steps']} graphs, {n['steps'] - n['graph_steps']} "
-            f"eager, {n['overlapped_steps']} overlapped"
-        )
+        # how its steps ran: replayed graphs, overlapped
+        out[f"arlm_{cap}_steps"] = steps_summary(before, lm.engine.stats())
         del lm
         free_memory(device)
     reason = transformers_cb.available()
@@ -675,6 +727,7 @@ def speculation(ctx: dict) -> dict:
 RUNNERS = {
     "bandwidth": bandwidth,
     "decode": decode,
+    "variants": variants,
     "steps": steps,
     "offline": offline,
     "tpot": tpot,
@@ -723,6 +776,18 @@ def table(results: dict, sizes: Sizes) -> str:
         row("  compiled: vs bandwidth limit", a, limit, ">= 0.60x")
         seconds, agree = dec["arlm_compile_s"], dec["compiled_agree"]
         row("  compiled: start-up s, greedy tokens equal", f"{seconds:.0f} s, {agree}/{sizes.new}")
+    va = results.get("variants", {})
+    if "float_tok_s" in va:
+        what = f"after {sizes.variant_prompt} positions"
+        for name, label in (
+            ("int8", "int8 KV"),
+            ("int4", "int4 KV"),
+            ("window", f"window {sizes.window}"),
+        ):
+            if f"{name}_tok_s" in va:
+                row(f"batch-1 decode tok/s {what}, {label} vs float KV", va[f"{name}_tok_s"],
+                    va["float_tok_s"])  # fmt: skip
+                row(f"  {label}: how its steps ran", va[f"{name}_steps"])
     st = results.get("steps", {})
     if "overlap_step_ms" in st:
         n = sizes.step_seqs
