@@ -213,7 +213,8 @@ class Speculator:
         """A draft model's one-token steps through CUDA graphs too (``capture``; else their
         padded forward eagerly), for the most rows that speculate at once."""
         if isinstance(self.proposer, DraftProposer):
-            self.proposer.use_decode_graphs(capture, self.config.max_batch)
+            spec = self.config
+            self.proposer.use_decode_graphs(capture, spec.max_batch, spec.num_speculative_tokens)
 
     def _track(self, seq: Sequence) -> _Tracking:
         track = self._tracking.get(seq)

@@ -11,13 +11,17 @@ seen (the sequence's, then its own guesses), its cached positions and its block 
 sequence's ids are kept (accepted guesses stay; rejected ones, and whatever a loop break took
 back, are dropped with their blocks), and the positions the draft lacks (the target's last
 token, a prompt at the start) are fed in one chunk whose last position gives the first guess;
-then k - 1 batched one-token steps give the rest. All rows of a step share one forward; on a
-GPU those one-token steps replay CUDA graphs (``use_decode_graphs``), as the target's do: a
-small draft's eager step is mostly kernel launches.
+then k - 1 batched one-token steps give the rest. All rows of a step share one forward. On a
+GPU the steps replay CUDA graphs (``use_decode_graphs``), as the target's do: a small draft's
+eager step is mostly kernel launches. The first step does too where every row lacks only a
+few positions (the usual catch-up: the target's last token and the guesses it accepted): it
+then feeds them as verify rows, one graph row per position, of whose logits only each row's
+last is used; a new sequence's prompt goes in as a prefill chunk, eagerly.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -82,15 +86,25 @@ class DraftProposer:
         self.runner = ModelRunner(self.model, CacheConfig(), num_blocks, self.block_size)
         self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching=False)
 
-    def use_decode_graphs(self, capture: bool, max_batch: int) -> None:
-        """Run the one-token steps of up to ``max_batch`` rows (the most that speculate at
-        once) through CUDA graphs (``capture``; else the same padded forward eagerly, as the
-        CPU tests do). Graphs replay fixed tensors, so the pool gets all its memory now, sized
-        for ``max_batch`` sequences (more rows than that get no guesses while it is full).
-        Called before any proposal."""
+    def use_decode_graphs(self, capture: bool, max_batch: int, k: int) -> None:
+        """Run the steps of up to ``max_batch`` rows (the most that speculate at once) that
+        feed each row at most ``k`` + 1 positions through CUDA graphs (``capture``; else the
+        same padded forward eagerly, as the CPU tests do). Graphs replay fixed tensors, so the
+        pool gets all its memory now, sized for ``max_batch`` sequences (more rows than that
+        get no guesses while it is full). Called before any proposal."""
         self._pool(max_batch)
         blocks_per_row = math.ceil(self.max_len / self.block_size)
-        self.runner.use_decode_graphs(capture, max_batch, blocks_per_row)
+        self.runner.use_decode_graphs(capture, max_batch * (1 + k), blocks_per_row)
+
+    def _first_step(self, rows: list[_DraftRow]) -> ScheduledBatch:
+        """The step that feeds ``rows`` the positions they lack: as verify rows where the
+        decode graphs take them all (see the module docstring), else as prefill chunks."""
+        graphs = self.runner.decode_graphs
+        if graphs is not None and sum(row.num_pending for row in rows) <= graphs.max_rows:
+            return ScheduledBatch(
+                verify=[(row, row.token_ids[row.num_cached + 1 :]) for row in rows]
+            )
+        return ScheduledBatch(prefill=[(row, row.num_pending) for row in rows])
 
     def _sync(self, seq) -> _DraftRow:
         row = self.rows.get(seq)
@@ -117,10 +131,14 @@ class DraftProposer:
         guesses = [Guess() for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, row in enumerate(rows) if self.blocks.ensure(row, len(row.token_ids))]
-        batch = ScheduledBatch(prefill=[(rows[i], rows[i].num_pending) for i in active])
+        batch = self._first_step([rows[i] for i in active])
         index = {id(row): i for i, row in enumerate(rows)}
         while active:
             logits, fed, _ = self.runner.run(batch, self.blocks.take_orders())
+            if batch.verify:  # logits at every position: each row's last
+                ends = itertools.accumulate(1 + len(guesses) for _, guesses in batch.verify)
+                logits = logits[[end - 1 for end in ends]]
+                fed = [row for row, _ in batch.verify]
             tokens = logits.argmax(dim=-1).tolist()
             for j, row in enumerate(fed):
                 i = index[id(row)]
