@@ -210,8 +210,8 @@ class Speculator:
         self._last: tuple[float, float] | None = None  # the last proposal: (start, its seconds)
 
     def use_decode_graphs(self, capture: bool) -> None:
-        """A draft model's one-token steps through CUDA graphs too (``capture``; else their
-        padded forward eagerly), for the most rows that speculate at once."""
+        """A draft model's steps through CUDA graphs too (``capture``; else their padded
+        forward eagerly), for the most rows that speculate at once (``DraftProposer``)."""
         if isinstance(self.proposer, DraftProposer):
             spec = self.config
             self.proposer.use_decode_graphs(capture, spec.max_batch, spec.num_speculative_tokens)

@@ -13,10 +13,10 @@ back, are dropped with their blocks), and the positions the draft lacks (the tar
 token, a prompt at the start) are fed in one chunk whose last position gives the first guess;
 then k - 1 batched one-token steps give the rest. All rows of a step share one forward. On a
 GPU the steps replay CUDA graphs (``use_decode_graphs``), as the target's do: a small draft's
-eager step is mostly kernel launches. The first step does too where every row lacks only a
-few positions (the usual catch-up: the target's last token and the guesses it accepted): it
-then feeds them as verify rows, one graph row per position, of whose logits only each row's
-last is used; a new sequence's prompt goes in as a prefill chunk, eagerly.
+eager step is mostly kernel launches. The first step does too where the positions it feeds
+fit the graphs' rows (the usual catch-up: the target's last token and the guesses it
+accepted; a short prompt): it then feeds them as verify rows, one graph row per position, of
+whose logits only each row's last is used; longer prompts go in as prefill chunks, eagerly.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def _agreeing(a: list[int], b: list[int], n: int) -> int:
 
 class DraftProposer:
     """Greedy guesses of ``model`` for up to ``max_num_seqs`` sequences of up to ``max_len``
-    positions (its cache's blocks get memory as they are first used)."""
+    positions (its cache's blocks get memory as they are first used, or all at once for
+    graphs: ``use_decode_graphs``)."""
 
     def __init__(self, model: Transformer, max_num_seqs: int, max_len: int, block_size: int):
         self.model = model.eval()
