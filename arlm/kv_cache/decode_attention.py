@@ -174,7 +174,9 @@ def _triton_decode(
         BLOCK_N=64,
         SPLITS=splits,
         QUANT=quant,
-        IEEE=q.dtype == torch.float32,
+        # float32 queries: exact products ("tf32", the default, would round their inputs; a
+        # constant, as the compiler does not fold a choice made inside the kernel)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     out = out[..., :hd]
     if splits > 1:  # merge the splits by their log-sum-exp; an empty split weighs 0

@@ -13,17 +13,20 @@ def load_vectors(P, Scale, Low, at, aux, d, n_ok, d_ok, QUANT: tl.constexpr):
     each starts (element offsets ``at``), as stored (floats) or decoded to float32 with
     their scales (and minimums) at offsets ``aux`` of those planes."""
     mask = n_ok[:, None] & d_ok[None, :]
+    # QUANT is a compile-time constant: each kernel keeps one branch (one return, at the end)
     if QUANT == 0:
-        return tl.load(P + at[:, None] + d[None, :], mask=mask, other=0.0)
-    scale = tl.load(Scale + aux, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    if QUANT == 8:
+        x = tl.load(P + at[:, None] + d[None, :], mask=mask, other=0.0)
+    elif QUANT == 8:
+        scale = tl.load(Scale + aux, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         codes = tl.load(P + at[:, None] + d[None, :], mask=mask, other=0)
-        return codes.to(tl.float32) * scale
-    # int4: element 2j in the low nibble of byte j, 2j+1 in the high one
-    packed = tl.load(P + at[:, None] + (d // 2)[None, :], mask=mask, other=0)
-    codes = tl.where((d % 2 == 0)[None, :], packed & 15, packed >> 4)
-    low = tl.load(Low + aux, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    return codes.to(tl.float32) * scale + low
+        x = codes.to(tl.float32) * scale
+    else:  # int4: element 2j in the low nibble of byte j, 2j+1 in the high one
+        scale = tl.load(Scale + aux, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        packed = tl.load(P + at[:, None] + (d // 2)[None, :], mask=mask, other=0)
+        codes = tl.where((d % 2 == 0)[None, :], packed & 15, packed >> 4)
+        low = tl.load(Low + aux, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        x = codes.to(tl.float32) * scale + low
+    return x
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def split_decode(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     QUANT: tl.constexpr,
-    IEEE: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot's input_precision
 ):
     # one program: one row, one kv head (and the GROUP query heads that share it), one
     # split of the positions the row's query sees (the last ``window`` of them, or all)
@@ -100,16 +103,14 @@ def split_decode(
         aux = block * sa_s + kv_head * sa_h + at * sa_p  # its scale's (and minimum's)
         k_at = block * sk_s + kv_head * sk_h + at * sk_p
         k = load_vectors(K, KScale, KLow, k_at, aux, d, n_ok, d_ok, QUANT).to(q.dtype)
-        # float32 queries: exact products (the default would round inputs to tf32)
-        precision = "ieee" if IEEE else None
-        s = tl.dot(q, tl.trans(k), input_precision=precision)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # (GROUP_PAD, BLOCK_N)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         v_at = block * sv_s + kv_head * sv_h + at * sv_p
         v = load_vectors(V, VScale, VLow, v_at, aux, d, n_ok, d_ok, QUANT).to(q.dtype)
-        pv = tl.dot(p.to(v.dtype), v, input_precision=precision)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         acc = acc * alpha[:, None] + pv
         total = total * alpha + tl.sum(p, 1)
         m = m_new
