@@ -103,6 +103,20 @@ def num_splits(batch: int, n_kv_head: int, device: torch.device) -> int:
 _QUANT = {FloatCodec: 0, Int8Codec: 8, Int4Codec: 4}
 
 
+def tile(head_dim_pad: int, quant: int, element_bytes: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the kernel: how many positions a program loads at once, and
+    its warps, for planes of ``element_bytes`` (``quant``: ``_QUANT``'s). Chosen so that
+    sm_90's compile keeps every variant in registers (a spill to local memory costs a decode
+    kernel its bandwidth), as ``cuobjdump`` counts them in ``tests/test_kernel_compile.py``,
+    not timed: 64 positions and 4 warps spilled at head sizes of 128 and 256 (888 and 936
+    bytes of stack in bfloat16, 2-4 KB quantized), for int8 and int4 blocks at 64 and, under
+    Triton 3.6, for float32 at 64; tiles of at most 4,096 elements over 8 warps do not. 16-bit
+    float blocks up to 64 wide keep 64 positions and 4 warps, the shape measured on an H200."""
+    block_n = min(64, max(16, 4096 // head_dim_pad))
+    narrow = quant == 0 and element_bytes == 2 and head_dim_pad <= 64
+    return block_n, 4 if narrow else 8
+
+
 def _triton_decode(
     q: torch.Tensor,
     codec: Codec,
@@ -135,6 +149,7 @@ def _triton_decode(
     # plane stands in, never read)
     k_aux, v_aux = k_planes[1:] or [k_plane], v_planes[1:] or [k_plane]
     k_scale, k_low, v_scale, v_low = k_aux[0], k_aux[-1], v_aux[0], v_aux[-1]
+    block_n, num_warps = tile(hd_pad, quant, k_plane.element_size())
     kernel[(B, n_kv, splits)](
         q,
         k_plane,
@@ -171,12 +186,13 @@ def _triton_decode(
         HEAD_DIM=hd,
         HEAD_DIM_PAD=hd_pad,
         BLOCK_SIZE=k_plane.size(2),
-        BLOCK_N=64,
+        BLOCK_N=block_n,
         SPLITS=splits,
         QUANT=quant,
         # float32 queries: exact products ("tf32", the default, would round their inputs; a
         # constant, as the compiler does not fold a choice made inside the kernel)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
     )
     out = out[..., :hd]
     if splits > 1:  # merge the splits by their log-sum-exp; an empty split weighs 0
