@@ -198,10 +198,8 @@ def _rows(device: str, n_head: int, n_kv_head: int, head_dim: int, kv: str = "au
     g = torch.Generator().manual_seed(0)
     rows, bs, width = 6, 16, 19  # up to 304 positions a row
     codec = make_codec(kv, torch.float32)
-    k, v = (
-        [p.to(device) for p in codec.encode(torch.randn(rows * width, n_kv_head, bs, head_dim))]
-        for _ in "kv"
-    )
+    shape = (rows * width, n_kv_head, bs, head_dim)
+    k, v = ([p.to(device) for p in codec.encode(torch.randn(shape, generator=g))] for _ in "kv")
     lengths = torch.tensor([1, 63, 64, 65, 200, 300], device=device)
     # every row's blocks scattered over the pool; rows 1 and 2 share their first two
     tables = torch.randperm(rows * width, generator=g).view(rows, width)
