@@ -290,6 +290,18 @@ def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, win
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _eager_and_graphed(model, tokenizer, prompts, params, cache=None, **config) -> Engine:
+    """The same requests through an engine that launches every step and one that replays
+    graphs, asserted to give the same tokens; the graphed engine, for its stats."""
+    eager = Engine(model, tokenizer, cache, EngineConfig(enforce_eager=True, **config))
+    graphed = Engine(model, tokenizer, cache, EngineConfig(**config))
+    assert eager.eager_reason == "enforce_eager" and graphed.eager_reason is None
+    want = eager.generate(prompts, params, progress=False)
+    got = graphed.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    return graphed
+
+
 @cuda
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cuda_graph_steps_give_the_eager_tokens(tokenizer, family):
@@ -298,12 +310,7 @@ def test_cuda_graph_steps_give_the_eager_tokens(tokenizer, family):
     model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5).cuda()
     prompts, params = _prompts(16, seed=3), _mixed_params(16)
     config = dict(max_num_seqs=5, max_num_batched_tokens=40)
-    eager = Engine(model, tokenizer, config=EngineConfig(enforce_eager=True, **config))
-    graphed = Engine(model, tokenizer, config=EngineConfig(**config))
-    assert eager.eager_reason == "enforce_eager" and graphed.eager_reason is None
-    want = eager.generate(prompts, params, progress=False)
-    got = graphed.generate(prompts, params, progress=False)
-    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    graphed = _eager_and_graphed(model, tokenizer, prompts, params, **config)
     stats = graphed.stats()
     assert stats["steps"] >= 100 and stats["graph_steps"] > stats["steps"] // 2
 
@@ -316,13 +323,7 @@ def test_sliding_window_layers_are_captured_and_give_the_eager_tokens(tokenizer,
     model = windowed_model(layers, tokenizer.vocab_size, seed=1).cuda()
     prompts = _prompts(6, seed=3)
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
-    config = dict(max_num_seqs=4, kv_block_size=4)
-    eager = Engine(model, tokenizer, config=EngineConfig(enforce_eager=True, **config))
-    graphed = Engine(model, tokenizer, config=EngineConfig(**config))
-    assert graphed.eager_reason is None
-    want = eager.generate(prompts, params, progress=False)
-    got = graphed.generate(prompts, params, progress=False)
-    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    graphed = _eager_and_graphed(model, tokenizer, prompts, params, max_num_seqs=4, kv_block_size=4)
     assert graphed.stats()["graph_steps"] > 60
 
 
@@ -334,13 +335,9 @@ def test_quantized_blocks_are_captured_and_give_the_eager_tokens(tokenizer, kv):
     model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
     prompts = _prompts(6, seed=3)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    cache, config = CacheConfig(dtype=kv), dict(max_num_seqs=4)
-    eager = Engine(model, tokenizer, cache, EngineConfig(enforce_eager=True, **config))
-    graphed = Engine(model, tokenizer, cache, EngineConfig(**config))
-    assert graphed.eager_reason is None
-    want = eager.generate(prompts, params, progress=False)
-    got = graphed.generate(prompts, params, progress=False)
-    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    graphed = _eager_and_graphed(
+        model, tokenizer, prompts, params, CacheConfig(dtype=kv), max_num_seqs=4
+    )
     assert graphed.stats()["graph_steps"] > 30
 
 
