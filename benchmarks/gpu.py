@@ -24,7 +24,10 @@ Sections (each guarded: a failure prints an error line and the others go on):
   with overlap scheduling (``async_scheduling``, the default on CUDA) and without;
 - offline: 256 requests, prompts of 64 to 512 tokens, 128 new tokens each, greedy, through
   ``lm.generate`` of the whole list at max_num_seqs 64 and 256, and transformers' continuous
-  batching at the same caps (``benchmarks/peers/transformers_cb.py``);
+  batching at the same caps (``benchmarks/peers/transformers_cb.py``); at the first cap also
+  with graphs for decode-only steps alone (``max_cudagraph_capture_size`` = the cap: steps
+  where prompts join running rows run eagerly), against the default (such steps replay
+  graphs up to 512 positions);
 - tpot: time per output token (after the first) of 128-token streams through the engine's
   ``AsyncEngine``, 1 stream alone against 64 at once; then, where fastapi and uvicorn are
   installed, ``arlm serve`` under ``arlm bench serve``'s client at 1, 16 and 64 streams;
@@ -354,10 +357,14 @@ def windowed_copy(ctx: dict) -> arlm.LM:
 def steps_summary(before: dict, after: dict) -> str:
     """How the steps between two ``Engine.stats()`` ran."""
     n = {k: after[k] - before[k] for k in ("steps", "graph_steps", "overlapped_steps")}
-    return (
+    summary = (
         f"{n['steps']} steps: {n['graph_steps']} graphs, {n['steps'] - n['graph_steps']} "
         f"eager, {n['overlapped_steps']} overlapped"
     )
+    if after["graph_capture_seconds"]:  # what capturing them took at start-up
+        mib = after["graph_capture_bytes"] / 2**20
+        summary += f" (captured in {after['graph_capture_seconds']:.1f} s, {mib:.0f} MiB)"
+    return summary
 
 
 def steps(ctx: dict) -> dict:
@@ -441,15 +448,20 @@ def offline(ctx: dict) -> dict:
     prompts = [r["prompt_token_ids"] for r in requests]
     params = SamplingParams(max_tokens=sizes.offline_new, temperature=0.0, ignore_eos=True)
     out = {}
-    for cap in sizes.seq_caps:
-        lm = engine_lm(ctx, cap)
+    # the first cap again with graphs for decode-only steps alone: what replaying the steps
+    # where prompts join running rows gives
+    arms = [(f"arlm_{cap}", cap, {}) for cap in sizes.seq_caps]
+    first = sizes.seq_caps[0]
+    arms.append((f"arlm_{first}_decode_graphs", first, {"max_cudagraph_capture_size": first}))
+    for key, cap, kw in arms:
+        lm = engine_lm(ctx, cap, **kw)
         warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         lm.generate([p[:64] for p in prompts[:cap]], warm, progress=False)
         before = lm.engine.stats()
         seconds, _ = timed(device, lambda lm=lm: lm.generate(prompts, params, progress=False))
-        out[f"arlm_{cap}_tok_s"] = sizes.requests * sizes.offline_new / seconds
+        out[f"{key}_tok_s"] = sizes.requests * sizes.offline_new / seconds
         # how its steps ran: replayed graphs, overlapped
-        out[f"arlm_{cap}_steps"] = steps_summary(before, lm.engine.stats())
+        out[f"{key}_steps"] = steps_summary(before, lm.engine.stats())
         del lm
         free_memory(device)
     reason = transformers_cb.available()
@@ -809,6 +821,13 @@ def table(results: dict, sizes: Sizes) -> str:
                 target,
             )
             row(f"offline steps, max_num_seqs {cap}", off[f"arlm_{cap}_steps"])
+        if f"arlm_{cap}_decode_graphs_tok_s" in off:
+            row(
+                f"offline tok/s, max_num_seqs {cap}, vs graphs for decode-only steps",
+                off[f"arlm_{cap}_tok_s"],
+                off[f"arlm_{cap}_decode_graphs_tok_s"],
+            )
+            row("  decode-only graphs' steps", off[f"arlm_{cap}_decode_graphs_steps"])
     alone, loaded = sizes.streams
     if f"engine_tpot_ms_{loaded}" in tp:
         a, b = tp[f"engine_tpot_ms_{loaded}"], tp[f"engine_tpot_ms_{alone}"]

@@ -21,6 +21,7 @@ from arlm.engine import Engine, EngineConfig
 from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from arlm.kv_cache import CacheConfig, make_codec
 from arlm.kv_cache.decode_attention import decode_attention, decode_attention_reference
+from arlm.kv_cache.paged import PagedRow
 from arlm.sampling import SamplingParams
 from arlm.speculative.config import SpeculativeConfig
 from tests.conftest import make_model
@@ -47,12 +48,14 @@ def test_buckets_cover_every_batch_size_with_little_padding():
     assert batch_buckets(1) == [1]
     assert batch_buckets(5) == [1, 2, 4, 5]
     assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
-    for largest in (1, 3, 8, 9, 64, 100):
+    assert batch_buckets(300)[-6:] == [240, 248, 256, 272, 288, 300]
+    for largest in (1, 3, 8, 9, 64, 100, 512):
         buckets = batch_buckets(largest)
         assert buckets[-1] == largest and buckets == sorted(set(buckets))
         for rows in range(1, largest + 1):
             padded = next(b for b in buckets if b >= rows)
-            assert padded - rows <= max(7, rows)  # at most 7 past 8, at most double below
+            # at most double below 8, 7 past it, 15 past 256
+            assert padded - rows <= (rows if rows <= 8 else 7 if rows <= 256 else 15)
 
 
 def test_padded_decode_steps_give_the_plain_path_s_tokens_as_rows_join_and_leave(model, tokenizer):
@@ -112,6 +115,68 @@ def test_padded_decode_steps_of_sliding_window_layers_give_the_plain_path_s_toke
     assert padded_engine.stats()["graph_steps"] > 40
 
 
+def _joining_prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts of 3 to 50 tokens, every other one starting with the same 20 (prefix-cache hits:
+    its chunk then follows cached positions)."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(1, 500, (20,), generator=g).tolist()
+    prompts = []
+    for i in range(n):
+        tail = torch.randint(1, 500, (3 + (i * 13) % 31,), generator=g).tolist()
+        prompts.append(head + tail if i % 2 else tail)
+    return prompts
+
+
+def test_steps_where_prompts_join_running_rows_replay_the_graphs_with_the_plain_path_s_outputs(
+    model, tokenizer
+):
+    """Continuous batching's mixed steps (prompt chunks beside decode rows, a chunk after its
+    prompt's cached head, a long prompt over several chunks) all run through the padded
+    forward, one row per prompt token, and give every row the plain path's greedy tokens and
+    log-probabilities."""
+    prompts = _joining_prompts(9, seed=2)
+    params = [
+        SamplingParams(max_tokens=3 + (i * 5) % 11, temperature=0, ignore_eos=True, logprobs=3)
+        for i in range(len(prompts))
+    ]
+    config = dict(max_num_seqs=3, max_num_batched_tokens=24)
+    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
+    padded_engine = _engine(model, tokenizer, True, **config)
+    assert padded_engine.runner.decode_graphs.max_rows == 24  # no step has more
+    padded = padded_engine.generate(prompts, params, progress=False)
+    _assert_same_greedy_logprobs(model, prompts, plain, padded)
+    stats = padded_engine.stats()
+    assert stats["graph_steps"] == padded_engine.steps  # prefill and mixed steps too
+    assert stats["prefix_cache_hit_tokens"] > 0 and stats["blocks_in_use"] == 0
+
+
+def test_steps_past_the_capture_size_or_scoring_prompts_run_eagerly(model, tokenizer):
+    """``max_cudagraph_capture_size`` bounds the steps the graphs take: larger ones run the
+    plain forward, and so does a step that scores prompt positions (it needs logits at all of
+    them); outputs are the same either way."""
+    prompts = _joining_prompts(5, seed=7)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    config = dict(max_num_seqs=2, max_num_batched_tokens=32)
+    plain = _engine(model, tokenizer, False, **config)
+    bounded = _engine(model, tokenizer, True, max_cudagraph_capture_size=8, **config)
+    assert bounded.runner.decode_graphs.buckets == [1, 2, 4, 8]
+    want = plain.generate(prompts, params, progress=False)
+    got = bounded.generate(prompts, params, progress=False)
+    for a, b in zip(want, got, strict=True):
+        assert b.token_ids == a.token_ids
+        assert [x and x.token_id for x in b.prompt_logprobs] == [
+            x and x.token_id for x in a.prompt_logprobs
+        ]
+        assert_close(
+            [x.logprob for x in b.prompt_logprobs[1:]], [x.logprob for x in a.prompt_logprobs[1:]]
+        )
+    stats = bounded.stats()
+    # every prefill step scored prompt positions, eagerly; the decode-only ones replayed
+    assert 0 < stats["graph_steps"] < bounded.steps
+    with pytest.raises(ValueError, match="max_cudagraph_capture_size=0 is not allowed"):
+        EngineConfig(max_cudagraph_capture_size=0)
+
+
 def test_a_compiled_padded_step_gives_the_uncompiled_tokens_and_logprobs(tokenizer):
     """``enable_torch_compile``'s forward (torch.compile over the padded decode step, the batch
     size symbolic), run eagerly on the CPU: six greedy rows four at a time, so buckets of 4 and
@@ -120,8 +185,9 @@ def test_a_compiled_padded_step_gives_the_uncompiled_tokens_and_logprobs(tokeniz
     model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5)
     prompts = _prompts(6, seed=4)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=3)
-    plain = _engine(model, tokenizer, True, max_num_seqs=4)
-    compiled = _engine(model, tokenizer, False, max_num_seqs=4)
+    # steps of up to 4 positions: a prompt's larger steps would compile more graphs
+    plain = _engine(model, tokenizer, True, max_num_seqs=4, max_cudagraph_capture_size=4)
+    compiled = _engine(model, tokenizer, False, max_num_seqs=4, max_cudagraph_capture_size=4)
     compiled.use_decode_graphs(capture=False, compile=True)
     want = plain.generate(prompts, params, progress=False)
     got = compiled.generate(prompts, params, progress=False)
@@ -148,12 +214,11 @@ def test_a_padding_row_changes_no_other_row(model, tokenizer):
     tokens = [s.token_ids[s.num_cached] for s in rows]
     positions = [s.num_cached for s in rows]
     tables = [s.block_table for s in rows]
-    ends = [p + 1 for p in positions]
-    together = graphs.run(tokens, positions, tables, ends).clone()
+    spans = [PagedRow(s.block_table, s.num_cached, 1) for s in rows]
+    together = graphs.run(spans, tokens, [0, 1, 2]).clone()
     after = [p[:spare] for p in runner.cache.k[0]]
     for i in range(3):
-        one = slice(i, i + 1)
-        alone = graphs.run(tokens[one], positions[one], tables[one], ends[one])
+        alone = graphs.run(spans[i : i + 1], tokens[i : i + 1], [0])
         assert_close(together[i], alone[0])
     # the step wrote each row's own position and nothing else outside the spare block
     bs = engine.block_size
@@ -306,13 +371,15 @@ def _eager_and_graphed(model, tokenizer, prompts, params, cache=None, **config) 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cuda_graph_steps_give_the_eager_tokens(tokenizer, family):
     """Over 100 engine steps with rows joining and leaving: replayed graphs against plain
-    launches, float32 (the inputs of the CPU batch-invariance test)."""
+    launches, float32 (the inputs of the CPU batch-invariance test). No step has more than
+    40 positions, so every one replays a graph, prompt chunks beside decode rows too."""
     model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5).cuda()
     prompts, params = _prompts(16, seed=3), _mixed_params(16)
     config = dict(max_num_seqs=5, max_num_batched_tokens=40)
     graphed = _eager_and_graphed(model, tokenizer, prompts, params, **config)
     stats = graphed.stats()
-    assert stats["steps"] >= 100 and stats["graph_steps"] > stats["steps"] // 2
+    assert stats["steps"] >= 100 and stats["graph_steps"] == graphed.steps
+    assert stats["graph_capture_seconds"] > 0 and stats["graph_capture_bytes"] >= 0
 
 
 @cuda
@@ -351,7 +418,7 @@ def test_a_graph_decode_step_never_waits_for_the_device_but_for_its_sampled_ids(
     for p in _prompts(6, seed=1):
         params = SamplingParams(max_tokens=40, temperature=0.7, seed=1, ignore_eos=True)
         engine.add_request(p, params)
-    engine.step()  # the prefill (eager)
+    engine.step()  # the prefill
     before = engine.stats()["graph_steps"]
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -127,14 +127,18 @@ def _processed(sp: SamplingParams) -> bool:
     return bool(sp.repetition_penalty != 1 or sp.logit_bias or sp.dry_multiplier)
 
 
-def _count_verify_steps(graphs) -> list[int]:
-    """Wrap ``graphs.run`` to count the steps it runs with verify rows (a block table given
-    for more than one position)."""
+def _count_graph_steps(graphs, verify: bool) -> list[int]:
+    """Wrap ``graphs.run`` to count the steps it runs with verify rows (more logits than
+    sequences: every position of a verify row samples), or (``verify`` False) with a sequence
+    fed more than one position (a draft's catch-up)."""
     run, seen = graphs.run, [0]
 
-    def counted(tokens, positions, tables, ends, fed=None):
-        seen[0] += len({id(t) for t in tables}) < len(tables)
-        return run(tokens, positions, tables, ends, fed)
+    def counted(spans, tokens, select, fed=None):
+        if verify:
+            seen[0] += len(select) > len(spans)
+        else:
+            seen[0] += any(span.length > 1 for span in spans)
+        return run(spans, tokens, select, fed)
 
     graphs.run = counted
     return seen
@@ -154,9 +158,9 @@ def _count_verify_steps(graphs) -> list[int]:
 def test_greedy_tokens_are_those_without_speculation_in_mixed_batches(
     method, graphs, mixed, target, other, tokenizer
 ):
-    """``padded``: steps without prefill run through the padded decode path (CUDA graphs' on a
-    GPU), each verify row as one row per position, and so do a draft model's steps (its
-    catch-up of accepted guesses as verify rows)."""
+    """``padded``: steps run through the padded path (CUDA graphs' on a GPU), each verify row
+    as one row per position, and so do a draft model's steps (its catch-up of accepted
+    guesses, a row per position too)."""
     prompts, params, plain = mixed
     spec, draft = NGRAM, None
     if method != "ngram":
@@ -164,9 +168,10 @@ def test_greedy_tokens_are_those_without_speculation_in_mixed_batches(
     engine = _engine(target, tokenizer, spec, draft)
     if graphs:
         engine.use_decode_graphs(capture=False)
-        verify_steps = _count_verify_steps(engine.runner.decode_graphs)
-        if draft is not None:  # a catch-up of accepted guesses rides as verify rows too
-            catch_ups = _count_verify_steps(engine.speculator.proposer.runner.decode_graphs)
+        verify_steps = _count_graph_steps(engine.runner.decode_graphs, verify=True)
+        if draft is not None:  # a catch-up of accepted guesses rides through the graphs too
+            proposer_graphs = engine.speculator.proposer.runner.decode_graphs
+            catch_ups = _count_graph_steps(proposer_graphs, verify=False)
     got = _run_joining(engine, prompts, params)
     _assert_same(got, plain)
     if graphs:

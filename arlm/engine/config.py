@@ -27,6 +27,10 @@ DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 64}
 # step's kernels, so it prefills in few large chunks (vLLM's server default on large GPUs); a
 # CPU's step time grows with every position, so its chunks stay short for the running rows.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 512}
+# The most positions a step may have to replay a CUDA graph (vLLM's default capture size): the
+# running rows and a new prompt's chunk of a few hundred tokens, the step continuous batching
+# runs whenever a request arrives; more than max_num_seqs where that is more.
+DEFAULT_CUDAGRAPH_CAPTURE_SIZE = 512
 # The windowed cache has no pool to bound a sequence; without this one request could hold the
 # engine for ever (max_tokens 10**15).
 DEFAULT_WINDOW_MAX_MODEL_LEN = 2**20
@@ -52,10 +56,13 @@ class EngineConfig:
     enable_prefix_caching: share computed prompt blocks (default on). kv_offload_gib: host
     memory for KV blocks the pool evicts or swaps out (default 0: none). preemption_mode: how a
     sequence gives up its blocks when the pool runs out ("auto": swap to the host tier where it
-    has room, else recompute). enforce_eager: no CUDA graphs (default off: on CUDA, decode
-    steps replay graphs captured at start-up for batch-size buckets where the model and cache
-    allow it; see ``arlm.engine.cuda_graphs``). enable_torch_compile: compile that decode
-    step with ``torch.compile`` before capturing it (default off; needs the graphs).
+    has room, else recompute). enforce_eager: no CUDA graphs (default off: on CUDA, steps
+    replay graphs captured at start-up for token-count buckets where the model and cache allow
+    it; see ``arlm.engine.cuda_graphs``). max_cudagraph_capture_size: the most positions a step
+    may have to replay one, decode rows and prompt chunks together (default 512, or the
+    decode rows of max_num_seqs where that is more; at most max_num_batched_tokens).
+    enable_torch_compile: compile that step with ``torch.compile`` before capturing it
+    (default off; needs the graphs).
     async_scheduling: overlap each step's scheduling and host work with the device's run of
     the step before (None: on CUDA wherever it can; True where it cannot is refused; see
     ``arlm.engine.overlap``).
@@ -98,6 +105,12 @@ class EngineConfig:
         help="on CUDA, launch every step's kernels from Python instead of replaying decode "
         "steps from CUDA graphs",
     )
+    max_cudagraph_capture_size: int | None = option(
+        None,
+        help="on CUDA, the most positions (decode rows and prompt tokens) a step may have to "
+        "replay a CUDA graph; larger steps run eagerly (default: 512, or max_num_seqs where "
+        "that is more)",
+    )
     enable_torch_compile: bool = option(
         False,
         help="on CUDA, compile the decode step with torch.compile (fused kernels) before its "
@@ -110,7 +123,12 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "max_cudagraph_capture_size",
+        ):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
         if self.kv_cache_memory_gib is not None:

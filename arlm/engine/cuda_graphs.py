@@ -1,16 +1,23 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Engine steps replayed from CUDA graphs, one graph per token-count bucket.
 
 A decode step of a small model is a few hundred kernel launches of a few microseconds each;
 launched one by one from Python the GPU waits on the host for most of the step. Captured once
 as a CUDA graph, the whole forward is one launch. A graph replays fixed tensors, so the inputs
-live in static buffers (token ids, positions, block tables) updated in place before each
-replay, and a step of n rows runs the graph of the smallest bucket >= n with the extra rows
-padded: a padding row reads and writes only the cache's spare block and its logits are dropped.
+live in static buffers (token ids, positions, block tables, the rows that sample) updated in
+place before each replay, and a step of n tokens runs the graph of the smallest bucket >= n
+with the extra rows padded: a padding row reads and writes only the cache's spare block and its
+logits are dropped.
 
-A row is one position: speculative decoding's verify rows (a pending token and its guesses)
-run as one row per position, each with its sequence's block table. Every layer writes all rows'
-keys and values before any row attends, so a guess's row reads the positions before it in the
-same step, as causal attention over the chunk would.
+A row is one position of one sequence, whatever the step asks of it: a decode row's next
+token, each position of speculative decoding's verify rows (a pending token and its guesses),
+each token of a prompt chunk. Every layer writes all rows' keys and values before any row
+attends, each row over its sequence's blocks up to its own position (``StaticDecode``), so a
+guess, or a prompt token, reads the positions before it in the same step, as causal attention
+over the chunk would. So the steps where prompts join running rows (every step of continuous
+batching where a request arrives or a chunked prompt goes on) replay graphs too, as long as
+their tokens fit the largest bucket (``max_cudagraph_capture_size``); larger steps, mostly
+prefill, run eagerly, where attention over a chunk reads its history once for all its
+queries. The lm head runs only at the rows that sample (at most ``max_logits``).
 
 The same object runs the same padded forward eagerly where there is no CUDA (``capture``
 False), which is how the CPU tests check that padding and bucketing change no row's output.
@@ -18,29 +25,34 @@ False), which is how the CPU tests check that padding and bucketing change no ro
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
-from arlm.kv_cache.paged import PagedKVCache, StaticDecode
+from arlm.kv_cache.paged import PagedKVCache, PagedRow, StaticDecode
 from arlm.model.transformer import Transformer
 
 # the static inputs' columns, per row: token id, position, how far its sequence reaches in the
-# step (LongRoPE picks its factors by it), then the block table from column TABLE on
-TABLE = 3
+# step (LongRoPE picks its factors by it), which row's logits come i-th (row i's entry, for i
+# below the bucket's logit rows), then the block table from column TABLE on
+SELECT, TABLE = 3, 4
+
+log = logging.getLogger("arlm.engine")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to ``max_batch`` (itself the last), as vLLM's capture sizes:
-    a step pads at most 7 rows past 8."""
+    """1, 2, 4, 8, then every 8 up to 256 and every 16 past it, up to ``max_batch`` (itself the
+    last), as vLLM's capture sizes: a step pads at most 7 rows past 8, 15 past 256."""
     sizes = [b for b in (1, 2, 4) if b < max_batch]
-    sizes += list(range(8, max_batch, 8))
+    sizes += list(range(8, min(max_batch, 256), 8))
+    sizes += list(range(256, max_batch, 16))
     return [*sizes, max_batch]
 
 
 class DecodeGraphs:
-    """Decode-only forwards of ``model`` over ``cache`` for up to ``max_batch`` rows; see the
-    module docstring."""
+    """Forwards of ``model`` over ``cache`` for up to ``max_batch`` rows (positions), the head
+    at up to ``max_logits`` of them (default: all); see the module docstring."""
 
     def __init__(
         self,
@@ -51,11 +63,13 @@ class DecodeGraphs:
         *,
         capture: bool,
         compile: bool = False,
+        max_logits: int | None = None,
     ) -> None:
         if not cache.static_decode:
             raise ValueError("decode graphs need a spare block and every block allocated")
         self.model, self.cache = model, cache
         self.buckets = batch_buckets(max_batch)
+        self.max_logits = min(max_logits or max_batch, max_batch)
         device = cache.device
         largest = self.buckets[-1]
         # per row: the columns before TABLE, then its block table (``max_blocks`` wide);
@@ -84,11 +98,16 @@ class DecodeGraphs:
     def _forward(self, batch: int) -> torch.Tensor:
         rows = self._inputs[:batch]
         tokens, positions, ends, tables = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, TABLE:]
+        select = rows[: min(batch, self.max_logits), SELECT]
         step = StaticDecode(self.cache, tables, positions)
         logits, _ = self.model(
-            tokens[None], kv_cache=step, positions=positions[None], seq_ends=ends[None]
+            tokens[None],
+            kv_cache=step,
+            positions=positions[None],
+            seq_ends=ends[None],
+            logits_at=select,
         )
-        return logits[0].float()  # (batch, vocab)
+        return logits[0].float()  # (logit rows, vocab)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -110,11 +129,22 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.cache.device)
         self.capture_seconds = time.perf_counter() - start
         self.capture_bytes = torch.cuda.memory_reserved(self.cache.device) - before
+        log.info(
+            "captured %d CUDA graphs (steps of 1 to %d positions) in %.1f s, %.0f MiB",
+            len(self._graphs),
+            self.max_rows,
+            self.capture_seconds,
+            self.capture_bytes / 2**20,
+        )
 
     @property
     def max_rows(self) -> int:
         """The most rows a step can have: the largest bucket."""
         return self.buckets[-1]
+
+    def takes(self, rows: int, logits: int) -> bool:
+        """Whether a step of ``rows`` positions, ``logits`` of them sampling, fits."""
+        return rows <= self.max_rows and logits <= self.max_logits
 
     def bucket(self, rows: int) -> int:
         """The batch size a step of ``rows`` rows runs at."""
@@ -123,29 +153,35 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(
         self,
+        spans: list[PagedRow],
         tokens: list[int],
-        positions: list[int],
-        tables: list[list[int]],
-        ends: list[int],
+        select: list[int],
         fed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The next-token logits (rows, vocab) of one decode row per position: row i feeds its
-        token at ``positions[i]`` through its block table ``tables[i]``, its sequence reaching
-        ``ends[i]`` in this step (its position + 1; a verify row's, the last guess's). The
+        """The logits (len(select), vocab) at rows ``select`` of one step whose rows are each
+        span's positions in turn: span s feeds positions ``s.start .. s.end - 1`` of the
+        sequence whose block table is ``s.blocks`` (a decode row one, a verify row its pending
+        token and guesses, a prompt chunk its tokens), reaching ``s.end`` in this step. The
         first ``len(fed)`` rows' tokens are ``fed``, on the device (ids the step before
         sampled: ``arlm.engine.overlap``); the other rows' are ``tokens``, in order."""
-        rows, num_fed = len(positions), 0 if fed is None else len(fed)
-        batch = self.bucket(rows)
+        rows = sum(s.length for s in spans)
+        num_fed = 0 if fed is None else len(fed)
+        batch, picked = self.bucket(rows), len(select)
         staging = self._staging[self.steps % 2]
         self.steps += 1
         staging[rows:batch, :TABLE] = 0
         staging[rows:batch, TABLE:] = self.cache.spare
         if num_fed < rows:
             staging[num_fed:rows, 0] = torch.tensor(tokens)
-        staging[:rows, 1] = torch.tensor(positions)
-        staging[:rows, 2] = torch.tensor(ends)
+        staging[:rows, 1] = torch.tensor([p for s in spans for p in range(s.start, s.end)])
+        staging[:rows, 2] = torch.tensor([s.end for s in spans for _ in range(s.length)])
+        staging[:picked, SELECT] = torch.tensor(select)
+        staging[picked:batch, SELECT] = 0  # padding: row 0's logits again, dropped
         width, spare = staging.size(1) - TABLE, self.cache.spare
-        staging[:rows, TABLE:] = torch.tensor([t + [spare] * (width - len(t)) for t in tables])
+        tables = torch.tensor([s.blocks + [spare] * (width - len(s.blocks)) for s in spans])
+        if rows > len(spans):  # a table per position
+            tables = tables.repeat_interleave(torch.tensor([s.length for s in spans]), dim=0)
+        staging[:rows, TABLE:] = tables
         # this buffer is filled again two steps on; by then the host has waited for the ids
         # sampled after this copy, which is queued before them
         self._inputs[:batch].copy_(staging[:batch], non_blocking=True)
@@ -153,5 +189,5 @@ class DecodeGraphs:
             self._inputs[:num_fed, 0].copy_(fed)
         if batch in self._graphs:
             self._graphs[batch].replay()
-            return self._logits[batch][:rows]
-        return self._step(batch)[:rows]
+            return self._logits[batch][:picked]
+        return self._step(batch)[:picked]

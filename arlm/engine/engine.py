@@ -20,7 +20,12 @@ import torch
 
 from arlm.engine import offline
 from arlm.engine.block_manager import BlockManager, Orders
-from arlm.engine.config import DEFAULT_WINDOW_MAX_MODEL_LEN, EngineConfig, plan
+from arlm.engine.config import (
+    DEFAULT_CUDAGRAPH_CAPTURE_SIZE,
+    DEFAULT_WINDOW_MAX_MODEL_LEN,
+    EngineConfig,
+    plan,
+)
 from arlm.engine.outputs import Completion, RequestOutput
 from arlm.engine.overlap import Overlap, overlap_for
 from arlm.engine.prompt_logprobs import PromptRows, scoring_only
@@ -116,6 +121,7 @@ class Engine:
         if speculative is not None:
             tp = tensor_parallel is not None
             self.speculator = speculator_for(speculative, self, draft, sizes.max_num_seqs, tp)
+        self.capture_size = config.max_cudagraph_capture_size
         if self.eager_reason is None:
             self.use_decode_graphs(capture=True, compile=config.enable_torch_compile)
         # the step in flight while the next is scheduled (arlm.engine.overlap), or None
@@ -129,17 +135,19 @@ class Engine:
         self.steps = 0
 
     def use_decode_graphs(self, capture: bool, compile: bool = False) -> None:
-        """Run steps without prefill through CUDA graphs (``capture``; else the same padded
-        forward eagerly, as the CPU tests do), for up to ``max_num_seqs`` rows, or as many
-        positions as the rows that speculate verify together; ``compile``: that forward
-        through ``torch.compile`` first."""
+        """Run steps of up to ``max_cudagraph_capture_size`` positions through CUDA graphs
+        (``capture``; else the same padded forward eagerly, as the CPU tests do), the head at
+        up to ``max_num_seqs`` rows, or as many positions as the rows that speculate verify
+        together; ``compile``: that forward through ``torch.compile`` first."""
         max_blocks = -(-(self.max_len or 0) // self.block_size)
         rows = self.scheduler.max_num_seqs
         if self.speculator is not None:
             spec = self.speculator.config
             rows = max(rows, min(rows, spec.max_batch) * (1 + spec.num_speculative_tokens))
             self.speculator.use_decode_graphs(capture)
-        self.runner.use_decode_graphs(capture, rows, max_blocks, compile)
+        size = self.capture_size or max(rows, DEFAULT_CUDAGRAPH_CAPTURE_SIZE)
+        size = min(size, max(rows, self.scheduler.max_num_batched_tokens))  # no step has more
+        self.runner.use_decode_graphs(capture, size, max_blocks, compile, max_logits=rows)
 
     def preallocate(self) -> None:
         """Give the KV pool its memory now (``ModelRunner.preallocate``): a server's memory is

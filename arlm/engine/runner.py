@@ -10,9 +10,11 @@ sequence's tokens. After the forward the runner advances each row's ``num_cached
 A windowed cache (``kv_window``) holds one sequence: the same batches of one row run through
 ``WindowedKVCache`` at that row's position, with no blocks; it cannot rewind (``rewindable``).
 
-With ``use_decode_graphs``, a step without prefill chunks runs through ``DecodeGraphs``: its
-decode rows and its verify rows' positions, padded to a batch-size bucket and replayed from a
-CUDA graph (on CUDA), the host copying only the rows' token ids, positions and block tables.
+With ``use_decode_graphs``, a step of up to ``max_cudagraph_capture_size`` positions runs
+through ``DecodeGraphs``, one row per position (decode rows, verify rows' positions, prompt
+chunks' tokens), padded to a bucket and replayed from a CUDA graph (on CUDA), the host copying
+only the rows' token ids, positions, block tables and which rows sample. Larger steps, and
+steps that score prompt positions (their logits at every position), run eagerly.
 """
 
 from __future__ import annotations
@@ -71,18 +73,29 @@ class ModelRunner:
         return None
 
     def use_decode_graphs(
-        self, capture: bool, max_batch: int, max_blocks: int, compile: bool = False
+        self,
+        capture: bool,
+        max_batch: int,
+        max_blocks: int,
+        compile: bool = False,
+        max_logits: int | None = None,
     ) -> None:
-        """Run steps without prefill (up to ``max_batch`` positions) padded to batch-size
-        buckets through static buffers, replayed from CUDA graphs when ``capture`` (else the
-        same forward, eagerly: the CPU tests'), compiled first when ``compile``. Every block
-        gets its memory now, as graphs replay fixed tensors."""
+        """Run steps of up to ``max_batch`` positions, at most ``max_logits`` of them sampling
+        (default: all), padded to buckets through static buffers, replayed from CUDA graphs
+        when ``capture`` (else the same forward, eagerly: the CPU tests'), compiled first when
+        ``compile``. Every block gets its memory now, as graphs replay fixed tensors."""
         reason = self.decode_graphs_unsupported()
         if reason is not None:
             raise ValueError(f"decode graphs do not support {reason}")
         self.cache.add_spare_block()
         self.decode_graphs = DecodeGraphs(
-            self.model, self.cache, max_batch, max_blocks, capture=capture, compile=compile
+            self.model,
+            self.cache,
+            max_batch,
+            max_blocks,
+            capture=capture,
+            compile=compile,
+            max_logits=max_logits,
         )
 
     def preallocate(self, max_num_seqs: int, max_len: int) -> None:
@@ -164,20 +177,6 @@ class ModelRunner:
         self, batch: ScheduledBatch, fed: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
         num_fed = 0 if fed is None else len(fed)  # the first rows' ids are on the device
-        graphs = self.decode_graphs
-        if graphs is not None and not batch.prefill and batch.num_tokens <= graphs.max_rows:
-            rows = batch.decode
-            tokens = [s.token_ids[s.num_cached] for s in rows[num_fed:]]
-            positions = [s.num_cached for s in rows]
-            tables = [s.block_table for s in rows]
-            ends = [p + 1 for p in positions]  # how far each row's sequence reaches (LongRoPE)
-            for seq, guesses in batch.verify:  # a row per position (arlm.engine.cuda_graphs)
-                tokens += [seq.token_ids[seq.num_cached], *guesses]
-                end = seq.num_cached + 1 + len(guesses)
-                positions += range(seq.num_cached, end)
-                tables += [seq.block_table] * (1 + len(guesses))
-                ends += [end] * (1 + len(guesses))
-            return graphs.run(tokens, positions, tables, ends, fed), rows, None
         # one position per decode row, the fed ones' ids written in on the device below
         tokens = [0] * num_fed + [s.token_ids[s.num_cached] for s in batch.decode[num_fed:]]
         select, rows = list(range(len(batch.decode))), list(batch.decode)
@@ -200,13 +199,11 @@ class ModelRunner:
                 scored.add(seq, wanted)
                 at = len(tokens) - n - start  # flat index of position 0 of this sequence
                 scored_select += [at + p for p in wanted]
-        idx = to_device([tokens], torch.long, self.device)
-        if num_fed:
-            idx[0, :num_fed] = fed
         if self.windowed is not None:
             (seq,) = [*batch.decode, *(s for s, _ in batch.prefill)]
             if seq.num_cached == 0:  # a new sequence, or one refilled after a break
                 self.windowed.reset()
+            idx = to_device([tokens], torch.long, self.device)
             logits, _ = self.model(
                 idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
             )
@@ -216,6 +213,13 @@ class ModelRunner:
             [PagedRow(s.block_table, s.num_cached, 1 + len(g)) for s, g in batch.verify]
             + [PagedRow(s.block_table, s.num_cached, n) for s, n in batch.prefill],
         )
+        sampled = select + verify_select
+        graphs = self.decode_graphs
+        if graphs is not None and not scored_select and graphs.takes(len(tokens), len(sampled)):
+            return graphs.run(layout.rows, tokens[num_fed:], sampled, fed), rows, None
+        idx = to_device([tokens], torch.long, self.device)
+        if num_fed:
+            idx[0, :num_fed] = fed
         positions = to_device([layout.positions()], torch.long, self.device)
         seq_ends = None
         if self.model.config.rope_type == "longrope":  # it picks a row's factors by the row's reach
@@ -224,12 +228,11 @@ class ModelRunner:
             idx,
             kv_cache=self.cache.step(layout),
             positions=positions,
-            logits_at=to_device(select + verify_select + scored_select, torch.long, self.device),
+            logits_at=to_device(sampled + scored_select, torch.long, self.device),
             seq_ends=seq_ends,
         )
         logits = logits[0].float()
         if not scored_select:
             return logits, rows, None
-        sampled = len(select) + len(verify_select)
-        scored.logits = logits[sampled:]
-        return logits[:sampled], rows, scored
+        scored.logits = logits[len(sampled) :]
+        return logits[: len(sampled)], rows, scored

@@ -1,6 +1,7 @@
 """What ``Engine.stats`` reports: gauges (sequences by state, KV blocks in use) and counters
-(preemptions, prefix-cache and host-tier hits, loops, steps, overlapped steps, speculative
-decoding's), read from the parts that own them. The server's ``/metrics`` and ``arlm generate
+(preemptions, prefix-cache and host-tier hits, loops, steps, replayed and overlapped steps,
+speculative decoding's), and what capturing the CUDA graphs took, read from the parts that own
+them. The server's ``/metrics`` and ``arlm generate
 --stats`` print these."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ def engine_stats(engine: Engine) -> dict[str, float]:
     """Gauges and counters of the engine now (the block counts are 0 with the windowed
     cache, which has no blocks)."""
     bm, sched, chain = engine.block_manager, engine.scheduler, engine.chain
+    graphs = engine.runner.decode_graphs
     used = bm.num_used_blocks if bm else 0
     host = bm.host if bm else None
     return {
@@ -32,7 +34,9 @@ def engine_stats(engine: Engine) -> dict[str, float]:
         "loops_detected": chain.loops_detected,
         "loops_broken": chain.loops_broken,
         "steps": engine.steps,
-        "graph_steps": graphs.steps if (graphs := engine.runner.decode_graphs) else 0,
+        "graph_steps": graphs.steps if graphs else 0,
+        "graph_capture_seconds": graphs.capture_seconds if graphs else 0.0,
+        "graph_capture_bytes": graphs.capture_bytes if graphs else 0,
         "overlapped_steps": engine.overlap.steps if engine.overlap else 0,
         **(engine.speculator.metrics() if engine.speculator else {}),
     }

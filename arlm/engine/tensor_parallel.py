@@ -125,7 +125,12 @@ class TensorParallelRunner:
         return "tensor parallelism"
 
     def use_decode_graphs(
-        self, capture: bool, max_batch: int, max_blocks: int, compile: bool = False
+        self,
+        capture: bool,
+        max_batch: int,
+        max_blocks: int,
+        compile: bool = False,
+        max_logits: int | None = None,
     ) -> None:
         raise ValueError("decode graphs do not support tensor parallelism")
 

@@ -607,11 +607,13 @@ def _read_blocks_in_place(
 
 
 class StaticDecode:
-    """The ``Cache`` of a decode-only forward whose rows come as device tensors: row b's token
-    is at position ``positions[b]``, its block table row ``tables[b]``. It writes each row's
-    key and value there and attends through ``decode_attention`` (a sliding-window layer's
-    rows over their window). Nothing in it depends on a host value, so a forward through it
-    can be captured once per batch size and replayed with new contents in the same tensors
+    """The ``Cache`` of a forward whose rows are one position each, given as device tensors:
+    row b's token is at position ``positions[b]``, its block table row ``tables[b]`` (rows of
+    one sequence, a verify row's guesses or a prompt chunk's tokens, share a table). It writes
+    every row's key and value there and then attends each row over its table's positions up
+    to its own through ``decode_attention`` (a sliding-window layer's rows over their window).
+    Nothing in it depends on a host value, so a forward through it can be captured once per
+    batch size and replayed with new contents in the same tensors
     (``arlm.engine.cuda_graphs``). Padding rows' tables point at the cache's spare block. Needs
     ``PagedKVCache.static_decode``."""
 

@@ -15,13 +15,11 @@ then k - 1 batched one-token steps give the rest. All rows of a step share one f
 GPU the steps replay CUDA graphs (``use_decode_graphs``), as the target's do: a small draft's
 eager step is mostly kernel launches. The first step does too where the positions it feeds
 fit the graphs' rows (the usual catch-up: the target's last token and the guesses it
-accepted; a short prompt): it then feeds them as verify rows, one graph row per position, of
-whose logits only each row's last is used; longer prompts go in as prefill chunks, eagerly.
+accepted; a short prompt); a longer prompt's runs eagerly.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -95,17 +93,9 @@ class DraftProposer:
         get no guesses while it is full). Called before any proposal."""
         self._pool(max_batch)
         blocks_per_row = math.ceil(self.max_len / self.block_size)
-        self.runner.use_decode_graphs(capture, max_batch * (1 + k), blocks_per_row)
-
-    def _first_step(self, rows: list[_DraftRow]) -> ScheduledBatch:
-        """The step that feeds ``rows`` the positions they lack: as verify rows where the
-        decode graphs take them all (see the module docstring), else as prefill chunks."""
-        graphs = self.runner.decode_graphs
-        if graphs is not None and sum(row.num_pending for row in rows) <= graphs.max_rows:
-            return ScheduledBatch(
-                verify=[(row, row.token_ids[row.num_cached + 1 :]) for row in rows]
-            )
-        return ScheduledBatch(prefill=[(row, row.num_pending) for row in rows])
+        self.runner.use_decode_graphs(
+            capture, max_batch * (1 + k), blocks_per_row, max_logits=max_batch
+        )
 
     def _sync(self, seq) -> _DraftRow:
         row = self.rows.get(seq)
@@ -132,14 +122,11 @@ class DraftProposer:
         guesses = [Guess() for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, row in enumerate(rows) if self.blocks.ensure(row, len(row.token_ids))]
-        batch = self._first_step([rows[i] for i in active])
+        # the positions each row lacks, in one chunk that ends its ids: its logits the first guess
+        batch = ScheduledBatch(prefill=[(rows[i], rows[i].num_pending) for i in active])
         index = {id(row): i for i, row in enumerate(rows)}
         while active:
             logits, fed, _ = self.runner.run(batch, self.blocks.take_orders())
-            if batch.verify:  # logits at every position: each row's last
-                ends = itertools.accumulate(1 + len(guesses) for _, guesses in batch.verify)
-                logits = logits[[end - 1 for end in ends]]
-                fed = [row for row, _ in batch.verify]
             tokens = logits.argmax(dim=-1).tolist()
             for j, row in enumerate(fed):
                 i = index[id(row)]
