@@ -9,6 +9,7 @@ import transformers
 
 import arlm
 from arlm import placement
+from arlm.devices import int64_tensor
 from arlm.formats.checkpoint import save_model
 from arlm.formats.stored import stored_weights
 from tests.conftest import make_model
@@ -89,3 +90,10 @@ def test_auto_dtype_follows_a_bfloat16_hugging_face_checkpoint(tmp_path, tokeniz
     if not torch.cuda.is_available() and not placement.cpu_has_native(torch.bfloat16):
         assert want == torch.float32  # today's CPU rule where bfloat16 is emulated
     assert arlm.load(tmp_path, device="cpu", dtype=None).model.wte.weight.dtype == torch.float32
+
+
+def test_int64_tensor_holds_the_values_given():
+    values = [0, -1, 2**40, 7, 2**63 - 1]
+    out = int64_tensor(values)
+    assert out.dtype == torch.long and out.tolist() == values
+    assert int64_tensor([]).shape == (0,) and int64_tensor(range(3)).tolist() == [0, 1, 2]

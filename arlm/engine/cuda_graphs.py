@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from arlm.devices import int64_tensor
 from arlm.kv_cache.paged import PagedKVCache, PagedRow, StaticDecode
 from arlm.model.transformer import Transformer
 
@@ -74,16 +75,18 @@ class DecodeGraphs:
         largest = self.buckets[-1]
         # per row: the columns before TABLE, then its block table (``max_blocks`` wide);
         # padding rows at position 0 of the spare block
-        width = TABLE + max_blocks
-        self._inputs = torch.zeros(largest, width, dtype=torch.long, device=device)
+        self._inputs = torch.zeros(largest, TABLE + max_blocks, dtype=torch.long, device=device)
         self._inputs[:, TABLE:] = cache.spare
-        # two host buffers, taken in turn: with overlap scheduling the host fills the next
-        # step's while the copy from this one may still be queued (arlm.engine.overlap)
-        self._staging = []
-        for _ in range(2):
-            staging = torch.zeros(largest, width, dtype=torch.long, pin_memory=capture)
-            staging[:, TABLE:] = cache.spare
-            self._staging.append(staging)
+        # A step writes only the columns its rows' tables reach (a row reads its table up to
+        # its own position, never the stale entries past it): rows x (TABLE + the longest
+        # table), laid out contiguous in a host buffer, copied in one transfer to a device
+        # buffer and from there into the inputs, so a step's host work and bytes follow its
+        # tables' lengths, not max_model_len (whose tables are 8,192 blocks wide at 131,072
+        # positions). Two host buffers, taken in turn: with overlap scheduling the host fills
+        # the next step's while the copy from this one may still be queued (arlm.engine.overlap)
+        size = largest * (TABLE + max_blocks)
+        self._staging = [torch.zeros(size, dtype=torch.long, pin_memory=capture) for _ in "ab"]
+        self._landing = torch.zeros(size, dtype=torch.long, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
@@ -164,27 +167,46 @@ class DecodeGraphs:
         token and guesses, a prompt chunk its tokens), reaching ``s.end`` in this step. The
         first ``len(fed)`` rows' tokens are ``fed``, on the device (ids the step before
         sampled: ``arlm.engine.overlap``); the other rows' are ``tokens``, in order."""
-        rows = sum(s.length for s in spans)
+        counts = [s.length for s in spans]
+        rows, lengths = sum(counts), [len(s.blocks) for s in spans]
         num_fed = 0 if fed is None else len(fed)
         batch, picked = self.bucket(rows), len(select)
-        staging = self._staging[self.steps % 2]
+        spare, used = self.cache.spare, max(lengths)
+        cols = TABLE + used
+        staging = self._staging[self.steps % 2][: batch * cols].view(batch, cols)
         self.steps += 1
-        staging[rows:batch, :TABLE] = 0
-        staging[rows:batch, TABLE:] = self.cache.spare
-        if num_fed < rows:
-            staging[num_fed:rows, 0] = torch.tensor(tokens)
-        staging[:rows, 1] = torch.tensor([p for s in spans for p in range(s.start, s.end)])
-        staging[:rows, 2] = torch.tensor([s.end for s in spans for _ in range(s.length)])
-        staging[:picked, SELECT] = torch.tensor(select)
-        staging[picked:batch, SELECT] = 0  # padding: row 0's logits again, dropped
-        width, spare = staging.size(1) - TABLE, self.cache.spare
-        tables = torch.tensor([s.blocks + [spare] * (width - len(s.blocks)) for s in spans])
+        # every number the step needs, converted at once: tokens, positions, how far each
+        # row's sequence reaches, the rows that sample, the tables' lengths, their blocks
+        ints = int64_tensor(
+            [
+                *tokens,
+                *(p for s in spans for p in range(s.start, s.end)),
+                *(s.end for s in spans for _ in range(s.length)),
+                *select,
+                *lengths,
+                *(b for s in spans for b in s.blocks),
+            ]
+        )
+        fields = ints.split([len(tokens), rows, rows, picked, len(spans), sum(lengths)])
+        tokens_in, positions, ends, picks, table_lengths, blocks = fields
+        staging[rows:, :TABLE] = 0
+        staging[rows:, TABLE:] = spare
+        staging[num_fed:rows, 0] = tokens_in
+        staging[:rows, 1] = positions
+        staging[:rows, 2] = ends
+        staging[:picked, SELECT] = picks
+        staging[picked:, SELECT] = 0  # padding: row 0's logits again, dropped
+        # each span's table, padded with the spare block to the longest
+        tables = torch.full((len(spans), used), spare)
+        tables[torch.arange(used) < table_lengths[:, None]] = blocks
         if rows > len(spans):  # a table per position
-            tables = tables.repeat_interleave(torch.tensor([s.length for s in spans]), dim=0)
+            tables = tables.repeat_interleave(torch.tensor(counts), dim=0)
         staging[:rows, TABLE:] = tables
         # this buffer is filled again two steps on; by then the host has waited for the ids
         # sampled after this copy, which is queued before them
-        self._inputs[:batch].copy_(staging[:batch], non_blocking=True)
+        landing = self._landing[: batch * cols].view(batch, cols)
+        landing.copy_(staging, non_blocking=True)
+        self._inputs[:batch, :cols].copy_(landing)
         if num_fed:
             self._inputs[:num_fed, 0].copy_(fed)
         if batch in self._graphs:
