@@ -102,8 +102,8 @@ class EngineConfig:
     )
     enforce_eager: bool = option(
         False,
-        help="on CUDA, launch every step's kernels from Python instead of replaying decode "
-        "steps from CUDA graphs",
+        help="on CUDA, launch every step's kernels from Python instead of replaying steps "
+        "from CUDA graphs",
     )
     max_cudagraph_capture_size: int | None = option(
         None,
@@ -113,7 +113,7 @@ class EngineConfig:
     )
     enable_torch_compile: bool = option(
         False,
-        help="on CUDA, compile the decode step with torch.compile (fused kernels) before its "
+        help="on CUDA, compile the graphed step with torch.compile (fused kernels) before its "
         "graphs are captured: slower start-up",
     )
     async_scheduling: bool | None = option(
