@@ -1,8 +1,7 @@
-"""What ``Engine.stats`` reports: gauges (sequences by state, KV blocks in use) and counters
+"""What ``Engine.stats`` reports: gauges (sequences by state, KV blocks in use), counters
 (preemptions, prefix-cache and host-tier hits, loops, steps, replayed and overlapped steps,
-speculative decoding's), and what capturing the CUDA graphs took, read from the parts that own
-them. The server's ``/metrics`` and ``arlm generate
---stats`` print these."""
+speculative decoding's) and what capturing the CUDA graphs took, read from the parts that own
+them. The server's ``/metrics`` and ``arlm generate --stats`` print these."""
 
 from __future__ import annotations
 
