@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from arlm.engine import Engine, EngineConfig
 from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from arlm.kv_cache import CacheConfig, make_codec
+from arlm.kv_cache import decode_attention as decode_attention_module
 from arlm.kv_cache.decode_attention import decode_attention, decode_attention_reference
 from arlm.kv_cache.paged import PagedRow
 from arlm.sampling import SamplingParams
@@ -281,10 +282,14 @@ def _kernel_against_reference(
     head_dim: int,
     window: int | None = None,
     kv: str = "auto",
+    splits: int | None = None,
 ) -> None:
+    """``splits``: the sequence split so many ways (None: as ``num_splits`` chooses)."""
     q, codec, k, v, tables, lengths = _rows(device, n_head, n_kv_head, head_dim, kv)
     scale = head_dim**-0.5
     args = (q, codec, k, v, tables, lengths, scale)
+    if splits is not None:
+        decode_attention_module.num_splits = lambda *_: splits
     got = decode_attention(*args, window=window, use_triton=True)
     want = decode_attention_reference(*args, window)
     # weighted means of values of size max|v|, summed in another order (the kernel's splits)
@@ -312,28 +317,31 @@ def test_the_reference_with_a_window_attends_over_each_row_s_last_positions():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize(
-    "n_head,n_kv_head,head_dim,window,kv",
+    "n_head,n_kv_head,head_dim,window,kv,splits",
     [
-        (4, 4, 16, None, "auto"),
-        (8, 2, 24, None, "auto"),
-        (6, 1, 64, None, "auto"),
-        (8, 2, 24, 50, "auto"),
-        (4, 4, 16, 64, "auto"),
-        (8, 2, 24, None, "int8"),
-        (8, 2, 24, 50, "int4"),
-        (4, 2, 128, 50, "int8"),  # 32 positions a loop step (``tile``)
+        (4, 4, 16, None, "auto", None),
+        (8, 2, 24, None, "auto", None),
+        (6, 1, 64, None, "auto", None),
+        (8, 2, 24, 50, "auto", None),
+        (4, 4, 16, 64, "auto", None),
+        (8, 2, 24, None, "int8", None),
+        (8, 2, 24, 50, "int4", None),
+        (4, 2, 128, 50, "int8", None),  # 32 positions a loop step (``tile``)
+        (8, 2, 24, None, "auto", 1),  # one split: many rows on a GPU
+        (8, 2, 24, None, "auto", 3),  # a split count that is not a power of two
     ],
 )
-def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, window, kv):
+def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, window, kv, splits):
     """The kernel, compiled on CUDA, else run by Triton's interpreter on the CPU: grouped
     heads, a head size that is not a power of two, lengths at and across its blocks of 64 and
     its splits, sliding windows that cut the longer rows (from inside a block of 64, and at
     one's edge), int8 and int4 blocks decoded as they are read, a head size of 128 (loop
-    steps of 32 positions). Triton reads TRITON_INTERPRET when it is first imported (its
-    library's own jit functions are built then), so the interpreted run gets a process of its
-    own. That the kernel compiles for a GPU: tests/test_kernel_compile.py."""
+    steps of 32 positions), the splits' results merged by the second kernel (4 splits, the
+    shorter rows' later ones empty; one; three). Triton reads TRITON_INTERPRET when it is
+    first imported (its library's own jit functions are built then), so the interpreted run
+    gets a process of its own. That the kernel compiles for a GPU: tests/test_kernel_compile.py."""
     if torch.cuda.is_available():
-        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window, kv)
+        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window, kv, splits)
         return
     import triton
 
@@ -342,7 +350,7 @@ def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, win
         pytest.skip(f"Triton {triton.__version__}'s interpreter; the test needs 3.7 or later")
     code = (
         "from tests.test_cuda_graphs import _kernel_against_reference as check; "
-        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r})"
+        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r}, {splits})"
     )
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}

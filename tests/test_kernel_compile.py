@@ -61,18 +61,32 @@ def _compile(codec: str, head_dim: int, query: str = "*bf16"):
     )
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("codec", ["bfloat16", "float32", "int8", "int4"])
-def test_every_variant_compiles_and_keeps_to_registers(tmp_path: Path, codec, head_dim):
-    """Head sizes of GPT-2 and Llama-3.2-1B (64), of most 7-8B models (128) and of Gemma 3
-    (256), over float, int8 and int4 blocks: no stack (spilled registers) in the cubin.
-    float32 queries take ``input_precision="ieee"``, passed in as a constant: chosen inside
-    the kernel, Triton 3.9 did not fold the choice and failed to compile that variant."""
+def _compile_merge(splits: int, head_dim: int, out: str):
+    """The kernel that merges the splits, compiled for sm_90 as ``decode_attention`` launches
+    it for ``splits`` splits of ``head_dim``, writing ``out``."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from arlm.kv_cache.decode_kernel import merge_splits
+
+    constants = dict(SPLITS=splits, SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()),
+                     HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim)  # fmt: skip
+    types = dict(Out="*fp32", Lse="*fp32", Y=out)
+    signature = {
+        name: types.get(name, "constexpr" if name in constants else "i64")
+        for name in merge_splits.arg_names
+    }
+    source = ASTSource(fn=merge_splits, signature=signature, constexprs=constants)
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def _stack_line(tmp_path: Path, compiled) -> str:
+    """``cuobjdump``'s resource line for a compiled kernel (skips where the wheel has none)."""
     import triton
 
-    query = "*fp32" if codec == "float32" else "*bf16"
     cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(_compile(codec, head_dim, query).asm["cubin"])
+    cubin.write_bytes(compiled.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
         pytest.skip("this triton wheel carries no cuobjdump")
@@ -80,4 +94,25 @@ def test_every_variant_compiles_and_keeps_to_registers(tmp_path: Path, codec, he
         [str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
     ).stdout
     (line,) = [x for x in usage.splitlines() if "REG:" in x]
+    return line
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("codec", ["bfloat16", "float32", "int8", "int4"])
+def test_every_variant_compiles_and_keeps_to_registers(tmp_path: Path, codec, head_dim):
+    """Head sizes of GPT-2 and Llama-3.2-1B (64), of most 7-8B models (128) and of Gemma 3
+    (256), over float, int8 and int4 blocks: no stack (spilled registers) in the cubin.
+    float32 queries take ``input_precision="ieee"``, passed in as a constant: chosen inside
+    the kernel, Triton 3.9 did not fold the choice and failed to compile that variant."""
+    query = "*fp32" if codec == "float32" else "*bf16"
+    line = _stack_line(tmp_path, _compile(codec, head_dim, query))
+    assert " STACK:0 " in line, line
+
+
+@pytest.mark.parametrize("splits", [1, 5, 32])
+@pytest.mark.parametrize("out", ["*bf16", "*fp32"])
+def test_the_merge_of_the_splits_compiles_and_keeps_to_registers(tmp_path: Path, splits, out):
+    """The second kernel, at one split (many rows), a count that is not a power of two and
+    the most ``num_splits`` picks, writing bfloat16 or float32, at a head size of 256."""
+    line = _stack_line(tmp_path, _compile_merge(splits, 256, out))
     assert " STACK:0 " in line, line

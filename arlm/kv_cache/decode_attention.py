@@ -6,10 +6,10 @@ them as device tensors (``tables``, ``lengths``), so one call serves any batch w
 setup and can be captured in a CUDA graph. On CUDA it runs a Triton kernel that follows row b's
 block table through exactly ``lengths[b]`` positions (never a gathered copy), split along the
 sequence so that even one row keeps many multiprocessors busy (flash-decoding); the splits'
-partial results are merged by their log-sum-exp. A sliding-window layer's rows read only their
-window's positions, from ``lengths[b] - window`` on: the kernel's splits cover just those, so a
-long row of a windowed layer costs what its window does. Elsewhere, and for the kernel's own
-tests, ``decode_attention_reference`` does the same with PyTorch ops.
+partial results are merged by their log-sum-exp in a second kernel. A sliding-window layer's
+rows read only their window's positions, from ``lengths[b] - window`` on: the kernel's splits
+cover just those, so a long row of a windowed layer costs what its window does. Elsewhere,
+and for the kernel's own tests, ``decode_attention_reference`` does the same with PyTorch ops.
 
 Blocks are read through their codec (``arlm.kv_cache.codec``): float planes as they are, int8
 and int4 codes with their per-vector scales (and int4's minimums) turned back into the query's
@@ -127,7 +127,8 @@ def _triton_decode(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    from arlm.kv_cache.decode_kernel import split_decode as kernel  # Triton: only where run
+    # Triton: imported only where it runs
+    from arlm.kv_cache.decode_kernel import merge_splits, split_decode
 
     quant = _QUANT[type(codec)]
     k_plane, v_plane = k_planes[0], v_planes[0]
@@ -143,14 +144,15 @@ def _triton_decode(
     # model); quantized ones are decoded into the query's
     if quant == 0:
         q = q.to(k_plane.dtype)
-    q = q.contiguous()
+    if q.stride(-1) != 1:  # rows and heads go by their strides; a vector must be contiguous
+        q = q.contiguous()
     # a quantized codec's scales (and int4's minimums), (num_blocks, n_kv_head, block_size, 1)
     # each, all of one layout (the key's strides serve all); float blocks have none (the key
     # plane stands in, never read)
     k_aux, v_aux = k_planes[1:] or [k_plane], v_planes[1:] or [k_plane]
     k_scale, k_low, v_scale, v_low = k_aux[0], k_aux[-1], v_aux[0], v_aux[-1]
     block_n, num_warps = tile(hd_pad, quant, k_plane.element_size())
-    kernel[(B, n_kv, splits)](
+    split_decode[(B, n_kv, splits)](
         q,
         k_plane,
         v_plane,
@@ -194,10 +196,23 @@ def _triton_decode(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
-    out = out[..., :hd]
-    if splits > 1:  # merge the splits by their log-sum-exp; an empty split weighs 0
-        weight = torch.exp(lse - lse.amax(dim=-1, keepdim=True))  # (B, n_head, splits)
-        out = (out * weight[..., None]).sum(2) / weight.sum(-1, keepdim=True)
-    else:
-        out = out[:, :, 0]
-    return out.to(out_dtype)
+    # the splits merged, in the query's dtype, by a second kernel: one launch where PyTorch
+    # ops took eight (max, exp, weigh, two sums, divide, cast), every layer of every step
+    y = torch.empty(B, n_head, hd, dtype=out_dtype, device=q.device)
+    merge_splits[(B, n_head)](
+        out,
+        lse,
+        y,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        y.stride(0),
+        y.stride(1),
+        SPLITS=splits,
+        SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()),
+        HEAD_DIM=hd,
+        HEAD_DIM_PAD=hd_pad,
+    )
+    return y

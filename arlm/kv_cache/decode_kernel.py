@@ -1,7 +1,8 @@
-"""The Triton kernel behind ``arlm.kv_cache.decode_attention``: one program per row, KV head
-and split of the positions the row's query sees, reading the row's blocks through its table and
-decoding quantized ones as it reads them. Imported only where it runs (CUDA, or Triton's
-interpreter in the tests), so arlm itself does not need Triton."""
+"""The Triton kernels behind ``arlm.kv_cache.decode_attention``: ``split_decode``, one program
+per row, KV head and split of the positions the row's query sees, reading the row's blocks
+through its table and decoding quantized ones as it reads them; ``merge_splits``, one per row
+and query head, weighing the splits' results into the output. Imported only where they run
+(CUDA, or Triton's interpreter in the tests), so arlm itself does not need Triton."""
 
 import triton
 import triton.language as tl
@@ -123,3 +124,40 @@ def split_decode(
         mask=g_ok[:, None],
     )
     tl.store(Lse + b * sl_b + heads * sl_h + split, lse, mask=g_ok)
+
+
+@triton.jit
+def merge_splits(
+    Out,
+    Lse,
+    Y,
+    so_b,
+    so_h,
+    so_s,
+    sl_b,
+    sl_h,
+    sy_b,
+    sy_h,
+    SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    # one program: one row's one query head; its splits' results weighed by the softmax of
+    # their log-sum-exps (a split that saw nothing has -inf, weight 0; the first always saw a
+    # position), written in Y's dtype
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = s < SPLITS
+    d_ok = d < HEAD_DIM
+    lse = tl.load(Lse + b * sl_b + h * sl_h + s, mask=s_ok, other=float("-inf"))
+    weight = tl.exp(lse - tl.max(lse, 0))
+    out = tl.load(
+        Out + b * so_b + h * so_h + s[:, None] * so_s + d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    y = tl.sum(out * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(Y + b * sy_b + h * sy_h + d, y.to(Y.dtype.element_ty), mask=d_ok)
