@@ -124,14 +124,8 @@ class TensorParallelRunner:
         # a captured graph would have to replay the other ranks' collectives in step
         return "tensor parallelism"
 
-    def use_decode_graphs(
-        self,
-        capture: bool,
-        max_batch: int,
-        max_blocks: int,
-        compile: bool = False,
-        max_logits: int | None = None,
-    ) -> None:
+    def use_decode_graphs(self, *args, **kwargs) -> None:
+        """Refused whatever the arguments (``ModelRunner.use_decode_graphs``'s)."""
         raise ValueError("decode graphs do not support tensor parallelism")
 
     @property
