@@ -7,6 +7,7 @@ capture itself runs only on CUDA (tests/test_cuda.py)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -21,7 +22,12 @@ from arlm.engine import Engine, EngineConfig
 from arlm.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from arlm.kv_cache import CacheConfig, make_codec
 from arlm.kv_cache import decode_attention as decode_attention_module
-from arlm.kv_cache.decode_attention import decode_attention, decode_attention_reference
+from arlm.kv_cache.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+    row_tiles,
+    rows_per_tile,
+)
 from arlm.kv_cache.paged import PagedRow
 from arlm.sampling import SamplingParams
 from arlm.speculative.config import SpeculativeConfig
@@ -151,6 +157,37 @@ def test_steps_where_prompts_join_running_rows_replay_the_graphs_with_the_plain_
     assert stats["prefix_cache_hit_tokens"] > 0 and stats["blocks_in_use"] == 0
 
 
+def _graph_steps_through_the_kernel(family: str) -> None:
+    """The mixed steps above with the Triton kernel attending in the padded forward, over the
+    tiles ``DecodeGraphs.run`` writes into its buffer (a prompt chunk's tokens together), run
+    where Triton interprets it: the plain path's greedy tokens and log-probabilities."""
+    from arlm.kv_cache import paged
+    from arlm.tokenizer import Tokenizer
+    from arlm.train.corpus import builtin_documents
+
+    tokenizer = Tokenizer.train(builtin_documents(), vocab_size=512)
+    model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5, n_layer=1)
+    prompts = _joining_prompts(5, seed=3)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3)
+    config = dict(max_num_seqs=3, max_num_batched_tokens=24)
+    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
+    paged.decode_attention = functools.partial(decode_attention, use_triton=True)
+    padded_engine = _engine(model, tokenizer, True, **config)
+    padded = padded_engine.generate(prompts, params, progress=False)
+    _assert_same_greedy_logprobs(model, prompts, plain, padded)
+    assert padded_engine.stats()["graph_steps"] == padded_engine.steps
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_graph_steps_give_the_plain_path_s_outputs_through_the_kernel_s_tiles():
+    """What a GPU runs in a replayed step with prompt chunks, short of the capture: the
+    kernel over the tiles of the step's buffer, 8 rows a tile with the Llama's two query heads
+    per KV head (Triton's interpreter, a process of its own; tiles of other sizes: the kernel
+    tests below)."""
+    _interpreted("from tests.test_cuda_graphs import _graph_steps_through_the_kernel as run; "
+                 "run('llama')")  # fmt: skip
+
+
 def test_steps_past_the_capture_size_or_scoring_prompts_run_eagerly(model, tokenizer):
     """``max_cudagraph_capture_size`` bounds the steps the graphs take: larger ones run the
     plain forward, and so does a step that scores prompt positions (it needs logits at all of
@@ -275,6 +312,33 @@ def _rows(device: str, n_head: int, n_kv_head: int, head_dim: int, kv: str = "au
     return q, codec, k, v, tables, lengths
 
 
+# a step's rows as spans of one sequence each (a graph step's layout): a decode row, a prompt
+# chunk of 21 positions after 50 cached ones (a tile across the splits' edge at 64, where its
+# shorter rows see nothing), a verify row's pending token and two guesses, a decode row of 300
+# positions, three padding rows on a block of their own; (rows, first length)
+SPANS = [(1, 5), (21, 51), (3, 100), (1, 300), (3, 1)]
+
+
+def _span_rows(device: str, n_head: int, n_kv_head: int, head_dim: int, kv: str = "auto"):
+    """``_rows``' tuple for the rows of ``SPANS``, each span's rows on its sequence's table at
+    consecutive lengths, and the kernel's tiles for them (padded with empty ones to a tile
+    a row, as a graph's buffer is): (q, codec, k planes, v planes, tables, lengths, tiles)."""
+    g = torch.Generator().manual_seed(1)
+    bs, width = 16, 19
+    codec = make_codec(kv, torch.float32)
+    shape = (len(SPANS) * width, n_kv_head, bs, head_dim)
+    k, v = ([p.to(device) for p in codec.encode(torch.randn(shape, generator=g))] for _ in "kv")
+    span_tables = torch.randperm(len(SPANS) * width, generator=g).view(len(SPANS), width)
+    counts = [n for n, _ in SPANS]
+    tables = span_tables.repeat_interleave(torch.tensor(counts), dim=0).to(device)
+    lengths = torch.tensor([first + i for n, first in SPANS for i in range(n)], device=device)
+    rows = len(lengths)
+    tiles = row_tiles(counts, rows_per_tile(n_head // n_kv_head))
+    tiles = torch.tensor(tiles + [0] * (2 * rows - len(tiles)), device=device).view(rows, 2)
+    q = torch.randn(rows, n_head, head_dim, generator=g).to(device)
+    return q, codec, k, v, tables, lengths, tiles
+
+
 def _kernel_against_reference(
     device: str,
     n_head: int,
@@ -283,16 +347,22 @@ def _kernel_against_reference(
     window: int | None = None,
     kv: str = "auto",
     splits: int | None = None,
+    tiled: bool = False,
 ) -> None:
-    """``splits``: the sequence split so many ways (None: as ``num_splits`` chooses)."""
-    q, codec, k, v, tables, lengths = _rows(device, n_head, n_kv_head, head_dim, kv)
+    """``splits``: the sequence split so many ways (None: as ``num_splits`` chooses);
+    ``tiled``: the rows of ``SPANS`` in the kernel's tiles, else ``_rows``' one a program."""
+    if tiled:
+        q, codec, k, v, tables, lengths, tiles = _span_rows(device, n_head, n_kv_head, head_dim, kv)
+    else:
+        q, codec, k, v, tables, lengths = _rows(device, n_head, n_kv_head, head_dim, kv)
+        tiles = None
     scale = head_dim**-0.5
     args = (q, codec, k, v, tables, lengths, scale)
     chosen = decode_attention_module.num_splits
     if splits is not None:  # on CUDA this runs in the test process: put it back after
         decode_attention_module.num_splits = lambda *_: splits
     try:
-        got = decode_attention(*args, window=window, use_triton=True)
+        got = decode_attention(*args, window=window, tiles=tiles, use_triton=True)
     finally:
         decode_attention_module.num_splits = chosen
     want = decode_attention_reference(*args, window)
@@ -319,43 +389,67 @@ def test_the_reference_with_a_window_attends_over_each_row_s_last_positions():
         assert_close(got[b], want[0, :, 0])
 
 
+def test_tiles_take_up_to_their_size_of_one_span_s_rows():
+    """A tile never holds two spans' rows (they read different tables) nor more than its
+    size; every row is in exactly one tile, in order."""
+    assert row_tiles([1, 21, 3, 1], 4) == [
+        0, 1, 1, 4, 5, 4, 9, 4, 13, 4, 17, 4, 21, 1, 22, 3, 25, 1,
+    ]  # fmt: skip
+    assert row_tiles([2, 2], 1) == [0, 1, 1, 1, 2, 1, 3, 1]
+    assert [rows_per_tile(g) for g in (1, 2, 3, 4, 8, 16, 32)] == [16, 8, 4, 4, 2, 1, 1]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 @pytest.mark.parametrize(
-    "n_head,n_kv_head,head_dim,window,kv,splits",
+    "n_head,n_kv_head,head_dim,window,kv,splits,tiled",
     [
-        (4, 4, 16, None, "auto", None),
-        (8, 2, 24, None, "auto", None),
-        (6, 1, 64, None, "auto", None),
-        (8, 2, 24, 50, "auto", None),
-        (4, 4, 16, 64, "auto", None),
-        (8, 2, 24, None, "int8", None),
-        (8, 2, 24, 50, "int4", None),
-        (4, 2, 128, 50, "int8", None),  # 32 positions a loop step (``tile``)
-        (8, 2, 24, None, "auto", 1),  # one split: many rows on a GPU
-        (8, 2, 24, None, "auto", 3),  # a split count that is not a power of two
+        (4, 4, 16, None, "auto", None, False),
+        (8, 2, 24, None, "auto", None, False),
+        (6, 1, 64, None, "auto", None, False),
+        (8, 2, 24, 50, "auto", None, False),
+        (4, 4, 16, 64, "auto", None, False),
+        (8, 2, 24, None, "int8", None, False),
+        (8, 2, 24, 50, "int4", None, False),
+        (4, 2, 128, 50, "int8", None, False),  # 32 positions a loop step (``tile``)
+        (8, 2, 24, None, "auto", 1, False),  # one split: many rows on a GPU
+        (8, 2, 24, None, "auto", 3, False),  # a split count that is not a power of two
+        (4, 4, 16, None, "auto", None, True),  # tiles of 16 rows: one chunk's in two
+        (8, 2, 24, None, "auto", 3, True),  # of 4 rows, over three splits
+        (6, 1, 64, 30, "auto", None, True),  # of 2 rows (8 heads padded), a window of 30
+        (8, 2, 24, 8, "int8", None, True),  # a window shorter than a tile's span
+        (4, 4, 16, 50, "int4", 1, True),
     ],
 )
-def test_the_triton_kernel_equals_the_reference(n_head, n_kv_head, head_dim, window, kv, splits):
+def test_the_triton_kernel_equals_the_reference(
+    n_head, n_kv_head, head_dim, window, kv, splits, tiled
+):
     """The kernel, compiled on CUDA, else run by Triton's interpreter on the CPU: grouped
     heads, a head size that is not a power of two, lengths at and across its blocks of 64 and
     its splits, sliding windows that cut the longer rows (from inside a block of 64, and at
     one's edge), int8 and int4 blocks decoded as they are read, a head size of 128 (loop
     steps of 32 positions), the splits' results merged by the second kernel (4 splits, the
-    shorter rows' later ones empty; one; three). Triton reads TRITON_INTERPRET when it is
+    shorter rows' later ones empty; one; three); and the tiles a graph step's kernel takes
+    (``row_tiles``): a prompt chunk's and a verify row's positions sharing programs, each
+    query over its own row's positions (a row of a tile may see none of a split, or, with a
+    window, none of the tile's first positions). Triton reads TRITON_INTERPRET when it is
     first imported (its library's own jit functions are built then), so the interpreted run
     gets a process of its own. That the kernel compiles for a GPU: tests/test_kernel_compile.py."""
     if torch.cuda.is_available():
-        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window, kv, splits)
+        _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window, kv, splits, tiled)
         return
+    _interpreted(
+        "from tests.test_cuda_graphs import _kernel_against_reference as check; "
+        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r}, {splits}, {tiled})"
+    )
+
+
+def _interpreted(code: str) -> None:
+    """Run ``code`` in a process where Triton interprets its kernels on the CPU."""
     import triton
 
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
         # its interpreter cannot loop over a range whose bounds were loaded (the compiler can)
         pytest.skip(f"Triton {triton.__version__}'s interpreter; the test needs 3.7 or later")
-    code = (
-        "from tests.test_cuda_graphs import _kernel_against_reference as check; "
-        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r}, {splits})"
-    )
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     done = subprocess.run(

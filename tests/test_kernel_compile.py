@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from arlm.kv_cache.decode_attention import tile
+from arlm.kv_cache.decode_attention import group_pad, rows_per_tile, tile
 
 
 def _nvidia_backend() -> bool:
@@ -33,9 +33,12 @@ PLANES = {  # codec -> (the key/value planes' type, QUANT, bytes per element)
 }
 
 
-def _compile(codec: str, head_dim: int, query: str = "*bf16"):
+def _compile(codec: str, head_dim: int, query: str = "*bf16", group: int | None = None):
     """The kernel compiled for sm_90, as ``decode_attention`` launches it for ``codec`` blocks
-    of ``head_dim`` (4 query heads per KV head, blocks of 16 positions)."""
+    of ``head_dim`` (blocks of 16 positions): taking its rows one a program (4 query heads per
+    KV head), or, with ``group`` query heads per KV head, from a graph step's tiles."""
+    tiled = group is not None
+    group = group or 4
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -43,13 +46,17 @@ def _compile(codec: str, head_dim: int, query: str = "*bf16"):
     from arlm.kv_cache.decode_kernel import split_decode
 
     plane, quant, element_bytes = PLANES[codec]
-    block_n, num_warps = tile(head_dim, quant, element_bytes)
-    constants = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
-                     BLOCK_SIZE=16, BLOCK_N=block_n, SPLITS=8, QUANT=quant,
+    block_n, num_warps = tile(head_dim, quant, element_bytes, tiled)
+    pad = group_pad(group)
+    constants = dict(GROUP=group, GROUP_PAD=pad if tiled else max(16, pad),
+                     ROWS=rows_per_tile(group) if tiled else 1, TILED=tiled,
+                     HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_SIZE=16,
+                     BLOCK_N=block_n, SPLITS=8, QUANT=quant,
                      PRECISION="ieee" if query == "*fp32" else "tf32")  # fmt: skip
     aux = "*fp16" if quant else plane  # the scale (and minimum) planes
     types = dict(Q=query, K=plane, V=plane, KScale=aux, KLow=aux, VScale=aux, VLow=aux,
-                 Tables="*i64", Lengths="*i64", Out="*fp32", Lse="*fp32", scale="fp32",
+                 Tables="*i64", Lengths="*i64", Tiles="*i64", Out="*fp32", Lse="*fp32",
+                 scale="fp32",
                  window="i32")  # fmt: skip
     signature = {
         name: types.get(name, "constexpr" if name in constants else "i64")  # strides: i64
@@ -97,15 +104,18 @@ def _stack_line(tmp_path: Path, compiled) -> str:
     return line
 
 
+@pytest.mark.parametrize("tiles_of", [None, 1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("codec", ["bfloat16", "float32", "int8", "int4"])
-def test_every_variant_compiles_and_keeps_to_registers(tmp_path: Path, codec, head_dim):
+def test_every_variant_compiles_and_keeps_to_registers(tmp_path: Path, codec, head_dim, tiles_of):
     """Head sizes of GPT-2 and Llama-3.2-1B (64), of most 7-8B models (128) and of Gemma 3
-    (256), over float, int8 and int4 blocks: no stack (spilled registers) in the cubin.
-    float32 queries take ``input_precision="ieee"``, passed in as a constant: chosen inside
-    the kernel, Triton 3.9 did not fold the choice and failed to compile that variant."""
+    (256), over float, int8 and int4 blocks, rows one a program (eager decode) or in a graph
+    step's tiles for ``tiles_of`` query heads per KV head (16 rows a tile for GPT-2's one, 4
+    for Llama's four): no stack (spilled registers) in the cubin. float32
+    queries take ``input_precision="ieee"``, passed in as a constant: chosen inside the
+    kernel, Triton 3.9 did not fold the choice and failed to compile that variant."""
     query = "*fp32" if codec == "float32" else "*bf16"
-    line = _stack_line(tmp_path, _compile(codec, head_dim, query))
+    line = _stack_line(tmp_path, _compile(codec, head_dim, query, tiles_of))
     assert " STACK:0 " in line, line
 
 

@@ -17,7 +17,10 @@ over the chunk would. So the steps where prompts join running rows (every step o
 batching where a request arrives or a chunked prompt goes on) replay graphs too, as long as
 their tokens fit the largest bucket (``max_cudagraph_capture_size``); larger steps, mostly
 prefill, run eagerly, where attention over a chunk reads its history once for all its
-queries. The lm head runs only at the rows that sample (at most ``max_logits``).
+queries. In the graphs a span's rows (a chunk's tokens, a verify row's positions) reach the
+decode kernel in tiles of up to 16 query vectors (``decode_attention.row_tiles``: 4 rows for
+Llama's 4 query heads per KV head), each tile reading the history once. The lm head runs
+only at the rows that sample (at most ``max_logits``).
 
 The same object runs the same padded forward eagerly where there is no CUDA (``capture``
 False), which is how the CPU tests check that padding and bucketing change no row's output.
@@ -31,13 +34,15 @@ import time
 import torch
 
 from arlm.devices import int64_tensor
+from arlm.kv_cache.decode_attention import row_tiles, rows_per_tile
 from arlm.kv_cache.paged import PagedKVCache, PagedRow, StaticDecode
 from arlm.model.transformer import Transformer
 
 # the static inputs' columns, per row: token id, position, how far its sequence reaches in the
 # step (LongRoPE picks its factors by it), which row's logits come i-th (row i's entry, for i
-# below the bucket's logit rows), then the block table from column TABLE on
-SELECT, TABLE = 3, 4
+# below the bucket's logit rows), the decode kernel's i-th tile (first row, rows: columns TILE
+# and TILE + 1), then the block table from column TABLE on
+SELECT, TILE, TABLE = 3, 4, 6
 
 log = logging.getLogger("arlm.engine")
 
@@ -71,11 +76,17 @@ class DecodeGraphs:
         self.model, self.cache = model, cache
         self.buckets = batch_buckets(max_batch)
         self.max_logits = min(max_logits or max_batch, max_batch)
+        self._tile_rows = rows_per_tile(model.config.n_head // model.config.n_kv_head)
         device = cache.device
         largest = self.buckets[-1]
         # per row: the columns before TABLE, then its block table (``max_blocks`` wide);
-        # padding rows at position 0 of the spare block
+        # padding rows at position 0 of the spare block, a tile each (the captures' warm-up
+        # runs these)
         self._inputs = torch.zeros(largest, TABLE + max_blocks, dtype=torch.long, device=device)
+        self._row_tiles = torch.stack(
+            [torch.arange(largest), torch.ones(largest, dtype=torch.long)], 1
+        )
+        self._inputs[:, TILE : TILE + 2] = self._row_tiles
         self._inputs[:, TABLE:] = cache.spare
         # A step writes only the columns its rows' tables reach (a row reads its table up to
         # its own position, never the stale entries past it): rows x (TABLE + the longest
@@ -102,7 +113,7 @@ class DecodeGraphs:
         rows = self._inputs[:batch]
         tokens, positions, ends, tables = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, TABLE:]
         select = rows[: min(batch, self.max_logits), SELECT]
-        step = StaticDecode(self.cache, tables, positions)
+        step = StaticDecode(self.cache, tables, positions, rows[:, TILE : TILE + 2])
         logits, _ = self.model(
             tokens[None],
             kv_cache=step,
@@ -175,20 +186,26 @@ class DecodeGraphs:
         cols = TABLE + used
         staging = self._staging[self.steps % 2][: batch * cols].view(batch, cols)
         self.steps += 1
+        # the kernel's tiles: a span's rows share a table, the padding rows the spare block's;
+        # the leading decode rows' (a row each) copied from a ready tensor, the rest built
+        lone = next((i for i, n in enumerate(counts) if n != 1), len(counts))
+        tiles = row_tiles([*counts[lone:], batch - rows], self._tile_rows, first_row=lone)
         # every number the step needs, converted at once: tokens, positions, how far each
-        # row's sequence reaches, the rows that sample, the tables' lengths, their blocks
+        # row's sequence reaches, the rows that sample, the tiles, the tables' lengths, their
+        # blocks
         ints = int64_tensor(
             [
                 *tokens,
                 *(p for s in spans for p in range(s.start, s.end)),
                 *(s.end for s in spans for _ in range(s.length)),
                 *select,
+                *tiles,
                 *lengths,
                 *(b for s in spans for b in s.blocks),
             ]
         )
-        fields = ints.split([len(tokens), rows, rows, picked, len(spans), sum(lengths)])
-        tokens_in, positions, ends, picks, table_lengths, blocks = fields
+        sizes = [len(tokens), rows, rows, picked, len(tiles), len(spans), sum(lengths)]
+        tokens_in, positions, ends, picks, tiles_in, table_lengths, blocks = ints.split(sizes)
         staging[rows:, :TABLE] = 0
         staging[rows:, TABLE:] = spare
         staging[num_fed:rows, 0] = tokens_in
@@ -196,6 +213,10 @@ class DecodeGraphs:
         staging[:rows, 2] = ends
         staging[:picked, SELECT] = picks
         staging[picked:, SELECT] = 0  # padding: row 0's logits again, dropped
+        num_tiles = lone + len(tiles) // 2
+        staging[:lone, TILE : TILE + 2] = self._row_tiles[:lone]
+        staging[lone:num_tiles, TILE : TILE + 2] = tiles_in.view(-1, 2)
+        staging[num_tiles:, TILE : TILE + 2] = 0  # past the last tile: no rows
         # each span's table, padded with the spare block to the longest
         tables = torch.full((len(spans), used), spare)
         tables[torch.arange(used) < table_lengths[:, None]] = blocks

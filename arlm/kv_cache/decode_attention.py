@@ -11,6 +11,13 @@ rows read only their window's positions, from ``lengths[b] - window`` on: the ke
 cover just those, so a long row of a windowed layer costs what its window does. Elsewhere,
 and for the kernel's own tests, ``decode_attention_reference`` does the same with PyTorch ops.
 
+Rows that share a block table (a prompt chunk's positions, a verify row's guesses, in a step
+replayed from a CUDA graph) can be given to the kernel in tiles (``row_tiles``): one program
+then holds several rows' queries, each masked to its own row's positions, and reads each key
+and value once for all of them. A tile fills the 16 query vectors ``tl.dot`` takes at least
+(16 rows for one query head per KV head, 4 for four), which a lone row pads with empty heads,
+so a tile costs what a lone row's program does.
+
 Blocks are read through their codec (``arlm.kv_cache.codec``): float planes as they are, int8
 and int4 codes with their per-vector scales (and int4's minimums) turned back into the query's
 dtype inside the kernel, so a quantized cache reads its smaller blocks and nothing else.
@@ -34,20 +41,50 @@ def decode_attention(
     scale: float,
     *,
     window: int | None = None,
+    tiles: torch.Tensor | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, n_head, hd), row b over positions ``0..lengths[b]-1`` of the blocks
     ``tables[b]`` (B, max blocks) of a layer's key and value planes (each (num_blocks,
     n_kv_head, block_size, width), as ``codec`` stores them) -> (B, n_head, hd); with a
     sliding ``window``, over its last ``window`` positions only. ``use_triton`` None: the
-    kernel on CUDA, the reference elsewhere. Every length is >= 1."""
+    kernel on CUDA, the reference elsewhere. Every length is >= 1.
+
+    ``tiles`` (P, 2), from ``row_tiles``: the kernel's programs' rows, (first row, rows) each,
+    rows of one tile sharing a block table (a prompt chunk's or a verify row's positions), so
+    that they read each key and value once between them; every row in one tile, the tiles
+    past the last (0, 0). None: a tile per row. The reference does not need them."""
     if use_triton is None:
         use_triton = q.device.type == "cuda"
     if not use_triton:
         return decode_attention_reference(
             q, codec, k_planes, v_planes, tables, lengths, scale, window
         )
-    return _triton_decode(q, codec, k_planes, v_planes, tables, lengths, scale, window)
+    return _triton_decode(q, codec, k_planes, v_planes, tables, lengths, scale, window, tiles)
+
+
+def group_pad(group: int) -> int:
+    """The query heads of one KV head, padded to a power of two."""
+    return 1 << (group - 1).bit_length()
+
+
+def rows_per_tile(group: int) -> int:
+    """Rows a kernel program takes at most, for ``group`` query heads per KV head: as many as
+    fill the 16 query vectors ``tl.dot`` needs at least (16 for one head a KV head, 4 for
+    four), so a tile costs a lone decode row's padded program and no more registers."""
+    return max(1, 16 // group_pad(group))
+
+
+def row_tiles(spans: list[int], per_tile: int, first_row: int = 0) -> list[int]:
+    """The kernel's tiles for rows laid out span after span from ``first_row`` on, ``spans``
+    giving each span's rows (consecutive positions of one sequence, on one block table): up
+    to ``per_tile`` rows of one span a tile, as flat (first row, rows) pairs."""
+    tiles, row = [], first_row
+    for count in spans:
+        for first in range(row, row + count, per_tile):
+            tiles += (first, min(per_tile, row + count - first))
+        row += count
+    return tiles
 
 
 def as_rows(blocks: torch.Tensor, rows: int) -> torch.Tensor:
@@ -103,17 +140,20 @@ def num_splits(batch: int, n_kv_head: int, device: torch.device) -> int:
 _QUANT = {FloatCodec: 0, Int8Codec: 8, Int4Codec: 4}
 
 
-def tile(head_dim_pad: int, quant: int, element_bytes: int) -> tuple[int, int]:
+def tile(head_dim_pad: int, quant: int, element_bytes: int, tiled: bool = False) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of the kernel: how many positions a program loads at once, and
-    its warps, for planes of ``element_bytes`` (``quant``: ``_QUANT``'s). Chosen so that
-    sm_90's compile keeps every variant in registers (a spill to local memory costs a decode
-    kernel its bandwidth), as ``cuobjdump`` counts them in ``tests/test_kernel_compile.py``,
-    not timed: 64 positions and 4 warps spilled at head sizes of 128 and 256 (888 and 936
-    bytes of stack in bfloat16, 2-4 KB quantized), for int8 and int4 blocks at 64 and, under
-    Triton 3.6, for float32 at 64; tiles of at most 4,096 elements over 8 warps do not. 16-bit
-    float blocks up to 64 wide keep 64 positions and 4 warps, the shape measured on an H200."""
+    its warps, for planes of ``element_bytes`` (``quant``: ``_QUANT``'s), taking rows one a
+    program or in ``tiled`` tiles. Chosen so that sm_90's compile keeps every variant in
+    registers (a spill to local memory costs a decode kernel its bandwidth), as ``cuobjdump``
+    counts them in ``tests/test_kernel_compile.py``, not timed: 64 positions and 4 warps
+    spilled at head sizes of 128 and 256 (888 and 936 bytes of stack in bfloat16, 2-4 KB
+    quantized), for int8 and int4 blocks at 64 and, under Triton 3.6, for float32 at 64;
+    tiles of at most 4,096 elements over 8 warps do not. 16-bit float blocks up to 64 wide
+    keep 64 positions and 4 warps for lone rows, the shape measured on an H200; in tiles,
+    whose queries each carry their own length, they spilled 8-40 bytes under Triton 3.9 at
+    4 warps, none at 8."""
     block_n = min(64, max(16, 4096 // head_dim_pad))
-    narrow = quant == 0 and element_bytes == 2 and head_dim_pad <= 64
+    narrow = quant == 0 and element_bytes == 2 and head_dim_pad <= 64 and not tiled
     return block_n, 4 if narrow else 8
 
 
@@ -126,6 +166,7 @@ def _triton_decode(
     lengths: torch.Tensor,
     scale: float,
     window: int | None,
+    tiles: torch.Tensor | None,
 ) -> torch.Tensor:
     # Triton: imported only where it runs
     from arlm.kv_cache.decode_kernel import merge_splits, split_decode
@@ -151,8 +192,10 @@ def _triton_decode(
     # plane stands in, never read)
     k_aux, v_aux = k_planes[1:] or [k_plane], v_planes[1:] or [k_plane]
     k_scale, k_low, v_scale, v_low = k_aux[0], k_aux[-1], v_aux[0], v_aux[-1]
-    block_n, num_warps = tile(hd_pad, quant, k_plane.element_size())
-    split_decode[(B, n_kv, splits)](
+    tiled = tiles is not None
+    block_n, num_warps = tile(hd_pad, quant, k_plane.element_size(), tiled)
+    programs = tiles.size(0) if tiled else B
+    split_decode[(programs, n_kv, splits)](
         q,
         k_plane,
         v_plane,
@@ -162,6 +205,7 @@ def _triton_decode(
         v_low,
         tables,
         lengths,
+        tiles if tiled else lengths,  # not read without tiles
         out,
         lse,
         scale,
@@ -183,8 +227,13 @@ def _triton_decode(
         out.stride(2),
         lse.stride(0),
         lse.stride(1),
+        tiles.stride(0) if tiled else 0,
         GROUP=group,
-        GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
+        # a tile's rows fill the 16 query vectors tl.dot takes at least; a lone row pads its
+        # heads to them
+        GROUP_PAD=group_pad(group) if tiled else max(16, group_pad(group)),
+        ROWS=rows_per_tile(group) if tiled else 1,
+        TILED=tiled,
         HEAD_DIM=hd,
         HEAD_DIM_PAD=hd_pad,
         BLOCK_SIZE=k_plane.size(2),

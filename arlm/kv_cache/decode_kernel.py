@@ -1,7 +1,8 @@
 """The Triton kernels behind ``arlm.kv_cache.decode_attention``: ``split_decode``, one program
-per row, KV head and split of the positions the row's query sees, reading the row's blocks
-through its table and decoding quantized ones as it reads them; ``merge_splits``, one per row
-and query head, weighing the splits' results into the output. Imported only where they run
+per tile of rows (consecutive positions of one sequence, or one row), KV head and split of the
+positions the tile's queries see, reading the rows' blocks through their table and decoding
+quantized ones as it reads them; ``merge_splits``, one per row and query head, weighing the
+splits' results into the output. Imported only where they run
 (CUDA, or Triton's interpreter in the tests), so arlm itself does not need Triton."""
 
 import triton
@@ -41,6 +42,7 @@ def split_decode(
     VLow,
     Tables,
     Lengths,
+    Tiles,
     Out,
     Lse,
     scale,
@@ -62,8 +64,11 @@ def split_decode(
     so_s,
     sl_b,
     sl_h,
+    stile,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
+    ROWS: tl.constexpr,  # rows a program takes (a tile's most)
+    TILED: tl.constexpr,  # tiles from ``Tiles`` (first row, rows); else one row a program
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -72,58 +77,84 @@ def split_decode(
     QUANT: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's input_precision
 ):
-    # one program: one row, one kv head (and the GROUP query heads that share it), one
-    # split of the positions the row's query sees (the last ``window`` of them, or all)
-    b = tl.program_id(0)
+    # one program: one tile of rows that share a block table (consecutive positions of one
+    # sequence), one kv head (and the GROUP query heads that share it), one split of the
+    # positions the tile's queries see; each query sees its own row's (the last ``window``
+    # of them, or all). Its ROWS x GROUP_PAD query vectors are one operand of tl.dot, so the
+    # tile's rows read each key and value once between them
+    t = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    length = tl.load(Lengths + b)
-    first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
-    per_split = tl.cdiv(tl.cdiv(length - first, SPLITS), BLOCK_N) * BLOCK_N
-    lo = first + split * per_split
-    hi = tl.minimum(lo + per_split, length)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM_PAD)
+    j = tl.arange(0, ROWS * GROUP_PAD)  # query vector j: row j // GROUP_PAD, head j % GROUP_PAD
+    g = j % GROUP_PAD
     heads = kv_head * GROUP + g
-    g_ok = g < GROUP
+    if TILED:
+        first_row = tl.load(Tiles + t * stile)
+        count = tl.load(Tiles + t * stile + 1)
+        row = first_row + j // GROUP_PAD
+        ok = (j // GROUP_PAD < count) & (g < GROUP)
+        length = tl.load(Lengths + row, mask=ok, other=0)
+        seen = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+        # the tile's positions: from the first any of its queries sees to the last
+        last = tl.max(length, 0)
+        first = tl.min(tl.where(ok, seen, last), 0)
+    else:  # ROWS is 1: every vector is row t's (its length one number, as the compiler sees)
+        first_row = t
+        row = t + 0 * j
+        ok = g < GROUP
+        last = tl.load(Lengths + t)
+        first = tl.where(window > 0, tl.maximum(last - window, 0), 0)
+    per_split = tl.cdiv(tl.cdiv(last - first, SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, last)
+    d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = d < HEAD_DIM
     q = tl.load(
-        Q + b * sq_b + heads[:, None] * sq_h + d[None, :],
-        mask=g_ok[:, None] & d_ok[None, :],
+        Q + row[:, None] * sq_b + heads[:, None] * sq_h + d[None, :],
+        mask=ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([GROUP_PAD], tl.float32)  # softmax denominators
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    m = tl.full([ROWS * GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS * GROUP_PAD], tl.float32)  # softmax denominators
+    acc = tl.zeros([ROWS * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        # each position's block from the row's table, then its offset in the block
-        block = tl.load(Tables + b * st_b + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        # each position's block from the tile's table, then its offset in the block
+        block = tl.load(Tables + first_row * st_b + n // BLOCK_SIZE, mask=n_ok, other=0)
+        block = block.to(tl.int64)
         at = n % BLOCK_SIZE
         aux = block * sa_s + kv_head * sa_h + at * sa_p  # its scale's (and minimum's)
         k_at = block * sk_s + kv_head * sk_h + at * sk_p
         k = load_vectors(K, KScale, KLow, k_at, aux, d, n_ok, d_ok, QUANT).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # (GROUP_PAD, BLOCK_N)
+        if TILED:  # each query's own positions, seen <= n < length, in one unsigned compare
+            reach = (length - seen).to(tl.uint32)
+            visible = (n[None, :] - seen[:, None]).to(tl.uint32) < reach[:, None]
+            s = tl.where(visible & n_ok[None, :], s * scale, float("-inf"))  # (vectors, BLOCK_N)
+        else:  # one row: the split's range is its positions
+            s = tl.where(n_ok[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
+        # a query that has seen nothing yet (a shorter row of the tile, or a window that
+        # starts later) keeps -inf: exponents from 0 there give it weights of 0, not NaN
+        m_from = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_from)
+        p = tl.exp(s - m_from[:, None])
         v_at = block * sv_s + kv_head * sv_h + at * sv_p
         v = load_vectors(V, VScale, VLow, v_at, aux, d, n_ok, d_ok, QUANT).to(q.dtype)
         pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         acc = acc * alpha[:, None] + pv
         total = total * alpha + tl.sum(p, 1)
         m = m_new
-    has = total > 0  # a split past the row's length saw nothing
+    has = total > 0  # a split past the query's positions saw nothing
     out = acc / tl.where(has, total, 1.0)[:, None]
     lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
     tl.store(
-        Out + b * so_b + heads[:, None] * so_h + split * so_s + d[None, :],
+        Out + row[:, None] * so_b + heads[:, None] * so_h + split * so_s + d[None, :],
         out,
-        mask=g_ok[:, None],
+        mask=ok[:, None],
     )
-    tl.store(Lse + b * sl_b + heads * sl_h + split, lse, mask=g_ok)
+    tl.store(Lse + row * sl_b + heads * sl_h + split, lse, mask=ok)
 
 
 @triton.jit
@@ -144,8 +175,8 @@ def merge_splits(
     HEAD_DIM_PAD: tl.constexpr,
 ):
     # one program: one row's one query head; its splits' results weighed by the softmax of
-    # their log-sum-exps (a split that saw nothing has -inf, weight 0; the first always saw a
-    # position), written in Y's dtype
+    # their log-sum-exps (a split that saw nothing has -inf, weight 0; one at least saw the
+    # row's own position), written in Y's dtype
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)

@@ -614,10 +614,17 @@ class StaticDecode:
     to its own through ``decode_attention`` (a sliding-window layer's rows over their window).
     Nothing in it depends on a host value, so a forward through it can be captured once per
     batch size and replayed with new contents in the same tensors
-    (``arlm.engine.cuda_graphs``). Padding rows' tables point at the cache's spare block. Needs
-    ``PagedKVCache.static_decode``."""
+    (``arlm.engine.cuda_graphs``). Padding rows' tables point at the cache's spare block.
+    ``tiles``: the decode kernel's (``decode_attention``), rows of one table read together.
+    Needs ``PagedKVCache.static_decode``."""
 
-    def __init__(self, cache: PagedKVCache, tables: torch.Tensor, positions: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        tables: torch.Tensor,
+        positions: torch.Tensor,
+        tiles: torch.Tensor | None = None,
+    ) -> None:
         self.cache = cache
         cache.lone_history.reset()  # its rows write the pool
         cache.held_rows.reset()
@@ -625,7 +632,7 @@ class StaticDecode:
         block = tables.gather(1, (positions // bs)[:, None])  # (B, 1)
         heads = torch.arange(H, device=tables.device) * bs
         self._write = ((block * H * bs + (positions % bs)[:, None]) + heads).flatten()
-        self._tables, self._lengths = tables, positions + 1
+        self._tables, self._lengths, self._tiles = tables, positions + 1, tiles
         self._rows = tables.size(0)
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
@@ -648,6 +655,13 @@ class StaticDecode:
         rows, window = q[0].transpose(0, 1), cache.windows[layer]
         planes = cache.k[layer], cache.v[layer]
         y = decode_attention(
-            rows, cache.codec, *planes, self._tables, self._lengths, scale, window=window
+            rows,
+            cache.codec,
+            *planes,
+            self._tables,
+            self._lengths,
+            scale,
+            window=window,
+            tiles=self._tiles,
         )
         return y.transpose(0, 1)[None]
