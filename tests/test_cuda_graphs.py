@@ -157,6 +157,37 @@ def test_steps_where_prompts_join_running_rows_replay_the_graphs_with_the_plain_
     assert stats["prefix_cache_hit_tokens"] > 0 and stats["blocks_in_use"] == 0
 
 
+def test_steps_with_running_rows_take_prompt_tokens_only_as_far_as_the_largest_graph(
+    model, tokenizer
+):
+    """With graphs, a prompt joining running rows goes in chunks that keep each step within
+    the largest bucket, replayed, where it would have taken the token budget in one eager
+    step; a step of prompts alone still takes the budget. The outputs are the plain path's."""
+    prompts = _joining_prompts(6, seed=9)
+    params = [
+        SamplingParams(max_tokens=2 + (i * 5) % 9, temperature=0, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    config = dict(max_num_seqs=2, max_num_batched_tokens=48)
+    plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
+    graphed = _engine(model, tokenizer, True, max_cudagraph_capture_size=8, **config)
+    steps = []  # (decode rows, positions) of each step
+    schedule = graphed.scheduler.schedule
+
+    def recorded(*args, **kwargs):
+        batch = schedule(*args, **kwargs)
+        steps.append((len(batch.decode), len(batch.decode) + sum(n for _, n in batch.prefill)))
+        return batch
+
+    graphed.scheduler.schedule = recorded
+    got = graphed.generate(prompts, params, progress=False)
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain]
+    assert any(decode and n > 1 + decode for decode, n in steps)  # prompts joined running rows
+    assert all(n <= 8 for decode, n in steps if decode)
+    assert any(n > 8 for decode, n in steps if not decode)
+    assert graphed.stats()["graph_steps"] == sum(n <= 8 for _, n in steps)
+
+
 def _graph_steps_through_the_kernel(family: str) -> None:
     """The mixed steps above with the Triton kernel attending in the padded forward, over the
     tiles ``DecodeGraphs.run`` writes into its buffer (a prompt chunk's tokens together), run

@@ -60,7 +60,9 @@ class EngineConfig:
     replay graphs captured at start-up for token-count buckets where the model and cache allow
     it; see ``arlm.engine.cuda_graphs``). max_cudagraph_capture_size: the most positions a step
     may have to replay one, decode rows and prompt chunks together (default 512, or the
-    decode rows of max_num_seqs where that is more; at most max_num_batched_tokens).
+    decode rows of max_num_seqs where that is more; at most max_num_batched_tokens); with
+    graphs, a step with running rows takes prompt tokens only up to it (a joining prompt's
+    rest goes in later chunks), a step of prompts alone up to max_num_batched_tokens.
     enable_torch_compile: compile that step with ``torch.compile`` before capturing it
     (default off; needs the graphs).
     async_scheduling: overlap each step's scheduling and host work with the device's run of
@@ -108,7 +110,8 @@ class EngineConfig:
     max_cudagraph_capture_size: int | None = option(
         None,
         help="on CUDA, the most positions (decode rows and prompt tokens) a step may have to "
-        "replay a CUDA graph; larger steps run eagerly (default: 512, or max_num_seqs where "
+        "replay a CUDA graph, and so the most a step with running rows takes; steps of "
+        "prompts alone may be larger and run eagerly (default: 512, or max_num_seqs where "
         "that is more)",
     )
     enable_torch_compile: bool = option(

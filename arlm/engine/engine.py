@@ -138,7 +138,9 @@ class Engine:
         """Run steps of up to ``max_cudagraph_capture_size`` positions through CUDA graphs
         (``capture``; else the same padded forward eagerly, as the CPU tests do), the head at
         up to ``max_num_seqs`` rows, or as many positions as the rows that speculate verify
-        together; ``compile``: that forward through ``torch.compile`` first."""
+        together; ``compile``: that forward through ``torch.compile`` first. Steps with
+        running rows then take prompt tokens only as far as that size (the rest in later
+        chunks); steps of prompts alone keep ``max_num_batched_tokens`` (eagerly)."""
         max_blocks = -(-(self.max_len or 0) // self.block_size)
         rows = self.scheduler.max_num_seqs
         if self.speculator is not None:
@@ -148,6 +150,7 @@ class Engine:
         size = self.capture_size or max(rows, DEFAULT_CUDAGRAPH_CAPTURE_SIZE)
         size = min(size, max(rows, self.scheduler.max_num_batched_tokens))  # no step has more
         self.runner.use_decode_graphs(capture, size, max_blocks, compile, max_logits=rows)
+        self.scheduler.mixed_step_tokens = size
 
     def preallocate(self) -> None:
         """Give the KV pool its memory now (``ModelRunner.preallocate``): a server's memory is

@@ -81,6 +81,10 @@ class Scheduler:
             )
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        # the most positions a step with running rows takes, where less than the budget: the
+        # largest CUDA graph (Engine.use_decode_graphs), so that a prompt joining running rows
+        # goes in chunks that keep their steps in the graphs rather than one eager step
+        self.mixed_step_tokens: int | None = None
         self.preemption_mode = preemption_mode
         self.waiting: deque[Sequence] = deque()
         self.swapped: deque[Sequence] = deque()
@@ -104,7 +108,7 @@ class Scheduler:
                     batch.decode.append(seq)
                 else:
                     short = True
-        budget = self.max_num_batched_tokens - len(batch.decode)
+        budget = self._step_tokens(batch) - len(batch.decode)
         if guesses and not short:
             budget = self._speculate(batch, guesses, budget)
         left = self._prefills(batch, budget, preempt=True)
@@ -136,12 +140,18 @@ class Scheduler:
                 if not bm.ensure(seq, len(seq.token_ids)):
                     return None
                 batch.decode.append(seq)
-        budget = self.max_num_batched_tokens - len(batch.decode)
+        budget = self._step_tokens(batch) - len(batch.decode)
         left = self._prefills(batch, budget, preempt=False)
         if left is None:
             return None
         self._admit(batch, left, admits, ending)
         return batch
+
+    def _step_tokens(self, batch: ScheduledBatch) -> int:
+        """The positions a step may hold, given its decode rows."""
+        if batch.decode and self.mixed_step_tokens is not None:
+            return min(self.max_num_batched_tokens, self.mixed_step_tokens)
+        return self.max_num_batched_tokens
 
     def _prefills(self, batch: ScheduledBatch, budget: int, preempt: bool) -> int | None:
         """Schedule the running sequences still prefilling, as far as ``budget`` goes; the
