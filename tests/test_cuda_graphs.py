@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +31,7 @@ from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close, choice_logits
 from tests.test_engine import _mixed_params, _prompts
 from tests.test_window_cache import windowed_model
+from tests.triton_interpreter import run_interpreted
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -215,7 +212,7 @@ def test_graph_steps_give_the_plain_path_s_outputs_through_the_kernel_s_tiles():
     kernel over the tiles of the step's buffer, 8 rows a tile with the Llama's two query heads
     per KV head (Triton's interpreter, a process of its own; tiles of other sizes: the kernel
     tests below)."""
-    _interpreted("from tests.test_cuda_graphs import _graph_steps_through_the_kernel as run; "
+    run_interpreted("from tests.test_cuda_graphs import _graph_steps_through_the_kernel as run; "
                  "run('llama')")  # fmt: skip
 
 
@@ -462,31 +459,15 @@ def test_the_triton_kernel_equals_the_reference(
     shorter rows' later ones empty; one; three); and the tiles a graph step's kernel takes
     (``row_tiles``): a prompt chunk's and a verify row's positions sharing programs, each
     query over its own row's positions (a row of a tile may see none of a split, or, with a
-    window, none of the tile's first positions). Triton reads TRITON_INTERPRET when it is
-    first imported (its library's own jit functions are built then), so the interpreted run
-    gets a process of its own. That the kernel compiles for a GPU: tests/test_kernel_compile.py."""
+    window, none of the tile's first positions). Interpreted in a process of its own
+    (``run_interpreted``). That the kernel compiles for a GPU: tests/test_kernel_compile.py."""
     if torch.cuda.is_available():
         _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window, kv, splits, tiled)
         return
-    _interpreted(
+    run_interpreted(
         "from tests.test_cuda_graphs import _kernel_against_reference as check; "
         f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r}, {splits}, {tiled})"
     )
-
-
-def _interpreted(code: str) -> None:
-    """Run ``code`` in a process where Triton interprets its kernels on the CPU."""
-    import triton
-
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
-        # its interpreter cannot loop over a range whose bounds were loaded (the compiler can)
-        pytest.skip(f"Triton {triton.__version__}'s interpreter; the test needs 3.7 or later")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

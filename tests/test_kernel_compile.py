@@ -1,4 +1,4 @@
-"""The decode-attention kernel as a GPU gets it, built on this CPU: Triton compiles it for an
+"""arlm's Triton kernels as a GPU gets them, built on this CPU: Triton compiles it for an
 H100/H200 (sm_90) through its own passes and the ptxas its wheel carries, with no GPU present.
 What Triton's interpreter (``tests/test_cuda_graphs.py``) cannot show: that each variant
 compiles at all, and that it keeps to registers (``cuobjdump``'s resource usage: a spill to
@@ -88,6 +88,26 @@ def _compile_merge(splits: int, head_dim: int, out: str):
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
+def _compile_norm(n: int, dtype: str, plus_one: bool):
+    """RMSNorm's kernel compiled for sm_90 as ``arlm.model.norm_kernel.rms_norm`` launches it
+    for rows of ``n`` features of ``dtype``."""
+    import triton
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from arlm.model.norm_kernel import _rms_norm_rows, num_warps
+
+    block = triton.next_power_of_2(n)
+    constants = dict(PLUS_ONE=plus_one, BLOCK=block)
+    types = dict(X=dtype, W=dtype, Y=dtype, sx="i64", sy="i64", n="i32", eps="fp32")
+    signature = {name: types.get(name, "constexpr") for name in _rms_norm_rows.arg_names}
+    source = ASTSource(fn=_rms_norm_rows, signature=signature, constexprs=constants)
+    return triton_compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps(block)}
+    )
+
+
 def _stack_line(tmp_path: Path, compiled) -> str:
     """``cuobjdump``'s resource line for a compiled kernel (skips where the wheel has none)."""
     import triton
@@ -125,4 +145,15 @@ def test_the_merge_of_the_splits_compiles_and_keeps_to_registers(tmp_path: Path,
     """The second kernel, at one split (many rows), a count that is not a power of two and
     the most ``num_splits`` picks, writing bfloat16 or float32, at a head size of 256."""
     line = _stack_line(tmp_path, _compile_merge(splits, 256, out))
+    assert " STACK:0 " in line, line
+
+
+@pytest.mark.parametrize(
+    "n,dtype,plus_one",
+    [(2048, "*bf16", False), (1152, "*bf16", True), (8192, "*bf16", False), (4096, "*fp32", True)],
+)
+def test_the_rms_norm_kernel_compiles_and_keeps_to_registers(tmp_path: Path, n, dtype, plus_one):
+    """RMSNorm's kernel at Llama-3.2-1B's width, Gemma 3 1B's (not a power of two), a 70B
+    model's and in float32: a row a program, no stack."""
+    line = _stack_line(tmp_path, _compile_norm(n, dtype, plus_one))
     assert " STACK:0 " in line, line
