@@ -89,14 +89,14 @@ def _compile_merge(splits: int, head_dim: int, out: str):
 
 
 def _compile_norm(n: int, dtype: str, plus_one: bool):
-    """RMSNorm's kernel compiled for sm_90 as ``arlm.model.norm_kernel.rms_norm`` launches it
+    """RMSNorm's kernel compiled for sm_90 as ``arlm.model.kernels.rms_norm`` launches it
     for rows of ``n`` features of ``dtype``."""
     import triton
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from arlm.model.norm_kernel import _rms_norm_rows, num_warps
+    from arlm.model.kernels import _rms_norm_rows, num_warps
 
     block = triton.next_power_of_2(n)
     constants = dict(PLUS_ONE=plus_one, BLOCK=block)
@@ -106,6 +106,27 @@ def _compile_norm(n: int, dtype: str, plus_one: bool):
     return triton_compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps(block)}
     )
+
+
+def _compile_rope(head_dim: int, rotary: int, heads: int, dtype: str):
+    """The rotary embedding's kernel compiled for sm_90 as ``arlm.model.kernels.apply_rope``
+    launches it for ``heads`` heads of ``head_dim`` (``rotary`` of them turning)."""
+    import triton
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from arlm.model.kernels import _rope_rows
+
+    pad = triton.next_power_of_2(head_dim)
+    constants = dict(ROTARY=rotary, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
+                     HEADS=min(triton.next_power_of_2(heads), max(1, 4096 // pad)))  # fmt: skip
+    types = dict(X=dtype, Cos=dtype, Sin=dtype, Y=dtype, T="i32", H="i32")
+    signature = {name: types.get(name, "constexpr" if name in constants else "i64")
+                 for name in _rope_rows.arg_names}  # fmt: skip
+    source = ASTSource(fn=_rope_rows, signature=signature, constexprs=constants)
+    options = {"num_warps": 4, "enable_fp_fusion": False}
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _stack_line(tmp_path: Path, compiled) -> str:
@@ -156,4 +177,22 @@ def test_the_rms_norm_kernel_compiles_and_keeps_to_registers(tmp_path: Path, n, 
     """RMSNorm's kernel at Llama-3.2-1B's width, Gemma 3 1B's (not a power of two), a 70B
     model's and in float32: a row a program, no stack."""
     line = _stack_line(tmp_path, _compile_norm(n, dtype, plus_one))
+    assert " STACK:0 " in line, line
+
+
+@pytest.mark.parametrize(
+    "head_dim,rotary,heads,dtype",
+    [
+        (64, 64, 40, "*bf16"),
+        (80, 32, 48, "*bf16"),
+        (128, 128, 40, "*fp32"),
+        (256, 256, 12, "*bf16"),
+    ],
+)
+def test_the_rotary_kernel_compiles_and_keeps_to_registers(
+    tmp_path: Path, head_dim, rotary, heads, dtype
+):
+    """The rotary embedding's kernel at Llama-3.2-1B's q and k heads (32 + 8 of 64), Phi-2's
+    partial rotary, a 7-8B model's heads in float32 and Gemma's head size: no stack."""
+    line = _stack_line(tmp_path, _compile_rope(head_dim, rotary, heads, dtype))
     assert " STACK:0 " in line, line

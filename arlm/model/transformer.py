@@ -23,6 +23,12 @@ from arlm.model.loss import linear_cross_entropy
 from arlm.model.quantize import quantized_linear
 
 
+def fused_inference(x: torch.Tensor) -> bool:
+    """Whether ops on ``x`` run as one of ``arlm.model.kernels``' Triton kernels: inference on a
+    GPU. Training needs the ops' gradients; a compiled forward fuses the ops itself."""
+    return x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a gain of ``weight`` (Llama), or of ``1 + weight`` (``plus_one``: Gemma)."""
 
@@ -32,10 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # inference on a GPU: the same numbers in one kernel rather than four (compiled
-            # forwards fuse the ops below themselves; training needs their gradients)
-            from arlm.model.norm_kernel import rms_norm
+        if fused_inference(x):  # the same numbers in one kernel where the ops below are four
+            from arlm.model.kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps, self.plus_one)
         # normalise in float32 so bfloat16 weights give the reference implementation's numbers
@@ -109,6 +113,10 @@ def rope_frequencies(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, n_head, T, head_dim); cos, sin: (..., T, rotary_dim). The first rotary_dim channels
     # turn, the rest pass (partial rotary); the two halves of those are the pairs (HF layout)
+    if fused_inference(x) and cos.dtype == sin.dtype == x.dtype:
+        from arlm.model.kernels import apply_rope as rope_kernel
+
+        return rope_kernel(x, cos, sin)  # one kernel where the ops below are five
     rotary_dim = cos.size(-1)
     if rotary_dim < x.size(-1):
         turned = apply_rope(x[..., :rotary_dim], cos, sin)

@@ -1,0 +1,164 @@
+"""The model's elementwise work in single Triton kernels, for inference on CUDA.
+
+Outside ``torch.compile`` every PyTorch op is a kernel launch, and a decode step of a small
+batch is made of launches that each do a few microseconds of work, in a graph replay too. Two
+of the model's pieces took several each where one does: ``RMSNorm`` (to float32, ``rms_norm``,
+back to the input's dtype, times the gain: four kernels a norm in bfloat16, 132 of a 16-layer
+step) and the rotary embedding (times cos, the halves swapped and negated, times sin, the sum:
+five a layer, 80 of a 16-layer step). Each kernel here is one launch with the PyTorch ops'
+roundings, so that a model gives the same numbers on either path: every intermediate the ops
+round to the tensors' dtype is rounded here too. Imported only where they run (CUDA, or
+Triton's interpreter in the tests), so arlm itself does not need Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_rows(
+    X,
+    W,
+    Y,
+    sx,
+    sy,
+    n,
+    eps,
+    PLUS_ONE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # one program: one row of n features
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+    h = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    if PLUS_ONE:  # noqa: SIM108 (a compile-time branch: each kernel keeps one)
+        y = h * (1.0 + w)
+    else:  # rounded to the input's dtype first, as the reference implementation does
+        y = h.to(X.dtype.element_ty).to(tl.float32) * w
+    tl.store(Y + row * sy + cols, y.to(Y.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) -> torch.Tensor:
+    """``RMSNorm``'s output for ``x`` (..., n) and its gain ``weight`` (n,): the row normalised
+    in float32, rounded to its dtype, times the gain (Llama); or, ``plus_one`` (Gemma), times
+    ``1 + gain`` in float32 and rounded once."""
+    n = x.size(-1)
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    # Llama's output takes the common dtype of gain and rounded input; Gemma's the input's
+    dtype = x.dtype if plus_one else torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty(rows.shape, dtype=dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    _rms_norm_rows[(rows.size(0),)](
+        rows,
+        weight,
+        y,
+        rows.stride(0),
+        y.stride(0),
+        n,
+        eps,
+        PLUS_ONE=plus_one,
+        BLOCK=block,
+        num_warps=num_warps(block),
+    )
+    return y.view(x.shape)
+
+
+def num_warps(block: int) -> int:
+    """Warps for rows of ``block`` features: 8 values a thread, from 1 warp to 16."""
+    return min(16, max(1, block // 256))
+
+
+@triton.jit
+def _rope_rows(
+    X,
+    Cos,
+    Sin,
+    Y,
+    sx_b,
+    sx_h,
+    sx_t,
+    sy_b,
+    sy_h,
+    sy_t,
+    sc_b,
+    sc_t,
+    T,
+    H,
+    ROTARY: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HEADS: tl.constexpr,
+):
+    # one program: HEADS heads of one row's one position; channels past ROTARY pass unturned
+    bt = tl.program_id(0)
+    b, t = bt // T, bt % T
+    h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    ok = (h < H)[:, None] & (d < HEAD_DIM)[None, :]
+    turns = d < ROTARY
+    first = d < ROTARY // 2
+    at = X + b.to(tl.int64) * sx_b + t * sx_t + h[:, None] * sx_h
+    x = tl.load(at + d[None, :], mask=ok, other=0.0)
+    # the channel each turns with: its pair in the other half
+    partner = tl.where(first, d + ROTARY // 2, d - ROTARY // 2)
+    xp = tl.load(at + partner[None, :], mask=ok & turns[None, :], other=0.0).to(tl.float32)
+    swapped = tl.where(first[None, :], -xp, xp)  # cat(-x2, x1), negated exactly in float32
+    angle = b.to(tl.int64) * sc_b + t * sc_t + d
+    c = tl.load(Cos + angle, mask=turns, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(Sin + angle, mask=turns, other=0.0).to(tl.float32)[None, :]
+    # x * cos + swapped * sin, each product and the sum rounded to the dtype as the ops do
+    dtype = X.dtype.element_ty
+    a = (x.to(tl.float32) * c).to(dtype)
+    r = (swapped * s).to(dtype)
+    y = tl.where(turns[None, :], (a.to(tl.float32) + r.to(tl.float32)).to(dtype), x)
+    tl.store(Y + b.to(tl.int64) * sy_b + t * sy_t + h[:, None] * sy_h + d[None, :], y, mask=ok)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``arlm.model.transformer.apply_rope``'s output for ``x`` (B, H, T, head_dim) and
+    ``cos``, ``sin`` of x's dtype, (T, rotary_dim) or one table per row (B, 1, T, rotary_dim),
+    in x's layout (its heads of a position next to each other, as a projection's view has
+    them)."""
+    B, H, T, hd = x.shape
+    rotary = cos.size(-1)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    # (B, 1, T, rotary) strides either way; a shared table's rows 0 apart
+    cos, sin = (c.expand(B, 1, T, rotary) if c.dim() == 2 else c for c in (cos, sin))
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    y = torch.empty(B, T, H, hd, dtype=x.dtype, device=x.device).transpose(1, 2)
+    hd_pad = triton.next_power_of_2(hd)
+    heads = min(triton.next_power_of_2(H), max(1, 4096 // hd_pad))
+    _rope_rows[(B * T, triton.cdiv(H, heads))](
+        x,
+        cos,
+        sin,
+        y,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        cos.stride(0),
+        cos.stride(2),
+        T,
+        H,
+        ROTARY=rotary,
+        HEAD_DIM=hd,
+        HEAD_DIM_PAD=hd_pad,
+        HEADS=heads,
+        num_warps=4,
+        # float32: products and sum rounded apart, as the ops' kernels do (no fused multiply-add)
+        enable_fp_fusion=False,
+    )
+    return y

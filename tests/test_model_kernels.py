@@ -1,0 +1,114 @@
+"""The model's Triton kernels (``arlm.model.kernels``: what ``RMSNorm`` and ``apply_rope`` run
+for inference on CUDA) against the PyTorch ops they replace: on CUDA when there is one, else
+in Triton's interpreter. The interpreter casts float32 to bfloat16 by truncation (a GPU rounds
+to nearest), so there bfloat16 agrees within a few units of its precision; float32 agrees
+within rounding (the norm's sum goes in another order) or exactly (the rotary embedding does
+the ops' products and sums, rounded alike)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from arlm.model.transformer import RMSNorm, apply_rope
+from tests.numerics import assert_close
+from tests.triton_interpreter import run_interpreted
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+# (features, Gemma's 1 + gain): Llama-3.2-1B's width, Gemma 3 1B's, Phi-3's, one that is not a
+# multiple of anything the kernel loads
+NORMS = [(2048, False), (1152, True), (3072, False), (40, True)]
+
+# (heads, head_dim, rotary_dim, per-row tables): q and k heads of a grouped model (4 + 2), a
+# partial rotary of 32 of 80 channels (Phi-2's), one table per row (the engine's positions),
+# more heads than one program takes at a head size of 256 (Gemma's)
+ROPES = [(6, 64, 64, False), (5, 80, 32, True), (40, 256, 256, True)]
+
+
+def _run(check: str) -> None:
+    """``check('cuda')`` here on a GPU, else ``check('cpu')`` interpreted."""
+    if torch.cuda.is_available():
+        globals()[check]("cuda")
+        return
+    run_interpreted(f"from tests.test_model_kernels import {check} as check; check('cpu')")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, device: str, exact_float32: bool) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.dtype == torch.float32:
+        if exact_float32:
+            assert torch.equal(got, want)
+        else:
+            assert_close(got, want, ulps=4)
+    elif device == "cuda":  # the GPU rounds as the ops do: a unit at most, from sum orders
+        assert_close(got, want, dtype=want.dtype, ulps=1)
+    else:  # truncated casts: within a unit or two at each value's size
+        assert_close(got, want, dtype=want.dtype, ulps=4)
+
+
+def check_norms(device: str) -> None:
+    from arlm.model.kernels import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, plus_one in NORMS:
+            norm = RMSNorm(n, 1e-6, plus_one=plus_one).to(dtype)
+            with torch.no_grad():  # gains away from their initial 1 (or 0)
+                norm.weight.add_(0.3 * torch.randn(n, generator=g).to(dtype))
+            wide = (3 * torch.randn(4, 3, n + 8, generator=g)).to(dtype)
+            for x in (wide[..., :n].contiguous(), wide[..., 8:]):  # rows apart by n + 8 too
+                with torch.no_grad():
+                    want = norm(x)  # on the CPU: the PyTorch ops
+                got = rms_norm(x.to(device), norm.weight.to(device), norm.eps, plus_one)
+                _close(got.cpu(), want, device, exact_float32=False)
+
+
+def check_ropes(device: str) -> None:
+    from arlm.model.kernels import apply_rope as rope_kernel
+
+    g = torch.Generator().manual_seed(1)
+    B, T = 2, 5
+    for dtype in (torch.float32, torch.bfloat16):
+        for heads, hd, rotary, per_row in ROPES:
+            # a fused projection's view: (B, T, heads + 1, hd) turned to (B, heads, T, hd),
+            # one head more than turns (as v follows q and k)
+            qkv = torch.randn(B, T, heads + 1, hd, generator=g).to(dtype)
+            x = qkv.transpose(1, 2)[:, :heads]
+            positions = torch.randint(0, 4000, (B, T) if per_row else (T,), generator=g)
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary, 2).float() / rotary))
+            angles = positions.float()[..., None] * inv_freq
+            emb = torch.cat((angles, angles), dim=-1)
+            if per_row:
+                emb = emb[:, None]
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            want = apply_rope(x, cos, sin)  # on the CPU: the PyTorch ops
+            got = rope_kernel(x.to(device), cos.to(device), sin.to(device))
+            _close(got.cpu(), want, device, exact_float32=True)
+
+
+def test_the_rms_norm_kernel_equals_the_module():
+    """Llama's gain (the normalised row rounded to the input's dtype, then times the gain) and
+    Gemma's (times 1 + gain in float32, rounded once), float32 and bfloat16, rows that lie
+    apart by more than their width."""
+    _run("check_norms")
+
+
+def test_the_rotary_kernel_equals_the_ops():
+    """Queries and keys as the attention's fused projection lays them out, a shared table and
+    one per row, partial rotary, head sizes of 64, 80 and 256, float32 and bfloat16."""
+    _run("check_ropes")
+
+
+def test_the_model_runs_the_kernels_only_for_inference_on_cuda():
+    """Training needs the PyTorch ops' gradients, and a CPU has no Triton device: both keep
+    them (a CPU forward under no_grad gives the ops' numbers exactly)."""
+    norm = RMSNorm(16, 1e-5)
+    x = torch.randn(2, 16, requires_grad=True)
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    with torch.no_grad():
+        h = torch.nn.functional.rms_norm(x.float(), (16,), eps=1e-5)
+        assert torch.equal(norm(x), norm.weight * h)
