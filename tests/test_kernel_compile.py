@@ -129,6 +129,22 @@ def _compile_rope(head_dim: int, rotary: int, heads: int, dtype: str):
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def _compile_swiglu(dtype: str):
+    """SwiGLU's activation kernel compiled for sm_90 as ``arlm.model.kernels.silu_and_mul``
+    launches it for rows of 1,024 hidden units or more."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from arlm.model.kernels import _silu_and_mul_rows
+
+    types = dict(H=dtype, Y=dtype, n="i32")
+    signature = {name: types.get(name, "constexpr" if name == "BLOCK" else "i64")
+                 for name in _silu_and_mul_rows.arg_names}  # fmt: skip
+    source = ASTSource(fn=_silu_and_mul_rows, signature=signature, constexprs={"BLOCK": 1024})
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
 def _stack_line(tmp_path: Path, compiled) -> str:
     """``cuobjdump``'s resource line for a compiled kernel (skips where the wheel has none)."""
     import triton
@@ -195,4 +211,10 @@ def test_the_rotary_kernel_compiles_and_keeps_to_registers(
     """The rotary embedding's kernel at Llama-3.2-1B's q and k heads (32 + 8 of 64), Phi-2's
     partial rotary, a 7-8B model's heads in float32 and Gemma's head size: no stack."""
     line = _stack_line(tmp_path, _compile_rope(head_dim, rotary, heads, dtype))
+    assert " STACK:0 " in line, line
+
+
+@pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
+def test_the_swiglu_kernel_compiles_and_keeps_to_registers(tmp_path: Path, dtype):
+    line = _stack_line(tmp_path, _compile_swiglu(dtype))
     assert " STACK:0 " in line, line

@@ -1,9 +1,10 @@
-"""The model's Triton kernels (``arlm.model.kernels``: what ``RMSNorm`` and ``apply_rope`` run
-for inference on CUDA) against the PyTorch ops they replace: on CUDA when there is one, else
-in Triton's interpreter. The interpreter casts float32 to bfloat16 by truncation (a GPU rounds
-to nearest), so there bfloat16 agrees within a few units of its precision; float32 agrees
-within rounding (the norm's sum goes in another order) or exactly (the rotary embedding does
-the ops' products and sums, rounded alike)."""
+"""The model's Triton kernels (``arlm.model.kernels``: what ``RMSNorm``, ``apply_rope`` and
+SwiGLU's activation run for inference on CUDA) against the PyTorch ops they replace: on CUDA
+when there is one, else in Triton's interpreter. The interpreter casts float32 to bfloat16 by
+truncation (a GPU rounds to nearest), so there bfloat16 agrees within a few units of its
+precision; float32 agrees within rounding (the norm's sum goes in another order, silu's
+exponential is another) or exactly (the rotary embedding does the ops' products and sums,
+rounded alike)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,20 @@ def check_ropes(device: str) -> None:
             _close(got.cpu(), want, device, exact_float32=True)
 
 
+def check_swiglu(device: str) -> None:
+    from arlm.model.kernels import silu_and_mul
+
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        # Llama-3.2-1B's 8,192 hidden units (8 programs a row), and 1,000 (a last one cut)
+        for n in (8192, 1000):
+            h = (3 * torch.randn(3, 2, 2 * n, generator=g)).to(dtype)
+            gate, up = h.chunk(2, dim=-1)
+            want = torch.nn.functional.silu(gate) * up
+            got = silu_and_mul(h.to(device)).cpu()
+            _close(got, want, device, exact_float32=False)
+
+
 def test_the_rms_norm_kernel_equals_the_module():
     """Llama's gain (the normalised row rounded to the input's dtype, then times the gain) and
     Gemma's (times 1 + gain in float32, rounded once), float32 and bfloat16, rows that lie
@@ -100,6 +115,12 @@ def test_the_rotary_kernel_equals_the_ops():
     """Queries and keys as the attention's fused projection lays them out, a shared table and
     one per row, partial rotary, head sizes of 64, 80 and 256, float32 and bfloat16."""
     _run("check_ropes")
+
+
+def test_the_swiglu_kernel_equals_the_ops():
+    """silu of the gate times the up projection, from the fused projection's output (the gate
+    first), float32 and bfloat16, row widths a program's multiple and not."""
+    _run("check_swiglu")
 
 
 def test_the_model_runs_the_kernels_only_for_inference_on_cuda():

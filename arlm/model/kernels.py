@@ -1,11 +1,12 @@
 """The model's elementwise work in single Triton kernels, for inference on CUDA.
 
 Outside ``torch.compile`` every PyTorch op is a kernel launch, and a decode step of a small
-batch is made of launches that each do a few microseconds of work, in a graph replay too. Two
-of the model's pieces took several each where one does: ``RMSNorm`` (to float32, ``rms_norm``,
-back to the input's dtype, times the gain: four kernels a norm in bfloat16, 132 of a 16-layer
-step) and the rotary embedding (times cos, the halves swapped and negated, times sin, the sum:
-five a layer, 80 of a 16-layer step). Each kernel here is one launch with the PyTorch ops'
+batch is made of launches that each do a few microseconds of work, in a graph replay too.
+Three of the model's pieces took several each where one does: ``RMSNorm`` (to float32,
+``rms_norm``, back to the input's dtype, times the gain: four kernels a norm in bfloat16, 132
+of a 16-layer step), the rotary embedding (times cos, the halves swapped and negated, times
+sin, the sum: five a layer, 80 of a 16-layer step) and SwiGLU's activation (silu of the gate,
+times the up projection: two a layer). Each kernel here is one launch with the PyTorch ops'
 roundings, so that a model gives the same numbers on either path: every intermediate the ops
 round to the tensors' dtype is rounded here too. Imported only where they run (CUDA, or
 Triton's interpreter in the tests), so arlm itself does not need Triton.
@@ -162,3 +163,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         enable_fp_fusion=False,
     )
     return y
+
+
+@triton.jit
+def _silu_and_mul_rows(H, Y, sh, sy, n, BLOCK: tl.constexpr):
+    # one program: BLOCK features of one row; the gate is the row's first n, the up its last n
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    gate = tl.load(H + row * sh + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(H + row * sh + n + cols, mask=ok, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty)  # silu, rounded as F.silu's
+    tl.store(Y + row * sy + cols, (act.to(tl.float32) * up).to(Y.dtype.element_ty), mask=ok)
+
+
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` for ``h`` (..., 2n) holding the gate and then the up projection."""
+    n = h.size(-1) // 2
+    rows = h.reshape(-1, 2 * n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    y = torch.empty(rows.size(0), n, dtype=h.dtype, device=h.device)
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_and_mul_rows[(rows.size(0), triton.cdiv(n, block))](
+        rows, y, rows.stride(0), y.stride(0), n, BLOCK=block, num_warps=4
+    )
+    return y.view(*h.shape[:-1], n)

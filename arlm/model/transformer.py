@@ -210,6 +210,10 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if self.kind == "gelu":
             return self.c_proj(F.gelu(h, approximate="tanh"))
+        if self.kind == "swiglu" and fused_inference(h):  # one kernel where the ops are two
+            from arlm.model.kernels import silu_and_mul
+
+            return self.c_proj(silu_and_mul(h))
         gate, up = h.chunk(2, dim=-1)
         gate = F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")
         return self.c_proj(gate * up)
