@@ -20,8 +20,9 @@ Sections (each guarded: a failure prints an error line and the others go on):
   and the same weights with a sliding window on every layer (Mistral's layout), each with how
   its steps ran (replayed graphs or eager);
 - steps: 64 sequences decoding, 20 steady ``Engine.step`` calls under ``torch.profiler``: wall
-  time per step against the device's busy time (the sum of its kernels' and copies' times),
-  with overlap scheduling (``async_scheduling``, the default on CUDA) and without;
+  time per step against the device's busy time (the sum of its kernels' and copies' times)
+  and how many kernels and copies a step runs, with overlap scheduling (``async_scheduling``,
+  the default on CUDA) and without;
 - offline: 256 requests, prompts of 64 to 512 tokens, 128 new tokens each, greedy, through
   ``lm.generate`` of the whole list at max_num_seqs 64 and 256, and transformers' continuous
   batching at the same caps (``benchmarks/peers/transformers_cb.py``); at the first cap also
@@ -398,9 +399,13 @@ def steps(ctx: dict) -> dict:
         key = "overlap" if overlap else "plain"
         out[f"{key}_step_ms"] = wall * 1e3
         if device.type == "cuda":
-            busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+            events = prof.key_averages()
+            busy = sum(e.self_device_time_total for e in events) / 1e6
             out[f"{key}_busy_ms"] = busy / sizes.step_count * 1e3
             out[f"{key}_busy_share"] = out[f"{key}_busy_ms"] / out[f"{key}_step_ms"]
+            # the device's kernels and copies a step: what its launches cost beside its bytes
+            on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            out[f"{key}_device_ops"] = sum(e.count for e in on_device) / sizes.step_count
         out[f"{key}_overlapped_steps"] = engine.stats()["overlapped_steps"]
         del engine
         free_memory(device)
@@ -808,6 +813,7 @@ def table(results: dict, sizes: Sizes) -> str:
         for key in ("overlap", "plain"):
             busy, share = st[f"{key}_busy_ms"], st[f"{key}_busy_share"]
             row(f"GPU busy ms of a {n}-seq step ({key})", busy, None, "", f"{share:.0%} busy")
+            row(f"  kernels and copies a step ({key})", st[f"{key}_device_ops"])
     for cap in sizes.seq_caps:
         if f"arlm_{cap}_tok_s" in off:
             peer = off.get(f"hf_cb_{cap}_tok_s")
