@@ -2,8 +2,8 @@
 per tile of rows (consecutive positions of one sequence, or one row), KV head and split of the
 positions the tile's queries see, reading the rows' blocks through their table and decoding
 quantized ones as it reads them; ``merge_splits``, one per row and query head, weighing the
-splits' results into the output. Imported only where they run
-(CUDA, or Triton's interpreter in the tests), so arlm itself does not need Triton."""
+splits' results into the output. Imported only where they run (CUDA, or Triton's interpreter
+in the tests), so arlm itself does not need Triton."""
 
 import triton
 import triton.language as tl
