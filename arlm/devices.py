@@ -1,4 +1,5 @@
-"""Moving small host data to the device and results back without stalling the GPU.
+"""Moving small host data to the device and results back without stalling the GPU; and when
+arlm's own Triton kernels stand in for PyTorch ops (``fused_inference``).
 
 ``torch.tensor(values, device="cuda")`` copies from pageable memory, which makes the host wait
 until the GPU has finished everything queued before it: a few such calls per step and the GPU
@@ -8,10 +9,27 @@ stream's queue instead. On the CPU both helpers are plain conversions.
 
 from __future__ import annotations
 
+import importlib.util
 from array import array
 from collections.abc import Sequence
 
 import torch
+
+# Triton comes with PyTorch's CUDA wheels for Linux; a CUDA build without it keeps the ops
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def fused_inference(x: torch.Tensor) -> bool:
+    """Whether inference ops on ``x`` run as one of arlm's Triton kernels (the model's in
+    ``arlm.model.kernels``, the KV store in ``arlm.kv_cache.store_kernel``): on a GPU, with
+    no gradients (training needs the ops'), outside ``torch.compile`` (which fuses the ops
+    itself)."""
+    return (
+        x.is_cuda
+        and _HAS_TRITON
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def int64_tensor(values: Sequence[int]) -> torch.Tensor:

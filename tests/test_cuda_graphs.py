@@ -186,10 +186,13 @@ def test_steps_with_running_rows_take_prompt_tokens_only_as_far_as_the_largest_g
 
 
 def _graph_steps_through_the_kernel(family: str) -> None:
-    """The mixed steps above with the Triton kernel attending in the padded forward, over the
-    tiles ``DecodeGraphs.run`` writes into its buffer (a prompt chunk's tokens together), run
-    where Triton interprets it: the plain path's greedy tokens and log-probabilities."""
+    """The mixed steps above with every Triton kernel a GPU runs in the padded forward, where
+    Triton interprets them: the decode kernel attending over the tiles ``DecodeGraphs.run``
+    writes into its buffer (a prompt chunk's tokens together), the KV store, and the model's
+    RMSNorm, rotary embedding and SwiGLU: the plain path's greedy tokens and
+    log-probabilities."""
     from arlm.kv_cache import paged
+    from arlm.model import transformer
     from arlm.tokenizer import Tokenizer
     from arlm.train.corpus import builtin_documents
 
@@ -200,6 +203,7 @@ def _graph_steps_through_the_kernel(family: str) -> None:
     config = dict(max_num_seqs=3, max_num_batched_tokens=24)
     plain = _engine(model, tokenizer, False, **config).generate(prompts, params, progress=False)
     paged.decode_attention = functools.partial(decode_attention, use_triton=True)
+    paged.fused_inference = transformer.fused_inference = lambda x: not torch.is_grad_enabled()
     padded_engine = _engine(model, tokenizer, True, **config)
     padded = padded_engine.generate(prompts, params, progress=False)
     _assert_same_greedy_logprobs(model, prompts, plain, padded)
@@ -209,9 +213,9 @@ def _graph_steps_through_the_kernel(family: str) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_graph_steps_give_the_plain_path_s_outputs_through_the_kernel_s_tiles():
     """What a GPU runs in a replayed step with prompt chunks, short of the capture: the
-    kernel over the tiles of the step's buffer, 8 rows a tile with the Llama's two query heads
-    per KV head (Triton's interpreter, a process of its own; tiles of other sizes: the kernel
-    tests below)."""
+    decode kernel over the tiles of the step's buffer, 8 rows a tile with the Llama's two query
+    heads per KV head, and the KV store's and the model's kernels (Triton's interpreter, a
+    process of its own; tiles of other sizes: the kernel tests below)."""
     run_interpreted("from tests.test_cuda_graphs import _graph_steps_through_the_kernel as run; "
                  "run('llama')")  # fmt: skip
 

@@ -145,6 +145,25 @@ def _compile_swiglu(dtype: str):
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
+def _compile_store(heads: int, head_dim: int, dtype: str, plane: str):
+    """The KV store's kernel compiled for sm_90 as ``arlm.kv_cache.store_kernel.store_rows``
+    launches it for ``heads`` KV heads of ``head_dim``, ``dtype`` vectors into ``plane``s."""
+    import triton
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from arlm.kv_cache.store_kernel import _store_rows
+
+    constants = dict(HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
+                     HEAD_DIM_PAD=triton.next_power_of_2(head_dim))  # fmt: skip
+    types = dict(K=dtype, V=dtype, KPlane=plane, VPlane=plane, Cells="*i64", H="i32")
+    signature = {name: types.get(name, "constexpr" if name in constants else "i64")
+                 for name in _store_rows.arg_names}  # fmt: skip
+    source = ASTSource(fn=_store_rows, signature=signature, constexprs=constants)
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
 def _stack_line(tmp_path: Path, compiled) -> str:
     """``cuobjdump``'s resource line for a compiled kernel (skips where the wheel has none)."""
     import triton
@@ -217,4 +236,17 @@ def test_the_rotary_kernel_compiles_and_keeps_to_registers(
 @pytest.mark.parametrize("dtype", ["*bf16", "*fp32"])
 def test_the_swiglu_kernel_compiles_and_keeps_to_registers(tmp_path: Path, dtype):
     line = _stack_line(tmp_path, _compile_swiglu(dtype))
+    assert " STACK:0 " in line, line
+
+
+@pytest.mark.parametrize(
+    "heads,head_dim,dtype,plane",
+    [(8, 64, "*bf16", "*bf16"), (8, 128, "*fp32", "*bf16"), (16, 256, "*bf16", "*bf16")],
+)
+def test_the_kv_store_kernel_compiles_and_keeps_to_registers(
+    tmp_path: Path, heads, head_dim, dtype, plane
+):
+    """The KV store at Llama-3.2-1B's 8 KV heads, float32 vectors into bfloat16 blocks, and
+    16 heads of Gemma's size: no stack."""
+    line = _stack_line(tmp_path, _compile_store(heads, head_dim, dtype, plane))
     assert " STACK:0 " in line, line

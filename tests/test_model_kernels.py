@@ -1,5 +1,6 @@
 """The model's Triton kernels (``arlm.model.kernels``: what ``RMSNorm``, ``apply_rope`` and
-SwiGLU's activation run for inference on CUDA) against the PyTorch ops they replace: on CUDA
+SwiGLU's activation run for inference on CUDA) and the KV store's
+(``arlm.kv_cache.store_kernel``) against the PyTorch ops they replace: on CUDA
 when there is one, else in Triton's interpreter. The interpreter casts float32 to bfloat16 by
 truncation (a GPU rounds to nearest), so there bfloat16 agrees within a few units of its
 precision; float32 agrees within rounding (the norm's sum goes in another order, silu's
@@ -104,6 +105,31 @@ def check_swiglu(device: str) -> None:
             _close(got, want, device, exact_float32=False)
 
 
+def check_store(device: str) -> None:
+    from arlm.kv_cache.store_kernel import store_rows
+
+    g = torch.Generator().manual_seed(3)
+    blocks, H, bs, hd, N = 6, 3, 4, 40, 7
+    for dtype, plane_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                               (torch.float32, torch.bfloat16)):  # fmt: skip
+        # keys and values as the attention's views of its fused projection (1, H, N, hd)
+        qkv = torch.randn(1, N, 2 * H + 1, hd, generator=g).to(dtype)
+        k, v = qkv.transpose(1, 2)[:, 1 : 1 + H], qkv.transpose(1, 2)[:, 1 + H :]
+        planes = [torch.randn(blocks, H, bs, hd, generator=g).to(plane_dtype) for _ in "kv"]
+        cells = torch.randperm(blocks * H * bs, generator=g)[: N * H]
+        want = [p.clone() for p in planes]
+        for plane, x in zip(want, (k, v), strict=True):  # paged._store's ops
+            rows = x[0].transpose(0, 1).reshape(-1, hd).to(plane_dtype)
+            plane.view(-1, hd).index_copy_(0, cells, rows)
+        got = [p.to(device) for p in planes]
+        store_rows(k.to(device), v.to(device), *got, cells.to(device))
+        for a, b in zip(got, want, strict=True):
+            if dtype == plane_dtype or device == "cuda":
+                assert torch.equal(a.cpu(), b)
+            else:  # the interpreter truncates float32 to bfloat16
+                assert_close(a.cpu(), b, dtype=plane_dtype, ulps=2)
+
+
 def test_the_rms_norm_kernel_equals_the_module():
     """Llama's gain (the normalised row rounded to the input's dtype, then times the gain) and
     Gemma's (times 1 + gain in float32, rounded once), float32 and bfloat16, rows that lie
@@ -121,6 +147,12 @@ def test_the_swiglu_kernel_equals_the_ops():
     """silu of the gate times the up projection, from the fused projection's output (the gate
     first), float32 and bfloat16, row widths a program's multiple and not."""
     _run("check_swiglu")
+
+
+def test_the_kv_store_kernel_writes_what_the_ops_write():
+    """Keys and values as views of a fused projection, written to scattered cells of float
+    planes, of their dtype or another (the cache's own), nothing else touched."""
+    _run("check_store")
 
 
 def test_the_model_runs_the_kernels_only_for_inference_on_cuda():

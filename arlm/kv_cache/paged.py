@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from arlm.config import ModelConfig
-from arlm.devices import pinned_to, to_device
+from arlm.devices import fused_inference, pinned_to, to_device
 from arlm.kv_cache.base import Rotate, alloc_planes, layer_views, planes_nbytes, sdpa
 from arlm.kv_cache.codec import Codec, FloatCodec
 from arlm.kv_cache.decode_attention import decode_attention
@@ -539,7 +539,13 @@ def _store(
 ) -> None:
     """Write a forward's new keys and values, (1, n_kv_head, N, hd), through the codec into
     ``layer``'s planes seen as rows of (blocks * n_kv_head * block_size, width): token t's
-    head h at row ``cells[t * n_kv_head + h]``. One indexed copy per plane."""
+    head h at row ``cells[t * n_kv_head + h]``. One indexed copy per plane; float planes on a
+    GPU in one kernel for both (``store_kernel``)."""
+    if isinstance(cache.codec, FloatCodec) and fused_inference(k):
+        from arlm.kv_cache.store_kernel import store_rows
+
+        store_rows(k, v, cache.k[layer][0], cache.v[layer][0], cells)
+        return
     for planes, x in ((cache.k[layer], k), (cache.v[layer], v)):
         new = x[0].transpose(0, 1)  # (N, n_kv_head, hd)
         for plane, part in zip(planes, cache.codec.encode(new), strict=True):

@@ -8,7 +8,6 @@ inference path: the new positions attend to themselves and to what the cache alr
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from contextlib import nullcontext
 from dataclasses import replace
@@ -18,24 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arlm.config import ModelConfig
+from arlm.devices import fused_inference
 from arlm.kv_cache import Cache
 from arlm.kv_cache.base import Mask, layer_masks
 from arlm.model.loss import linear_cross_entropy
 from arlm.model.quantize import quantized_linear
-
-# Triton comes with PyTorch's CUDA wheels for Linux; a CUDA build without it keeps the ops
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def fused_inference(x: torch.Tensor) -> bool:
-    """Whether ops on ``x`` run as one of ``arlm.model.kernels``' Triton kernels: inference on a
-    GPU. Training needs the ops' gradients; a compiled forward fuses the ops itself."""
-    return (
-        x.is_cuda
-        and _HAS_TRITON
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
 
 
 class RMSNorm(nn.Module):
