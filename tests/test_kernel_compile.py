@@ -88,9 +88,9 @@ def _compile_merge(splits: int, head_dim: int, out: str):
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def _compile_norm(n: int, dtype: str, plus_one: bool):
+def _compile_norm(n: int, dtype: str, plus_one: bool, residual: bool):
     """RMSNorm's kernel compiled for sm_90 as ``arlm.model.kernels.rms_norm`` launches it
-    for rows of ``n`` features of ``dtype``."""
+    for rows of ``n`` features of ``dtype``, after the ``residual`` add or not."""
     import triton
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
@@ -99,9 +99,12 @@ def _compile_norm(n: int, dtype: str, plus_one: bool):
     from arlm.model.kernels import _rms_norm_rows, num_warps
 
     block = triton.next_power_of_2(n)
-    constants = dict(PLUS_ONE=plus_one, BLOCK=block)
-    types = dict(X=dtype, W=dtype, Y=dtype, sx="i64", sy="i64", n="i32", eps="fp32")
-    signature = {name: types.get(name, "constexpr") for name in _rms_norm_rows.arg_names}
+    constants = dict(PLUS_ONE=plus_one, RESIDUAL=residual, BLOCK=block)
+    types = dict(X=dtype, R=dtype, S=dtype, W=dtype, Y=dtype, n="i32", eps="fp32")
+    signature = {
+        name: types.get(name, "constexpr" if name in constants else "i64")
+        for name in _rms_norm_rows.arg_names
+    }
     source = ASTSource(fn=_rms_norm_rows, signature=signature, constexprs=constants)
     return triton_compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps(block)}
@@ -204,14 +207,17 @@ def test_the_merge_of_the_splits_compiles_and_keeps_to_registers(tmp_path: Path,
     assert " STACK:0 " in line, line
 
 
+@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize(
     "n,dtype,plus_one",
     [(2048, "*bf16", False), (1152, "*bf16", True), (8192, "*bf16", False), (4096, "*fp32", True)],
 )
-def test_the_rms_norm_kernel_compiles_and_keeps_to_registers(tmp_path: Path, n, dtype, plus_one):
+def test_the_rms_norm_kernel_compiles_and_keeps_to_registers(
+    tmp_path: Path, n, dtype, plus_one, residual
+):
     """RMSNorm's kernel at Llama-3.2-1B's width, Gemma 3 1B's (not a power of two), a 70B
-    model's and in float32: a row a program, no stack."""
-    line = _stack_line(tmp_path, _compile_norm(n, dtype, plus_one))
+    model's and in float32, alone and after the residual add: a row a program, no stack."""
+    line = _stack_line(tmp_path, _compile_norm(n, dtype, plus_one, residual))
     assert " STACK:0 " in line, line
 
 

@@ -61,11 +61,21 @@ def check_norms(device: str) -> None:
             with torch.no_grad():  # gains away from their initial 1 (or 0)
                 norm.weight.add_(0.3 * torch.randn(n, generator=g).to(dtype))
             wide = (3 * torch.randn(4, 3, n + 8, generator=g)).to(dtype)
+            residual = (3 * torch.randn(4, 3, n, generator=g)).to(dtype)
+            weight = norm.weight.to(device)
             for x in (wide[..., :n].contiguous(), wide[..., 8:]):  # rows apart by n + 8 too
-                with torch.no_grad():
-                    want = norm(x)  # on the CPU: the PyTorch ops
-                got = rms_norm(x.to(device), norm.weight.to(device), norm.eps, plus_one)
+                with torch.no_grad():  # on the CPU: the PyTorch ops
+                    want, want_sum = norm(x), residual + x
+                    want_of_sum = norm(want_sum)
+                got, none = rms_norm(x.to(device), weight, norm.eps, plus_one)
                 _close(got.cpu(), want, device, exact_float32=False)
+                assert none is None
+                # the residual add joined: the sum, rounded as the add rounds it, and its norm
+                got, got_sum = rms_norm(
+                    x.to(device), weight, norm.eps, plus_one, residual=residual.to(device)
+                )
+                _close(got_sum.cpu(), want_sum, device, exact_float32=True)
+                _close(got.cpu(), want_of_sum, device, exact_float32=False)
 
 
 def check_ropes(device: str) -> None:
@@ -133,7 +143,7 @@ def check_store(device: str) -> None:
 def test_the_rms_norm_kernel_equals_the_module():
     """Llama's gain (the normalised row rounded to the input's dtype, then times the gain) and
     Gemma's (times 1 + gain in float32, rounded once), float32 and bfloat16, rows that lie
-    apart by more than their width."""
+    apart by more than their width, alone or after the residual add."""
     _run("check_norms")
 
 

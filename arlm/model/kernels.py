@@ -4,12 +4,13 @@ Outside ``torch.compile`` every PyTorch op is a kernel launch, and a decode step
 batch is made of launches that each do a few microseconds of work, in a graph replay too.
 Three of the model's pieces took several each where one does: ``RMSNorm`` (to float32,
 ``rms_norm``, back to the input's dtype, times the gain: four kernels a norm in bfloat16, 132
-of a 16-layer step), the rotary embedding (times cos, the halves swapped and negated, times
-sin, the sum: five a layer, 80 of a 16-layer step) and SwiGLU's activation (silu of the gate,
-times the up projection: two a layer). Each kernel here is one launch with the PyTorch ops'
-roundings, so that a model gives the same numbers on either path: every intermediate the ops
-round to the tensors' dtype is rounded here too. Imported only where they run (CUDA, or
-Triton's interpreter in the tests), so arlm itself does not need Triton.
+of a 16-layer step; the residual add before the MLP's norm joins it), the rotary embedding
+(times cos, the halves swapped and negated, times sin, the sum: five a layer, 80 of a 16-layer
+step) and SwiGLU's activation (silu of the gate, times the up projection: two a layer). Each
+kernel here is one launch with the PyTorch ops' roundings, so that a model gives the same
+numbers on either path: every intermediate the ops round to the tensors' dtype is rounded
+here too. Imported only where they run (CUDA, or Triton's interpreter in the tests), so arlm
+itself does not need Triton.
 """
 
 from __future__ import annotations
@@ -22,20 +23,31 @@ import triton.language as tl
 @triton.jit
 def _rms_norm_rows(
     X,
+    R,
+    S,
     W,
     Y,
     sx,
+    sr,
+    ss,
     sy,
     n,
     eps,
     PLUS_ONE: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # one program: one row of n features
+    # one program: one row of n features; with RESIDUAL, the row of X + R (rounded to X's
+    # dtype, as the add rounds it) is written to S and normalised
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
     x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        r = tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)
+        x = (x + r).to(X.dtype.element_ty)
+        tl.store(S + row * ss + cols, x, mask=ok)
+        x = x.to(tl.float32)
     h = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     if PLUS_ONE:  # noqa: SIM108 (a compile-time branch: each kernel keeps one)
@@ -45,10 +57,17 @@ def _rms_norm_rows(
     tl.store(Y + row * sy + cols, y.to(Y.dtype.element_ty), mask=ok)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    plus_one: bool,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``RMSNorm``'s output for ``x`` (..., n) and its gain ``weight`` (n,): the row normalised
     in float32, rounded to its dtype, times the gain (Llama); or, ``plus_one`` (Gemma), times
-    ``1 + gain`` in float32 and rounded once."""
+    ``1 + gain`` in float32 and rounded once. With ``residual`` (x's shape and dtype), of
+    ``x + residual`` instead, which comes back too: (the norm, the sum or None)."""
     n = x.size(-1)
     rows = x.reshape(-1, n)
     if rows.stride(-1) != 1:
@@ -56,20 +75,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) 
     # Llama's output takes the common dtype of gain and rounded input; Gemma's the input's
     dtype = x.dtype if plus_one else torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty(rows.shape, dtype=dtype, device=x.device)
+    added = None
+    if residual is not None:
+        residual = residual.reshape(-1, n)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        added = torch.empty_like(rows, memory_format=torch.contiguous_format)
     block = triton.next_power_of_2(n)
     _rms_norm_rows[(rows.size(0),)](
         rows,
+        rows if residual is None else residual,  # not read without one
+        y if added is None else added,  # not written without one
         weight,
         y,
         rows.stride(0),
+        0 if residual is None else residual.stride(0),
+        0 if added is None else added.stride(0),
         y.stride(0),
         n,
         eps,
         PLUS_ONE=plus_one,
+        RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=num_warps(block),
     )
-    return y.view(x.shape)
+    return y.view(x.shape), None if added is None else added.view(x.shape)
 
 
 def num_warps(block: int) -> int:

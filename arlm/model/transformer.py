@@ -36,12 +36,24 @@ class RMSNorm(nn.Module):
         if fused_inference(x):  # the same numbers in one kernel where the ops below are four
             from arlm.model.kernels import rms_norm
 
-            return rms_norm(x, self.weight, self.eps, self.plus_one)
+            return rms_norm(x, self.weight, self.eps, self.plus_one)[0]
         # normalise in float32 so bfloat16 weights give the reference implementation's numbers
         h = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
         if self.plus_one:  # Gemma applies its gain in float32 too, and rounds once at the end
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The residual stream ``x + h`` and ``norm`` of it: for an RMSNorm in inference on a GPU
+    one kernel, where the add and the norm are two."""
+    if isinstance(norm, RMSNorm) and fused_inference(x) and h.dtype == x.dtype:
+        from arlm.model.kernels import rms_norm
+
+        normed, x = rms_norm(h, norm.weight, norm.eps, norm.plus_one, residual=x)
+        return x, normed
+    x = x + h
+    return x, norm(x)
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -231,8 +243,8 @@ class Block(nn.Module):
         h = self.attn(self.ln_1(x), rope, kv_cache, mask)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + self.resid_dropout(h)
-        h = self.mlp(self.ln_2(x))
+        x, h = add_and_norm(self.ln_2, x, self.resid_dropout(h))
+        h = self.mlp(h)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + self.resid_dropout(h)
