@@ -12,8 +12,9 @@ Sections (each guarded: a failure prints an error line and the others go on):
   layers', output head included: ``arlm.model.packing.weight_bytes``; of the input embedding a
   step reads one row);
 - decode: batch-1 greedy decode of 256 tokens after a 64-token prompt: ``lm.generate``, and
-  (on CUDA) the same with ``enable_torch_compile`` (its start-up time too), transformers'
-  ``generate`` (eager), and ``generate`` with a static cache and ``torch.compile``
+  (on CUDA) the same with ``enable_torch_compile`` (its start-up time too) and with the
+  PyTorch ops in place of arlm's Triton kernels for the norms, rotary embedding, SwiGLU and
+  KV store (``arlm.model.kernels``), transformers' ``generate`` (eager), and ``generate`` with a static cache and ``torch.compile``
   (``cache_implementation="static"``), after a warm-up run each;
 - variants: batch-1 greedy decode as above after a prompt longer than a window, through the
   KV caches and layers the decode graphs also take: the float cache, int8 and int4 blocks,
@@ -79,6 +80,7 @@ from pathlib import Path
 import torch
 
 import arlm
+import arlm.devices
 from arlm.engine import AsyncEngine, Engine, EngineConfig
 from arlm.kv_cache import CacheConfig
 from arlm.model.packing import weight_bytes
@@ -287,6 +289,19 @@ def decode(ctx: dict) -> dict:
         seconds, fused = timed(device, lambda lm=lm: lm.generate(prompt, params))
         out["arlm_compiled_tok_s"] = sizes.new / seconds
         out["compiled_agree"] = _agree(fused.token_ids, completion.token_ids)
+        del lm
+        free_memory(device)
+        # the same without arlm's Triton kernels for the norms, rotary, SwiGLU and KV store:
+        # the PyTorch ops they stand in for, captured as they were before stop 45
+        arlm.devices._HAS_TRITON = False
+        try:
+            lm = engine_lm(ctx, 1)
+            lm.generate(prompt, params)
+            seconds, ops = timed(device, lambda lm=lm: lm.generate(prompt, params))
+        finally:
+            arlm.devices._HAS_TRITON = True
+        out["arlm_ops_tok_s"] = sizes.new / seconds
+        out["ops_agree"] = _agree(ops.token_ids, completion.token_ids)
         del lm
         free_memory(device)
     ids = torch.tensor([prompt], device=device)
@@ -793,6 +808,10 @@ def table(results: dict, sizes: Sizes) -> str:
         row("  compiled: vs bandwidth limit", a, limit, ">= 0.60x")
         seconds, agree = dec["arlm_compile_s"], dec["compiled_agree"]
         row("  compiled: start-up s, greedy tokens equal", f"{seconds:.0f} s, {agree}/{sizes.new}")
+    if "arlm_ops_tok_s" in dec:
+        a, agree = dec["arlm_ops_tok_s"], dec["ops_agree"]
+        row("batch-1 decode tok/s, Triton norms/rotary/SwiGLU/store vs ops", dec["arlm_tok_s"], a)
+        row("  ops: greedy tokens equal", f"{agree}/{sizes.new}")
     va = results.get("variants", {})
     if "float_tok_s" in va:
         what = f"after {sizes.variant_prompt} positions"
