@@ -197,7 +197,7 @@ def _graph_steps_through_the_kernel(family: str) -> None:
     from arlm.train.corpus import builtin_documents
 
     tokenizer = Tokenizer.train(builtin_documents(), vocab_size=512)
-    model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5, n_layer=1)
+    model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5, n_layer=2)
     prompts = _joining_prompts(5, seed=3)
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3)
     config = dict(max_num_seqs=3, max_num_batched_tokens=24)

@@ -57,15 +57,17 @@ def _keep_row(cache: KVCache, row: int, pos: int) -> None:
 
 
 class _LastBlock:
-    """Keeps the last block's output (B, T, n_embd) of each forward: the final norm of it is
-    the hidden state contrastive search compares (the model's ``ln_f`` input)."""
+    """Keeps the residual stream (B, T, n_embd) after the last block of each forward: the
+    final norm of it is the hidden state contrastive search compares (the model's ``ln_f``
+    input). A block returns the stream before its own output is added (see ``Block``)."""
 
     def __init__(self, model: Transformer) -> None:
         self.output: torch.Tensor | None = None
         self.handle = model.h[-1].register_forward_hook(self._keep)
 
     def _keep(self, module, args, output) -> None:
-        self.output = output
+        x, pending = output
+        self.output = x + pending
 
 
 @torch.inference_mode()

@@ -41,8 +41,10 @@ from arlm.model.transformer import Transformer
 # the static inputs' columns, per row: token id, position, how far its sequence reaches in the
 # step (LongRoPE picks its factors by it), which row's logits come i-th (row i's entry, for i
 # below the bucket's logit rows), the decode kernel's i-th tile (first row, rows: columns TILE
-# and TILE + 1), then the block table from column TABLE on
-SELECT, TILE, TABLE = 3, 4, 6
+# and TILE + 1), the cell its key and value go to (``StaticDecode``'s ``writes``: worked out on
+# the host, where it is a few vector ops a step, not ten launches in the graph), then the
+# block table from column TABLE on
+SELECT, TILE, WRITE, TABLE = 3, 4, 6, 7
 
 log = logging.getLogger("arlm.engine")
 
@@ -87,6 +89,7 @@ class DecodeGraphs:
             [torch.arange(largest), torch.ones(largest, dtype=torch.long)], 1
         )
         self._inputs[:, TILE : TILE + 2] = self._row_tiles
+        self._inputs[:, WRITE] = self._spare_cell = cache.spare * cache.n_kv_head * cache.block_size
         self._inputs[:, TABLE:] = cache.spare
         # A step writes only the columns its rows' tables reach (a row reads its table up to
         # its own position, never the stale entries past it): rows x (TABLE + the longest
@@ -113,7 +116,9 @@ class DecodeGraphs:
         rows = self._inputs[:batch]
         tokens, positions, ends, tables = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, TABLE:]
         select = rows[: min(batch, self.max_logits), SELECT]
-        step = StaticDecode(self.cache, tables, positions, rows[:, TILE : TILE + 2])
+        step = StaticDecode(
+            self.cache, tables, positions, rows[:, WRITE], rows[:, TILE : TILE + 2]
+        )
         logits, _ = self.model(
             tokens[None],
             kv_cache=step,
@@ -207,6 +212,7 @@ class DecodeGraphs:
         sizes = [len(tokens), rows, rows, picked, len(tiles), len(spans), sum(lengths)]
         tokens_in, positions, ends, picks, tiles_in, table_lengths, blocks = ints.split(sizes)
         staging[rows:, :TABLE] = 0
+        staging[rows:, WRITE] = self._spare_cell
         staging[rows:, TABLE:] = spare
         staging[num_fed:rows, 0] = tokens_in
         staging[:rows, 1] = positions
@@ -223,6 +229,7 @@ class DecodeGraphs:
         if rows > len(spans):  # a table per position
             tables = tables.repeat_interleave(torch.tensor(counts), dim=0)
         staging[:rows, TABLE:] = tables
+        staging[:rows, WRITE] = self.cache.write_cells(tables, positions)
         # this buffer is filled again two steps on; by then the host has waited for the ids
         # sampled after this copy, which is queued before them
         landing = self._landing[: batch * cols].view(batch, cols)

@@ -233,6 +233,14 @@ class PagedKVCache:
         every block allocated so the planes never move)."""
         return self.spare is not None and self.allocated == self.num_blocks
 
+    def write_cells(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where position ``positions[b]`` of the sequence whose block table is ``tables[b]``
+        (B, blocks) lies in the planes seen as rows of (blocks * n_kv_head * block_size,
+        width): its first KV head's row; head h's is ``block_size * h`` further."""
+        bs = self.block_size
+        block = tables.gather(1, (positions // bs)[:, None])[:, 0]
+        return block * (self.n_kv_head * bs) + positions % bs
+
     @property
     def nbytes(self) -> int:
         """The blocks' planes and what ``lone_history`` and ``held_rows`` hold."""
@@ -617,7 +625,8 @@ class StaticDecode:
     row b's token is at position ``positions[b]``, its block table row ``tables[b]`` (rows of
     one sequence, a verify row's guesses or a prompt chunk's tokens, share a table). It writes
     every row's key and value there and then attends each row over its table's positions up
-    to its own through ``decode_attention`` (a sliding-window layer's rows over their window).
+    to its own through ``decode_attention`` (a sliding-window layer's rows over their window);
+    ``writes[b]`` is that position's cell, as ``PagedKVCache.write_cells`` gives it.
     Nothing in it depends on a host value, so a forward through it can be captured once per
     batch size and replayed with new contents in the same tensors
     (``arlm.engine.cuda_graphs``). Padding rows' tables point at the cache's spare block.
@@ -629,15 +638,15 @@ class StaticDecode:
         cache: PagedKVCache,
         tables: torch.Tensor,
         positions: torch.Tensor,
+        writes: torch.Tensor,
         tiles: torch.Tensor | None = None,
     ) -> None:
         self.cache = cache
         cache.lone_history.reset()  # its rows write the pool
         cache.held_rows.reset()
         H, bs = cache.n_kv_head, cache.block_size
-        block = tables.gather(1, (positions // bs)[:, None])  # (B, 1)
-        heads = torch.arange(H, device=tables.device) * bs
-        self._write = ((block * H * bs + (positions % bs)[:, None]) + heads).flatten()
+        heads = torch.arange(0, H * bs, bs, device=tables.device)
+        self._write = (writes[:, None] + heads).flatten()  # token-major, as _store takes them
         self._tables, self._lengths, self._tiles = tables, positions + 1, tiles
         self._rows = tables.size(0)
 

@@ -4,7 +4,7 @@ Outside ``torch.compile`` every PyTorch op is a kernel launch, and a decode step
 batch is made of launches that each do a few microseconds of work, in a graph replay too.
 Three of the model's pieces took several each where one does: ``RMSNorm`` (to float32,
 ``rms_norm``, back to the input's dtype, times the gain: four kernels a norm in bfloat16, 132
-of a 16-layer step; the residual add before the MLP's norm joins it), the rotary embedding
+of a 16-layer step; the residual adds join the norms after them), the rotary embedding
 (times cos, the halves swapped and negated, times sin, the sum: five a layer, 80 of a 16-layer
 step) and SwiGLU's activation (silu of the gate, times the up projection: two a layer). Each
 kernel here is one launch with the PyTorch ops' roundings, so that a model gives the same

@@ -44,9 +44,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def add_and_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The residual stream ``x + h`` and ``norm`` of it: for an RMSNorm in inference on a GPU
-    one kernel, where the add and the norm are two."""
+def add_and_norm(
+    norm: nn.Module, x: torch.Tensor, h: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream ``x + h`` (``x`` where ``h`` is None) and ``norm`` of it: for an
+    RMSNorm in inference on a GPU one kernel, where the add and the norm are two."""
+    if h is None:
+        return x, norm(x)
     if isinstance(norm, RMSNorm) and fused_inference(x) and h.dtype == x.dtype:
         from arlm.model.kernels import rms_norm
 
@@ -239,15 +243,19 @@ class Block(nn.Module):
         self.post_mlp_norm = make_norm(config) if sandwich else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, kv_cache, mask) -> torch.Tensor:
-        h = self.attn(self.ln_1(x), rope, kv_cache, mask)
+    def forward(self, x, pending, rope, kv_cache, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream ``x`` and what the block before adds to it, ``pending`` (None
+        before the first): the add is left to this block's first norm, so that on a GPU the
+        two are one kernel. Returns the stream and this block's ``pending`` likewise."""
+        x, h = add_and_norm(self.ln_1, x, pending)
+        h = self.attn(h, rope, kv_cache, mask)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x, h = add_and_norm(self.ln_2, x, self.resid_dropout(h))
         h = self.mlp(h)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + self.resid_dropout(h)
+        return x, self.resid_dropout(h)
 
 
 class Transformer(nn.Module):
@@ -426,13 +434,14 @@ class Transformer(nn.Module):
             kv_cache.prepare(start_pos, T, rotate)
         elif self.config.sliding_window is not None:
             masks = layer_masks(self.windows, 0, T, idx.device)
+        pending = None
         for block, mask, rope in zip(self.h, masks, ropes, strict=True):
-            x = block(x, rope, kv_cache, mask)
+            x, pending = block(x, pending, rope, kv_cache, mask)
         if last_only:
-            x = x[:, -1:]
+            x, pending = x[:, -1:], pending[:, -1:]
         elif logits_at is not None:
-            x = x[:, logits_at]
-        x = self.ln_f(x)
+            x, pending = x[:, logits_at], pending[:, logits_at]
+        x = add_and_norm(self.ln_f, x, pending)[1]
         if targets is not None and not return_logits and self._head_is_plain():
             # training needs the loss alone: head and cross-entropy in chunks, no (B*T, vocab)
             loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
