@@ -383,47 +383,62 @@ def steps_summary(before: dict, after: dict) -> str:
     return summary
 
 
-def steps(ctx: dict) -> dict:
-    """Steady decode steps of ``step_seqs`` sequences through ``Engine.step``, profiled: wall
-    time per step against the device's busy time (its kernels' and copies' durations), with
-    overlap scheduling (the default on CUDA) and without."""
+def _profiled_steps(ctx: dict, seqs: int, overlap: bool) -> dict:
+    """``step_count`` steady decode steps of ``seqs`` sequences through ``Engine.step`` under
+    ``torch.profiler``: wall ms a step and, on CUDA, the device's busy ms a step (its kernels'
+    and copies' durations), its kernels and copies a step, and the kernels that took most of
+    its time (name, microseconds a step)."""
     device, sizes, lm = ctx["device"], ctx["sizes"], ctx["lm"]
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    out = {}
-    for overlap in (True, False):
-        config = engine_config(ctx, sizes.step_seqs, async_scheduling=overlap)
-        engine = Engine(lm.model, lm.tokenizer, lm.cache_config, config)
-        rng = random.Random(3)
-        params = SamplingParams(max_tokens=sizes.step_count + 16, temperature=0.0, ignore_eos=True)
-        for _ in range(sizes.step_seqs):
-            engine.add_request(random_ids(rng, lm.model.config.vocab_size, sizes.prompt), params)
-        running = engine.scheduler.running
-        while engine.scheduler.waiting or any(s.num_cached < s.prompt_len for s in running):
-            engine.step()  # the prefill
-        for _ in range(4):  # the first decode steps: graphs' first replays, the overlap's start
+    config = engine_config(ctx, seqs, async_scheduling=overlap)
+    engine = Engine(lm.model, lm.tokenizer, lm.cache_config, config)
+    rng = random.Random(3)
+    params = SamplingParams(max_tokens=sizes.step_count + 16, temperature=0.0, ignore_eos=True)
+    for _ in range(seqs):
+        engine.add_request(random_ids(rng, lm.model.config.vocab_size, sizes.prompt), params)
+    running = engine.scheduler.running
+    while engine.scheduler.waiting or any(s.num_cached < s.prompt_len for s in running):
+        engine.step()  # the prefill
+    for _ in range(4):  # the first decode steps: graphs' first replays, the overlap's start
+        engine.step()
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(sizes.step_count):
             engine.step()
         sync(device)
-        with torch.profiler.profile(activities=activities) as prof:
-            start = time.perf_counter()
-            for _ in range(sizes.step_count):
-                engine.step()
-            sync(device)
-            wall = (time.perf_counter() - start) / sizes.step_count
-        key = "overlap" if overlap else "plain"
-        out[f"{key}_step_ms"] = wall * 1e3
-        if device.type == "cuda":
-            events = prof.key_averages()
-            busy = sum(e.self_device_time_total for e in events) / 1e6
-            out[f"{key}_busy_ms"] = busy / sizes.step_count * 1e3
-            out[f"{key}_busy_share"] = out[f"{key}_busy_ms"] / out[f"{key}_step_ms"]
-            # the device's kernels and copies a step: what its launches cost beside its bytes
-            on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-            out[f"{key}_device_ops"] = sum(e.count for e in on_device) / sizes.step_count
-        out[f"{key}_overlapped_steps"] = engine.stats()["overlapped_steps"]
-        del engine
-        free_memory(device)
+        wall = (time.perf_counter() - start) / sizes.step_count
+    out = {"step_ms": wall * 1e3, "overlapped_steps": engine.stats()["overlapped_steps"]}
+    if device.type == "cuda":
+        # the device's kernels and copies: what its launches cost beside its bytes
+        events = prof.key_averages()
+        on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in events) / 1e3 / sizes.step_count
+        out.update(busy_ms=busy, busy_share=busy / out["step_ms"])
+        out["device_ops"] = sum(e.count for e in on_device) / sizes.step_count
+        top = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:5]
+        out["top_kernels"] = [
+            (e.key[:70], e.self_device_time_total / sizes.step_count, e.count / sizes.step_count)
+            for e in top
+        ]
+    del engine
+    free_memory(device)
+    return out
+
+
+def steps(ctx: dict) -> dict:
+    """Steady decode steps (``_profiled_steps``) of ``step_seqs`` sequences with overlap
+    scheduling (the default on CUDA) and without, and of one sequence with it: where the
+    batch-1 step's time goes."""
+    out = {}
+    for key, seqs, overlap in (
+        ("overlap", ctx["sizes"].step_seqs, True),
+        ("plain", ctx["sizes"].step_seqs, False),
+        ("single", 1, True),
+    ):
+        out.update({f"{key}_{k}": v for k, v in _profiled_steps(ctx, seqs, overlap).items()})
     return out
 
 
@@ -824,15 +839,20 @@ def table(results: dict, sizes: Sizes) -> str:
                 row(f"batch-1 decode tok/s {what}, {label} vs float KV", va[f"{name}_tok_s"],
                     va["float_tok_s"])  # fmt: skip
                 row(f"  {label}: how its steps ran", va[f"{name}_steps"])
-    st = results.get("steps", {})
+    st, n = results.get("steps", {}), sizes.step_seqs
     if "overlap_step_ms" in st:
-        n = sizes.step_seqs
         row(f"decode step ms, {n} seqs, overlap vs not", st["overlap_step_ms"], st["plain_step_ms"])
-    if "overlap_busy_share" in st:
-        for key in ("overlap", "plain"):
-            busy, share = st[f"{key}_busy_ms"], st[f"{key}_busy_share"]
-            row(f"GPU busy ms of a {n}-seq step ({key})", busy, None, "", f"{share:.0%} busy")
-            row(f"  kernels and copies a step ({key})", st[f"{key}_device_ops"])
+    if "single_step_ms" in st:
+        row("decode step ms, 1 seq (overlap)", st["single_step_ms"])
+    for key, what in (("overlap", f"{n}-seq step (overlap)"), ("plain", f"{n}-seq step (plain)"),
+                      ("single", "1-seq step (overlap)")):  # fmt: skip
+        if f"{key}_busy_share" not in st:
+            continue
+        busy, share = st[f"{key}_busy_ms"], st[f"{key}_busy_share"]
+        row(f"GPU busy ms of a {what}", busy, None, "", f"{share:.0%} busy")
+        row(f"  kernels and copies a step ({key})", st[f"{key}_device_ops"])
+        for name, us, count in st[f"{key}_top_kernels"]:
+            row(f"    {name}", f"{us:.0f} us, {count:g} a step")
     for cap in sizes.seq_caps:
         if f"arlm_{cap}_tok_s" in off:
             peer = off.get(f"hf_cb_{cap}_tok_s")
