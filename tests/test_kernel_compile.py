@@ -33,10 +33,13 @@ PLANES = {  # codec -> (the key/value planes' type, QUANT, bytes per element)
 }
 
 
-def _compile(codec: str, head_dim: int, query: str = "*bf16", group: int | None = None):
+def _compile(
+    codec: str, head_dim: int, query: str = "*bf16", group: int | None = None, splits: int = 8
+):
     """The kernel compiled for sm_90, as ``decode_attention`` launches it for ``codec`` blocks
     of ``head_dim`` (blocks of 16 positions): taking its rows one a program (4 query heads per
-    KV head), or, with ``group`` query heads per KV head, from a graph step's tiles."""
+    KV head), or, with ``group`` query heads per KV head, from a graph step's tiles; over
+    ``splits`` splits (one writes the query's dtype, more float32 for the merge)."""
     tiled = group is not None
     group = group or 4
     from triton import compile as triton_compile
@@ -51,11 +54,12 @@ def _compile(codec: str, head_dim: int, query: str = "*bf16", group: int | None 
     constants = dict(GROUP=group, GROUP_PAD=pad if tiled else max(16, pad),
                      ROWS=rows_per_tile(group) if tiled else 1, TILED=tiled,
                      HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_SIZE=16,
-                     BLOCK_N=block_n, SPLITS=8, QUANT=quant,
+                     BLOCK_N=block_n, SPLITS=splits, QUANT=quant,
                      PRECISION="ieee" if query == "*fp32" else "tf32")  # fmt: skip
     aux = "*fp16" if quant else plane  # the scale (and minimum) planes
     types = dict(Q=query, K=plane, V=plane, KScale=aux, KLow=aux, VScale=aux, VLow=aux,
-                 Tables="*i64", Lengths="*i64", Tiles="*i64", Out="*fp32", Lse="*fp32",
+                 Tables="*i64", Lengths="*i64", Tiles="*i64",
+                 Out=query if splits == 1 else "*fp32", Lse="*fp32",
                  scale="fp32",
                  window="i32")  # fmt: skip
     signature = {
@@ -198,11 +202,19 @@ def test_every_variant_compiles_and_keeps_to_registers(tmp_path: Path, codec, he
     assert " STACK:0 " in line, line
 
 
-@pytest.mark.parametrize("splits", [1, 5, 32])
+@pytest.mark.parametrize("tiles_of", [None, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_one_split_writing_the_query_s_dtype_keeps_to_registers(tmp_path, head_dim, tiles_of):
+    """Many rows on a GPU take one split, whose result the kernel writes in bfloat16."""
+    line = _stack_line(tmp_path, _compile("bfloat16", head_dim, "*bf16", tiles_of, splits=1))
+    assert " STACK:0 " in line, line
+
+
+@pytest.mark.parametrize("splits", [2, 5, 32])
 @pytest.mark.parametrize("out", ["*bf16", "*fp32"])
 def test_the_merge_of_the_splits_compiles_and_keeps_to_registers(tmp_path: Path, splits, out):
-    """The second kernel, at one split (many rows), a count that is not a power of two and
-    the most ``num_splits`` picks, writing bfloat16 or float32, at a head size of 256."""
+    """The second kernel, at the fewest splits it merges, a count that is not a power of two
+    and the most ``num_splits`` picks, writing bfloat16 or float32, at a head size of 256."""
     line = _stack_line(tmp_path, _compile_merge(splits, 256, out))
     assert " STACK:0 " in line, line
 

@@ -178,9 +178,13 @@ def _triton_decode(
     group = n_head // n_kv
     splits = num_splits(B, n_kv, q.device)
     hd_pad = max(16, 1 << (hd - 1).bit_length())
-    out = torch.empty(B, n_head, splits, hd_pad, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, n_head, splits, dtype=torch.float32, device=q.device)
     out_dtype = q.dtype
+    # one split (many rows on a GPU): its result is the row's, the merge's weights all 1, so
+    # the kernel writes it in the output's dtype and the second launch is left out
+    one = splits == 1
+    out_kind = out_dtype if one else torch.float32
+    out = torch.empty(B, n_head, splits, hd_pad, dtype=out_kind, device=q.device)
+    lse = torch.empty(B, n_head, splits, dtype=torch.float32, device=q.device)
     # float blocks: products in their dtype (a cache may store another float type than the
     # model); quantized ones are decoded into the query's
     if quant == 0:
@@ -245,6 +249,8 @@ def _triton_decode(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
+    if one:
+        return out[:, :, 0, :hd]
     # the splits merged, in the query's dtype, by a second kernel: one launch where PyTorch
     # ops took eight (max, exp, weigh, two sums, divide, cast), every layer of every step
     y = torch.empty(B, n_head, hd, dtype=out_dtype, device=q.device)
