@@ -437,11 +437,11 @@ class Transformer(nn.Module):
         pending = None
         for block, mask, rope in zip(self.h, masks, ropes, strict=True):
             x, pending = block(x, pending, rope, kv_cache, mask)
+        x = add_and_norm(self.ln_f, x, pending)[1]  # row by row: the rows below are the same
         if last_only:
-            x, pending = x[:, -1:], pending[:, -1:]
+            x = x[:, -1:]
         elif logits_at is not None:
-            x, pending = x[:, logits_at], pending[:, logits_at]
-        x = add_and_norm(self.ln_f, x, pending)[1]
+            x = x[:, logits_at]
         if targets is not None and not return_logits and self._head_is_plain():
             # training needs the loss alone: head and cross-entropy in chunks, no (B*T, vocab)
             loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
