@@ -443,8 +443,13 @@ class PagedStep:
         hd = cache.head_dim
         scale = hd**-0.5 if scale is None else scale
         k_planes, v_planes = cache.k[layer], cache.v[layer]
-        # written back later only where the held tensors hold what the pool would (one dtype)
-        deferred = self._deferred and q.dtype == k.dtype == k_planes[0].dtype == cache.dtype
+        # what the pool holds of this step's tokens is k and v themselves: float blocks of one
+        # dtype throughout
+        exact = isinstance(cache.codec, FloatCodec) and (
+            q.dtype == k.dtype == k_planes[0].dtype == cache.dtype
+        )
+        # written back later only where the held tensors hold what the pool would
+        deferred = self._deferred and exact
         if not deferred:
             _store(cache, layer, k, v, self._write)
         out = []
@@ -461,15 +466,20 @@ class PagedStep:
         ):
             first, mask = views[layer]
             end, T = chunk.end, chunk.length
+            at = slice(offset, offset + T)
             if self._lone:
-                at = slice(offset, offset + T)
                 new = (k[:, :, at], v[:, :, at]) if deferred else None
                 keys, values = cache.lone_history.read(layer, chunk, cache.dtype, new)
+            elif chunk.start == 0 and exact:
+                # a prompt's first chunk with nothing cached before it: its history is this
+                # step's own keys and values, as the blocks now hold them (two gathers a chunk
+                # and layer fewer, the most of a step of many short prompts)
+                keys, values = k[:, :, at], v[:, :, at]
             else:
                 keys = gather_history(cache, k_planes, blocks, cache.dtype)
                 values = gather_history(cache, v_planes, blocks, cache.dtype)
             keys, values = keys[:, :, first:end], values[:, :, first:end]
-            out.append(sdpa(q[:, :, offset : offset + T], keys, values, mask, scale))
+            out.append(sdpa(q[:, :, at], keys, values, mask, scale))
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
