@@ -3,7 +3,18 @@ suite shares two cores under pytest-xdist (``make test`` runs ``pytest -n 2 --di
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
+
+# torch.compile's cache does not key its C++ code by ATen's vector level: code built for this
+# CPU's own level and reused under another fails to compile or, silently, gives NaN (the
+# compiled decode step, torch 2.13: avx512 code under ATEN_CPU_CAPABILITY=avx2). A cache per
+# level, set before arlm's imports fix the cache's place
+if (level := os.environ.get("ATEN_CPU_CAPABILITY")) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{level}"
+    )
 
 import pytest
 import torch
