@@ -241,6 +241,13 @@ class PagedKVCache:
         block = tables.gather(1, (positions // bs)[:, None])[:, 0]
         return block * (self.n_kv_head * bs) + positions % bs
 
+    def head_rows(self, cells: torch.Tensor) -> torch.Tensor:
+        """Every KV head's row for the positions whose first head's rows are ``cells`` (N,),
+        token-major (token t's head h at ``t * n_kv_head + h``), as ``_store`` takes them."""
+        bs = self.block_size
+        heads = torch.arange(0, self.n_kv_head * bs, bs, device=cells.device)
+        return (cells[:, None] + heads).flatten()
+
     @property
     def nbytes(self) -> int:
         """The blocks' planes and what ``lone_history`` and ``held_rows`` hold."""
@@ -395,9 +402,7 @@ class PagedStep:
         cells = [
             r.blocks[p // bs] * H * bs + p % bs for r in layout.rows for p in range(r.start, r.end)
         ]
-        # rows of a plane seen as (blocks * n_kv_head * block_size, width), token-major
-        heads = torch.arange(H) * bs
-        self._write = pinned_to((torch.tensor(cells)[:, None] + heads).flatten(), device)
+        self._write = pinned_to(cache.head_rows(torch.tensor(cells)), device)
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
         self._lone = cache.lone_history.follow(layout)
@@ -654,9 +659,7 @@ class StaticDecode:
         self.cache = cache
         cache.lone_history.reset()  # its rows write the pool
         cache.held_rows.reset()
-        H, bs = cache.n_kv_head, cache.block_size
-        heads = torch.arange(0, H * bs, bs, device=tables.device)
-        self._write = (writes[:, None] + heads).flatten()  # token-major, as _store takes them
+        self._write = cache.head_rows(writes)
         self._tables, self._lengths, self._tiles = tables, positions + 1, tiles
         self._rows = tables.size(0)
 
