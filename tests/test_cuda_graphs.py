@@ -21,6 +21,7 @@ from arlm.kv_cache import decode_attention as decode_attention_module
 from arlm.kv_cache.decode_attention import (
     decode_attention,
     decode_attention_reference,
+    split_counters,
     row_tiles,
     rows_per_tile,
 )
@@ -400,6 +401,8 @@ def _kernel_against_reference(
     want = decode_attention_reference(*args, window)
     # weighted means of values of size max|v|, summed in another order (the kernel's splits)
     assert_close(got, want, scale=codec.decode(v, torch.float32).abs().max().item())
+    # the last split of each program put its counter back for the next launch
+    assert not split_counters(q.device, 0).any()
 
 
 def test_the_reference_with_a_window_attends_over_each_row_s_last_positions():
@@ -472,6 +475,25 @@ def test_the_triton_kernel_equals_the_reference(
         "from tests.test_cuda_graphs import _kernel_against_reference as check; "
         f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r}, {splits}, {tiled})"
     )
+
+
+def _launches_in_turn(device: str) -> None:
+    """Lone rows over three splits, a graph step's tiles over four (a window of 50), lone
+    rows of other heads over int8 blocks and two splits, one launch after another."""
+    _kernel_against_reference(device, 8, 2, 24, None, "auto", 3, False)
+    _kernel_against_reference(device, 8, 2, 24, 50, "auto", 4, True)
+    _kernel_against_reference(device, 4, 4, 16, None, "int8", 2, False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_launches_one_after_another_each_merge_their_own_splits():
+    """The splits' counters are one buffer for every launch: each launch of
+    ``_launches_in_turn`` equals the reference and leaves them at 0 (a counter left short by
+    one launch would keep the next from merging)."""
+    if torch.cuda.is_available():
+        _launches_in_turn("cuda")
+        return
+    run_interpreted("from tests.test_cuda_graphs import _launches_in_turn; _launches_in_turn('cpu')")
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from arlm.kv_cache.decode_attention import group_pad, rows_per_tile, tile
+from arlm.kv_cache.decode_attention import group_pad, merge_chunk, rows_per_tile, tile
 
 
 def _nvidia_backend() -> bool:
@@ -39,7 +39,7 @@ def _compile(
     """The kernel compiled for sm_90, as ``decode_attention`` launches it for ``codec`` blocks
     of ``head_dim`` (blocks of 16 positions): taking its rows one a program (4 query heads per
     KV head), or, with ``group`` query heads per KV head, from a graph step's tiles; over
-    ``splits`` splits (one writes the query's dtype, more float32 for the merge)."""
+    ``splits`` splits (one writes the output, more float32 results that the last merges)."""
     tiled = group is not None
     group = group or 4
     from triton import compile as triton_compile
@@ -51,17 +51,17 @@ def _compile(
     plane, quant, element_bytes = PLANES[codec]
     block_n, num_warps = tile(head_dim, quant, element_bytes, tiled)
     pad = group_pad(group)
+    splits_pad = max(2, 1 << (splits - 1).bit_length())
     constants = dict(GROUP=group, GROUP_PAD=pad if tiled else max(16, pad),
                      ROWS=rows_per_tile(group) if tiled else 1, TILED=tiled,
                      HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_SIZE=16,
-                     BLOCK_N=block_n, SPLITS=splits, QUANT=quant,
+                     BLOCK_N=block_n, SPLITS=splits, SPLITS_PAD=splits_pad, MERGE_HEADS=pad,
+                     CHUNK=merge_chunk(pad, splits_pad, head_dim, num_warps), QUANT=quant,
                      PRECISION="ieee" if query == "*fp32" else "tf32")  # fmt: skip
     aux = "*fp16" if quant else plane  # the scale (and minimum) planes
     types = dict(Q=query, K=plane, V=plane, KScale=aux, KLow=aux, VScale=aux, VLow=aux,
-                 Tables="*i64", Lengths="*i64", Tiles="*i64",
-                 Out=query if splits == 1 else "*fp32", Lse="*fp32",
-                 scale="fp32",
-                 window="i32")  # fmt: skip
+                 Tables="*i64", Lengths="*i64", Tiles="*i64", Y=query, Out="*fp32",
+                 Lse="*fp32", Counters="*i32", scale="fp32", window="i32")  # fmt: skip
     signature = {
         name: types.get(name, "constexpr" if name in constants else "i64")  # strides: i64
         for name in split_decode.arg_names
@@ -70,26 +70,6 @@ def _compile(
     return triton_compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
     )
-
-
-def _compile_merge(splits: int, head_dim: int, out: str):
-    """The kernel that merges the splits, compiled for sm_90 as ``decode_attention`` launches
-    it for ``splits`` splits of ``head_dim``, writing ``out``."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from arlm.kv_cache.decode_kernel import merge_splits
-
-    constants = dict(SPLITS=splits, SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()),
-                     HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim)  # fmt: skip
-    types = dict(Out="*fp32", Lse="*fp32", Y=out)
-    signature = {
-        name: types.get(name, "constexpr" if name in constants else "i64")
-        for name in merge_splits.arg_names
-    }
-    source = ASTSource(fn=merge_splits, signature=signature, constexprs=constants)
-    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
 def _compile_norm(n: int, dtype: str, plus_one: bool, residual: bool):
@@ -210,12 +190,13 @@ def test_one_split_writing_the_query_s_dtype_keeps_to_registers(tmp_path, head_d
     assert " STACK:0 " in line, line
 
 
+@pytest.mark.parametrize("tiles_of", [None, 1, 4])
 @pytest.mark.parametrize("splits", [2, 5, 32])
-@pytest.mark.parametrize("out", ["*bf16", "*fp32"])
-def test_the_merge_of_the_splits_compiles_and_keeps_to_registers(tmp_path: Path, splits, out):
-    """The second kernel, at the fewest splits it merges, a count that is not a power of two
-    and the most ``num_splits`` picks, writing bfloat16 or float32, at a head size of 256."""
-    line = _stack_line(tmp_path, _compile_merge(splits, 256, out))
+def test_the_merge_of_the_splits_keeps_to_registers(tmp_path: Path, splits, tiles_of):
+    """The last split's merge inside the kernel, at the fewest splits, a count that is not a
+    power of two and the most ``num_splits`` picks, at a head size of 256 (the widest loads
+    of the splits' results, in the most chunks), lone rows and tiles."""
+    line = _stack_line(tmp_path, _compile("bfloat16", 256, "*bf16", tiles_of, splits=splits))
     assert " STACK:0 " in line, line
 
 

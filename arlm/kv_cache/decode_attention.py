@@ -5,8 +5,9 @@ A decode step's rows hold arbitrary blocks at arbitrary lengths. ``decode_attent
 them as device tensors (``tables``, ``lengths``), so one call serves any batch without host-side
 setup and can be captured in a CUDA graph. On CUDA it runs a Triton kernel that follows row b's
 block table through exactly ``lengths[b]`` positions (never a gathered copy), split along the
-sequence so that even one row keeps many multiprocessors busy (flash-decoding); the splits'
-partial results are merged by their log-sum-exp in a second kernel. A sliding-window layer's
+sequence so that even one row keeps many multiprocessors busy (flash-decoding); the last split
+of a row to finish merges the splits' partial results by their log-sum-exp, in the same
+launch. A sliding-window layer's
 rows read only their window's positions, from ``lengths[b] - window`` on: the kernel's splits
 cover just those, so a long row of a windowed layer costs what its window does. Elsewhere,
 and for the kernel's own tests, ``decode_attention_reference`` does the same with PyTorch ops.
@@ -169,7 +170,7 @@ def _triton_decode(
     tiles: torch.Tensor | None,
 ) -> torch.Tensor:
     # Triton: imported only where it runs
-    from arlm.kv_cache.decode_kernel import merge_splits, split_decode
+    from arlm.kv_cache.decode_kernel import split_decode
 
     quant = _QUANT[type(codec)]
     k_plane, v_plane = k_planes[0], v_planes[0]
@@ -178,13 +179,7 @@ def _triton_decode(
     group = n_head // n_kv
     splits = num_splits(B, n_kv, q.device)
     hd_pad = max(16, 1 << (hd - 1).bit_length())
-    out_dtype = q.dtype
-    # one split (many rows on a GPU): its result is the row's, the merge's weights all 1, so
-    # the kernel writes it in the output's dtype and the second launch is left out
-    one = splits == 1
-    out_kind = out_dtype if one else torch.float32
-    out = torch.empty(B, n_head, splits, hd_pad, dtype=out_kind, device=q.device)
-    lse = torch.empty(B, n_head, splits, dtype=torch.float32, device=q.device)
+    y = torch.empty(B, n_head, hd, dtype=q.dtype, device=q.device)
     # float blocks: products in their dtype (a cache may store another float type than the
     # model); quantized ones are decoded into the query's
     if quant == 0:
@@ -199,6 +194,16 @@ def _triton_decode(
     tiled = tiles is not None
     block_n, num_warps = tile(hd_pad, quant, k_plane.element_size(), tiled)
     programs = tiles.size(0) if tiled else B
+    # the splits' results and log-sum-exps, for the last split to merge; one split (many rows
+    # on a GPU) writes its result as the output and needs neither
+    if splits > 1:
+        out = torch.empty(B, n_head, splits, hd_pad, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, n_head, splits, dtype=torch.float32, device=q.device)
+        counters = split_counters(q.device, programs * n_kv)
+    else:
+        out = lse = counters = y  # not read
+    pad = group_pad(group)
+    splits_pad = max(2, 1 << (splits - 1).bit_length())
     split_decode[(programs, n_kv, splits)](
         q,
         k_plane,
@@ -210,8 +215,10 @@ def _triton_decode(
         tables,
         lengths,
         tiles if tiled else lengths,  # not read without tiles
+        y,
         out,
         lse,
+        counters,
         scale,
         0 if window is None else window,
         q.stride(0),
@@ -226,16 +233,18 @@ def _triton_decode(
         k_scale.stride(0),
         k_scale.stride(1),
         k_scale.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        lse.stride(0),
-        lse.stride(1),
+        out.stride(0) if splits > 1 else 0,
+        out.stride(1) if splits > 1 else 0,
+        out.stride(2) if splits > 1 else 0,
+        lse.stride(0) if splits > 1 else 0,
+        lse.stride(1) if splits > 1 else 0,
+        y.stride(0),
+        y.stride(1),
         tiles.stride(0) if tiled else 0,
         GROUP=group,
         # a tile's rows fill the 16 query vectors tl.dot takes at least; a lone row pads its
         # heads to them
-        GROUP_PAD=group_pad(group) if tiled else max(16, group_pad(group)),
+        GROUP_PAD=pad if tiled else max(16, pad),
         ROWS=rows_per_tile(group) if tiled else 1,
         TILED=tiled,
         HEAD_DIM=hd,
@@ -243,31 +252,40 @@ def _triton_decode(
         BLOCK_SIZE=k_plane.size(2),
         BLOCK_N=block_n,
         SPLITS=splits,
+        SPLITS_PAD=splits_pad,
+        MERGE_HEADS=pad,
+        CHUNK=merge_chunk(pad, splits_pad, hd_pad, num_warps),
         QUANT=quant,
         # float32 queries: exact products ("tf32", the default, would round their inputs; a
         # constant, as the compiler does not fold a choice made inside the kernel)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
-    if one:
-        return out[:, :, 0, :hd]
-    # the splits merged, in the query's dtype, by a second kernel: one launch where PyTorch
-    # ops took eight (max, exp, weigh, two sums, divide, cast), every layer of every step
-    y = torch.empty(B, n_head, hd, dtype=out_dtype, device=q.device)
-    merge_splits[(B, n_head)](
-        out,
-        lse,
-        y,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        y.stride(0),
-        y.stride(1),
-        SPLITS=splits,
-        SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()),
-        HEAD_DIM=hd,
-        HEAD_DIM_PAD=hd_pad,
-    )
     return y
+
+
+def merge_chunk(heads: int, splits_pad: int, head_dim_pad: int, num_warps: int) -> int:
+    """Splits the merge loads at once for a row's ``heads`` query heads: as many as keep
+    its (heads, splits, head_dim) load to 16 float32 values a thread."""
+    fits = max(1, (16 * 32 * num_warps) // (heads * head_dim_pad))
+    return min(splits_pad, 1 << (fits.bit_length() - 1))
+
+
+# a counter per program and KV head of a split launch, on each device: how many of its
+# splits have finished. The launch that counts to the last puts it back to 0, so one zeroed
+# buffer serves every launch and every replay of a captured one (launches on one device
+# queue on one stream at a time, as arlm runs its forwards)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed int32 counters on ``device``: the same buffer each call, grown
+    where it is short (on a GPU, to begin with, one per multiprocessor: splits are taken only
+    where rows and KV heads fill fewer programs than that, so a graph's capture finds it made)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda":
+            n = max(n, torch.cuda.get_device_properties(device).multi_processor_count)
+        have = torch.zeros(n, dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have

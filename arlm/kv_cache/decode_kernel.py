@@ -1,9 +1,10 @@
-"""The Triton kernels behind ``arlm.kv_cache.decode_attention``: ``split_decode``, one program
+"""The Triton kernel behind ``arlm.kv_cache.decode_attention``: ``split_decode``, one program
 per tile of rows (consecutive positions of one sequence, or one row), KV head and split of the
 positions the tile's queries see, reading the rows' blocks through their table and decoding
-quantized ones as it reads them; ``merge_splits``, one per row and query head, weighing the
-splits' results into the output. Imported only where they run (CUDA, or Triton's interpreter
-in the tests), so arlm itself does not need Triton."""
+quantized ones as it reads them. Split along the sequence, the last of a tile's splits to
+finish weighs all their results into the output (``merge_splits``), so a step takes one
+launch a layer for its attention, not two. Imported only where it runs (CUDA, or Triton's
+interpreter in the tests), so arlm itself does not need Triton."""
 
 import triton
 import triton.language as tl
@@ -43,8 +44,10 @@ def split_decode(
     Tables,
     Lengths,
     Tiles,
+    Y,
     Out,
     Lse,
+    Counters,
     scale,
     window,  # a sliding window's length; 0: none
     sq_b,
@@ -64,6 +67,8 @@ def split_decode(
     so_s,
     sl_b,
     sl_h,
+    sy_b,
+    sy_h,
     stile,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -74,6 +79,9 @@ def split_decode(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    MERGE_HEADS: tl.constexpr,  # query heads a row's merge takes: GROUP padded to a power of two
+    CHUNK: tl.constexpr,  # splits the merge loads at once
     QUANT: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's input_precision
 ):
@@ -148,13 +156,30 @@ def split_decode(
         m = m_new
     has = total > 0  # a split past the query's positions saw nothing
     out = acc / tl.where(has, total, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
-    tl.store(
-        Out + row[:, None] * so_b + heads[:, None] * so_h + split * so_s + d[None, :],
-        out,
-        mask=ok[:, None],
-    )
-    tl.store(Lse + row * sl_b + heads * sl_h + split, lse, mask=ok)
+    if SPLITS == 1:  # the row's result: written as the output, nothing to merge
+        tl.store(
+            Y + row[:, None] * sy_b + heads[:, None] * sy_h + d[None, :],
+            out.to(Y.dtype.element_ty),
+            mask=ok[:, None] & d_ok[None, :],
+        )
+    else:
+        lse = tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+        at = row[:, None] * so_b + heads[:, None] * so_h + split * so_s + d[None, :]
+        tl.store(Out + at, out, mask=ok[:, None])
+        tl.store(Lse + row * sl_b + heads * sl_h + split, lse, mask=ok)
+        # the split that finishes last for this tile and KV head merges them all: every
+        # thread's results stored before the count goes up (the barrier, then the count's
+        # release), and read by the last only after its count (its acquire); it puts the
+        # count back to 0 for the next launch, in a step and its graph replays alike
+        tl.debug_barrier()
+        counter = Counters + t * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            tl.store(counter, 0)
+            rows = tl.load(Tiles + t * stile + 1) if TILED else 1
+            merge_splits(
+                Out, Lse, Y, first_row, rows, kv_head, so_b, so_h, so_s, sl_b, sl_h, sy_b,
+                sy_h, GROUP, MERGE_HEADS, HEAD_DIM, HEAD_DIM_PAD, SPLITS, SPLITS_PAD, CHUNK,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -162,6 +187,9 @@ def merge_splits(
     Out,
     Lse,
     Y,
+    first_row,
+    rows,
+    kv_head,
     so_b,
     so_h,
     so_s,
@@ -169,26 +197,58 @@ def merge_splits(
     sl_h,
     sy_b,
     sy_h,
-    SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEADS: tl.constexpr,  # GROUP padded to a power of two
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    # one program: one row's one query head; its splits' results weighed by the softmax of
-    # their log-sum-exps (a split that saw nothing has -inf, weight 0; one at least saw the
-    # row's own position), written in Y's dtype
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    """Y for ``rows`` rows from ``first_row`` on, the GROUP query heads of ``kv_head`` each:
+    each split's result weighed by the softmax of their log-sum-exps (a split that saw
+    nothing has -inf, weight 0; one at least saw the row's own position), CHUNK splits a
+    load. Loops, not unrolled: an unrolled merge's loads were hoisted together and spilled.
+    Loads skip the multiprocessor's own cache (``.cg``): other programs wrote what they read."""
+    g = tl.arange(0, HEADS)
+    ok = g < GROUP
+    heads = kv_head * GROUP + g
     s = tl.arange(0, SPLITS_PAD)
+    c = tl.arange(0, CHUNK)
     d = tl.arange(0, HEAD_DIM_PAD)
-    s_ok = s < SPLITS
     d_ok = d < HEAD_DIM
-    lse = tl.load(Lse + b * sl_b + h * sl_h + s, mask=s_ok, other=float("-inf"))
-    weight = tl.exp(lse - tl.max(lse, 0))
-    out = tl.load(
-        Out + b * so_b + h * so_h + s[:, None] * so_s + d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    y = tl.sum(out * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(Y + b * sy_b + h * sy_h + d, y.to(Y.dtype.element_ty), mask=d_ok)
+    for r in range(rows):
+        row = first_row + r
+        lse = tl.load(
+            Lse + row * sl_b + heads[:, None] * sl_h + s[None, :],
+            mask=ok[:, None] & (s < SPLITS)[None, :],
+            other=float("-inf"),
+            cache_modifier=".cg",
+        )
+        top = tl.where(ok, tl.max(lse, 1), 0.0)
+        total = tl.sum(tl.exp(lse - top[:, None]), 1)
+        y = tl.zeros([HEADS, HEAD_DIM_PAD], tl.float32)
+        for first in range(0, SPLITS, CHUNK):
+            k = first + c
+            k_ok = ok[:, None] & (k < SPLITS)[None, :]
+            part = tl.load(
+                Lse + row * sl_b + heads[:, None] * sl_h + k[None, :],
+                mask=k_ok,
+                other=float("-inf"),
+                cache_modifier=".cg",
+            )
+            weight = tl.exp(part - top[:, None])  # (HEADS, CHUNK)
+            at = row * so_b + heads[:, None, None] * so_h + k[None, :, None] * so_s
+            out = tl.load(
+                Out + at + d[None, None, :],
+                mask=k_ok[:, :, None] & d_ok[None, None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            y += tl.sum(out * weight[:, :, None], 1)
+        y = y / tl.where(ok, total, 1.0)[:, None]
+        tl.store(
+            Y + row * sy_b + heads[:, None] * sy_h + d[None, :],
+            y.to(Y.dtype.element_ty),
+            mask=ok[:, None] & d_ok[None, :],
+        )
