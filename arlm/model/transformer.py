@@ -278,14 +278,15 @@ class Transformer(nn.Module):
         # kept in float32 outside the module's buffers, so casting the model to bfloat16 does not
         # round the rotation frequencies (and the reference implementation does not round them):
         # "full" for the full-attention layers, "local" for sliding-window layers that turn by a
-        # theta of their own (Gemma 3), "long" for LongRoPE's long factors
+        # theta of their own (Gemma 3), "long" for LongRoPE's long factors; each twice over, as
+        # the two halves of a head turn by the same angles
         self.inv_freq: dict[str, torch.Tensor] = {}
         if config.positions == "rope":
-            self.inv_freq["full"] = rope_frequencies(config)
+            self.inv_freq["full"] = rope_frequencies(config).repeat(2)
             if config.rope_local_theta is not None:
-                self.inv_freq["local"] = rope_frequencies(config, local=True)
+                self.inv_freq["local"] = rope_frequencies(config, local=True).repeat(2)
             if config.rope_type == "longrope":
-                self.inv_freq["long"] = rope_frequencies(config, long=True)
+                self.inv_freq["long"] = rope_frequencies(config, long=True).repeat(2)
         # teacher forcing masks only the sliding-window layers; the rest run plain causal
         self.windows = config.layer_windows
         local = config.rope_local_theta is not None
@@ -350,8 +351,9 @@ class Transformer(nn.Module):
         inv_freq = self.inv_freq[kind]
         if inv_freq.device != positions.device:
             inv_freq = self.inv_freq[kind] = inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * inv_freq  # (..., T, rotary_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, rotary_dim)
+        # the positions promoted to float32 by the product: one kernel where a cast, the
+        # product and a concatenation of its halves were three (in a decode graph too)
+        emb = positions[..., None] * inv_freq  # (..., T, rotary_dim)
         if emb.dim() == 3:
             emb = emb[:, None]  # one table per row, shared by the heads
         cos, sin = emb.cos(), emb.sin()
