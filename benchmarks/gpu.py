@@ -14,8 +14,9 @@ Sections (each guarded: a failure prints an error line and the others go on):
 - decode: batch-1 greedy decode of 256 tokens after a 64-token prompt: ``lm.generate``, and
   (on CUDA) the same with ``enable_torch_compile`` (its start-up time too) and with the
   PyTorch ops in place of arlm's Triton kernels for the norms, rotary embedding, SwiGLU and
-  KV store (``arlm.model.kernels``), transformers' ``generate`` (eager), and ``generate`` with a static cache and ``torch.compile``
-  (``cache_implementation="static"``), after a warm-up run each;
+  KV store (``arlm.model.kernels``), transformers' ``generate`` (eager), and ``generate``
+  with a static cache and ``torch.compile`` (``cache_implementation="static"``), after a
+  warm-up run each;
 - variants: batch-1 greedy decode as above after a prompt longer than a window, through the
   KV caches and layers the decode graphs also take: the float cache, int8 and int4 blocks,
   and the same weights with a sliding window on every layer (Mistral's layout), each with how

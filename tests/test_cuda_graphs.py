@@ -21,9 +21,9 @@ from arlm.kv_cache import decode_attention as decode_attention_module
 from arlm.kv_cache.decode_attention import (
     decode_attention,
     decode_attention_reference,
-    split_counters,
     row_tiles,
     rows_per_tile,
+    split_counters,
 )
 from arlm.kv_cache.paged import PagedRow
 from arlm.sampling import SamplingParams
@@ -493,7 +493,9 @@ def test_launches_one_after_another_each_merge_their_own_splits():
     if torch.cuda.is_available():
         _launches_in_turn("cuda")
         return
-    run_interpreted("from tests.test_cuda_graphs import _launches_in_turn; _launches_in_turn('cpu')")
+    run_interpreted(
+        "from tests.test_cuda_graphs import _launches_in_turn; _launches_in_turn('cpu')"
+    )
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

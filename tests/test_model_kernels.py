@@ -140,6 +140,44 @@ def check_store(device: str) -> None:
                 assert_close(a.cpu(), b, dtype=plane_dtype, ulps=2)
 
 
+def check_rope_store(device: str) -> None:
+    from arlm.kv_cache.base import StoreTarget
+    from arlm.model.kernels import apply_rope as rope_kernel
+
+    g = torch.Generator().manual_seed(4)
+    T, blocks, bs = 5, 6, 4
+    # (query heads, KV heads, head_dim, rotary_dim): a grouped model (4 a KV head), Phi-2's
+    # partial rotary, more heads than one program takes (Gemma's 256)
+    for n_q, n_kv, hd, rotary in ((8, 2, 64, 64), (4, 4, 80, 32), (24, 8, 256, 256)):
+        for dtype, plane_dtype in ((torch.float32, torch.float32),
+                                   (torch.bfloat16, torch.bfloat16),
+                                   (torch.float32, torch.bfloat16)):  # fmt: skip
+            # one row of T tokens as the attention's views of its fused projection
+            qkv = torch.randn(1, T, n_q + 2 * n_kv, hd, generator=g).to(dtype).transpose(1, 2)
+            qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]
+            positions = torch.randint(0, 4000, (1, T), generator=g)
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary, 2).float() / rotary))
+            emb = (positions[..., None] * inv_freq.repeat(2))[:, None]
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            planes = [torch.randn(blocks, n_kv, bs, hd, generator=g).to(plane_dtype) for _ in "kv"]
+            cells = torch.randperm(blocks * n_kv * bs, generator=g)[: T * n_kv]
+            got = [p.to(device) for p in planes]
+            target = StoreTarget(*got, cells.to(device))
+            (c, s), x = (t.to(device) for t in (cos, sin)), qk.to(device)
+            got_qk = rope_kernel(x, c, s, store=(v.to(device), target)).cpu()
+            _close(got_qk, apply_rope(qk, cos, sin), device, exact_float32=True)  # the ops'
+            # the planes as the cache's store leaves them, given the keys the kernel turned
+            want = [p.clone() for p in planes]
+            for plane, x in zip(want, (got_qk[:, n_q:], v), strict=True):
+                rows = x[0].transpose(0, 1).reshape(-1, hd).to(plane_dtype)
+                plane.view(-1, hd).index_copy_(0, cells, rows)
+            for a, b in zip(got, want, strict=True):
+                if dtype == plane_dtype or device == "cuda":
+                    assert torch.equal(a.cpu(), b)
+                else:  # the interpreter truncates float32 to bfloat16
+                    assert_close(a.cpu(), b, dtype=plane_dtype, ulps=2)
+
+
 def test_the_rms_norm_kernel_equals_the_module():
     """Llama's gain (the normalised row rounded to the input's dtype, then times the gain) and
     Gemma's (times 1 + gain in float32, rounded once), float32 and bfloat16, rows that lie
@@ -151,6 +189,14 @@ def test_the_rotary_kernel_equals_the_ops():
     """Queries and keys as the attention's fused projection lays them out, a shared table and
     one per row, partial rotary, head sizes of 64, 80 and 256, float32 and bfloat16."""
     _run("check_ropes")
+
+
+def test_the_rotary_kernel_stores_the_turned_keys_and_the_values_as_the_cache_would():
+    """One row of tokens (an engine step's): the kernel's queries and keys equal the ops', and
+    the planes hold what the ops and the cache's store would have written (the turned keys,
+    the values) at scattered cells, nothing else touched; grouped heads, a partial rotary,
+    heads spread over programs, planes of another float type than the model's."""
+    _run("check_rope_store")
 
 
 def test_the_swiglu_kernel_equals_the_ops():

@@ -116,9 +116,7 @@ class DecodeGraphs:
         rows = self._inputs[:batch]
         tokens, positions, ends, tables = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, TABLE:]
         select = rows[: min(batch, self.max_logits), SELECT]
-        step = StaticDecode(
-            self.cache, tables, positions, rows[:, WRITE], rows[:, TILE : TILE + 2]
-        )
+        step = StaticDecode(self.cache, tables, positions, rows[:, WRITE], rows[:, TILE : TILE + 2])
         logits, _ = self.model(
             tokens[None],
             kv_cache=step,

@@ -24,11 +24,26 @@ Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Mask = torch.Tensor | CausalBias | None
 
 
+@dataclass
+class StoreTarget:
+    """Where a forward's new keys and values go in one layer's float planes (each seen as rows
+    of head_dim): token t's KV head h at row ``cells[t * n_kv_head + h]``. A caller that
+    writes them there itself (the rotary kernel, as it turns the keys) tells ``attend``
+    so (``stored=True``), and the cache does not write them again."""
+
+    k_plane: torch.Tensor
+    v_plane: torch.Tensor
+    cells: torch.Tensor
+
+
 class Cache(Protocol):
     """What the model calls, and what users read for accounting. All byte and token counts are
     totals over every sequence the cache holds."""
 
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None: ...
+
+    # where the layer's new keys and values may be written by the caller; None: by the cache
+    def store_target(self, layer: int) -> StoreTarget | None: ...
 
     def attend(
         self,
@@ -37,6 +52,7 @@ class Cache(Protocol):
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float | None = None,  # None: 1/sqrt(head_dim)
+        stored: bool = False,  # k and v written where ``store_target`` said
     ) -> torch.Tensor: ...
 
     @property
@@ -98,6 +114,10 @@ class DenseCache:
     def prepare(self, start_pos: int, T: int, rotate: Rotate | None = None) -> None:
         self._masks = self._prepare(start_pos, T, rotate)
 
+    def store_target(self, layer: int) -> None:
+        """None: ``update`` stores (and returns what attention reads)."""
+        return None
+
     def attend(
         self,
         layer: int,
@@ -105,6 +125,7 @@ class DenseCache:
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float | None = None,
+        stored: bool = False,
     ) -> torch.Tensor:
         k, v = self.update(layer, k, v)
         return sdpa(q, k, v, self._masks[layer], scale)

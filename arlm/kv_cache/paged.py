@@ -44,7 +44,14 @@ import torch
 
 from arlm.config import ModelConfig
 from arlm.devices import fused_inference, pinned_to, to_device
-from arlm.kv_cache.base import Rotate, alloc_planes, layer_views, planes_nbytes, sdpa
+from arlm.kv_cache.base import (
+    Rotate,
+    StoreTarget,
+    alloc_planes,
+    layer_views,
+    planes_nbytes,
+    sdpa,
+)
 from arlm.kv_cache.codec import Codec, FloatCodec
 from arlm.kv_cache.decode_attention import decode_attention
 from arlm.kv_cache.held import LONE_HISTORY_BYTES, HeldRows, LoneHistory, gather_history
@@ -435,6 +442,11 @@ class PagedStep:
         if self.layout.num_tokens != T:
             raise ValueError(f"this step's layout has {self.layout.num_tokens} tokens, not {T}")
 
+    def store_target(self, layer: int) -> StoreTarget | None:
+        """Float blocks that this step's keys and values go to now (not held histories,
+        which may store theirs later)."""
+        return None if self._deferred else _float_target(self.cache, layer, self._write)
+
     def attend(
         self,
         layer: int,
@@ -442,6 +454,7 @@ class PagedStep:
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float | None = None,
+        stored: bool = False,
     ) -> torch.Tensor:
         # q: (1, n_head, N, hd); k, v: (1, n_kv_head, N, hd), the layout's tokens in order
         cache = self.cache
@@ -455,7 +468,7 @@ class PagedStep:
         )
         # written back later only where the held tensors hold what the pool would
         deferred = self._deferred and exact
-        if not deferred:
+        if not (deferred or stored):
             _store(cache, layer, k, v, self._write)
         out = []
         nd = self.n_decode
@@ -555,6 +568,15 @@ class PagedStep:
             spread[slot] = queries
             y = sdpa(spread, keys, values, mask, scale)[slot]
         return y[:, :, 0].transpose(0, 1)[None]
+
+
+def _float_target(cache: PagedKVCache, layer: int, cells: torch.Tensor) -> StoreTarget | None:
+    """``layer``'s planes and ``cells`` where its blocks are floats (a quantized codec encodes
+    what it stores: the cache writes those itself)."""
+    if not isinstance(cache.codec, FloatCodec):
+        return None
+    (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
+    return StoreTarget(k_plane, v_plane, cells)
 
 
 def _store(
@@ -667,6 +689,9 @@ class StaticDecode:
         if self._rows != T:
             raise ValueError(f"this decode step has {self._rows} rows, not {T}")
 
+    def store_target(self, layer: int) -> StoreTarget | None:
+        return _float_target(self.cache, layer, self._write)
+
     def attend(
         self,
         layer: int,
@@ -674,11 +699,13 @@ class StaticDecode:
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float | None = None,
+        stored: bool = False,
     ) -> torch.Tensor:
         # q: (1, n_head, B, hd); k, v: (1, n_kv_head, B, hd), one token per row
         cache = self.cache
         hd = cache.head_dim
-        _store(cache, layer, k, v, self._write)
+        if not stored:
+            _store(cache, layer, k, v, self._write)
         scale = hd**-0.5 if scale is None else scale
         rows, window = q[0].transpose(0, 1), cache.windows[layer]
         planes = cache.k[layer], cache.v[layer]

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from arlm.kv_cache.base import StoreTarget
+
 
 @triton.jit
 def _rms_norm_rows(
@@ -113,6 +115,10 @@ def _rope_rows(
     Cos,
     Sin,
     Y,
+    V,
+    KPlane,
+    VPlane,
+    Cells,
     sx_b,
     sx_h,
     sx_t,
@@ -121,14 +127,20 @@ def _rope_rows(
     sy_t,
     sc_b,
     sc_t,
+    sv_t,
+    sv_h,
     T,
     H,
+    N_Q,
     ROTARY: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     HEADS: tl.constexpr,
+    STORE: tl.constexpr,
 ):
-    # one program: HEADS heads of one row's one position; channels past ROTARY pass unturned
+    # one program: HEADS heads of one row's one position; channels past ROTARY pass unturned.
+    # STORE (one row of tokens): heads from N_Q on are keys, written turned into their cells
+    # of KPlane, and the values of the same KV heads into VPlane's
     bt = tl.program_id(0)
     b, t = bt // T, bt % T
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
@@ -151,14 +163,32 @@ def _rope_rows(
     r = (swapped * s).to(dtype)
     y = tl.where(turns[None, :], (a.to(tl.float32) + r.to(tl.float32)).to(dtype), x)
     tl.store(Y + b.to(tl.int64) * sy_b + t * sy_t + h[:, None] * sy_h + d[None, :], y, mask=ok)
+    if STORE:
+        kv = h - N_Q
+        is_kv = ok & (kv >= 0)[:, None]
+        cell = tl.load(Cells + t.to(tl.int64) * (H - N_Q) + kv, mask=kv >= 0, other=0)
+        to = cell.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+        tl.store(KPlane + to, y.to(KPlane.dtype.element_ty), mask=is_kv)
+        v = tl.load(V + t.to(tl.int64) * sv_t + kv[:, None] * sv_h + d[None, :], mask=is_kv)
+        tl.store(VPlane + to, v.to(VPlane.dtype.element_ty), mask=is_kv)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    store: tuple[torch.Tensor, StoreTarget] | None = None,
+) -> torch.Tensor:
     """``arlm.model.transformer.apply_rope``'s output for ``x`` (B, H, T, head_dim) and
     ``cos``, ``sin`` of x's dtype, (T, rotary_dim) or one table per row (B, 1, T, rotary_dim),
     in x's layout (its heads of a position next to each other, as a projection's view has
-    them)."""
+    them). ``store`` (values (1, n_kv_head, T, head_dim), where they go), for one row of
+    tokens whose last n_kv_head heads of ``x`` are keys: those keys, turned, and the values
+    also written into the target's planes, as ``arlm.kv_cache.store_kernel.store_rows``
+    writes them (the launch that would do it left out)."""
     B, H, T, hd = x.shape
+    if store is not None and B != 1:
+        raise ValueError(f"a store takes one row of tokens (an engine step's), not {B}")
     rotary = cos.size(-1)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -167,6 +197,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     y = torch.empty(B, T, H, hd, dtype=x.dtype, device=x.device).transpose(1, 2)
+    v, target = store if store is not None else (x, None)  # not read without a store
+    if target is not None and v.stride(-1) != 1:
+        v = v.contiguous()
     hd_pad = triton.next_power_of_2(hd)
     heads = min(triton.next_power_of_2(H), max(1, 4096 // hd_pad))
     _rope_rows[(B * T, triton.cdiv(H, heads))](
@@ -174,6 +207,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos,
         sin,
         y,
+        v,
+        x if target is None else target.k_plane,
+        x if target is None else target.v_plane,
+        x if target is None else target.cells,
         x.stride(0),
         x.stride(1),
         x.stride(2),
@@ -182,12 +219,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         y.stride(2),
         cos.stride(0),
         cos.stride(2),
+        v.stride(2),
+        v.stride(1),
         T,
         H,
+        H if target is None else H - v.size(1),
         ROTARY=rotary,
         HEAD_DIM=hd,
         HEAD_DIM_PAD=hd_pad,
         HEADS=heads,
+        STORE=target is not None,
         num_warps=4,
         # float32: products and sum rounded apart, as the ops' kernels do (no fused multiply-add)
         enable_fp_fusion=False,

@@ -172,15 +172,34 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)  # q and k turn by the same angles: one pass for both
+        stored = False
+        if rope is not None:  # q and k turn by the same angles: one pass for both
+            qk, stored = self._turn(qk, v, rope, kv_cache)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if kv_cache is not None:  # the cache applies the layer's window itself
-            y = kv_cache.attend(self.layer_idx, q, k, v, self.scale)  # (B, n_head, T, hd)
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.scale, stored)  # (B, n_head, T, hd)
         else:  # teacher forcing: the whole sequence, causally masked (and windowed, by mask)
             y = self._attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)
+
+    def _turn(
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: Cache | None,
+    ) -> tuple[torch.Tensor, bool]:
+        """q and k turned by the rotary angles, and whether the keys and values were stored:
+        where the cache's float blocks take them on a GPU, the rotary kernel writes them there
+        as it turns the keys (one launch a layer where the cache's store was another)."""
+        cos, sin = rope
+        target = kv_cache.store_target(self.layer_idx) if kv_cache is not None else None
+        if target is not None and fused_inference(qk) and cos.dtype == sin.dtype == qk.dtype:
+            from arlm.model.kernels import apply_rope as rope_kernel
+
+            return rope_kernel(qk, cos, sin, store=(v, target)), True
+        return apply_rope(qk, cos, sin), False
 
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
