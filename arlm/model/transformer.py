@@ -194,11 +194,12 @@ class Attention(nn.Module):
         where the cache's float blocks take them on a GPU, the rotary kernel writes them there
         as it turns the keys (one launch a layer where the cache's store was another)."""
         cos, sin = rope
-        target = kv_cache.store_target(self.layer_idx) if kv_cache is not None else None
-        if target is not None and fused_inference(qk) and cos.dtype == sin.dtype == qk.dtype:
-            from arlm.model.kernels import apply_rope as rope_kernel
+        if kv_cache is not None and fused_inference(qk) and cos.dtype == sin.dtype == qk.dtype:
+            target = kv_cache.store_target(self.layer_idx)
+            if target is not None:
+                from arlm.model.kernels import apply_rope as rope_kernel
 
-            return rope_kernel(qk, cos, sin, store=(v, target)), True
+                return rope_kernel(qk, cos, sin, store=(v, target)), True
         return apply_rope(qk, cos, sin), False
 
     def _attention(
