@@ -186,19 +186,19 @@ def test_steps_with_running_rows_take_prompt_tokens_only_as_far_as_the_largest_g
     assert graphed.stats()["graph_steps"] == sum(n <= 8 for _, n in steps)
 
 
-def _graph_steps_through_the_kernel(family: str) -> None:
+def _graph_steps_through_the_kernel(family: str, **overrides) -> None:
     """The mixed steps above with every Triton kernel a GPU runs in the padded forward, where
     Triton interprets them: the decode kernel attending over the tiles ``DecodeGraphs.run``
     writes into its buffer (a prompt chunk's tokens together), the KV store, and the model's
     RMSNorm, rotary embedding and SwiGLU: the plain path's greedy tokens and
-    log-probabilities."""
+    log-probabilities. ``overrides``: of the model's config."""
     from arlm.kv_cache import paged
     from arlm.model import transformer
     from arlm.tokenizer import Tokenizer
     from arlm.train.corpus import builtin_documents
 
     tokenizer = Tokenizer.train(builtin_documents(), vocab_size=512)
-    model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5, n_layer=2)
+    model = make_model(family, vocab_size=tokenizer.vocab_size, seed=5, n_layer=2, **overrides)
     prompts = _joining_prompts(5, seed=3)
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3)
     config = dict(max_num_seqs=3, max_num_batched_tokens=24)
@@ -212,13 +212,15 @@ def _graph_steps_through_the_kernel(family: str) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_graph_steps_give_the_plain_path_s_outputs_through_the_kernel_s_tiles():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_graph_steps_give_the_plain_path_s_outputs_through_the_kernel_s_tiles(qk_norm):
     """What a GPU runs in a replayed step with prompt chunks, short of the capture: the
     decode kernel over the tiles of the step's buffer, 8 rows a tile with the Llama's two query
     heads per KV head, and the KV store's and the model's kernels (Triton's interpreter, a
-    process of its own; tiles of other sizes: the kernel tests below)."""
+    process of its own; tiles of other sizes: the kernel tests below); with Qwen3's query and
+    key norms, which the rotary kernel applies too."""
     run_interpreted("from tests.test_cuda_graphs import _graph_steps_through_the_kernel as run; "
-                 "run('llama')")  # fmt: skip
+                 f"run('llama', qk_norm={qk_norm})")  # fmt: skip
 
 
 def test_steps_past_the_capture_size_or_scoring_prompts_run_eagerly(model, tokenizer):

@@ -95,23 +95,24 @@ def _compile_norm(n: int, dtype: str, plus_one: bool, residual: bool):
     )
 
 
-def _compile_rope(head_dim: int, rotary: int, heads: int, dtype: str, store: bool):
+def _compile_rope(head_dim: int, rotary: int, heads: int, dtype: str, norm: int, store: bool):
     """The rotary embedding's kernel compiled for sm_90 as ``arlm.model.kernels.apply_rope``
-    launches it for ``heads`` heads of ``head_dim`` (``rotary`` of them turning), writing
-    the keys and values into a cache's planes of the same dtype too (``store``) or not."""
+    launches it for ``heads`` heads of ``head_dim`` (``rotary`` of them turning), normalising
+    each head first (``norm`` 1: Qwen3's gain, 2: Gemma's) or not (0), writing the keys and
+    values into a cache's planes of the same dtype too (``store``) or not."""
     import triton
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from arlm.model.kernels import _rope_rows
+    from arlm.model.kernels import _rope_rows, rope_heads
 
     pad = triton.next_power_of_2(head_dim)
     constants = dict(ROTARY=rotary, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
-                     HEADS=min(triton.next_power_of_2(heads), max(1, 4096 // pad)),
-                     STORE=store)  # fmt: skip
-    types = dict(X=dtype, Cos=dtype, Sin=dtype, Y=dtype, V=dtype, KPlane=dtype, VPlane=dtype,
-                 Cells="*i64", T="i32", H="i32", N_Q="i32")  # fmt: skip
+                     HEADS=rope_heads(heads, pad, norm > 0), NORM=norm, STORE=store)  # fmt: skip
+    types = dict(X=dtype, Cos=dtype, Sin=dtype, Y=dtype, QGain=dtype, KGain=dtype, V=dtype,
+                 KPlane=dtype, VPlane=dtype, Cells="*i64", T="i32", H="i32", N_Q="i32",
+                 eps="fp32")  # fmt: skip
     signature = {name: types.get(name, "constexpr" if name in constants else "i64")
                  for name in _rope_rows.arg_names}  # fmt: skip
     source = ASTSource(fn=_rope_rows, signature=signature, constexprs=constants)
@@ -226,14 +227,14 @@ def test_the_rms_norm_kernel_compiles_and_keeps_to_registers(
         (256, 256, 12, "*bf16"),
     ],
 )
-@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("norm,store", [(0, False), (0, True), (1, True), (2, False)])
 def test_the_rotary_kernel_compiles_and_keeps_to_registers(
-    tmp_path: Path, head_dim, rotary, heads, dtype, store
+    tmp_path: Path, head_dim, rotary, heads, dtype, norm, store
 ):
     """The rotary embedding's kernel at Llama-3.2-1B's q and k heads (32 + 8 of 64), Phi-2's
-    partial rotary, a 7-8B model's heads in float32 and Gemma's head size, alone or storing
-    the keys and values: no stack."""
-    line = _stack_line(tmp_path, _compile_rope(head_dim, rotary, heads, dtype, store))
+    partial rotary, a 7-8B model's heads in float32 and Gemma's head size; alone, storing the
+    keys and values, after Qwen3's head norms and storing, after Gemma's: no stack."""
+    line = _stack_line(tmp_path, _compile_rope(head_dim, rotary, heads, dtype, norm, store))
     assert " STACK:0 " in line, line
 
 

@@ -164,7 +164,7 @@ def check_rope_store(device: str) -> None:
             got = [p.to(device) for p in planes]
             target = StoreTarget(*got, cells.to(device))
             (c, s), x = (t.to(device) for t in (cos, sin)), qk.to(device)
-            got_qk = rope_kernel(x, c, s, store=(v.to(device), target)).cpu()
+            got_qk = rope_kernel(x, c, s, n_q, store=(v.to(device), target)).cpu()
             _close(got_qk, apply_rope(qk, cos, sin), device, exact_float32=True)  # the ops'
             # the planes as the cache's store leaves them, given the keys the kernel turned
             want = [p.clone() for p in planes]
@@ -176,6 +176,46 @@ def check_rope_store(device: str) -> None:
                     assert torch.equal(a.cpu(), b)
                 else:  # the interpreter truncates float32 to bfloat16
                     assert_close(a.cpu(), b, dtype=plane_dtype, ulps=2)
+
+
+def check_rope_norms(device: str) -> None:
+    from arlm.kv_cache.base import StoreTarget
+    from arlm.model.kernels import apply_rope as rope_kernel
+
+    g = torch.Generator().manual_seed(5)
+    T = 5
+    # (query heads, KV heads, head_dim, rotary_dim, Gemma's 1 + gain): Qwen3's heads (16 + 8
+    # of 128), Gemma 3 1B's (4 + 1 of 256), a partial rotary of a head size that is not a
+    # power of two (its padded channels have no gain)
+    for n_q, n_kv, hd, rotary, plus_one in ((16, 8, 128, 128, False), (4, 1, 256, 256, True),
+                                            (4, 2, 80, 32, False)):  # fmt: skip
+        for dtype in (torch.float32, torch.bfloat16):
+            norms = [RMSNorm(hd, 1e-6, plus_one=plus_one).to(dtype) for _ in "qk"]
+            with torch.no_grad():  # gains away from their initial 1 (or 0), unlike each other
+                for norm in norms:
+                    norm.weight.add_(0.3 * torch.randn(hd, generator=g).to(dtype))
+            qkv = torch.randn(1, T, n_q + 2 * n_kv, hd, generator=g).to(dtype).transpose(1, 2)
+            qk, v = 3 * qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]
+            positions = torch.randint(0, 4000, (T,), generator=g)
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary, 2).float() / rotary))
+            emb = positions[..., None] * inv_freq.repeat(2)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            with torch.no_grad():  # on the CPU: the model's ops
+                q, k = qk.split([n_q, n_kv], dim=1)
+                want = apply_rope(torch.cat((norms[0](q), norms[1](k)), dim=1), cos, sin)
+            gains = (norms[0].weight.to(device), norms[1].weight.to(device), 1e-6, plus_one)
+            x, c, s = (t.to(device) for t in (qk, cos, sin))
+            got = rope_kernel(x, c, s, n_q, gains).cpu()
+            _close(got, want, device, exact_float32=False)
+            # the same with the store: the keys it turned and the values in their cells
+            planes = [torch.zeros(3, n_kv, 4, hd, dtype=dtype, device=device) for _ in "kv"]
+            cells = torch.randperm(3 * n_kv * 4, generator=g)[: T * n_kv]
+            target = StoreTarget(*planes, cells.to(device))
+            stored = rope_kernel(x, c, s, n_q, gains, (v.to(device), target)).cpu()
+            assert torch.equal(stored, got)
+            for plane, x_ in zip(planes, (got[:, n_q:], v), strict=True):
+                rows = x_[0].transpose(0, 1).reshape(-1, hd)
+                assert torch.equal(plane.cpu().view(-1, hd)[cells], rows)
 
 
 def test_the_rms_norm_kernel_equals_the_module():
@@ -197,6 +237,14 @@ def test_the_rotary_kernel_stores_the_turned_keys_and_the_values_as_the_cache_wo
     the values) at scattered cells, nothing else touched; grouped heads, a partial rotary,
     heads spread over programs, planes of another float type than the model's."""
     _run("check_rope_store")
+
+
+def test_the_rotary_kernel_normalises_each_head_as_the_query_and_key_norms_do():
+    """Qwen3's and Gemma 3's query and key norms before the rotation in the same kernel: each
+    head by its kind's gain (Llama's rounding, or Gemma's 1 + gain), float32 and bfloat16, a
+    partial rotary of 80-wide heads; with the store too, the same queries and keys and the
+    planes holding them."""
+    _run("check_rope_norms")
 
 
 def test_the_swiglu_kernel_equals_the_ops():

@@ -7,10 +7,10 @@ setup and can be captured in a CUDA graph. On CUDA it runs a Triton kernel that 
 block table through exactly ``lengths[b]`` positions (never a gathered copy), split along the
 sequence so that even one row keeps many multiprocessors busy (flash-decoding); the last split
 of a row to finish merges the splits' partial results by their log-sum-exp, in the same
-launch. A sliding-window layer's
-rows read only their window's positions, from ``lengths[b] - window`` on: the kernel's splits
-cover just those, so a long row of a windowed layer costs what its window does. Elsewhere,
-and for the kernel's own tests, ``decode_attention_reference`` does the same with PyTorch ops.
+launch. A sliding-window layer's rows read only their window's positions, from
+``lengths[b] - window`` on: the kernel's splits cover just those, so a long row of a windowed
+layer costs what its window does. Elsewhere, and for the kernel's own tests,
+``decode_attention_reference`` does the same with PyTorch ops.
 
 Rows that share a block table (a prompt chunk's positions, a verify row's guesses, in a step
 replayed from a CUDA graph) can be given to the kernel in tiles (``row_tiles``): one program

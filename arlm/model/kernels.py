@@ -6,7 +6,10 @@ Three of the model's pieces took several each where one does: ``RMSNorm`` (to fl
 ``rms_norm``, back to the input's dtype, times the gain: four kernels a norm in bfloat16, 132
 of a 16-layer step; the residual adds join the norms after them), the rotary embedding
 (times cos, the halves swapped and negated, times sin, the sum: five a layer, 80 of a 16-layer
-step) and SwiGLU's activation (silu of the gate, times the up projection: two a layer). Each
+step) and SwiGLU's activation (silu of the gate, times the up projection: two a layer). The
+rotary kernel also normalises each head first where the model does (Qwen3's and Gemma 3's
+query and key norms) and writes the turned keys and the values into the KV cache's blocks
+(``arlm.kv_cache.base.StoreTarget``), so attention's inputs take one launch a layer. Each
 kernel here is one launch with the PyTorch ops' roundings, so that a model gives the same
 numbers on either path: every intermediate the ops round to the tensors' dtype is rounded
 here too. Imported only where they run (CUDA, or Triton's interpreter in the tests), so arlm
@@ -115,6 +118,8 @@ def _rope_rows(
     Cos,
     Sin,
     Y,
+    QGain,
+    KGain,
     V,
     KPlane,
     VPlane,
@@ -132,15 +137,18 @@ def _rope_rows(
     T,
     H,
     N_Q,
+    eps,
     ROTARY: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     HEADS: tl.constexpr,
+    NORM: tl.constexpr,
     STORE: tl.constexpr,
 ):
     # one program: HEADS heads of one row's one position; channels past ROTARY pass unturned.
-    # STORE (one row of tokens): heads from N_Q on are keys, written turned into their cells
-    # of KPlane, and the values of the same KV heads into VPlane's
+    # Heads from N_Q on are keys. NORM: each head first normalised as RMSNorm does, by
+    # QGain's or KGain's gain (1) or 1 + gain (2). STORE (one row of tokens): the keys,
+    # turned, written into their cells of KPlane, and the values of the same heads into VPlane's
     bt = tl.program_id(0)
     b, t = bt // T, bt % T
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
@@ -148,17 +156,28 @@ def _rope_rows(
     ok = (h < H)[:, None] & (d < HEAD_DIM)[None, :]
     turns = d < ROTARY
     first = d < ROTARY // 2
+    dtype = X.dtype.element_ty
     at = X + b.to(tl.int64) * sx_b + t * sx_t + h[:, None] * sx_h
     x = tl.load(at + d[None, :], mask=ok, other=0.0)
     # the channel each turns with: its pair in the other half
     partner = tl.where(first, d + ROTARY // 2, d - ROTARY // 2)
     xp = tl.load(at + partner[None, :], mask=ok & turns[None, :], other=0.0).to(tl.float32)
+    if NORM:
+        # each head's inverse root mean square, applied to its channels and their partners
+        x32 = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x32 * x32, 1) / HEAD_DIM + eps)[:, None]
+        is_q = (h < N_Q)[:, None]
+        d_ok = d < HEAD_DIM
+        g = tl.where(is_q, tl.load(QGain + d, d_ok)[None, :], tl.load(KGain + d, d_ok)[None, :])
+        qp, kp = tl.load(QGain + partner, d_ok), tl.load(KGain + partner, d_ok)
+        gp = tl.where(is_q, qp[None, :], kp[None, :])
+        x = _gained(x32 * inv, g.to(tl.float32), NORM, dtype)
+        xp = _gained(xp * inv, gp.to(tl.float32), NORM, dtype).to(tl.float32)
     swapped = tl.where(first[None, :], -xp, xp)  # cat(-x2, x1), negated exactly in float32
     angle = b.to(tl.int64) * sc_b + t * sc_t + d
     c = tl.load(Cos + angle, mask=turns, other=0.0).to(tl.float32)[None, :]
     s = tl.load(Sin + angle, mask=turns, other=0.0).to(tl.float32)[None, :]
     # x * cos + swapped * sin, each product and the sum rounded to the dtype as the ops do
-    dtype = X.dtype.element_ty
     a = (x.to(tl.float32) * c).to(dtype)
     r = (swapped * s).to(dtype)
     y = tl.where(turns[None, :], (a.to(tl.float32) + r.to(tl.float32)).to(dtype), x)
@@ -173,20 +192,39 @@ def _rope_rows(
         tl.store(VPlane + to, v.to(VPlane.dtype.element_ty), mask=is_kv)
 
 
+@triton.jit
+def _gained(h, gain, NORM: tl.constexpr, dtype: tl.constexpr):
+    """RMSNorm's output from the normalised float32 ``h``: rounded to ``dtype``, then times
+    the gain (1: Llama's, Qwen3's), or times 1 + gain in float32, rounded once (2: Gemma's)."""
+    if NORM == 1:  # noqa: SIM108 (a compile-time branch: each kernel keeps one)
+        y = h.to(dtype).to(tl.float32) * gain
+    else:
+        y = h * (1.0 + gain)
+    return y.to(dtype)
+
+
 def apply_rope(
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    n_q: int | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None,
     store: tuple[torch.Tensor, StoreTarget] | None = None,
 ) -> torch.Tensor:
     """``arlm.model.transformer.apply_rope``'s output for ``x`` (B, H, T, head_dim) and
     ``cos``, ``sin`` of x's dtype, (T, rotary_dim) or one table per row (B, 1, T, rotary_dim),
     in x's layout (its heads of a position next to each other, as a projection's view has
-    them). ``store`` (values (1, n_kv_head, T, head_dim), where they go), for one row of
-    tokens whose last n_kv_head heads of ``x`` are keys: those keys, turned, and the values
-    also written into the target's planes, as ``arlm.kv_cache.store_kernel.store_rows``
-    writes them (the launch that would do it left out)."""
+    them). With ``n_q``, x's first n_q heads are queries and the rest keys, and
+
+    - ``norm`` (query gain, key gain, eps, Gemma's ``plus_one``; gains of x's dtype): each head
+      is first normalised as ``RMSNorm`` does with its kind's gain (Qwen3's and Gemma 3's
+      ``q_norm`` and ``k_norm``), where those were two launches and a concatenation;
+    - ``store`` (values (1, n_kv_head, T, head_dim), where they go), for one row of tokens:
+      the keys, turned, and the values are also written into the target's planes, as
+      ``arlm.kv_cache.store_kernel.store_rows`` writes them, where that was a launch too."""
     B, H, T, hd = x.shape
+    if (norm is not None or store is not None) and n_q is None:
+        raise ValueError("a norm or a store needs n_q: which of x's heads are queries")
     if store is not None and B != 1:
         raise ValueError(f"a store takes one row of tokens (an engine step's), not {B}")
     rotary = cos.size(-1)
@@ -197,16 +235,19 @@ def apply_rope(
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     y = torch.empty(B, T, H, hd, dtype=x.dtype, device=x.device).transpose(1, 2)
-    v, target = store if store is not None else (x, None)  # not read without a store
+    q_gain, k_gain, eps, plus_one = norm if norm is not None else (x, x, 0.0, False)
+    v, target = store if store is not None else (x, None)  # x: not read
     if target is not None and v.stride(-1) != 1:
         v = v.contiguous()
     hd_pad = triton.next_power_of_2(hd)
-    heads = min(triton.next_power_of_2(H), max(1, 4096 // hd_pad))
+    heads = rope_heads(H, hd_pad, norm is not None)
     _rope_rows[(B * T, triton.cdiv(H, heads))](
         x,
         cos,
         sin,
         y,
+        q_gain,
+        k_gain,
         v,
         x if target is None else target.k_plane,
         x if target is None else target.v_plane,
@@ -223,17 +264,25 @@ def apply_rope(
         v.stride(1),
         T,
         H,
-        H if target is None else H - v.size(1),
+        H if n_q is None else n_q,
+        eps,
         ROTARY=rotary,
         HEAD_DIM=hd,
         HEAD_DIM_PAD=hd_pad,
         HEADS=heads,
+        NORM=0 if norm is None else 2 if plus_one else 1,
         STORE=target is not None,
         num_warps=4,
         # float32: products and sum rounded apart, as the ops' kernels do (no fused multiply-add)
         enable_fp_fusion=False,
     )
     return y
+
+
+def rope_heads(heads: int, head_dim_pad: int, norm: bool) -> int:
+    """Heads a rotary program takes: up to 4,096 values, 2,048 where it normalises them
+    first (its gains' tiles spilled registers in the sm_90 compile at 4,096)."""
+    return min(triton.next_power_of_2(heads), max(1, (2048 if norm else 4096) // head_dim_pad))
 
 
 @triton.jit

@@ -169,12 +169,7 @@ class Attention(nn.Module):
         heads = self.n_head + 2 * self.n_kv_head  # q heads, then k heads, then v heads
         qkv = self.c_attn(x).view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
         qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-        if self.q_norm is not None:
-            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        stored = False
-        if rope is not None:  # q and k turn by the same angles: one pass for both
-            qk, stored = self._turn(qk, v, rope, kv_cache)
+        qk, stored = self._queries_and_keys(qk, v, rope, kv_cache)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if kv_cache is not None:  # the cache applies the layer's window itself
             y = kv_cache.attend(self.layer_idx, q, k, v, self.scale, stored)  # (B, n_head, T, hd)
@@ -183,24 +178,37 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.c_proj(y)
 
-    def _turn(
+    def _queries_and_keys(
         self,
         qk: torch.Tensor,
         v: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: Cache | None,
     ) -> tuple[torch.Tensor, bool]:
-        """q and k turned by the rotary angles, and whether the keys and values were stored:
-        where the cache's float blocks take them on a GPU, the rotary kernel writes them there
-        as it turns the keys (one launch a layer where the cache's store was another)."""
-        cos, sin = rope
-        if kv_cache is not None and fused_inference(qk) and cos.dtype == sin.dtype == qk.dtype:
-            target = kv_cache.store_target(self.layer_idx)
-            if target is not None:
-                from arlm.model.kernels import apply_rope as rope_kernel
+        """The queries and keys (B, n_head + n_kv_head, T, hd) as attention takes them: each
+        head normalised (Qwen3, Gemma 3), then turned by the rotary angles, q and k by the same
+        angles in one pass; and whether the keys and values were stored. For inference on a
+        GPU one kernel does all of it, and writes the keys and values into the cache's float
+        blocks too where the cache takes them so: one launch a layer where the norms, their
+        concatenation, the rotation and the store were up to five."""
+        norm = self.q_norm
+        fused = (
+            rope is not None
+            and fused_inference(qk)
+            and rope[0].dtype == rope[1].dtype == qk.dtype
+            and (norm is None or isinstance(norm, RMSNorm) and norm.weight.dtype == qk.dtype)
+        )
+        if not fused:
+            if norm is not None:
+                q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+                qk = torch.cat((norm(q), self.k_norm(k)), dim=1)
+            return (qk if rope is None else apply_rope(qk, *rope)), False
+        from arlm.model.kernels import apply_rope as rope_kernel
 
-                return rope_kernel(qk, cos, sin, store=(v, target)), True
-        return apply_rope(qk, cos, sin), False
+        gains = None if norm is None else (norm.weight, self.k_norm.weight, norm.eps, norm.plus_one)
+        target = kv_cache.store_target(self.layer_idx) if kv_cache is not None else None
+        store = None if target is None else (v, target)
+        return rope_kernel(qk, *rope, self.n_head, gains, store), store is not None
 
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
