@@ -464,12 +464,13 @@ def test_the_triton_kernel_equals_the_reference(
     heads, a head size that is not a power of two, lengths at and across its blocks of 64 and
     its splits, sliding windows that cut the longer rows (from inside a block of 64, and at
     one's edge), int8 and int4 blocks decoded as they are read, a head size of 128 (loop
-    steps of 32 positions), the splits' results merged by the second kernel (4 splits, the
-    shorter rows' later ones empty; one; three); and the tiles a graph step's kernel takes
-    (``row_tiles``): a prompt chunk's and a verify row's positions sharing programs, each
-    query over its own row's positions (a row of a tile may see none of a split, or, with a
-    window, none of the tile's first positions). Interpreted in a process of its own
-    (``run_interpreted``). That the kernel compiles for a GPU: tests/test_kernel_compile.py."""
+    steps of 32 positions), the splits' results merged by the last split of each program (4
+    splits, the shorter rows' later ones empty; one; three); and the tiles a graph step's
+    kernel takes (``row_tiles``): a prompt chunk's and a verify row's positions sharing
+    programs, each query over its own row's positions (a row of a tile may see none of a
+    split, or, with a window, none of the tile's first positions). Interpreted in a process of
+    its own (``run_interpreted``). That the kernel compiles for a GPU:
+    tests/test_kernel_compile.py."""
     if torch.cuda.is_available():
         _kernel_against_reference("cuda", n_head, n_kv_head, head_dim, window, kv, splits, tiled)
         return

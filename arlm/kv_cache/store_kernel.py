@@ -6,7 +6,9 @@ takes a copy into rows and an ``index_copy_`` into the blocks, four kernels a la
 16-layer step, each a few microseconds of a replayed graph. Here one program per token writes
 its key and value heads straight from the views into their cells, cast to the planes' dtype
 as ``to`` casts them. Float blocks only (int8/int4 codecs quantize first, with PyTorch ops).
-Imported only where it runs (CUDA, or Triton's interpreter in the tests)."""
+Models that turn their keys by rotary angles store them from the rotary kernel instead, as it
+turns them (``arlm.model.kernels.apply_rope``); this one serves the others (GPT-2). Imported
+only where it runs (CUDA, or Triton's interpreter in the tests)."""
 
 from __future__ import annotations
 
