@@ -127,17 +127,29 @@ def check_store(device: str) -> None:
         k, v = qkv.transpose(1, 2)[:, 1 : 1 + H], qkv.transpose(1, 2)[:, 1 + H :]
         planes = [torch.randn(blocks, H, bs, hd, generator=g).to(plane_dtype) for _ in "kv"]
         cells = torch.randperm(blocks * H * bs, generator=g)[: N * H]
-        want = [p.clone() for p in planes]
-        for plane, x in zip(want, (k, v), strict=True):  # paged._store's ops
-            rows = x[0].transpose(0, 1).reshape(-1, hd).to(plane_dtype)
-            plane.view(-1, hd).index_copy_(0, cells, rows)
         got = [p.to(device) for p in planes]
         store_rows(k.to(device), v.to(device), *got, cells.to(device))
-        for a, b in zip(got, want, strict=True):
-            if dtype == plane_dtype or device == "cuda":
-                assert torch.equal(a.cpu(), b)
-            else:  # the interpreter truncates float32 to bfloat16
-                assert_close(a.cpu(), b, dtype=plane_dtype, ulps=2)
+        _assert_planes(got, _stored(planes, cells, k, v), dtype, device)
+
+
+def _stored(planes: list[torch.Tensor], cells: torch.Tensor, k, v) -> list[torch.Tensor]:
+    """Copies of the planes as ``paged._store``'s ops leave them: the rows of k and v (1,
+    n_kv_head, N, hd), token-major, at ``cells``."""
+    want = [p.clone() for p in planes]
+    for plane, x in zip(want, (k, v), strict=True):
+        rows = x[0].transpose(0, 1).reshape(-1, x.size(-1)).to(plane.dtype)
+        plane.view(-1, x.size(-1)).index_copy_(0, cells, rows)
+    return want
+
+
+def _assert_planes(got: list[torch.Tensor], want: list[torch.Tensor], dtype, device) -> None:
+    """Planes a kernel wrote from ``dtype`` values equal the ops' ``want``, exactly where no
+    cast lies between or on a GPU."""
+    for a, b in zip(got, want, strict=True):
+        if dtype == b.dtype or device == "cuda":
+            assert torch.equal(a.cpu(), b)
+        else:  # the interpreter truncates float32 to bfloat16
+            assert_close(a.cpu(), b, dtype=b.dtype, ulps=2)
 
 
 def check_rope_store(device: str) -> None:
@@ -167,15 +179,7 @@ def check_rope_store(device: str) -> None:
             got_qk = rope_kernel(x, c, s, n_q, store=(v.to(device), target)).cpu()
             _close(got_qk, apply_rope(qk, cos, sin), device, exact_float32=True)  # the ops'
             # the planes as the cache's store leaves them, given the keys the kernel turned
-            want = [p.clone() for p in planes]
-            for plane, x in zip(want, (got_qk[:, n_q:], v), strict=True):
-                rows = x[0].transpose(0, 1).reshape(-1, hd).to(plane_dtype)
-                plane.view(-1, hd).index_copy_(0, cells, rows)
-            for a, b in zip(got, want, strict=True):
-                if dtype == plane_dtype or device == "cuda":
-                    assert torch.equal(a.cpu(), b)
-                else:  # the interpreter truncates float32 to bfloat16
-                    assert_close(a.cpu(), b, dtype=plane_dtype, ulps=2)
+            _assert_planes(got, _stored(planes, cells, got_qk[:, n_q:], v), dtype, device)
 
 
 def check_rope_norms(device: str) -> None:
@@ -208,14 +212,13 @@ def check_rope_norms(device: str) -> None:
             got = rope_kernel(x, c, s, n_q, gains).cpu()
             _close(got, want, device, exact_float32=False)
             # the same with the store: the keys it turned and the values in their cells
-            planes = [torch.zeros(3, n_kv, 4, hd, dtype=dtype, device=device) for _ in "kv"]
+            planes = [torch.zeros(3, n_kv, 4, hd, dtype=dtype) for _ in "kv"]
             cells = torch.randperm(3 * n_kv * 4, generator=g)[: T * n_kv]
-            target = StoreTarget(*planes, cells.to(device))
+            written = [p.to(device) for p in planes]
+            target = StoreTarget(*written, cells.to(device))
             stored = rope_kernel(x, c, s, n_q, gains, (v.to(device), target)).cpu()
             assert torch.equal(stored, got)
-            for plane, x_ in zip(planes, (got[:, n_q:], v), strict=True):
-                rows = x_[0].transpose(0, 1).reshape(-1, hd)
-                assert torch.equal(plane.cpu().view(-1, hd)[cells], rows)
+            _assert_planes(written, _stored(planes, cells, got[:, n_q:], v), dtype, device)
 
 
 def test_the_rms_norm_kernel_equals_the_module():
