@@ -200,8 +200,10 @@ def _triton_decode(
         out = torch.empty(B, n_head, splits, hd_pad, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, n_head, splits, dtype=torch.float32, device=q.device)
         counters = split_counters(q.device, programs * n_kv)
+        out_strides, lse_strides = out.stride()[:3], lse.stride()[:2]
     else:
         out = lse = counters = y  # not read
+        out_strides, lse_strides = (0, 0, 0), (0, 0)
     pad = group_pad(group)
     splits_pad = max(2, 1 << (splits - 1).bit_length())
     split_decode[(programs, n_kv, splits)](
@@ -233,11 +235,8 @@ def _triton_decode(
         k_scale.stride(0),
         k_scale.stride(1),
         k_scale.stride(2),
-        out.stride(0) if splits > 1 else 0,
-        out.stride(1) if splits > 1 else 0,
-        out.stride(2) if splits > 1 else 0,
-        lse.stride(0) if splits > 1 else 0,
-        lse.stride(1) if splits > 1 else 0,
+        *out_strides,
+        *lse_strides,
         y.stride(0),
         y.stride(1),
         tiles.stride(0) if tiled else 0,
