@@ -112,7 +112,7 @@ def _compile_rope(head_dim: int, rotary: int, heads: int, dtype: str, norm: int,
                      HEADS=rope_heads(heads, pad, norm > 0), NORM=norm, STORE=store)  # fmt: skip
     types = dict(X=dtype, Cos=dtype, Sin=dtype, Y=dtype, QGain=dtype, KGain=dtype, V=dtype,
                  KPlane=dtype, VPlane=dtype, Cells="*i64", T="i32", H="i32", N_Q="i32",
-                 eps="fp32")  # fmt: skip
+                 head_stride="i32", eps="fp32")  # fmt: skip
     signature = {name: types.get(name, "constexpr" if name in constants else "i64")
                  for name in _rope_rows.arg_names}  # fmt: skip
     source = ASTSource(fn=_rope_rows, signature=signature, constexprs=constants)
@@ -148,7 +148,8 @@ def _compile_store(heads: int, head_dim: int, dtype: str, plane: str):
 
     constants = dict(HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
                      HEAD_DIM_PAD=triton.next_power_of_2(head_dim))  # fmt: skip
-    types = dict(K=dtype, V=dtype, KPlane=plane, VPlane=plane, Cells="*i64", H="i32")
+    types = dict(K=dtype, V=dtype, KPlane=plane, VPlane=plane, Cells="*i64", H="i32",
+                 head_stride="i32")  # fmt: skip
     signature = {name: types.get(name, "constexpr" if name in constants else "i64")
                  for name in _store_rows.arg_names}  # fmt: skip
     source = ASTSource(fn=_store_rows, signature=signature, constexprs=constants)

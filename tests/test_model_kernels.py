@@ -126,19 +126,35 @@ def check_store(device: str) -> None:
         qkv = torch.randn(1, N, 2 * H + 1, hd, generator=g).to(dtype)
         k, v = qkv.transpose(1, 2)[:, 1 : 1 + H], qkv.transpose(1, 2)[:, 1 + H :]
         planes = [torch.randn(blocks, H, bs, hd, generator=g).to(plane_dtype) for _ in "kv"]
-        cells = torch.randperm(blocks * H * bs, generator=g)[: N * H]
+        cells = _cells(blocks, H, bs, N, g)
         got = [p.to(device) for p in planes]
-        store_rows(k.to(device), v.to(device), *got, cells.to(device))
+        store_rows(k.to(device), v.to(device), *got, _column(cells, device))
         _assert_planes(got, _stored(planes, cells, k, v), dtype, device)
 
 
+def _cells(blocks: int, H: int, bs: int, N: int, g: torch.Generator) -> torch.Tensor:
+    """N tokens' cells at distinct random positions of the planes (blocks, H, bs, hd), as
+    ``PagedKVCache.write_cells`` gives them: each token's first KV head's row."""
+    slots = torch.randperm(blocks * bs, generator=g)[:N]
+    return slots // bs * H * bs + slots % bs
+
+
+def _column(cells: torch.Tensor, device: str) -> torch.Tensor:
+    """``cells`` on ``device`` as a column of a wider tensor (stride 2), as a graph's static
+    inputs hold them."""
+    return torch.stack((cells, -cells), dim=1).to(device)[:, 0]
+
+
 def _stored(planes: list[torch.Tensor], cells: torch.Tensor, k, v) -> list[torch.Tensor]:
-    """Copies of the planes as ``paged._store``'s ops leave them: the rows of k and v (1,
-    n_kv_head, N, hd), token-major, at ``cells``."""
+    """Copies of the planes as the cache's ops leave them (``StepWrites.store``): the rows of
+    k and v (1, n_kv_head, N, hd), token-major, token t's head h at ``cells[t] + h *
+    block_size``."""
     want = [p.clone() for p in planes]
+    H, bs = planes[0].size(1), planes[0].size(2)
+    rows_at = (cells[:, None] + torch.arange(H) * bs).flatten()
     for plane, x in zip(want, (k, v), strict=True):
         rows = x[0].transpose(0, 1).reshape(-1, x.size(-1)).to(plane.dtype)
-        plane.view(-1, x.size(-1)).index_copy_(0, cells, rows)
+        plane.view(-1, x.size(-1)).index_copy_(0, rows_at, rows)
     return want
 
 
@@ -172,9 +188,9 @@ def check_rope_store(device: str) -> None:
             emb = (positions[..., None] * inv_freq.repeat(2))[:, None]
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
             planes = [torch.randn(blocks, n_kv, bs, hd, generator=g).to(plane_dtype) for _ in "kv"]
-            cells = torch.randperm(blocks * n_kv * bs, generator=g)[: T * n_kv]
+            cells = _cells(blocks, n_kv, bs, T, g)
             got = [p.to(device) for p in planes]
-            target = StoreTarget(*got, cells.to(device))
+            target = StoreTarget(*got, _column(cells, device))
             (c, s), x = (t.to(device) for t in (cos, sin)), qk.to(device)
             got_qk = rope_kernel(x, c, s, n_q, store=(v.to(device), target)).cpu()
             _close(got_qk, apply_rope(qk, cos, sin), device, exact_float32=True)  # the ops'
@@ -213,9 +229,9 @@ def check_rope_norms(device: str) -> None:
             _close(got, want, device, exact_float32=False)
             # the same with the store: the keys it turned and the values in their cells
             planes = [torch.zeros(3, n_kv, 4, hd, dtype=dtype) for _ in "kv"]
-            cells = torch.randperm(3 * n_kv * 4, generator=g)[: T * n_kv]
+            cells = _cells(3, n_kv, 4, T, g)
             written = [p.to(device) for p in planes]
-            target = StoreTarget(*written, cells.to(device))
+            target = StoreTarget(*written, _column(cells, device))
             stored = rope_kernel(x, c, s, n_q, gains, (v.to(device), target)).cpu()
             assert torch.equal(stored, got)
             _assert_planes(written, _stored(planes, cells, got[:, n_q:], v), dtype, device)

@@ -155,10 +155,13 @@ def _record_copies(monkeypatch) -> list[list[int]]:
 def _record_stores(monkeypatch) -> list[PagedKVCache]:
     """The cache of every step's store of its keys and values in the pool, from now on."""
     stores = []
-    original = paged._store
-    monkeypatch.setattr(
-        paged, "_store", lambda cache, *a: stores.append(cache) or original(cache, *a)
-    )
+    original = paged.StepWrites.store
+
+    def store(writes, *args):
+        stores.append(writes.cache)
+        return original(writes, *args)
+
+    monkeypatch.setattr(paged.StepWrites, "store", store)
     return stores
 
 

@@ -26,8 +26,9 @@ Mask = torch.Tensor | CausalBias | None
 
 @dataclass
 class StoreTarget:
-    """Where a forward's new keys and values go in one layer's float planes (each seen as rows
-    of head_dim): token t's KV head h at row ``cells[t * n_kv_head + h]``. A caller that
+    """Where a forward's new keys and values go in one layer's float planes, (num_blocks,
+    n_kv_head, block_size, head_dim) each, seen as rows of head_dim: token t's KV head h at row
+    ``cells[t] + h * block_size`` (``PagedKVCache.write_cells``). A caller that
     writes them there itself (the rotary kernel, as it turns the keys) tells ``attend``
     so (``stored=True``), and the cache does not write them again."""
 

@@ -38,6 +38,7 @@ when another that shares it still reads it).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -248,13 +249,6 @@ class PagedKVCache:
         block = tables.gather(1, (positions // bs)[:, None])[:, 0]
         return block * (self.n_kv_head * bs) + positions % bs
 
-    def head_rows(self, cells: torch.Tensor) -> torch.Tensor:
-        """Every KV head's row for the positions whose first head's rows are ``cells`` (N,),
-        token-major (token t's head h at ``t * n_kv_head + h``), as ``_store`` takes them."""
-        bs = self.block_size
-        heads = torch.arange(0, self.n_kv_head * bs, bs, device=cells.device)
-        return (cells[:, None] + heads).flatten()
-
     @property
     def nbytes(self) -> int:
         """The blocks' planes and what ``lone_history`` and ``held_rows`` hold."""
@@ -409,7 +403,7 @@ class PagedStep:
         cells = [
             r.blocks[p // bs] * H * bs + p % bs for r in layout.rows for p in range(r.start, r.end)
         ]
-        self._write = pinned_to(cache.head_rows(torch.tensor(cells)), device)
+        self._writes = StepWrites(cache, pinned_to(torch.tensor(cells), device))
         self.n_decode = nd = len(layout.decode)
         self._readers: dict[int | None, _BlockReaders] = {}
         self._lone = cache.lone_history.follow(layout)
@@ -445,7 +439,7 @@ class PagedStep:
     def store_target(self, layer: int) -> StoreTarget | None:
         """Float blocks that this step's keys and values go to now (not held histories,
         which may store theirs later)."""
-        return None if self._deferred else _float_target(self.cache, layer, self._write)
+        return None if self._deferred else self._writes.target(layer)
 
     def attend(
         self,
@@ -469,7 +463,7 @@ class PagedStep:
         # written back later only where the held tensors hold what the pool would
         deferred = self._deferred and exact
         if not (deferred or stored):
-            _store(cache, layer, k, v, self._write)
+            self._writes.store(layer, k, v)
         out = []
         nd = self.n_decode
         if nd and self._held:
@@ -547,7 +541,7 @@ class PagedStep:
         its result is left out."""
         cache, rows = self.cache, self.layout.decode
         held = cache.held_rows
-        keys, values = held.read(layer, rows, new, self._write, q.dtype, deferred)
+        keys, values = held.read(layer, rows, new, self._writes.head_rows, q.dtype, deferred)
         window = cache.windows[layer]
         if window not in self._held_masks:  # the same in every layer of that window
             first = min(_first_seen(row.start, window) for row in rows)
@@ -570,32 +564,47 @@ class PagedStep:
         return y[:, :, 0].transpose(0, 1)[None]
 
 
-def _float_target(cache: PagedKVCache, layer: int, cells: torch.Tensor) -> StoreTarget | None:
-    """``layer``'s planes and ``cells`` where its blocks are floats (a quantized codec encodes
-    what it stores: the cache writes those itself)."""
-    if not isinstance(cache.codec, FloatCodec):
-        return None
-    (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
-    return StoreTarget(k_plane, v_plane, cells)
+class StepWrites:
+    """Where one forward's new keys and values go in the pool, and the one place that writes
+    them: ``cells`` (N,) holds token t's first KV head's row of the planes seen as rows of
+    width (``PagedKVCache.write_cells``); head h's row is ``block_size * h`` further."""
 
+    def __init__(self, cache: PagedKVCache, cells: torch.Tensor) -> None:
+        self.cache, self.cells = cache, cells
 
-def _store(
-    cache: PagedKVCache, layer: int, k: torch.Tensor, v: torch.Tensor, cells: torch.Tensor
-) -> None:
-    """Write a forward's new keys and values, (1, n_kv_head, N, hd), through the codec into
-    ``layer``'s planes seen as rows of (blocks * n_kv_head * block_size, width): token t's
-    head h at row ``cells[t * n_kv_head + h]``. One indexed copy per plane; float planes on a
-    GPU in one kernel for both (``store_kernel``)."""
-    if isinstance(cache.codec, FloatCodec) and fused_inference(k):
-        from arlm.kv_cache.store_kernel import store_rows
+    @functools.cached_property
+    def head_rows(self) -> torch.Tensor:
+        """Every KV head's row, token-major (token t's head h at ``t * n_kv_head + h``), as
+        indexed copies take them: worked out once a step, and only where the ops store (on a
+        CPU, into quantized blocks, into held histories); the kernels take ``cells``."""
+        bs = self.cache.block_size
+        heads = torch.arange(0, self.cache.n_kv_head * bs, bs, device=self.cells.device)
+        return (self.cells[:, None] + heads).flatten()
 
-        store_rows(k, v, cache.k[layer][0], cache.v[layer][0], cells)
-        return
-    for planes, x in ((cache.k[layer], k), (cache.v[layer], v)):
-        new = x[0].transpose(0, 1)  # (N, n_kv_head, hd)
-        for plane, part in zip(planes, cache.codec.encode(new), strict=True):
-            flat = plane.view(-1, plane.size(-1))
-            flat.index_copy_(0, cells, part.reshape(-1, part.size(-1)).to(plane.dtype))
+    def target(self, layer: int) -> StoreTarget | None:
+        """``layer``'s planes and the cells, where its blocks are floats (a quantized codec
+        encodes what it stores: ``store`` writes those)."""
+        cache = self.cache
+        if not isinstance(cache.codec, FloatCodec):
+            return None
+        (k_plane,), (v_plane,) = cache.k[layer], cache.v[layer]
+        return StoreTarget(k_plane, v_plane, self.cells)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k and v (1, n_kv_head, N, hd) through the codec into ``layer``'s planes: one
+        indexed copy per plane; float planes on a GPU in one kernel for both
+        (``store_kernel``)."""
+        cache = self.cache
+        if isinstance(cache.codec, FloatCodec) and fused_inference(k):
+            from arlm.kv_cache.store_kernel import store_rows
+
+            store_rows(k, v, cache.k[layer][0], cache.v[layer][0], self.cells)
+            return
+        for planes, x in ((cache.k[layer], k), (cache.v[layer], v)):
+            new = x[0].transpose(0, 1)  # (N, n_kv_head, hd)
+            for plane, part in zip(planes, cache.codec.encode(new), strict=True):
+                flat = plane.view(-1, plane.size(-1))
+                flat.index_copy_(0, self.head_rows, part.reshape(-1, part.size(-1)).to(plane.dtype))
 
 
 def _work(dtype: torch.dtype) -> torch.dtype:
@@ -663,12 +672,13 @@ class StaticDecode:
     one sequence, a verify row's guesses or a prompt chunk's tokens, share a table). It writes
     every row's key and value there and then attends each row over its table's positions up
     to its own through ``decode_attention`` (a sliding-window layer's rows over their window);
-    ``writes[b]`` is that position's cell, as ``PagedKVCache.write_cells`` gives it.
-    Nothing in it depends on a host value, so a forward through it can be captured once per
-    batch size and replayed with new contents in the same tensors
-    (``arlm.engine.cuda_graphs``). Padding rows' tables point at the cache's spare block.
-    ``tiles``: the decode kernel's (``decode_attention``), rows of one table read together.
-    Needs ``PagedKVCache.static_decode``."""
+    ``writes[b]`` is that position's cell, as ``PagedKVCache.write_cells`` gives it (the
+    graphs work it out on the host, where it would be launches in the graph). Nothing in it
+    depends on a host value, so a forward through it can be captured once per batch size and
+    replayed with new contents in the same tensors (``arlm.engine.cuda_graphs``). Padding
+    rows' tables point at the cache's spare block. ``tiles``: the decode kernel's
+    (``decode_attention``), rows of one table read together. Needs
+    ``PagedKVCache.static_decode``."""
 
     def __init__(
         self,
@@ -681,7 +691,8 @@ class StaticDecode:
         self.cache = cache
         cache.lone_history.reset()  # its rows write the pool
         cache.held_rows.reset()
-        self._write = cache.head_rows(writes)
+        self._writes = StepWrites(cache, writes)
+        # a contiguous tensor: the decode kernel reads a row's length by its index
         self._tables, self._lengths, self._tiles = tables, positions + 1, tiles
         self._rows = tables.size(0)
 
@@ -690,7 +701,7 @@ class StaticDecode:
             raise ValueError(f"this decode step has {self._rows} rows, not {T}")
 
     def store_target(self, layer: int) -> StoreTarget | None:
-        return _float_target(self.cache, layer, self._write)
+        return self._writes.target(layer)
 
     def attend(
         self,
@@ -705,7 +716,7 @@ class StaticDecode:
         cache = self.cache
         hd = cache.head_dim
         if not stored:
-            _store(cache, layer, k, v, self._write)
+            self._writes.store(layer, k, v)
         scale = hd**-0.5 if scale is None else scale
         rows, window = q[0].transpose(0, 1), cache.windows[layer]
         planes = cache.k[layer], cache.v[layer]

@@ -29,17 +29,20 @@ def _store_rows(
     sv_t,
     sv_h,
     H,
+    s_cell,
+    head_stride,
     HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
 ):
     # one program: one token's H key heads and H value heads; head h's row of the planes
-    # (seen as rows of HEAD_DIM) is Cells[token * H + h]
+    # (seen as rows of HEAD_DIM) is Cells[token] + h * head_stride (Cells by its stride: a column
+    # of a graph's static inputs)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)
     ok = (h < H)[:, None] & (d < HEAD_DIM)[None, :]
-    cell = tl.load(Cells + t * H + h, mask=h < H, other=0).to(tl.int64)
+    cell = tl.load(Cells + t * s_cell).to(tl.int64) + h * head_stride
     to = cell[:, None] * HEAD_DIM + d[None, :]
     k = tl.load(K + t * sk_t + h[:, None] * sk_h + d[None, :], mask=ok)
     tl.store(KPlane + to, k.to(KPlane.dtype.element_ty), mask=ok)
@@ -56,7 +59,8 @@ def store_rows(
 ) -> None:
     """Write ``k`` and ``v`` (1, n_kv_head, N, hd), any strides with contiguous vectors, into
     the float planes (num_blocks, n_kv_head, block_size, hd) seen as rows of hd: token t's
-    head h at row ``cells[t * n_kv_head + h]``."""
+    head h at row ``cells[t] + h * block_size`` (``cells`` (N,), as
+    ``PagedKVCache.write_cells`` gives them)."""
     _, H, N, hd = k.shape
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
@@ -71,6 +75,8 @@ def store_rows(
         v.stride(2),
         v.stride(1),
         H,
+        cells.stride(0),
+        k_plane.size(2),
         HEADS_PAD=triton.next_power_of_2(H),
         HEAD_DIM=hd,
         HEAD_DIM_PAD=triton.next_power_of_2(hd),

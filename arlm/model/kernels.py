@@ -138,6 +138,8 @@ def _rope_rows(
     H,
     N_Q,
     eps,
+    s_cell,
+    head_stride,
     ROTARY: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -185,8 +187,8 @@ def _rope_rows(
     if STORE:
         kv = h - N_Q
         is_kv = ok & (kv >= 0)[:, None]
-        cell = tl.load(Cells + t.to(tl.int64) * (H - N_Q) + kv, mask=kv >= 0, other=0)
-        to = cell.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+        cell = tl.load(Cells + t * s_cell).to(tl.int64) + kv * head_stride  # KV head kv's row
+        to = cell[:, None] * HEAD_DIM + d[None, :]
         tl.store(KPlane + to, y.to(KPlane.dtype.element_ty), mask=is_kv)
         v = tl.load(V + t.to(tl.int64) * sv_t + kv[:, None] * sv_h + d[None, :], mask=is_kv)
         tl.store(VPlane + to, v.to(VPlane.dtype.element_ty), mask=is_kv)
@@ -266,6 +268,8 @@ def apply_rope(
         H,
         H if n_q is None else n_q,
         eps,
+        0 if target is None else target.cells.stride(0),
+        0 if target is None else target.k_plane.size(2),
         ROTARY=rotary,
         HEAD_DIM=hd,
         HEAD_DIM_PAD=hd_pad,
