@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation import logits_process as hf
 
 from arlm.api import LM
@@ -350,6 +351,36 @@ def test_rows_with_different_filters_match_each_alone():
     assert int(sample(logits[3:], params[3:], [None])[0]) == int(logits[3].argmax())
 
 
+class _Draws(TorchDispatchMode):
+    """Counts the ops that draw random numbers (a launch each on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.startswith(("rand", "uniform"))
+        return func(*args, **(kwargs or {}))
+
+
+def test_unseeded_rows_share_one_draw_that_manual_seed_repeats():
+    # eight rows without a generator over the same logits, and a seeded one
+    logits = (torch.randn(1, 500, generator=torch.Generator().manual_seed(0)) * 0.5).expand(9, -1)
+    params = [SamplingParams(temperature=1.0)] * 9
+
+    def draw() -> list[int]:
+        return sample(logits, params, [None] * 8 + [torch.Generator().manual_seed(7)]).tolist()
+
+    torch.manual_seed(1)
+    with _Draws() as draws:
+        first = draw()
+    assert draws.count == 2  # one for the eight unseeded rows, one for the seeded row
+    assert len(set(first[:8])) > 1  # each unseeded row its own number of the one draw
+    torch.manual_seed(1)
+    assert draw() == first
+    assert first[8:] == sample(logits[:1], params[:1], [torch.Generator().manual_seed(7)]).tolist()
+
+
 # -- through generation ---------------------------------------------------------------------
 
 
@@ -371,6 +402,11 @@ def test_same_seed_same_sample_whatever_else_runs(lm):
         ids_b += [cb.token_id] if cb.token_id is not None else []
     assert ids_a == alone
     assert ids_b == lm.generate("The", seed=12, **kw).token_ids
+    # unseeded requests draw from torch's default generator, which manual_seed sets
+    torch.manual_seed(5)
+    unseeded = lm.generate("The", **kw).token_ids
+    torch.manual_seed(5)
+    assert lm.generate("The", **kw).token_ids == unseeded
 
 
 def test_logprobs_are_the_models_raw_distribution(lm):

@@ -50,8 +50,10 @@ Draw = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]
 
 
 def draw_samples(processed: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Each row's token by its own settings and generator (``arlm.sampling.sampler.sample``)."""
-    return sample(processed, [s.params for s in seqs], [s.generator for s in seqs])
+    """Each row's token by its own settings (``arlm.sampling.sampler.sample``): a seeded
+    row's from its own generator, the unseeded rows' from one draw between them."""
+    generators = [s.generator if s.params.seed is not None else None for s in seqs]
+    return sample(processed, [s.params for s in seqs], generators)
 
 
 class DrawnTokens:

@@ -11,8 +11,10 @@ DRY) over its one list of token ids, updated one appended token at a time. A ste
                                                   at temperature 0, or below 1e-5, which
                                                   take the argmax)
 
-and then one draw per row: the argmax at temperature 0, else a sample from the row's own
-generator, so a seeded request draws the same tokens alone or in any batch.
+and then one draw per row: the argmax at temperature 0, else a sample by one uniform number:
+a seeded row's from its own generator, so a seeded request draws the same tokens alone or in
+any batch, and all unseeded rows' from one draw of the device's default generator (one launch
+for them all, and ``torch.manual_seed`` makes unseeded runs repeat).
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def sample(
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
     """One token per row of ``logits`` (B, vocab), already processed, each row with its own
-    ``params`` and generator (None: torch's global one) -> (B,)."""
+    ``params`` and generator (None: the device's default one, which the rows without one
+    share) -> (B,)."""
     tokens = logits.argmax(dim=-1)
     # a temperature this small is greedy in effect, and dividing by it would overflow float32
     drawn = [b for b, p in enumerate(params) if p.temperature >= MIN_SAMPLING_TEMPERATURE]
@@ -150,12 +153,27 @@ def sample(
     # located in the row's cumulative distribution (torch.multinomial draws a whole vocabulary
     # of exponentials per row: 0.8 ms a row for GPT-2's 50k tokens here)
     cdf = x.softmax(dim=-1).cumsum(dim=-1)
-    u = torch.cat(
-        [torch.rand(1, generator=generators[b], device=x.device, dtype=cdf.dtype) for b in drawn]
-    )
+    u = _uniforms([generators[b] for b in drawn], x.device, cdf.dtype)
     # right=True skips tokens of probability 0, whose interval of the cdf is empty
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     return tokens.index_copy_(0, rows, picked.clamp_(max=x.size(-1) - 1))
+
+
+def _uniforms(
+    generators: list[torch.Generator | None], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """One uniform number in [0, 1) per row (B,): row b's from ``generators[b]``, the rows
+    whose generator is None from one draw of the device's default generator. A seeded row
+    needs a launch of its own; the others take one between them, where a launch each was most
+    of a large step's sampling on a GPU (256 launches at 256 rows)."""
+    own = [b for b, g in enumerate(generators) if g is not None]
+    drawn = [torch.rand(1, generator=generators[b], device=device, dtype=dtype) for b in own]
+    if len(own) == len(generators):
+        return torch.cat(drawn)
+    u = torch.rand(len(generators), device=device, dtype=dtype)
+    if own:
+        u.index_copy_(0, to_device(own, torch.long, device), torch.cat(drawn))
+    return u
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
