@@ -142,21 +142,22 @@ def sample(
     """One token per row of ``logits`` (B, vocab), already processed, each row with its own
     ``params`` and generator (None: the device's default one, which the rows without one
     share) -> (B,)."""
-    tokens = logits.argmax(dim=-1)
     # a temperature this small is greedy in effect, and dividing by it would overflow float32
     drawn = [b for b, p in enumerate(params) if p.temperature >= MIN_SAMPLING_TEMPERATURE]
     if not drawn:
-        return tokens
-    rows = to_device(drawn, torch.long, logits.device)
-    x = _filtered(logits.index_select(0, rows), [params[b] for b in drawn])
-    # inverse transform sampling: one uniform number per row from the row's own generator,
-    # located in the row's cumulative distribution (torch.multinomial draws a whole vocabulary
-    # of exponentials per row: 0.8 ms a row for GPT-2's 50k tokens here)
+        return logits.argmax(dim=-1)
+    every = len(drawn) == len(params)  # then no argmax, and no copy of the drawn rows
+    rows = None if every else to_device(drawn, torch.long, logits.device)
+    x = _filtered(logits if every else logits.index_select(0, rows), [params[b] for b in drawn])
+    # inverse transform sampling: one uniform number per row, located in the row's cumulative
+    # distribution (torch.multinomial draws a whole vocabulary of exponentials per row: 0.8 ms
+    # a row for GPT-2's 50k tokens here)
     cdf = x.softmax(dim=-1).cumsum(dim=-1)
     u = _uniforms([generators[b] for b in drawn], x.device, cdf.dtype)
     # right=True skips tokens of probability 0, whose interval of the cdf is empty
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    return tokens.index_copy_(0, rows, picked.clamp_(max=x.size(-1) - 1))
+    picked = picked.clamp_(max=x.size(-1) - 1)
+    return picked if every else logits.argmax(dim=-1).index_copy_(0, rows, picked)
 
 
 def _uniforms(
