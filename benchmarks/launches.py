@@ -20,8 +20,8 @@ sampling does not depend on the layers).
 by side.
 
 Run: ``python benchmarks/launches.py --baseline 393b6e3`` (a few minutes); ``--rows 64`` for a
-step of 64 rows (the interpreter takes about ten minutes a layout and side there; the count is
-the same as at one row).
+step of 64 rows (the interpreter takes more than eight minutes a layout and side there; stop
+47 counted the same as at one row).
 """
 
 from __future__ import annotations
