@@ -71,7 +71,8 @@ def count(rows: int, shape: str) -> dict[str, collections.Counter]:
     from arlm.tokenizer import Tokenizer
     from arlm.train.corpus import builtin_documents
 
-    counts: collections.Counter = collections.Counter()  # where Launches counts now
+    step, drawing = collections.Counter(), collections.Counter()
+    counts = step  # where Launches and the launcher count now (``counting`` sets it)
     inside_kernel = [False]  # the interpreter's own tensor work is not the kernel's launch
     launcher_of = interpreter.InterpretedFunction.__getitem__
 
@@ -101,18 +102,13 @@ def count(rows: int, shape: str) -> dict[str, collections.Counter]:
                 counts[f"torch {name}"] += 1
             return out
 
-    step, drawing = collections.Counter(), collections.Counter()
-
     def counting(fn, into: collections.Counter):
         def run(*args, **kwargs):  # the last call's launches, into ``into``
             nonlocal counts
-            counts, before = into, counts
+            counts = into
             into.clear()
-            try:
-                with Launches():
-                    return fn(*args, **kwargs)
-            finally:
-                counts = before
+            with Launches():
+                return fn(*args, **kwargs)
 
         return run
 
@@ -135,11 +131,16 @@ def count(rows: int, shape: str) -> dict[str, collections.Counter]:
         model, tokenizer, config=EngineConfig(max_num_seqs=rows, kv_cache_memory_gib=0.05)
     )
     engine.use_decode_graphs(capture=False)  # the graphs' padded steps, run as launched
+    prompts = [[5, 6, 7, 8]] * rows
+    if shape != "sampling":
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        engine.generate(prompts, params, progress=False)
+        return {"step": step}
     out = {}
-    for name, kwargs in SAMPLING.items() if shape == "sampling" else [("step", {})]:
-        params = SamplingParams(max_tokens=3, ignore_eos=True, **{"temperature": 0, **kwargs})
-        engine.generate([[5, 6, 7, 8]] * rows, params, progress=False)
-        out[name] = collections.Counter(step if shape != "sampling" else drawing)
+    for name, kwargs in SAMPLING.items():
+        params = SamplingParams(max_tokens=3, ignore_eos=True, **kwargs)
+        engine.generate(prompts, params, progress=False)
+        out[name] = collections.Counter(drawing)
     return out
 
 
