@@ -92,12 +92,13 @@ class ModelConfig:
 
     ``family`` picks the layout: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases),
     ``llama`` (rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases) or
-    ``gemma`` (Gemma 3: the llama layout with RMSNorm gains of 1 + weight computed in float32, a
-    second norm after attention and after the MLP, a GeGLU MLP with tanh GELU, and embeddings
-    scaled by sqrt(n_embd)). The rotary families also cover Mistral, Qwen2, Qwen3 and Phi-3: a
-    ``head_dim`` of its own, RMSNorm on each head's queries and keys (``qk_norm``), sliding-window
-    attention on some or all layers, rotation of part of each head (``rotary_dim``), and RoPE
-    scalings (``rope_scaling``).
+    ``gemma`` (Gemma 2 and 3: the llama layout with RMSNorm gains of 1 + weight computed in
+    float32, a second norm after attention and after the MLP, a GeGLU MLP with tanh GELU, and
+    embeddings scaled by sqrt(n_embd); Gemma 2 also caps its attention scores, ``attn_softcap``).
+    The rotary families also cover Mistral, Qwen2, Qwen3 and Phi-3: a ``head_dim`` of its own,
+    RMSNorm on each head's queries and keys (``qk_norm``), sliding-window attention on some or
+    all layers, rotation of part of each head (``rotary_dim``), and RoPE scalings
+    (``rope_scaling``).
     """
 
     family: str = "gpt2"
@@ -123,6 +124,9 @@ class ModelConfig:
     rope_local_theta: float | None = None
     attn_scale: float | None = None  # attention scores' multiplier; None: 1/sqrt(head_dim)
     logit_softcap: float | None = None  # logits become cap * tanh(logits / cap); None: no cap
+    # attention scores (after the scale) become cap * tanh(score / cap) before the softmax
+    # (Gemma 2); None: no cap
+    attn_softcap: float | None = None
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the rotation (Qwen3)
     # a query sees only itself and the sliding_window - 1 positions before it, on the layers
     # layer_types names "sliding_attention" (None: every layer); the rest see every position
@@ -171,7 +175,7 @@ class ModelConfig:
                 f"rotary_dim={self.rotary_dim!r} must be an even number from 2 to "
                 f"head_dim={self.head_dim}"
             )
-        for name in ("attn_scale", "logit_softcap", "rope_local_theta"):
+        for name in ("attn_scale", "logit_softcap", "attn_softcap", "rope_local_theta"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive number or None")

@@ -383,9 +383,11 @@ def _kernel_against_reference(
     kv: str = "auto",
     splits: int | None = None,
     tiled: bool = False,
+    softcap: float | None = None,
 ) -> None:
     """``splits``: the sequence split so many ways (None: as ``num_splits`` chooses);
-    ``tiled``: the rows of ``SPANS`` in the kernel's tiles, else ``_rows``' one a program."""
+    ``tiled``: the rows of ``SPANS`` in the kernel's tiles, else ``_rows``' one a program;
+    ``softcap``: the scores' tanh cap."""
     if tiled:
         q, codec, k, v, tables, lengths, tiles = _span_rows(device, n_head, n_kv_head, head_dim, kv)
     else:
@@ -397,10 +399,10 @@ def _kernel_against_reference(
     if splits is not None:  # on CUDA this runs in the test process: put it back after
         decode_attention_module.num_splits = lambda *_: splits
     try:
-        got = decode_attention(*args, window=window, tiles=tiles, use_triton=True)
+        got = decode_attention(*args, window=window, tiles=tiles, softcap=softcap, use_triton=True)
     finally:
         decode_attention_module.num_splits = chosen
-    want = decode_attention_reference(*args, window)
+    want = decode_attention_reference(*args, window, softcap)
     # weighted means of values of size max|v|, summed in another order (the kernel's splits)
     assert_close(got, want, scale=codec.decode(v, torch.float32).abs().max().item())
     # the last split of each program put its counter back for the next launch
@@ -424,6 +426,25 @@ def test_the_reference_with_a_window_attends_over_each_row_s_last_positions():
             enable_gqa=True,
         )
         assert_close(got[b], want[0, :, 0])
+
+
+def test_the_reference_with_a_cap_bends_each_score_before_the_softmax():
+    """The reference with Gemma 2's cap of 0.5 and a window of 50: each row's scores over its
+    last 50 positions become 0.5 * tanh(score / 0.5), then the softmax, taken out by hand;
+    and the cap changes the result (the scores reach past it)."""
+    q, codec, (k,), (v,), tables, lengths = _rows("cpu", 8, 2, 24)
+    scale = 24**-0.5
+    got = decode_attention_reference(q, codec, [k], [v], tables, lengths, scale, 50, 0.5)
+    uncapped = decode_attention_reference(q, codec, [k], [v], tables, lengths, scale, 50)
+    for b, n in enumerate(lengths.tolist()):
+        keys, values = (x[tables[b]].transpose(0, 1).flatten(1, 2) for x in (k, v))
+        seen = slice(max(0, n - 50), n)
+        keys, values = (x[:, seen].repeat_interleave(4, dim=0) for x in (keys, values))
+        scores = 0.5 * torch.tanh(q[b][:, None] @ keys.transpose(1, 2) * scale / 0.5)
+        want = (torch.softmax(scores, -1) @ values)[:, 0]
+        assert_close(got[b], want)
+        if n > 1:
+            assert not torch.allclose(got[b], uncapped[b], atol=1e-3)
 
 
 def test_tiles_take_up_to_their_size_of_one_span_s_rows():
@@ -477,6 +498,30 @@ def test_the_triton_kernel_equals_the_reference(
     run_interpreted(
         "from tests.test_cuda_graphs import _kernel_against_reference as check; "
         f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r}, {splits}, {tiled})"
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize(
+    "n_head,n_kv_head,head_dim,window,kv,splits,tiled",
+    [
+        (8, 2, 24, 50, "auto", None, False),  # lone rows, a window, four splits
+        (8, 2, 24, None, "int8", 1, True),  # tiles, int8 blocks, one split
+    ],
+)
+def test_the_triton_kernel_caps_scores_as_the_reference(
+    n_head, n_kv_head, head_dim, window, kv, splits, tiled
+):
+    """Gemma 2's cap on the scores (0.5: most scores reach past it) in the kernel as in the
+    reference, for lone rows and a graph step's tiles."""
+    if torch.cuda.is_available():
+        _kernel_against_reference(
+            "cuda", n_head, n_kv_head, head_dim, window, kv, splits, tiled, 0.5
+        )
+        return
+    run_interpreted(
+        "from tests.test_cuda_graphs import _kernel_against_reference as check; "
+        f"check('cpu', {n_head}, {n_kv_head}, {head_dim}, {window}, {kv!r}, {splits}, {tiled}, 0.5)"
     )
 
 

@@ -1,7 +1,8 @@
 """The rotary families against transformers: explicit head_dim, Qwen3's q/k norms, sliding-window
-attention (Mistral, Qwen2, Qwen3, Phi-3), Phi-3's partial rotary and LongRoPE, and Gemma 3 (its
-norms, GeGLU, scaled embeddings, attention scale, local and global rope, logit cap), through
-every path a model runs on.
+attention (Mistral, Qwen2, Qwen3, Phi-3), Phi-3's partial rotary and LongRoPE, Gemma 3 (its
+norms, GeGLU, scaled embeddings, attention scale, local and global rope, logit cap) and Gemma 2
+(the same without q/k norms, and with capped attention scores), through every path a model runs
+on.
 
 Random-weight models are built locally with odd sizes (head_dim != hidden / heads, grouped-query
 attention, tied and untied heads) and windows shorter than the test sequences, so the window
@@ -161,6 +162,26 @@ CASES = {
             tie_word_embeddings=False,
         ),
     ),
+    # Gemma 2: no q/k norms, one rope theta (500) for every layer; windows of 6 on layers 0
+    # and 2 (its default pattern), layer 1 full; attention scores capped at 1.5 and logits at 3
+    # (both reach ~5 uncapped, so both caps bend them); query_pre_attn_scalar 20 where head_dim
+    # is 24; tied
+    "gemma2-window": (
+        "Gemma2Config",
+        dict(
+            COMMON,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            query_pre_attn_scalar=20,
+            sliding_window=6,
+            rope_theta=500.0,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=3.0,
+        ),
+    ),
     # Phi-3: fused qkv and gate_up, half of each head rotating (head_dim 24 where hidden / heads
     # is 16), a window of 6 on every layer, untied
     "phi3-window": (
@@ -300,6 +321,12 @@ def test_config_is_read_as_transformers_reads_it(case):
     assert config.layer_windows == windows
     partial = c.rope_parameters.get("partial_rotary_factor", 1.0)
     assert config.rotary_dim == int(_head_dim(c) * partial)
+    if c.model_type == "gemma2":
+        assert config.attn_scale == c.query_pre_attn_scalar**-0.5
+        assert config.attn_softcap == c.attn_logit_softcapping
+        assert config.logit_softcap == c.final_logit_softcapping
+        assert config.rope_theta == c.rope_parameters["rope_theta"]
+        assert config.rope_local_theta is None
     if c.model_type == "gemma3_text":
         assert config.attn_scale == c.query_pre_attn_scalar**-0.5
         assert config.logit_softcap == c.final_logit_softcapping
@@ -394,6 +421,69 @@ def test_longrope_decode_steps_run_padded_as_a_cuda_graph_runs_them(case):
         assert b.token_ids == a.token_ids
         assert_close([t.logprob for t in b.logprobs], [t.logprob for t in a.logprobs])
     assert padded.engine.stats()["graph_steps"] >= 10
+
+
+@cases(["gemma2-window"])
+def test_capped_scores_on_every_decode_path(case):
+    """Gemma 2's cap on the attention scores on the paths a decode row can take beside the
+    held histories the engine tests above cover: rows reading their blocks in place, several
+    sharing one fused call per range of the pool and merged by their log-sum-exps (no held
+    room: every block has its memory), and the padded forward a CUDA graph captures (run
+    eagerly here), each against the teacher-forced logits or transformers' greedy tokens."""
+    name, folder, hf = case
+    model, _ = load_hf(folder)
+    bs, n = 4, 3
+    seqs = [_ids(SEQ, seed=10 + i) for i in range(n)]
+    # the rows' blocks interleaved over the pool: row i's j-th block is j * n + i
+    tables = [[j * n + i for j in range(SEQ // bs)] for i in range(n)]
+    cache = PagedKVCache.for_model(model.config, n * SEQ // bs, bs)
+    cache.reserve(cache.num_blocks)
+    assert cache.lone_history_room() == 0
+    got = []
+    with torch.no_grad():
+        for p in range(SEQ):
+            layout = StepLayout([PagedRow(t, p, 1) for t in tables], [])
+            tokens = torch.cat([s[:, p] for s in seqs])[None]
+            got.append(
+                model(tokens, kv_cache=cache.step(layout), positions=torch.full((1, n), p))[0]
+            )
+        got = torch.cat(got)  # (SEQ, rows, vocab)
+        for i, seq in enumerate(seqs):
+            assert_close(got[:, i], model(seq)[0][0])
+    padded = arlm.load(folder, max_num_seqs=3, kv_cache_memory_gib=0.02)
+    padded.engine.use_decode_graphs(capture=False)
+    prompts = [_ids(k, seed=k) for k in (8, 3, 12)]
+    out = padded.generate(
+        [p[0].tolist() for p in prompts], max_tokens=24, temperature=0, ignore_eos=True
+    )
+    assert [c.token_ids for c in out] == [hf_greedy(hf, p, 24) for p in prompts]
+    assert padded.engine.stats()["graph_steps"] >= 20
+
+
+@cases(["gemma2-window"])
+def test_training_through_capped_scores_matches_transformers(case):
+    """Teacher forcing's loss and gradients through Gemma 2's capped scores and logits equal
+    transformers' (its eager attention, in float32): the embedding's and the first layer's
+    query projection's."""
+    _, folder, hf = case
+    model, _ = load_hf(folder)
+    ids = _ids(SEQ + 1, seed=3)
+    x, y = ids[:, :-1], ids[:, 1:]
+    _, loss = model.train()(x, y)
+    loss.backward()
+    try:
+        logits = hf(x).logits[0]
+        hf_loss = F.cross_entropy(logits, y[0])
+        hf_loss.backward()
+        assert_close(loss, hf_loss)
+        embed = hf.model.embed_tokens.weight.grad
+        assert_close(model.wte.weight.grad, embed, scale=embed.abs().max().item())
+        rows = model.config.n_head * model.config.head_dim
+        q_proj = hf.model.layers[0].self_attn.q_proj.weight.grad
+        got = model.h[0].attn.c_attn.weight.grad[:rows]
+        assert_close(got, q_proj, scale=q_proj.abs().max().item())
+    finally:
+        hf.zero_grad(set_to_none=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -662,6 +752,7 @@ GGUF_ARCH = {"qwen3": "qwen3", "phi3": "phi3", "gemma3_text": "gemma3"}  # the r
 # what llama.cpp cannot run as these models compute, refused rather than written wrong
 GGUF_REFUSED = {
     "gemma3-window": "attn_scale=0.223607: llama.cpp's gemma3 does not read",
+    "gemma2-window": "attn_softcap=1.5: the architectures arlm writes have no cap",
     "phi3-window": r"phi3 architecture has no biases and n_head \* head_dim == n_embd",
     "qwen3-window": "sliding_window=7",
     "mistral-window": "sliding_window=6",
@@ -828,7 +919,18 @@ BASE = dict(
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"model_type": "gemma2"}, r"model_type='gemma2' is not supported"),
+        ({"model_type": "gemma"}, r"model_type='gemma' is not supported"),
+        (
+            {"attn_logit_softcapping": 50.0},
+            "attn_logit_softcapping=50.0 is not supported for llama",
+        ),
+        (
+            {
+                "model_type": "gemma2",
+                "rope_parameters": {"rope_theta": 10.0, "rope_type": "dynamic"},
+            },
+            "rope_scaling type 'dynamic' is not supported",
+        ),
         (
             {"model_type": "gemma3_text", "attn_logit_softcapping": 50.0},
             "attn_logit_softcapping=50.0 is not supported for gemma3_text",

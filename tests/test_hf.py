@@ -382,8 +382,13 @@ def test_export_refuses_layouts_hf_lacks(tmp_path, tokenizer):
         export_hf(_arlm_model("tiny", bias=False), tokenizer, tmp_path / "a")
     with pytest.raises(ValueError, match="no Hugging Face layout"):
         export_hf(_arlm_model("llama-tiny", bias=True, qkv_bias=False), tokenizer, tmp_path / "b")
-    with pytest.raises(ValueError, match="gemma-family model with qk_norm=False"):
-        export_hf(_arlm_model("llama-tiny", family="gemma"), tokenizer, tmp_path / "c")
+    with pytest.raises(ValueError, match="gemma-family model with bias=True"):
+        export_hf(_arlm_model("llama-tiny", family="gemma", bias=True), tokenizer, tmp_path / "c")
+    local = dict(family="gemma", sliding_window=8, rope_local_theta=10.0)
+    with pytest.raises(ValueError, match="rope_local_theta=10.0 without q/k norms"):
+        export_hf(_arlm_model("llama-tiny", **local), tokenizer, tmp_path / "f")
+    with pytest.raises(ValueError, match="attn_softcap=30.0 has a Hugging Face layout in gemma2"):
+        export_hf(_arlm_model("llama-tiny", attn_softcap=30.0), tokenizer, tmp_path / "g")
     with pytest.raises(ValueError, match="rotary_dim=16 .* partial rotary in phi3"):
         export_hf(_arlm_model("llama-tiny", rotary_dim=16, qk_norm=True), tokenizer, tmp_path / "d")
     scaled = dict(family="gemma", qk_norm=True, sliding_window=8, rope_scaling=LINEAR)

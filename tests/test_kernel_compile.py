@@ -34,12 +34,18 @@ PLANES = {  # codec -> (the key/value planes' type, QUANT, bytes per element)
 
 
 def _compile(
-    codec: str, head_dim: int, query: str = "*bf16", group: int | None = None, splits: int = 8
+    codec: str,
+    head_dim: int,
+    query: str = "*bf16",
+    group: int | None = None,
+    splits: int = 8,
+    softcap: bool = False,
 ):
     """The kernel compiled for sm_90, as ``decode_attention`` launches it for ``codec`` blocks
     of ``head_dim`` (blocks of 16 positions): taking its rows one a program (4 query heads per
     KV head), or, with ``group`` query heads per KV head, from a graph step's tiles; over
-    ``splits`` splits (one writes the output, more float32 results that the last merges)."""
+    ``splits`` splits (one writes the output, more float32 results that the last merges);
+    capping the scores (``softcap``: Gemma 2) or not."""
     tiled = group is not None
     group = group or 4
     from triton import compile as triton_compile
@@ -57,11 +63,13 @@ def _compile(
                      HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_SIZE=16,
                      BLOCK_N=block_n, SPLITS=splits, SPLITS_PAD=splits_pad, MERGE_HEADS=pad,
                      CHUNK=merge_chunk(pad, splits_pad, head_dim, num_warps), QUANT=quant,
-                     PRECISION="ieee" if query == "*fp32" else "tf32")  # fmt: skip
+                     PRECISION="ieee" if query == "*fp32" else "tf32",
+                     SOFTCAP=softcap)  # fmt: skip
     aux = "*fp16" if quant else plane  # the scale (and minimum) planes
     types = dict(Q=query, K=plane, V=plane, KScale=aux, KLow=aux, VScale=aux, VLow=aux,
                  Tables="*i64", Lengths="*i64", Tiles="*i64", Y=query, Out="*fp32",
-                 Lse="*fp32", Counters="*i32", scale="fp32", window="i32")  # fmt: skip
+                 Lse="*fp32", Counters="*i32", scale="fp32", window="i32",
+                 softcap="fp32")  # fmt: skip
     signature = {
         name: types.get(name, "constexpr" if name in constants else "i64")  # strides: i64
         for name in split_decode.arg_names
@@ -202,6 +210,17 @@ def test_the_merge_of_the_splits_keeps_to_registers(tmp_path: Path, splits, tile
     power of two and the most ``num_splits`` picks, at a head size of 256 (the widest loads
     of the splits' results, in the most chunks), lone rows and tiles."""
     line = _stack_line(tmp_path, _compile("bfloat16", 256, "*bf16", tiles_of, splits=splits))
+    assert " STACK:0 " in line, line
+
+
+@pytest.mark.parametrize(
+    "codec,head_dim,tiles_of",
+    [("bfloat16", 256, None), ("bfloat16", 256, 2), ("int8", 256, None), ("bfloat16", 128, 2)],
+)
+def test_the_capped_variants_compile_and_keep_to_registers(tmp_path, codec, head_dim, tiles_of):
+    """Gemma 2's cap on the scores (a sigmoid a score more) at its head sizes (256 for 2B and
+    9B, 128 for 27B) and its two query heads per KV head in a graph step's tiles."""
+    line = _stack_line(tmp_path, _compile(codec, head_dim, "*bf16", tiles_of, softcap=True))
     assert " STACK:0 " in line, line
 
 

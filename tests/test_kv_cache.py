@@ -18,7 +18,7 @@ from arlm.kv_cache import (
     WindowedKVCache,
     make_codec,
 )
-from arlm.kv_cache.base import storage_bytes
+from arlm.kv_cache.base import capped_attention, sdpa, storage_bytes
 from arlm.kv_cache.codec import quantize_int4, quantize_int8
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close
@@ -206,6 +206,42 @@ def test_paged_and_int8_caches_give_the_same_greedy_tokens(family):
 
 
 # --- the paged cache's storage ---
+
+
+def test_capped_attention_reads_every_mask_kind_as_sdpa_does():
+    """Gemma 2's capped attention against the fused kernels it stands in for: a cap too high to
+    bend any score gives ``sdpa``'s result for plain causal alignment (no mask, T == S), a
+    lower-right causal bias (what CUDA steps pass), a boolean mask and an additive one, with
+    grouped heads; a query that sees no key gets zeros and a log-sum-exp of -inf; and a low
+    cap bends the result."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 16, generator=g)
+    k, v = (torch.randn(2, 2, 9, 16, generator=g) for _ in "kv")
+    square = (k[:, :, :5], v[:, :, :5])
+    visible = torch.rand(5, 9, generator=g) > 0.3
+    visible[:, 0] = True
+    additive = torch.zeros(5, 9).masked_fill(~visible, float("-inf"))
+    cases = [
+        (q, *square, None),
+        (q, k, v, causal_lower_right(5, 9)),
+        (q, k, v, visible),
+        (q, k, v, additive),
+    ]
+    for q_, k_, v_, mask in cases:
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q_, k_, v_, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )
+        got, lse = capped_attention(q_, k_, v_, mask, None, softcap=1e6)
+        assert_close(got, want)
+        assert lse.shape == q_.shape[:3]
+    blind = visible.clone()
+    blind[2] = False
+    got, lse = capped_attention(q, k, v, blind, 0.25, softcap=2.0)
+    assert (got[:, :, 2] == 0).all() and (lse[:, :, 2] == float("-inf")).all()
+    assert torch.isfinite(got).all()
+    assert not torch.allclose(sdpa(q, k, v, visible, 1.0, softcap=0.5), sdpa(q, k, v, visible, 1.0))
 
 
 def test_growing_the_pool_keeps_what_the_existing_blocks_hold():

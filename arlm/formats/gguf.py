@@ -127,6 +127,12 @@ def _check_phi3(config: ModelConfig) -> None:
 
 def _check_model(config: ModelConfig) -> None:
     require_float(config, "GGUF export")
+    if config.attn_softcap is not None:
+        raise ValueError(
+            f"attn_softcap={config.attn_softcap}: the architectures arlm writes have no cap on "
+            "the attention scores, so the file would compute another model (llama.cpp's gemma2 "
+            "is not written here); export it with `arlm export --format hf` instead"
+        )
     arch = architecture(config)
     if arch == "gemma3":
         return _check_gemma3(config)

@@ -42,20 +42,33 @@ from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
-# mistral, qwen2, qwen3 and phi3 run as the llama family; gemma3_text, and the text model of a
-# gemma3 folder (which also holds a vision tower), as the gemma family
-HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3")
+# mistral, qwen2, qwen3 and phi3 run as the llama family; gemma2, gemma3_text, and the text
+# model of a gemma3 folder (which also holds a vision tower), as the gemma family
+HF_MODEL_TYPES = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+)
 
 # config keys that change the math where set (to other than the default given here): refused by
 # name rather than ignored, except in the model_types that implement them
 _UNIMPLEMENTED = {
-    "attn_logit_softcapping": None,  # Gemma 2's tanh cap on attention scores (arlm's attention
-    # runs in fused kernels and KV caches that have no cap)
+    "attn_logit_softcapping": None,  # Gemma 2's tanh cap on attention scores
     "final_logit_softcapping": None,  # Gemma's tanh cap on the logits
     "partial_rotary_factor": 1.0,  # rotary angles on only part of each head
     "use_bidirectional_attention": False,  # EmbeddingGemma: not a causal language model
 }
-_IMPLEMENTED_BY = {"final_logit_softcapping": ("gemma3_text",), "partial_rotary_factor": ("phi3",)}
+_IMPLEMENTED_BY = {
+    "attn_logit_softcapping": ("gemma2",),
+    "final_logit_softcapping": ("gemma2", "gemma3_text"),
+    "partial_rotary_factor": ("phi3",),
+}
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -90,7 +103,12 @@ _GEMMA_BLOCK = {
     "ln_2": ("pre_feedforward_layernorm",),
     "post_mlp_norm": ("post_feedforward_layernorm",),
 }
-_BLOCKS = {"phi3": _PHI3_BLOCK, "gemma3_text": _GEMMA_BLOCK, "gemma3": _GEMMA_BLOCK}
+_BLOCKS = {
+    "phi3": _PHI3_BLOCK,
+    "gemma2": _GEMMA_BLOCK,
+    "gemma3_text": _GEMMA_BLOCK,
+    "gemma3": _GEMMA_BLOCK,
+}
 
 # config.json's names for the sizes that are checked against the weights, in messages
 _GPT2_SIZE_KEYS = {"n_layer": "n_layer", "n_embd": "n_embd", "block_size": "n_positions"}
@@ -284,6 +302,27 @@ _GEMMA3_DEFAULTS = dict(
     rope_theta=1_000_000.0,  # the full-attention layers'
     rope_local_base_freq=10_000.0,  # the sliding-window layers'
 )
+# Gemma2Config's: the same layout with one rope theta for every layer, no norms on queries and
+# keys, tanh caps on the attention scores and the logits, and every other layer sliding
+_GEMMA2_DEFAULTS = dict(
+    vocab_size=256_000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    sliding_window_pattern=2,  # layers 1, 3, 5, ... full attention
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    rope_theta=10_000.0,
+)
 
 
 def _gemma3_rope(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -314,17 +353,20 @@ def _gemma3_rope(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return full, local
 
 
-def _gemma3_fields(c: dict[str, Any]) -> dict[str, Any]:
-    c = {**_GEMMA3_DEFAULTS, **c}
+def _gemma_fields(c: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2 and Gemma 3 (text) configs, with their defaults where a key is left out."""
+    gemma2 = c["model_type"] == "gemma2"
+    name = "gemma2" if gemma2 else "gemma3"
+    c = {**(_GEMMA2_DEFAULTS if gemma2 else _GEMMA3_DEFAULTS), **c}
     act = c["hidden_activation"]
     if act not in ("gelu_pytorch_tanh", "gelu_new"):  # both are the tanh approximation
         raise ValueError(
-            f"hidden_activation={act!r} is not supported for gemma3; supported: "
+            f"hidden_activation={act!r} is not supported for {name}; supported: "
             "'gelu_pytorch_tanh', 'gelu_new'"
         )
     if c.get("attention_bias"):
         raise ValueError(
-            "attention_bias=true is not supported for gemma3 (biases on the attention's four "
+            f"attention_bias=true is not supported for {name} (biases on the attention's four "
             "projections but not the MLP's); supported: attention_bias false"
         )
     n_layer, window = c["num_hidden_layers"], c["sliding_window"]
@@ -339,14 +381,20 @@ def _gemma3_fields(c: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"layer_types {bad} are not supported; supported: {LAYER_TYPES}")
     if len(types) != n_layer:
         raise ValueError(f"layer_types has {len(types)} entries for {n_layer} layers")
-    full, local = _gemma3_rope(c)
     if "sliding_attention" not in types:
         window = None
     elif window is None:
         raise ValueError("the config names sliding_attention layers but sets sliding_window: null")
-    # unlike the llama family's, a window as long as the context is kept: it says which layers
-    # turn by the local rope theta
-    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    if gemma2:  # one rope for every layer
+        rope = _rope_fields(c, c["head_dim"])
+        theta, scaling, local_theta = rope["rope_theta"], rope["rope_scaling"], None
+    else:
+        # unlike the llama family's, a window as long as the context is kept: it says which
+        # layers turn by the local rope theta
+        full, local = _gemma3_rope(c)
+        theta, local_theta = float(full["rope_theta"]), float(local["rope_theta"])
+        scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+        scaling = None if scaling["rope_type"] == "default" else scaling
     return dict(
         family="gemma",
         n_layer=n_layer,
@@ -359,12 +407,13 @@ def _gemma3_fields(c: dict[str, Any]) -> dict[str, Any]:
         norm_eps=c["rms_norm_eps"],
         bias=False,
         tie_embeddings=c["tie_word_embeddings"],
-        qk_norm=True,
+        qk_norm=not gemma2,
         attn_scale=c["query_pre_attn_scalar"] ** -0.5,
+        attn_softcap=c.get("attn_logit_softcapping") if gemma2 else None,
         logit_softcap=c.get("final_logit_softcapping"),
-        rope_theta=float(full["rope_theta"]),
-        rope_scaling=None if scaling["rope_type"] == "default" else scaling,
-        rope_local_theta=None if window is None else float(local["rope_theta"]),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_local_theta=None if window is None else local_theta,
         sliding_window=window,
         layer_types=None if window is None or "full_attention" not in types else list(types),
         vocab_size=c["vocab_size"],
@@ -383,9 +432,8 @@ def _text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
-    """The ``ModelConfig`` of a Hugging Face ``config.json`` (gpt2, llama, mistral, qwen2 or
-    qwen3). A setting that changes the math and that arlm does not implement is refused, by name.
-    """
+    """The ``ModelConfig`` of a Hugging Face ``config.json`` (``HF_MODEL_TYPES``). A setting
+    that changes the math and that arlm does not implement is refused, by name."""
     model_type = hf_config.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(
@@ -404,8 +452,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
                 f"{key}={c[key]!r} is not supported for {c['model_type']}; arlm does not "
                 f"implement it (supported: {default})"
             )
-    if c["model_type"] == "gemma3_text":
-        fields = _gemma3_fields(c)
+    if c["model_type"] in ("gemma2", "gemma3_text"):
+        fields = _gemma_fields(c)
     else:
         fields = _gpt2_fields(c) if model_type == "gpt2" else _llama_fields(c)
         fields["vocab_size"] = _require(c, "vocab_size")
@@ -710,6 +758,13 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
         eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
         dtype=str(dtype).removeprefix("torch."),
     )
+    gemma2 = config.family == "gemma" and not config.qk_norm
+    if config.attn_softcap is not None and not gemma2:
+        raise ValueError(
+            f"attn_softcap={config.attn_softcap} has a Hugging Face layout in gemma2 only (a "
+            f"gemma-family model without q/k norms); this is a {config.family}-family model "
+            f"with qk_norm={config.qk_norm}"
+        )
     if config.family == "gpt2":
         if not config.bias or config.qkv_bias != config.bias or config.n_kv_head != config.n_head:
             raise ValueError(
@@ -733,7 +788,7 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
             **common,
         )
     if config.family == "gemma":
-        return _gemma3_config(config, common)
+        return _gemma_config(config, common)
     llama = dict(
         hidden_size=config.n_embd,
         intermediate_size=config.intermediate_size,
@@ -852,17 +907,24 @@ def _phi3_config(config: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _gemma3_config(config: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
-    if not config.qk_norm or config.bias or config.qkv_bias:
+def _gemma_config(config: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    """gemma2 (no q/k norms, one rope theta) or gemma3_text (q/k norms)."""
+    gemma2 = not config.qk_norm
+    if config.bias or config.qkv_bias:
         raise ValueError(
-            f"a gemma-family model with qk_norm={config.qk_norm}, bias={config.bias}, "
-            f"qkv_bias={config.qkv_bias} has no Hugging Face layout; supported: gemma3_text "
-            "(q/k norms, no biases)"
+            f"a gemma-family model with bias={config.bias}, qkv_bias={config.qkv_bias} has no "
+            "Hugging Face layout; supported: gemma2 and gemma3_text (no biases)"
+        )
+    if gemma2 and config.rope_local_theta is not None:
+        raise ValueError(
+            f"rope_local_theta={config.rope_local_theta} without q/k norms has no Hugging Face "
+            "layout: gemma2 turns every layer by one rope theta, and gemma3_text has q/k norms"
         )
     windows = config.layer_windows
     local_theta = config.rope_local_theta
     if local_theta is None:  # the sliding-window layers turn as the global ones
-        if config.rope_scaling is not None and any(w is not None for w in windows):
+        sliding = any(w is not None for w in windows)
+        if not gemma2 and config.rope_scaling is not None and sliding:
             raise ValueError(
                 f"rope_scaling={config.rope_scaling} on the sliding-window layers has no "
                 "Hugging Face layout; gemma3_text scales only the full-attention layers' rope "
@@ -873,9 +935,7 @@ def _gemma3_config(config: ModelConfig, common: dict[str, Any]) -> dict[str, Any
     scalar = config.head_dim if config.attn_scale is None else config.attn_scale**-2
     if abs(scalar - round(scalar)) < 1e-6 * scalar:
         scalar = round(scalar)
-    return dict(
-        architectures=["Gemma3ForCausalLM"],
-        model_type="gemma3_text",
+    layout = dict(
         hidden_size=config.n_embd,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.n_layer,
@@ -889,13 +949,20 @@ def _gemma3_config(config: ModelConfig, common: dict[str, Any]) -> dict[str, Any
         sliding_window=config.sliding_window,
         layer_types=_layer_types(windows),
         final_logit_softcapping=config.logit_softcap,
-        attn_logit_softcapping=None,
+        attn_logit_softcapping=config.attn_softcap,
         rope_theta=config.rope_theta,
-        rope_local_base_freq=local_theta,
         rope_scaling=config.rope_scaling,
         attention_bias=False,
         attention_dropout=0.0,
         **common,
+    )
+    if gemma2:
+        return dict(layout, architectures=["Gemma2ForCausalLM"], model_type="gemma2")
+    return dict(
+        layout,
+        architectures=["Gemma3ForCausalLM"],
+        model_type="gemma3_text",
+        rope_local_base_freq=local_theta,
     )
 
 
@@ -932,8 +999,8 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
 
     gpt2-family models become model_type gpt2; llama-family ones llama, mistral (a window on every
     layer), qwen2 (biases on q/k/v only), qwen3 (q/k norms) or phi3 (partial rotary, LongRoPE, or
-    a model that came from phi3); gemma-family ones gemma3_text. ``out_dir`` must not exist or be
-    empty; it appears complete or not at all.
+    a model that came from phi3); gemma-family ones gemma2 (no q/k norms) or gemma3_text.
+    ``out_dir`` must not exist or be empty; it appears complete or not at all.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -54,6 +54,7 @@ class Cache(Protocol):
         v: torch.Tensor,
         scale: float | None = None,  # None: 1/sqrt(head_dim)
         stored: bool = False,  # k and v written where ``store_target`` said
+        softcap: float | None = None,  # the scores' tanh cap (``capped_attention``); None: none
     ) -> torch.Tensor: ...
 
     @property
@@ -83,10 +84,14 @@ def sdpa(
     v: torch.Tensor,
     mask: Mask,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd) where ``mask`` lets
-    them look (``Mask``); ``scale`` multiplies the scores (None: 1/sqrt(hd))."""
+    them look (``Mask``); ``scale`` multiplies the scores (None: 1/sqrt(hd)); ``softcap`` caps
+    them (``capped_attention``)."""
     T, S = q.size(2), k.size(2)
+    if softcap is not None:
+        return capped_attention(q, k, v, mask, scale, softcap)[0]
     # on CUDA, not cuDNN's kernel: it builds a plan for every new shape (3.7 ms of host time a
     # call, measured on an H200), and a cache's shapes change with every step
     with sdpa_kernel(_CUDA_BACKENDS) if q.is_cuda else nullcontext():
@@ -103,6 +108,44 @@ def sdpa(
 
 
 _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def capped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Mask,
+    scale: float | None,
+    softcap: float,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sdpa`` with Gemma 2's cap on the scores: each (after ``scale``) becomes ``softcap *
+    tanh(score / softcap)`` before the softmax. PyTorch's fused kernels have no such step, so
+    the scores are formed whole, in the inputs' dtype, and the softmax taken in float32, as the
+    reference implementation does; also each query's log-sum-exp (B, n_head, T) in float32, for
+    callers that merge results over parts of the keys. A query that sees no key gets zeros and
+    a log-sum-exp of -inf."""
+    T, S = q.size(2), k.size(2)
+    group = q.size(1) // k.size(1)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    if isinstance(mask, CausalBias):  # lower-right: the T queries are the last T of S keys
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    elif mask is None and T > 1 and T == S:  # plain causal alignment, as ``sdpa`` reads None
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    scores = scores.float()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # additive
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    # (not in place: autograd keeps the softmax's output for its backward)
+    weights = torch.softmax(scores, dim=-1).masked_fill(lse[..., None] == float("-inf"), 0.0)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return torch.matmul(weights.to(v.dtype), v), lse
 
 
 class DenseCache:
@@ -127,9 +170,10 @@ class DenseCache:
         v: torch.Tensor,
         scale: float | None = None,
         stored: bool = False,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         k, v = self.update(layer, k, v)
-        return sdpa(q, k, v, self._masks[layer], scale)
+        return sdpa(q, k, v, self._masks[layer], scale, softcap)
 
 
 def alloc_planes(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from arlm.kv_cache.base import capped_attention
 from arlm.kv_cache.codec import Codec, FloatCodec, Int4Codec, Int8Codec
 
 
@@ -43,13 +44,15 @@ def decode_attention(
     *,
     window: int | None = None,
     tiles: torch.Tensor | None = None,
+    softcap: float | None = None,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, n_head, hd), row b over positions ``0..lengths[b]-1`` of the blocks
     ``tables[b]`` (B, max blocks) of a layer's key and value planes (each (num_blocks,
     n_kv_head, block_size, width), as ``codec`` stores them) -> (B, n_head, hd); with a
-    sliding ``window``, over its last ``window`` positions only. ``use_triton`` None: the
-    kernel on CUDA, the reference elsewhere. Every length is >= 1.
+    sliding ``window``, over its last ``window`` positions only; with ``softcap``, each score
+    capped as ``capped_attention`` caps it. ``use_triton`` None: the kernel on CUDA, the
+    reference elsewhere. Every length is >= 1.
 
     ``tiles`` (P, 2), from ``row_tiles``: the kernel's programs' rows, (first row, rows) each,
     rows of one tile sharing a block table (a prompt chunk's or a verify row's positions), so
@@ -59,9 +62,11 @@ def decode_attention(
         use_triton = q.device.type == "cuda"
     if not use_triton:
         return decode_attention_reference(
-            q, codec, k_planes, v_planes, tables, lengths, scale, window
+            q, codec, k_planes, v_planes, tables, lengths, scale, window, softcap
         )
-    return _triton_decode(q, codec, k_planes, v_planes, tables, lengths, scale, window, tiles)
+    return _triton_decode(
+        q, codec, k_planes, v_planes, tables, lengths, scale, window, tiles, softcap
+    )
 
 
 def group_pad(group: int) -> int:
@@ -104,6 +109,7 @@ def decode_attention_reference(
     lengths: torch.Tensor,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``decode_attention`` with PyTorch ops: the rows' blocks gathered whole and decoded, a
     length mask (and a window's)."""
@@ -117,11 +123,14 @@ def decode_attention_reference(
     visible = position < lengths[:, None]  # (B, positions)
     if window is not None:
         visible &= position >= lengths[:, None] - window
+    mask = visible[:, None, None, :]
+    if softcap is not None:
+        return capped_attention(q[:, :, None], keys, values, mask, scale, softcap)[0][:, :, 0]
     y = F.scaled_dot_product_attention(
         q[:, :, None],
         keys,
         values,
-        attn_mask=visible[:, None, None, :],
+        attn_mask=mask,
         scale=scale,
         enable_gqa=q.size(1) != keys.size(1),
     )
@@ -168,6 +177,7 @@ def _triton_decode(
     scale: float,
     window: int | None,
     tiles: torch.Tensor | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     # Triton: imported only where it runs
     from arlm.kv_cache.decode_kernel import split_decode
@@ -223,6 +233,7 @@ def _triton_decode(
         counters,
         scale,
         0 if window is None else window,
+        1.0 if softcap is None else softcap,
         q.stride(0),
         q.stride(1),
         tables.stride(0),
@@ -258,6 +269,7 @@ def _triton_decode(
         # float32 queries: exact products ("tf32", the default, would round their inputs; a
         # constant, as the compiler does not fold a choice made inside the kernel)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SOFTCAP=softcap is not None,
         num_warps=num_warps,
     )
     return y

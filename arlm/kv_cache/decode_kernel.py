@@ -50,6 +50,7 @@ def split_decode(
     Counters,
     scale,
     window,  # a sliding window's length; 0: none
+    softcap,  # the scores' tanh cap (read where SOFTCAP)
     sq_b,
     sq_h,
     st_b,
@@ -84,6 +85,7 @@ def split_decode(
     CHUNK: tl.constexpr,  # splits the merge loads at once
     QUANT: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's input_precision
+    SOFTCAP: tl.constexpr,  # scores become softcap * tanh(score / softcap) (Gemma 2)
 ):
     # one program: one tile of rows that share a block table (consecutive positions of one
     # sequence), one kv head (and the GROUP query heads that share it), one split of the
@@ -135,13 +137,15 @@ def split_decode(
         aux = block * sa_s + kv_head * sa_h + at * sa_p  # its scale's (and minimum's)
         k_at = block * sk_s + kv_head * sk_h + at * sk_p
         k = load_vectors(K, KScale, KLow, k_at, aux, d, n_ok, d_ok, QUANT).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if SOFTCAP:  # tanh(x) as 2 * sigmoid(2x) - 1: Triton's language has no tanh
+            s = softcap * (2.0 * tl.sigmoid(s * (2.0 / softcap)) - 1.0)
         if TILED:  # each query's own positions, seen <= n < length, in one unsigned compare
             reach = (length - seen).to(tl.uint32)
             visible = (n[None, :] - seen[:, None]).to(tl.uint32) < reach[:, None]
-            s = tl.where(visible & n_ok[None, :], s * scale, float("-inf"))  # (vectors, BLOCK_N)
+            s = tl.where(visible & n_ok[None, :], s, float("-inf"))  # (vectors, BLOCK_N)
         else:  # one row: the split's range is its positions
-            s = tl.where(n_ok[None, :], s * scale, float("-inf"))
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # a query that has seen nothing yet (a shorter row of the tile, or a window that
         # starts later) keeps -inf: exponents from 0 there give it weights of 0, not NaN

@@ -49,6 +49,7 @@ from arlm.kv_cache.base import (
     Rotate,
     StoreTarget,
     alloc_planes,
+    capped_attention,
     layer_views,
     planes_nbytes,
     sdpa,
@@ -449,6 +450,7 @@ class PagedStep:
         v: torch.Tensor,
         scale: float | None = None,
         stored: bool = False,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         # q: (1, n_head, N, hd); k, v: (1, n_kv_head, N, hd), the layout's tokens in order
         cache = self.cache
@@ -468,10 +470,10 @@ class PagedStep:
         nd = self.n_decode
         if nd and self._held:
             new = k[:, :, :nd], v[:, :, :nd]
-            out.append(self._decode_held(layer, q[:, :, :nd], new, scale, deferred))
+            out.append(self._decode_held(layer, q[:, :, :nd], new, scale, softcap, deferred))
         elif nd:
             lone_new = (k[:, :, :nd], v[:, :, :nd]) if deferred else None
-            out.append(self._decode(layer, q[:, :, :nd], scale, lone_new))
+            out.append(self._decode(layer, q[:, :, :nd], scale, softcap, lone_new))
         offset = nd
         for chunk, views, blocks in zip(
             self.layout.chunks, self._chunk_views, self._chunk_blocks, strict=True
@@ -491,7 +493,7 @@ class PagedStep:
                 keys = gather_history(cache, k_planes, blocks, cache.dtype)
                 values = gather_history(cache, v_planes, blocks, cache.dtype)
             keys, values = keys[:, :, first:end], values[:, :, first:end]
-            out.append(sdpa(q[:, :, at], keys, values, mask, scale))
+            out.append(sdpa(q[:, :, at], keys, values, mask, scale, softcap))
             offset += T
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
@@ -500,6 +502,7 @@ class PagedStep:
         layer: int,
         q: torch.Tensor,
         scale: float,
+        softcap: float | None,
         new: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """Decode rows' queries q (1, n_head, nd, hd) over what their blocks hold; a lone row's
@@ -511,11 +514,19 @@ class PagedStep:
             (row,) = self.layout.decode
             keys, values = cache.lone_history.read(layer, row, q.dtype, new)
             seen = _first_seen(row.start, window)
-            return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale)
+            return sdpa(q, keys[:, :, seen:], values[:, :, seen:], None, scale, softcap)
         if cache.device.type != "cpu":  # the kernel on CUDA, its reference elsewhere
             rows, tables, lengths = q[0].transpose(0, 1), self._tables_dev, self._lengths_dev
             y = decode_attention(
-                rows, cache.codec, k_planes, v_planes, tables, lengths, scale, window=window
+                rows,
+                cache.codec,
+                k_planes,
+                v_planes,
+                tables,
+                lengths,
+                scale,
+                window=window,
+                softcap=softcap,
             )
             return y.transpose(0, 1)[None]
         readers = self._readers.get(window)
@@ -525,7 +536,7 @@ class PagedStep:
                 self._tables, self._positions, window, cache.block_size, group, _work(q.dtype)
             )
             self._readers[window] = readers
-        return _read_blocks_in_place(cache, k_planes, v_planes, q, readers, scale)
+        return _read_blocks_in_place(cache, k_planes, v_planes, q, readers, scale, softcap)
 
     def _decode_held(
         self,
@@ -533,6 +544,7 @@ class PagedStep:
         q: torch.Tensor,
         new: tuple[torch.Tensor, torch.Tensor],
         scale: float,
+        softcap: float | None,
         deferred: bool,
     ) -> torch.Tensor:
         """Decode rows' queries over their held slots (``HeldRows``): one call over every
@@ -555,12 +567,12 @@ class PagedStep:
         keys, values = keys[:, :, first:], values[:, :, first:]
         queries = q[0].transpose(0, 1)[:, :, None]  # (nd, n_head, 1, hd)
         if held.slots == list(range(keys.size(0))):
-            y = sdpa(queries, keys, values, mask, scale)
+            y = sdpa(queries, keys, values, mask, scale, softcap)
         else:
             slot = held.slot_index
             spread = queries.new_zeros(keys.size(0), *queries.shape[1:])
             spread[slot] = queries
-            y = sdpa(spread, keys, values, mask, scale)[slot]
+            y = sdpa(spread, keys, values, mask, scale, softcap)[slot]
         return y[:, :, 0].transpose(0, 1)[None]
 
 
@@ -621,6 +633,7 @@ def _read_blocks_in_place(
     q: torch.Tensor,
     readers: _BlockReaders,
     scale: float,
+    softcap: float | None,
 ) -> torch.Tensor:
     """Decode attention on a CPU (see the module docstring): q (1, n_head, nd, hd) ->
     (1, n_head, nd, hd)."""
@@ -630,7 +643,7 @@ def _read_blocks_in_place(
         blocks, lo, hi = readers.lone
         keys = gather_history(cache, k_planes, blocks, q.dtype)[:, :, lo:hi]
         values = gather_history(cache, v_planes, blocks, q.dtype)[:, :, lo:hi]
-        return sdpa(q, keys, values, None, scale)
+        return sdpa(q, keys, values, None, scale, softcap)
     G, R, n = n_head // H, readers.readers, readers.blocks
     dtype = _work(q.dtype)
     rows = q[0].to(dtype).view(H, G, nd, hd).permute(2, 0, 1, 3)  # (nd, H, G, hd)
@@ -648,9 +661,14 @@ def _read_blocks_in_place(
     entry = 0
     for keys, values in zip(batches(k_planes), batches(v_planes), strict=True):
         span = slice(entry, entry + keys.size(0))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            queries[span], keys, values, attn_mask=readers.mask[span], scale=scale
-        )
+        if softcap is None:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                queries[span], keys, values, attn_mask=readers.mask[span], scale=scale
+            )
+        else:
+            out, lse = capped_attention(
+                queries[span], keys, values, readers.mask[span], scale, softcap
+            )
         outs.append(out)
         lses.append(lse)
         entry += keys.size(0)
@@ -711,6 +729,7 @@ class StaticDecode:
         v: torch.Tensor,
         scale: float | None = None,
         stored: bool = False,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         # q: (1, n_head, B, hd); k, v: (1, n_kv_head, B, hd), one token per row
         cache = self.cache
@@ -729,5 +748,6 @@ class StaticDecode:
             scale,
             window=window,
             tiles=self._tiles,
+            softcap=softcap,
         )
         return y.transpose(0, 1)[None]

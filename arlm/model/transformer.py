@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from arlm.config import ModelConfig
 from arlm.devices import fused_inference
 from arlm.kv_cache import Cache
-from arlm.kv_cache.base import Mask, layer_masks
+from arlm.kv_cache.base import Mask, capped_attention, layer_masks
 from arlm.model.loss import linear_cross_entropy
 from arlm.model.quantize import quantized_linear
 
@@ -156,6 +156,7 @@ class Attention(nn.Module):
         self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         # a scale other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar), or None
         self.scale = config.attn_scale
+        self.softcap = config.attn_softcap  # Gemma 2's tanh cap on the scores, or None
         self.dropout = config.dropout
 
     def forward(
@@ -172,7 +173,8 @@ class Attention(nn.Module):
         qk, stored = self._queries_and_keys(qk, v, rope, kv_cache)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if kv_cache is not None:  # the cache applies the layer's window itself
-            y = kv_cache.attend(self.layer_idx, q, k, v, self.scale, stored)  # (B, n_head, T, hd)
+            # (B, n_head, T, hd)
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.scale, stored, self.softcap)
         else:  # teacher forcing: the whole sequence, causally masked (and windowed, by mask)
             y = self._attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -214,6 +216,9 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
     ) -> torch.Tensor:
         """Causal (or masked) attention of the whole sequence: (B, n_head, T, head_dim)."""
+        if self.softcap is not None:  # no fused kernel caps the scores
+            dropout = self.dropout if self.training else 0.0
+            return capped_attention(q, k, v, mask, self.scale, self.softcap, dropout)[0]
         out_dtype = None
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # PyTorch's CPU flash-attention backward is several times slower in bfloat16 than
