@@ -124,28 +124,37 @@ def capped_attention(
     the scores are formed whole, in the inputs' dtype, and the softmax taken in float32, as the
     reference implementation does; also each query's log-sum-exp (B, n_head, T) in float32, for
     callers that merge results over parts of the keys. A query that sees no key gets zeros and
-    a log-sum-exp of -inf."""
-    T, S = q.size(2), k.size(2)
-    group = q.size(1) // k.size(1)
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scale = q.size(-1) ** -0.5 if scale is None else scale
-    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    a log-sum-exp of -inf. The query heads that share a KV head are one batch of queries to it
+    (no copy of the keys and values per head)."""
+    B, H, T, hd = q.shape
+    Hkv, S = k.size(1), k.size(2)
+    G = H // Hkv
+    scale = hd**-0.5 if scale is None else scale
+    queries = q.reshape(B, Hkv, G * T, hd)  # head h = kv * G + g, as enable_gqa pairs them
+    scores = torch.matmul(queries, k.transpose(-1, -2)).view(B, Hkv, G, T, S)
+    # rounded op by op as the reference rounds them (in bfloat16, a fused factor differs)
+    scores = torch.tanh(scores * scale / softcap) * softcap
     if isinstance(mask, CausalBias):  # lower-right: the T queries are the last T of S keys
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     elif mask is None and T > 1 and T == S:  # plain causal alignment, as ``sdpa`` reads None
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dim() == 4:  # (b, 1 or H, T, S) over the grouped heads
+        mask = mask.unflatten(1, (Hkv, G)) if mask.size(1) == H > 1 else mask[:, :, None]
     scores = scores.float()
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:  # additive
         scores = scores + mask
-    lse = torch.logsumexp(scores, dim=-1)
-    # (not in place: autograd keeps the softmax's output for its backward)
-    weights = torch.softmax(scores, dim=-1).masked_fill(lse[..., None] == float("-inf"), 0.0)
+    top = scores.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(top == float("-inf"), 0.0)  # a query that sees nothing: weights 0
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    lse = (top + total.log()).view(B, H, T)
+    weights = weights / total.clamp_min(torch.finfo(torch.float32).tiny)
     if dropout_p:
         weights = F.dropout(weights, dropout_p)
-    return torch.matmul(weights.to(v.dtype), v), lse
+    out = torch.matmul(weights.to(v.dtype).view(B, Hkv, G * T, S), v)
+    return out.view(B, H, T, hd), lse
 
 
 class DenseCache:
