@@ -164,8 +164,8 @@ CASES = {
     ),
     # Gemma 2: no q/k norms, one rope theta (500) for every layer; windows of 6 on layers 0
     # and 2 (its default pattern), layer 1 full; attention scores capped at 1.5 and logits at 3
-    # (both reach ~5 uncapped, so both caps bend them); query_pre_attn_scalar 20 where head_dim
-    # is 24; tied
+    # (both reach ~5 uncapped, so both caps bend them); query_pre_attn_scalar its head_dim (24:
+    # llama.cpp runs it; gemma3-window has a scale of its own); tied
     "gemma2-window": (
         "Gemma2Config",
         dict(
@@ -175,7 +175,7 @@ CASES = {
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=24,
-            query_pre_attn_scalar=20,
+            query_pre_attn_scalar=24,
             sliding_window=6,
             rope_theta=500.0,
             attn_logit_softcapping=1.5,
@@ -748,11 +748,11 @@ def test_hf_export_round_trip(case, tmp_path, tokenizer):
     assert load_hf(tmp_path / "out")[0].config.layer_windows == model.config.layer_windows
 
 
-GGUF_ARCH = {"qwen3": "qwen3", "phi3": "phi3", "gemma3_text": "gemma3"}  # the rest: llama
+# the rest: llama
+GGUF_ARCH = {"qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 # what llama.cpp cannot run as these models compute, refused rather than written wrong
 GGUF_REFUSED = {
     "gemma3-window": "attn_scale=0.223607: llama.cpp's gemma3 does not read",
-    "gemma2-window": "attn_softcap=1.5: the architectures arlm writes have no cap",
     "phi3-window": r"phi3 architecture has no biases and n_head \* head_dim == n_embd",
     "qwen3-window": "sliding_window=7",
     "mistral-window": "sliding_window=6",
@@ -813,23 +813,30 @@ def test_gguf_export(case, tmp_path, tokenizer):
         assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(scaling["attention_factor"])
         return
     assert tuple(tensors["blk.0.attn_q.weight"].shape) == (config.n_embd, q_rows)
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         # llama.cpp's RMSNorm multiplies by its weight, Gemma's by 1 + weight
         for gguf_name, arlm_name in [
             ("blk.1.attn_norm", "h.1.ln_1"),
             ("blk.1.post_attention_norm", "h.1.post_attn_norm"),
             ("blk.1.ffn_norm", "h.1.ln_2"),
             ("blk.1.post_ffw_norm", "h.1.post_mlp_norm"),
-            ("blk.1.attn_q_norm", "h.1.attn.q_norm"),
+            *([("blk.1.attn_q_norm", "h.1.attn.q_norm")] if config.qk_norm else []),
             ("output_norm", "ln_f"),
         ]:
             assert torch.equal(data(gguf_name + ".weight"), state[arlm_name + ".weight"] + 1)
         windows = config.layer_windows
-        assert fields["gemma3.attention.sliding_window"] == config.sliding_window
-        assert fields["gemma3.attention.sliding_window_pattern"] == [w is not None for w in windows]
-        assert fields["gemma3.rope.freq_base"] == config.rope_theta
-        assert fields["gemma3.rope.freq_base_swa"] == config.rope_local_theta
-        assert "gemma3.final_logit_softcapping" not in fields  # this one has no cap
+        assert fields[f"{arch}.attention.sliding_window"] == config.sliding_window
+        assert fields[f"{arch}.attention.sliding_window_pattern"] == [
+            w is not None for w in windows
+        ]
+        assert fields[f"{arch}.rope.freq_base"] == config.rope_theta
+        local_theta = config.rope_local_theta or config.rope_theta
+        assert fields[f"{arch}.rope.freq_base_swa"] == local_theta
+        if arch == "gemma2":  # both caps
+            assert fields["gemma2.attn_logit_softcapping"] == config.attn_softcap
+            assert fields["gemma2.final_logit_softcapping"] == config.logit_softcap
+        else:
+            assert "gemma3.final_logit_softcapping" not in fields  # this one has no cap
     if config.qk_norm:
         t = tensors["blk.1.attn_k_norm.weight"]
         assert t.data.shape == (config.head_dim,)
@@ -845,7 +852,7 @@ def test_gguf_export(case, tmp_path, tokenizer):
 LLAMA_SERVER = Path(
     os.environ.get("ARLM_LLAMA_SERVER", "/work/peers/llama.cpp-build/bin/llama-server")
 )
-LLAMA_CPP_CASES = ("qwen3", "gemma3-untied-window", "phi3-longrope")
+LLAMA_CPP_CASES = ("qwen3", "gemma2-window", "gemma3-untied-window", "phi3-longrope")
 NEAR_TIE = 0.01  # a logit gap within which two runtimes' float32 arithmetic may pick either
 
 

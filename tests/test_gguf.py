@@ -335,7 +335,11 @@ def test_phi3_layout(tokenizer, tmp_path):
     ("overrides", "match"),
     [
         (dict(attn_scale=0.1), r"attn_scale=0.1: llama.cpp's gemma3 does not read"),
-        (dict(qk_norm=False), "gemma3 architecture has q/k norms and no biases"),
+        (dict(bias=True), "gemma3 architecture has no biases; this model has bias=True"),
+        (
+            dict(attn_softcap=50.0),
+            "attn_softcap=50.0: llama.cpp caps attention scores in its gemma2",
+        ),
         (dict(rope_scaling=LLAMA3), "rope_scaling type 'llama3': llama.cpp's gemma3 scales"),
         (dict(rope_local_theta=None, rope_scaling=LINEAR), "on the sliding-window layers"),
     ],
@@ -343,6 +347,46 @@ def test_phi3_layout(tokenizer, tmp_path):
 def test_gemma3_refusals(overrides, match, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=match):
         export_gguf(gemma(tokenizer, **overrides), tokenizer, tmp_path / "g.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_gemma2_metadata(tokenizer, tmp_path):
+    """Without q/k norms the gemma family is llama.cpp's gemma2: its caps on the attention scores
+    and the logits, and the sliding pattern and window written even for a model whose layers do
+    not slide (llama.cpp's default slides every other layer)."""
+    caps = dict(attn_softcap=50.0, logit_softcap=30.0)
+    model = gemma(tokenizer, qk_norm=False, rope_local_theta=None, **caps)
+    export_gguf(model, tokenizer, tmp_path / "g.gguf")
+    fields, tensors = read(tmp_path / "g.gguf")
+    assert fields["general.architecture"] == "gemma2"
+    assert fields["gemma2.attn_logit_softcapping"] == 50.0
+    assert fields["gemma2.final_logit_softcapping"] == 30.0
+    assert fields["gemma2.attention.sliding_window"] == 8
+    assert fields["gemma2.attention.sliding_window_pattern"] == [True] * 4
+    assert fields["gemma2.rope.freq_base_swa"] == fields["gemma2.rope.freq_base"]
+    assert not any("attn_q_norm" in name for name in tensors)
+    norm = model.h[1].post_attn_norm.weight.detach()
+    assert tensors["blk.1.post_attention_norm.weight"].data.tolist() == (norm + 1).tolist()
+    plain = gemma(tokenizer, qk_norm=False, rope_local_theta=None, sliding_window=None)
+    export_gguf(plain, tokenizer, tmp_path / "p.gguf")
+    fields, _ = read(tmp_path / "p.gguf")
+    assert fields["gemma2.attention.sliding_window_pattern"] == [False] * 4
+    assert fields["gemma2.attention.sliding_window"] == plain.config.block_size
+    assert "gemma2.attn_logit_softcapping" not in fields
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(attn_scale=0.1), r"attn_scale=0.1: llama.cpp's gemma2 does not read"),
+        (dict(tie_embeddings=False), "llama.cpp's gemma2 reads the token embeddings"),
+        (dict(rope_scaling=LINEAR), "rope_scaling type 'linear': llama.cpp's gemma2 turns"),
+    ],
+)
+def test_gemma2_refusals(overrides, match, tokenizer, tmp_path):
+    model = gemma(tokenizer, qk_norm=False, rope_local_theta=None, **overrides)
+    with pytest.raises(ValueError, match=match):
+        export_gguf(model, tokenizer, tmp_path / "g.gguf")
     assert not list(tmp_path.iterdir())
 
 

@@ -1,10 +1,10 @@
 """GGUF export: one file that llama.cpp (and the tools built on it) loads.
 
 The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for its ``gpt2``,
-``llama``, ``qwen3``, ``phi3`` and ``gemma3`` architectures: the same tensor names and metadata
-keys, q and k rows reordered for the llama architecture's RoPE (the others rotate halves, as arlm
-does), norms and biases kept in float32, and Q8_0 falling back to f16 for rows that are not a
-multiple of its 32-value blocks.
+``llama``, ``qwen3``, ``phi3``, ``gemma2`` and ``gemma3`` architectures: the same tensor names and
+metadata keys, q and k rows reordered for the llama architecture's RoPE (the others rotate halves,
+as arlm does), norms and biases kept in float32, and Q8_0 falling back to f16 for rows that are
+not a multiple of its 32-value blocks.
 """
 
 from __future__ import annotations
@@ -61,14 +61,21 @@ _GEMMA3_BLOCK = {
     "post_attn_norm": ("post_attention_norm",),
     "post_mlp_norm": ("post_ffw_norm",),
 }
-_BLOCKS = {"gpt2": _GPT2_BLOCK, "phi3": _PHI3_BLOCK, "gemma3": _GEMMA3_BLOCK}
+# Gemma 2's the same, without q/k norms
+_BLOCKS = {
+    "gpt2": _GPT2_BLOCK,
+    "phi3": _PHI3_BLOCK,
+    "gemma2": _GEMMA3_BLOCK,
+    "gemma3": _GEMMA3_BLOCK,
+}
 
 
 def architecture(config: ModelConfig) -> str:
     """llama.cpp's architecture for ``config``: gpt2, llama, qwen3 (q/k norms), phi3 (part of each
-    head rotating, LongRoPE, or a model that came from phi3) or gemma3 (the gemma family)."""
+    head rotating, LongRoPE, or a model that came from phi3), gemma3 (the gemma family) or
+    gemma2 (the gemma family without q/k norms)."""
     if config.family == "gemma":
-        return "gemma3"
+        return "gemma3" if config.qk_norm else "gemma2"
     if config.qk_norm:
         return "qwen3"
     partial = config.family == "llama" and config.rotary_dim != config.head_dim
@@ -77,27 +84,41 @@ def architecture(config: ModelConfig) -> str:
     return config.family
 
 
-def _llama_cpp_attn_scale(config: ModelConfig) -> float:
-    # llama.cpp does not read gemma3's attention scale: it takes 1/sqrt(head_dim), except for the
-    # 62-layer model (Gemma 3 27B), where it takes 1/sqrt(n_embd / n_head)
-    if config.n_layer == 62:
+def _llama_cpp_attn_scale(config: ModelConfig, arch: str) -> float:
+    # llama.cpp does not read gemma's attention scale: it takes 1/sqrt(head_dim), except for the
+    # 27B models (Gemma 3's 62 layers, Gemma 2's 46), where it takes 1/sqrt(n_embd / n_head)
+    if config.n_layer == {"gemma3": 62, "gemma2": 46}[arch]:
         return (config.n_embd // config.n_head) ** -0.5
     return config.head_dim**-0.5
 
 
-def _check_gemma3(config: ModelConfig) -> None:
-    if not config.qk_norm or config.bias or config.qkv_bias:
+def _check_gemma(config: ModelConfig, arch: str) -> None:
+    """What llama.cpp's gemma3 (q/k norms) and gemma2 (none, capped scores) run as arlm does."""
+    if config.bias or config.qkv_bias:
         raise ValueError(
-            f"llama.cpp's gemma3 architecture has q/k norms and no biases; this model has "
-            f"qk_norm={config.qk_norm}, bias={config.bias}, qkv_bias={config.qkv_bias}"
+            f"llama.cpp's {arch} architecture has no biases; this model has bias={config.bias}, "
+            f"qkv_bias={config.qkv_bias}"
         )
-    scale, expected = config.attn_scale or config.head_dim**-0.5, _llama_cpp_attn_scale(config)
+    scale = config.attn_scale or config.head_dim**-0.5
+    expected = _llama_cpp_attn_scale(config, arch)
     if abs(scale - expected) > 1e-6 * expected:
         raise ValueError(
-            f"attn_scale={scale:.6g}: llama.cpp's gemma3 does not read the attention scale; it "
+            f"attn_scale={scale:.6g}: llama.cpp's {arch} does not read the attention scale; it "
             f"uses {expected:.6g} for a model of {config.n_layer} layers, so the file would "
             "compute another model (supported: query_pre_attn_scalar = head_dim)"
         )
+    if arch == "gemma2":
+        if config.rope_scaling is not None:
+            raise ValueError(
+                f"rope_scaling type {config.rope_type!r}: llama.cpp's gemma2 turns its rope "
+                "unscaled; supported: none"
+            )
+        if not config.tie_embeddings:
+            raise ValueError(
+                "an untied output projection: llama.cpp's gemma2 reads the token embeddings as "
+                "its output matrix; supported: tie_embeddings=True"
+            )
+        return
     if config.rope_scaling is not None and config.rope_type != "linear":
         raise ValueError(
             f"rope_scaling type {config.rope_type!r}: llama.cpp's gemma3 scales its rope only "
@@ -127,15 +148,14 @@ def _check_phi3(config: ModelConfig) -> None:
 
 def _check_model(config: ModelConfig) -> None:
     require_float(config, "GGUF export")
-    if config.attn_softcap is not None:
-        raise ValueError(
-            f"attn_softcap={config.attn_softcap}: the architectures arlm writes have no cap on "
-            "the attention scores, so the file would compute another model (llama.cpp's gemma2 "
-            "is not written here); export it with `arlm export --format hf` instead"
-        )
     arch = architecture(config)
-    if arch == "gemma3":
-        return _check_gemma3(config)
+    if config.attn_softcap is not None and arch != "gemma2":
+        raise ValueError(
+            f"attn_softcap={config.attn_softcap}: llama.cpp caps attention scores in its gemma2 "
+            f"architecture only (a gemma-family model without q/k norms); this model's is {arch}"
+        )
+    if arch in ("gemma2", "gemma3"):
+        return _check_gemma(config, arch)
     if arch == "phi3":
         _check_phi3(config)
     elif config.positions == "rope" and (
@@ -312,7 +332,7 @@ def _add_metadata(
 
 
 def _add_rope_and_windows(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
-    """RoPE scalings, gemma3's sliding-window layers and logit cap, as llama.cpp reads them."""
+    """RoPE scalings, gemma's sliding-window layers and caps, as llama.cpp reads them."""
     scaling = config.rope_scaling or {}
     if config.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -324,13 +344,15 @@ def _add_rope_and_windows(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
     if config.family != "gemma":
         return
     windows = config.layer_windows
-    if config.sliding_window is not None:
-        writer.add_sliding_window(config.sliding_window)
-        # per layer, whether it slides (llama.cpp's default is every sixth layer full)
-        writer.add_sliding_window_pattern([w is not None for w in windows])
-        writer.add_rope_freq_base_swa(config.rope_local_theta or config.rope_theta)
+    # per layer, whether it slides, and the window: written even where no layer slides, since
+    # llama.cpp's defaults slide (every other layer in gemma2, five of six in gemma3)
+    writer.add_sliding_window(config.sliding_window or config.block_size)
+    writer.add_sliding_window_pattern([w is not None for w in windows])
+    writer.add_rope_freq_base_swa(config.rope_local_theta or config.rope_theta)
     if config.logit_softcap is not None:
         writer.add_final_logit_softcapping(config.logit_softcap)
+    if config.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(config.attn_softcap)
 
 
 def _add_tokenizer(
@@ -365,11 +387,13 @@ def export_gguf(
 
     gpt2-family models become llama.cpp's ``gpt2`` architecture, llama-family ones ``llama``
     (Llama 3 rope scaling as a ``rope_freqs`` tensor), ``qwen3`` with q/k norms, or ``phi3``
-    (partial rotary, LongRoPE factors as tensors); gemma-family ones ``gemma3`` (norm weights
-    written as 1 + weight, sliding-window layers as a per-layer pattern). A sliding window is
-    refused except in gemma3: llama.cpp runs the other architectures without one. ``type`` is how
-    the matrices are stored: ``f32`` (exact), ``f16`` or ``q8_0`` (8-bit blocks; rows not a
-    multiple of 32 values as f16); vectors and position embeddings are float32 whatever the type.
+    (partial rotary, LongRoPE factors as tensors); gemma-family ones ``gemma3``, or ``gemma2``
+    without q/k norms (norm weights written as 1 + weight, sliding-window layers as a per-layer
+    pattern, the caps on the logits and on gemma2's attention scores). A sliding window is
+    refused except in the gemma ones: llama.cpp runs the other architectures without one.
+    ``type`` is how the matrices are stored: ``f32`` (exact), ``f16`` or ``q8_0`` (8-bit blocks;
+    rows not a multiple of 32 values as f16); vectors and position embeddings are float32
+    whatever the type.
     ``general.name`` is the file name without its suffix. ``path`` must not exist; the file
     appears complete or not at all.
     """
