@@ -163,9 +163,10 @@ CASES = {
         ),
     ),
     # Gemma 2: no q/k norms, one rope theta (500) for every layer; windows of 6 on layers 0
-    # and 2 (its default pattern), layer 1 full; attention scores capped at 1.5 and logits at 3
-    # (both reach ~5 uncapped, so both caps bend them); query_pre_attn_scalar its head_dim (24:
-    # llama.cpp runs it; gemma3-window has a scale of its own); tied
+    # and 2 (its default pattern), layer 1 full; attention scores capped at 1.5 (they reach ~5:
+    # greedy tokens differ from the uncapped model's from the second on) and logits at 30;
+    # query_pre_attn_scalar its head_dim (24: llama.cpp runs it; gemma3-window has a scale of
+    # its own); tied
     "gemma2-window": (
         "Gemma2Config",
         dict(
@@ -179,7 +180,7 @@ CASES = {
             sliding_window=6,
             rope_theta=500.0,
             attn_logit_softcapping=1.5,
-            final_logit_softcapping=3.0,
+            final_logit_softcapping=30.0,
         ),
     ),
     # Phi-3: fused qkv and gate_up, half of each head rotating (head_dim 24 where hidden / heads
@@ -251,6 +252,11 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(gain + 0.1 * noise if "norm" in name else 0.15 * noise)
+            if model.config.model_type == "gemma2" and "embed_tokens" in name:
+                # Gemma scales its embeddings by sqrt(hidden): at the others' size the input
+                # token outweighs what the layers add, and the tied head only repeats it (32
+                # greedy tokens the same, capped scores or not)
+                p.mul_(0.1)
 
 
 def _prompt(name: str) -> torch.Tensor:
@@ -631,9 +637,10 @@ def _paged(model, seq, codec):
     return torch.cat(out, dim=1)[0]
 
 
-# quantized caches against the float teacher-forced logits (up to ~5), measured on these models:
-# float at most 1e-5 (Phi-3), int8 at most 0.11, int4 at most 1.2; dropping the window moves the
-# logits by 2.4 to 6.6, at least twice each model's int4 error
+# quantized caches against the float teacher-forced logits (up to ~5; ~1 for gemma2, whose
+# tied embeddings are smaller), measured on these models: float at most 1e-5 (Phi-3), int8 at
+# most 0.11, int4 at most 1.2; dropping the window moves the logits by 2.4 to 6.6 (0.66 for
+# gemma2), at least twice each model's int4 error and a fifth of the largest logit
 @pytest.mark.parametrize("kv_dtype, atol", [("auto", 1e-5), ("int8", 0.15), ("int4", 1.5)])
 @cases(WINDOWED)
 def test_window_in_the_contiguous_and_paged_caches(case, kv_dtype, atol):
@@ -655,7 +662,7 @@ def test_window_in_the_contiguous_and_paged_caches(case, kv_dtype, atol):
     unwindowed.load_state_dict(model.state_dict())
     with torch.no_grad():
         moved = (unwindowed(seq)[0][0] - full).abs().max()
-    assert moved > max(1.0, 2 * (contiguous - full).abs().max())
+    assert moved > max(0.2 * full.abs().max(), 2 * (contiguous - full).abs().max())
 
 
 @cases(UNWINDOWED)  # a sliding-window model refuses it (below)
