@@ -244,6 +244,26 @@ def test_capped_attention_reads_every_mask_kind_as_sdpa_does():
     assert not torch.allclose(sdpa(q, k, v, visible, 1.0, softcap=0.5), sdpa(q, k, v, visible, 1.0))
 
 
+def test_capped_attention_forms_long_chunks_scores_in_slices(monkeypatch):
+    """Outside training a chunk whose scores pass ``CAPPED_SCORES`` goes in slices of its
+    queries, each with its rows of the mask: the same results and log-sum-exps as whole."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    import arlm.kv_cache.base as base
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 13, 8, generator=g)
+    k, v = (torch.randn(1, 2, 20, 8, generator=g) for _ in "kv")
+    masks = [causal_lower_right(13, 20), torch.rand(13, 20, generator=g) > 0.5, None]
+    with torch.no_grad():
+        whole = [capped_attention(q, k, v, m, 0.3, 1.0) for m in masks]
+        monkeypatch.setattr(base, "CAPPED_SCORES", 4 * 20 * 3)  # 3 queries a slice
+        for m, (want, want_lse) in zip(masks, whole, strict=True):
+            got, lse = capped_attention(q, k, v, m, 0.3, 1.0)
+            assert_close(got, want)
+            assert_close(lse.nan_to_num(neginf=0.0), want_lse.nan_to_num(neginf=0.0))
+
+
 def test_growing_the_pool_keeps_what_the_existing_blocks_hold():
     model = make_model("llama")
     cache = PagedKVCache.for_model(model.config, num_blocks=10, block_size=8)

@@ -110,6 +110,11 @@ def sdpa(
 _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# float32 scores capped attention forms at once outside training (128 MiB): longer prompt
+# chunks go through in slices of their queries, each query's result the same
+CAPPED_SCORES = 1 << 25
+
+
 def capped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -122,24 +127,47 @@ def capped_attention(
     """``sdpa`` with Gemma 2's cap on the scores: each (after ``scale``) becomes ``softcap *
     tanh(score / softcap)`` before the softmax. PyTorch's fused kernels have no such step, so
     the scores are formed whole, in the inputs' dtype, and the softmax taken in float32, as the
-    reference implementation does; also each query's log-sum-exp (B, n_head, T) in float32, for
-    callers that merge results over parts of the keys. A query that sees no key gets zeros and
-    a log-sum-exp of -inf. The query heads that share a KV head are one batch of queries to it
-    (no copy of the keys and values per head)."""
+    reference implementation does (outside training, ``CAPPED_SCORES`` at a time); also each
+    query's log-sum-exp (B, n_head, T) in float32, for callers that merge results over parts
+    of the keys. A query that sees no key gets zeros and a log-sum-exp of -inf. The query heads
+    that share a KV head are one batch of queries to it (no copy of the keys and values per
+    head)."""
     B, H, T, hd = q.shape
     Hkv, S = k.size(1), k.size(2)
-    G = H // Hkv
     scale = hd**-0.5 if scale is None else scale
-    queries = q.reshape(B, Hkv, G * T, hd)  # head h = kv * G + g, as enable_gqa pairs them
-    scores = torch.matmul(queries, k.transpose(-1, -2)).view(B, Hkv, G, T, S)
-    # rounded op by op as the reference rounds them (in bfloat16, a fused factor differs)
-    scores = torch.tanh(scores * scale / softcap) * softcap
     if isinstance(mask, CausalBias):  # lower-right: the T queries are the last T of S keys
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     elif mask is None and T > 1 and T == S:  # plain causal alignment, as ``sdpa`` reads None
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if mask is not None and mask.dim() == 4:  # (b, 1 or H, T, S) over the grouped heads
-        mask = mask.unflatten(1, (Hkv, G)) if mask.size(1) == H > 1 else mask[:, :, None]
+        mask = mask.unflatten(1, (Hkv, H // Hkv)) if mask.size(1) == H > 1 else mask[:, :, None]
+    rows = max(1, CAPPED_SCORES // (B * H * S))
+    if rows >= T or torch.is_grad_enabled():
+        return _capped(q, k, v, mask, scale, softcap, dropout_p)
+    parts = []
+    for i in range(0, T, rows):  # a mask with a row per query is sliced with them
+        part = mask[..., i : i + rows, :] if mask is not None and mask.size(-2) == T else mask
+        parts.append(_capped(q[:, :, i : i + rows], k, v, part, scale, softcap, dropout_p))
+    return torch.cat([y for y, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
+
+
+def _capped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``capped_attention`` of all of q at once, ``mask`` over (B, n_kv_head, group, T, S)."""
+    B, H, T, hd = q.shape
+    Hkv, S = k.size(1), k.size(2)
+    G = H // Hkv
+    queries = q.reshape(B, Hkv, G * T, hd)  # head h = kv * G + g, as enable_gqa pairs them
+    scores = torch.matmul(queries, k.transpose(-1, -2)).view(B, Hkv, G, T, S)
+    # rounded op by op as the reference rounds them (in bfloat16, a fused factor differs)
+    scores = torch.tanh(scores * scale / softcap) * softcap
     scores = scores.float()
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
