@@ -466,6 +466,24 @@ def test_capped_scores_on_every_decode_path(case):
     assert padded.engine.stats()["graph_steps"] >= 20
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@cases(["gemma2-window"])
+def test_capped_scores_replay_cuda_graphs_with_transformers_tokens(case):
+    """On a GPU the decode kernel caps the scores itself: graph steps (and eager ones) give
+    transformers' greedy tokens, rows past the window included."""
+    _, folder, hf = case
+    kw = dict(device="cuda", max_num_seqs=3)
+    eager, graphed = arlm.load(folder, enforce_eager=True, **kw), arlm.load(folder, **kw)
+    assert graphed.engine.eager_reason is None
+    prompts = [_ids(k, seed=k) for k in (8, 3, 12)]
+    params = dict(max_tokens=24, temperature=0, ignore_eos=True)
+    want = [hf_greedy(hf, p, 24) for p in prompts]
+    for lm in (eager, graphed):
+        out = lm.generate([p[0].tolist() for p in prompts], **params)
+        assert [c.token_ids for c in out] == want
+    assert graphed.engine.stats()["graph_steps"] >= 20
+
+
 @cases(["gemma2-window"])
 def test_training_through_capped_scores_matches_transformers(case):
     """Teacher forcing's loss and gradients through Gemma 2's capped scores and logits equal
