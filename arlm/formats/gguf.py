@@ -345,7 +345,7 @@ def _add_rope_and_windows(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
         return
     windows = config.layer_windows
     # per layer, whether it slides, and the window: written even where no layer slides, since
-    # llama.cpp's defaults slide (every other layer in gemma2, five of six in gemma3)
+    # llama.cpp's gemma2 without them slides every other layer over 4,096 positions
     writer.add_sliding_window(config.sliding_window or config.block_size)
     writer.add_sliding_window_pattern([w is not None for w in windows])
     writer.add_rope_freq_base_swa(config.rope_local_theta or config.rope_theta)
