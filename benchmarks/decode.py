@@ -63,34 +63,26 @@ def build_hf(kind: str, root: Path, positions: int = 1024) -> Path:
     import transformers
 
     torch.manual_seed(0)
+    # the Llama model's sizes, which the Gemma 2 one takes too
+    sizes = dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=positions,
+    )
     if kind == "gpt2":
         config = transformers.GPT2Config(n_positions=positions)
         hf = transformers.GPT2LMHeadModel(config)
-    elif kind == "gemma2":
-        config = transformers.Gemma2Config(
-            vocab_size=32000,
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            head_dim=64,
-            query_pre_attn_scalar=64,  # the scale llama.cpp takes
-            max_position_embeddings=positions,
-        )
+    elif kind == "gemma2":  # query_pre_attn_scalar: the scale llama.cpp takes
+        config = transformers.Gemma2Config(**sizes, head_dim=64, query_pre_attn_scalar=64)
         hf = transformers.Gemma2ForCausalLM(config)
     else:
-        config = transformers.LlamaConfig(
-            vocab_size=32000,
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            max_position_embeddings=positions,
-            tie_word_embeddings=False,
+        hf = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**sizes, tie_word_embeddings=False)
         )
-        hf = transformers.LlamaForCausalLM(config)
     folder = root / (kind if positions == 1024 else f"{kind}-{positions}")
     hf.save_pretrained(folder)
     # the tokenizer only has to exist: prompts are random ids
