@@ -37,7 +37,7 @@ def test_split_logits_equal_the_whole_model_for_every_family_shape():
     assert run.returncode == 0, run.stdout + run.stderr
     (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("TP ")]
     report = json.loads(line.removeprefix("TP "))
-    assert set(report) == {"gpt2", "llama-gqa", "llama-gqa2", "qwen3", "gemma3"}
+    assert set(report) == {"gpt2", "llama-gqa", "llama-gqa2", "qwen3", "gemma3", "gemma2"}
     for name, r in report.items():
         assert r["max_diff"] <= LOGIT_TOL * max(1.0, r["scale"]), (name, r)
         # every weight matrix is split; the norms (a few hundred floats) are whole on each rank

@@ -39,6 +39,13 @@ SHAPES = {
         layer_types=["sliding_attention", "full_attention"], rope_local_theta=10000.0,
         rope_theta=1e6, attn_scale=0.25, logit_softcap=30.0,
     ),
+    # capped attention scores, each rank capping its own heads'
+    "gemma2": dict(
+        family="gemma", vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+        head_dim=16, block_size=64, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], attn_scale=0.25,
+        attn_softcap=1.0, logit_softcap=30.0,
+    ),
 }  # fmt: skip
 
 
