@@ -8,7 +8,8 @@ Attention talks to a cache through two calls and never knows which kind it holds
   keys.
 - ``attend(layer, q, k, v)``: store one layer's new keys and values, (B, n_kv_head, T,
   head_dim), already rotated at their absolute positions, and return the attention output of
-  the queries (B, n_head, T, head_dim) over everything they may see.
+  the queries (B, n_head, T, head_dim) over everything they may see (scaled, and capped where
+  the model caps its scores: Gemma 2's ``softcap``, ``base.capped_attention``).
 
 The kinds: ``KVCache`` (contiguous rows that advance together: scoring), ``WindowedKVCache``
 (attention sinks + a recent window), and ``PagedKVCache``, the engine's: a pool of blocks that
