@@ -282,28 +282,9 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-# Gemma3TextConfig's defaults, which transformers gives the keys a config.json leaves out (the
-# text_config of gemma3 folders on the Hub leaves out many)
-_GEMMA3_DEFAULTS = dict(
-    vocab_size=262_208,
-    hidden_size=2304,
-    intermediate_size=9216,
-    num_hidden_layers=26,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=256,
-    hidden_activation="gelu_pytorch_tanh",
-    max_position_embeddings=131_072,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    query_pre_attn_scalar=256,
-    sliding_window=4096,
-    sliding_window_pattern=6,  # every 6th layer full attention, when layer_types is not given
-    rope_theta=1_000_000.0,  # the full-attention layers'
-    rope_local_base_freq=10_000.0,  # the sliding-window layers'
-)
-# Gemma2Config's: the same layout with one rope theta for every layer, no norms on queries and
-# keys, tanh caps on the attention scores and the logits, and every other layer sliding
+# Gemma2Config's defaults, which transformers gives the keys a config.json leaves out: the gemma
+# layout with one rope theta for every layer, no norms on queries and keys, tanh caps on the
+# attention scores and the logits, and every other layer sliding
 _GEMMA2_DEFAULTS = dict(
     vocab_size=256_000,
     hidden_size=2304,
@@ -322,6 +303,18 @@ _GEMMA2_DEFAULTS = dict(
     attn_logit_softcapping=50.0,
     final_logit_softcapping=30.0,
     rope_theta=10_000.0,
+)
+# Gemma3TextConfig's, which transformers derives from Gemma2Config's (the text_config of gemma3
+# folders on the Hub leaves out many keys)
+_GEMMA3_DEFAULTS = dict(
+    _GEMMA2_DEFAULTS,
+    vocab_size=262_208,
+    max_position_embeddings=131_072,
+    sliding_window_pattern=6,  # every 6th layer full attention, when layer_types is not given
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    rope_theta=1_000_000.0,  # the full-attention layers'
+    rope_local_base_freq=10_000.0,  # the sliding-window layers'
 )
 
 

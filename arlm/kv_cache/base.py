@@ -133,14 +133,14 @@ def capped_attention(
     that share a KV head are one batch of queries to it (no copy of the keys and values per
     head)."""
     B, H, T, hd = q.shape
-    Hkv, S = k.size(1), k.size(2)
+    S = k.size(2)
     scale = hd**-0.5 if scale is None else scale
     if isinstance(mask, CausalBias):  # lower-right: the T queries are the last T of S keys
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     elif mask is None and T > 1 and T == S:  # plain causal alignment, as ``sdpa`` reads None
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    if mask is not None and mask.dim() == 4:  # (b, 1 or H, T, S) over the grouped heads
-        mask = mask.unflatten(1, (Hkv, H // Hkv)) if mask.size(1) == H > 1 else mask[:, :, None]
+    if mask is not None and mask.dim() == 4:  # (b, 1, T, S): every head's, over (b, 1, 1, T, S)
+        mask = mask[:, :, None]
     rows = max(1, CAPPED_SCORES // (B * H * S))
     if rows >= T or torch.is_grad_enabled():
         return _capped(q, k, v, mask, scale, softcap, dropout_p)
