@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from arlm.validate import check_int
+from arlm.validate import check_float, check_int
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, **cli: Any):
@@ -40,6 +40,7 @@ SIZE_LIMITS = {
     "n_embd": 1 << 16,
     "head_dim": 1 << 12,
     "intermediate_size": 1 << 20,
+    "n_experts": 1 << 12,
     "block_size": 1 << 25,
 }
 
@@ -98,7 +99,9 @@ class ModelConfig:
     The rotary families also cover Mistral, Qwen2, Qwen3 and Phi-3: a ``head_dim`` of its own,
     RMSNorm on each head's queries and keys (``qk_norm``), sliding-window attention on some or
     all layers, rotation of part of each head (``rotary_dim``), and RoPE scalings
-    (``rope_scaling``).
+    (``rope_scaling``). With ``n_experts`` every block's MLP is a sparse mixture of experts
+    (Mixtral, Qwen3-MoE): each token runs through ``n_experts_per_tok`` of ``n_experts`` MLPs of
+    ``intermediate_size`` hidden units, chosen and weighted by a router.
     """
 
     family: str = "gpt2"
@@ -132,6 +135,18 @@ class ModelConfig:
     # layer_types names "sliding_attention" (None: every layer); the rest see every position
     sliding_window: int | None = None
     layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"
+    # a mixture of experts in every block's MLP place: None is one dense MLP
+    n_experts: int | None = None
+    n_experts_per_tok: int = 2  # experts each token runs through (the router's top k)
+    # the top k router probabilities rescaled to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    norm_topk_prob: bool = True
+    # the routing weights rounded to the model's dtype before they scale the experts' outputs,
+    # as transformers' Qwen3-MoE does; False keeps them float32 (Mixtral). Only bfloat16 and
+    # float16 models see a difference, and a tie between experts can turn on it
+    round_router_weights: bool = False
+    # training adds this times the router's load-balancing loss (Switch Transformer's, as
+    # transformers computes it over all layers' routing); 0 turns it off
+    router_aux_loss_coef: float = 0.01
     dropout: float = 0.0
     quantization: str | None = None  # weight-only "int8" or "int4" linear layers; None: float
     quant_group_size: int = 32  # int4: input weights sharing one scale and minimum
@@ -191,6 +206,7 @@ class ModelConfig:
             else:  # SwiGLU has three matrices: 2/3 of 4*n_embd keeps the parameter count
                 self.intermediate_size = 64 * -(-(8 * self.n_embd // 3) // 64)
         check_size("intermediate_size", self.intermediate_size)
+        self._check_experts()
         if self.bias is None:
             self.bias = self.family == "gpt2"
         if self.qkv_bias is None:
@@ -253,6 +269,19 @@ class ModelConfig:
             scaling["attention_factor"] = longrope_attention_factor(
                 scaling.get("factor"), scaling["original_max_position_embeddings"], self.block_size
             )
+
+    def _check_experts(self) -> None:
+        if self.n_experts is None:
+            return
+        check_size("n_experts", self.n_experts)
+        rule = f"from 1 to n_experts={self.n_experts}"
+        check_int("n_experts_per_tok", self.n_experts_per_tok, 1, rule)
+        if self.n_experts_per_tok > self.n_experts:
+            raise ValueError(
+                f"n_experts_per_tok={self.n_experts_per_tok} is not allowed; it must be an "
+                f"integer {rule}"
+            )
+        check_float("router_aux_loss_coef", self.router_aux_loss_coef, lambda x: x >= 0, ">= 0")
 
     def _check_windows(self) -> None:
         if self.sliding_window is not None:

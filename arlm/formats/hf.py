@@ -42,8 +42,9 @@ from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
-# mistral, qwen2, qwen3 and phi3 run as the llama family; gemma2, gemma3_text, and the text
-# model of a gemma3 folder (which also holds a vision tower), as the gemma family
+# mistral, qwen2, qwen3, phi3 and the mixtures of experts mixtral and qwen3_moe run as the
+# llama family; gemma2, gemma3_text, and the text model of a gemma3 folder (which also holds a
+# vision tower), as the gemma family
 HF_MODEL_TYPES = (
     "gpt2",
     "llama",
@@ -51,6 +52,8 @@ HF_MODEL_TYPES = (
     "qwen2",
     "qwen3",
     "phi3",
+    "mixtral",
+    "qwen3_moe",
     "gemma2",
     "gemma3_text",
     "gemma3",
@@ -103,8 +106,24 @@ _GEMMA_BLOCK = {
     "ln_2": ("pre_feedforward_layernorm",),
     "post_mlp_norm": ("post_feedforward_layernorm",),
 }
+# a mixture of experts: the router, and each expert {e}'s gated MLP (Mixtral's w1 is the gate,
+# w3 the up projection, w2 the down projection)
+_MIXTRAL_BLOCK = {
+    **_LLAMA_BLOCK,
+    "mlp.router": ("block_sparse_moe.gate",),
+    "mlp.experts.c_fc": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"),
+    "mlp.experts.c_proj": ("block_sparse_moe.experts.{e}.w2",),
+}
+_QWEN3_MOE_BLOCK = {
+    **_LLAMA_BLOCK,
+    "mlp.router": ("mlp.gate",),
+    "mlp.experts.c_fc": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+    "mlp.experts.c_proj": ("mlp.experts.{e}.down_proj",),
+}
 _BLOCKS = {
     "phi3": _PHI3_BLOCK,
+    "mixtral": _MIXTRAL_BLOCK,
+    "qwen3_moe": _QWEN3_MOE_BLOCK,
     "gemma2": _GEMMA_BLOCK,
     "gemma3_text": _GEMMA_BLOCK,
     "gemma3": _GEMMA_BLOCK,
@@ -213,9 +232,11 @@ def _window_fields(c: dict[str, Any], n_layer: int, block_size: int) -> dict[str
     every layer; Qwen2 and Qwen3 only with ``use_sliding_window``, on the layers ``layer_types``
     names (by default those from ``max_window_layers`` on); Llama never."""
     model_type, window = c["model_type"], c.get("sliding_window")
-    every_layer = model_type in ("mistral", "phi3")  # slide on every layer where a window is set
+    # slide on every layer where a window is set (Qwen3-MoE's only with use_sliding_window)
+    every_layer = model_type in ("mistral", "phi3", "mixtral", "qwen3_moe")
     types = None
-    if model_type == "llama" or (not every_layer and not c.get("use_sliding_window")):
+    flagged = model_type in ("qwen2", "qwen3", "qwen3_moe")  # slide only with use_sliding_window
+    if model_type == "llama" or (flagged and not c.get("use_sliding_window")):
         window = None
     elif not every_layer and window is not None:
         types = c.get("layer_types")
@@ -247,11 +268,12 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"hidden_act={act!r} is not supported; supported: 'silu'")
     if model_type == "qwen2":  # Qwen2 has biases on q, k and v only
         bias, qkv_bias = False, True
-    elif model_type == "qwen3":  # attention_bias would put biases on q, k, v and o, not the MLP
+    elif model_type in ("qwen3", "qwen3_moe", "mixtral"):
+        # attention_bias would put biases on q, k, v and o, not the MLP
         if c.get("attention_bias", False):
             raise ValueError(
-                "attention_bias=true is not supported for qwen3 (biases on the attention's four "
-                "projections but not the MLP's); supported: attention_bias false"
+                f"attention_bias=true is not supported for {model_type} (biases on the "
+                "attention's four projections but not the MLP's); supported: attention_bias false"
             )
         bias = qkv_bias = False
     else:
@@ -263,7 +285,7 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
             )
         qkv_bias = bias
     head_dim = c.get("head_dim") or hidden // heads
-    return dict(
+    fields = dict(
         family="llama",
         n_layer=n_layer,
         n_head=heads,
@@ -276,9 +298,51 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
         bias=bias,
         qkv_bias=qkv_bias,
         tie_embeddings=c.get("tie_word_embeddings", False),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         **_rope_fields(c, head_dim),
         **_window_fields(c, n_layer, block_size),
+    )
+    return fields | _expert_fields(c)  # a mixture's intermediate_size is each expert's
+
+
+# MixtralConfig's and Qwen3MoeConfig's defaults: experts per layer, experts per token
+_EXPERT_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8)}
+
+
+def _expert_fields(c: dict[str, Any]) -> dict[str, Any]:
+    """A mixture of experts' sizes and routing (mixtral, qwen3_moe), as transformers reads them;
+    their ``intermediate_size`` is each expert's."""
+    model_type = c["model_type"]
+    if model_type not in _EXPERT_DEFAULTS:
+        return {}
+    experts, per_token = _EXPERT_DEFAULTS[model_type]
+    if model_type == "mixtral":
+        if c.get("router_jitter_noise", 0.0):
+            raise ValueError(
+                f"router_jitter_noise={c['router_jitter_noise']!r} is not supported for mixtral "
+                "(training noise on the router's input); supported: 0.0"
+            )
+        hidden, renormalize = _require(c, "intermediate_size"), True
+    else:
+        # Qwen3-MoE may keep dense MLPs on some layers; arlm's blocks are all alike
+        if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers"):
+            raise ValueError(
+                f"decoder_sparse_step={c.get('decoder_sparse_step', 1)!r} with mlp_only_layers="
+                f"{c.get('mlp_only_layers')!r} is not supported for qwen3_moe (dense MLPs on "
+                "some layers); supported: decoder_sparse_step 1 and no mlp_only_layers"
+            )
+        hidden, renormalize = _require(c, "moe_intermediate_size"), c.get("norm_topk_prob", False)
+    # transformers 5 saves num_local_experts for both; Qwen's own configs say num_experts
+    experts = c.get("num_local_experts", c.get("num_experts", experts))
+    # transformers adds the balancing loss only where the config asks for the router's logits
+    coef = c.get("router_aux_loss_coef", 0.001) if c.get("output_router_logits") else 0.0
+    return dict(
+        n_experts=experts,
+        n_experts_per_tok=c.get("num_experts_per_tok", per_token),
+        norm_topk_prob=bool(renormalize),
+        round_router_weights=model_type == "qwen3_moe",
+        intermediate_size=hidden,
+        router_aux_loss_coef=coef,
     )
 
 
@@ -486,7 +550,12 @@ def _layout(model: Transformer, prefix: str, model_type: str) -> dict[str, _Sour
             layout[name] = _Source((_LLAMA_TOP[name],), (tensor.shape[0],), False)
         else:
             layer, module, kind = re.fullmatch(r"h\.(\d+)\.(.+)\.(\w+)", name).groups()
-            parts = block[module]
+            expert = re.fullmatch(r"mlp\.experts\.(\d+)\.(\w+)", module)
+            if expert is None:
+                parts = block[module]
+            else:  # one expert's MLP: its number in the names
+                e, linear = expert.groups()
+                parts = tuple(p.format(e=e) for p in block[f"mlp.experts.{linear}"])
             if len(parts) == 1:
                 sizes = (tensor.shape[0],)
             elif module == "attn.c_attn":
@@ -751,6 +820,11 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
         eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
         dtype=str(dtype).removeprefix("torch."),
     )
+    if config.n_experts is not None and config.family != "llama":
+        raise ValueError(
+            "a mixture of experts has a Hugging Face layout in the llama family only (mixtral, "
+            f"qwen3_moe); this is a {config.family}-family model"
+        )
     gemma2 = config.family == "gemma" and not config.qk_norm
     if config.attn_softcap is not None and not gemma2:
         raise ValueError(
@@ -807,6 +881,8 @@ def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) ->
         max_window_layers=sliding.index(True) if any(sliding) else config.n_layer,
         layer_types=_layer_types(windows),
     )
+    if config.n_experts is not None:
+        return _moe_config(config, llama)
     if _phi3_layout(config):
         return _phi3_config(config, llama)
     if config.rotary_dim != config.head_dim:
@@ -897,6 +973,57 @@ def _phi3_config(config: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
         pad_token_id=None,  # transformers' default (32000) would be past a smaller vocabulary
         resid_pdrop=0.0,
         embd_pdrop=0.0,
+    )
+
+
+def _moe_config(config: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
+    """mixtral (no q/k norms) or qwen3_moe (q/k norms)."""
+    sliding = [w is not None for w in config.layer_windows]
+    if (
+        config.bias
+        or config.qkv_bias
+        or config.rotary_dim != config.head_dim
+        or len(set(sliding)) > 1
+    ):
+        raise ValueError(
+            f"a mixture of experts with bias={config.bias}, qkv_bias={config.qkv_bias}, "
+            f"rotary_dim={config.rotary_dim} of head_dim={config.head_dim} on layers "
+            f"{_layer_types(config.layer_windows)} has no Hugging Face layout; supported: "
+            "mixtral and qwen3_moe (no biases, every channel rotating, a window on every layer "
+            "or on none)"
+        )
+    experts = dict(
+        num_experts_per_tok=config.n_experts_per_tok,
+        # transformers adds the balancing loss only where the router's logits are asked for
+        output_router_logits=config.router_aux_loss_coef > 0,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        sliding_window=config.sliding_window,
+    )
+    if config.qk_norm:
+        return dict(
+            llama,
+            architectures=["Qwen3MoeForCausalLM"],
+            model_type="qwen3_moe",
+            attention_bias=False,
+            num_experts=config.n_experts,
+            moe_intermediate_size=config.intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=any(sliding),
+            **experts,
+        )
+    if not config.norm_topk_prob:
+        raise ValueError(
+            "norm_topk_prob=False without q/k norms has no Hugging Face layout: mixtral always "
+            "rescales a token's expert weights to sum to 1 (qwen3_moe, with q/k norms, need not)"
+        )
+    return dict(
+        llama,
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        num_local_experts=config.n_experts,
+        **experts,
     )
 
 
@@ -992,7 +1119,8 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
 
     gpt2-family models become model_type gpt2; llama-family ones llama, mistral (a window on every
     layer), qwen2 (biases on q/k/v only), qwen3 (q/k norms) or phi3 (partial rotary, LongRoPE, or
-    a model that came from phi3); gemma-family ones gemma2 (no q/k norms) or gemma3_text.
+    a model that came from phi3), or with experts mixtral or qwen3_moe (q/k norms); gemma-family
+    ones gemma2 (no q/k norms) or gemma3_text.
     ``out_dir`` must not exist or be empty; it appears complete or not at all.
     """
     out_dir = Path(out_dir)

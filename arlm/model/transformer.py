@@ -263,29 +263,101 @@ class MLP(nn.Module):
         return self.c_proj(gate * up)
 
 
+class Router(nn.Module):
+    """Each token's score for every expert: a float (n_experts, n_embd) matrix that weight
+    quantization leaves alone (not an ``nn.Linear``), as a rounded router picks other experts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.n_experts, config.n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoE(nn.Module):
+    """A sparse mixture of experts (Mixtral, Qwen3-MoE): the router's softmax picks each token's
+    ``n_experts_per_tok`` most probable experts, MLPs of the config's kind, and the token's output
+    is their outputs weighted by those probabilities (rescaled to sum to 1 with
+    ``norm_topk_prob``)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = config.n_experts_per_tok, config.norm_topk_prob
+        self.round_weights = config.round_router_weights
+        self.router = Router(config)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_experts))
+
+    def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
+        """``router_logits``: a list to append this layer's (tokens, n_experts) scores to, for
+        the load-balancing loss."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        if router_logits is not None:
+            router_logits.append(logits)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (tokens, k), most probable first
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.round_weights:
+            weights = weights.to(x.dtype)
+        # every (slot, token) pair grouped by expert, each expert running once over its tokens,
+        # in transformers' order (slot, then token: a matmul's rows in another order can round
+        # differently in bfloat16); the counts are the one read of the device per layer, so no
+        # CUDA graph captures this
+        by_slot = chosen.t().flatten()
+        pairs = by_slot.argsort(stable=True)
+        counts = torch.bincount(by_slot, minlength=len(self.experts)).tolist()
+        tokens = (pairs % len(x)).split(counts)
+        weights = weights.t().flatten()[pairs].split(counts)
+        # each token's weighted sum in float32, rounded once, as transformers sums it
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for expert, rows, w in zip(self.experts, tokens, weights, strict=True):
+            if len(rows):
+                out.index_add_(0, rows, (expert(x[rows]) * w[:, None]).float())
+        return out.to(x.dtype).view(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over every layer's routing, as transformers computes
+    it: ``n_experts * sum_e f_e * P_e``, where ``f_e`` is the share of tokens that chose expert
+    ``e`` (counting each of a token's ``top_k`` choices) and ``P_e`` the mean router probability of
+    ``e``, both over all layers' tokens. It is ``top_k`` when routing is uniform, more when a few
+    experts take the tokens; its gradient reaches the router through ``P``."""
+    probs = torch.softmax(torch.cat(router_logits).float(), dim=-1)  # (layers * tokens, E)
+    chosen = probs.topk(top_k, dim=-1).indices.flatten()
+    # counted on the device (bincount would read its size back to the host)
+    counts = probs.new_zeros(probs.size(1)).index_add_(0, chosen, probs.new_ones(len(chosen)))
+    return probs.size(1) * (counts / len(probs) * probs.mean(dim=0)).sum()
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = Attention(config, layer_idx)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if config.n_experts is None else MoE(config)
         # Gemma also normalises what attention and the MLP add to the residual stream
         sandwich = config.family == "gemma"
         self.post_attn_norm = make_norm(config) if sandwich else None
         self.post_mlp_norm = make_norm(config) if sandwich else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, pending, rope, kv_cache, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x, pending, rope, kv_cache, mask, router_logits: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream ``x`` and what the block before adds to it, ``pending`` (None
         before the first): the add is left to this block's first norm, so that on a GPU the
-        two are one kernel. Returns the stream and this block's ``pending`` likewise."""
+        two are one kernel. Returns the stream and this block's ``pending`` likewise.
+        ``router_logits``: a list a mixture of experts appends its router's scores to."""
         x, h = add_and_norm(self.ln_1, x, pending)
         h = self.attn(h, rope, kv_cache, mask)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x, h = add_and_norm(self.ln_2, x, self.resid_dropout(h))
-        h = self.mlp(h)
+        h = self.mlp(h) if router_logits is None else self.mlp(h, router_logits)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x, self.resid_dropout(h)
@@ -349,7 +421,7 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding | Router):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
@@ -470,8 +542,11 @@ class Transformer(nn.Module):
         elif self.config.sliding_window is not None:
             masks = layer_masks(self.windows, 0, T, idx.device)
         pending = None
+        # teacher forcing a mixture of experts: each layer's routing, for the balancing loss
+        balancing = targets is not None and self.training and self.config.n_experts is not None
+        router_logits = [] if balancing and self.config.router_aux_loss_coef > 0 else None
         for block, mask, rope in zip(self.h, masks, ropes, strict=True):
-            x, pending = block(x, pending, rope, kv_cache, mask)
+            x, pending = block(x, pending, rope, kv_cache, mask, router_logits)
         x = add_and_norm(self.ln_f, x, pending)[1]  # row by row: the rows below are the same
         if last_only:
             x = x[:, -1:]
@@ -480,7 +555,7 @@ class Transformer(nn.Module):
         if targets is not None and not return_logits and self._head_is_plain():
             # training needs the loss alone: head and cross-entropy in chunks, no (B*T, vocab)
             loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
-            return None, loss
+            return None, self._balanced(loss, router_logits)
         logits = self.lm_head(x)
         if (cap := self.config.logit_softcap) is not None:  # Gemma's tanh cap, before any loss
             logits = torch.tanh(logits / cap) * cap
@@ -489,4 +564,12 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
+            loss = self._balanced(loss, router_logits)
         return logits, loss
+
+    def _balanced(self, loss: torch.Tensor, router_logits: list | None) -> torch.Tensor:
+        """``loss`` plus the experts' load-balancing term, where this forward collected one."""
+        if not router_logits:
+            return loss
+        balance = load_balancing_loss(router_logits, self.config.n_experts_per_tok)
+        return loss + self.config.router_aux_loss_coef * balance
