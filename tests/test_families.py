@@ -220,9 +220,9 @@ CASES = {
             pad_token_id=0,
         ),
     ),
-    # Mixtral: 4 experts a layer, 2 a token (renormalized), a window of 6 on every layer,
-    # head_dim 24 where hidden / heads is 16, untied
-    "mixtral-window": (
+    # Mixtral: 4 experts a layer, 2 a token (renormalized), head_dim 24 where hidden / heads is
+    # 16, untied
+    "mixtral": (
         "MixtralConfig",
         dict(
             COMMON,
@@ -231,13 +231,12 @@ CASES = {
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=24,
-            sliding_window=6,
             num_local_experts=4,
             num_experts_per_tok=2,
         ),
     ),
     # Qwen3-MoE: q/k norms, 6 experts of 64 hidden units (not intermediate_size's 96) a layer, 3
-    # a token, their weights not renormalized (norm_topk_prob false); tied
+    # a token, renormalized (as the released models are); tied
     "qwen3-moe": (
         "Qwen3MoeConfig",
         dict(
@@ -250,8 +249,28 @@ CASES = {
             num_experts=6,
             num_experts_per_tok=3,
             moe_intermediate_size=64,
-            norm_topk_prob=False,
+            norm_topk_prob=True,
             tie_word_embeddings=True,
+        ),
+    ),
+    # Qwen3-MoE sliding on every layer (window 6), its expert weights not renormalized
+    # (norm_topk_prob false), 5 experts, 2 a token; untied
+    "qwen3-moe-window": (
+        "Qwen3MoeConfig",
+        dict(
+            COMMON,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            num_experts=5,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=False,
+            use_sliding_window=True,
+            sliding_window=6,
+            tie_word_embeddings=False,
         ),
     ),
     # plain Llama with head_dim 24 where hidden / heads is 16
@@ -844,7 +863,13 @@ def test_hf_export_round_trip(case, tmp_path, tokenizer):
 
 
 # the rest: llama
-GGUF_ARCH = {"qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GGUF_ARCH = {
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}
 # what llama.cpp cannot run as these models compute, refused rather than written wrong
 GGUF_REFUSED = {
     "gemma3-window": "attn_scale=0.223607: llama.cpp's gemma3 does not read",
@@ -852,6 +877,7 @@ GGUF_REFUSED = {
     "qwen3-window": "sliding_window=7",
     "mistral-window": "sliding_window=6",
     "qwen2-window": "sliding_window=5",
+    "qwen3-moe-window": "norm_topk_prob=False: llama.cpp rescales",
 }
 
 
@@ -937,7 +963,21 @@ def test_gguf_export(case, tmp_path, tokenizer):
         assert t.data.shape == (config.head_dim,)
         # qwen3 and gemma3 rotate halves, as arlm does: q rows are written as they are
         assert torch.equal(data("blk.0.attn_q.weight"), state["h.0.attn.c_attn.weight"][:q_rows])
-    if arch == "qwen3":
+    if config.n_experts is not None:  # each projection of a layer's experts in one tensor
+        assert fields[f"{arch}.expert_count"] == config.n_experts
+        assert fields[f"{arch}.expert_used_count"] == config.n_experts_per_tok
+        assert fields[f"{arch}.expert_feed_forward_length"] == config.intermediate_size
+        hidden = config.intermediate_size
+        gate_up = torch.stack(
+            [state[f"h.1.mlp.experts.{e}.c_fc.weight"] for e in range(config.n_experts)]
+        )
+        assert torch.equal(data("blk.1.ffn_gate_exps.weight"), gate_up[:, :hidden])
+        assert torch.equal(data("blk.1.ffn_up_exps.weight"), gate_up[:, hidden:])
+        down = data("blk.1.ffn_down_exps.weight")
+        assert torch.equal(down[2], state["h.1.mlp.experts.2.c_proj.weight"])
+        assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+        assert torch.equal(data("blk.1.ffn_gate_inp.weight"), state["h.1.mlp.router.weight"])
+    if arch in ("qwen3", "qwen3moe"):
         for kind in ("q", "k"):
             t = data(f"blk.1.attn_{kind}_norm.weight")
             assert torch.equal(t, state[f"h.1.attn.{kind}_norm.weight"])
@@ -947,7 +987,14 @@ def test_gguf_export(case, tmp_path, tokenizer):
 LLAMA_SERVER = Path(
     os.environ.get("ARLM_LLAMA_SERVER", "/work/peers/llama.cpp-build/bin/llama-server")
 )
-LLAMA_CPP_CASES = ("qwen3", "gemma2-window", "gemma3-untied-window", "phi3-longrope")
+LLAMA_CPP_CASES = (
+    "qwen3",
+    "gemma2-window",
+    "gemma3-untied-window",
+    "phi3-longrope",
+    "mixtral",
+    "qwen3-moe",
+)
 NEAR_TIE = 0.01  # a logit gap within which two runtimes' float32 arithmetic may pick either
 
 
@@ -989,7 +1036,8 @@ def _llama_cpp_greedy(path: Path, prompt: list[int], n: int, log: Path) -> list[
 @cases(LLAMA_CPP_CASES)  # one case per llama.cpp architecture
 def test_llama_cpp_runs_the_gguf_greedy(case, tmp_path, tokenizer):
     """llama.cpp runs the exported file as arlm runs the model: 32 greedy tokens equal, except
-    that from a near-tie on (a gap under NEAR_TIE in arlm's logits) either pick is right."""
+    that from a near-tie on (a gap under NEAR_TIE in arlm's logits, or in a router's scores of
+    the last expert it picks and the first it leaves) either pick is right."""
     name, folder, _ = case
     lm = arlm.load(folder)
     prompt = _prompt(name)[0].tolist()
@@ -999,8 +1047,25 @@ def test_llama_cpp_runs_the_gguf_greedy(case, tmp_path, tokenizer):
     if theirs != ours:
         i = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
         logits = lm.logits(prompt + ours[:i])[-1]
-        gap = (logits[ours[i]] - logits[theirs[i]]).item()
+        gap = min((logits[ours[i]] - logits[theirs[i]]).item(), _routing_gap(lm, prompt + ours[:i]))
         assert gap < NEAR_TIE, f"token {i}: arlm {ours[i]}, llama.cpp {theirs[i]}, gap {gap}"
+
+
+def _routing_gap(lm, ids: list[int]) -> float:
+    """The smallest gap, over a mixture of experts' layers, between the router's score of the
+    last expert the last token runs through and of the first it does not (inf for a dense model)."""
+    gaps = [float("inf")]
+
+    def record(moe, inputs, _):
+        scores = moe.router(inputs[0][0, -1]).topk(moe.top_k + 1).values
+        gaps.append((scores[-2] - scores[-1]).item())
+
+    hooks = [b.mlp.register_forward_hook(record) for b in lm.model.h if hasattr(b.mlp, "router")]
+    with torch.no_grad():
+        lm.model(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return min(gaps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """GGUF export: one file that llama.cpp (and the tools built on it) loads.
 
 The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for its ``gpt2``,
-``llama``, ``qwen3``, ``phi3``, ``gemma2`` and ``gemma3`` architectures: the same tensor names and
-metadata keys, q and k rows reordered for the llama architecture's RoPE (the others rotate halves,
-as arlm does), norms and biases kept in float32, and Q8_0 falling back to f16 for rows that are
-not a multiple of its 32-value blocks.
+``llama`` (Mixtral's experts too), ``qwen3``, ``qwen3moe``, ``phi3``, ``gemma2`` and ``gemma3``
+architectures: the same tensor names and metadata keys, q and k rows reordered for the llama
+architecture's RoPE (the others rotate halves, as arlm does), each layer's experts stacked into
+one tensor per projection, norms, biases and routers kept in float32, and Q8_0 falling back to
+f16 for rows that are not a multiple of its 32-value blocks.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ _GEMMA3_BLOCK = {
     "post_attn_norm": ("post_attention_norm",),
     "post_mlp_norm": ("post_ffw_norm",),
 }
+# a mixture of experts: its router, and each projection of all its experts stacked in one tensor
+_EXPERTS = {
+    "mlp.router": ("ffn_gate_inp",),
+    "mlp.experts.c_fc": ("ffn_gate_exps", "ffn_up_exps"),
+    "mlp.experts.c_proj": ("ffn_down_exps",),
+}
 # Gemma 2's the same, without q/k norms
 _BLOCKS = {
     "gpt2": _GPT2_BLOCK,
@@ -71,13 +78,16 @@ _BLOCKS = {
 
 
 def architecture(config: ModelConfig) -> str:
-    """llama.cpp's architecture for ``config``: gpt2, llama, qwen3 (q/k norms), phi3 (part of each
-    head rotating, LongRoPE, or a model that came from phi3), gemma3 (the gemma family) or
-    gemma2 (the gemma family without q/k norms)."""
+    """llama.cpp's architecture for ``config``: gpt2, llama (with or without experts), qwen3
+    (q/k norms), qwen3moe (q/k norms and experts), phi3 (part of each head rotating, LongRoPE, or
+    a model that came from phi3), gemma3 (the gemma family) or gemma2 (the gemma family without
+    q/k norms)."""
     if config.family == "gemma":
         return "gemma3" if config.qk_norm else "gemma2"
     if config.qk_norm:
-        return "qwen3"
+        return "qwen3" if config.n_experts is None else "qwen3moe"
+    if config.n_experts is not None:
+        return config.family  # llama.cpp's llama holds Mixtral's experts
     partial = config.family == "llama" and config.rotary_dim != config.head_dim
     if partial or config.rope_type == "longrope" or config.extra.get("hf_model_type") == "phi3":
         return "phi3"
@@ -146,9 +156,29 @@ def _check_phi3(config: ModelConfig) -> None:
         )
 
 
+def _check_experts(config: ModelConfig, arch: str) -> None:
+    if config.family != "llama":
+        raise ValueError(
+            f"a {config.family}-family mixture of experts: llama.cpp runs experts in its llama "
+            "and qwen3moe architectures only (the llama family)"
+        )
+    if config.bias:
+        raise ValueError(
+            f"bias=True: llama.cpp's {arch} experts have no biases; supported: bias=False"
+        )
+    if not config.norm_topk_prob:
+        raise ValueError(
+            f"norm_topk_prob=False: llama.cpp rescales each token's expert weights to sum to 1 "
+            f"in its {arch} architecture, so the file would compute another model; supported: "
+            "norm_topk_prob=True"
+        )
+
+
 def _check_model(config: ModelConfig) -> None:
     require_float(config, "GGUF export")
     arch = architecture(config)
+    if config.n_experts is not None:
+        _check_experts(config, arch)
     if config.attn_softcap is not None and arch != "gemma2":
         raise ValueError(
             f"attn_softcap={config.attn_softcap}: llama.cpp caps attention scores in its gemma2 "
@@ -206,6 +236,15 @@ def _rope_factors(config: ModelConfig) -> torch.Tensor:
     return base / rope_frequencies(config)
 
 
+def _stack_experts(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Each layer's experts as llama.cpp reads them: one (n_experts, rows, columns) tensor per
+    projection, in ``state`` under ``h.{i}.mlp.experts.{c_fc,c_proj}.weight``."""
+    for i in range(config.n_layer):
+        for linear in ("c_fc", "c_proj"):
+            names = [f"h.{i}.mlp.experts.{e}.{linear}.weight" for e in range(config.n_experts)]
+            state[f"h.{i}.mlp.experts.{linear}.weight"] = torch.stack([state.pop(n) for n in names])
+
+
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights in float32 under llama.cpp's names, split and reordered as it reads them.
 
@@ -229,8 +268,15 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         out["rope_factors_short.weight"] = torch.tensor(config.rope_scaling["short_factor"])
 
     block = _BLOCKS.get(arch, _LLAMA_BLOCK)
+    if config.n_experts is not None:
+        block = {**block, **_EXPERTS}
+        _stack_experts(state, config)
     q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    sizes = {"attn.c_attn": [q, kv, kv], "mlp.c_fc": [config.intermediate_size] * 2}
+    sizes = {
+        "attn.c_attn": [q, kv, kv],
+        "mlp.c_fc": [config.intermediate_size] * 2,
+        "mlp.experts.c_fc": [config.intermediate_size] * 2,
+    }
     # llama.cpp's llama rotates neighbouring pairs; the others rotate halves, as arlm does
     pairs = arch == "llama"
     rope_heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head} if pairs else {}
@@ -240,7 +286,9 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                 tensor = state.get(f"h.{i}.{module}.{kind}")
                 if tensor is None:
                     continue
-                parts = tensor.split(sizes[module]) if len(names) > 1 else (tensor,)
+                # the rows of a weight, or of each expert's in a stack
+                rows = -2 if kind == "weight" else 0
+                parts = tensor.split(sizes[module], rows) if len(names) > 1 else (tensor,)
                 for name, part in zip(names, parts, strict=True):
                     if name in rope_heads:
                         part = _llama_rope_order(part, rope_heads[name])
@@ -255,9 +303,10 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def _encode(name: str, data: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
-    # as llama.cpp's converter: vectors (norms, biases, rope factors) and learned positions stay
-    # float32, because most of llama.cpp reads them only in float32
-    if data.ndim == 1 or name == "position_embd.weight":
+    # as llama.cpp's converter: vectors (norms, biases, rope factors), learned positions and
+    # routers stay float32, because most of llama.cpp reads them only in float32 (and a rounded
+    # router picks other experts)
+    if data.ndim == 1 or name == "position_embd.weight" or name.endswith("ffn_gate_inp.weight"):
         qtype = Q.F32
     try:
         return gguf.quants.quantize(data, qtype), qtype
@@ -318,6 +367,11 @@ def _add_metadata(
     writer.add_head_count(config.n_head)
     writer.add_head_count_kv(config.n_kv_head)
     writer.add_vocab_size(config.vocab_size)
+    if config.n_experts is not None:
+        writer.add_expert_count(config.n_experts)
+        writer.add_expert_used_count(config.n_experts_per_tok)
+        # llama.cpp's llama sizes its experts by feed_forward_length, its qwen3moe by this
+        writer.add_expert_feed_forward_length(config.intermediate_size)
     if config.family == "gpt2":
         writer.add_layer_norm_eps(config.norm_eps)
     else:
