@@ -34,6 +34,7 @@ from arlm.kv_cache import KVCache, PagedKVCache, PagedRow, StepLayout, make_code
 from arlm.model import Transformer
 from arlm.model.packing import _REDUCE_RANGE, PackedInt4Linear, PackedInt8Linear
 from arlm.model.quantize import quantize
+from arlm.model.tensor_parallel import head_split
 from tests.numerics import (
     assert_clear_choices,
     assert_close,
@@ -632,6 +633,61 @@ def _gemma3_folder(path: Path, tokenizer) -> transformers.PreTrainedModel:
     return hf.eval()
 
 
+@cases(MOE)
+def test_training_a_mixture_of_experts_matches_transformers(case):
+    """Teacher forcing with the load-balancing loss: transformers adds it where the config asks
+    for the router's logits; the loss and every gradient equal transformers' (float32)."""
+    _, folder, hf = case
+    config = json.loads((folder / "config.json").read_text())
+    config.update(output_router_logits=True, router_aux_loss_coef=0.3)
+    reference = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**config)
+    )
+    reference.load_state_dict(hf.state_dict())
+    reference.train()
+    model, _ = load_hf(folder)
+    model.config.router_aux_loss_coef = 0.3
+    model.train()
+    ids = _ids(SEQ, seed=3)
+    out = reference(ids[:, :-1])  # routes the same tokens as arlm's teacher forcing
+    expected = F.cross_entropy(out.logits[0], ids[0, 1:]) + 0.3 * out.aux_loss
+    expected.backward()
+    loss = model(ids[:, :-1], ids[:, 1:])[1]
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    moe = model.h[1].mlp
+    names = (
+        ("model.layers.1.mlp.gate.weight", "model.layers.1.block_sparse_moe.gate.weight"),
+        (
+            "model.layers.1.mlp.experts.down_proj",
+            "model.layers.1.block_sparse_moe.experts.down_proj",
+        ),
+    )
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    router = next(grads[n] for n in names[0] if n in grads)
+    torch.testing.assert_close(moe.router.weight.grad, router, rtol=1e-4, atol=1e-6)
+    down = next(grads[n] for n in names[1] if n in grads)
+    for e, expert in enumerate(moe.experts):
+        torch.testing.assert_close(expert.c_proj.weight.grad, down[e], rtol=1e-4, atol=1e-6)
+    # without the term the loss is the cross-entropy alone
+    model.config.router_aux_loss_coef = 0.0
+    with torch.no_grad():
+        plain = model(ids[:, :-1], ids[:, 1:])[1]
+    torch.testing.assert_close(loss - plain, 0.3 * out.aux_loss, rtol=1e-4, atol=0)
+
+
+@cases(["mixtral"])
+def test_a_mixture_of_experts_refuses_tensor_parallelism_and_decode_graphs(case):
+    """Its experts are not split over ranks, and its routing reads the device (how many tokens
+    each expert takes), which a captured step cannot: both say so rather than run wrong."""
+    _, folder, _ = case
+    lm = arlm.load(folder)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with a mixture of 4 experts"):
+        head_split(lm.config, 2)
+    with pytest.raises(ValueError, match="decode graphs do not support a mixture of experts"):
+        lm.engine.use_decode_graphs(capture=False)
+
+
 def test_gemma3_folder_loads_its_text_model(tmp_path, tokenizer):
     from safetensors.torch import load_file, save_file
 
@@ -718,8 +774,8 @@ def _paged(model, seq, codec):
 
 
 # quantized caches against the float teacher-forced logits (up to ~5; 0.52 for gemma2, whose
-# tied embeddings are a tenth the size), measured on these models: float at most 1e-5 (Phi-3), int8 at
-# most 0.11, int4 at most 1.2; dropping the window moves the logits by 2.4 to 6.6 (0.66 for
+# tied embeddings are a tenth the size), measured on these models: float at most 1e-5 (Phi-3),
+# int8 at most 0.11, int4 at most 1.2; dropping the window moves the logits by 2.4 to 6.6 (0.66 for
 # gemma2), at least twice each model's int4 error and a fifth of the largest logit
 @pytest.mark.parametrize("kv_dtype, atol", [("auto", 1e-5), ("int8", 0.15), ("int4", 1.5)])
 @cases(WINDOWED)
@@ -1165,6 +1221,20 @@ BASE = dict(
             r"layer_types \['chunked_attention'\] are not supported",
         ),
         ({"head_dim": 31}, "head_dim=31 must be even"),
+        ({"model_type": "mixtral", "router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
+        (
+            {"model_type": "qwen3_moe", "moe_intermediate_size": 32, "mlp_only_layers": [1]},
+            r"decoder_sparse_step=1 with mlp_only_layers=\[1\] is not supported",
+        ),
+        (
+            {"model_type": "qwen3_moe", "moe_intermediate_size": 32, "decoder_sparse_step": 2},
+            "decoder_sparse_step=2 with mlp_only_layers=None is not supported",
+        ),
+        ({"model_type": "qwen3_moe"}, "the config has no 'moe_intermediate_size'"),
+        (
+            {"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 3},
+            "n_experts_per_tok=3 is not allowed; it must be an integer from 1 to n_experts=2",
+        ),
     ],
 )
 def test_unimplemented_settings_are_refused_by_name(change, match):
@@ -1198,6 +1268,10 @@ def test_config_validates_the_new_fields():
         ModelConfig.preset("llama-tiny", rope_local_theta=10.0)
     with pytest.raises(ValueError, match="logit_softcap=-1 must be a positive number"):
         ModelConfig.preset("llama-tiny", family="gemma", logit_softcap=-1)
+    with pytest.raises(ValueError, match="n_experts=0 is not allowed"):
+        ModelConfig.preset("llama-tiny", n_experts=0)
+    with pytest.raises(ValueError, match="router_aux_loss_coef=-1 is not allowed"):
+        ModelConfig.preset("llama-tiny", n_experts=4, router_aux_loss_coef=-1)
     config = ModelConfig.preset("llama-tiny", head_dim=48, sliding_window=8)
     assert config.layer_windows == [8] * 4
     assert ModelConfig.from_dict(config.to_dict()) == config

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+import arlm
 from arlm.train import TrainConfig, Trainer, TrainingError
 
 
@@ -114,9 +115,43 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert cfg.lr_at(100) == pytest.approx(1e-4)
 
 
+def test_a_mixture_of_experts_trains_resumes_and_loads(tmp_path, cache_dir):
+    """--n-experts turns each block's MLP into experts: the loss falls, a resumed run reaches the
+    uninterrupted run's weights, and the checkpoint loads and generates through the engine."""
+    moe = dict(preset="llama-tiny", n_experts=4, n_experts_per_tok=2, dropout=0.0)
+    straight = Trainer(_config(tmp_path / "a", cache_dir, **moe), progress=False)
+    result = straight.fit()
+    assert straight.model.config.n_experts == 4
+    assert len(straight.model.h[0].mlp.experts) == 4
+    rows = [json.loads(x) for x in (tmp_path / "a/run/metrics.jsonl").open()]
+    losses = [row["val_loss"] for row in rows if "val_loss" in row]
+    assert losses[-1] < losses[0]
+
+    def stop_at_6(trainer):
+        if trainer.step == 6:
+            trainer.request_stop()
+
+    Trainer(_config(tmp_path / "b", cache_dir, **moe), progress=False).fit(on_step=stop_at_6)
+    resumed = Trainer(_config(tmp_path / "b", cache_dir, **moe), resume=True, progress=False)
+    resumed.fit()
+    for (name, a), (_, b) in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    lm = arlm.load(tmp_path / "a/run")
+    assert lm.config.n_experts == 4 and result.step == 12
+    assert len(lm.generate("the", max_tokens=5, temperature=0, ignore_eos=True).token_ids) == 5
+
+
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"preset": "huge"}, "unknown preset"), ({"steps": 0}, "steps=0"), ({"lr": -1.0}, "lr=")],
+    [
+        ({"preset": "huge"}, "unknown preset"),
+        ({"steps": 0}, "steps=0"),
+        ({"lr": -1.0}, "lr="),
+        ({"n_experts_per_tok": 2}, "n_experts is not set"),
+        ({"n_experts": 2, "n_experts_per_tok": 3}, "n_experts_per_tok=3 is not allowed"),
+    ],
 )
 def test_bad_training_options_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -42,10 +42,11 @@ def run(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg, resume=args.resume)
     if trainer.world.is_main:
         c = trainer.model.config
+        experts = "" if c.n_experts is None else f", {c.n_experts_per_tok} of {c.n_experts} experts"
         print(
             f"model: {trainer.cfg.preset} ({c.n_layer} layers, {c.n_head} heads, width "
-            f"{c.n_embd}, context {c.block_size}), {trainer.model.num_params() / 1e6:.2f}M "
-            f"parameters, vocabulary {trainer.tokenizer.vocab_size}; corpus: "
+            f"{c.n_embd}{experts}, context {c.block_size}), "
+            f"{trainer.model.num_params() / 1e6:.2f}M parameters, vocabulary {trainer.tokenizer.vocab_size}; corpus: "
             f"{len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
         )
     try:

@@ -70,6 +70,8 @@ class ModelRunner:
         None when they can."""
         if self.windowed is not None:
             return "the windowed KV cache (kv_window)"
+        if self.model.config.n_experts is not None:
+            return "a mixture of experts (its routing reads how many tokens each expert takes)"
         return None
 
     def use_decode_graphs(

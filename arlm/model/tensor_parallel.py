@@ -53,6 +53,11 @@ def head_split(config: ModelConfig, size: int) -> HeadSplit:
             f"tensor parallelism splits float weights; this model's are quantized "
             f"({config.quantization}): load it without quantization"
         )
+    if config.n_experts is not None and size > 1:
+        raise ValueError(
+            f"tensor_parallel_size={size} with a mixture of {config.n_experts} experts: tensor "
+            "parallelism splits dense MLPs only (expert parallelism is not built); use 1"
+        )
     if config.n_head % size:
         raise ValueError(
             f"tensor_parallel_size={size} does not divide the model's {config.n_head} attention "

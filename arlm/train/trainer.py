@@ -54,7 +54,15 @@ from arlm.validate import check_int
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 # TrainConfig fields that reshape the preset's model (vocab_size is the tokenizer's, set apart)
-MODEL_OVERRIDES = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
+MODEL_OVERRIDES = (
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "block_size",
+    "n_experts",
+    "n_experts_per_tok",
+)
 
 
 @dataclass
@@ -76,6 +84,12 @@ class TrainConfig:
     n_embd: int | None = option(None, help="residual width (default: the preset's)")
     block_size: int | None = option(None, help="context length (default: the preset's)")
     vocab_size: int | None = option(None, help="tokenizer vocabulary (default: the preset's)")
+    n_experts: int | None = option(
+        None, help="a mixture of this many experts in place of each block's MLP (default: none)"
+    )
+    n_experts_per_tok: int | None = option(
+        None, help="experts each token runs through, with --n-experts (default: 2)"
+    )
     out: str = option("runs/small", help="run folder")
     steps: int = option(300, help="optimizer steps to train to")  # small: ~5 min on 2 cores
     batch_size: int = option(16, help="sequences per micro-batch, per process")
@@ -150,6 +164,11 @@ class TrainConfig:
         for name in MODEL_OVERRIDES:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        if self.n_experts_per_tok is not None and self.n_experts is None:
+            raise ValueError(
+                f"n_experts_per_tok={self.n_experts_per_tok} chooses among experts, but "
+                "n_experts is not set; set both for a mixture of experts"
+            )
         # the model's shape is checked now, before a corpus is read for it
         self.model_config(self.vocab_size or PRESETS[self.preset]["vocab_size"])
         if self.block_size is not None and self.block_size < 2:
