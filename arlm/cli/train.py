@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"model: {trainer.cfg.preset} ({c.n_layer} layers, {c.n_head} heads, width "
             f"{c.n_embd}{experts}, context {c.block_size}), "
-            f"{trainer.model.num_params() / 1e6:.2f}M parameters, vocabulary {trainer.tokenizer.vocab_size}; corpus: "
+            f"{trainer.model.num_params() / 1e6:.2f}M parameters, vocabulary "
+            f"{trainer.tokenizer.vocab_size}; corpus: "
             f"{len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
         )
     try:
