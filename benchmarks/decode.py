@@ -4,7 +4,10 @@ Builds two random-weight models once: GPT-2 124M, and a Llama-layout model with 
 attention (12 layers, 768 wide, 4 KV heads, untied 32000-token vocabulary: 125M parameters, 100M
 of them read per token); ``--models gemma2`` a third, the Llama one's sizes in Gemma 2's layout
 (tied, as llama.cpp's gemma2 reads it; its attention scores capped at 50 and logits at 30, every
-other layer sliding), where no fused attention kernel takes the cap and no target is set.
+other layer sliding), where no fused attention kernel takes the cap and no target is set;
+``--models mixtral`` a mixture of experts with the Llama one's attention and as many weights
+read per token (8 experts of 1024 hidden units a layer, 2 a token: 294M parameters, 100M of
+them read per token at batch 1), no target set either.
 Each is saved as a Hugging Face folder (what transformers and arlm load) and as GGUF f32 and
 q8_0 files (what llama.cpp loads, written by ``arlm export``). Then, in alternating rounds, each
 engine prefills a 64-token prompt and greedily decodes 128 tokens:
@@ -79,6 +82,10 @@ def build_hf(kind: str, root: Path, positions: int = 1024) -> Path:
     elif kind == "gemma2":  # query_pre_attn_scalar: the scale llama.cpp takes
         config = transformers.Gemma2Config(**sizes, head_dim=64, query_pre_attn_scalar=64)
         hf = transformers.Gemma2ForCausalLM(config)
+    elif kind == "mixtral":  # two experts of half the Llama MLP's width: the same reads a token
+        experts = dict(sizes, intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2)
+        config = transformers.MixtralConfig(**experts, tie_word_embeddings=False)
+        hf = transformers.MixtralForCausalLM(config)
     else:
         hf = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**sizes, tie_word_embeddings=False)
@@ -113,14 +120,29 @@ def read_bandwidth() -> float:
 
 
 def gguf_weight_bytes(path: Path) -> int:
-    """Bytes of the 2-d tensors llama.cpp multiplies by (token_embd only when it is the head)."""
+    """Bytes of the matrices llama.cpp multiplies one token by (token_embd only when it is the
+    head; of each layer's stacked experts, the share a token runs through)."""
     import gguf
 
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    arch = reader.fields["general.architecture"].contents()
+    experts = reader.fields.get(f"{arch}.expert_count")
+    share = (
+        1.0
+        if experts is None
+        else (reader.fields[f"{arch}.expert_used_count"].contents() / experts.contents())
+    )
     skip = {"position_embd.weight"}
     if "output.weight" in tensors:  # an untied head: the embedding is only looked up
         skip.add("token_embd.weight")
-    return sum(int(t.n_bytes) for n, t in tensors.items() if len(t.shape) == 2 and n not in skip)
+    return round(
+        sum(
+            int(t.n_bytes) * (share if n.endswith("_exps.weight") else 1)
+            for n, t in tensors.items()
+            if len(t.shape) in (2, 3) and n not in skip
+        )
+    )
 
 
 class Engine(Protocol):
@@ -318,7 +340,7 @@ def report(kind: str, found: dict[str, Engine], results: dict, bandwidth: float)
         return f"{results[(a, batch)][col] / results[(b, batch)][col]:.2f}x"
 
     def target(text: str) -> str:
-        return "" if kind == "gemma2" else f"  (target {text})"
+        return "" if kind in ("gemma2", "mixtral") else f"  (target {text})"
 
     print("  ratios of medians:")
     print(
@@ -409,7 +431,7 @@ def quality(run: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--models", default="gpt2,llama", help="a comma list of gpt2, llama, gemma2"
+        "--models", default="gpt2,llama", help="a comma list of gpt2, llama, gemma2, mixtral"
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument("-v", "--verbose", action="store_true", help="profile a decode step")
@@ -421,9 +443,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     kinds = args.models.split(",") if args.models else []
-    if set(kinds) - {"gpt2", "llama", "gemma2"}:
+    if set(kinds) - {"gpt2", "llama", "gemma2", "mixtral"}:
         parser.error(
-            f"--models {args.models}: give a comma list of gpt2, llama, gemma2 (or '' for none)"
+            f"--models {args.models}: give a comma list of gpt2, llama, gemma2, mixtral (or '' "
+            "for none)"
         )
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "

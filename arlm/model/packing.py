@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from arlm.model.quantize import Int4Linear, Int8Linear
+from arlm.model.transformer import Router
 
 
 def _onednn_supports(dtype: torch.dtype) -> bool:
@@ -163,16 +164,28 @@ def pack(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of linear-layer weights, scales included, that one decode step reads, whichever
-    layout holds them (an embedding lookup reads one row per token and is not counted)."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
-        elif isinstance(module, PackedLinear):
-            total += module.packed.numel() * module.packed.element_size()
-        elif isinstance(module, Int8Linear | PackedInt8Linear):
-            total += module.in_features * module.out_features + 4 * module.out_features
-        elif isinstance(module, Int4Linear | PackedInt4Linear):
-            total += module.weight.numel() + 2 * 2 * module.weight_scale.numel()
-    return total
+    """Bytes of linear-layer weights, scales included, that one decode step of one sequence
+    reads, whichever layout holds them (an embedding lookup reads one row per token and is not
+    counted; of a mixture of experts, the router and the experts a token runs through)."""
+    config = getattr(model, "config", None)
+    n_experts = getattr(config, "n_experts", None)
+    total = 0.0
+    for name, module in model.named_modules():
+        share = n_experts and ".experts." in name and config.n_experts_per_tok / n_experts
+        total += _linear_bytes(module) * (share or 1)
+    return round(total)
+
+
+def _linear_bytes(module: nn.Module) -> int:
+    """A linear layer's weight bytes, scales included (0 for any other module)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.numel() * module.weight.element_size()
+    if isinstance(module, PackedLinear):
+        return module.packed.numel() * module.packed.element_size()
+    if isinstance(module, Int8Linear | PackedInt8Linear):
+        return module.in_features * module.out_features + 4 * module.out_features
+    if isinstance(module, Int4Linear | PackedInt4Linear):
+        return module.weight.numel() + 2 * 2 * module.weight_scale.numel()
+    if isinstance(module, Router):  # a float matrix every token reads
+        return module.weight.numel() * module.weight.element_size()
+    return 0
