@@ -110,6 +110,17 @@ def test_two_ranks_follow_one_process_with_the_whole_batch(tmp_path, corpus, cac
     assert_same_run(one_process, tmp_path / "accum")
 
 
+def test_a_mixture_of_experts_trains_on_two_ranks(tmp_path, corpus, cache):
+    """16 experts, 1 a token, 64 tokens a rank a step: an expert gets no token on some rank in
+    most steps, and DDP still finds every gradient it waits for (a zero one) on every rank."""
+    experts = ["--n-experts", "16", "--n-experts-per-tok", "1", "--batch-size", "2"]
+    two = ok(train(tmp_path / "moe", corpus, cache, "--steps", "4", *experts, nproc=2))
+    assert "1 of 16 experts" in two.stdout
+    assert two.stdout.count("trained to step 4") == 1
+    lm = arlm.load(tmp_path / "moe")
+    assert lm.config.n_experts == 16 and len(lm.model.h[0].mlp.experts) == 16
+
+
 def test_two_nodes_meet_through_a_rendezvous_endpoint(tmp_path, corpus, cache, one_process):
     # two "machines" on the loopback: one launcher per node, joined by torchrun's c10d rendezvous
     port = str(free_port())

@@ -14,6 +14,7 @@ from safetensors import safe_open
 import arlm
 from arlm.api import LM
 from arlm.cli import main
+from arlm.config import ModelConfig
 from arlm.formats.checkpoint import load_model, save_model
 from arlm.formats.gguf import export_gguf
 from arlm.formats.hf import export_hf
@@ -25,6 +26,7 @@ from arlm.model.packing import (
     weight_bytes,
 )
 from arlm.model.quantize import Int4Linear, Int8Linear, quantize
+from arlm.model.transformer import Transformer
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close, choice_logits
 
@@ -151,6 +153,28 @@ def test_quantized_bytes_and_parameter_count(family):
     assert 0.25 < weight_bytes(int8) / float_bytes < 0.26
     assert 0.15 < weight_bytes(int4) / float_bytes < 0.16  # half a byte + 4 per 32 weights
     assert weight_bytes(pack(copy.deepcopy(model))) == float_bytes
+
+
+def test_a_decode_step_of_a_mixture_of_experts_reads_its_chosen_experts():
+    """weight_bytes counts the router and top_k of n_experts experts, float or quantized: what
+    one token's step reads."""
+    config = ModelConfig.preset("llama-tiny", n_experts=8, n_experts_per_tok=2)
+    model = Transformer(config)
+    experts = sum(
+        m.weight.numel() * 4
+        for n, m in model.named_modules()
+        if ".experts." in n and hasattr(m, "weight")
+    )
+    dense = sum(
+        m.weight.numel() * 4
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".experts." not in n
+    )
+    routers = sum(b.mlp.router.weight.numel() * 4 for b in model.h)
+    assert weight_bytes(model) == dense + routers + experts * 2 // 8
+    int8 = quantize(copy.deepcopy(model), "int8")
+    assert 0.25 < weight_bytes(int8) / weight_bytes(model) < 0.27  # the routers stay float
+    assert all(b.mlp.router.weight.dtype == torch.float32 for b in int8.h)
 
 
 def test_quantize_refuses_what_it_cannot_do():

@@ -314,7 +314,9 @@ class MoE(nn.Module):
         # each token's weighted sum in float32, rounded once, as transformers sums it
         out = torch.zeros_like(x, dtype=torch.float32)
         for expert, rows, w in zip(self.experts, tokens, weights, strict=True):
-            if len(rows):
+            # in training an expert without tokens still runs (on none): its weights then get
+            # a zero gradient rather than none, which DDP and FSDP wait for on every rank
+            if len(rows) or self.training:
                 out.index_add_(0, rows, (expert(x[rows]) * w[:, None]).float())
         return out.to(x.dtype).view(shape)
 
