@@ -404,3 +404,19 @@ def test_phi3_refusals(overrides, match, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=match):
         export_gguf(model, tokenizer, tmp_path / "p.gguf")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "match"),
+    [
+        ("gpt2", {}, "a gpt2-family mixture of experts: llama.cpp runs experts in its llama"),
+        ("llama", dict(bias=True), "bias=True: llama.cpp's llama experts have no biases"),
+        ("llama", dict(norm_topk_prob=False), "norm_topk_prob=False: llama.cpp rescales"),
+        ("llama", dict(qk_norm=True, sliding_window=8), "sliding_window=8: llama.cpp's qwen3moe"),
+    ],
+)
+def test_experts_refusals(family, overrides, match, tokenizer, tmp_path):
+    model = make_model(family, vocab_size=tokenizer.vocab_size, n_experts=4, **overrides)
+    with pytest.raises(ValueError, match=match):
+        export_gguf(model, tokenizer, tmp_path / "e.gguf")
+    assert not list(tmp_path.iterdir())

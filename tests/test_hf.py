@@ -394,6 +394,14 @@ def test_export_refuses_layouts_hf_lacks(tmp_path, tokenizer):
     scaled = dict(family="gemma", qk_norm=True, sliding_window=8, rope_scaling=LINEAR)
     with pytest.raises(ValueError, match="rope_scaling=.* on the sliding-window layers"):
         export_hf(_arlm_model("llama-tiny", **scaled), tokenizer, tmp_path / "e")
+    with pytest.raises(ValueError, match="layout in the llama family only .* gpt2-family"):
+        export_hf(_arlm_model("tiny", n_experts=4), tokenizer, tmp_path / "h")
+    unnormalized = dict(n_experts=4, norm_topk_prob=False)
+    with pytest.raises(ValueError, match="norm_topk_prob=False without q/k norms"):
+        export_hf(_arlm_model("llama-tiny", **unnormalized), tokenizer, tmp_path / "i")
+    biased = dict(n_experts=4, bias=True)
+    with pytest.raises(ValueError, match="a mixture of experts with bias=True"):
+        export_hf(_arlm_model("llama-tiny", **biased), tokenizer, tmp_path / "j")
     assert not list(tmp_path.iterdir())
 
 
