@@ -8,6 +8,7 @@ from torch.nn.attention.bias import CausalBias
 from arlm.config import ModelConfig
 from arlm.kv_cache import KVCache
 from arlm.kv_cache.base import causal_mask, sdpa
+from arlm.model.transformer import Transformer
 from tests.conftest import make_model
 from tests.numerics import assert_clear_choices, assert_close
 
@@ -187,3 +188,19 @@ def test_head_dim_qk_norm_and_windows_survive_a_checkpoint(tmp_path, tokenizer):
     seq = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(again(seq)[0], model(seq)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("round_weights", [False, True])
+def test_a_lone_token_sums_its_experts_as_the_grouped_path_does(dtype, round_weights):
+    """A single token (a lone row's decode step) skips the grouping by expert; its output is
+    the grouped path's bit for bit (the training mode always groups)."""
+    config = ModelConfig.preset(
+        "llama-tiny", n_experts=6, n_experts_per_tok=3, round_router_weights=round_weights
+    )
+    moe = Transformer(config).to(dtype).h[0].mlp
+    x = torch.randn(40, 1, config.n_embd, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        lone = torch.cat([moe.eval()(row[None]) for row in x])
+        grouped = torch.cat([moe.train()(row[None]) for row in x])
+    assert torch.equal(lone, grouped)

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from arlm.model.quantize import Int4Linear, Int8Linear
-from arlm.model.transformer import Router
 
 
 def _onednn_supports(dtype: torch.dtype) -> bool:
@@ -186,6 +185,4 @@ def _linear_bytes(module: nn.Module) -> int:
         return module.in_features * module.out_features + 4 * module.out_features
     if isinstance(module, Int4Linear | PackedInt4Linear):
         return module.weight.numel() + 2 * 2 * module.weight_scale.numel()
-    if isinstance(module, Router):  # a float matrix every token reads
-        return module.weight.numel() * module.weight.element_size()
     return 0

@@ -6,10 +6,11 @@ w ~= q * scale with q in [-127, 127].
 scale and a minimum, w ~= q * scale + min with q in [0, 15] (GGUF's q4_1 idea).
 
 Activations stay in the model's dtype. Every linear layer in the blocks and the output
-projection is quantized; embeddings and norms are not (the embedding reads one row per token,
-so its size costs memory, not decode time). A tied output projection gets its own quantized copy.
-These modules compute by dequantizing the weight, which works on every device;
-``arlm.model.packing`` swaps in the fast CPU kernels. The arithmetic is ``arlm.quant``'s.
+projection is quantized; a mixture of experts' routers, embeddings and norms are not (the
+embedding reads one row per token, so its size costs memory, not decode time). A tied output
+projection gets its own quantized copy. These modules compute by dequantizing the weight, which
+works on every device; ``arlm.model.packing`` swaps in the fast CPU kernels. The arithmetic is
+``arlm.quant``'s.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def quantize(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
     config = replace(model.config, quantization=method, quant_group_size=group_size)
     swaps = {}  # built before any is made, so a layer that cannot be quantized changes nothing
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (name.startswith("h.") or name == "lm_head"):
+        # every linear layer of the blocks and the head, but a mixture of experts' routers
+        layer = name.startswith("h.") and not name.endswith(".router") or name == "lm_head"
+        if isinstance(module, nn.Linear) and layer:
             if method == "int8":
                 swaps[name] = Int8Linear.from_linear(module)
             else:
