@@ -228,9 +228,10 @@ def _rope_fields(c: dict[str, Any], head_dim: int) -> dict[str, Any]:
 
 
 def _window_fields(c: dict[str, Any], n_layer: int, block_size: int) -> dict[str, Any]:
-    """``sliding_window`` and ``layer_types`` the way transformers reads them: Mistral slides on
-    every layer; Qwen2 and Qwen3 only with ``use_sliding_window``, on the layers ``layer_types``
-    names (by default those from ``max_window_layers`` on); Llama never."""
+    """``sliding_window`` and ``layer_types`` the way transformers reads them: Mistral, Mixtral
+    and Phi-3 slide on every layer, Qwen3-MoE too with ``use_sliding_window``; Qwen2 and Qwen3
+    only with it, on the layers ``layer_types`` names (by default those from
+    ``max_window_layers`` on); Llama never."""
     model_type, window = c["model_type"], c.get("sliding_window")
     # slide on every layer where a window is set (Qwen3-MoE's only with use_sliding_window)
     every_layer = model_type in ("mistral", "phi3", "mixtral", "qwen3_moe")

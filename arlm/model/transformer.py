@@ -1,4 +1,5 @@
-"""A decoder-only transformer with causally masked attention, in GPT-2, Llama and Gemma layouts.
+"""A decoder-only transformer with causally masked attention, in GPT-2, Llama and Gemma layouts,
+each block's MLP dense or a sparse mixture of experts.
 
 ``forward(idx, targets)`` is teacher forcing: one parallel pass over a whole sequence, the loss
 against the same sequence shifted by one. ``forward(idx, kv_cache=..., start_pos=...)`` is the
