@@ -100,8 +100,9 @@ class ModelConfig:
     RMSNorm on each head's queries and keys (``qk_norm``), sliding-window attention on some or
     all layers, rotation of part of each head (``rotary_dim``), and RoPE scalings
     (``rope_scaling``). With ``n_experts`` every block's MLP is a sparse mixture of experts
-    (Mixtral, Qwen3-MoE): each token runs through ``n_experts_per_tok`` of ``n_experts`` MLPs of
-    ``intermediate_size`` hidden units, chosen and weighted by a router.
+    (Mixtral, Qwen3-MoE, Qwen2-MoE): each token runs through ``n_experts_per_tok`` of
+    ``n_experts`` MLPs of ``intermediate_size`` hidden units, chosen and weighted by a router,
+    and through a gated shared expert where ``shared_expert_size`` is set.
     """
 
     family: str = "gpt2"
@@ -144,6 +145,9 @@ class ModelConfig:
     # as transformers' Qwen3-MoE does; False keeps them float32 (Mixtral). Only bfloat16 and
     # float16 models see a difference, and a tie between experts can turn on it
     round_router_weights: bool = False
+    # hidden units of one more expert that every token runs through, its output scaled by a
+    # sigmoid gate of the token (Qwen2-MoE's shared expert); None: none
+    shared_expert_size: int | None = None
     # training adds this times the router's load-balancing loss (Switch Transformer's, as
     # transformers computes it over all layers' routing); 0 turns it off
     router_aux_loss_coef: float = 0.01
@@ -272,8 +276,15 @@ class ModelConfig:
 
     def _check_experts(self) -> None:
         if self.n_experts is None:
+            if self.shared_expert_size is not None:
+                raise ValueError(
+                    f"shared_expert_size={self.shared_expert_size} is an expert beside the "
+                    "routed ones, but n_experts is None (a dense MLP)"
+                )
             return
         check_size("n_experts", self.n_experts)
+        if self.shared_expert_size is not None:
+            check_size("shared_expert_size", self.shared_expert_size, "intermediate_size")
         rule = f"from 1 to n_experts={self.n_experts}"
         check_int("n_experts_per_tok", self.n_experts_per_tok, 1, rule)
         if self.n_experts_per_tok > self.n_experts:

@@ -274,6 +274,24 @@ CASES = {
             tie_word_embeddings=False,
         ),
     ),
+    # Qwen2-MoE: q/k/v biases, 4 experts of 32 hidden units a layer, 2 a token, not
+    # renormalized, and a shared expert of 64 behind its sigmoid gate; untied
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(
+            COMMON,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        ),
+    ),
     # plain Llama with head_dim 24 where hidden / heads is 16
     "llama-head-dim": (
         "LlamaConfig",
@@ -385,11 +403,13 @@ def test_config_is_read_as_transformers_reads_it(case):
     assert config.layer_windows == windows
     partial = c.rope_parameters.get("partial_rotary_factor", 1.0)
     assert config.rotary_dim == int(_head_dim(c) * partial)
-    if c.model_type in ("mixtral", "qwen3_moe"):
-        assert config.n_experts == c.num_local_experts
+    if c.model_type in ("mixtral", "qwen3_moe", "qwen2_moe"):
+        assert config.n_experts == getattr(c, "num_local_experts", getattr(c, "num_experts", 0))
         assert config.n_experts_per_tok == c.num_experts_per_tok
         assert config.norm_topk_prob == getattr(c, "norm_topk_prob", True)
         assert config.intermediate_size == getattr(c, "moe_intermediate_size", c.intermediate_size)
+        shared = getattr(c, "shared_expert_intermediate_size", None)
+        assert config.shared_expert_size == shared
     if c.model_type == "gemma2":
         assert config.attn_scale == c.query_pre_attn_scalar**-0.5
         assert config.attn_softcap == c.attn_logit_softcapping
@@ -878,6 +898,9 @@ def test_quantized_experts(case, method):
             isinstance(e.c_fc, kernel) and isinstance(e.c_proj, kernel) for e in block.mlp.experts
         )
         assert isinstance(block.mlp.router, PackedLinear)  # float, on oneDNN
+        if block.mlp.shared_expert is not None:  # quantized, and its gate float
+            assert isinstance(block.mlp.shared_expert.c_fc, kernel)
+            assert isinstance(block.mlp.shared_gate, PackedLinear)
     quantized, dequantized = quantize(load_hf(folder)[0], method), load_hf(folder)[0]
     with torch.no_grad():
         for name, module in quantized.named_modules():
@@ -922,6 +945,7 @@ def test_hf_export_round_trip(case, tmp_path, tokenizer):
 GGUF_ARCH = {
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
@@ -1050,6 +1074,7 @@ LLAMA_CPP_CASES = (
     "phi3-longrope",
     "mixtral",
     "qwen3-moe",
+    "qwen2-moe",
 )
 NEAR_TIE = 0.01  # a logit gap within which two runtimes' float32 arithmetic may pick either
 
@@ -1270,6 +1295,8 @@ def test_config_validates_the_new_fields():
         ModelConfig.preset("llama-tiny", family="gemma", logit_softcap=-1)
     with pytest.raises(ValueError, match="n_experts=0 is not allowed"):
         ModelConfig.preset("llama-tiny", n_experts=0)
+    with pytest.raises(ValueError, match="shared_expert_size=64 is an expert beside"):
+        ModelConfig.preset("llama-tiny", shared_expert_size=64)
     with pytest.raises(ValueError, match="router_aux_loss_coef=-1 is not allowed"):
         ModelConfig.preset("llama-tiny", n_experts=4, router_aux_loss_coef=-1)
     config = ModelConfig.preset("llama-tiny", head_dim=48, sliding_window=8)

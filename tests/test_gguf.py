@@ -413,6 +413,16 @@ def test_phi3_refusals(overrides, match, tokenizer, tmp_path):
         ("llama", dict(bias=True), "bias=True: llama.cpp's llama experts have no biases"),
         ("llama", dict(norm_topk_prob=False), "norm_topk_prob=False: llama.cpp rescales"),
         ("llama", dict(qk_norm=True, sliding_window=8), "sliding_window=8: llama.cpp's qwen3moe"),
+        (
+            "llama",
+            dict(shared_expert_size=64),
+            "norm_topk_prob=True: llama.cpp does not rescale .* qwen2moe",
+        ),
+        (
+            "llama",
+            dict(shared_expert_size=64, norm_topk_prob=False, qk_norm=True),
+            "llama.cpp's qwen2moe has no q/k norms",
+        ),
     ],
 )
 def test_experts_refusals(family, overrides, match, tokenizer, tmp_path):

@@ -399,6 +399,9 @@ def test_export_refuses_layouts_hf_lacks(tmp_path, tokenizer):
     unnormalized = dict(n_experts=4, norm_topk_prob=False)
     with pytest.raises(ValueError, match="norm_topk_prob=False without q/k norms"):
         export_hf(_arlm_model("llama-tiny", **unnormalized), tokenizer, tmp_path / "i")
+    shared_normed = dict(n_experts=4, shared_expert_size=64, qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm=True, shared_expert_size=64"):
+        export_hf(_arlm_model("llama-tiny", **shared_normed), tokenizer, tmp_path / "k")
     biased = dict(n_experts=4, bias=True)
     with pytest.raises(ValueError, match="a mixture of experts with bias=True"):
         export_hf(_arlm_model("llama-tiny", **biased), tokenizer, tmp_path / "j")

@@ -1,11 +1,11 @@
 """GGUF export: one file that llama.cpp (and the tools built on it) loads.
 
 The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``) for its ``gpt2``,
-``llama`` (Mixtral's experts too), ``qwen3``, ``qwen3moe``, ``phi3``, ``gemma2`` and ``gemma3``
-architectures: the same tensor names and metadata keys, q and k rows reordered for the llama
-architecture's RoPE (the others rotate halves, as arlm does), each layer's experts stacked into
-one tensor per projection, norms, biases and routers kept in float32, and Q8_0 falling back to
-f16 for rows that are not a multiple of its 32-value blocks.
+``llama`` (Mixtral's experts too), ``qwen3``, ``qwen3moe``, ``qwen2moe``, ``phi3``, ``gemma2``
+and ``gemma3`` architectures: the same tensor names and metadata keys, q and k rows reordered
+for the llama architecture's RoPE (the others rotate halves, as arlm does), each layer's experts
+stacked into one tensor per projection, norms, biases and routers kept in float32, and Q8_0
+falling back to f16 for rows that are not a multiple of its 32-value blocks.
 """
 
 from __future__ import annotations
@@ -68,6 +68,12 @@ _EXPERTS = {
     "mlp.experts.c_fc": ("ffn_gate_exps", "ffn_up_exps"),
     "mlp.experts.c_proj": ("ffn_down_exps",),
 }
+# Qwen2-MoE's shared expert and its gate
+_SHARED_EXPERT = {
+    "mlp.shared_expert.c_fc": ("ffn_gate_shexp", "ffn_up_shexp"),
+    "mlp.shared_expert.c_proj": ("ffn_down_shexp",),
+    "mlp.shared_gate": ("ffn_gate_inp_shexp",),
+}
 # Gemma 2's the same, without q/k norms
 _BLOCKS = {
     "gpt2": _GPT2_BLOCK,
@@ -79,11 +85,13 @@ _BLOCKS = {
 
 def architecture(config: ModelConfig) -> str:
     """llama.cpp's architecture for ``config``: gpt2, llama (with or without experts), qwen3
-    (q/k norms), qwen3moe (q/k norms and experts), phi3 (part of each head rotating, LongRoPE, or
-    a model that came from phi3), gemma3 (the gemma family) or gemma2 (the gemma family without
-    q/k norms)."""
+    (q/k norms), qwen3moe (q/k norms and experts), qwen2moe (experts and a shared one), phi3
+    (part of each head rotating, LongRoPE, or a model that came from phi3), gemma3 (the gemma
+    family) or gemma2 (the gemma family without q/k norms)."""
     if config.family == "gemma":
         return "gemma3" if config.qk_norm else "gemma2"
+    if config.shared_expert_size is not None:
+        return "qwen2moe"
     if config.qk_norm:
         return "qwen3" if config.n_experts is None else "qwen3moe"
     if config.n_experts is not None:
@@ -166,11 +174,20 @@ def _check_experts(config: ModelConfig, arch: str) -> None:
         raise ValueError(
             f"bias=True: llama.cpp's {arch} experts have no biases; supported: bias=False"
         )
-    if not config.norm_topk_prob:
+    # llama.cpp's qwen2moe never rescales a token's expert weights to sum to 1, the others always
+    rescaled = arch != "qwen2moe"
+    if config.norm_topk_prob != rescaled:
+        does = "rescales" if rescaled else "does not rescale"
         raise ValueError(
-            f"norm_topk_prob=False: llama.cpp rescales each token's expert weights to sum to 1 "
-            f"in its {arch} architecture, so the file would compute another model; supported: "
-            "norm_topk_prob=True"
+            f"norm_topk_prob={config.norm_topk_prob}: llama.cpp {does} each token's expert "
+            f"weights to sum to 1 in its {arch} architecture, so the file would compute another "
+            f"model; supported: norm_topk_prob={rescaled}"
+        )
+    if arch == "qwen2moe" and (config.qk_norm or config.n_head * config.head_dim != config.n_embd):
+        raise ValueError(
+            f"llama.cpp's qwen2moe has no q/k norms and n_head * head_dim == n_embd; this model "
+            f"has qk_norm={config.qk_norm}, n_head={config.n_head}, head_dim={config.head_dim}, "
+            f"n_embd={config.n_embd}"
         )
 
 
@@ -271,11 +288,16 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     if config.n_experts is not None:
         block = {**block, **_EXPERTS}
         _stack_experts(state, config)
+    if config.shared_expert_size is not None:
+        block = {**block, **_SHARED_EXPERT}
+        for i in range(config.n_layer):  # llama.cpp reads the gate as a vector
+            state[f"h.{i}.mlp.shared_gate.weight"] = state[f"h.{i}.mlp.shared_gate.weight"][0]
     q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
     sizes = {
         "attn.c_attn": [q, kv, kv],
         "mlp.c_fc": [config.intermediate_size] * 2,
         "mlp.experts.c_fc": [config.intermediate_size] * 2,
+        "mlp.shared_expert.c_fc": [config.shared_expert_size] * 2,
     }
     # llama.cpp's llama rotates neighbouring pairs; the others rotate halves, as arlm does
     pairs = arch == "llama"
@@ -297,7 +319,7 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     for kind in ("weight", "bias"):
         if f"ln_f.{kind}" in state:
             out[f"output_norm.{kind}"] = state[f"ln_f.{kind}"]
-    if not config.tie_embeddings:
+    if not config.tie_embeddings or arch == "qwen2moe":  # llama.cpp's qwen2moe needs its own
         out["output.weight"] = state["lm_head.weight"]
     return {name: t.contiguous() for name, t in out.items()}
 
@@ -372,6 +394,8 @@ def _add_metadata(
         writer.add_expert_used_count(config.n_experts_per_tok)
         # llama.cpp's llama sizes its experts by feed_forward_length, its qwen3moe by this
         writer.add_expert_feed_forward_length(config.intermediate_size)
+    if config.shared_expert_size is not None:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_size)
     if config.family == "gpt2":
         writer.add_layer_norm_eps(config.norm_eps)
     else:

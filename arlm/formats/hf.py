@@ -42,9 +42,9 @@ from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
-# mistral, qwen2, qwen3, phi3 and the mixtures of experts mixtral and qwen3_moe run as the
-# llama family; gemma2, gemma3_text, and the text model of a gemma3 folder (which also holds a
-# vision tower), as the gemma family
+# mistral, qwen2, qwen3, phi3 and the mixtures of experts mixtral, qwen3_moe and qwen2_moe run
+# as the llama family; gemma2, gemma3_text, and the text model of a gemma3 folder (which also
+# holds a vision tower), as the gemma family
 HF_MODEL_TYPES = (
     "gpt2",
     "llama",
@@ -54,6 +54,7 @@ HF_MODEL_TYPES = (
     "phi3",
     "mixtral",
     "qwen3_moe",
+    "qwen2_moe",
     "gemma2",
     "gemma3_text",
     "gemma3",
@@ -120,10 +121,18 @@ _QWEN3_MOE_BLOCK = {
     "mlp.experts.c_fc": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
     "mlp.experts.c_proj": ("mlp.experts.{e}.down_proj",),
 }
+# Qwen2-MoE's adds a shared expert and its gate
+_QWEN2_MOE_BLOCK = {
+    **_QWEN3_MOE_BLOCK,
+    "mlp.shared_expert.c_fc": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+    "mlp.shared_expert.c_proj": ("mlp.shared_expert.down_proj",),
+    "mlp.shared_gate": ("mlp.shared_expert_gate",),
+}
 _BLOCKS = {
     "phi3": _PHI3_BLOCK,
     "mixtral": _MIXTRAL_BLOCK,
     "qwen3_moe": _QWEN3_MOE_BLOCK,
+    "qwen2_moe": _QWEN2_MOE_BLOCK,
     "gemma2": _GEMMA_BLOCK,
     "gemma3_text": _GEMMA_BLOCK,
     "gemma3": _GEMMA_BLOCK,
@@ -236,11 +245,17 @@ def _window_fields(c: dict[str, Any], n_layer: int, block_size: int) -> dict[str
     # slide on every layer where a window is set (Qwen3-MoE's only with use_sliding_window)
     every_layer = model_type in ("mistral", "phi3", "mixtral", "qwen3_moe")
     types = None
-    flagged = model_type in ("qwen2", "qwen3", "qwen3_moe")  # slide only with use_sliding_window
-    if model_type == "llama" or (flagged and not c.get("use_sliding_window")):
+    flagged = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe")  # slide only with use_sliding_window
+    if model_type == "llama" or (model_type in flagged and not c.get("use_sliding_window")):
         window = None
     elif not every_layer and window is not None:
         types = c.get("layer_types")
+        if types is None and model_type == "qwen2_moe":  # every other layer below the limit
+            start = c.get("max_window_layers", 28)
+            types = [
+                "sliding_attention" if i % 2 == 0 and i < start else "full_attention"
+                for i in range(n_layer)
+            ]
         if types is not None and set(types) - set(LAYER_TYPES):
             raise ValueError(
                 f"layer_types {sorted(set(types) - set(LAYER_TYPES))} are not supported; "
@@ -269,6 +284,8 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"hidden_act={act!r} is not supported; supported: 'silu'")
     if model_type == "qwen2":  # Qwen2 has biases on q, k and v only
         bias, qkv_bias = False, True
+    elif model_type == "qwen2_moe":
+        bias, qkv_bias = False, c.get("qkv_bias", True)
     elif model_type in ("qwen3", "qwen3_moe", "mixtral"):
         # attention_bias would put biases on q, k, v and o, not the MLP
         if c.get("attention_bias", False):
@@ -306,13 +323,14 @@ def _llama_fields(c: dict[str, Any]) -> dict[str, Any]:
     return fields | _expert_fields(c)  # a mixture's intermediate_size is each expert's
 
 
-# MixtralConfig's and Qwen3MoeConfig's defaults: experts per layer, experts per token
-_EXPERT_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8)}
+# MixtralConfig's, Qwen3MoeConfig's and Qwen2MoeConfig's defaults: experts per layer, experts per
+# token
+_EXPERT_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "qwen2_moe": (60, 4)}
 
 
 def _expert_fields(c: dict[str, Any]) -> dict[str, Any]:
-    """A mixture of experts' sizes and routing (mixtral, qwen3_moe), as transformers reads them;
-    their ``intermediate_size`` is each expert's."""
+    """A mixture of experts' sizes and routing (mixtral, qwen3_moe, qwen2_moe), as transformers
+    reads them; their ``intermediate_size`` is each expert's."""
     model_type = c["model_type"]
     if model_type not in _EXPERT_DEFAULTS:
         return {}
@@ -325,11 +343,11 @@ def _expert_fields(c: dict[str, Any]) -> dict[str, Any]:
             )
         hidden, renormalize = _require(c, "intermediate_size"), True
     else:
-        # Qwen3-MoE may keep dense MLPs on some layers; arlm's blocks are all alike
+        # Qwen's mixtures may keep dense MLPs on some layers; arlm's blocks are all alike
         if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers"):
             raise ValueError(
                 f"decoder_sparse_step={c.get('decoder_sparse_step', 1)!r} with mlp_only_layers="
-                f"{c.get('mlp_only_layers')!r} is not supported for qwen3_moe (dense MLPs on "
+                f"{c.get('mlp_only_layers')!r} is not supported for {model_type} (dense MLPs on "
                 "some layers); supported: decoder_sparse_step 1 and no mlp_only_layers"
             )
         hidden, renormalize = _require(c, "moe_intermediate_size"), c.get("norm_topk_prob", False)
@@ -337,12 +355,16 @@ def _expert_fields(c: dict[str, Any]) -> dict[str, Any]:
     experts = c.get("num_local_experts", c.get("num_experts", experts))
     # transformers adds the balancing loss only where the config asks for the router's logits
     coef = c.get("router_aux_loss_coef", 0.001) if c.get("output_router_logits") else 0.0
+    shared = None
+    if model_type == "qwen2_moe":
+        shared = _require(c, "shared_expert_intermediate_size")
     return dict(
         n_experts=experts,
         n_experts_per_tok=c.get("num_experts_per_tok", per_token),
         norm_topk_prob=bool(renormalize),
-        round_router_weights=model_type == "qwen3_moe",
+        round_router_weights=model_type != "mixtral",
         intermediate_size=hidden,
+        shared_expert_size=shared,
         router_aux_loss_coef=coef,
     )
 
@@ -561,6 +583,8 @@ def _layout(model: Transformer, prefix: str, model_type: str) -> dict[str, _Sour
                 sizes = (tensor.shape[0],)
             elif module == "attn.c_attn":
                 sizes = (config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd)
+            elif module == "mlp.shared_expert.c_fc":
+                sizes = (config.shared_expert_size, config.shared_expert_size)
             else:  # mlp.c_fc
                 sizes = (config.intermediate_size, config.intermediate_size)
             hf_names = tuple(f"model.layers.{layer}.{part}.{kind}" for part in parts)
@@ -978,20 +1002,28 @@ def _phi3_config(config: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
 
 
 def _moe_config(config: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
-    """mixtral (no q/k norms) or qwen3_moe (q/k norms)."""
-    sliding = [w is not None for w in config.layer_windows]
+    """qwen2_moe (a shared expert), qwen3_moe (q/k norms) or mixtral."""
+    windows = config.layer_windows
+    sliding = [w is not None for w in windows]
+    qwen2 = config.shared_expert_size is not None
     if (
         config.bias
         or config.qkv_bias
+        and not qwen2
         or config.rotary_dim != config.head_dim
+        or qwen2
+        and config.qk_norm
         or len(set(sliding)) > 1
+        and not qwen2
     ):
         raise ValueError(
             f"a mixture of experts with bias={config.bias}, qkv_bias={config.qkv_bias}, "
+            f"qk_norm={config.qk_norm}, shared_expert_size={config.shared_expert_size}, "
             f"rotary_dim={config.rotary_dim} of head_dim={config.head_dim} on layers "
-            f"{_layer_types(config.layer_windows)} has no Hugging Face layout; supported: "
-            "mixtral and qwen3_moe (no biases, every channel rotating, a window on every layer "
-            "or on none)"
+            f"{_layer_types(windows)} has no Hugging Face layout; supported: mixtral and "
+            "qwen3_moe (q/k norms), without biases, a window on every layer or on none, and "
+            "qwen2_moe (a shared expert, q/k/v biases or none, windows on any layers); every "
+            "channel rotating"
         )
     experts = dict(
         num_experts_per_tok=config.n_experts_per_tok,
@@ -1000,24 +1032,39 @@ def _moe_config(config: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
         router_aux_loss_coef=config.router_aux_loss_coef,
         sliding_window=config.sliding_window,
     )
+    qwen = dict(
+        num_experts=config.n_experts,
+        moe_intermediate_size=config.intermediate_size,
+        norm_topk_prob=config.norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=any(sliding),
+    )
+    if qwen2:
+        return dict(
+            llama,
+            architectures=["Qwen2MoeForCausalLM"],
+            model_type="qwen2_moe",
+            qkv_bias=config.qkv_bias,
+            shared_expert_intermediate_size=config.shared_expert_size,
+            layer_types=_layer_types(windows),
+            **qwen,
+            **experts,
+        )
     if config.qk_norm:
         return dict(
             llama,
             architectures=["Qwen3MoeForCausalLM"],
             model_type="qwen3_moe",
             attention_bias=False,
-            num_experts=config.n_experts,
-            moe_intermediate_size=config.intermediate_size,
-            norm_topk_prob=config.norm_topk_prob,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            use_sliding_window=any(sliding),
+            **qwen,
             **experts,
         )
     if not config.norm_topk_prob:
         raise ValueError(
-            "norm_topk_prob=False without q/k norms has no Hugging Face layout: mixtral always "
-            "rescales a token's expert weights to sum to 1 (qwen3_moe, with q/k norms, need not)"
+            "norm_topk_prob=False without q/k norms or a shared expert has no Hugging Face "
+            "layout: mixtral always rescales a token's expert weights to sum to 1 (qwen3_moe, "
+            "with q/k norms, and qwen2_moe, with a shared expert, need not)"
         )
     return dict(
         llama,
@@ -1120,8 +1167,8 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str | os.PathLi
 
     gpt2-family models become model_type gpt2; llama-family ones llama, mistral (a window on every
     layer), qwen2 (biases on q/k/v only), qwen3 (q/k norms) or phi3 (partial rotary, LongRoPE, or
-    a model that came from phi3), or with experts mixtral or qwen3_moe (q/k norms); gemma-family
-    ones gemma2 (no q/k norms) or gemma3_text.
+    a model that came from phi3), or with experts mixtral, qwen3_moe (q/k norms) or qwen2_moe (a
+    shared expert); gemma-family ones gemma2 (no q/k norms) or gemma3_text.
     ``out_dir`` must not exist or be empty; it appears complete or not at all.
     """
     out_dir = Path(out_dir)

@@ -6,7 +6,7 @@ w ~= q * scale with q in [-127, 127].
 scale and a minimum, w ~= q * scale + min with q in [0, 15] (GGUF's q4_1 idea).
 
 Activations stay in the model's dtype. Every linear layer in the blocks and the output
-projection is quantized; a mixture of experts' routers, embeddings and norms are not (the
+projection is quantized; a mixture of experts' routers and gate, embeddings and norms are not (the
 embedding reads one row per token, so its size costs memory, not decode time). A tied output
 projection gets its own quantized copy. These modules compute by dequantizing the weight, which
 works on every device; ``arlm.model.packing`` swaps in the fast CPU kernels. The arithmetic is
@@ -131,8 +131,10 @@ def quantize(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
     config = replace(model.config, quantization=method, quant_group_size=group_size)
     swaps = {}  # built before any is made, so a layer that cannot be quantized changes nothing
     for name, module in model.named_modules():
-        # every linear layer of the blocks and the head, but a mixture of experts' routers
-        layer = name.startswith("h.") and not name.endswith(".router") or name == "lm_head"
+        # every linear layer of the blocks and the head, but a mixture of experts' routers and
+        # shared expert's gate
+        gate = name.endswith((".router", ".shared_gate"))
+        layer = name.startswith("h.") and not gate or name == "lm_head"
         if isinstance(module, nn.Linear) and layer:
             if method == "int8":
                 swaps[name] = Int8Linear.from_linear(module)

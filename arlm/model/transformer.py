@@ -242,10 +242,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, hidden: int | None = None) -> None:
+        """``hidden`` units (default: the config's ``intermediate_size``)."""
         super().__init__()
         self.kind = config.mlp
-        hidden = config.intermediate_size
+        hidden = hidden or config.intermediate_size
         # a gated MLP's gate and up projections are fused into one matrix of 2*hidden rows
         gated = self.kind != "gelu"
         self.c_fc = make_linear(config, config.n_embd, 2 * hidden if gated else hidden, config.bias)
@@ -273,10 +274,11 @@ class Router(nn.Linear):
 
 
 class MoE(nn.Module):
-    """A sparse mixture of experts (Mixtral, Qwen3-MoE): the router's softmax picks each token's
-    ``n_experts_per_tok`` most probable experts, MLPs of the config's kind, and the token's output
-    is their outputs weighted by those probabilities (rescaled to sum to 1 with
-    ``norm_topk_prob``)."""
+    """A sparse mixture of experts (Mixtral, Qwen3-MoE, Qwen2-MoE): the router's softmax picks
+    each token's ``n_experts_per_tok`` most probable experts, MLPs of the config's kind, and the
+    token's output is their outputs weighted by those probabilities (rescaled to sum to 1 with
+    ``norm_topk_prob``), plus, with ``shared_expert_size``, a shared expert's output scaled by
+    a sigmoid gate."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -284,12 +286,23 @@ class MoE(nn.Module):
         self.round_weights = config.round_router_weights
         self.router = Router(config)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_experts))
+        self.shared_expert = self.shared_gate = None
+        if config.shared_expert_size is not None:
+            self.shared_expert = MLP(config, config.shared_expert_size)
+            self.shared_gate = nn.Linear(config.n_embd, 1, bias=False)
 
     def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
         """``router_logits``: a list to append this layer's (tokens, n_experts) scores to, for
         the load-balancing loss."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        out = self._routed(x, router_logits)
+        if self.shared_expert is not None:  # rounded as transformers' Qwen2-MoE rounds it
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
+        return out.view(shape)
+
+    def _routed(self, x: torch.Tensor, router_logits: list | None) -> torch.Tensor:
+        """The routed experts' weighted sum for tokens ``x`` (tokens, n_embd)."""
         logits = self.router(x)
         if router_logits is not None:
             router_logits.append(logits)
@@ -300,7 +313,7 @@ class MoE(nn.Module):
         if self.round_weights:
             weights = weights.to(x.dtype)
         if len(x) == 1 and not self.training:  # a lone row's decode step
-            return self._one_token(x, weights[0], chosen[0]).view(shape)
+            return self._one_token(x, weights[0], chosen[0])
         # every (slot, token) pair grouped by expert, each expert running once over its tokens,
         # in transformers' order (slot, then token: a matmul's rows in another order can round
         # differently in bfloat16); the counts are the one read of the device per layer, so no
@@ -317,7 +330,7 @@ class MoE(nn.Module):
             # a zero gradient rather than none, which DDP and FSDP wait for on every rank
             if len(rows) or self.training:
                 out.index_add_(0, rows, (expert(x[rows]) * w[:, None]).float())
-        return out.to(x.dtype).view(shape)
+        return out.to(x.dtype)
 
     def _one_token(
         self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor
