@@ -167,8 +167,8 @@ def _check_phi3(config: ModelConfig) -> None:
 def _check_experts(config: ModelConfig, arch: str) -> None:
     if config.family != "llama":
         raise ValueError(
-            f"a {config.family}-family mixture of experts: llama.cpp runs experts in its llama "
-            "and qwen3moe architectures only (the llama family)"
+            f"a {config.family}-family mixture of experts: llama.cpp runs experts in its llama, "
+            "qwen3moe and qwen2moe architectures only (the llama family)"
         )
     if config.bias:
         raise ValueError(
