@@ -56,6 +56,13 @@ Sections (each guarded: a failure prints an error line and the others go on):
   target's (arlm's int4 linear dequantizes its whole weight at every call,
   ``arlm.model.quantize``, so on a GPU it moves more bytes than the bfloat16 layer).
 
+- moe: a Mixtral layout with the Llama's attention and as many MLP weights read per token (8
+  experts of half its MLP's width, 2 a token: 3.2B parameters, the same 1.1B read per token),
+  batch-1 greedy decode as in decode: eager steps first (a loop over experts that reads the
+  device's token counts once a layer), then the decode graphs (the experts stacked and run as
+  grouped products, whose counts stay on the device; eager steps of that engine too), against
+  the bandwidth limit of the weights a token reads and transformers' ``generate`` (eager).
+
 Run: ``python benchmarks/gpu.py`` (under 6 minutes on one H200); ``--quick`` for a smoke run
 (fewer tokens, requests and steps); ``--device cpu --quick`` runs every section with tiny
 shapes on a CPU (to test this script without a GPU); ``--sections decode train`` for some.
@@ -90,7 +97,17 @@ from arlm.sampling import SamplingParams
 sys.path.insert(0, str(Path(__file__).parent / "peers"))  # the peers are scripts, not a package
 import transformers_cb  # noqa: E402
 
-SECTIONS = ("bandwidth", "decode", "variants", "steps", "offline", "tpot", "train", "speculative")
+SECTIONS = (
+    "bandwidth",
+    "decode",
+    "variants",
+    "steps",
+    "offline",
+    "tpot",
+    "train",
+    "speculative",
+    "moe",
+)
 
 
 @dataclass(frozen=True)
@@ -352,6 +369,52 @@ def variants(ctx: dict) -> dict:
         out[f"{name}_steps"] = steps_summary(before, variant.engine.stats())
         del variant
         free_memory(device)
+    return out
+
+
+def mixture(ctx: dict) -> dict:
+    import transformers
+
+    device, sizes = ctx["device"], ctx["sizes"]
+    shape = dict(sizes.llama, intermediate_size=sizes.llama["intermediate_size"] // 2)
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        **shape, num_local_experts=8, num_experts_per_tok=2, bos_token_id=0, eos_token_id=1
+    )
+    with torch.device(device):
+        hf = transformers.MixtralForCausalLM(config).to(sizes.dtype).eval()
+    folder = ctx["root"] / "mixtral"
+    hf.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((ctx["folder"] / name).read_bytes())
+    loaded = arlm.load(folder, device=device, dtype=sizes.dtype)
+    prompt = random_ids(random.Random(1), sizes.llama["vocab_size"], sizes.prompt)
+    params = SamplingParams(max_tokens=sizes.new, temperature=0.0, ignore_eos=True)
+    out = {"weight_bytes": weight_bytes(loaded.model), "new_tokens": sizes.new}
+    tokens = {}
+    # eager first: the graphs' engine stacks the experts, and every step runs them grouped then
+    for name, kw in (("eager", {"enforce_eager": True}), ("graphs", {})):
+        config = engine_config(ctx, 1, **kw)
+        lm = arlm.LM(loaded.model, loaded.tokenizer, loaded.cache_config, config)
+        lm.generate(prompt, params)  # warm-up (and the capture)
+        seconds, completion = timed(device, lambda lm=lm: lm.generate(prompt, params))
+        out[f"arlm_{name}_tok_s"] = sizes.new / seconds
+        out[f"{name}_why_eager"] = lm.engine.eager_reason
+        tokens[name] = completion.token_ids
+        del lm
+        free_memory(device)
+    out["eager_agree"] = _agree(tokens["graphs"], tokens["eager"])
+    ids = torch.tensor([prompt], device=device)
+    greedy = dict(max_new_tokens=sizes.new, min_new_tokens=sizes.new, do_sample=False)
+
+    def hf_generate():
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), **greedy)
+
+    hf_generate()
+    seconds, theirs = timed(device, hf_generate)
+    out["hf_eager_tok_s"] = sizes.new / seconds
+    out["hf_agree"] = _agree(tokens["graphs"], theirs[0, sizes.prompt :].tolist())
     return out
 
 
@@ -781,6 +844,7 @@ RUNNERS = {
     "tpot": tpot,
     "train": train,
     "speculative": speculation,
+    "moe": mixture,
 }
 
 
@@ -919,6 +983,15 @@ def table(results: dict, sizes: Sizes) -> str:
                     agree = f"{sp[f'{peer}_agree']}/{new} tokens equal"
                     what = f"  transformers {what} vs its plain generate ({agree})"
                     row(what, sp[f"{peer}_tok_s"], sp["hf_tok_s"])
+    mo = results.get("moe", {})
+    if "arlm_graphs_tok_s" in mo:
+        a, new = mo["arlm_graphs_tok_s"], mo["new_tokens"]
+        moe_limit = bw["copy_bytes_per_s"] / mo["weight_bytes"] if bw else None
+        row("MoE batch-1 decode tok/s vs bandwidth limit (read per token)", a, moe_limit)
+        row("MoE batch-1 decode tok/s, graphs vs eager steps", a, mo["arlm_eager_tok_s"])
+        row("MoE batch-1 decode tok/s vs transformers eager", a, mo["hf_eager_tok_s"])
+        agree = f"{mo['eager_agree']}/{new}, {mo['hf_agree']}/{new}"
+        row("  MoE greedy tokens equal to eager steps, to transformers", agree)
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

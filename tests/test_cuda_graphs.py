@@ -7,6 +7,7 @@ capture itself runs only on CUDA (tests/test_cuda.py)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 
@@ -34,15 +35,24 @@ from tests.test_engine import _mixed_params, _prompts
 from tests.test_window_cache import windowed_model
 from tests.triton_interpreter import run_interpreted
 
+# a Llama layout with a mixture of 4 experts, 2 a token, in each MLP's place
+MOE = dict(n_experts=4, n_experts_per_tok=2)
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "moe"])
 def model(request, tokenizer):
+    if request.param == "moe":
+        return make_model("llama", vocab_size=tokenizer.vocab_size, seed=5, **MOE)
     return make_model(request.param, vocab_size=tokenizer.vocab_size, seed=5)
 
 
 def _engine(model, tokenizer, graphs: bool, **config) -> Engine:
     # graphs give every block of the pool its memory at once: a pool sized for these tests
     config.setdefault("kv_cache_memory_gib", 0.02)
+    if graphs and model.config.n_experts is not None:
+        # the padded steps stack the experts for their grouped products: a copy, so that the
+        # plain path keeps its loop over experts
+        model = copy.deepcopy(model)
     engine = Engine(model, tokenizer, config=EngineConfig(**config))
     if graphs:
         engine.use_decode_graphs(capture=False)
@@ -559,6 +569,35 @@ def _eager_and_graphed(model, tokenizer, prompts, params, cache=None, **config) 
     got = graphed.generate(prompts, params, progress=False)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     return graphed
+
+
+@cuda
+def test_a_mixture_of_experts_is_captured_and_never_waits_for_the_device(tokenizer):
+    """bfloat16 experts run as grouped products, whose counts stay on the device: decode steps
+    replay graphs, wait for nothing but the sampled ids, and give the eager engine's tokens
+    (which, once the experts are stacked, run the same grouped products)."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5, **MOE)
+    model = model.to("cuda", torch.bfloat16)
+    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
+    assert engine.eager_reason is None and model.h[0].mlp.stacked is not None
+    prompts = _prompts(6, seed=1)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    engine.step()  # the prefill
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.stats()["graph_steps"] >= 10
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    eager = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8, enforce_eager=True))
+    want = eager.generate(prompts, params, progress=False)
+    got = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8)).generate(
+        prompts, params, progress=False
+    )
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
 @cuda

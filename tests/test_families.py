@@ -698,14 +698,14 @@ def test_training_a_mixture_of_experts_matches_transformers(case):
 
 @cases(["mixtral"])
 def test_a_mixture_of_experts_refuses_tensor_parallelism_and_decode_graphs(case):
-    """Its experts are not split over ranks, and its routing reads the device (how many tokens
-    each expert takes), which a captured step cannot: both say so rather than run wrong."""
+    """Its experts are not split over ranks, and packed experts (a CPU's) cannot run as grouped
+    products, whose counts stay on the device as a captured step needs: both say so."""
     _, folder, _ = case
     lm = arlm.load(folder)
     with pytest.raises(ValueError, match="tensor_parallel_size=2 with a mixture of 4 experts"):
         head_split(lm.config, 2)
     with pytest.raises(ValueError, match="decode graphs do not support a mixture of experts"):
-        lm.engine.use_decode_graphs(capture=False)
+        lm.engine.use_decode_graphs(capture=False)  # its experts packed for the CPU
 
 
 def test_gemma3_folder_loads_its_text_model(tmp_path, tokenizer):

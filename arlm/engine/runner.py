@@ -71,7 +71,8 @@ class ModelRunner:
         if self.windowed is not None:
             return "the windowed KV cache (kv_window)"
         if self.model.config.n_experts is not None:
-            return "a mixture of experts (its routing reads how many tokens each expert takes)"
+            # a mixture is captured through its grouped products only (MoE.stack_experts)
+            return self.model.h[0].mlp.cannot_group()
         return None
 
     def use_decode_graphs(
@@ -89,6 +90,9 @@ class ModelRunner:
         reason = self.decode_graphs_unsupported()
         if reason is not None:
             raise ValueError(f"decode graphs do not support {reason}")
+        if self.model.config.n_experts is not None:
+            for block in self.model.h:
+                block.mlp.stack_experts()
         self.cache.add_spare_block()
         self.decode_graphs = DecodeGraphs(
             self.model,

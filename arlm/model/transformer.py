@@ -253,16 +253,19 @@ class MLP(nn.Module):
         self.c_proj = make_linear(config, hidden, config.n_embd, config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
+        return self.c_proj(self.activate(self.c_fc(x)))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The hidden units from ``c_fc``'s output: GELU, or the gate's SiLU / GELU times up."""
         if self.kind == "gelu":
-            return self.c_proj(F.gelu(h, approximate="tanh"))
+            return F.gelu(h, approximate="tanh")
         if self.kind == "swiglu" and fused_inference(h):  # one kernel where the ops are two
             from arlm.model.kernels import silu_and_mul
 
-            return self.c_proj(silu_and_mul(h))
+            return silu_and_mul(h)
         gate, up = h.chunk(2, dim=-1)
         gate = F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")
-        return self.c_proj(gate * up)
+        return gate * up
 
 
 class Router(nn.Linear):
@@ -286,6 +289,9 @@ class MoE(nn.Module):
         self.round_weights = config.round_router_weights
         self.router = Router(config)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_experts))
+        # the experts' weights as one (gate and up, down) pair of stacked tensors, once
+        # stack_experts has made them so
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shared_expert = self.shared_gate = None
         if config.shared_expert_size is not None:
             self.shared_expert = MLP(config, config.shared_expert_size)
@@ -312,6 +318,8 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.round_weights:
             weights = weights.to(x.dtype)
+        if self.stacked is not None and not self.training:
+            return self._grouped(x, weights, chosen)
         if len(x) == 1 and not self.training:  # a lone row's decode step
             return self._one_token(x, weights[0], chosen[0])
         # every (slot, token) pair grouped by expert, each expert running once over its tokens,
@@ -330,6 +338,66 @@ class MoE(nn.Module):
             # a zero gradient rather than none, which DDP and FSDP wait for on every rank
             if len(rows) or self.training:
                 out.index_add_(0, rows, (expert(x[rows]) * w[:, None]).float())
+        return out.to(x.dtype)
+
+    def cannot_group(self) -> str | None:
+        """Why ``stack_experts`` cannot run on these experts, or None."""
+        linears = [m for e in self.experts for m in (e.c_fc, e.c_proj)]
+        if self.experts[0].kind == "gelu" or any(
+            type(m) is not nn.Linear or m.bias is not None for m in linears
+        ):
+            return (
+                "a mixture of experts whose experts are not float, unbiased, gated linear layers "
+                f"({type(linears[0]).__name__}, {self.experts[0].kind}): its routing reads how "
+                "many tokens each expert takes"
+            )
+        weight = linears[0].weight
+        if weight.device.type == "cuda" and weight.dtype != torch.bfloat16:
+            return f"a {weight.dtype} mixture of experts on CUDA (grouped products take bfloat16)"
+        return None
+
+    def stack_experts(self) -> None:
+        """Hold the experts' weights as two stacked tensors, (n_experts, 2 * hidden, n_embd) and
+        (n_experts, n_embd, hidden), each expert's linear layers becoming views of them (no
+        memory more): inference then runs all experts in one grouped matrix product per
+        projection, which reads how many tokens each expert takes on the device, so a CUDA
+        graph can capture it. Needs float, unbiased, gated experts (not packed or quantized)."""
+        reason = self.cannot_group()
+        if reason is not None:
+            raise ValueError(f"the experts cannot be grouped: {reason}")
+        fcs = [e.c_fc for e in self.experts]
+        projs = [e.c_proj for e in self.experts]
+        with torch.no_grad():
+            gate_up = torch.stack([m.weight for m in fcs])
+            down = torch.stack([m.weight for m in projs])
+        for e, (fc, proj) in enumerate(zip(fcs, projs, strict=True)):
+            fc.weight = nn.Parameter(gate_up[e], requires_grad=False)
+            proj.weight = nn.Parameter(down[e], requires_grad=False)
+        self.stacked = (gate_up, down)
+
+    def _grouped(
+        self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward``'s sum through ``stacked``, without reading the device: each token's
+        experts in ascending order (the grouping's order of summing), the (token, expert) pairs
+        sorted by expert, counted by a scatter, and multiplied in two grouped products."""
+        gate_up, down = self.stacked
+        n, k = chosen.shape
+        chosen, order = chosen.sort(dim=-1)
+        weights = weights.gather(-1, order).flatten()
+        pairs = chosen.flatten().argsort(stable=True)  # (n * k,) grouped by expert
+        ones = torch.ones_like(chosen.flatten(), dtype=torch.int32)
+        counts = ones.new_zeros(len(self.experts)).index_add_(0, chosen.flatten(), ones)
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        h = F.grouped_mm(x[pairs // k], gate_up.transpose(1, 2), offs=offsets)
+        h = F.grouped_mm(self.experts[0].activate(h), down.transpose(1, 2), offs=offsets)
+        h = (h * weights[pairs, None]).float()
+        spread = torch.empty_like(h)
+        spread[pairs] = h  # back to (token, slot) order
+        spread = spread.view(n, k, -1)
+        out = spread[:, 0]
+        for slot in range(1, k):  # summed slot by slot, in float32, as the grouping sums
+            out = out + spread[:, slot]
         return out.to(x.dtype)
 
     def _one_token(
