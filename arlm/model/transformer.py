@@ -362,6 +362,8 @@ class MoE(nn.Module):
         memory more): inference then runs all experts in one grouped matrix product per
         projection, which reads how many tokens each expert takes on the device, so a CUDA
         graph can capture it. Needs float, unbiased, gated experts (not packed or quantized)."""
+        if self.stacked is not None:
+            return  # a second engine on the same model
         reason = self.cannot_group()
         if reason is not None:
             raise ValueError(f"the experts cannot be grouped: {reason}")
