@@ -571,33 +571,29 @@ def _eager_and_graphed(model, tokenizer, prompts, params, cache=None, **config) 
     return graphed
 
 
+def _cuda_llama(kind: str, tokenizer):
+    """The Llama test model on CUDA, or ("moe") its mixture-of-experts layout in bfloat16 (the
+    dtype grouped products take there)."""
+    if kind == "moe":
+        model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5, **MOE)
+        return model.to("cuda", torch.bfloat16)
+    return make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
+
+
 @cuda
-def test_a_mixture_of_experts_is_captured_and_never_waits_for_the_device(tokenizer):
-    """bfloat16 experts run as grouped products, whose counts stay on the device: decode steps
-    replay graphs, wait for nothing but the sampled ids, and give the eager engine's tokens
-    (which, once the experts are stacked, run the same grouped products)."""
-    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5, **MOE)
-    model = model.to("cuda", torch.bfloat16)
-    engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
-    assert engine.eager_reason is None and model.h[0].mlp.stacked is not None
+def test_a_mixture_of_experts_is_captured_and_gives_the_eager_tokens(tokenizer):
+    """bfloat16 experts are stacked and run as grouped products through the graphs; the eager
+    engine's steps on the same (stacked) model give the same tokens."""
+    model = _cuda_llama("moe", tokenizer)
     prompts = _prompts(6, seed=1)
-    for p in prompts:
-        engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-    engine.step()  # the prefill
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(10):
-            engine.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert engine.stats()["graph_steps"] >= 10
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    graphed = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
+    assert graphed.eager_reason is None and model.h[0].mlp.stacked is not None
+    got = graphed.generate(prompts, params, progress=False)
     eager = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8, enforce_eager=True))
     want = eager.generate(prompts, params, progress=False)
-    got = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8)).generate(
-        prompts, params, progress=False
-    )
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert graphed.stats()["graph_steps"] > 30
 
 
 @cuda
@@ -642,11 +638,13 @@ def test_quantized_blocks_are_captured_and_give_the_eager_tokens(tokenizer, kv):
 
 
 @cuda
-def test_a_graph_decode_step_never_waits_for_the_device_but_for_its_sampled_ids(tokenizer):
+@pytest.mark.parametrize("kind", ["llama", "moe"])
+def test_a_graph_decode_step_never_waits_for_the_device_but_for_its_sampled_ids(tokenizer, kind):
     """torch's sync debug mode raises on any implicit synchronisation (``.item()``, a pageable
     copy, ``.tolist()`` of a device tensor); the step's one wait is an event's, for the ids of
-    the step before (overlap scheduling, on by default on CUDA)."""
-    model = make_model("llama", vocab_size=tokenizer.vocab_size, seed=5).cuda()
+    the step before (overlap scheduling, on by default on CUDA). A mixture of experts too: its
+    grouped products count each expert's tokens on the device."""
+    model = _cuda_llama(kind, tokenizer)
     engine = Engine(model, tokenizer, config=EngineConfig(max_num_seqs=8))
     for p in _prompts(6, seed=1):
         params = SamplingParams(max_tokens=40, temperature=0.7, seed=1, ignore_eos=True)
