@@ -324,8 +324,8 @@ class MoE(nn.Module):
             return self._one_token(x, weights[0], chosen[0])
         # every (slot, token) pair grouped by expert, each expert running once over its tokens,
         # in transformers' order (slot, then token: a matmul's rows in another order can round
-        # differently in bfloat16); the counts are the one read of the device per layer, so no
-        # CUDA graph captures this
+        # differently in bfloat16); the counts are the one read of the device per layer, which
+        # no CUDA graph can capture (the decode graphs run _grouped instead)
         by_slot = chosen.t().flatten()
         pairs = by_slot.argsort(stable=True)
         counts = torch.bincount(by_slot, minlength=len(self.experts)).tolist()
@@ -361,7 +361,8 @@ class MoE(nn.Module):
         (n_experts, n_embd, hidden), each expert's linear layers becoming views of them (no
         memory more): inference then runs all experts in one grouped matrix product per
         projection, which reads how many tokens each expert takes on the device, so a CUDA
-        graph can capture it. Needs float, unbiased, gated experts (not packed or quantized)."""
+        graph can capture it. Needs float, unbiased, gated experts (not packed or quantized),
+        on the device they will run on (the stacked tensors are not the module's buffers)."""
         if self.stacked is not None:
             return  # a second engine on the same model
         reason = self.cannot_group()
