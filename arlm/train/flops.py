@@ -18,13 +18,15 @@ def model_flops_per_token(config: ModelConfig) -> float:
     """Training FLOPs per token at full context: ``6 N + 12 n_layer (n_head head_dim) T``,
     where N counts the weights that multiply activations (not the embedding lookups; a tied
     output head is a matmul, so the shared matrix counts once; of a mixture of experts, the
-    router and the experts a token runs through)."""
+    router, the experts a token runs through and a shared expert)."""
     c = config
     attn = (c.n_head + 2 * c.n_kv_head) * c.head_dim * c.n_embd + c.n_head * c.head_dim * c.n_embd
     mlp_rows = 2 * c.intermediate_size if c.mlp != "gelu" else c.intermediate_size  # gated
     mlp = mlp_rows * c.n_embd + c.intermediate_size * c.n_embd
     if c.n_experts is not None:  # each token runs through its experts only, and the router
         mlp = c.n_experts_per_tok * mlp + c.n_experts * c.n_embd
+        if c.shared_expert_size is not None:  # and the gated shared expert (and its gate)
+            mlp += 3 * c.shared_expert_size * c.n_embd + c.n_embd
     head = c.vocab_size * c.n_embd
     n_matmul = c.n_layer * (attn + mlp) + head
     return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
