@@ -388,9 +388,10 @@ class MoE(nn.Module):
         n, k = chosen.shape
         chosen, order = chosen.sort(dim=-1)
         weights = weights.gather(-1, order).flatten()
-        pairs = chosen.flatten().argsort(stable=True)  # (n * k,) grouped by expert
-        ones = torch.ones_like(chosen.flatten(), dtype=torch.int32)
-        counts = ones.new_zeros(len(self.experts)).index_add_(0, chosen.flatten(), ones)
+        experts = chosen.flatten()  # (n * k,) in (token, slot) order
+        pairs = experts.argsort(stable=True)  # grouped by expert
+        ones = torch.ones_like(experts, dtype=torch.int32)
+        counts = ones.new_zeros(len(self.experts)).index_add_(0, experts, ones)
         offsets = counts.cumsum(0, dtype=torch.int32)
         h = F.grouped_mm(x[pairs // k], gate_up.transpose(1, 2), offs=offsets)
         h = F.grouped_mm(self.experts[0].activate(h), down.transpose(1, 2), offs=offsets)
