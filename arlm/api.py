@@ -17,7 +17,6 @@ from arlm.engine.contrastive import contrastive_generate
 from arlm.engine.memory import check_weights_fit
 from arlm.engine.speculation import check as check_speculation
 from arlm.engine.tensor_parallel import TensorParallelGroup
-from arlm.formats.checkpoint import load_model
 from arlm.formats.generation_config import sampling_defaults
 from arlm.formats.stored import stored_weights
 from arlm.kv_cache import CacheConfig
@@ -420,8 +419,8 @@ def load(
             f"generation_config={generation_config!r} is not allowed; it must be one of "
             f"{', '.join(GENERATION_CONFIGS)}"
         )
-    from arlm.formats import hf  # the importer is only needed here
     from arlm.formats.hub import resolve
+    from arlm.formats.read import read_model, weights_dir
 
     path = resolve(path, revision, allow_pickle)
     device = resolve_device(device)
@@ -430,7 +429,7 @@ def load(
 
         check_int("tensor_parallel_size", tensor_parallel_size, 1)
         device = rank_device(device)
-    stored = stored_weights(path)
+    stored = stored_weights(weights_dir(path))  # an adapter's: its base model's
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(stored.dtype or torch.float32, device)
     dtype = resolve_dtype(dtype)
@@ -439,12 +438,9 @@ def load(
     check_weights_fit(stored.nbytes(dtype), device, dtype, tensor_parallel_size)
     read_to = torch.device("cpu") if tensor_parallel_size != 1 else device
     defaults = {}
-    if hf.is_hf_dir(path):
-        if generation_config == "auto":  # before the weights: a bad file fails fast
-            defaults = sampling_defaults(path)
-        model, tokenizer = hf.load_hf(path, device=read_to, dtype=dtype, allow_pickle=allow_pickle)
-    else:
-        model, tokenizer = load_model(path, device=read_to, dtype=dtype)
+    if generation_config == "auto":  # before the weights: a bad file fails fast
+        defaults = sampling_defaults(weights_dir(path))
+    model, tokenizer = read_model(path, device=read_to, dtype=dtype, allow_pickle=allow_pickle)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
     draft = None
@@ -472,13 +468,10 @@ def _load_draft(
 ) -> Transformer:
     """The draft model of ``config``, on the target's device and dtype, refused unless its
     tokenizer is the target's."""
-    from arlm.formats import hf
+    from arlm.formats.read import read_model
 
     path = config.draft_model
-    if hf.is_hf_dir(path):
-        draft, draft_tokenizer = hf.load_hf(path, device=device, dtype=dtype)
-    else:
-        draft, draft_tokenizer = load_model(path, device=device, dtype=dtype)
+    draft, draft_tokenizer = read_model(path, device=device, dtype=dtype)
     same = draft_tokenizer.vocab_size == tokenizer.vocab_size and all(
         draft_tokenizer.id_to_token(i) == tokenizer.id_to_token(i)
         for i in range(tokenizer.vocab_size)

@@ -49,15 +49,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train(out: Path, corpus: str, cache: Path, *args: str, nproc: int = 1, **popen):
-    """``arlm train`` in one process, or under torchrun with ``nproc`` ranks."""
+def train(out: Path, corpus: str, cache: Path, *args: str, nproc: int = 1, shape=MODEL, **popen):
+    """``arlm train`` in one process, or under torchrun with ``nproc`` ranks; ``shape``: the
+    model's options (none for a fine-tune, whose model comes from --init-from)."""
     if nproc == 1:
         launcher = [sys.executable, "-m", "arlm"]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         launcher += ["--nproc-per-node", str(nproc), "-m", "arlm"]
     command = [*launcher, "train", "--out", str(out), "--corpus", corpus]
-    command += ["--cache-dir", str(cache), *MODEL, *SCHEDULE, *args]
+    command += ["--cache-dir", str(cache), *shape, *SCHEDULE, *args]
     if popen:
         return subprocess.Popen(command, env=_env(), **popen)
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
@@ -73,12 +74,12 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, weights: str = "model.safetensors") -> None:
     la, lb = losses(a), losses(b)
     assert la.keys() == lb.keys()
     for step in la:
         assert abs(la[step] - lb[step]) < LOSS_TOL, (step, la[step], lb[step])
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    wa, wb = load_file(a / weights), load_file(b / weights)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=WEIGHT_TOL, rtol=0, msg=name)
 
@@ -119,6 +120,17 @@ def test_a_mixture_of_experts_trains_on_two_ranks(tmp_path, corpus, cache):
     assert two.stdout.count("trained to step 4") == 1
     lm = arlm.load(tmp_path / "moe")
     assert lm.config.n_experts == 16 and len(lm.model.h[0].mlp.experts) == 16
+
+
+def test_lora_on_two_ranks_follows_one_process(tmp_path, corpus, cache, one_process):
+    """LoRA under DDP: the model is frozen, only the adapters' gradients are averaged, and two
+    ranks of batch 2 train the adapters one process of batch 4 trains."""
+    lora = ["--init-from", str(one_process), "--lora-rank", "4", "--lr", "1e-2", "--steps", "4"]
+    one = ok(train(tmp_path / "one", corpus, cache, *lora, "--batch-size", "4", shape=[]))
+    assert "LoRA: rank 4, alpha 8" in one.stdout
+    two = train(tmp_path / "two", corpus, cache, *lora, "--batch-size", "2", nproc=2, shape=[])
+    assert ok(two).stdout.count("trained to step 4") == 1
+    assert_same_run(tmp_path / "one", tmp_path / "two", weights="adapter_model.safetensors")
 
 
 def test_two_nodes_meet_through_a_rendezvous_endpoint(tmp_path, corpus, cache, one_process):

@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from arlm.api import LM
     from arlm.formats.checkpoint import load_model
+    from arlm.model.lora import merge_lora
     from arlm.train.distributed import close_world
     from arlm.train.sharding import is_sharded
     from arlm.train.trainer import Trainer, saved_train_config
@@ -41,15 +42,21 @@ def run(args: argparse.Namespace) -> None:
         cfg = TrainConfig(**options)
     trainer = Trainer(cfg, resume=args.resume)
     if trainer.world.is_main:
-        c = trainer.model.config
+        c, cfg = trainer.model.config, trainer.cfg
         experts = "" if c.n_experts is None else f", {c.n_experts_per_tok} of {c.n_experts} experts"
         print(
-            f"model: {trainer.cfg.preset} ({c.n_layer} layers, {c.n_head} heads, width "
-            f"{c.n_embd}{experts}, context {c.block_size}), "
+            f"model: {cfg.init_from or cfg.preset_name} ({c.n_layer} layers, {c.n_head} heads, "
+            f"width {c.n_embd}{experts}, context {c.block_size}), "
             f"{trainer.model.num_params() / 1e6:.2f}M parameters, vocabulary "
             f"{trainer.tokenizer.vocab_size}; corpus: "
             f"{len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
         )
+        if cfg.lora is not None:
+            trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            print(
+                f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {cfg.lora_targets}: "
+                f"{trained / 1e6:.3f}M parameters train, the rest are frozen"
+            )
     try:
         result = trainer.fit()
     finally:
@@ -65,6 +72,8 @@ def run(args: argparse.Namespace) -> None:
         if is_sharded(trainer.model):  # this rank held a shard: the whole model is on disk
             lm = LM(*load_model(result.out, device=trainer.device))
         else:
+            if trainer.cfg.lora is not None:  # training is over: the adapters join the weights
+                merge_lora(trainer.model)
             lm = LM(trainer.model, trainer.tokenizer)
         print(f"sample (temperature 0.8, seed 0):\n{args.sample}", end="")
         for piece in lm.stream(args.sample, max_tokens=120, temperature=0.8, top_k=50, seed=0):

@@ -836,12 +836,23 @@ def load_hf(
 # export
 
 
-def _hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
-    eos = tokenizer.eos_token_ids
+def hf_model_type(config: ModelConfig) -> str:
+    """The Hugging Face model_type whose module names ``config``'s model goes by (adapters name
+    its modules so): the one it was imported from, else the one ``export_hf`` writes."""
+    if "hf_model_type" in config.extra:
+        return config.extra["hf_model_type"]
+    return _hf_config(config, None, torch.float32)["model_type"]
+
+
+def _hf_config(
+    config: ModelConfig, tokenizer: Tokenizer | None, dtype: torch.dtype
+) -> dict[str, Any]:
+    """config.json for ``config``; ``tokenizer`` None: without special ids."""
+    eos = [] if tokenizer is None else tokenizer.eos_token_ids
     common = dict(
         vocab_size=config.vocab_size,
         tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
+        bos_token_id=None if tokenizer is None else tokenizer.bos_token_id,
         eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
         dtype=str(dtype).removeprefix("torch."),
     )

@@ -29,7 +29,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, chunk_rows):
         n_valid = (targets != -100).sum().clamp(min=1)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # a frozen head (LoRA) needs no gradient of its own: a (V, C) product a chunk saved
+        wants_w = ctx.needs_input_grad[1]
+        grad_w = torch.zeros(weight.shape if wants_w else (), dtype=torch.float32, device=x.device)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for i in range(0, x.size(0), chunk_rows):
             xc, tc = x[i : i + chunk_rows], targets[i : i + chunk_rows]
@@ -44,14 +46,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # in the weight's dtype; under autocast the matmuls run in its dtype, as forward's
             grad_logits = grad_logits.to(weight.dtype)
             grad_x[i : i + chunk_rows] = (grad_logits @ weight).to(x.dtype)
-            grad_w += (grad_logits.t() @ xc.to(weight.dtype)).float()
+            if wants_w:
+                grad_w += (grad_logits.t() @ xc.to(weight.dtype)).float()
         ctx.save_for_backward(grad_x / n_valid, (grad_w / n_valid).to(weight.dtype))
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None
+        grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
+        return grad_x * grad_loss, grad_w, None, None
 
 
 def linear_cross_entropy(

@@ -510,6 +510,15 @@ class Transformer(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def set_dropout(self, p: float) -> None:
+        """Train with dropout ``p``: fine-tuning a model that was saved with another."""
+        self.config = replace(self.config, dropout=p)  # validated there
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, Attention):
+                module.dropout = p
+
     def _head_is_plain(self) -> bool:
         """A float head with nothing between it and the loss: the chunked loss applies."""
         return isinstance(self.lm_head, nn.Linear) and self.config.logit_softcap is None

@@ -14,11 +14,15 @@ import torch
 from arlm.config import ModelConfig
 
 
-def model_flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token at full context: ``6 N + 12 n_layer (n_head head_dim) T``,
-    where N counts the weights that multiply activations (not the embedding lookups; a tied
-    output head is a matmul, so the shared matrix counts once; of a mixture of experts, the
-    router, the experts a token runs through and a shared expert)."""
+def model_flops_per_token(
+    config: ModelConfig, context: int | None = None, adapter_params: int | None = None
+) -> float:
+    """Training FLOPs per token over windows of ``context`` tokens (None: the model's context):
+    ``6 N + 12 n_layer (n_head head_dim) T``, where N counts the weights that multiply
+    activations (not the embedding lookups; a tied output head is a matmul, so the shared matrix
+    counts once; of a mixture of experts, the router, the experts a token runs through and a
+    shared expert). With low-rank adapters (``adapter_params`` of them) the model's weights are
+    frozen: 4 FLOPs per weight (no weight gradients), and 6 per adapter weight."""
     c = config
     attn = (c.n_head + 2 * c.n_kv_head) * c.head_dim * c.n_embd + c.n_head * c.head_dim * c.n_embd
     mlp_rows = 2 * c.intermediate_size if c.mlp != "gelu" else c.intermediate_size  # gated
@@ -29,7 +33,10 @@ def model_flops_per_token(config: ModelConfig) -> float:
             mlp += 3 * c.shared_expert_size * c.n_embd + c.n_embd
     head = c.vocab_size * c.n_embd
     n_matmul = c.n_layer * (attn + mlp) + head
-    return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+    attention = 12 * c.n_layer * c.n_head * c.head_dim * (context or c.block_size)
+    if adapter_params is not None:
+        return 4 * n_matmul + 6 * adapter_params + attention
+    return 6 * n_matmul + attention
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:

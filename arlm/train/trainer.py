@@ -31,7 +31,13 @@ from arlm.formats.checkpoint import (
     recover,
     save_model,
     tensors_to_bytes,
+    write_files,
 )
+from arlm.formats.hub import resolve
+from arlm.formats.peft import Adapter, adapter_files, load_adapter_weights, lora_targets
+from arlm.formats.read import read_model
+from arlm.model.lora import LoRAConfig, add_lora
+from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
@@ -51,6 +57,7 @@ from arlm.train.sharding import (
 )
 from arlm.validate import check_int
 
+LORA_TARGETS = "all-linear"  # every projection in the blocks, as QLoRA found best
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 # TrainConfig fields that reshape the preset's model (vocab_size is the tokenizer's, set apart)
@@ -74,7 +81,14 @@ class TrainConfig:
         help="'builtin', a text file, a .jsonl file (a \"text\" per line), a folder of "
         ".txt/.md/.jsonl files, a glob, or a folder written by arlm prepare",
     )
-    preset: str = option("small", help=f"model size, one of {', '.join(sorted(PRESETS))}")
+    init_from: str | None = option(
+        None,
+        help="fine-tune: start from this model (an arlm checkpoint, a Hugging Face model folder "
+        "or Hub id) and its tokenizer, rather than a new model",
+    )
+    preset: str | None = option(
+        None, help=f"model size, one of {', '.join(sorted(PRESETS))} (default: small)"
+    )
     # the model's shape on top of the preset; None keeps the preset's value
     n_layer: int | None = option(None, help="transformer blocks (default: the preset's)")
     n_head: int | None = option(None, help="attention heads (default: the preset's)")
@@ -82,7 +96,11 @@ class TrainConfig:
         None, help="key/value heads, for GQA (default: the preset's; n_head with --n-head)"
     )
     n_embd: int | None = option(None, help="residual width (default: the preset's)")
-    block_size: int | None = option(None, help="context length (default: the preset's)")
+    block_size: int | None = option(
+        None,
+        help="context length (default: the preset's); with --init-from, the training windows' "
+        "(default: the model's context, at most 1024)",
+    )
     vocab_size: int | None = option(None, help="tokenizer vocabulary (default: the preset's)")
     n_experts: int | None = option(
         None, help="a mixture of this many experts in place of each block's MLP (default: none)"
@@ -94,7 +112,9 @@ class TrainConfig:
     steps: int = option(300, help="optimizer steps to train to")  # small: ~5 min on 2 cores
     batch_size: int = option(16, help="sequences per micro-batch, per process")
     grad_accum: int = option(1, help="micro-batches per optimizer step")
-    lr: float = option(2e-3, help="peak learning rate")
+    lr: float | None = option(
+        None, help="peak learning rate (default: 2e-3; 3e-5 with --init-from, 2e-4 with LoRA)"
+    )
     min_lr: float | None = option(None, help="learning rate at the last step (default: lr / 10)")
     warmup_steps: int = option(30, help="linear warm-up steps")
     weight_decay: float = option(0.1, help="AdamW weight decay (not on norms and biases)")
@@ -143,13 +163,28 @@ class TrainConfig:
     ditto_weight: float = option(1.0, help="weight of the DITTO loss")
     ditto_lambda: float = option(0.5, help="DITTO's lambda: a copy's target, x the last copy's p")
     ditto_rows: int = option(4, help="repeated-sentence windows per micro-batch and process")
+    # low-rank adapters (arlm.model.lora) on a frozen --init-from model: off by default
+    lora_rank: int | None = option(
+        None,
+        help="with --init-from: train low-rank adapters (LoRA) of this rank on the frozen model; "
+        "the run folder holds the adapter in PEFT's format",
+    )
+    lora_alpha: float | None = option(
+        None, help="LoRA's alpha: the updates are scaled by alpha / rank (default: 2 x rank)"
+    )
+    lora_dropout: float = option(0.0, help="dropout on the LoRA updates' inputs")
+    lora_targets: str = option(
+        LORA_TARGETS,
+        help="the projections LoRA adapts, by their Hugging Face names, comma-separated "
+        "(q_proj,v_proj,...; c_attn,c_fc,... for GPT-2), or all-linear",
+    )
 
     def __post_init__(self) -> None:
         if self.sharding not in SHARDINGS:
             raise ValueError(
                 f"sharding={self.sharding!r} is not allowed; choose one of {SHARDINGS}"
             )
-        if self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         for name in (
             "steps",
@@ -169,15 +204,80 @@ class TrainConfig:
                 f"n_experts_per_tok={self.n_experts_per_tok} chooses among experts, but "
                 "n_experts is not set; set both for a mixture of experts"
             )
-        # the model's shape is checked now, before a corpus is read for it
-        self.model_config(self.vocab_size or PRESETS[self.preset]["vocab_size"])
+        if self.init_from is None:
+            # the model's shape is checked now, before a corpus is read for it
+            self.model_config(self.vocab_size or PRESETS[self.preset_name]["vocab_size"])
+        else:
+            self._check_fine_tuning()
         if self.block_size is not None and self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be at least 2")
-        if not self.lr > 0:
+        if not self.peak_lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
         self.remedies  # noqa: B018 (checks the remedy options now)
+        self.lora  # noqa: B018 (and the LoRA options)
+
+    def _check_fine_tuning(self) -> None:
+        """The model comes whole from ``init_from``: options that would reshape it are refused,
+        and LoRA's options are checked."""
+        for name in ("preset", "vocab_size", *MODEL_OVERRIDES):
+            if name != "block_size" and getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)}: with --init-from the model, its shape and "
+                    f"its tokenizer come from {self.init_from}; drop --{name.replace('_', '-')}"
+                )
+        if self.lora_rank is not None and self.sharding == "fsdp":
+            raise ValueError(
+                "LoRA trains with --sharding ddp (its adapters are small; the frozen model is "
+                "held whole by each process); fsdp is not supported with --lora-rank"
+            )
+
+    @property
+    def preset_name(self) -> str:
+        """The preset a new model is made from (``preset``, or small)."""
+        return self.preset or "small"
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or the default for the run's kind: a new model, fine-tuning or LoRA."""
+        if self.lr is not None:
+            return self.lr
+        if self.init_from is None:
+            return 2e-3
+        return 2e-4 if self.lora_rank is not None else 3e-5
+
+    @property
+    def lora_target_modules(self) -> tuple[str, ...] | str:
+        """``lora_targets`` as PEFT's ``target_modules``: names, or the string all-linear."""
+        if self.lora_targets == LORA_TARGETS:
+            return LORA_TARGETS
+        return tuple(name.strip() for name in self.lora_targets.split(","))
+
+    @property
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA settings, checked; None without ``lora_rank``."""
+        if self.lora_rank is None:
+            given = {
+                "lora_alpha": self.lora_alpha is not None,
+                "lora_dropout": self.lora_dropout != 0.0,
+                "lora_targets": self.lora_targets != LORA_TARGETS,
+            }
+            for name, set_ in given.items():
+                if set_:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} is a LoRA option, but lora_rank is not "
+                        "set; pass --lora-rank to train low-rank adapters"
+                    )
+            return None
+        if self.init_from is None:
+            raise ValueError(
+                f"lora_rank={self.lora_rank}: LoRA adapts a trained model, so it needs "
+                "--init-from (a checkpoint to adapt); a new model trains whole"
+            )
+        check_int("lora_rank", self.lora_rank, 1)
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return LoRAConfig(self.lora_rank, alpha, self.lora_dropout)
 
     @property
     def remedies(self) -> RemedySettings:
@@ -198,16 +298,17 @@ class TrainConfig:
         if self.n_head is not None and self.n_kv_head is None:
             overrides["n_kv_head"] = self.n_head  # a preset's GQA ratio does not survive new heads
         return ModelConfig.preset(
-            self.preset, **overrides, vocab_size=vocab_size, dropout=self.dropout
+            self.preset_name, **overrides, vocab_size=vocab_size, dropout=self.dropout
         )
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at the last step."""
-        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        lr = self.peak_lr
+        min_lr = lr / 10 if self.min_lr is None else self.min_lr
         if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+            return lr * (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (self.lr - min_lr)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - min_lr)
 
 
 class TrainingError(RuntimeError):
@@ -234,7 +335,7 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     # the fused kernel updates every tensor in one pass (on CPU several times faster than the
     # per-tensor loops); it takes floating-point tensors on CPU or CUDA
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -298,18 +399,35 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if not self.world.is_main:  # rank 0 encodes the corpus first; the others then read it
             barrier(self.world)
+        # a fine-tuned model comes with its tokenizer, which encodes the corpus
+        pretrained = self._pretrained(resume) if cfg.init_from is not None else None
         self.shards: Shards = load_or_prepare(
             cfg.corpus,
             self.cache_dir,
-            vocab_size=cfg.vocab_size or PRESETS[cfg.preset]["vocab_size"],
-            tokenizer=self._tokenizer(),
+            vocab_size=cfg.vocab_size or PRESETS[cfg.preset_name]["vocab_size"],
+            tokenizer=pretrained[1] if pretrained else self._tokenizer(),
             progress=self.progress,
         )
         self.tokenizer = self.shards.tokenizer
         if self.world.is_main:
             barrier(self.world)
-        self.model = Transformer(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
-        if resume:  # the whole weights, before a sharding cuts them up
+        if pretrained is None:
+            self.model = Transformer(cfg.model_config(self.tokenizer.vocab_size)).to(self.device)
+        else:
+            self.model = pretrained[0]
+        # the windows trained on: a new model's context, a fine-tuned one's up to 1024 positions
+        context = self.model.config.block_size
+        self.window = cfg.block_size or (context if pretrained is None else min(context, 1024))
+        if self.window > context:
+            raise ValueError(
+                f"block_size={cfg.block_size} is longer than the context of {cfg.init_from} "
+                f"({context} positions); choose at most that"
+            )
+        if cfg.lora is not None:  # a frozen model and its adapters, which alone train
+            add_lora(self.model, cfg.lora, lora_targets(self.model, cfg.lora_target_modules))
+            if resume:
+                load_adapter_weights(self.model, self.out)
+        elif resume and pretrained is None:  # the whole weights, before a sharding cuts them up
             self._load_weights()
         if cfg.activation_checkpointing:
             checkpoint_activations(self.model)
@@ -338,7 +456,10 @@ class Trainer:
             self.remedies = RemedyLoss(
                 cfg.remedies, self.model, self.shards.train, self.tokenizer, self.world, cfg.seed
             )
-        self.flops_per_token = model_flops_per_token(self.model.config)
+        adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.flops_per_token = model_flops_per_token(
+            self.model.config, self.window, adapters if cfg.lora is not None else None
+        )
         self.peak_flops: float | None = None  # measured when fit starts
 
     @property
@@ -366,6 +487,17 @@ class Trainer:
             )
         return dataclasses.replace(resumed, batch_size=per_rank)
 
+    def _pretrained(self, resume: bool) -> tuple[Transformer, Tokenizer]:
+        """The model and tokenizer of ``init_from``, in float32 on the training device, with
+        this run's dropout. A resumed full fine-tune reads its model from its own folder."""
+        cfg = self.cfg
+        source = self.out if resume and cfg.lora is None else resolve(cfg.init_from)
+        model, tokenizer = read_model(source, device=self.device)
+        require_float(model.config, f"fine-tuning {cfg.init_from}")
+        model.float().set_dropout(cfg.dropout)
+        model.requires_grad_(True)  # an adapter folder's merged model comes frozen
+        return model, tokenizer
+
     def _tokenizer(self) -> Tokenizer | None:
         """A resumed run's own tokenizer; None for a new run, which takes its corpus's."""
         if (self.out / "tokenizer.json").is_file() and (self.out / STATE_JSON).is_file():
@@ -381,7 +513,8 @@ class Trainer:
         if not self.world.is_main and not is_sharded(self.model):
             return
         opt_tensors, opt_json = _optimizer_tensors(self.optimizer)
-        weights = gather_full(self.model.state_dict(), self.world)
+        lora = self.cfg.lora
+        weights = None if lora else gather_full(self.model.state_dict(), self.world)
         opt_tensors = gather_full(opt_tensors, self.world)
         if not self.world.is_main:
             return
@@ -399,16 +532,20 @@ class Trainer:
             "train_config": dataclasses.asdict(self.cfg),
             **opt_json,
         }
-        save_model(
-            self.out,
-            self.model,
-            self.tokenizer,
-            extra_files={
-                STATE_TENSORS: tensors_to_bytes(tensors),
-                STATE_JSON: json.dumps(state, indent=2).encode(),
-            },
-            state=weights,
-        )
+        train_state = {
+            STATE_TENSORS: tensors_to_bytes(tensors),
+            STATE_JSON: json.dumps(state, indent=2).encode(),
+        }
+        if lora is None:
+            save_model(self.out, self.model, self.tokenizer, extra_files=train_state, state=weights)
+            return
+        # only the adapters: the frozen model stays where --init-from found it
+        base = self.cfg.init_from
+        if Path(base).exists():  # a folder: absolute, so the adapter loads from anywhere
+            base = str(Path(base).resolve())
+        adapter = Adapter(lora, self.cfg.lora_target_modules, base)
+        tokenizer = {"tokenizer.json": self.tokenizer.to_json().encode()}  # resume reads it
+        write_files(self.out, {**adapter_files(self.model, adapter), **tokenizer, **train_state})
 
     def _load_weights(self) -> None:
         model, _ = load_model(self.out, device=self.device)
@@ -463,7 +600,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         b, world = self.cfg.batch_size, self.world
         # a validation split shorter than the context is read in shorter windows
-        block = min(self.model.config.block_size, len(self.shards.val) - 1)
+        block = min(self.window, len(self.shards.val) - 1)
         starts = sample_starts(self.shards.val, self.cfg.eval_iters * b, block, generator)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         # a sharded model's forward is a collective (each block all-gathers its weights), so
@@ -502,7 +639,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        b, block = cfg.batch_size, self.model.config.block_size
+        b, block = cfg.batch_size, self.window
         starts = sample_starts(self.shards.train, self.global_batch, block, self.batch_generator)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(cfg.grad_accum):
@@ -559,13 +696,13 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        tokens_per_step = self.global_batch * self.model.config.block_size
+        tokens_per_step = self.global_batch * self.window
         if self.peak_flops is None:
             dtype = torch.bfloat16 if cfg.bf16 else torch.float32
             self.peak_flops = peak_flops(self.device, dtype)
         if self.world.is_main and self.progress:
             print(
-                f"global batch: {self.global_batch} sequences x {self.model.config.block_size} "
+                f"global batch: {self.global_batch} sequences x {self.window} "
                 f"= {tokens_per_step:,} tokens ({cfg.batch_size} per micro-batch x "
                 f"{cfg.grad_accum} micro-batches x {self.world.size} process(es)); "
                 f"matmul peak {self.peak_flops / 1e9:,.0f} GFLOP/s per process"
