@@ -25,6 +25,18 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _corpus_size(shards) -> str:
+    """A token corpus's splits in tokens; a chat corpus's in examples."""
+    from arlm.train.chat import ChatCorpus
+
+    if isinstance(shards, ChatCorpus):
+        return (
+            f"{len(shards.train):,} train / {len(shards.val):,} val conversations "
+            f"({shards.train.tokens:,} / {shards.val.tokens:,} tokens)"
+        )
+    return f"{len(shards.train):,} train / {len(shards.val):,} val tokens"
+
+
 def run(args: argparse.Namespace) -> None:
     from arlm.api import LM
     from arlm.formats.checkpoint import load_model
@@ -48,8 +60,7 @@ def run(args: argparse.Namespace) -> None:
             f"model: {cfg.init_from or cfg.preset_name} ({c.n_layer} layers, {c.n_head} heads, "
             f"width {c.n_embd}{experts}, context {c.block_size}), "
             f"{trainer.model.num_params() / 1e6:.2f}M parameters, vocabulary "
-            f"{trainer.tokenizer.vocab_size}; corpus: "
-            f"{len(trainer.shards.train):,} train / {len(trainer.shards.val):,} val tokens"
+            f"{trainer.tokenizer.vocab_size}; corpus: {_corpus_size(trainer.shards)}"
         )
         if cfg.lora is not None:
             trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

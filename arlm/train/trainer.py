@@ -40,6 +40,7 @@ from arlm.model.lora import LoRAConfig, add_lora
 from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
+from arlm.train.chat import ChatCorpus, ChatSplit, is_chat_corpus, load_chat
 from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
 from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
@@ -79,7 +80,9 @@ class TrainConfig:
     corpus: str = option(
         "builtin",
         help="'builtin', a text file, a .jsonl file (a \"text\" per line), a folder of "
-        ".txt/.md/.jsonl files, a glob, or a folder written by arlm prepare",
+        ".txt/.md/.jsonl files, a glob, or a folder written by arlm prepare; with --init-from "
+        'also a .jsonl file of conversations ("messages", or "prompt" and "completion"), '
+        "trained on the assistant's turns",
     )
     init_from: str | None = option(
         None,
@@ -401,13 +404,17 @@ class Trainer:
             barrier(self.world)
         # a fine-tuned model comes with its tokenizer, which encodes the corpus
         pretrained = self._pretrained(resume) if cfg.init_from is not None else None
-        self.shards: Shards = load_or_prepare(
-            cfg.corpus,
-            self.cache_dir,
-            vocab_size=cfg.vocab_size or PRESETS[cfg.preset_name]["vocab_size"],
-            tokenizer=pretrained[1] if pretrained else self._tokenizer(),
-            progress=self.progress,
-        )
+        self.shards: Shards | ChatCorpus
+        if is_chat_corpus(cfg.corpus):  # conversations: each example whole, in memory
+            self.shards = self._conversations(pretrained)
+        else:
+            self.shards = load_or_prepare(
+                cfg.corpus,
+                self.cache_dir,
+                vocab_size=cfg.vocab_size or PRESETS[cfg.preset_name]["vocab_size"],
+                tokenizer=pretrained[1] if pretrained else self._tokenizer(),
+                progress=self.progress,
+            )
         self.tokenizer = self.shards.tokenizer
         if self.world.is_main:
             barrier(self.world)
@@ -440,6 +447,7 @@ class Trainer:
         self.step = 0
         self.last_val_loss = float("nan")
         self.last_loss = float("nan")  # of the last step whose loss the host has read
+        self.positions = 0  # input positions this process has trained on (for tokens/s)
         self._stop_requested = False  # asked of this process (Ctrl-C, request_stop)
         self._stop_agreed = False  # asked of any rank, as every rank reads it at the same step
         # each step's loss (and, under torchrun, its stop votes), read a step late in ``fit``
@@ -497,6 +505,21 @@ class Trainer:
         model.float().set_dropout(cfg.dropout)
         model.requires_grad_(True)  # an adapter folder's merged model comes frozen
         return model, tokenizer
+
+    def _conversations(self, pretrained: tuple[Transformer, Tokenizer] | None) -> ChatCorpus:
+        """The chat corpus, encoded with the fine-tuned model's tokenizer and chat template."""
+        cfg = self.cfg
+        if pretrained is None:
+            raise ValueError(
+                f"{cfg.corpus} holds conversations, which fine-tune a model that has a "
+                "tokenizer and chat template: pass --init-from (a new model trains on text)"
+            )
+        if cfg.remedies.active:
+            raise ValueError(
+                "the loop remedies (--unlikelihood, --ditto) train on windows of text, and "
+                f"{cfg.corpus} holds conversations; train them on a text corpus"
+            )
+        return load_chat(cfg.corpus, pretrained[1])
 
     def _tokenizer(self) -> Tokenizer | None:
         """A resumed run's own tokenizer; None for a new run, which takes its corpus's."""
@@ -582,15 +605,28 @@ class Trainer:
         enabled = self.cfg.bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def _draw(
+        self, split: TokenSplit | ChatSplit, n: int, block: int, generator: torch.Generator
+    ) -> list[int]:
+        """Where ``n`` rows of a batch begin: windows' starts, or whole examples' indices."""
+        if isinstance(split, ChatSplit):
+            return split.sample(n, generator)
+        return sample_starts(split, n, block, generator)
+
     def _batch(
-        self, split: TokenSplit, starts: list[int], block: int
+        self, split: TokenSplit | ChatSplit, picks: list[int], block: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs (B, block) and the same windows shifted by one, on the training device."""
-        windows = split.windows(starts, block)  # (B, block + 1)
+        """Inputs (B, T) and their targets on the training device: windows of ``block`` tokens
+        and the same shifted by one, or whole examples (``ChatSplit.batch``)."""
+        if isinstance(split, ChatSplit):
+            pad = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else 0
+            x, y = split.batch(picks, block, pad)
+        else:
+            windows = split.windows(picks, block)  # (B, block + 1)
+            x, y = windows[:, :-1], windows[:, 1:]
         if self.device.type == "cuda":
-            windows = windows.pin_memory()
-        windows = windows.to(self.device, non_blocking=True)
-        return windows[:, :-1], windows[:, 1:]
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -600,8 +636,10 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         b, world = self.cfg.batch_size, self.world
         # a validation split shorter than the context is read in shorter windows
-        block = min(self.window, len(self.shards.val) - 1)
-        starts = sample_starts(self.shards.val, self.cfg.eval_iters * b, block, generator)
+        block = self.window
+        if not isinstance(self.shards.val, ChatSplit):
+            block = min(block, len(self.shards.val) - 1)
+        starts = self._draw(self.shards.val, self.cfg.eval_iters * b, block, generator)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         # a sharded model's forward is a collective (each block all-gathers its weights), so
         # there every rank runs the same number of batches; a rank past the last one reruns its
@@ -640,11 +678,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
         b, block = cfg.batch_size, self.window
-        starts = sample_starts(self.shards.train, self.global_batch, block, self.batch_generator)
+        starts = self._draw(self.shards.train, self.global_batch, block, self.batch_generator)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(cfg.grad_accum):
             first = (k * world.size + world.rank) * b
             x, y = self._batch(self.shards.train, starts[first : first + b], block)
+            self.positions += x.numel()  # of this rank, padding included
             # the gradients are averaged over ranks once, in the last micro-step's backward
             last = k == cfg.grad_accum - 1
             with nullcontext() if last else no_gradient_sync(self.ddp_model):
@@ -701,9 +740,11 @@ class Trainer:
             dtype = torch.bfloat16 if cfg.bf16 else torch.float32
             self.peak_flops = peak_flops(self.device, dtype)
         if self.world.is_main and self.progress:
+            rows = f"{self.global_batch} sequences x {self.window} = {tokens_per_step:,} tokens"
+            if isinstance(self.shards.train, ChatSplit):
+                rows = f"{self.global_batch} examples of up to {self.window} tokens"
             print(
-                f"global batch: {self.global_batch} sequences x {self.window} "
-                f"= {tokens_per_step:,} tokens ({cfg.batch_size} per micro-batch x "
+                f"global batch: {rows} ({cfg.batch_size} per micro-batch x "
                 f"{cfg.grad_accum} micro-batches x {self.world.size} process(es)); "
                 f"matmul peak {self.peak_flops / 1e9:,.0f} GFLOP/s per process"
             )
@@ -718,7 +759,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            t_last, step_last = time.perf_counter(), self.step
+            t_last, positions_last = time.perf_counter(), self.positions
             while self.step < cfg.steps and not self._stopping():
                 self.train_step()
                 bar.update(1)
@@ -730,8 +771,9 @@ class Trainer:
                 loss = self.last_loss
                 if log:
                     now = time.perf_counter()
-                    rate = (self.step - step_last) * tokens_per_step / (now - t_last)
-                    t_last, step_last = now, self.step
+                    # every rank trains on as many rows; the padding of whole examples varies
+                    rate = (self.positions - positions_last) * self.world.size / (now - t_last)
+                    t_last, positions_last = now, self.positions
                     mfu = rate / self.world.size * self.flops_per_token / self.peak_flops
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
                     self._log(
