@@ -5,10 +5,10 @@
     python -m tests.docs_runner SCRATCH RESULTS.json PAGE.md ...
 
 It builds the tiny stand-ins the pages name (``runs/small``, ``models/smollm2``, ``notes.txt``,
-``chats.jsonl``, ...) once, copies them into a scratch folder per page, runs each page's marked
-blocks there in order, and writes what happened to RESULTS.json. ``arlm`` lines run through
-``arlm.cli.main`` in this process, so PyTorch and arlm are imported once for all of them
-instead of once a line.
+``chats.jsonl``, ``pairs.jsonl``, ...) once, copies them into a scratch folder per page, runs
+each page's marked blocks there in order, and writes what happened to RESULTS.json. ``arlm``
+lines run through ``arlm.cli.main`` in this process, so PyTorch and arlm are imported once for
+all of them instead of once a line.
 """
 
 from __future__ import annotations
@@ -240,10 +240,17 @@ def build_stand_ins(folder: Path) -> None:
         for text in documents[31:61]:
             f.write(json.dumps({"text": text}) + "\n")
     with open(folder / "chats.jsonl", "w") as f:  # conversations, for fine-tuning
-        for i, text in enumerate(documents[61:101]):
+        for i in range(40):
+            text = documents[(7 * i) % len(documents)]
             question = {"role": "user", "content": f"What does section {i} say?"}
             answer = {"role": "assistant", "content": text[:200]}
             f.write(json.dumps({"messages": [question, answer]}) + "\n")
+    with open(folder / "pairs.jsonl", "w") as f:  # preferences, for DPO
+        for i in range(40):
+            text = documents[(11 * i + 3) % len(documents)]
+            question = [{"role": "user", "content": f"Quote section {i}."}]
+            pair = {"prompt": question, "chosen": text[:120], "rejected": text[:120] * 3}
+            f.write(json.dumps(pair) + "\n")
 
     write_trace(
         folder / "traces/ok.jsonl",

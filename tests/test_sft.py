@@ -9,7 +9,7 @@ import torch
 import arlm
 from arlm.tokenizer import EOT, Tokenizer
 from arlm.train import TrainConfig, Trainer
-from arlm.train.chat import IGNORE, ChatSplit, encode_example, is_chat_corpus, load_chat
+from arlm.train.chat import IGNORE, ChatSplit, corpus_kind, encode_example, load_chat
 from arlm.train.corpus import CorpusError, builtin_documents
 
 # ChatML, as Qwen's templates write it; <|im_end|> ends a turn and a generation
@@ -127,8 +127,8 @@ def test_a_chat_corpus_is_told_from_a_text_one(tmp_path):
     chats, texts = tmp_path / "chats.jsonl", tmp_path / "texts.jsonl"
     chats.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
     texts.write_text(json.dumps({"text": "plain"}) + "\n")
-    assert is_chat_corpus(str(chats)) and not is_chat_corpus(str(texts))
-    assert not is_chat_corpus(str(tmp_path))
+    assert corpus_kind(str(chats)) == "chat" and corpus_kind(str(texts)) == "text"
+    assert corpus_kind(str(tmp_path)) == "text"
 
 
 # --- fine-tuning on conversations ----------------------------------------------------------

@@ -28,10 +28,12 @@ def add_parser(sub) -> None:
 def _corpus_size(shards) -> str:
     """A token corpus's splits in tokens; a chat corpus's in examples."""
     from arlm.train.chat import ChatCorpus
+    from arlm.train.preference import PreferenceCorpus
 
-    if isinstance(shards, ChatCorpus):
+    if isinstance(shards, (ChatCorpus, PreferenceCorpus)):
+        what = "conversations" if isinstance(shards, ChatCorpus) else "preference pairs (DPO)"
         return (
-            f"{len(shards.train):,} train / {len(shards.val):,} val conversations "
+            f"{len(shards.train):,} train / {len(shards.val):,} val {what} "
             f"({shards.train.tokens:,} / {shards.val.tokens:,} tokens)"
         )
     return f"{len(shards.train):,} train / {len(shards.val):,} val tokens"
@@ -74,10 +76,14 @@ def run(args: argparse.Namespace) -> None:
         close_world(trainer.world)
     if not trainer.world.is_main:
         return
+    loss = f"final validation loss {result.val_loss:.4f}"
+    if trainer.preference is None:
+        loss += f" (perplexity {math.exp(result.val_loss):.2f})"
+    else:
+        loss += " (DPO; log 2 = 0.6931 where training began)"
     print(
-        f"trained to step {result.step} in {result.seconds:.0f}s; "
-        f"final validation loss {result.val_loss:.4f} "
-        f"(perplexity {math.exp(result.val_loss):.2f}); checkpoint in {result.out}"
+        f"trained to step {result.step} in {result.seconds:.0f}s; {loss}; "
+        f"checkpoint in {result.out}"
     )
     if result.step == trainer.cfg.steps and args.sample:
         if is_sharded(trainer.model):  # this rank held a shard: the whole model is on disk

@@ -11,6 +11,8 @@ matmul still done once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,7 @@ class LoRALinear(nn.Module):
         self.config = config
         self.slices = tuple((r, bool(adapted)) for r, adapted in slices)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.enabled = True  # off: the base layer alone (``adapters_disabled``)
         device, rank = base.weight.device, config.rank
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
@@ -84,6 +87,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if not self.enabled:
+            return out
         # every adapted slice's A in one pass over the input: (..., adapted slices * rank)
         low = F.linear(self.dropout(x).to(self.lora_A[0].dtype), self._stacked_a())
         flat_out, flat_low = out.reshape(-1, out.size(-1)), low.reshape(-1, low.size(-1))
@@ -153,6 +158,20 @@ def add_lora(model: nn.Module, config: LoRAConfig, targets: dict[str, Slices]) -
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Module path -> each ``LoRALinear`` in ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside, ``model`` computes what its frozen base does, its adapters skipped: the
+    reference model of preference training, with no second copy of the weights."""
+    wrappers = lora_modules(model).values()
+    for wrapper in wrappers:
+        wrapper.enabled = False
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.enabled = True
 
 
 def merge_lora(model: nn.Module) -> None:

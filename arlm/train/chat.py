@@ -24,6 +24,7 @@ training window and padded to the longest row; padding and context positions tak
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -43,23 +44,28 @@ SHAPES = (
 )
 
 
-def is_chat_corpus(corpus: str) -> bool:
-    """Whether ``corpus`` is a JSON-lines file of conversations: its first example has
-    ``messages`` or ``prompt`` and ``completion`` (a text corpus's lines have ``text``)."""
+def corpus_kind(corpus: str) -> str:
+    """What ``corpus`` holds, by its first example: ``"preference"`` (a JSON-lines file of
+    ``prompt``, ``chosen``, ``rejected``), ``"chat"`` (``messages``, or ``prompt`` and
+    ``completion``) or ``"text"`` (anything else: a text corpus's lines have ``text``)."""
     path = Path(corpus).expanduser()
     if path.suffix != JSONL_SUFFIX or not path.is_file():
-        return False
+        return "text"
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 try:
                     first = json.loads(line)
                 except json.JSONDecodeError:
-                    return False  # the text reader says what is wrong with the line
-                return isinstance(first, dict) and (
-                    "messages" in first or {"prompt", "completion"} <= first.keys()
-                )
-    return False
+                    return "text"  # the text reader says what is wrong with the line
+                if not isinstance(first, dict):
+                    return "text"
+                if {"chosen", "rejected"} <= first.keys():
+                    return "preference"
+                if "messages" in first or {"prompt", "completion"} <= first.keys():
+                    return "chat"
+                return "text"
+    return "text"
 
 
 @dataclass(frozen=True)
@@ -70,37 +76,45 @@ class Example:
     trained: np.ndarray  # bool (n,)
 
 
+def check_messages(messages, where: str) -> list[dict]:
+    """``messages`` as a conversation: a non-empty list of role/content dicts."""
+    if not isinstance(messages, list) or not messages:
+        raise CorpusError(f"{where}: messages must be a non-empty list; {SHAPES}")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise CorpusError(
+                f"{where}: each message needs a role, one of {', '.join(ROLES)}; got {m!r}"
+            )
+        if not isinstance(m.get("content"), str):
+            raise CorpusError(f"{where}: a {m['role']} message's content must be a string")
+    return messages
+
+
 def _pieces(tokenizer: Tokenizer, row: dict, where: str) -> list[tuple[str, bool]]:
     """The example's text in pieces, each with whether it is a target."""
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise CorpusError(f'{where}: "messages" must be a non-empty list; {SHAPES}')
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise CorpusError(
-                    f"{where}: each message needs a role, one of {', '.join(ROLES)}; got {m!r}"
-                )
-            if not isinstance(m.get("content"), str):
-                raise CorpusError(f"{where}: a {m['role']} message's content must be a string")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise CorpusError(f"{where}: the conversation has no assistant turn to train on")
-        return _turns(tokenizer, messages, where)
+        messages = check_messages(row["messages"], where)
+        return conversation_pieces(tokenizer, messages, where)
     prompt, completion = row.get("prompt"), row.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
         raise CorpusError(f"{where}: {SHAPES} (both strings, the completion not empty)")
     return [(prompt, False), (completion, True)]
 
 
-def _turns(tokenizer: Tokenizer, messages: list[dict], where: str) -> list[tuple[str, bool]]:
-    """The rendered conversation cut where each assistant turn begins (the text before it, with
-    the generation prompt) and ends (the text through it)."""
+def conversation_pieces(
+    tokenizer: Tokenizer, messages: list[dict], where: str, first: int = 0
+) -> list[tuple[str, bool]]:
+    """The rendered conversation cut where each assistant turn from message ``first`` on begins
+    (the text before it, with the generation prompt) and ends (the text through it); those turns
+    are the targets."""
+    if not any(m["role"] == "assistant" for m in messages[first:]):
+        raise CorpusError(f"{where}: the conversation has no assistant turn to train on")
     render = tokenizer.apply_chat_template
     try:
         whole = render(messages, add_generation_prompt=False)
         cuts = []
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < first:
                 continue
             before = render(messages[:i], add_generation_prompt=True)
             through = render(messages[: i + 1], add_generation_prompt=False)
@@ -124,10 +138,16 @@ def encode_example(tokenizer: Tokenizer, row: dict, where: str) -> Example:
     errors."""
     if not isinstance(row, dict):
         raise CorpusError(f"{where}: {SHAPES}")
+    return encode_pieces(tokenizer, _pieces(tokenizer, row, where))
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> Example:
+    """Text pieces, each encoded alone, as one example's ids and targets; a target piece with no
+    end-of-sequence token gets one."""
     eos = tokenizer.eos_token_ids
     ids: list[int] = []
     trained: list[bool] = []
-    for text, target in _pieces(tokenizer, row, where):
+    for text, target in pieces:
         piece = tokenizer.encode(text, add_special_tokens=False) if text else []
         if target and eos and not set(piece) & set(eos):
             piece.append(eos[0])  # the template ends the turn without it: learn to stop
@@ -180,6 +200,15 @@ class ChatCorpus:
 def load_chat(path: str, tokenizer: Tokenizer, val_fraction: float = VAL_FRACTION) -> ChatCorpus:
     """Encode the chat corpus at ``path``; about ``val_fraction`` of its examples, chosen by a
     hash of their index, are held out for validation."""
+    train, val = read_examples(path, lambda row, where: [encode_example(tokenizer, row, where)])
+    return ChatCorpus(ChatSplit(train), ChatSplit(val), tokenizer)
+
+
+def read_examples(
+    path: str, encode: Callable[[dict, str], list[Example]], val_fraction: float = VAL_FRACTION
+) -> tuple[list[Example], list[Example]]:
+    """The train and validation examples of the JSON-lines file ``path``: ``encode`` turns each
+    line (and where it is, for errors) into its examples, which stay together in one split."""
     splits: dict[str, list[Example]] = {"train": [], "val": []}
     index = 0
     with open(Path(path).expanduser(), encoding="utf-8") as f:
@@ -191,14 +220,15 @@ def load_chat(path: str, tokenizer: Tokenizer, val_fraction: float = VAL_FRACTIO
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{where}: not JSON ({e}); {SHAPES}") from e
-            example = encode_example(tokenizer, row, where)
-            if len(example.ids) < 2 or not example.trained[1:].any():
-                raise CorpusError(f"{where}: the example has no target after its first token")
-            splits["val" if is_validation(index, val_fraction) else "train"].append(example)
+            examples = encode(row, where)
+            for example in examples:
+                if len(example.ids) < 2 or not example.trained[1:].any():
+                    raise CorpusError(f"{where}: the example has no target after its first token")
+            splits["val" if is_validation(index, val_fraction) else "train"] += examples
             index += 1
     if not splits["train"] or not splits["val"]:
         raise CorpusError(
             f"{path} holds {index} examples, too few to hold out a validation share of "
             f"{val_fraction:g} and train on the rest; give at least {int(3 / val_fraction)}"
         )
-    return ChatCorpus(ChatSplit(splits["train"]), ChatSplit(splits["val"]), tokenizer)
+    return splits["train"], splits["val"]

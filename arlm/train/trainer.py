@@ -40,10 +40,11 @@ from arlm.model.lora import LoRAConfig, add_lora
 from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
-from arlm.train.chat import ChatCorpus, ChatSplit, is_chat_corpus, load_chat
+from arlm.train.chat import ChatCorpus, ChatSplit, corpus_kind, load_chat
 from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
 from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
+from arlm.train.preference import PreferenceCorpus, PreferenceLoss, PreferenceSplit
 from arlm.train.prepare import load_or_prepare
 from arlm.train.readback import Readback
 from arlm.train.remedies import UNLIKELIHOOD_KINDS, RemedyLoss, RemedySettings
@@ -56,8 +57,9 @@ from arlm.train.sharding import (
     shard_model,
     shard_optimizer_state,
 )
-from arlm.validate import check_int
+from arlm.validate import check_float, check_int
 
+Split = TokenSplit | ChatSplit | PreferenceSplit  # what training batches are drawn from
 LORA_TARGETS = "all-linear"  # every projection in the blocks, as QLoRA found best
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -82,7 +84,8 @@ class TrainConfig:
         help="'builtin', a text file, a .jsonl file (a \"text\" per line), a folder of "
         ".txt/.md/.jsonl files, a glob, or a folder written by arlm prepare; with --init-from "
         'also a .jsonl file of conversations ("messages", or "prompt" and "completion"), '
-        "trained on the assistant's turns",
+        'trained on the assistant\'s turns, or of preferences ("prompt", "chosen", '
+        '"rejected"), trained by DPO',
     )
     init_from: str | None = option(
         None,
@@ -176,6 +179,11 @@ class TrainConfig:
         None, help="LoRA's alpha: the updates are scaled by alpha / rank (default: 2 x rank)"
     )
     lora_dropout: float = option(0.0, help="dropout on the LoRA updates' inputs")
+    dpo_beta: float = option(
+        0.1,
+        help="with a preference corpus: DPO's beta, how strongly the loss holds the model to its "
+        "reference (the model as training began)",
+    )
     lora_targets: str = option(
         LORA_TARGETS,
         help="the projections LoRA adapts, by their Hugging Face names, comma-separated "
@@ -218,6 +226,7 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        check_float("dpo_beta", self.dpo_beta, lambda b: b > 0, "> 0")
         self.remedies  # noqa: B018 (checks the remedy options now)
         self.lora  # noqa: B018 (and the LoRA options)
 
@@ -404,9 +413,10 @@ class Trainer:
             barrier(self.world)
         # a fine-tuned model comes with its tokenizer, which encodes the corpus
         pretrained = self._pretrained(resume) if cfg.init_from is not None else None
-        self.shards: Shards | ChatCorpus
-        if is_chat_corpus(cfg.corpus):  # conversations: each example whole, in memory
-            self.shards = self._conversations(pretrained)
+        self.shards: Shards | ChatCorpus | PreferenceCorpus
+        kind = corpus_kind(cfg.corpus)
+        if kind != "text":  # conversations or preferences: each example whole, in memory
+            self.shards = self._examples(kind, pretrained)
         else:
             self.shards = load_or_prepare(
                 cfg.corpus,
@@ -464,6 +474,11 @@ class Trainer:
             self.remedies = RemedyLoss(
                 cfg.remedies, self.model, self.shards.train, self.tokenizer, self.world, cfg.seed
             )
+        # preference pairs train by DPO, against the model as it began
+        self.preference: PreferenceLoss | None = None
+        if isinstance(self.shards, PreferenceCorpus):
+            reference = None if cfg.lora is not None else self._reference()
+            self.preference = PreferenceLoss(cfg.dpo_beta, self.model, reference)
         adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.flops_per_token = model_flops_per_token(
             self.model.config, self.window, adapters if cfg.lora is not None else None
@@ -506,20 +521,31 @@ class Trainer:
         model.requires_grad_(True)  # an adapter folder's merged model comes frozen
         return model, tokenizer
 
-    def _conversations(self, pretrained: tuple[Transformer, Tokenizer] | None) -> ChatCorpus:
-        """The chat corpus, encoded with the fine-tuned model's tokenizer and chat template."""
+    def _examples(
+        self, kind: str, pretrained: tuple[Transformer, Tokenizer] | None
+    ) -> ChatCorpus | PreferenceCorpus:
+        """The conversations or preference pairs of the corpus, encoded with the fine-tuned
+        model's tokenizer and chat template."""
         cfg = self.cfg
+        what = "conversations" if kind == "chat" else "preference pairs"
         if pretrained is None:
             raise ValueError(
-                f"{cfg.corpus} holds conversations, which fine-tune a model that has a "
-                "tokenizer and chat template: pass --init-from (a new model trains on text)"
+                f"{cfg.corpus} holds {what}, which fine-tune a model that has a tokenizer and "
+                "chat template: pass --init-from (a new model trains on text)"
             )
         if cfg.remedies.active:
             raise ValueError(
                 "the loop remedies (--unlikelihood, --ditto) train on windows of text, and "
-                f"{cfg.corpus} holds conversations; train them on a text corpus"
+                f"{cfg.corpus} holds {what}; train them on a text corpus"
             )
-        return load_chat(cfg.corpus, pretrained[1])
+        if kind == "chat":
+            return load_chat(cfg.corpus, pretrained[1])
+        return PreferenceCorpus(cfg.corpus, pretrained[1])
+
+    def _reference(self) -> Transformer:
+        """DPO's reference for a full fine-tune: the model ``init_from`` holds, frozen."""
+        model, _ = read_model(resolve(self.cfg.init_from), device=self.device)
+        return model.float().eval().requires_grad_(False)
 
     def _tokenizer(self) -> Tokenizer | None:
         """A resumed run's own tokenizer; None for a new run, which takes its corpus's."""
@@ -605,25 +631,24 @@ class Trainer:
         enabled = self.cfg.bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _draw(
-        self, split: TokenSplit | ChatSplit, n: int, block: int, generator: torch.Generator
-    ) -> list[int]:
-        """Where ``n`` rows of a batch begin: windows' starts, or whole examples' indices."""
-        if isinstance(split, ChatSplit):
-            return split.sample(n, generator)
-        return sample_starts(split, n, block, generator)
+    def _draw(self, split: Split, n: int, block: int, generator: torch.Generator) -> list[int]:
+        """What ``n`` rows of a batch are: windows' starts, or whole examples' (pairs') indices."""
+        if isinstance(split, TokenSplit):
+            return sample_starts(split, n, block, generator)
+        return split.sample(n, generator)
 
     def _batch(
-        self, split: TokenSplit | ChatSplit, picks: list[int], block: int
+        self, split: Split, picks: list[int], block: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (B, T) and their targets on the training device: windows of ``block`` tokens
-        and the same shifted by one, or whole examples (``ChatSplit.batch``)."""
-        if isinstance(split, ChatSplit):
-            pad = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else 0
-            x, y = split.batch(picks, block, pad)
-        else:
+        and the same shifted by one, or whole examples (``ChatSplit.batch``; a preference
+        batch's rows are each pair's chosen answers, then its rejected ones)."""
+        if isinstance(split, TokenSplit):
             windows = split.windows(picks, block)  # (B, block + 1)
             x, y = windows[:, :-1], windows[:, 1:]
+        else:
+            pad = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else 0
+            x, y = split.batch(picks, block, pad)
         if self.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -637,7 +662,7 @@ class Trainer:
         b, world = self.cfg.batch_size, self.world
         # a validation split shorter than the context is read in shorter windows
         block = self.window
-        if not isinstance(self.shards.val, ChatSplit):
+        if isinstance(self.shards.val, TokenSplit):
             block = min(block, len(self.shards.val) - 1)
         starts = self._draw(self.shards.val, self.cfg.eval_iters * b, block, generator)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -652,7 +677,10 @@ class Trainer:
             j = i if i < self.cfg.eval_iters else 0
             x, y = self._batch(self.shards.val, starts[j * b : (j + 1) * b], block)
             with self._autocast():
-                _, loss = self.model(x, y, return_logits=False)
+                if self.preference is not None:
+                    loss = self.preference.loss(self.model, x, y)
+                else:
+                    _, loss = self.model(x, y, return_logits=False)
             if i < self.cfg.eval_iters:
                 total += loss.double()
         self.model.train()
@@ -690,6 +718,8 @@ class Trainer:
                 with self._autocast():
                     if self.remedies is not None:
                         loss = self.remedies.loss(self.forward_model, x, y, self.step, k)
+                    elif self.preference is not None:
+                        loss = self.preference.loss(self.forward_model, x, y)
                     else:
                         _, loss = self.forward_model(x, y, return_logits=False)
                 (loss / cfg.grad_accum).backward()
@@ -743,6 +773,8 @@ class Trainer:
             rows = f"{self.global_batch} sequences x {self.window} = {tokens_per_step:,} tokens"
             if isinstance(self.shards.train, ChatSplit):
                 rows = f"{self.global_batch} examples of up to {self.window} tokens"
+            elif isinstance(self.shards.train, PreferenceSplit):
+                rows = f"{self.global_batch} pairs of answers of up to {self.window} tokens"
             print(
                 f"global batch: {rows} ({cfg.batch_size} per micro-batch x "
                 f"{cfg.grad_accum} micro-batches x {self.world.size} process(es)); "
@@ -787,18 +819,14 @@ class Trainer:
                     )
                 if evaluate:
                     self.last_val_loss = self.evaluate()
-                    self._log(
-                        {
-                            "step": self.step,
-                            "val_loss": self.last_val_loss,
-                            "val_ppl": math.exp(self.last_val_loss),
-                        }
-                    )
+                    record = {"step": self.step, "val_loss": self.last_val_loss}
+                    line = f"step {self.step}: val loss {self.last_val_loss:.4f}"
+                    if self.preference is None:  # a DPO loss is no cross-entropy
+                        record["val_ppl"] = math.exp(self.last_val_loss)
+                        line += f", perplexity {record['val_ppl']:.2f}"
+                    self._log(record)
                     if self.world.is_main:
-                        bar.write(
-                            f"step {self.step}: val loss {self.last_val_loss:.4f}, "
-                            f"perplexity {math.exp(self.last_val_loss):.2f}"
-                        )
+                        bar.write(line)
                         plot_losses(self.out)
                 if checkpoint:
                     self.save()
