@@ -72,6 +72,24 @@ def test_prompt_and_completion(tokenizer):
     assert _split(tokenizer, example) == (f" 4{EOT}", "2 + 2 =")
 
 
+def test_a_plain_prompt_is_encoded_as_generation_encodes_it(tokenizer):
+    """A tokenizer that adds a beginning-of-sequence token adds it before a plain prompt, as
+    ``lm.generate(prompt)`` encodes one; a chat template writes its own markers."""
+    from tokenizers import Tokenizer as Tk
+    from tokenizers.processors import TemplateProcessing
+
+    tk = Tk.from_str(tokenizer.to_json())
+    tk.add_special_tokens(["<bos>"])
+    bos = tk.token_to_id("<bos>")
+    tk.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    with_bos = Tokenizer(tk, bos_token_id=bos)
+    plain = encode_example(with_bos, {"prompt": "2 + 2 =", "completion": " 4"}, "x")
+    prompt = with_bos.encode("2 + 2 =")
+    assert prompt[0] == bos and plain.ids[: len(prompt)].tolist() == prompt
+    chat = encode_example(with_bos, {"messages": CONVERSATION}, "x")
+    assert bos not in chat.ids.tolist()
+
+
 def test_a_batch_is_whole_examples_padded_and_cut(tokenizer):
     a = encode_example(tokenizer, {"prompt": "a b c d e f", "completion": " g h"}, "a")
     b = encode_example(tokenizer, {"prompt": "x", "completion": " y"}, "b")

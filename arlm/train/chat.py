@@ -138,17 +138,20 @@ def encode_example(tokenizer: Tokenizer, row: dict, where: str) -> Example:
     errors."""
     if not isinstance(row, dict):
         raise CorpusError(f"{where}: {SHAPES}")
-    return encode_pieces(tokenizer, _pieces(tokenizer, row, where))
+    return encode_pieces(tokenizer, _pieces(tokenizer, row, where), templated="messages" in row)
 
 
-def encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> Example:
+def encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]], templated: bool) -> Example:
     """Text pieces, each encoded alone, as one example's ids and targets; a target piece with no
-    end-of-sequence token gets one."""
+    end-of-sequence token gets one. A chat template writes its own special tokens
+    (``templated``); a plain prompt is encoded as ``lm.generate`` encodes one, with the
+    tokenizer's (a beginning-of-sequence token, where it adds one)."""
     eos = tokenizer.eos_token_ids
     ids: list[int] = []
     trained: list[bool] = []
-    for text, target in pieces:
-        piece = tokenizer.encode(text, add_special_tokens=False) if text else []
+    for k, (text, target) in enumerate(pieces):
+        special = k == 0 and not templated
+        piece = tokenizer.encode(text, add_special_tokens=special) if text or special else []
         if target and eos and not set(piece) & set(eos):
             piece.append(eos[0])  # the template ends the turn without it: learn to stop
         ids += piece

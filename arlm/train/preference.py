@@ -53,16 +53,17 @@ def encode_pair(tokenizer: Tokenizer, row: dict, where: str) -> list[Example]:
     prompt, pair = row["prompt"], []
     for key in ("chosen", "rejected"):
         answer = row[key]
+        templated = isinstance(prompt, list)
         if isinstance(prompt, str) and isinstance(answer, str) and answer:
             pieces = [(prompt, False), (answer, True)]
-        elif isinstance(prompt, list) and isinstance(answer, (str, list)) and answer:
+        elif templated and isinstance(answer, (str, list)) and answer:
             if isinstance(answer, str):  # one assistant message
                 answer = [{"role": "assistant", "content": answer}]
             messages = check_messages(prompt + answer, where)
             pieces = conversation_pieces(tokenizer, messages, where, first=len(prompt))
         else:
             raise CorpusError(f"{where}: {key!r} does not fit the prompt; {SHAPE}")
-        pair.append(encode_pieces(tokenizer, pieces))
+        pair.append(encode_pieces(tokenizer, pieces, templated))
     return pair
 
 
