@@ -99,6 +99,27 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def base(tmp_path_factory, cache_dir):
+    """A tiny Llama-shaped model trained briefly on the built-in corpus: its run folder, the
+    model the fine-tuning tests start from (--init-from)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = TrainConfig(
+        preset="llama-tiny",
+        steps=20,
+        batch_size=8,
+        block_size=64,
+        vocab_size=512,
+        warmup_steps=2,
+        eval_interval=20,
+        eval_iters=2,
+        out=str(out),
+        cache_dir=str(cache_dir),
+    )
+    Trainer(cfg, progress=False).fit()
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, cache_dir):
     """A tiny model trained on the built-in corpus: (Trainer, TrainResult)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"

@@ -112,25 +112,6 @@ def test_dpo_loss_is_the_papers_formula():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("dpo-base") / "run"
-    cfg = TrainConfig(
-        preset="llama-tiny",
-        steps=20,
-        batch_size=8,
-        block_size=64,
-        vocab_size=512,
-        warmup_steps=2,
-        eval_interval=20,
-        eval_iters=2,
-        out=str(out),
-        cache_dir=str(cache_dir),
-    )
-    Trainer(cfg, progress=False).fit()
-    return out
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """Every question's chosen answer says yes, its rejected one no."""
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"

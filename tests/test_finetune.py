@@ -23,26 +23,6 @@ NEW_TEXT = "".join(
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, cache_dir):
-    """A tiny Llama-shaped model trained briefly on the built-in corpus: its run folder."""
-    out = tmp_path_factory.mktemp("base") / "run"
-    cfg = TrainConfig(
-        preset="llama-tiny",
-        steps=20,
-        batch_size=8,
-        block_size=64,
-        vocab_size=512,
-        warmup_steps=2,
-        eval_interval=20,
-        eval_iters=2,
-        out=str(out),
-        cache_dir=str(cache_dir),
-    )
-    Trainer(cfg, progress=False).fit()
-    return out
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "orders.txt"
     path.write_text(NEW_TEXT)

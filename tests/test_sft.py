@@ -153,25 +153,6 @@ def test_a_chat_corpus_is_told_from_a_text_one(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("sft-base") / "run"
-    cfg = TrainConfig(
-        preset="llama-tiny",
-        steps=20,
-        batch_size=8,
-        block_size=64,
-        vocab_size=512,
-        warmup_steps=2,
-        eval_interval=20,
-        eval_iters=2,
-        out=str(out),
-        cache_dir=str(cache_dir),
-    )
-    Trainer(cfg, progress=False).fit()
-    return out
-
-
-@pytest.fixture(scope="module")
 def chats(tmp_path_factory):
     """Questions about many things, always answered the same way."""
     path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
