@@ -179,3 +179,7 @@ def test_dpo_resumes_exactly_and_needs_a_model(tmp_path, base, pairs, cache_dir)
         Trainer(TrainConfig(corpus=str(pairs), out=str(tmp_path / "c")), progress=False)
     with pytest.raises(ValueError, match="dpo_beta=0"):
         TrainConfig(dpo_beta=0.0)
+    text = tmp_path / "text.txt"
+    text.write_text("plain text, no pairs. " * 200)
+    with pytest.raises(ValueError, match="dpo_beta=0.5 applies to preference pairs"):
+        Trainer(_dpo(tmp_path / "d", base, text, cache_dir, dpo_beta=0.5), progress=False)

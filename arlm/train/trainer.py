@@ -61,6 +61,7 @@ from arlm.validate import check_float, check_int
 
 Split = TokenSplit | ChatSplit | PreferenceSplit  # what training batches are drawn from
 LORA_TARGETS = "all-linear"  # every projection in the blocks, as QLoRA found best
+DPO_BETA = 0.1  # TRL's default
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 # TrainConfig fields that reshape the preset's model (vocab_size is the tokenizer's, set apart)
@@ -179,15 +180,15 @@ class TrainConfig:
         None, help="LoRA's alpha: the updates are scaled by alpha / rank (default: 2 x rank)"
     )
     lora_dropout: float = option(0.0, help="dropout on the LoRA updates' inputs")
-    dpo_beta: float = option(
-        0.1,
-        help="with a preference corpus: DPO's beta, how strongly the loss holds the model to its "
-        "reference (the model as training began)",
-    )
     lora_targets: str = option(
         LORA_TARGETS,
         help="the projections LoRA adapts, by their Hugging Face names, comma-separated "
         "(q_proj,v_proj,...; c_attn,c_fc,... for GPT-2), or all-linear",
+    )
+    dpo_beta: float = option(
+        DPO_BETA,
+        help="with a preference corpus: DPO's beta, how strongly the loss holds the model to its "
+        "reference (the model as training began)",
     )
 
     def __post_init__(self) -> None:
@@ -232,7 +233,7 @@ class TrainConfig:
 
     def _check_fine_tuning(self) -> None:
         """The model comes whole from ``init_from``: options that would reshape it are refused,
-        and LoRA's options are checked."""
+        and LoRA's sharding."""
         for name in ("preset", "vocab_size", *MODEL_OVERRIDES):
             if name != "block_size" and getattr(self, name) is not None:
                 raise ValueError(
@@ -476,6 +477,11 @@ class Trainer:
             )
         # preference pairs train by DPO, against the model as it began
         self.preference: PreferenceLoss | None = None
+        if cfg.dpo_beta != DPO_BETA and not isinstance(self.shards, PreferenceCorpus):
+            raise ValueError(
+                f"dpo_beta={cfg.dpo_beta} applies to preference pairs, and {cfg.corpus} holds "
+                "none; drop --dpo-beta or train on a .jsonl of prompt, chosen and rejected"
+            )
         if isinstance(self.shards, PreferenceCorpus):
             reference = None if cfg.lora is not None else self._reference()
             self.preference = PreferenceLoss(cfg.dpo_beta, self.model, reference)
