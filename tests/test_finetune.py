@@ -146,6 +146,23 @@ def test_lora_resumes_to_the_same_adapters(tmp_path, base, corpus, cache_dir):
     assert adapted == {f"h.{i}.attn.c_attn" for i in range(resumed.model.config.n_layer)}
 
 
+def test_an_adapter_trained_on_an_adapter_loads_through_both(tmp_path, base, corpus, cache_dir):
+    """--init-from an adapter folder names it as the new adapter's base: loading merges the
+    chain, the innermost first, to the logits the second run trained."""
+    lora = dict(lora_rank=2, lr=1e-2, steps=3)
+    first = Trainer(_tune(tmp_path / "a", base, corpus, cache_dir, **lora), progress=False).fit()
+    cfg = _tune(tmp_path / "b", first.out, corpus, cache_dir, **lora)
+    second = Trainer(cfg, progress=False)
+    second.fit()
+    adapter = json.loads((tmp_path / "b/tuned" / ADAPTER_CONFIG).read_text())
+    assert adapter["base_model_name_or_path"] == str(first.out.resolve())
+    ids = torch.arange(30)[None]
+    second.model.eval()
+    expected = _logits(second.model, ids)
+    assert_close(_logits(arlm.load(tmp_path / "b/tuned").model, ids), expected)
+    assert not torch.allclose(_logits(arlm.load(first.out).model, ids), expected, atol=1e-3)
+
+
 def test_a_merged_lora_model_exports_as_the_base_family(tmp_path, base, corpus, cache_dir):
     result = Trainer(
         _tune(tmp_path, base, corpus, cache_dir, lora_rank=2, steps=2), progress=False

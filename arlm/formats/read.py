@@ -16,22 +16,35 @@ from arlm.formats.peft import apply_adapter, is_adapter_dir, read_adapter
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
+# adapters trained on adapters (DPO on a LoRA fine-tune, say), deeper than any real chain
+MAX_ADAPTERS = 8
+
+
+def adapter_chain(path: str | os.PathLike) -> tuple[list[Path], Path]:
+    """The adapters ``path`` stands for, outermost first, and the folder that holds the model's
+    weights: ``path`` itself where it is no adapter. An adapter's base (a local folder or a Hub
+    id, resolved) may be an adapter in turn, as ``arlm train --init-from`` an adapter writes."""
+    adapters, current = [], Path(path)
+    while is_adapter_dir(current):
+        if len(adapters) == MAX_ADAPTERS:
+            raise CheckpointError(
+                f"{path} stands on more than {MAX_ADAPTERS} adapters, each the base of the one "
+                "before; merge some (arlm export) or check for a loop"
+            )
+        base = read_adapter(current).base_model
+        if base is None:
+            raise CheckpointError(
+                f"{current} is a LoRA adapter without base_model_name_or_path in its "
+                "adapter_config.json; set it to the base model's folder or Hub id"
+            )
+        adapters.append(current)
+        current = resolve(base)
+    return adapters, current
+
 
 def weights_dir(path: str | os.PathLike) -> Path:
-    """The folder that holds ``path``'s weights: an adapter's base model (a local folder or a
-    Hub id, resolved), else ``path`` itself."""
-    path = Path(path)
-    if not is_adapter_dir(path):
-        return path
-    base = read_adapter(path).base_model
-    if base is None:
-        raise CheckpointError(
-            f"{path} is a LoRA adapter without base_model_name_or_path in its adapter_config.json; "
-            "set it to the base model's folder or Hub id"
-        )
-    if is_adapter_dir(resolve(base)):
-        raise CheckpointError(f"{path}'s base model {base} is an adapter itself; merge it first")
-    return resolve(base)
+    """The folder that holds ``path``'s weights (``adapter_chain``)."""
+    return adapter_chain(path)[1]
 
 
 def read_model(
@@ -41,13 +54,13 @@ def read_model(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
 ) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer in the local folder ``path`` (see the module's docstring)."""
-    path = Path(path)
-    base = weights_dir(path)
+    """The model and tokenizer in the local folder ``path`` (see the module's docstring): an
+    adapter's base with each adapter of the chain merged in, the innermost first."""
+    adapters, base = adapter_chain(path)
     if hf.is_hf_dir(base):
         model, tokenizer = hf.load_hf(base, device=device, dtype=dtype, allow_pickle=allow_pickle)
     else:
         model, tokenizer = load_model(base, device=device, dtype=dtype)
-    if base != path:  # a LoRA adapter: fine-tuned with its base's tokenizer, which is read
-        apply_adapter(model, path)
+    for adapter in reversed(adapters):  # fine-tuned with its base's tokenizer, which is read
+        apply_adapter(model, adapter)
     return model, tokenizer
