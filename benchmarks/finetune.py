@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# benchmarks/train.py, beside this script: its workers' step loop and turn-taking
+from train import current_rss_mb, peak_rss_mb, serve_steps, take_turns
 
 OUT = Path(__file__).parent / "out"
 SHAPES = {
@@ -60,15 +60,6 @@ SHAPES = {
 }
 SIDES = ("arlm full", "transformers full", "arlm LoRA", "PEFT LoRA")
 LR = 1e-4
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def make_model(folder: Path, shape: dict, block: int) -> None:
@@ -167,44 +158,31 @@ def worker(job: Job, conn) -> None:
     import torch
 
     torch.set_num_threads(job.threads)
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     arlm = job.side.startswith("arlm")
     step, model, saved_mb = (_arlm_stepper if arlm else _hf_stepper)(job)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     conn.send({"trainable": trainable})
-    while (n := conn.recv()) is not None:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        conn.send(times)
-    conn.send({"peak_rss_mb": _rss_mb() - baseline, "saved_mb": saved_mb() if saved_mb else None})
+    serve_steps(step, conn)
+    saved = saved_mb() if saved_mb else None
+    conn.send({"peak_rss_mb": peak_rss_mb() - baseline, "saved_mb": saved})
 
 
 def compare(args, model: Path, shards: Path, workdir: Path) -> dict:
-    ctx = mp.get_context("spawn")
-    pipes, procs, info = {}, {}, {}
-    for side in SIDES:
-        parent, child = ctx.Pipe()
-        job = Job(side, str(model), str(shards), str(workdir), args.block, args.batch,
-                  args.rank, args.threads)  # fmt: skip
-        procs[side] = ctx.Process(target=worker, args=(job, child), daemon=True)
-        procs[side].start()
-        pipes[side] = parent
-        info[side] = parent.recv()
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
-    for side in SIDES:
-        pipes[side].send(args.warmup)
-        pipes[side].recv()
-    for _ in range(args.rounds):
-        for side in SIDES:
-            pipes[side].send(args.steps)
-            times[side] += pipes[side].recv()
-    for side in SIDES:
-        pipes[side].send(None)
-        info[side].update(pipes[side].recv())
-        procs[side].join()
+    jobs = {
+        side: Job(
+            side,
+            str(model),
+            str(shards),
+            str(workdir),
+            args.block,
+            args.batch,
+            args.rank,
+            args.threads,
+        )  # fmt: skip
+        for side in SIDES
+    }
+    times, info = take_turns(worker, jobs, args)
     tokens = args.batch * args.block
     rows = {}
     for side in SIDES:

@@ -87,13 +87,53 @@ def char_corpus(folder: Path) -> tuple[Path, Path]:
     return corpus, path
 
 
-def _rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _current_rss_mb() -> float:
+def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def serve_steps(step, conn) -> None:
+    """A worker's loop: run ``n`` steps whenever the parent sends ``n``, sending their times
+    back; return when it sends None."""
+    while (n := conn.recv()) is not None:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        conn.send(times)
+
+
+def take_turns(worker, jobs: dict, args) -> tuple[dict[str, list[float]], dict[str, dict]]:
+    """One spawned ``worker(job, conn)`` process per side of ``jobs``, each running its steps
+    in turn on every core: ``args.warmup`` steps each, then ``args.rounds`` rounds of
+    ``args.steps``. Returns each side's step times and what its worker sent once built and
+    once done (merged)."""
+    ctx = mp.get_context("spawn")
+    pipes, procs, info = {}, {}, {}
+    for side, job in jobs.items():
+        parent, child = ctx.Pipe()
+        procs[side] = ctx.Process(target=worker, args=(job, child), daemon=True)
+        procs[side].start()
+        pipes[side] = parent
+        info[side] = parent.recv()  # built: its model exists (and its ceiling is measured)
+    times: dict[str, list[float]] = {side: [] for side in jobs}
+    for side in jobs:  # warm-up: allocator, kernels, and torch.compile's first graphs
+        pipes[side].send(args.warmup)
+        pipes[side].recv()
+    for _ in range(args.rounds):
+        for side in jobs:
+            pipes[side].send(args.steps)
+            times[side] += pipes[side].recv()
+    for side in jobs:
+        pipes[side].send(None)
+        info[side].update(pipes[side].recv())
+        procs[side].join()
+    return times, info
 
 
 @dataclass
@@ -163,42 +203,17 @@ def worker(job: Job, conn) -> None:
     import torch
 
     torch.set_num_threads(job.threads)
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     step, flops_per_token, bf16 = (_hf_stepper if job.side == HF else _arlm_stepper)(job)
     conn.send({"flops_per_token": flops_per_token, "dtype": "bf16" if bf16 else "f32"})
-    while (n := conn.recv()) is not None:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        conn.send(times)
-    conn.send({"peak_rss_mb": _rss_mb() - baseline})
+    serve_steps(step, conn)
+    conn.send({"peak_rss_mb": peak_rss_mb() - baseline})
 
 
 def compare(name: str, config: dict, shards: Path, workdir: Path, peaks: dict, args) -> dict:
-    ctx = mp.get_context("spawn")
     sides = [HF, *ARLM_SIDES]
-    pipes, procs, info = {}, {}, {}
-    for side in sides:
-        parent, child = ctx.Pipe()
-        job = Job(side, config, str(shards), str(workdir), args.threads)
-        procs[side] = ctx.Process(target=worker, args=(job, child), daemon=True)
-        procs[side].start()
-        pipes[side] = parent
-        info[side] = parent.recv()  # built: its model exists and its ceiling is measured
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    for side in sides:  # warm-up: allocator, kernels, and torch.compile's first graphs
-        pipes[side].send(args.warmup)
-        pipes[side].recv()
-    for _ in range(args.rounds):
-        for side in sides:
-            pipes[side].send(args.steps)
-            times[side] += pipes[side].recv()
-    for side in sides:
-        pipes[side].send(None)
-        info[side].update(pipes[side].recv())
-        procs[side].join()
+    jobs = {side: Job(side, config, str(shards), str(workdir), args.threads) for side in sides}
+    times, info = take_turns(worker, jobs, args)
     tokens = config["batch_size"] * config["block_size"]
     rows = {}
     for side in sides:
