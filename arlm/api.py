@@ -420,7 +420,7 @@ def load(
             f"{', '.join(GENERATION_CONFIGS)}"
         )
     from arlm.formats.hub import resolve
-    from arlm.formats.read import read_model, weights_dir
+    from arlm.formats.read import adapter_chain, read_chain
 
     path = resolve(path, revision, allow_pickle)
     device = resolve_device(device)
@@ -429,7 +429,8 @@ def load(
 
         check_int("tensor_parallel_size", tensor_parallel_size, 1)
         device = rank_device(device)
-    stored = stored_weights(weights_dir(path))  # an adapter's: its base model's
+    adapters, base = adapter_chain(path)  # an adapter's weights are its base model's
+    stored = stored_weights(base)
     if isinstance(dtype, str) and dtype == "auto":
         dtype = auto_dtype(stored.dtype or torch.float32, device)
     dtype = resolve_dtype(dtype)
@@ -439,8 +440,10 @@ def load(
     read_to = torch.device("cpu") if tensor_parallel_size != 1 else device
     defaults = {}
     if generation_config == "auto":  # before the weights: a bad file fails fast
-        defaults = sampling_defaults(weights_dir(path))
-    model, tokenizer = read_model(path, device=read_to, dtype=dtype, allow_pickle=allow_pickle)
+        defaults = sampling_defaults(base)
+    model, tokenizer = read_chain(
+        adapters, base, device=read_to, dtype=dtype, allow_pickle=allow_pickle
+    )
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
     draft = None

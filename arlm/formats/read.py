@@ -42,11 +42,6 @@ def adapter_chain(path: str | os.PathLike) -> tuple[list[Path], Path]:
     return adapters, current
 
 
-def weights_dir(path: str | os.PathLike) -> Path:
-    """The folder that holds ``path``'s weights (``adapter_chain``)."""
-    return adapter_chain(path)[1]
-
-
 def read_model(
     path: str | os.PathLike,
     *,
@@ -54,9 +49,20 @@ def read_model(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
 ) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer in the local folder ``path`` (see the module's docstring): an
-    adapter's base with each adapter of the chain merged in, the innermost first."""
-    adapters, base = adapter_chain(path)
+    """The model and tokenizer in the local folder ``path`` (see the module's docstring)."""
+    return read_chain(*adapter_chain(path), device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def read_chain(
+    adapters: list[Path],
+    base: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> tuple[Transformer, Tokenizer]:
+    """The model in ``base`` with each of ``adapters`` (``adapter_chain``'s) merged in, the
+    innermost first, and its tokenizer."""
     if hf.is_hf_dir(base):
         model, tokenizer = hf.load_hf(base, device=device, dtype=dtype, allow_pickle=allow_pickle)
     else:

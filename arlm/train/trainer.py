@@ -34,7 +34,13 @@ from arlm.formats.checkpoint import (
     write_files,
 )
 from arlm.formats.hub import resolve
-from arlm.formats.peft import Adapter, adapter_files, load_adapter_weights, lora_targets
+from arlm.formats.peft import (
+    ALL_LINEAR,
+    Adapter,
+    adapter_files,
+    load_adapter_weights,
+    lora_targets,
+)
 from arlm.formats.read import read_model
 from arlm.model.lora import LoRAConfig, add_lora
 from arlm.model.quantize import require_float
@@ -60,7 +66,7 @@ from arlm.train.sharding import (
 from arlm.validate import check_float, check_int
 
 Split = TokenSplit | ChatSplit | PreferenceSplit  # what training batches are drawn from
-LORA_TARGETS = "all-linear"  # every projection in the blocks, as QLoRA found best
+LORA_TARGETS = ALL_LINEAR  # every projection in the blocks, as QLoRA found best
 DPO_BETA = 0.1  # TRL's default
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
