@@ -21,6 +21,7 @@ adapters switched off (no second copy); a full fine-tune keeps a frozen copy of 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +91,20 @@ class PreferenceSplit:
         return self.examples.batch(rows, window, pad_id)
 
 
+@dataclass
 class PreferenceCorpus:
     """A preference corpus encoded: train and validation pairs, and the tokenizer."""
 
-    def __init__(self, path: str, tokenizer: Tokenizer) -> None:
-        train, val = read_examples(path, lambda row, where: encode_pair(tokenizer, row, where))
-        self.train, self.val = PreferenceSplit(train), PreferenceSplit(val)
-        self.tokenizer = tokenizer
+    train: PreferenceSplit
+    val: PreferenceSplit
+    tokenizer: Tokenizer
+
+
+def load_preferences(path: str, tokenizer: Tokenizer) -> PreferenceCorpus:
+    """Encode the preference corpus at ``path``; pairs are held out as ``load_chat`` holds out
+    examples."""
+    train, val = read_examples(path, lambda row, where: encode_pair(tokenizer, row, where))
+    return PreferenceCorpus(PreferenceSplit(train), PreferenceSplit(val), tokenizer)
 
 
 def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,12 @@ from arlm.train.chat import ChatCorpus, ChatSplit, corpus_kind, load_chat
 from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
 from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
-from arlm.train.preference import PreferenceCorpus, PreferenceLoss, PreferenceSplit
+from arlm.train.preference import (
+    PreferenceCorpus,
+    PreferenceLoss,
+    PreferenceSplit,
+    load_preferences,
+)
 from arlm.train.prepare import load_or_prepare
 from arlm.train.readback import Readback
 from arlm.train.remedies import UNLIKELIHOOD_KINDS, RemedyLoss, RemedySettings
@@ -552,7 +557,7 @@ class Trainer:
             )
         if kind == "chat":
             return load_chat(cfg.corpus, pretrained[1])
-        return PreferenceCorpus(cfg.corpus, pretrained[1])
+        return load_preferences(cfg.corpus, pretrained[1])
 
     def _reference(self) -> Transformer:
         """DPO's reference for a full fine-tune: the model ``init_from`` holds, frozen."""
