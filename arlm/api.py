@@ -20,6 +20,7 @@ from arlm.engine.tensor_parallel import TensorParallelGroup
 from arlm.formats.generation_config import sampling_defaults
 from arlm.formats.stored import stored_weights
 from arlm.kv_cache import CacheConfig
+from arlm.model.multi_lora import AdapterRows
 from arlm.model.packing import pack
 from arlm.model.quantize import quantize as quantize_weights
 from arlm.model.transformer import Transformer
@@ -62,7 +63,9 @@ class LM:
     the command line, or to the server) takes when it does not set them; ``arlm.load`` fills
     them from the model's generation_config.json. ``speculative``: speculative decoding
     (``arlm.speculative.SpeculativeConfig``), ``draft`` the draft model of its method "draft";
-    a setting that cannot work is refused here. The engine is built at the first generation.
+    a setting that cannot work is refused here. ``adapters``: the LoRA adapters loaded into
+    ``model``'s slots (``arlm.formats.read.load_lora_modules``), which ``generate`` and
+    ``stream`` name. The engine is built at the first generation.
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class LM:
         tensor_parallel: TensorParallelGroup | None = None,
         speculative: SpeculativeConfig | None = None,
         draft: Transformer | None = None,
+        adapters: AdapterRows | None = None,
     ) -> None:
         self.model = model.eval()
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.cache_config = cache_config or CacheConfig()
         self.cache_config.check(model.config)
@@ -118,6 +123,7 @@ class LM:
                 tensor_parallel=self.tensor_parallel,
                 speculative=self.speculative,
                 draft=self.draft,
+                adapters=self.adapters,
             )
         return self._engine
 
@@ -163,6 +169,7 @@ class LM:
         params: SamplingParams | list[SamplingParams] | None = None,
         *,
         progress: bool | None = None,
+        adapter: str | list[str | None] | None = None,
         **kwargs,
     ) -> Completion | list:
         """Continue ``prompt`` (text or token ids); keywords are ``SamplingParams`` fields.
@@ -171,6 +178,8 @@ class LM:
         each, in order; ``params`` may then be a list, one per prompt (as vLLM's
         ``LLM.generate``). With ``n`` > 1 each prompt gives a list of ``n`` completions.
         ``progress``: a progress bar (None: for a list of more than one prompt).
+        ``adapter``: the name of a LoRA adapter loaded with ``lora_modules`` to generate with
+        (None: the base model); for a list of prompts, one name for all or one each.
         A single prompt whose generation fails raises ``ValueError``; in a list, a failed
         prompt's completion has finish_reason "error" and the others complete.
         """
@@ -183,16 +192,29 @@ class LM:
                 batch_params = self._params(params, kwargs)
             show = len(prompt) > 1 if progress is None else progress
             if isinstance(batch_params, SamplingParams) and batch_params.penalty_alpha > 0:
+                self._base_only(adapter, "contrastive search (penalty_alpha)")
                 return [self._contrastive(p, batch_params) for p in prompt]
-            return self.engine.generate(prompt, batch_params, progress=show)
+            return self.engine.generate(prompt, batch_params, progress=show, adapter=adapter)
+        if isinstance(adapter, list):
+            raise TypeError("adapter is a list for a list of prompts; give one prompt one name")
         params = self._params(params, kwargs)
         if params.penalty_alpha > 0:  # until the engine runs it per row
+            self._base_only(adapter, "contrastive search (penalty_alpha)")
             return self._contrastive(prompt, params)
-        (result,) = self.engine.generate([prompt], params, progress=bool(progress))
+        (result,) = self.engine.generate([prompt], params, progress=bool(progress), adapter=adapter)
         for completion in result if isinstance(result, list) else [result]:
             if completion.finish_reason == "error":
                 raise ValueError(completion.error)
         return result
+
+    def _base_only(self, adapter: str | list[str | None] | None, what: str) -> None:
+        """Refuse a LoRA adapter for ``what``, which runs the model outside the engine."""
+        names = adapter if isinstance(adapter, list) else [adapter]
+        if any(name is not None for name in names):
+            raise ValueError(
+                f"{what} runs the base model outside the engine, without LoRA adapters; "
+                "ask without adapter, or merge the adapter into the model (arlm.load its folder)"
+            )
 
     def _contrastive(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         """Contrastive search for one prompt (``arlm.engine.contrastive``)."""
@@ -201,7 +223,12 @@ class LM:
         return contrastive_generate(self.model, self.tokenizer, ids, params, engine.end_ids)
 
     def stream(
-        self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        adapter: str | None = None,
+        **kwargs,
     ) -> Iterator[Chunk]:
         """Like ``generate``, yielding text pieces as they are decoded (``Chunk``, a ``str``).
         The last chunk carries the finish reason and usage."""
@@ -209,11 +236,12 @@ class LM:
         if params.n != 1:
             raise ValueError(f"n={params.n}: stream one sample at a time (n=1)")
         if params.penalty_alpha > 0:  # not in the engine yet, so one piece
+            self._base_only(adapter, "contrastive search (penalty_alpha)")
             done = self._contrastive(prompt, params)
             yield Chunk(done.text, finish_reason=done.finish_reason, usage=done.usage)
             return
         engine = self.engine
-        request_id = engine.add_request(prompt, params)
+        request_id = engine.add_request(prompt, params, adapter=adapter)
         finished = False
         try:
             while not finished:
@@ -324,6 +352,7 @@ def load(
     async_scheduling: bool | None = None,
     tensor_parallel_size: int = 1,
     speculative: SpeculativeConfig | dict | str | None = None,
+    lora_modules: dict[str, str | os.PathLike] | None = None,
 ) -> LM | None:
     """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
     model by id (``"org/name"``; a local path of that name wins).
@@ -387,6 +416,11 @@ def load(
     model (``{"method": "draft", "draft_model": PATH}``, loaded here on the same device and
     dtype; ``"quantization": "int4"`` with the target's own path is a self-draft). See
     ``arlm.engine.speculation`` and docs/speculative.md.
+
+    lora_modules: LoRA adapters (PEFT's folders, or Hub ids) of this base model, by the name a
+    request gives them (``{"sql": "runs/sql-lora"}``, vLLM's ``--lora-modules``): each held
+    beside the base's weights, unmerged, so that every request of a batch may run with its own
+    (``generate(..., adapter="sql")``) or none. See ``arlm.model.multi_lora``.
     """
     # every argument, for workers that load the same model (arlm.launch)
     arguments = dict(locals())
@@ -409,6 +443,11 @@ def load(
     )
     if speculative is not None and not isinstance(speculative, SpeculativeConfig):
         speculative = SpeculativeConfig.from_json(speculative)
+    if lora_modules is not None and tensor_parallel_size != 1:
+        raise ValueError(
+            "LoRA adapters are not served with tensor parallelism yet; load with "
+            "tensor_parallel_size=1, or merge one adapter into the model (arlm.load its folder)"
+        )
     if speculative is not None and tensor_parallel_size != 1:
         raise ValueError(
             "speculative decoding does not run with tensor parallelism yet; load with "
@@ -420,7 +459,7 @@ def load(
             f"{', '.join(GENERATION_CONFIGS)}"
         )
     from arlm.formats.hub import resolve
-    from arlm.formats.read import adapter_chain, read_chain
+    from arlm.formats.read import adapter_chain, load_lora_modules, read_chain
 
     path = resolve(path, revision, allow_pickle)
     device = resolve_device(device)
@@ -444,6 +483,9 @@ def load(
     model, tokenizer = read_chain(
         adapters, base, device=read_to, dtype=dtype, allow_pickle=allow_pickle
     )
+    served = None  # before quantizing: the slots wrap the float layers, which quantize then
+    if lora_modules is not None:
+        served = load_lora_modules(model, lora_modules)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
     draft = None
@@ -459,6 +501,7 @@ def load(
         defaults,
         speculative=speculative,
         draft=draft,
+        adapters=served,
     )
 
 

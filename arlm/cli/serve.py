@@ -40,7 +40,26 @@ def add_parser(sub) -> None:
     add_generation_config_option(p)
     add_cache_options(p)
     add_tensor_parallel_option(p)
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        type=lora_module,
+        help="LoRA adapters (PEFT folders or Hub ids) of MODEL, each served as the model NAME "
+        "beside the base, unmerged: every request picks one by its model field (default: none)",
+    )
     p.set_defaults(run=run)
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """NAME=PATH (vLLM's --lora-modules form) as (name, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=PATH: give each adapter a name for requests' model field and "
+            "its folder, as sql=runs/sql-lora"
+        )
+    return name.strip(), path
 
 
 def run(args: argparse.Namespace) -> None:
@@ -51,6 +70,11 @@ def run(args: argparse.Namespace) -> None:
 
     config = ServeConfig(**given(args, ServeConfig))
     kwargs = load_kwargs(args)
+    if args.lora_modules:
+        names = [name for name, _ in args.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--lora-modules names {names} repeat; give each adapter its own")
+        kwargs["lora_modules"] = dict(args.lora_modules)
     # a Hub id downloads now, before the server starts; it is then served under its id
     local = Path(args.model).exists()
     folder = resolve(args.model, kwargs.pop("revision"), args.allow_pickle)

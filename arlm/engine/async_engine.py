@@ -155,16 +155,19 @@ class AsyncEngine:
             raise QueueFull(max(waiting - free, 0), self.max_queue)
 
     def add_requests(
-        self, requests: list[tuple[str | list[int], SamplingParams, str]]
+        self,
+        requests: list[tuple[str | list[int], SamplingParams, str]],
+        adapter: str | None = None,
     ) -> RequestStream:
-        """Queue (prompt, params, request id) triples, all or none; one stream of their
-        outputs. Must be called from a running event loop. Raises ``ValueError`` for a prompt
-        or parameters the engine cannot run, an id in use, or more sequences than could ever
-        fit (``InvalidRequest``, with the field at fault), ``QueueFull`` when the waiting
-        queue has no room for them all now, ``EngineDead`` when the loop has stopped on an
-        error."""
+        """Queue (prompt, params, request id) triples, all or none, run with the LoRA adapter
+        called ``adapter`` (None: the base model); one stream of their outputs. Must be called
+        from a running event loop. Raises ``ValueError`` for a prompt, parameters or adapter
+        the engine cannot run, an id in use, or more sequences than could ever fit
+        (``InvalidRequest``, with the field at fault), ``QueueFull`` when the waiting queue has
+        no room for them all now, ``EngineDead`` when the loop has stopped on an error."""
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error!r}")
+        self.engine.adapter_slot(adapter)
         checked = []
         for prompt, params, request_id in requests:
             if request_id in self._streams:
@@ -181,7 +184,7 @@ class AsyncEngine:
             self._queued += num_seqs
         for prompt_ids, params, request_id in checked:
             self._streams[request_id] = (loop, stream)
-            self._inbox.put(("add", prompt_ids, params, request_id))
+            self._inbox.put(("add", prompt_ids, params, request_id, adapter))
         self._wake.set()
         return stream
 
@@ -247,9 +250,9 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort(command[1])
                 continue
-            _, prompt_ids, params, request_id = command
+            _, prompt_ids, params, request_id, adapter = command
             try:
-                self.engine.add_request(prompt_ids, params, request_id)
+                self.engine.add_request(prompt_ids, params, request_id, adapter)
             except ValueError as e:
                 self._deliver([(request_id, e)])
             except Exception as e:  # that request fails, not the loop

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from arlm.engine.sequence import Sequence
 
 
-def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
-    """One hash per full block of ``token_ids``, each covering every token up to its end."""
-    hashes, prev = [], b""
+def block_hashes(token_ids: list[int], block_size: int, salt: bytes = b"") -> list[bytes]:
+    """One hash per full block of ``token_ids``, each covering every token up to its end and
+    ``salt``: what else decides its keys and values (the LoRA adapter computing them)."""
+    hashes, prev = [], salt
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = array("q", token_ids[start : start + block_size]).tobytes()
         prev = hashlib.blake2b(prev + block, digest_size=16).digest()

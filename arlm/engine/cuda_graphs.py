@@ -30,21 +30,23 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 
 from arlm.devices import int64_tensor
 from arlm.kv_cache.decode_attention import row_tiles, rows_per_tile
 from arlm.kv_cache.paged import PagedKVCache, PagedRow, StaticDecode
+from arlm.model.multi_lora import AdapterRows
 from arlm.model.transformer import Transformer
 
 # the static inputs' columns, per row: token id, position, how far its sequence reaches in the
 # step (LongRoPE picks its factors by it), which row's logits come i-th (row i's entry, for i
 # below the bucket's logit rows), the decode kernel's i-th tile (first row, rows: columns TILE
 # and TILE + 1), the cell its key and value go to (``StaticDecode``'s ``writes``: worked out on
-# the host, where it is a few vector ops a step, not ten launches in the graph), then the
-# block table from column TABLE on
-SELECT, TILE, WRITE, TABLE = 3, 4, 6, 7
+# the host, where it is a few vector ops a step, not ten launches in the graph), its LoRA
+# adapter's slot (-1: none; ``arlm.model.multi_lora``), then the block table from column TABLE on
+SELECT, TILE, WRITE, ADAPTER, TABLE = 3, 4, 6, 7, 8
 
 log = logging.getLogger("arlm.engine")
 
@@ -72,10 +74,11 @@ class DecodeGraphs:
         capture: bool,
         compile: bool = False,
         max_logits: int | None = None,
+        adapters: AdapterRows | None = None,
     ) -> None:
         if not cache.static_decode:
             raise ValueError("decode graphs need a spare block and every block allocated")
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.adapters = model, cache, adapters
         self.buckets = batch_buckets(max_batch)
         self.max_logits = min(max_logits or max_batch, max_batch)
         self._tile_rows = rows_per_tile(model.config.n_head // model.config.n_kv_head)
@@ -90,6 +93,7 @@ class DecodeGraphs:
         )
         self._inputs[:, TILE : TILE + 2] = self._row_tiles
         self._inputs[:, WRITE] = self._spare_cell = cache.spare * cache.n_kv_head * cache.block_size
+        self._inputs[:, ADAPTER] = -1
         self._inputs[:, TABLE:] = cache.spare
         # A step writes only the columns its rows' tables reach (a row reads its table up to
         # its own position, never the stale entries past it): rows x (TABLE + the longest
@@ -117,13 +121,17 @@ class DecodeGraphs:
         tokens, positions, ends, tables = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, TABLE:]
         select = rows[: min(batch, self.max_logits), SELECT]
         step = StaticDecode(self.cache, tables, positions, rows[:, WRITE], rows[:, TILE : TILE + 2])
-        logits, _ = self.model(
-            tokens[None],
-            kv_cache=step,
-            positions=positions[None],
-            seq_ends=ends[None],
-            logits_at=select,
-        )
+        # with adapters loaded every step computes their updates, masked per row: the same
+        # kernels whichever rows use which (or none)
+        adapters = nullcontext() if self.adapters is None else self.adapters.using(rows[:, ADAPTER])
+        with adapters:
+            logits, _ = self.model(
+                tokens[None],
+                kv_cache=step,
+                positions=positions[None],
+                seq_ends=ends[None],
+                logits_at=select,
+            )
         return logits[0].float()  # (logit rows, vocab)
 
     @torch.inference_mode()
@@ -174,13 +182,15 @@ class DecodeGraphs:
         tokens: list[int],
         select: list[int],
         fed: torch.Tensor | None = None,
+        adapters: list[int] | None = None,
     ) -> torch.Tensor:
         """The logits (len(select), vocab) at rows ``select`` of one step whose rows are each
         span's positions in turn: span s feeds positions ``s.start .. s.end - 1`` of the
         sequence whose block table is ``s.blocks`` (a decode row one, a verify row its pending
         token and guesses, a prompt chunk its tokens), reaching ``s.end`` in this step. The
         first ``len(fed)`` rows' tokens are ``fed``, on the device (ids the step before
-        sampled: ``arlm.engine.overlap``); the other rows' are ``tokens``, in order."""
+        sampled: ``arlm.engine.overlap``); the other rows' are ``tokens``, in order.
+        ``adapters``: each row's LoRA adapter slot (None: none uses one)."""
         counts = [s.length for s in spans]
         rows, lengths = sum(counts), [len(s.blocks) for s in spans]
         num_fed = 0 if fed is None else len(fed)
@@ -205,16 +215,20 @@ class DecodeGraphs:
                 *tiles,
                 *lengths,
                 *(b for s in spans for b in s.blocks),
+                *(adapters or [-1] * rows),
             ]
         )
-        sizes = [len(tokens), rows, rows, picked, len(tiles), len(spans), sum(lengths)]
-        tokens_in, positions, ends, picks, tiles_in, table_lengths, blocks = ints.split(sizes)
+        sizes = [len(tokens), rows, rows, picked, len(tiles), len(spans), sum(lengths), rows]
+        split = ints.split(sizes)
+        tokens_in, positions, ends, picks, tiles_in, table_lengths, blocks, slots = split
         staging[rows:, :TABLE] = 0
         staging[rows:, WRITE] = self._spare_cell
+        staging[rows:, ADAPTER] = -1
         staging[rows:, TABLE:] = spare
         staging[num_fed:rows, 0] = tokens_in
         staging[:rows, 1] = positions
         staging[:rows, 2] = ends
+        staging[:rows, ADAPTER] = slots
         staging[:picked, SELECT] = picks
         staging[picked:, SELECT] = 0  # padding: row 0's logits again, dropped
         num_tiles = lone + len(tiles) // 2

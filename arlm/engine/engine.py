@@ -38,6 +38,7 @@ from arlm.engine.stats import engine_stats
 from arlm.engine.tensor_parallel import TensorParallelGroup, TensorParallelRunner
 from arlm.engine.token_chain import TokenChain
 from arlm.kv_cache.config import CacheConfig
+from arlm.model.multi_lora import AdapterRows
 from arlm.model.transformer import Transformer
 from arlm.sampling.params import SamplingParams
 from arlm.speculative.config import SpeculativeConfig
@@ -50,7 +51,9 @@ class Engine:
     """Continuous batching over ``model``; see the module docstring. ``tensor_parallel``: the
     ranks ``model`` is split over, this one rank 0 (``arlm.engine.tensor_parallel``); None: the
     model is whole here. ``speculative``: speculative decoding (``arlm.engine.speculation``),
-    with ``draft`` the draft model for its method "draft"."""
+    with ``draft`` the draft model for its method "draft". ``adapters``: the LoRA adapters
+    loaded into ``model``'s slots (``arlm.formats.read.load_lora_modules``), which a request
+    names (``add_request``'s ``adapter``)."""
 
     def __init__(
         self,
@@ -61,8 +64,16 @@ class Engine:
         tensor_parallel: TensorParallelGroup | None = None,
         speculative: SpeculativeConfig | None = None,
         draft: Transformer | None = None,
+        adapters: AdapterRows | None = None,
     ) -> None:
+        if adapters is not None and tensor_parallel is not None:
+            raise ValueError(
+                "LoRA adapters are not served with tensor parallelism: their layers are not "
+                "split over ranks; load them with tensor_parallel_size=1, or merge one adapter "
+                "into the model (arlm export)"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.adapters = adapters
         self.device = model.wte.weight.device
         self.cache_config = cache_config or CacheConfig()
         self.cache_config.check(model.config)
@@ -83,7 +94,7 @@ class Engine:
             sizes.held_blocks,
         )
         if tensor_parallel is None:
-            self.runner = ModelRunner(*runner_args)
+            self.runner = ModelRunner(*runner_args, adapters=adapters)
         else:  # the other ranks run each step too (arlm.engine.tensor_parallel)
             self.runner = TensorParallelRunner(*runner_args, group=tensor_parallel)
         self.block_manager: BlockManager | None = None
@@ -164,10 +175,13 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        adapter: str | None = None,
     ) -> str:
-        """Queue ``prompt`` (text or token ids); its request id. Refuses, with the reason, a
-        prompt the engine cannot run (``arlm.engine.requests``)."""
+        """Queue ``prompt`` (text or token ids), run with the LoRA adapter called ``adapter``
+        (None: the base model); its request id. Refuses, with the reason, a prompt the engine
+        cannot run (``arlm.engine.requests``)."""
         params = params or SamplingParams()
+        slot = self.adapter_slot(adapter)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -182,6 +196,7 @@ class Engine:
             end_ids=self.end_ids,
             block_size=self.block_size,
             device=self.device,
+            adapter=slot,
         )
         self.requests[request_id] = seqs
         for seq in seqs:
@@ -193,6 +208,22 @@ class Engine:
             else:
                 self.scheduler.add(seq)
         return request_id
+
+    def adapter_slot(self, adapter: str | None) -> int:
+        """The slot of the LoRA adapter called ``adapter`` (-1 for None: the base model), or an
+        ``InvalidRequest`` naming those loaded."""
+        if adapter is None:
+            return -1
+        if self.adapters is None:
+            raise InvalidRequest(
+                f"no LoRA adapters are loaded, so none called {adapter!r}; load them with "
+                "lora_modules (arlm serve --lora-modules NAME=PATH)",
+                "model",
+            )
+        try:
+            return self.adapters.slot(adapter)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "model") from None
 
     def check_prompt(self, prompt: str | list[int]) -> list[int]:
         """The token ids of ``prompt``, or a ValueError saying why the engine cannot run it."""
@@ -325,9 +356,10 @@ class Engine:
         params: SamplingParams | list[SamplingParams] | None = None,
         *,
         progress: bool = True,
+        adapter: str | list[str | None] | None = None,
     ) -> list[Completion] | list[list[Completion]]:
         """Run ``prompts`` to completion (``arlm.engine.offline.generate``)."""
-        return offline.generate(self, prompts, params, progress=progress)
+        return offline.generate(self, prompts, params, progress=progress, adapter=adapter)
 
     def stats(self) -> dict[str, float]:
         """Gauges and counters of the engine now (``arlm.engine.stats``)."""

@@ -24,15 +24,15 @@ def generate(
     params: SamplingParams | list[SamplingParams] | None = None,
     *,
     progress: bool = True,
+    adapter: str | list[str | None] | None = None,
 ) -> list[Completion] | list[list[Completion]]:
-    """Run ``prompts`` to completion on ``engine``, with one ``params`` for all or one each;
-    one completion per prompt in order (a list of ``n`` per prompt when ``n`` > 1)."""
-    if isinstance(params, list):
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} params for {len(prompts)} prompts; give one each")
-    else:
-        params = [params or SamplingParams()] * len(prompts)
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    """Run ``prompts`` to completion on ``engine``, with one ``params`` for all or one each,
+    and one LoRA ``adapter`` name for all or one each (None: the base model); one completion
+    per prompt in order (a list of ``n`` per prompt when ``n`` > 1)."""
+    params = _each("params", params or SamplingParams(), prompts)
+    adapters = _each("adapter", adapter, prompts)
+    every = zip(prompts, params, adapters, strict=True)
+    ids = [engine.add_request(p, sp, adapter=a) for p, sp, a in every]
     done: dict[tuple[str, int], Completion] = {}
     total = sum(sp.n for sp in params)
     with tqdm(total=total, desc="generating", unit="seq", disable=not progress) as bar:
@@ -48,3 +48,12 @@ def generate(
     if all(sp.n == 1 for sp in params):
         return [g[0] for g in grouped]
     return grouped
+
+
+def _each(name: str, value, prompts: list) -> list:
+    """``value`` for each prompt: a list of one each, checked, or one value for all."""
+    if not isinstance(value, list):
+        return [value] * len(prompts)
+    if len(value) != len(prompts):
+        raise ValueError(f"{len(value)} {name} for {len(prompts)} prompts; give one each")
+    return value

@@ -114,11 +114,14 @@ def new_sequences(
     end_ids: frozenset[int],
     block_size: int,
     device: torch.device,
+    adapter: int = -1,
 ) -> list[Sequence]:
-    """The ``params.n`` samples of one request."""
+    """The ``params.n`` samples of one request, run with the LoRA adapter in slot ``adapter``
+    (-1: the base model)."""
     # prompt log-probabilities need every prompt position computed, so such a sequence neither
-    # takes nor offers prefix-cache hits
-    hashes = block_hashes(prompt_ids, block_size) if params.prompt_logprobs is None else []
+    # takes nor offers prefix-cache hits; an adapter's blocks are its own
+    salt = b"" if adapter < 0 else f"lora {adapter}".encode()
+    hashes = block_hashes(prompt_ids, block_size, salt) if params.prompt_logprobs is None else []
     ends = set() if params.ignore_eos else set(end_ids)
     ends |= set(params.stop_token_ids)
     seqs = []
@@ -151,6 +154,7 @@ def new_sequences(
                 end_ids=frozenset(ends),
                 guard=guard,
                 block_hashes=hashes,
+                adapter=adapter,
             )
         )
     return seqs

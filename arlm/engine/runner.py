@@ -19,6 +19,8 @@ steps that score prompt positions (their logits at every position), run eagerly.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from arlm.devices import to_device
@@ -32,6 +34,7 @@ from arlm.kv_cache.config import CacheConfig
 from arlm.kv_cache.offload import HostKVPool
 from arlm.kv_cache.paged import PagedKVCache, PagedRow, StepLayout
 from arlm.kv_cache.windowed import WindowedKVCache
+from arlm.model.multi_lora import AdapterRows
 from arlm.model.transformer import Transformer
 
 
@@ -44,8 +47,10 @@ class ModelRunner:
         block_size: int,
         host_blocks: int = 0,
         held_blocks: int = 0,
+        adapters: AdapterRows | None = None,
     ) -> None:
         self.model = model
+        self.adapters = adapters  # which rows use which LoRA adapter, set before each forward
         self.device = model.wte.weight.device
         dtype = model.wte.weight.dtype
         codec = make_codec(cache_config.dtype, dtype)
@@ -102,6 +107,7 @@ class ModelRunner:
             capture=capture,
             compile=compile,
             max_logits=max_logits,
+            adapters=self.adapters,
         )
 
     def preallocate(self, max_num_seqs: int, max_len: int) -> None:
@@ -179,6 +185,13 @@ class ModelRunner:
             seq.num_cached += n
         return logits, rows, scored
 
+    def _adapters(self, slots: list[int]) -> AbstractContextManager:
+        """Inside, the model's positions use the LoRA adapters in ``slots``; no adapter's cost
+        where none does (or none is loaded)."""
+        if self.adapters is None or max(slots, default=-1) < 0:
+            return nullcontext()
+        return self.adapters.using(to_device(slots, torch.long, self.device))
+
     def _forward(
         self, batch: ScheduledBatch, fed: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[Sequence], PromptRows | None]:
@@ -205,14 +218,19 @@ class ModelRunner:
                 scored.add(seq, wanted)
                 at = len(tokens) - n - start  # flat index of position 0 of this sequence
                 scored_select += [at + p for p in wanted]
+        # each position's LoRA adapter slot, in the order of ``tokens``
+        slots = [s.adapter for s in batch.decode]
+        slots += [s.adapter for s, g in batch.verify for _ in range(1 + len(g))]
+        slots += [s.adapter for s, n in batch.prefill for _ in range(n)]
         if self.windowed is not None:
             (seq,) = [*batch.decode, *(s for s, _ in batch.prefill)]
             if seq.num_cached == 0:  # a new sequence, or one refilled after a break
                 self.windowed.reset()
             idx = to_device([tokens], torch.long, self.device)
-            logits, _ = self.model(
-                idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
-            )
+            with self._adapters(slots):
+                logits, _ = self.model(
+                    idx, kv_cache=self.windowed, start_pos=seq.num_cached, last_only=True
+                )
             return logits[0, : len(rows)].float(), rows, None
         layout = StepLayout(
             [PagedRow(s.block_table, s.num_cached, 1) for s in batch.decode],
@@ -222,7 +240,7 @@ class ModelRunner:
         sampled = select + verify_select
         graphs = self.decode_graphs
         if graphs is not None and not scored_select and graphs.takes(len(tokens), len(sampled)):
-            return graphs.run(layout.rows, tokens[num_fed:], sampled, fed), rows, None
+            return graphs.run(layout.rows, tokens[num_fed:], sampled, fed, slots), rows, None
         idx = to_device([tokens], torch.long, self.device)
         if num_fed:
             idx[0, :num_fed] = fed
@@ -230,13 +248,14 @@ class ModelRunner:
         seq_ends = None
         if self.model.config.rope_type == "longrope":  # it picks a row's factors by the row's reach
             seq_ends = to_device([layout.sequence_ends()], torch.long, self.device)
-        logits, _ = self.model(
-            idx,
-            kv_cache=self.cache.step(layout),
-            positions=positions,
-            logits_at=to_device(sampled + scored_select, torch.long, self.device),
-            seq_ends=seq_ends,
-        )
+        with self._adapters(slots):
+            logits, _ = self.model(
+                idx,
+                kv_cache=self.cache.step(layout),
+                positions=positions,
+                logits_at=to_device(sampled + scored_select, torch.long, self.device),
+                seq_ends=seq_ends,
+            )
         logits = logits[0].float()
         if not scored_select:
             return logits, rows, None

@@ -221,20 +221,31 @@ def lora_targets(model: Transformer, target_modules: tuple[str, ...] | str) -> d
     }
 
 
-def _adapter_params(model: Transformer) -> dict[str, nn.Parameter]:
-    """PEFT's tensor name -> the parameter of ``model``'s adapters that it holds."""
-    adaptable, _ = _hf_modules(model.config)
+def _slice_modules(config: ModelConfig, targets: dict[str, Slices]) -> dict[str, list[str | None]]:
+    """arlm path -> for each of its slices, the Hugging Face module whose ``lora_A`` and
+    ``lora_B`` it holds, or None where the slice is not adapted."""
+    adaptable, _ = _hf_modules(config)
     out = {}
-    for path, wrapper in lora_modules(model).items():
+    for path, slices in targets.items():
         if path not in adaptable:
             raise ValueError(f"{path} has LoRA but is not a module that PEFT's format names")
-        parts = zip(adaptable[path], wrapper.slices, strict=True)
-        adapted = [module for (module, _), (_, on) in parts if on]
+        parts = zip(adaptable[path], slices, strict=True)
+        out[path] = [module if on else None for (module, _), (_, on) in parts]
+    return out
+
+
+def _adapter_params(model: Transformer) -> dict[str, nn.Parameter]:
+    """PEFT's tensor name -> the parameter of ``model``'s adapters that it holds."""
+    wrappers = lora_modules(model)
+    if not wrappers:
+        raise ValueError("the model has no LoRA modules; add_lora adds them")
+    modules = _slice_modules(model.config, {path: w.slices for path, w in wrappers.items()})
+    out = {}
+    for path, wrapper in wrappers.items():
+        adapted = [module for module in modules[path] if module is not None]
         for module, a, b in zip(adapted, wrapper.lora_A, wrapper.lora_B, strict=True):
             out[f"{_PREFIX}{module}.lora_A.weight"] = a
             out[f"{_PREFIX}{module}.lora_B.weight"] = b
-    if not out:
-        raise ValueError("the model has no LoRA modules; add_lora adds them")
     return out
 
 
@@ -279,36 +290,73 @@ def adapter_files(model: Transformer, adapter: Adapter) -> dict[str, bytes]:
     }
 
 
-def load_adapter_weights(model: Transformer, path: str | os.PathLike) -> None:
-    """Copy the adapter tensors of folder ``path`` into ``model``, which has adapters on the same
-    modules already (``add_lora``); every tensor is checked (present, no others, shape, finite)
-    before any is copied."""
+# per slice of a layer: its adapter's (A, B), or None where the slice is not adapted
+SlicePairs = list[tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def read_adapter_tensors(
+    model: Transformer, path: str | os.PathLike, targets: dict[str, Slices], rank: int
+) -> dict[str, SlicePairs]:
+    """The adapter tensors of folder ``path`` for ``targets`` (``lora_targets``' of its config)
+    at ``rank``: arlm path -> each slice's (A (rank, in), B (rows, rank)); every tensor checked
+    (present, no others, shape, finite) before any is returned."""
     file = Path(path) / ADAPTER_WEIGHTS
     stored = read_tensors(file)
-    params = _adapter_params(model)
-    missing = [name for name in params if name not in stored]
+    modules = _slice_modules(model.config, targets)
+    shapes = {}
+    for module_path, slices in targets.items():
+        layer = model.get_submodule(module_path)
+        in_features = getattr(layer, "base", layer).in_features
+        for module, (rows, _) in zip(modules[module_path], slices, strict=True):
+            if module is not None:
+                shapes[f"{_PREFIX}{module}.lora_A.weight"] = (rank, in_features)
+                shapes[f"{_PREFIX}{module}.lora_B.weight"] = (rows, rank)
+    missing = [name for name in shapes if name not in stored]
     if missing:
         raise CheckpointError(
             f"{file}: tensor {missing[0]} is missing ({len(missing)} missing in all); the "
             "adapter's target_modules select its module"
         )
-    unexpected = sorted(set(stored) - set(params))
+    unexpected = sorted(set(stored) - set(shapes))
     if unexpected:
         raise CheckpointError(
             f"{file}: unexpected tensors {unexpected[:5]} (of {len(unexpected)}); the adapter's "
             "target_modules do not select them, or arlm does not adapt their modules"
         )
-    for name, p in params.items():
+    for name, shape in shapes.items():
         tensor = stored[name]
-        if tensor.shape != p.shape or not tensor.is_floating_point():
+        if tuple(tensor.shape) != shape or not tensor.is_floating_point():
             raise CheckpointError(
                 f"{file}: tensor {name} is {tensor.dtype} of shape {tuple(tensor.shape)}; "
-                f"the model and adapter_config.json imply a float tensor of {tuple(p.shape)}"
+                f"the model and adapter_config.json imply a float tensor of {shape}"
             )
         check_finite(tensor, name, file)
+    return {
+        module_path: [
+            None
+            if m is None
+            else (stored[f"{_PREFIX}{m}.lora_A.weight"], stored[f"{_PREFIX}{m}.lora_B.weight"])
+            for m in slice_modules
+        ]
+        for module_path, slice_modules in modules.items()
+    }
+
+
+def load_adapter_weights(model: Transformer, path: str | os.PathLike) -> None:
+    """Copy the adapter tensors of folder ``path`` into ``model``, which has adapters on the same
+    modules already (``add_lora``); every tensor is checked before any is copied."""
+    wrappers = lora_modules(model)
+    if not wrappers:
+        raise ValueError("the model has no LoRA modules; add_lora adds them")
+    rank = next(iter(wrappers.values())).config.rank
+    targets = {p: w.slices for p, w in wrappers.items()}
+    tensors = read_adapter_tensors(model, path, targets, rank)
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(stored[name])
+        for p, wrapper in wrappers.items():
+            pairs = [pair for pair in tensors[p] if pair is not None]
+            for (a, b), lora_a, lora_b in zip(pairs, wrapper.lora_A, wrapper.lora_B, strict=True):
+                lora_a.copy_(a)
+                lora_b.copy_(b)
 
 
 def apply_adapter(model: Transformer, path: str | os.PathLike) -> None:

@@ -1,6 +1,7 @@
 """Reading a model from any folder arlm loads: an arlm checkpoint, a Hugging Face model folder,
 or a LoRA adapter folder (PEFT's format), whose base model is read and the adapter merged into
-it. ``arlm.load``, a draft model and ``arlm train --init-from`` all read through here."""
+it. ``arlm.load``, a draft model and ``arlm train --init-from`` all read through here; so do
+the adapters a server holds beside its base model, unmerged (``load_lora_modules``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 from arlm.formats import hf
 from arlm.formats.checkpoint import CheckpointError, load_model
 from arlm.formats.hub import resolve
-from arlm.formats.peft import apply_adapter, is_adapter_dir, read_adapter
+from arlm.formats.peft import (
+    apply_adapter,
+    is_adapter_dir,
+    lora_targets,
+    read_adapter,
+    read_adapter_tensors,
+)
+from arlm.model.multi_lora import AdapterRows, MultiLoRALinear, add_adapter_slots
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 
@@ -70,3 +78,48 @@ def read_chain(
     for adapter in reversed(adapters):  # fine-tuned with its base's tokenizer, which is read
         apply_adapter(model, adapter)
     return model, tokenizer
+
+
+def load_lora_modules(model: Transformer, modules: dict[str, str | os.PathLike]) -> AdapterRows:
+    """Load each LoRA adapter of ``modules`` (name -> folder or Hub id) into a slot of its own
+    beside ``model``'s weights, unmerged (``arlm.model.multi_lora``), so that each request may
+    name the one it runs with; the slots' names. Every adapter is read and checked before
+    ``model`` is changed. Adapters trained on adapters are refused: merge the chain first."""
+    if not modules:
+        raise ValueError("lora_modules is empty; give at least one NAME=PATH")
+    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        raise ValueError("the model holds LoRA adapter slots already; load them all at once")
+    read = {}
+    for name, path in modules.items():
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ValueError(
+                f"LoRA adapter name {name!r} is not allowed; a name is a non-empty text without "
+                "leading or trailing spaces (what a request's model field gives)"
+            )
+        folder = resolve(path)
+        if not is_adapter_dir(folder):
+            raise CheckpointError(
+                f"LoRA adapter {name!r}: {path} is not a LoRA adapter folder (it has no "
+                "adapter_config.json naming a peft_type)"
+            )
+        adapter = read_adapter(folder)
+        base = adapter.base_model
+        if base is not None and Path(base).is_dir() and is_adapter_dir(base):
+            raise CheckpointError(
+                f"LoRA adapter {name!r} at {path} was trained on another adapter ({base}); "
+                "serve the pair merged (arlm export) or load it whole"
+            )
+        targets = lora_targets(model, adapter.target_modules)
+        tensors = read_adapter_tensors(model, folder, targets, adapter.lora.rank)
+        read[name] = (adapter.lora, targets, tensors)
+    rank = max(lora.rank for lora, _, _ in read.values())
+    slots = {}  # every layer any adapter adapts, its slices as the layer splits its rows
+    for _, targets, _ in read.values():
+        slots.update(targets)
+    weights = model.wte.weight
+    rows = AdapterRows(tuple(read), weights.dtype, weights.device)
+    layers = add_adapter_slots(model, slots, rank, rows)
+    for slot, (lora, _, tensors) in enumerate(read.values()):
+        for path, pairs in tensors.items():
+            layers[path].load(slot, pairs, lora.scaling)
+    return rows

@@ -74,6 +74,11 @@ class Server:
     def attach(self, lm, background: bool = True) -> None:
         """Serve ``lm`` (an ``arlm.LM``) from now on; the engine's step loop runs in a thread
         of its own, or (``background`` False) wherever the caller runs ``front.run()``."""
+        if self.model_name in self.adapters(lm):
+            raise ValueError(
+                f"a LoRA adapter is called {self.model_name!r}, the served model's own name; "
+                "name it otherwise, or set served_model_name"
+            )
         lm.engine.preallocate()
         front = AsyncEngine(lm.engine, self.config.max_queue, background=background)
         self.metrics = ServerMetrics(lambda: front.stats, lambda: front.num_waiting)
@@ -94,6 +99,7 @@ class Server:
             loop_detection=config.loop_detection,
             sampling_defaults=dict(lm.sampling_defaults),
             agent_loop_guard=config.agent_loop_guard,
+            adapters=self.adapters(lm),
         )
         self.preparer = Preparer(tokenizer, setup)
         self.tool_parser = parser_for(config.tool_call_parser, tokenizer.chat_template)
@@ -180,12 +186,25 @@ class Server:
                 where = f"tools.{i}.function.parameters"
                 raise APIError.bad_request(f"tools[{i}].function.parameters: {e}", where) from None
 
+    @staticmethod
+    def adapters(lm) -> tuple[str, ...]:
+        """The names of the LoRA adapters ``lm`` serves beside its base model."""
+        return () if lm.adapters is None else lm.adapters.names
+
+    def served_name(self, req) -> str:
+        """The model a request runs on, as its answer names it: the LoRA adapter its ``model``
+        names, else the base model."""
+        return req.model if req.model in self.adapters(self.lm) else self.model_name
+
     def submit(
-        self, prompts: list[list[int]], params: SamplingParams, prefix: str
+        self, prompts: list[list[int]], params: SamplingParams, req, prefix: str
     ) -> RequestStream:
+        """Queue one request's prompts, on the adapter its model names (or the base)."""
+        name = self.served_name(req)
+        adapter = None if name == self.model_name else name
         try:
             return self.front.add_requests(
-                [(ids, params, f"{prefix}-{i}") for i, ids in enumerate(prompts)]
+                [(ids, params, f"{prefix}-{i}") for i, ids in enumerate(prompts)], adapter
             )
         except QueueFull as e:
             raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
@@ -239,7 +258,10 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
         }
         if server.lm is not None and server.max_len is not None:
             card["max_model_len"] = server.max_len
-        return JSONResponse({"object": "list", "data": [card]})
+        # each LoRA adapter is a model of its own to clients, its base named as vLLM does
+        adapters = () if server.lm is None else server.adapters(server.lm)
+        cards = [card] + [card | {"id": name, "parent": server.model_name} for name in adapters]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
@@ -286,7 +308,7 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
                 "stream",
             )
         echo = [server.lm.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
-        stream = server.submit(prompts, params, f"cmpl-{uuid.uuid4().hex}")
+        stream = server.submit(prompts, params, req, f"cmpl-{uuid.uuid4().hex}")
         reply = _CompletionReply(server, req, params, stream, echo, prompts)
         if req.stream:
             return _event_stream(reply.events(), stream)
@@ -304,7 +326,7 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
                 return _guard_stop(server, req, params, guard)
         mode = req.tool_mode()[0]
         tools = None if mode == "none" else ToolReader(mode, server.tool_parser, req.tool_choice)
-        stream = server.submit(prompts, params, f"chatcmpl-{uuid.uuid4().hex}")
+        stream = server.submit(prompts, params, req, f"chatcmpl-{uuid.uuid4().hex}")
         reply = _ChatReply(server, req, params, stream, tools, guard)
         if req.stream:
             return _event_stream(reply.events(), stream)
@@ -374,7 +396,7 @@ def _guard_stop(server: Server, req, params: SamplingParams, guard: dict) -> Res
         for i in range(params.n)
     ]
     if req.stream:
-        head = rs.envelope(chat_id, "chat.completion.chunk", server.model_name, created)
+        head = rs.envelope(chat_id, "chat.completion.chunk", server.served_name(req), created)
 
         async def events() -> AsyncIterator[str]:
             for c in choices:
@@ -388,7 +410,7 @@ def _guard_stop(server: Server, req, params: SamplingParams, guard: dict) -> Res
             yield rs.sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
-    body = rs.envelope(chat_id, "chat.completion", server.model_name, created)
+    body = rs.envelope(chat_id, "chat.completion", server.served_name(req), created)
     body |= {"choices": choices, "usage": rs.usage(0, 0), "agent_loop_guard": guard}
     return JSONResponse(body)
 
@@ -440,6 +462,7 @@ class _Reply:
 
     def __init__(self, server: Server, req, params: SamplingParams, stream: RequestStream):
         self.server, self.req, self.params, self.stream = server, req, params, stream
+        self.model = server.served_name(req)
         self.id = stream.request_ids[0].rsplit("-", 1)[0]
         self.created = int(time.time())
         self.prompt_of = {rid: i for i, rid in enumerate(stream.request_ids)}
@@ -474,7 +497,7 @@ class _Reply:
         for c in completions:
             if c.finish_reason == "error":
                 raise APIError.bad_request(f"generation failed: {c.error}")
-        body = rs.envelope(self.id, self.kind, self.server.model_name, self.created)
+        body = rs.envelope(self.id, self.kind, self.model, self.created)
         try:
             body["choices"] = [self.choice(i, c) for i, c in enumerate(completions)]
         except ValueError as e:  # NaN log-probabilities (see responses)
@@ -483,7 +506,7 @@ class _Reply:
         return JSONResponse(body | self.extra())
 
     async def events(self) -> AsyncIterator[str]:
-        head = rs.envelope(self.id, self.chunk_kind, self.server.model_name, self.created)
+        head = rs.envelope(self.id, self.chunk_kind, self.model, self.created)
         completions: dict[int, Completion] = {}
         for event in self.opening():
             yield rs.sse({**head, "choices": [event]})

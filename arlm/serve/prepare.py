@@ -38,6 +38,7 @@ class PrepareSetup:
     loop_detection: dict | None
     sampling_defaults: dict | None = None  # the model's generation_config.json defaults
     agent_loop_guard: str | None = None  # the guard preset for chats that set none
+    adapters: tuple[str, ...] = ()  # the LoRA adapters a request's model may name
 
 
 @dataclass
@@ -132,10 +133,12 @@ class Preparer:
         return Prepared(req.model_copy(update={param: []}), params, prompts, guard)
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.setup.model_name:
+        served = (self.setup.model_name, *self.setup.adapters)
+        if model is not None and model not in served:
+            names = ", ".join(repr(name) for name in served)
             raise APIError(
                 404,
-                f"the model {model!r} does not exist; this server serves {self.setup.model_name!r}",
+                f"the model {model!r} does not exist; this server serves {names}",
                 param="model",
                 code="model_not_found",
             )

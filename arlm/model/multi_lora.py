@@ -1,0 +1,139 @@
+"""Many LoRA adapters served at once over one base model, each row of a batch with its own.
+
+Merging an adapter (``arlm.model.lora.merge_lora``) costs nothing per token but gives a model
+per adapter. Serving several fine-tunes of one base, the base's weights are held once and each
+adapted linear layer keeps every loaded adapter's ``A`` and ``B`` beside it, in slots. A step's
+rows each name a slot (or none: the base alone), and the layer adds each row's own update.
+
+The update is computed for every slot at once and masked per row: ``x @ A_all^T`` over all
+slots' stacked ``A`` (a few hundred columns beside the base's thousands), each row's columns
+of slots other than its own multiplied by zero, then one product with all slots' ``B``. Two
+dense products with no branch on which rows use which adapter, so the step is the same
+sequence of kernels whatever the mix, as a CUDA graph replays it; its cost grows with the
+number of slots (about ``2 * slots * projections * rank / in_features`` of the base's), which
+is why they are few (vLLM's ``max_loras``). Each slot's block is ``slices * rank`` wide (the
+widest adapter's rank, smaller ranks zero-padded); an adapter's scaling is folded into its
+``B``, so slots of different ranks and alphas mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arlm.model.lora import Slices
+
+
+class AdapterRows:
+    """Which slot each token of the next forward uses, for every ``MultiLoRALinear`` of one
+    model: set by whoever runs the model (the engine's runner) before each forward.
+
+    ``names[i]`` is the adapter in slot i. ``mask`` is (tokens, slots), one where a token uses
+    that slot, or None when no token of the forward uses any (the base alone, at no cost);
+    only ``using`` sets it."""
+
+    def __init__(self, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> None:
+        if not names:
+            raise ValueError("names is empty; serving adapters needs at least one")
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names {list(names)} repeat; each slot needs its own name")
+        self.names = names
+        self.dtype = dtype
+        self._slots = torch.arange(len(names), device=device)
+        self.mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def slot(self, name: str) -> int:
+        """The slot of the adapter called ``name``; a ValueError naming those loaded."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(
+                f"no LoRA adapter named {name!r} is loaded; loaded: {', '.join(self.names)}"
+            ) from None
+
+    @contextmanager
+    def using(self, slots: torch.Tensor | None) -> Iterator[None]:
+        """Inside, the model's tokens use ``slots`` ((tokens,) ints on the model's device, -1
+        for the base alone), or none (None); after, none, so that a forward outside the
+        engine's (a draft's, a contrastive search's) sees the base. Captured in a CUDA graph,
+        the mask is computed from the static tensor ``slots`` at every replay."""
+        self.mask = None if slots is None else (slots[:, None] == self._slots).to(self.dtype)
+        try:
+            yield
+        finally:
+            self.mask = None
+
+
+class MultiLoRALinear(nn.Module):
+    """A linear layer (float, quantized or packed: anything with ``in_features`` and
+    ``out_features``) plus the updates of every slot of ``rows``, each row of the input its
+    own. ``slices`` are the output rows of the projections fused into the layer, as in
+    ``LoRALinear``; slot blocks are ``len(slices) * rank`` wide."""
+
+    def __init__(self, base: nn.Module, slices: Slices, rank: int, rows: AdapterRows) -> None:
+        super().__init__()
+        self.base, self.rows = base, rows
+        self.slices = tuple(r for r, _ in slices)
+        if sum(self.slices) != base.out_features:
+            raise ValueError(f"slices {slices} do not cover the {base.out_features} output rows")
+        self.rank = rank
+        width = len(rows) * len(self.slices) * rank
+        kw = dict(dtype=rows.dtype, device=rows._slots.device)
+        # buffers, not parameters: nothing here trains, and they follow the model's .to()
+        self.register_buffer("lora_a", torch.zeros(width, base.in_features, **kw))
+        self.register_buffer("lora_b", torch.zeros(base.out_features, width, **kw))
+
+    @torch.no_grad()
+    def load(
+        self, slot: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None], scaling: float
+    ) -> None:
+        """Put an adapter in ``slot``: ``pairs`` holds each slice's (A (rank, in), B (rows,
+        rank)), or None where the adapter leaves that projection alone (zeros there); its
+        ``scaling`` is folded into ``B``."""
+        if len(pairs) != len(self.slices):
+            raise ValueError(f"{len(pairs)} slices given; this layer has {len(self.slices)}")
+        block = len(self.slices) * self.rank
+        a = self.lora_a[slot * block : (slot + 1) * block].zero_()
+        b = self.lora_b[:, slot * block : (slot + 1) * block].zero_()
+        row = 0
+        for i, (rows, pair) in enumerate(zip(self.slices, pairs, strict=True)):
+            if pair is not None:
+                lora_a, lora_b = pair
+                if lora_a.size(0) > self.rank:
+                    raise ValueError(f"rank {lora_a.size(0)} exceeds the slots' {self.rank}")
+                cols = slice(i * self.rank, i * self.rank + lora_a.size(0))
+                a[cols] = lora_a
+                b[row : row + rows, cols] = lora_b.float() * scaling
+            row += rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        mask = self.rows.mask
+        if mask is None:
+            return out
+        flat = x.reshape(-1, x.size(-1)).to(self.lora_a.dtype)
+        low = F.linear(flat, self.lora_a)  # (tokens, slots * block): every slot's A at once
+        low = (low.view(len(flat), len(self.rows), -1) * mask[:, :, None]).view(len(flat), -1)
+        y = torch.addmm(out.reshape(-1, out.size(-1)).to(low.dtype), low, self.lora_b.t())
+        return y.to(out.dtype).view(out.shape)
+
+
+def add_adapter_slots(
+    model: nn.Module, targets: dict[str, Slices], rank: int, rows: AdapterRows
+) -> dict[str, MultiLoRALinear]:
+    """Wrap each linear layer of ``model`` named in ``targets`` in a ``MultiLoRALinear`` with
+    ``len(rows)`` empty slots of ``rank``; the wrappers by module path."""
+    wrapped = {}
+    for path, slices in targets.items():
+        parent, _, name = path.rpartition(".")
+        module = MultiLoRALinear(model.get_submodule(path), slices, rank, rows)
+        setattr(model.get_submodule(parent), name, module)
+        wrapped[path] = module
+    return wrapped
