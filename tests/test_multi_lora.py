@@ -1,0 +1,342 @@
+"""Serving many LoRA adapters over one base model (``arlm.model.multi_lora``): each row of a
+batch computes what its own adapter merged into the model computes, whatever the other rows
+use; PEFT's mixed-adapter batches agree; the engine's prefix cache, decode graphs and the
+server keep adapters apart; what cannot be served is refused by name."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import torch.nn as nn
+
+import arlm
+from arlm.formats.checkpoint import CheckpointError
+from arlm.formats.read import load_lora_modules
+from arlm.model.lora import LoRAConfig, LoRALinear
+from arlm.model.multi_lora import AdapterRows, MultiLoRALinear
+from arlm.serve.config import ServeConfig
+from arlm.tokenizer import EOT, Tokenizer
+from tests.numerics import assert_close
+from tests.serving import LiveServer
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB = 512
+# adapter name -> (target modules, rank, rsLoRA): different modules, ranks and scalings
+ADAPTERS = {
+    "all": ("all-linear", 4, False),
+    "qv": (["q_proj", "v_proj"], 8, True),
+    "mlp": (["gate_proj", "down_proj"], 2, False),
+}
+MAX_TOKENS = 10
+# long enough to fill prompt blocks, so that the prefix cache would share them if it could
+PROMPTS = ["The old lighthouse keeper counted the ships that passed his rock each night. " * 2]
+PROMPTS += ["A short one", "Rivers carry the mountains into the sea, one grain at a time."]
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+
+
+def _lora(base: nn.Linear, rank: int, alpha: float, slices, seed: int) -> LoRALinear:
+    torch.manual_seed(seed)
+    wrapper = LoRALinear(base, LoRAConfig(rank=rank, alpha=alpha), slices)
+    with torch.no_grad():
+        for b in wrapper.lora_B:
+            b.normal_(0, 0.5)
+    return wrapper
+
+
+def _pairs(wrapper: LoRALinear) -> list:
+    pairs = iter(zip(wrapper.lora_A, wrapper.lora_B, strict=True))
+    return [next(pairs) if adapted else None for _, adapted in wrapper.slices]
+
+
+def test_each_row_gets_its_own_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20)
+    slices = ((8, True), (4, False), (8, True))  # a fused q/k/v with k left alone
+    first = _lora(base, 4, 8.0, slices, seed=1)
+    second = _lora(base, 2, 3.0, ((8, False), (4, True), (8, True)), seed=2)
+    rows = AdapterRows(("first", "second"), torch.float32, torch.device("cpu"))
+    layer = MultiLoRALinear(base, slices, rank=4, rows=rows)
+    layer.load(0, _pairs(first), first.config.scaling)
+    layer.load(1, _pairs(second), second.config.scaling)
+    x = torch.randn(1, 5, 24)
+    slots = torch.tensor([1, -1, 0, 0, 1])
+    with torch.no_grad(), rows.using(slots):
+        out = layer(x)[0]
+        plain, a, b = base(x)[0], first(x)[0], second(x)[0]
+    want = torch.stack([b[0], plain[1], a[2], a[3], b[4]])
+    assert_close(out, want, scale=want.abs().max().item())
+    assert torch.equal(out[1], plain[1])  # a row without an adapter adds exact zeros
+    assert (a - plain).abs().max() > 0.1 and (b - plain).abs().max() > 0.1
+    with torch.no_grad():  # outside ``using``: the base alone, bit for bit
+        assert rows.mask is None and torch.equal(layer(x), base(x))
+
+
+def test_adapter_rows_refuse_what_they_cannot_hold():
+    with pytest.raises(ValueError, match="repeat"):
+        AdapterRows(("a", "a"), torch.float32, torch.device("cpu"))
+    rows = AdapterRows(("a", "b"), torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="no LoRA adapter named 'c' is loaded; loaded: a, b"):
+        rows.slot("c")
+    layer = MultiLoRALinear(nn.Linear(6, 4), ((4, True),), rank=2, rows=rows)
+    with pytest.raises(ValueError, match="rank 3 exceeds the slots' 2"):
+        layer.load(0, [(torch.zeros(3, 6), torch.zeros(4, 3))], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# a base model and PEFT adapters of it
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer: Tokenizer) -> dict[str, Path]:
+    """ "base": a tiny random Llama (grouped-query) saved by transformers; one PEFT adapter
+    folder of it per entry of ADAPTERS, with random non-zero updates."""
+    root = tmp_path_factory.mktemp("multi_lora")
+    eot = tokenizer.token_to_id(EOT)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        bos_token_id=eot,
+        eos_token_id=eot,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # weights large enough that the logits spread
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
+    folders = {"base": root / "base"}
+    model.save_pretrained(folders["base"])
+    tokenizer.save(folders["base"] / "tokenizer.json")
+    for seed, (name, (targets, rank, rslora)) in enumerate(ADAPTERS.items(), 1):
+        torch.manual_seed(seed)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folders["base"])
+        lora = peft.LoraConfig(
+            r=rank, lora_alpha=8, target_modules=targets, use_rslora=rslora, init_lora_weights=False
+        )
+        folders[name] = root / name
+        peft.get_peft_model(hf, lora).save_pretrained(folders[name])
+        config_file = folders[name] / "adapter_config.json"
+        c = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps(c | {"base_model_name_or_path": str(folders["base"])}))
+    return folders
+
+
+def _load(path: Path, **kwargs) -> arlm.LM:
+    kwargs.setdefault("kv_cache_memory_gib", 0.05)
+    return arlm.load(path, generation_config="arlm", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served(folders) -> arlm.LM:
+    return _load(folders["base"], lora_modules={name: folders[name] for name in ADAPTERS})
+
+
+@pytest.fixture(scope="module")
+def alone(folders) -> dict[str | None, list]:
+    """Adapter (None: the base) -> the greedy completion of each prompt by that adapter merged
+    into the model (or the base alone), one prompt at a time."""
+    out = {}
+    for name in [None, *ADAPTERS]:
+        lm = _load(folders[name or "base"])
+        out[name] = [
+            lm.generate(p, temperature=0, max_tokens=MAX_TOKENS, logprobs=0) for p in PROMPTS
+        ]
+    return out
+
+
+def _assert_same(got, want) -> None:
+    assert got.token_ids == want.token_ids
+    logprobs = [t.logprob for t in got.logprobs], [t.logprob for t in want.logprobs]
+    assert_close(torch.tensor(logprobs[0]), torch.tensor(logprobs[1]), scale=math.log(VOCAB))
+
+
+def _every_mix() -> tuple[list[str], list[str | None]]:
+    """Each prompt under each adapter and the base, all in one batch."""
+    names = [None, *ADAPTERS]
+    return [p for p in PROMPTS for _ in names], [n for _ in PROMPTS for n in names]
+
+
+def test_a_mixed_batch_computes_each_adapter_merged(served, alone):
+    prompts, adapters = _every_mix()
+    outs = served.generate(
+        prompts, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=adapters
+    )
+    for i, (out, name) in enumerate(zip(outs, adapters, strict=True)):
+        _assert_same(out, alone[name][i // (len(ADAPTERS) + 1)])
+    # the adapters really differ: not every adapter gives the base's tokens
+    assert len({tuple(o.token_ids) for o in outs[: len(ADAPTERS) + 1]}) > 1
+
+
+def test_prefix_blocks_are_not_shared_across_adapters(served, alone):
+    """The long prompt fills prompt blocks; under another adapter its keys and values differ,
+    so a later request of the same prompt takes hits only from its own adapter's blocks."""
+    prompt = PROMPTS[0]
+    for name in [*ADAPTERS, None, "all"]:  # each after the others have cached the prompt
+        out = served.generate(
+            prompt, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=name
+        )
+        _assert_same(out, alone[name][0])
+    again = served.generate(prompt, temperature=0, max_tokens=1, adapter="qv")
+    assert again.usage.cached_prompt_tokens > 0  # its own adapter's blocks are shared
+
+
+def test_padded_decode_graphs_give_the_same_rows(folders, alone):
+    """The bucketed, padded forward that CUDA graphs replay (run eagerly on CPU), with rows
+    of different adapters joining and leaving, gives each row what its adapter alone does."""
+    lm = _load(folders["base"], lora_modules={name: folders[name] for name in ADAPTERS})
+    lm.engine.use_decode_graphs(capture=False)
+    prompts, adapters = _every_mix()
+    outs = lm.generate(prompts, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=adapters)
+    for i, (out, name) in enumerate(zip(outs, adapters, strict=True)):
+        _assert_same(out, alone[name][i // (len(ADAPTERS) + 1)])
+    assert lm.engine.runner.decode_graphs.steps > 0
+
+
+def test_seeded_samples_follow_the_adapter(served, folders):
+    """A seeded sample is the merged model's sample: the adapter changes the distribution, not
+    the random stream."""
+    kwargs = dict(temperature=1.0, seed=7, max_tokens=MAX_TOKENS)
+    want = _load(folders["qv"]).generate(PROMPTS[2], **kwargs)
+    outs = served.generate([PROMPTS[2]] * 3, adapter=["qv", None, "qv"], **kwargs)
+    assert outs[0].token_ids == outs[2].token_ids == want.token_ids
+
+
+# PEFT's load_adapter warns of keys "missing" from the first adapter it loaded that are there
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")
+def test_peft_mixed_batch_agrees(served, folders):
+    """PEFT's own mixed-adapter batches (``adapter_names``) score arlm's greedy tokens as the
+    likeliest at every step, with the same log-probabilities."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folders["base"])
+    model = peft.PeftModel.from_pretrained(hf, folders["all"], adapter_name="all")
+    for name in ("qv", "mlp"):
+        model.load_adapter(folders[name], adapter_name=name)
+    model.eval()
+    names = ["all", None, "qv", "mlp"]
+    prompt = PROMPTS[2]
+    outs = served.generate(
+        [prompt] * 4, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=names
+    )
+    prompt_ids = served.tokenizer.encode(prompt)
+    ids = torch.tensor([prompt_ids + o.token_ids for o in outs])
+    with torch.no_grad():
+        logits = model(ids, adapter_names=[n or "__base__" for n in names]).logits
+    logprobs = torch.log_softmax(logits[:, len(prompt_ids) - 1 : -1].float(), -1)
+    for row, out in enumerate(outs):
+        assert logprobs[row].argmax(-1).tolist() == out.token_ids
+        got = torch.tensor([t.logprob for t in out.logprobs])
+        want = logprobs[row].gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert_close(got, want, scale=math.log(VOCAB))
+
+
+def test_stream_and_a_single_prompt(served, alone):
+    text = "".join(served.stream(PROMPTS[1], temperature=0, max_tokens=MAX_TOKENS, adapter="mlp"))
+    assert text == alone["mlp"][1].text
+    one = served.generate(PROMPTS[1], temperature=0, max_tokens=MAX_TOKENS, adapter="mlp")
+    assert one.token_ids == alone["mlp"][1].token_ids
+
+
+def test_quantized_base_takes_adapters(folders):
+    """On an int4 base the slots add each row's float update to the quantized layer: the base's
+    rows equal the int4 model alone, the adapter's rows equal a batch of that adapter alone,
+    and they are nearer the float model with the adapter merged than the int4 base is. (int4's
+    kernel quantizes weights only; int8's rounds each call's activations together, so there a
+    batch's rows change each other's rounding.)"""
+    lm = _load(folders["base"], quantize="int4", lora_modules={"all": folders["all"]})
+    kwargs = dict(temperature=0, max_tokens=1, prompt_logprobs=0)
+    mixed = lm.generate([PROMPTS[2]] * 2, adapter=["all", None], **kwargs)
+    adapted = lm.generate(PROMPTS[2], adapter="all", **kwargs)
+    base = _load(folders["base"], quantize="int4").generate(PROMPTS[2], **kwargs)
+    float_adapted = _load(folders["all"]).generate(PROMPTS[2], **kwargs)
+
+    def logprobs(c):
+        return torch.tensor([p.logprob for p in c.prompt_logprobs[1:]])
+
+    scale = math.log(VOCAB)
+    assert_close(logprobs(mixed[1]), logprobs(base), scale=scale)
+    assert_close(logprobs(mixed[0]), logprobs(adapted), scale=scale)
+    off = (logprobs(mixed[0]) - logprobs(float_adapted)).abs().mean()
+    assert off < 0.5 * (logprobs(base) - logprobs(float_adapted)).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# the server
+
+
+def test_server_routes_requests_by_model_name(served, alone):
+    with LiveServer(served, ServeConfig(prepare_workers=0), name="base") as s:
+        models = httpx.get(s.url + "/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["base", *ADAPTERS]
+        assert all(m["parent"] == "base" for m in models[1:]) and "parent" not in models[0]
+        for name in ["qv", "base", "all"]:
+            body = {"model": name, "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0}
+            r = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()
+            assert r["model"] == name
+            key = None if name == "base" else name
+            assert r["choices"][0]["text"] == alone[key][1].text
+        chat = {"model": "mlp", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        r = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "mlp"
+        r = httpx.post(s.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
+        assert r.status_code == 404
+        assert "'base', 'all', 'qv', 'mlp'" in r.json()["error"]["message"]
+
+
+def test_cli_serve_parses_lora_modules():
+    from arlm.cli import serve
+
+    assert serve.lora_module("sql=runs/a=b") == ("sql", "runs/a=b")
+    with pytest.raises(Exception, match="is not NAME=PATH"):
+        serve.lora_module("runs/sql-lora")
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_an_unknown_adapter_is_refused_by_name(served, folders):
+    with pytest.raises(ValueError, match="no LoRA adapter named 'sql' is loaded; loaded: all"):
+        served.generate("x", max_tokens=1, adapter="sql")
+    with pytest.raises(ValueError, match="no LoRA adapters are loaded"):
+        _load(folders["base"]).generate("x", max_tokens=1, adapter="all")
+    with pytest.raises(ValueError, match="contrastive search"):
+        served.generate("x", max_tokens=2, penalty_alpha=0.6, top_k=4, adapter="all")
+
+
+def test_folders_that_cannot_be_served_are_refused(folders, tmp_path):
+    model = lambda: arlm.formats.read.read_model(folders["base"])[0]  # noqa: E731
+    with pytest.raises(CheckpointError, match="is not a LoRA adapter folder"):
+        load_lora_modules(model(), {"x": folders["base"]})
+    chained = tmp_path / "chained"
+    chained.mkdir()
+    for f in folders["qv"].iterdir():
+        (chained / f.name).write_bytes(f.read_bytes())
+    c = json.loads((chained / "adapter_config.json").read_text())
+    (chained / "adapter_config.json").write_text(
+        json.dumps(c | {"base_model_name_or_path": str(folders["all"])})
+    )
+    with pytest.raises(CheckpointError, match="trained on another adapter"):
+        load_lora_modules(model(), {"x": chained})
+    with pytest.raises(ValueError, match="name ' x' is not allowed"):
+        load_lora_modules(model(), {" x": folders["qv"]})
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        arlm.load(folders["base"], tensor_parallel_size=2, lora_modules={"x": folders["qv"]})
+    # a failed load leaves the model as it was
+    m = model()
+    with pytest.raises(CheckpointError):
+        load_lora_modules(m, {"ok": folders["qv"], "bad": chained})
+    assert not any(isinstance(x, MultiLoRALinear) for x in m.modules())
