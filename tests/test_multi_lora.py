@@ -340,3 +340,20 @@ def test_folders_that_cannot_be_served_are_refused(folders, tmp_path):
     with pytest.raises(CheckpointError):
         load_lora_modules(m, {"ok": folders["qv"], "bad": chained})
     assert not any(isinstance(x, MultiLoRALinear) for x in m.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_replay_mixed_adapters_as_eager_steps(folders):
+    """On CUDA the decode steps replay graphs captured with the adapters' masked products:
+    every mix of adapters over 40 steps gives the eager engine's tokens."""
+    modules = {name: folders[name] for name in ADAPTERS}
+    prompts, adapters = _every_mix()
+    kwargs = dict(temperature=0, max_tokens=40, ignore_eos=True, adapter=adapters)
+    graphed = _load(folders["base"], device="cuda", dtype="float32", lora_modules=modules)
+    eager = _load(
+        folders["base"], device="cuda", dtype="float32", lora_modules=modules, enforce_eager=True
+    )
+    got = graphed.generate(prompts, **kwargs)
+    assert graphed.engine.eager_reason is None and graphed.engine.stats()["graph_steps"] > 30
+    want = eager.generate(prompts, **kwargs)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
