@@ -243,6 +243,22 @@ def test_peft_mixed_batch_agrees(served, folders):
         assert_close(got, want, scale=math.log(VOCAB))
 
 
+def test_speculative_verify_rows_use_their_adapter(folders, alone):
+    """Prompt-lookup guesses are verified by the row's own adapter: the greedy tokens are the
+    adapter's, and some guesses are accepted (the verify rows carried their slots)."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    lm = _load(
+        folders["base"],
+        lora_modules={name: folders[name] for name in ADAPTERS},
+        speculative=spec,
+    )
+    prompts, adapters = _every_mix()
+    outs = lm.generate(prompts, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=adapters)
+    for i, (out, name) in enumerate(zip(outs, adapters, strict=True)):
+        _assert_same(out, alone[name][i // (len(ADAPTERS) + 1)])
+    assert sum(o.usage.spec_draft_tokens for o in outs) > 0
+
+
 def test_stream_and_a_single_prompt(served, alone):
     text = "".join(served.stream(PROMPTS[1], temperature=0, max_tokens=MAX_TOKENS, adapter="mlp"))
     assert text == alone["mlp"][1].text
