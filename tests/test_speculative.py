@@ -133,12 +133,12 @@ def _count_graph_steps(graphs, verify: bool) -> list[int]:
     fed more than one position (a draft's catch-up)."""
     run, seen = graphs.run, [0]
 
-    def counted(spans, tokens, select, fed=None):
+    def counted(spans, tokens, select, *rest):
         if verify:
             seen[0] += len(select) > len(spans)
         else:
             seen[0] += any(span.length > 1 for span in spans)
-        return run(spans, tokens, select, fed)
+        return run(spans, tokens, select, *rest)
 
     graphs.run = counted
     return seen

@@ -185,10 +185,10 @@ class ModelRunner:
             seq.num_cached += n
         return logits, rows, scored
 
-    def _adapters(self, slots: list[int]) -> AbstractContextManager:
+    def _adapters(self, slots: list[int] | None) -> AbstractContextManager:
         """Inside, the model's positions use the LoRA adapters in ``slots``; no adapter's cost
-        where none does (or none is loaded)."""
-        if self.adapters is None or max(slots, default=-1) < 0:
+        where none does (or none is loaded: None)."""
+        if slots is None or max(slots, default=-1) < 0:
             return nullcontext()
         return self.adapters.using(to_device(slots, torch.long, self.device))
 
@@ -218,10 +218,7 @@ class ModelRunner:
                 scored.add(seq, wanted)
                 at = len(tokens) - n - start  # flat index of position 0 of this sequence
                 scored_select += [at + p for p in wanted]
-        # each position's LoRA adapter slot, in the order of ``tokens``
-        slots = [s.adapter for s in batch.decode]
-        slots += [s.adapter for s, g in batch.verify for _ in range(1 + len(g))]
-        slots += [s.adapter for s, n in batch.prefill for _ in range(n)]
+        slots = None if self.adapters is None else _adapter_slots(batch)
         if self.windowed is not None:
             (seq,) = [*batch.decode, *(s for s, _ in batch.prefill)]
             if seq.num_cached == 0:  # a new sequence, or one refilled after a break
@@ -261,3 +258,11 @@ class ModelRunner:
             return logits, rows, None
         scored.logits = logits[len(sampled) :]
         return logits[: len(sampled)], rows, scored
+
+
+def _adapter_slots(batch: ScheduledBatch) -> list[int]:
+    """Each position's LoRA adapter slot, in the order ``ModelRunner._forward`` lays the
+    positions out: decode rows, verify rows' positions, prompt chunks' tokens."""
+    slots = [s.adapter for s in batch.decode]
+    slots += [s.adapter for s, g in batch.verify for _ in range(1 + len(g))]
+    return slots + [s.adapter for s, n in batch.prefill for _ in range(n)]
