@@ -207,6 +207,24 @@ class LM:
                 raise ValueError(completion.error)
         return result
 
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load the LoRA adapter in ``path`` (a PEFT folder or Hub id) into a free slot, for
+        requests to name as ``name`` (see ``arlm.load``'s ``max_loras``)."""
+        from arlm.formats.read import install_adapter, read_lora_module
+
+        adapter = read_lora_module(self.model, name, path)
+        install_adapter(self.model, self._slots(), name, adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        """Free the slot of the LoRA adapter called ``name``; refused while requests run on it."""
+        self._slots()
+        self.engine.unload_adapter(name)
+
+    def _slots(self) -> AdapterRows:
+        if self.adapters is None:
+            raise ValueError("this model has no LoRA slots; load it with max_loras or lora_modules")
+        return self.adapters
+
     def _base_only(self, adapter: str | list[str | None] | None, what: str) -> None:
         """Refuse a LoRA adapter for ``what``, which runs the model outside the engine."""
         names = adapter if isinstance(adapter, list) else [adapter]
@@ -353,6 +371,8 @@ def load(
     tensor_parallel_size: int = 1,
     speculative: SpeculativeConfig | dict | str | None = None,
     lora_modules: dict[str, str | os.PathLike] | None = None,
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
 ) -> LM | None:
     """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
     model by id (``"org/name"``; a local path of that name wins).
@@ -421,6 +441,10 @@ def load(
     request gives them (``{"sql": "runs/sql-lora"}``, vLLM's ``--lora-modules``): each held
     beside the base's weights, unmerged, so that every request of a batch may run with its own
     (``generate(..., adapter="sql")``) or none. See ``arlm.model.multi_lora``.
+    max_loras: the adapters that may be loaded at once (None: those of ``lora_modules``); with
+    more than given, every adaptable layer gets slots and ``LM.load_adapter`` fills the free
+    ones while the model serves. max_lora_rank: the largest rank a slot takes (None: the
+    largest given, else 16).
     """
     # every argument, for workers that load the same model (arlm.launch)
     arguments = dict(locals())
@@ -443,7 +467,8 @@ def load(
     )
     if speculative is not None and not isinstance(speculative, SpeculativeConfig):
         speculative = SpeculativeConfig.from_json(speculative)
-    if lora_modules is not None and tensor_parallel_size != 1:
+    serving_adapters = lora_modules is not None or max_loras is not None
+    if serving_adapters and tensor_parallel_size != 1:
         raise ValueError(
             "LoRA adapters are not served with tensor parallelism yet; load with "
             "tensor_parallel_size=1, or merge one adapter into the model (arlm.load its folder)"
@@ -484,8 +509,8 @@ def load(
         adapters, base, device=read_to, dtype=dtype, allow_pickle=allow_pickle
     )
     served = None  # before quantizing: the slots wrap the float layers, which quantize then
-    if lora_modules is not None:
-        served = load_lora_modules(model, lora_modules)
+    if serving_adapters:
+        served = load_lora_modules(model, lora_modules or {}, max_loras, max_lora_rank)
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
     draft = None

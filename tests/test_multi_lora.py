@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import arlm
+from arlm.engine import AdapterBusy
 from arlm.formats.checkpoint import CheckpointError
 from arlm.formats.read import load_lora_modules
 from arlm.model.lora import LoRAConfig, LoRALinear
@@ -64,7 +65,7 @@ def test_each_row_gets_its_own_adapter():
     slices = ((8, True), (4, False), (8, True))  # a fused q/k/v with k left alone
     first = _lora(base, 4, 8.0, slices, seed=1)
     second = _lora(base, 2, 3.0, ((8, False), (4, True), (8, True)), seed=2)
-    rows = AdapterRows(("first", "second"), torch.float32, torch.device("cpu"))
+    rows = AdapterRows(2, torch.float32, torch.device("cpu"))
     layer = MultiLoRALinear(base, slices, rank=4, rows=rows)
     layer.load(0, _pairs(first), first.config.scaling)
     layer.load(1, _pairs(second), second.config.scaling)
@@ -82,11 +83,12 @@ def test_each_row_gets_its_own_adapter():
 
 
 def test_adapter_rows_refuse_what_they_cannot_hold():
-    with pytest.raises(ValueError, match="repeat"):
-        AdapterRows(("a", "a"), torch.float32, torch.device("cpu"))
-    rows = AdapterRows(("a", "b"), torch.float32, torch.device("cpu"))
+    rows = AdapterRows(2, torch.float32, torch.device("cpu"))
+    assert rows.claim("a") == 0 and rows.claim("b") == 1
     with pytest.raises(ValueError, match="no LoRA adapter named 'c' is loaded; loaded: a, b"):
         rows.slot("c")
+    with pytest.raises(ValueError, match="name ' c' is not allowed"):
+        rows.claim(" c")
     layer = MultiLoRALinear(nn.Linear(6, 4), ((4, True),), rank=2, rows=rows)
     with pytest.raises(ValueError, match="rank 3 exceeds the slots' 2"):
         layer.load(0, [(torch.zeros(3, 6), torch.zeros(4, 3))], 1.0)
@@ -290,10 +292,72 @@ def test_quantized_base_takes_adapters(folders):
 
 
 # ---------------------------------------------------------------------------------------------
+# adapters loaded and unloaded while the model serves
+
+
+def _greedy(lm, prompt: str, adapter: str | None):
+    return lm.generate(prompt, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=adapter)
+
+
+def test_adapters_load_into_free_slots_and_unload(folders, alone):
+    """Two slots, filled and freed while the model serves: each adapter computes what it does
+    merged; a slot reused by another adapter keeps none of the first's updates (in the layers
+    the second leaves alone) nor its prefix-cache blocks (the long prompt, cached there)."""
+    lm = _load(folders["base"], max_loras=2, max_lora_rank=8)
+    assert lm.adapters.loaded == ()
+    lm.load_adapter("all", folders["all"])
+    lm.load_adapter("qv", folders["qv"])
+    for name in ("all", "qv", None):
+        _assert_same(_greedy(lm, PROMPTS[0], name), alone[name][0])
+    with pytest.raises(ValueError, match=r"all 2 LoRA slots are taken \(all, qv\)"):
+        lm.load_adapter("mlp", folders["mlp"])
+    with pytest.raises(ValueError, match="'qv' is loaded already"):
+        lm.load_adapter("qv", folders["qv"])
+    lm.unload_adapter("all")
+    with pytest.raises(ValueError, match="no LoRA adapter named 'all' is loaded; loaded: qv"):
+        _greedy(lm, PROMPTS[0], "all")
+    lm.load_adapter("mlp", folders["mlp"])  # into the slot "all" held
+    assert lm.adapters.names == ["mlp", "qv"]
+    out = _greedy(lm, PROMPTS[0], "mlp")
+    _assert_same(out, alone["mlp"][0])
+    assert out.usage.cached_prompt_tokens == 0  # not the blocks "all" computed in that slot
+    _assert_same(_greedy(lm, PROMPTS[0], "qv"), alone["qv"][0])
+
+
+def test_an_adapter_in_use_is_not_unloaded(folders):
+    lm = _load(folders["base"], lora_modules={"qv": folders["qv"]})
+    engine = lm.engine
+    request = engine.add_request(PROMPTS[1], arlm.SamplingParams(max_tokens=4), adapter="qv")
+    engine.step()
+    with pytest.raises(AdapterBusy, match="1 sequences still run on LoRA adapter 'qv'"):
+        lm.unload_adapter("qv")
+    while not engine.next_output(request).finished:
+        pass
+    lm.unload_adapter("qv")
+    assert lm.adapters.loaded == ()
+
+
+def test_slots_refuse_adapters_they_cannot_hold(folders):
+    lm = _load(folders["base"], max_loras=2, max_lora_rank=4)
+    with pytest.raises(ValueError, match="rank 8, above the slots' 4; start with a larger"):
+        lm.load_adapter("qv", folders["qv"])
+    assert lm.adapters.loaded == ()
+    # slots only for the layers of the adapters given: another adapter's layers have none
+    only = _load(folders["base"], lora_modules={"qv": folders["qv"]})
+    only.unload_adapter("qv")
+    with pytest.raises(ValueError, match="adapts h.0.mlp.c_fc, which has no slots here"):
+        only.load_adapter("mlp", folders["mlp"])
+    with pytest.raises(ValueError, match="has no LoRA slots; load it with max_loras"):
+        _load(folders["base"]).load_adapter("qv", folders["qv"])
+    with pytest.raises(ValueError, match="max_loras=1 is not allowed"):
+        _load(folders["base"], lora_modules={"a": folders["qv"], "b": folders["mlp"]}, max_loras=1)
+
+
+# ---------------------------------------------------------------------------------------------
 # the server
 
 
-def test_server_routes_requests_by_model_name(served, alone):
+def test_server_routes_requests_by_model_name(served, alone, folders):
     with LiveServer(served, ServeConfig(prepare_workers=0), name="base") as s:
         models = httpx.get(s.url + "/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["base", *ADAPTERS]
@@ -310,6 +374,44 @@ def test_server_routes_requests_by_model_name(served, alone):
         r = httpx.post(s.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
         assert r.status_code == 404
         assert "'base', 'all', 'qv', 'mlp'" in r.json()["error"]["message"]
+        # without --allow-runtime-lora-updates there is nothing to load adapters with
+        body = {"lora_name": "x", "lora_path": str(folders["qv"])}
+        assert httpx.post(s.url + "/v1/load_lora_adapter", json=body).status_code == 404
+
+
+def test_server_loads_and_unloads_adapters_at_runtime(folders, alone):
+    lm = _load(folders["base"], max_loras=1, max_lora_rank=8)
+    config = ServeConfig(prepare_workers=0, allow_runtime_lora_updates=True)
+    with LiveServer(lm, config, name="base") as s:
+
+        def complete(model):
+            body = {
+                "model": model,
+                "prompt": PROMPTS[1],
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+            }
+            return httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+
+        def post(path, **body):
+            return httpx.post(s.url + path, json=body, timeout=60)
+
+        assert complete("qv").status_code == 404
+        r = post("/v1/load_lora_adapter", lora_name="qv", lora_path=str(folders["qv"]))
+        assert r.status_code == 200 and "'qv' added" in r.text
+        assert [m["id"] for m in httpx.get(s.url + "/v1/models").json()["data"]] == ["base", "qv"]
+        r = complete("qv")
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone["qv"][1].text
+        r = post("/v1/load_lora_adapter", lora_name="mlp", lora_path=str(folders["mlp"]))
+        assert r.status_code == 400 and "slots are taken" in r.json()["error"]["message"]
+        r = post("/v1/load_lora_adapter", lora_name="x", lora_path=str(folders["base"]))
+        assert r.status_code == 400 and "not a LoRA adapter folder" in r.json()["error"]["message"]
+        assert post("/v1/unload_lora_adapter", lora_name="qv").status_code == 200
+        assert complete("qv").status_code == 404
+        assert post("/v1/unload_lora_adapter", lora_name="qv").status_code == 404
+        r = post("/v1/load_lora_adapter", lora_name="mlp", lora_path=str(folders["mlp"]))
+        assert r.status_code == 200
+        assert complete("mlp").json()["choices"][0]["text"] == alone["mlp"][1].text
 
 
 def test_cli_serve_parses_lora_modules():

@@ -48,6 +48,17 @@ def add_parser(sub) -> None:
         help="LoRA adapters (PEFT folders or Hub ids) of MODEL, each served as the model NAME "
         "beside the base, unmerged: every request picks one by its model field (default: none)",
     )
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        help="LoRA adapters that may be loaded at once; above the --lora-modules given, free "
+        "slots for --allow-runtime-lora-updates (default: one per --lora-modules)",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        help="the largest LoRA rank a slot takes (default: the largest given, else 16)",
+    )
     p.set_defaults(run=run)
 
 
@@ -75,6 +86,9 @@ def run(args: argparse.Namespace) -> None:
         if len(set(names)) != len(names):
             raise ValueError(f"--lora-modules names {names} repeat; give each adapter its own")
         kwargs["lora_modules"] = dict(args.lora_modules)
+    for name in ("max_loras", "max_lora_rank"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     # a Hub id downloads now, before the server starts; it is then served under its id
     local = Path(args.model).exists()
     folder = resolve(args.model, kwargs.pop("revision"), args.allow_pickle)

@@ -22,10 +22,11 @@ AsyncEngine    a background step loop, async streams per request (async_engine.p
 """
 
 from arlm.engine.async_engine import AsyncEngine
-from arlm.engine.engine import Engine, EngineConfig, InvalidRequest
+from arlm.engine.engine import AdapterBusy, Engine, EngineConfig, InvalidRequest
 from arlm.engine.outputs import Chunk, Completion, RequestOutput, Usage
 
 __all__ = [
+    "AdapterBusy",
     "AsyncEngine",
     "Chunk",
     "Completion",

@@ -1,11 +1,11 @@
 """The asynchronous front: the engine's step loop in a background thread, async streams of
 outputs, for the server.
 
-The loop thread owns the engine: requests and aborts reach it through a queue and take effect
-between steps, and each step's outputs go back to the event loop that asked, one
-``asyncio.Queue`` per ``RequestStream`` (one request, or several added together). Adding is
-synchronous, so a caller can check room for several requests and queue them with no other
-coroutine running in between (the server's admission control). A stream closed before its
+The loop thread owns the engine: requests, aborts and other changes (``call``) reach it through
+a queue and take effect between steps, and each step's outputs go back to the event loop that
+asked, one ``asyncio.Queue`` per ``RequestStream`` (one request, or several added together).
+Adding is synchronous, so a caller can check room for several requests and queue them with no
+other coroutine running in between (the server's admission control). A stream closed before its
 requests finished aborts them, so their slots are freed at the next step.
 """
 
@@ -16,12 +16,14 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from arlm.engine.engine import Engine, InvalidRequest
 from arlm.engine.outputs import RequestOutput
 from arlm.sampling.params import SamplingParams
 
 log = logging.getLogger("arlm.engine")
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -206,6 +208,18 @@ class AsyncEngine:
         finally:
             stream.close()
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run in the loop thread between steps, where the engine's state may change
+        (a LoRA adapter loaded into a slot, or unloaded); its result here, or its exception
+        raised here."""
+        if self.error is not None:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        future = asyncio.get_running_loop().create_future()
+        self.start()
+        self._inbox.put(("call", fn, future))
+        self._wake.set()
+        return await future
+
     def abort_all(self) -> None:
         """Abort every request still streaming (at the next step)."""
         for request_id in list(self._streams):
@@ -250,6 +264,14 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort(command[1])
                 continue
+            if command[0] == "call":
+                _, fn, future = command
+                try:
+                    outcome = (fn(), None)
+                except Exception as e:  # the caller's to handle, not the loop's
+                    outcome = (None, e)
+                future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
+                continue
             _, prompt_ids, params, request_id, adapter = command
             try:
                 self.engine.add_request(prompt_ids, params, request_id, adapter)
@@ -273,6 +295,15 @@ class AsyncEngine:
                 by_loop.setdefault(loop, []).append((stream.outputs, item))
         for loop, batch in by_loop.items():
             loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _settle(future: asyncio.Future, result: object, error: Exception | None) -> None:
+    if future.cancelled():  # the caller left
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:

@@ -44,7 +44,11 @@ from arlm.sampling.params import SamplingParams
 from arlm.speculative.config import SpeculativeConfig
 from arlm.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineConfig", "InvalidRequest"]
+__all__ = ["AdapterBusy", "Engine", "EngineConfig", "InvalidRequest"]
+
+
+class AdapterBusy(ValueError):
+    """A LoRA adapter cannot be unloaded while sequences run on it."""
 
 
 class Engine:
@@ -197,6 +201,7 @@ class Engine:
             block_size=self.block_size,
             device=self.device,
             adapter=slot,
+            salt=b"" if slot < 0 else self.adapters.salt(slot),
         )
         self.requests[request_id] = seqs
         for seq in seqs:
@@ -224,6 +229,18 @@ class Engine:
             return self.adapters.slot(adapter)
         except ValueError as e:
             raise InvalidRequest(str(e), "model") from None
+
+    def unload_adapter(self, name: str) -> None:
+        """Free the slot of the LoRA adapter called ``name`` (``AdapterBusy`` while requests
+        run on it; an ``InvalidRequest`` if none is loaded by that name)."""
+        slot = self.adapter_slot(name)
+        running = sum(s.adapter == slot for seqs in self.requests.values() for s in seqs)
+        if running:
+            raise AdapterBusy(
+                f"{running} sequences still run on LoRA adapter {name!r}; unload it once they "
+                "finish"
+            )
+        self.adapters.release(name)
 
     def check_prompt(self, prompt: str | list[int]) -> list[int]:
         """The token ids of ``prompt``, or a ValueError saying why the engine cannot run it."""

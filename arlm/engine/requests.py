@@ -115,12 +115,13 @@ def new_sequences(
     block_size: int,
     device: torch.device,
     adapter: int = -1,
+    salt: bytes = b"",
 ) -> list[Sequence]:
     """The ``params.n`` samples of one request, run with the LoRA adapter in slot ``adapter``
-    (-1: the base model)."""
+    (-1: the base model), whose prompt blocks' hashes take ``salt`` (an adapter's blocks are
+    its own)."""
     # prompt log-probabilities need every prompt position computed, so such a sequence neither
-    # takes nor offers prefix-cache hits; an adapter's blocks are its own
-    salt = b"" if adapter < 0 else f"lora {adapter}".encode()
+    # takes nor offers prefix-cache hits
     hashes = block_hashes(prompt_ids, block_size, salt) if params.prompt_logprobs is None else []
     ends = set() if params.ignore_eos else set(end_ids)
     ends |= set(params.stop_token_ids)

@@ -6,6 +6,7 @@ the adapters a server holds beside its base model, unmerged (``load_lora_modules
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,15 +15,19 @@ from arlm.formats import hf
 from arlm.formats.checkpoint import CheckpointError, load_model
 from arlm.formats.hub import resolve
 from arlm.formats.peft import (
+    ALL_LINEAR,
+    SlicePairs,
     apply_adapter,
     is_adapter_dir,
     lora_targets,
     read_adapter,
     read_adapter_tensors,
 )
+from arlm.model.lora import LoRAConfig
 from arlm.model.multi_lora import AdapterRows, MultiLoRALinear, add_adapter_slots
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
+from arlm.validate import check_int
 
 # adapters trained on adapters (DPO on a LoRA fine-tune, say), deeper than any real chain
 MAX_ADAPTERS = 8
@@ -80,46 +85,96 @@ def read_chain(
     return model, tokenizer
 
 
-def load_lora_modules(model: Transformer, modules: dict[str, str | os.PathLike]) -> AdapterRows:
-    """Load each LoRA adapter of ``modules`` (name -> folder or Hub id) into a slot of its own
-    beside ``model``'s weights, unmerged (``arlm.model.multi_lora``), so that each request may
-    name the one it runs with; the slots' names. Every adapter is read and checked before
-    ``model`` is changed. Adapters trained on adapters are refused: merge the chain first."""
-    if not modules:
-        raise ValueError("lora_modules is empty; give at least one NAME=PATH")
+# the largest adapter rank slots take when none is given and none is loaded yet (vLLM's)
+DEFAULT_MAX_LORA_RANK = 16
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A LoRA adapter read and checked for serving, not yet in a slot: its settings and each
+    adapted layer's (A, B) per slice (``read_adapter_tensors``)."""
+
+    lora: LoRAConfig
+    tensors: dict[str, SlicePairs]
+
+
+def read_lora_module(model: Transformer, name: str, path: str | os.PathLike) -> ServedAdapter:
+    """The adapter called ``name`` in ``path`` (a PEFT folder or Hub id) for serving beside
+    ``model``, read and checked; adapters trained on adapters are refused (merge them first)."""
+    folder = resolve(path)
+    if not is_adapter_dir(folder):
+        raise CheckpointError(
+            f"LoRA adapter {name!r}: {path} is not a LoRA adapter folder (it has no "
+            "adapter_config.json naming a peft_type)"
+        )
+    adapter = read_adapter(folder)
+    base = adapter.base_model
+    if base is not None and Path(base).is_dir() and is_adapter_dir(base):
+        raise CheckpointError(
+            f"LoRA adapter {name!r} at {path} was trained on another adapter ({base}); "
+            "serve the pair merged (arlm export) or load it whole"
+        )
+    targets = lora_targets(model, adapter.target_modules)
+    tensors = read_adapter_tensors(model, folder, targets, adapter.lora.rank)
+    return ServedAdapter(adapter.lora, tensors)
+
+
+def load_lora_modules(
+    model: Transformer,
+    modules: dict[str, str | os.PathLike],
+    max_loras: int | None = None,
+    max_lora_rank: int | None = None,
+) -> AdapterRows:
+    """Give ``model`` slots for ``max_loras`` LoRA adapters (default: one per entry of
+    ``modules``) of rank up to ``max_lora_rank`` (default: the largest given, else 16), held
+    beside its weights unmerged (``arlm.model.multi_lora``), and load each of ``modules``
+    (name -> folder or Hub id) into one; the slots. With more slots than adapters, every
+    adaptable layer gets slots, so that any adapter of the model can be loaded later
+    (``install_adapter``); otherwise only the layers the given adapters adapt. Every adapter
+    is read and checked before ``model`` is changed."""
+    slots = len(modules) if max_loras is None else max_loras
+    check_int("max_loras", slots, max(len(modules), 1), f">= 1 and >= the {len(modules)} given")
     if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
         raise ValueError("the model holds LoRA adapter slots already; load them all at once")
-    read = {}
-    for name, path in modules.items():
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise ValueError(
-                f"LoRA adapter name {name!r} is not allowed; a name is a non-empty text without "
-                "leading or trailing spaces (what a request's model field gives)"
-            )
-        folder = resolve(path)
-        if not is_adapter_dir(folder):
-            raise CheckpointError(
-                f"LoRA adapter {name!r}: {path} is not a LoRA adapter folder (it has no "
-                "adapter_config.json naming a peft_type)"
-            )
-        adapter = read_adapter(folder)
-        base = adapter.base_model
-        if base is not None and Path(base).is_dir() and is_adapter_dir(base):
-            raise CheckpointError(
-                f"LoRA adapter {name!r} at {path} was trained on another adapter ({base}); "
-                "serve the pair merged (arlm export) or load it whole"
-            )
-        targets = lora_targets(model, adapter.target_modules)
-        tensors = read_adapter_tensors(model, folder, targets, adapter.lora.rank)
-        read[name] = (adapter.lora, targets, tensors)
-    rank = max(lora.rank for lora, _, _ in read.values())
-    slots = {}  # every layer any adapter adapts, its slices as the layer splits its rows
-    for _, targets, _ in read.values():
-        slots.update(targets)
+    read = {name: read_lora_module(model, name, path) for name, path in modules.items()}
+    ranks = [adapter.lora.rank for adapter in read.values()]
+    rank = max_lora_rank if max_lora_rank is not None else max(ranks, default=DEFAULT_MAX_LORA_RANK)
+    check_int("max_lora_rank", rank, max(ranks, default=1), f">= the given ranks {ranks}")
+    for name in read:  # before the model changes
+        AdapterRows.check_name(name)
+    targets = lora_targets(model, ALL_LINEAR)  # every adaptable layer
+    if slots == len(read):  # only those the adapters adapt
+        targets = {path: targets[path] for a in read.values() for path in a.tensors}
     weights = model.wte.weight
-    rows = AdapterRows(tuple(read), weights.dtype, weights.device)
-    layers = add_adapter_slots(model, slots, rank, rows)
-    for slot, (lora, _, tensors) in enumerate(read.values()):
-        for path, pairs in tensors.items():
-            layers[path].load(slot, pairs, lora.scaling)
+    rows = AdapterRows(slots, weights.dtype, weights.device)
+    add_adapter_slots(model, targets, rank, rows)
+    for name, adapter in read.items():
+        install_adapter(model, rows, name, adapter)
     return rows
+
+
+def install_adapter(
+    model: Transformer, rows: AdapterRows, name: str, adapter: ServedAdapter
+) -> int:
+    """Write ``adapter`` into a free slot of ``model`` under ``name``; its slot. Layers with
+    slots that the adapter leaves alone get zeros there (a slot may have held another
+    adapter). Refused, changing nothing, where the slots cannot hold it."""
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+    outside = sorted(set(adapter.tensors) - set(layers))
+    if outside:
+        raise ValueError(
+            f"LoRA adapter {name!r} adapts {outside[0]}, which has no slots here: slots were made "
+            "for the layers of the adapters loaded at start; start with more slots than "
+            "adapters (max_loras) to give every layer slots"
+        )
+    rank = next(iter(layers.values())).rank
+    if adapter.lora.rank > rank:
+        raise ValueError(
+            f"LoRA adapter {name!r} has rank {adapter.lora.rank}, above the slots' {rank}; "
+            "start with a larger max_lora_rank"
+        )
+    slot = rows.claim(name)
+    for path, layer in layers.items():
+        pairs = adapter.tensors.get(path, [None] * len(layer.slices))
+        layer.load(slot, pairs, adapter.lora.scaling)
+    return slot

@@ -25,37 +25,79 @@ import torch
 import torch.nn as nn
 
 from arlm.model.lora import Slices
+from arlm.model.packing import PackedLinear
+from arlm.validate import check_int
 
 
 class AdapterRows:
-    """Which slot each token of the next forward uses, for every ``MultiLoRALinear`` of one
-    model: set by whoever runs the model (the engine's runner) before each forward.
+    """The adapter slots of one model's ``MultiLoRALinear`` layers, and which slot each token
+    of the next forward uses: set by whoever runs the model (the engine's runner) before each
+    forward.
 
-    ``names[i]`` is the adapter in slot i. ``mask`` is (tokens, slots), one where a token uses
-    that slot, or None when no token of the forward uses any (the base alone, at no cost);
-    only ``using`` sets it."""
+    ``names[i]`` is the adapter in slot i, None while the slot is free. ``mask`` is (tokens,
+    slots), one where a token uses that slot, or None when no token of the forward uses any
+    (the base alone, at no cost); only ``using`` sets it. ``claim`` and ``release`` change
+    which adapter a slot holds: whoever calls them keeps forwards and requests from running
+    meanwhile (the engine's loop thread, between steps)."""
 
-    def __init__(self, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> None:
-        if not names:
-            raise ValueError("names is empty; serving adapters needs at least one")
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapter names {list(names)} repeat; each slot needs its own name")
-        self.names = names
+    def __init__(self, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        check_int("slots", slots, 1)
+        self.names: list[str | None] = [None] * slots
+        self._loads = [0] * slots  # adapters each slot has held, for ``salt``
         self.dtype = dtype
-        self._slots = torch.arange(len(names), device=device)
+        self._slots = torch.arange(slots, device=device)
         self.mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The names of the adapters held, in slot order."""
+        return tuple(name for name in self.names if name is not None)
+
     def slot(self, name: str) -> int:
         """The slot of the adapter called ``name``; a ValueError naming those loaded."""
-        try:
+        if name is not None and name in self.names:
             return self.names.index(name)
-        except ValueError:
+        loaded = ", ".join(self.loaded) or "none"
+        raise ValueError(f"no LoRA adapter named {name!r} is loaded; loaded: {loaded}")
+
+    def salt(self, slot: int) -> bytes:
+        """What the prefix cache mixes into the hashes of blocks computed with the adapter in
+        ``slot``: the slot and how many adapters it has held, so that the blocks of an adapter
+        since unloaded are never hits for the next one there."""
+        return f"lora {slot}.{self._loads[slot]}".encode()
+
+    @staticmethod
+    def check_name(name: str) -> None:
+        """Refuse a name no request's model field could give."""
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
             raise ValueError(
-                f"no LoRA adapter named {name!r} is loaded; loaded: {', '.join(self.names)}"
-            ) from None
+                f"LoRA adapter name {name!r} is not allowed; a name is a non-empty text without "
+                "leading or trailing spaces (what a request's model field gives)"
+            )
+
+    def claim(self, name: str) -> int:
+        """A free slot, now ``name``'s; a ValueError for a name in use or taken slots."""
+        self.check_name(name)
+        if name in self.names:
+            raise ValueError(f"a LoRA adapter named {name!r} is loaded already")
+        if None not in self.names:
+            raise ValueError(
+                f"all {len(self)} LoRA slots are taken ({', '.join(self.loaded)}); unload one "
+                "first, or start with more slots (max_loras)"
+            )
+        slot = self.names.index(None)
+        self.names[slot] = name
+        self._loads[slot] += 1
+        return slot
+
+    def release(self, name: str) -> int:
+        """Free the slot of ``name`` (its weights stay until another adapter is written)."""
+        slot = self.slot(name)
+        self.names[slot] = None
+        return slot
 
     @contextmanager
     def using(self, slots: torch.Tensor | None) -> Iterator[None]:
@@ -100,24 +142,28 @@ class MultiLoRALinear(nn.Module):
     ) -> None:
         """Put an adapter in ``slot``: ``pairs`` holds each slice's (A (rank, in), B (rows,
         rank)), or None where the adapter leaves that projection alone (zeros there); its
-        ``scaling`` is folded into ``B``."""
+        ``scaling`` is folded into ``B``. Slots packed for the CPU's kernel are written
+        unpacked and packed again."""
         if len(pairs) != len(self.slices):
             raise ValueError(f"{len(pairs)} slices given; this layer has {len(self.slices)}")
-        if not isinstance(self.lora_a, nn.Linear):
-            raise ValueError("the slots were packed for the CPU's kernel; load adapters before")
+        packed = isinstance(self.lora_a, PackedLinear)
+        lora_a = self.lora_a.unpack() if packed else self.lora_a
+        lora_b = self.lora_b.unpack() if packed else self.lora_b
         block = len(self.slices) * self.rank
-        a = self.lora_a.weight[slot * block : (slot + 1) * block].zero_()
-        b = self.lora_b.weight[:, slot * block : (slot + 1) * block].zero_()
+        a = lora_a.weight[slot * block : (slot + 1) * block].zero_()
+        b = lora_b.weight[:, slot * block : (slot + 1) * block].zero_()
         row = 0
         for i, (rows, pair) in enumerate(zip(self.slices, pairs, strict=True)):
             if pair is not None:
-                lora_a, lora_b = pair
-                if lora_a.size(0) > self.rank:
-                    raise ValueError(f"rank {lora_a.size(0)} exceeds the slots' {self.rank}")
-                cols = slice(i * self.rank, i * self.rank + lora_a.size(0))
-                a[cols] = lora_a
-                b[row : row + rows, cols] = lora_b.float() * scaling
+                pair_a, pair_b = pair
+                if pair_a.size(0) > self.rank:
+                    raise ValueError(f"rank {pair_a.size(0)} exceeds the slots' {self.rank}")
+                cols = slice(i * self.rank, i * self.rank + pair_a.size(0))
+                a[cols] = pair_a
+                b[row : row + rows, cols] = pair_b.float() * scaling
             row += rows
+        if packed:
+            self.lora_a, self.lora_b = PackedLinear(lora_a), PackedLinear(lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -53,6 +53,16 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def unpack(self) -> nn.Linear:
+        """The float layer this was packed from (a copy of its weight in the plain layout)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        weight = self.packed.to_dense()
+        linear.to(weight.dtype).requires_grad_(False)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not hasattr(self, "weight"):
             destination[prefix + "weight"] = self.packed.to_dense()

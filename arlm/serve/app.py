@@ -31,15 +31,23 @@ from starlette.exceptions import HTTPException
 
 from arlm.engine.async_engine import AsyncEngine, EngineDead, QueueFull, RequestStream
 from arlm.engine.outputs import Completion, RequestOutput
+from arlm.engine.requests import InvalidRequest
 from arlm.sampling.params import SamplingParams
 from arlm.sampling.structured import StructuredOutputs
+from arlm.serve import adapters as lora
 from arlm.serve import responses as rs
 from arlm.serve import tokenize as tok
 from arlm.serve.config import ServeConfig
 from arlm.serve.echo import echoed, vllm_prompt_logprobs
 from arlm.serve.errors import APIError
 from arlm.serve.metrics import ServerMetrics
-from arlm.serve.prepare import Prepared, Preparer, PrepareSetup, prompt_byte_limit
+from arlm.serve.prepare import (
+    Prepared,
+    Preparer,
+    PrepareSetup,
+    model_not_found,
+    prompt_byte_limit,
+)
 from arlm.serve.protocol import ChatCompletionRequest, CompletionRequest, parse
 from arlm.serve.tools import ToolParser, ToolReader, ToolStream, parser_for
 from arlm.serve.workers import WorkerPool
@@ -99,7 +107,8 @@ class Server:
             loop_detection=config.loop_detection,
             sampling_defaults=dict(lm.sampling_defaults),
             agent_loop_guard=config.agent_loop_guard,
-            adapters=self.adapters(lm),
+            # adapters that come and go are checked where requests reach the engine
+            adapters=None if config.allow_runtime_lora_updates else self.adapters(lm),
         )
         self.preparer = Preparer(tokenizer, setup)
         self.tool_parser = parser_for(config.tool_call_parser, tokenizer.chat_template)
@@ -188,8 +197,14 @@ class Server:
 
     @staticmethod
     def adapters(lm) -> tuple[str, ...]:
-        """The names of the LoRA adapters ``lm`` serves beside its base model."""
-        return () if lm.adapters is None else lm.adapters.names
+        """The names of the LoRA adapters ``lm`` serves beside its base model now."""
+        return () if lm.adapters is None else lm.adapters.loaded
+
+    def check_model(self, model: str | None) -> None:
+        """404 for a model name this server does not serve now."""
+        served = (self.model_name, *self.adapters(self.lm))
+        if model is not None and model not in served:
+            raise model_not_found(model, served)
 
     def served_name(self, req) -> str:
         """The model a request runs on, as its answer names it: the LoRA adapter its ``model``
@@ -200,8 +215,7 @@ class Server:
         self, prompts: list[list[int]], params: SamplingParams, req, prefix: str
     ) -> RequestStream:
         """Queue one request's prompts, on the adapter its model names (or the base)."""
-        name = self.served_name(req)
-        adapter = None if name == self.model_name else name
+        adapter = None if req.model in (None, self.model_name) else req.model
         try:
             return self.front.add_requests(
                 [(ids, params, f"{prefix}-{i}") for i, ids in enumerate(prompts)], adapter
@@ -210,8 +224,13 @@ class Server:
             raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
         except EngineDead as e:
             raise APIError(503, str(e)) from None
-        except ValueError as e:  # the engine's admission checks name the field at fault
-            raise APIError.bad_request(e, getattr(e, "param", "prompt")) from None
+        except InvalidRequest as e:  # the engine's admission checks name the field at fault
+            if e.param == "model":  # an adapter unloaded since the request was prepared
+                served = (self.model_name, *self.adapters(self.lm))
+                raise model_not_found(req.model, served) from None
+            raise APIError.bad_request(e, e.param) from None
+        except ValueError as e:
+            raise APIError.bad_request(e, "prompt") from None
 
 
 def build_app(server: Server, lifespan=None) -> FastAPI:
@@ -263,11 +282,23 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
         cards = [card] + [card | {"id": name, "parent": server.model_name} for name in adapters]
         return JSONResponse({"object": "list", "data": cards})
 
+    if server.config.allow_runtime_lora_updates:
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request) -> Response:
+            body = await _checked_body(request, server)
+            return await lora.load(server, parse(lora.LoadLoRAAdapterRequest, body))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request) -> Response:
+            body = await _checked_body(request, server)
+            return await lora.unload(server, parse(lora.UnloadLoRAAdapterRequest, body))
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         body = await _checked_body(request, server)
         req = parse(tok.TokenizeRequest, body)
-        server.preparer.check_model(req.model)
+        server.check_model(req.model)
         if req.messages is not None:  # through the chat template, as a chat request renders
             chat = json.dumps(tok.chat_body(req)).encode()
             ids = (await server.prepare(ChatCompletionRequest, chat)).prompts[0]
@@ -283,7 +314,7 @@ def build_app(server: Server, lifespan=None) -> FastAPI:
     async def detokenize(request: Request) -> JSONResponse:
         body = await _checked_body(request, server)
         req = parse(tok.DetokenizeRequest, body)
-        server.preparer.check_model(req.model)
+        server.check_model(req.model)
         vocab = server.lm.config.vocab_size
         text = await asyncio.to_thread(tok.detokenize, server.lm.tokenizer, req.tokens, vocab)
         return JSONResponse(text)

@@ -75,6 +75,11 @@ class ServeConfig:
         help="run the agent step guard with this preset over chats that set none (default: off)",
         choices=sorted(PRESETS),
     )
+    allow_runtime_lora_updates: bool = option(
+        False,
+        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, which load LoRA "
+        "adapters from paths clients give into free slots (--max-loras) while the server runs",
+    )
 
     def __post_init__(self) -> None:
         check_int("max_queue", self.max_queue, 0)

@@ -38,7 +38,9 @@ class PrepareSetup:
     loop_detection: dict | None
     sampling_defaults: dict | None = None  # the model's generation_config.json defaults
     agent_loop_guard: str | None = None  # the guard preset for chats that set none
-    adapters: tuple[str, ...] = ()  # the LoRA adapters a request's model may name
+    # the LoRA adapters a request's model may name; None: adapters come and go while the
+    # server runs, so the engine checks the name when the request reaches it
+    adapters: tuple[str, ...] | None = ()
 
 
 @dataclass
@@ -51,6 +53,17 @@ class Prepared:
     params: SamplingParams
     prompts: list[list[int]]
     guard: dict | None = None  # the agent loop guard's report (arlm.serve.agent_guard)
+
+
+def model_not_found(model: str, served: tuple[str, ...]) -> APIError:
+    """The 404 for a request's ``model`` that is none of ``served``."""
+    names = ", ".join(repr(name) for name in served)
+    return APIError(
+        404,
+        f"the model {model!r} does not exist; this server serves {names}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def prompt_byte_limit(tokenizer: Tokenizer, max_len: int | None) -> int | None:
@@ -133,15 +146,11 @@ class Preparer:
         return Prepared(req.model_copy(update={param: []}), params, prompts, guard)
 
     def check_model(self, model: str | None) -> None:
+        if self.setup.adapters is None:
+            return
         served = (self.setup.model_name, *self.setup.adapters)
         if model is not None and model not in served:
-            names = ", ".join(repr(name) for name in served)
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves {names}",
-                param="model",
-                code="model_not_found",
-            )
+            raise model_not_found(model, served)
 
     def encode(self, prompt: str | list[int], param: str, add_special_tokens: bool = True):
         """A prompt's token ids; a text is measured in bytes before it is tokenized."""
