@@ -404,6 +404,8 @@ def test_server_loads_and_unloads_adapters_at_runtime(folders, alone):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone["qv"][1].text
         r = post("/v1/load_lora_adapter", lora_name="mlp", lora_path=str(folders["mlp"]))
         assert r.status_code == 400 and "slots are taken" in r.json()["error"]["message"]
+        r = post("/v1/load_lora_adapter", lora_name="base", lora_path=str(folders["mlp"]))
+        assert r.status_code == 400 and "the served model's own name" in r.text
         r = post("/v1/load_lora_adapter", lora_name="x", lora_path=str(folders["base"]))
         assert r.status_code == 400 and "not a LoRA adapter folder" in r.json()["error"]["message"]
         assert post("/v1/unload_lora_adapter", lora_name="qv").status_code == 200

@@ -35,6 +35,11 @@ async def load(server, req: LoadLoRAAdapterRequest) -> PlainTextResponse:
         raise APIError.bad_request(
             "this server has no LoRA slots; start it with --max-loras N", "lora_name"
         )
+    if name == server.model_name:
+        raise APIError.bad_request(
+            f"lora_name {name!r} is the served model's own name; name the adapter otherwise",
+            "lora_name",
+        )
     try:
         adapter = await asyncio.to_thread(read_lora_module, lm.model, name, req.lora_path)
         await server.front.call(lambda: install_adapter(lm.model, lm.adapters, name, adapter))
