@@ -13,7 +13,8 @@ sequence of kernels whatever the mix, as a CUDA graph replays it; its cost grows
 number of slots (about ``2 * slots * projections * rank / in_features`` of the base's), which
 is why they are few (vLLM's ``max_loras``). Each slot's block is ``slices * rank`` wide (the
 widest adapter's rank, smaller ranks zero-padded); an adapter's scaling is folded into its
-``B``, so slots of different ranks and alphas mix.
+``B``, so slots of different ranks and alphas mix. A slot can be filled and freed while the
+model serves (``AdapterRows.claim`` / ``release``, ``MultiLoRALinear.load``).
 """
 
 from __future__ import annotations
