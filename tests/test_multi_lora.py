@@ -24,11 +24,11 @@ from arlm.serve.config import ServeConfig
 from arlm.tokenizer import EOT, Tokenizer
 from tests.numerics import assert_close
 from tests.serving import LiveServer
+from tests.test_lora import COMMON, VOCAB, _randomize
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-VOCAB = 512
 # adapter name -> (target modules, rank, rsLoRA): different modules, ranks and scalings
 ADAPTERS = {
     "all": ("all-linear", 4, False),
@@ -100,27 +100,13 @@ def test_adapter_rows_refuse_what_they_cannot_hold():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tokenizer: Tokenizer) -> dict[str, Path]:
-    """ "base": a tiny random Llama (grouped-query) saved by transformers; one PEFT adapter
-    folder of it per entry of ADAPTERS, with random non-zero updates."""
+    """The folder of a tiny random Llama (grouped-query) saved by transformers, under "base",
+    and one PEFT adapter folder of it per entry of ADAPTERS, with random non-zero updates."""
     root = tmp_path_factory.mktemp("multi_lora")
     eot = tokenizer.token_to_id(EOT)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        bos_token_id=eot,
-        eos_token_id=eot,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # weights large enough that the logits spread
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
+    config = dict(COMMON, max_position_embeddings=256, bos_token_id=eot, eos_token_id=eot)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**config))
+    _randomize(model, seed=0)
     folders = {"base": root / "base"}
     model.save_pretrained(folders["base"])
     tokenizer.save(folders["base"] / "tokenizer.json")
