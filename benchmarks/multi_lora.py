@@ -54,6 +54,10 @@ a base request batched beside LoRA requests the last slot's adapter (its torch L
 mixed batch's base requests are compared with its base-only run too, and the script says so
 when they differ.
 
+``--written-by arlm``: the adapters are written by arlm (``add_lora``, ``adapter_files``: what
+``arlm train --lora-rank`` saves) instead of PEFT, so the token checks show vLLM and PEFT
+reading arlm's adapters.
+
 Run: ``python benchmarks/multi_lora.py`` (about 4 minutes on 2 cores with vLLM installed);
 ``--shape llama-tiny`` for a quick check that it runs; ``--vllm-python PATH`` for another vLLM
 environment. Writes ``benchmarks/out/multi_lora.json``.
@@ -86,10 +90,15 @@ PROMPT = (64, 128)  # prompt lengths, inclusive
 POSITIONS = 512  # the model's max_position_embeddings
 
 
-def build(root: Path, shape: dict, adapters: int, rank: int) -> tuple[Path, dict[str, Path]]:
-    """The base model folder and ``adapters`` PEFT LoRA adapter folders of it, by name."""
+def build(
+    root: Path, shape: dict, adapters: int, rank: int, written_by: str = "peft"
+) -> tuple[Path, dict[str, Path]]:
+    """The base model folder and ``adapters`` LoRA adapter folders of it in PEFT's format, by
+    name, written by PEFT or (``written_by`` "arlm") by arlm's trainer's writer."""
     folder = root / "model"
     make_model(folder, shape, POSITIONS)
+    if written_by == "arlm":
+        return folder, _arlm_adapters(root, folder, adapters, rank)
     try:
         import peft
         import transformers
@@ -121,6 +130,30 @@ def build(root: Path, shape: dict, adapters: int, rank: int) -> tuple[Path, dict
         saved["base_model_name_or_path"] = str(folder)
         config_path.write_text(json.dumps(saved, indent=2))
     return folder, paths
+
+
+def _arlm_adapters(root: Path, folder: Path, adapters: int, rank: int) -> dict[str, Path]:
+    """``adapters`` adapters of ``folder`` as ``arlm train --lora-rank`` writes them: arlm's
+    ``add_lora`` on the model arlm reads, ``lora_B`` drawn from N(0, 0.02) as for PEFT's."""
+    from arlm.formats.hf import load_hf
+    from arlm.formats.peft import Adapter, adapter_files, lora_targets
+    from arlm.model.lora import LoRAConfig, add_lora, lora_modules
+
+    paths = {}
+    for k in range(adapters):
+        torch.manual_seed(1000 + k)
+        model, _ = load_hf(folder)
+        lora = LoRAConfig(rank=rank, alpha=2 * rank)
+        add_lora(model, lora, lora_targets(model, tuple(TARGETS)))
+        with torch.no_grad():
+            for wrapper in lora_modules(model).values():
+                for b in wrapper.lora_B:
+                    b.normal_(0.0, 0.02)
+        paths[f"lora{k}"] = root / f"lora{k}"
+        paths[f"lora{k}"].mkdir()
+        for name, data in adapter_files(model, Adapter(lora, tuple(TARGETS), str(folder))).items():
+            (paths[f"lora{k}"] / name).write_bytes(data)
+    return paths
 
 
 def make_requests(
@@ -335,6 +368,13 @@ def main() -> None:
     p.add_argument("--vllm-python", default=os.environ.get("ARLM_VLLM_PYTHON", DEFAULT_VLLM))
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM columns")
     p.add_argument("--no-peft", action="store_true", help="skip the transformers/PEFT columns")
+    p.add_argument(
+        "--written-by",
+        choices=["peft", "arlm"],
+        default="peft",
+        help="who writes the adapters every side loads: PEFT, or arlm as its trainer does "
+        "(then the token checks show vLLM and PEFT reading arlm's adapters)",
+    )
     args = p.parse_args()
     if args.adapters < 1 or args.requests < 1 or args.rounds < 1:
         p.error("--adapters, --requests and --rounds must be at least 1")
@@ -344,7 +384,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.workdir = tmp
         shape = SHAPES[args.shape]
-        folder, adapters = build(Path(tmp), shape, args.adapters, args.rank)
+        folder, adapters = build(Path(tmp), shape, args.adapters, args.rank, args.written_by)
         names = list(adapters)
         mixed = make_requests(shape["vocab_size"], args.requests, names, args.max_tokens)
         base_only = [dict(r, lora=None) for r in mixed]
@@ -354,7 +394,7 @@ def main() -> None:
         print(
             f"{args.shape}: {shape['num_hidden_layers']} layers x {shape['hidden_size']}, "
             f"vocab {shape['vocab_size']}, random weights, float32; {args.adapters} LoRA "
-            f"adapters of rank {args.rank} on {', '.join(TARGETS)}"
+            f"adapters of rank {args.rank} on {', '.join(TARGETS)}, written by {args.written_by}"
         )
         print(
             f"{args.requests} requests ({len(on_adapters)} on adapters, {len(on_base)} on the "
