@@ -41,7 +41,8 @@ if [ "${TESTS_S:-150}" != 0 ]; then
     echo "== CUDA tests (limit ${TESTS_S:-150} s)"
     timeout "${TESTS_S:-150}" "$python" -m pytest -p no:cacheprovider -rfEs \
         tests/test_cuda.py tests/test_cuda_graphs.py tests/test_overlap.py \
-        tests/test_families.py tests/test_model_kernels.py -k "cuda or model_kernels" \
+        tests/test_families.py tests/test_model_kernels.py tests/test_multi_lora.py \
+        -k "cuda or model_kernels" \
         2>&1 | tee "$out/tests.log"
     status=${PIPESTATUS[0]}
 fi
