@@ -315,6 +315,8 @@ def test_an_adapter_in_use_is_not_unloaded(folders):
     engine = lm.engine
     request = engine.add_request(PROMPTS[1], arlm.SamplingParams(max_tokens=4), adapter="qv")
     engine.step()
+    stats = engine.stats()
+    assert (stats["max_lora"], stats["running_lora_adapters"]) == (1, "qv")
     with pytest.raises(AdapterBusy, match="1 sequences still run on LoRA adapter 'qv'"):
         lm.unload_adapter("qv")
     while not engine.next_output(request).finished:
@@ -360,6 +362,8 @@ def test_server_routes_requests_by_model_name(served, alone, folders):
         r = httpx.post(s.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
         assert r.status_code == 404
         assert "'base', 'all', 'qv', 'mlp'" in r.json()["error"]["message"]
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'arlm:lora_requests_info{max_lora="3",running_lora_adapters=""' in metrics
         # without --allow-runtime-lora-updates there is nothing to load adapters with
         body = {"lora_name": "x", "lora_path": str(folders["qv"])}
         assert httpx.post(s.url + "/v1/load_lora_adapter", json=body).status_code == 404

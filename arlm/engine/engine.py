@@ -378,6 +378,6 @@ class Engine:
         """Run ``prompts`` to completion (``arlm.engine.offline.generate``)."""
         return offline.generate(self, prompts, params, progress=progress, adapter=adapter)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         """Gauges and counters of the engine now (``arlm.engine.stats``)."""
         return engine_stats(self)

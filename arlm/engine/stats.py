@@ -1,7 +1,8 @@
 """What ``Engine.stats`` reports: gauges (sequences by state, KV blocks in use), counters
 (preemptions, prefix-cache and host-tier hits, loops, steps, replayed and overlapped steps,
-speculative decoding's) and what capturing the CUDA graphs took, read from the parts that own
-them. The server's ``/metrics`` and ``arlm generate --stats`` print these."""
+speculative decoding's), what capturing the CUDA graphs took, and with LoRA adapter slots the
+adapters that running and waiting sequences use, read from the parts that own them. The
+server's ``/metrics`` and ``arlm generate --stats`` print these."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ if TYPE_CHECKING:
     from arlm.engine.engine import Engine
 
 
-def engine_stats(engine: Engine) -> dict[str, float]:
+def engine_stats(engine: Engine) -> dict[str, float | str]:
     """Gauges and counters of the engine now (the block counts are 0 with the windowed
-    cache, which has no blocks)."""
+    cache, which has no blocks); with adapter slots, ``max_lora`` and the names of the adapters
+    running and waiting sequences use (``running_lora_adapters``, ``waiting_lora_adapters``:
+    comma-separated, as vLLM's ``lora_requests_info`` labels them)."""
     bm, sched, chain = engine.block_manager, engine.scheduler, engine.chain
     graphs = engine.runner.decode_graphs
     used = bm.num_used_blocks if bm else 0
@@ -38,4 +41,18 @@ def engine_stats(engine: Engine) -> dict[str, float]:
         "graph_capture_bytes": graphs.capture_bytes if graphs else 0,
         "overlapped_steps": engine.overlap.steps if engine.overlap else 0,
         **(engine.speculator.metrics() if engine.speculator else {}),
+        **(_lora_stats(engine) if engine.adapters is not None else {}),
+    }
+
+
+def _lora_stats(engine: Engine) -> dict[str, float | str]:
+    names, sched = engine.adapters.names, engine.scheduler
+
+    def used(seqs) -> str:
+        return ",".join(sorted({names[s.adapter] for s in seqs if s.adapter >= 0}))
+
+    return {
+        "max_lora": len(names),
+        "running_lora_adapters": used(sched.running),
+        "waiting_lora_adapters": used([*sched.waiting, *sched.swapped]),
     }

@@ -6,12 +6,15 @@ sequence's mean after its first token), end-to-end latency, queue time, prompt a
 token counts, and requests by finish reason. Gauges and engine counters are read from the
 engine's latest ``stats()`` at each scrape: running, waiting and swapped-out sequences, KV-cache
 usage (blocks held over all blocks), prefix-cache queries and hits (in tokens), blocks brought
-back from the host tier, preemptions (``arlm.engine.scheduler``), loops detected and broken, and
-with speculative decoding vLLM's ``spec_decode`` counters (``arlm.engine.speculation``).
+back from the host tier, preemptions (``arlm.engine.scheduler``), loops detected and broken,
+with speculative decoding vLLM's ``spec_decode`` counters (``arlm.engine.speculation``), and
+with LoRA adapter slots vLLM's ``lora_requests_info``: the adapters running and waiting
+sequences use, in its labels.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import prometheus_client
@@ -167,6 +170,16 @@ class _EngineCollector:
             )
         for name, (text, value) in counters.items():
             yield CounterMetricFamily(p + name, text, value=value)
+        if "max_lora" in s:  # vLLM's: the value is when the labels were read
+            info = GaugeMetricFamily(
+                p + "lora_requests_info",
+                "LoRA adapters in use: running_lora_adapters and waiting_lora_adapters name "
+                "them, comma-separated; max_lora is the slots.",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            labels = [str(s["max_lora"]), s["running_lora_adapters"], s["waiting_lora_adapters"]]
+            info.add_metric(labels, time.time())
+            yield info
         if "spec_decode_num_drafts" in s:
             by_pos = CounterMetricFamily(
                 p + "spec_decode_num_accepted_tokens_per_pos",
