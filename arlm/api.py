@@ -273,19 +273,32 @@ class LM:
                 engine.abort(request_id)
 
     @torch.inference_mode()
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """(T, vocab) logits of one teacher-forced forward over ``token_ids``."""
+    def logits(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
+        """(T, vocab) logits of one teacher-forced forward over ``token_ids``, with the LoRA
+        adapter called ``adapter`` (None: the base model)."""
         self._whole_model("logits")
         if len(token_ids) > self.config.block_size:
             raise ValueError(
                 f"{len(token_ids)} tokens exceed the model's context of {self.config.block_size}"
             )
         idx = torch.tensor([token_ids], device=self.device)
-        return self.model(idx)[0][0].float()
+        return self._forward(idx, adapter)[0][0].float()
+
+    def _forward(self, idx: torch.Tensor, adapter: str | None, **kwargs) -> tuple:
+        """``self.model(idx, **kwargs)`` outside the engine, every position with the LoRA
+        adapter called ``adapter`` (None: the base model)."""
+        if adapter is None:
+            return self.model(idx, **kwargs)
+        slot = self._slots().slot(adapter)
+        with self.adapters.using(torch.full((idx.numel(),), slot, device=self.device)):
+            return self.model(idx, **kwargs)
 
     @torch.inference_mode()
-    def score(self, text: str | list[int], chunk_size: int | None = None) -> Score:
-        """Per-token log-probabilities of ``text`` (or token ids).
+    def score(
+        self, text: str | list[int], chunk_size: int | None = None, adapter: str | None = None
+    ) -> Score:
+        """Per-token log-probabilities of ``text`` (or token ids), with the LoRA adapter called
+        ``adapter`` (None: the base model).
 
         The text is scored after the tokenizer's start token when it has one, so the first token
         is scored too. Texts longer than the context are scored in overlapping windows, each new
@@ -304,7 +317,8 @@ class LM:
         if len(ids) < 2:
             raise ValueError("nothing to score: the text has no tokens after the start token")
         if chunk_size is not None:
-            return Score(token_ids=ids[1:], token_logprobs=self._chunked_logprobs(ids, chunk_size))
+            logprobs = self._chunked_logprobs(ids, chunk_size, adapter)
+            return Score(token_ids=ids[1:], token_logprobs=logprobs)
         block = self.config.block_size
         stride = max(block // 2, 1)
         logprobs: list[float] = []
@@ -313,13 +327,15 @@ class LM:
             end = min(len(ids), block if scored == 1 else scored + stride)
             begin = max(0, end - block)
             window = torch.tensor([ids[begin:end]], device=self.device)
-            logits = self.model(window)[0][0, :-1].float()
+            logits = self._forward(window, adapter)[0][0, :-1].float()
             lp = F.log_softmax(logits, dim=-1).gather(-1, window[0, 1:, None])[:, 0]
             logprobs.extend(lp[-(end - scored) :].tolist())
             scored = end
         return Score(token_ids=ids[1:], token_logprobs=logprobs)
 
-    def _chunked_logprobs(self, ids: list[int], chunk_size: int) -> list[float]:
+    def _chunked_logprobs(
+        self, ids: list[int], chunk_size: int, adapter: str | None
+    ) -> list[float]:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be a positive integer")
         n = len(ids) - 1  # the last token is only predicted, never fed
@@ -336,7 +352,7 @@ class LM:
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             chunk = torch.tensor([ids[start:end]], device=self.device)
-            logits = self.model(chunk, kv_cache=cache, start_pos=start)[0][0].float()
+            logits = self._forward(chunk, adapter, kv_cache=cache, start_pos=start)[0][0].float()
             targets = torch.tensor(ids[start + 1 : end + 1], device=self.device)
             lp = F.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
             logprobs.extend(lp.tolist())

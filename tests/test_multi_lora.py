@@ -254,6 +254,20 @@ def test_stream_and_a_single_prompt(served, alone):
     assert one.token_ids == alone["mlp"][1].token_ids
 
 
+def test_scoring_takes_an_adapter(served, folders):
+    """``lm.score`` (windows and chunks through the cache) and ``lm.logits`` outside the engine
+    compute the adapter merged's numbers."""
+    merged = _load(folders["mlp"])
+    for chunk_size in (None, 7):
+        got = served.score(PROMPTS[0], chunk_size=chunk_size, adapter="mlp").token_logprobs
+        want = merged.score(PROMPTS[0], chunk_size=chunk_size).token_logprobs
+        assert_close(torch.tensor(got), torch.tensor(want), scale=math.log(VOCAB))
+    ids = served.tokenizer.encode(PROMPTS[2])
+    want = merged.logits(ids)
+    assert_close(served.logits(ids, adapter="mlp"), want, scale=want.abs().max().item())
+    assert (served.logits(ids) - want).abs().max() > 0.1  # the base's differ
+
+
 def test_quantized_base_takes_adapters(folders):
     """On an int4 base the slots add each row's float update to the quantized layer: the base's
     rows equal the int4 model alone, the adapter's rows equal a batch of that adapter alone,
