@@ -484,6 +484,11 @@ def load(
     if speculative is not None and not isinstance(speculative, SpeculativeConfig):
         speculative = SpeculativeConfig.from_json(speculative)
     serving_adapters = lora_modules is not None or max_loras is not None
+    if max_lora_rank is not None and not serving_adapters:
+        raise ValueError(
+            "max_lora_rank sizes the slots of LoRA adapters served beside the model; give "
+            "lora_modules or max_loras with it"
+        )
     if serving_adapters and tensor_parallel_size != 1:
         raise ValueError(
             "LoRA adapters are not served with tensor parallelism yet; load with "

@@ -351,6 +351,8 @@ def test_slots_refuse_adapters_they_cannot_hold(folders):
         only.load_adapter("mlp", folders["mlp"])
     with pytest.raises(ValueError, match="has no LoRA slots; load it with max_loras"):
         _load(folders["base"]).load_adapter("qv", folders["qv"])
+    with pytest.raises(ValueError, match="max_lora_rank sizes the slots"):
+        _load(folders["base"], max_lora_rank=8)
     with pytest.raises(ValueError, match="max_loras=1 is not allowed"):
         _load(folders["base"], lora_modules={"a": folders["qv"], "b": folders["mlp"]}, max_loras=1)
 
@@ -381,6 +383,11 @@ def test_server_routes_requests_by_model_name(served, alone, folders):
         # without --allow-runtime-lora-updates there is nothing to load adapters with
         body = {"lora_name": "x", "lora_path": str(folders["qv"])}
         assert httpx.post(s.url + "/v1/load_lora_adapter", json=body).status_code == 404
+
+
+def test_runtime_updates_need_slots(folders):
+    with pytest.raises(ValueError, match="has none; start with max_loras N"):
+        LiveServer(_load(folders["base"]), ServeConfig(allow_runtime_lora_updates=True))
 
 
 def test_server_loads_and_unloads_adapters_at_runtime(folders, alone):
@@ -420,12 +427,15 @@ def test_server_loads_and_unloads_adapters_at_runtime(folders, alone):
         assert complete("mlp").json()["choices"][0]["text"] == alone["mlp"][1].text
 
 
-def test_cli_serve_parses_lora_modules():
-    from arlm.cli import serve
+def test_cli_serve_parses_lora_modules(folders, capsys):
+    from arlm.cli import main, serve
 
     assert serve.lora_module("sql=runs/a=b") == ("sql", "runs/a=b")
     with pytest.raises(Exception, match="is not NAME=PATH"):
         serve.lora_module("runs/sql-lora")
+    # refused before the model loads
+    assert main(["serve", str(folders["base"]), "--allow-runtime-lora-updates"]) != 0
+    assert "give --max-loras N" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,6 +89,11 @@ def run(args: argparse.Namespace) -> None:
     for name in ("max_loras", "max_lora_rank"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if config.allow_runtime_lora_updates and "max_loras" not in kwargs:
+        raise ValueError(
+            "--allow-runtime-lora-updates loads LoRA adapters into free slots; give --max-loras N "
+            "(more than the --lora-modules given) for them"
+        )
     # a Hub id downloads now, before the server starts; it is then served under its id
     local = Path(args.model).exists()
     folder = resolve(args.model, kwargs.pop("revision"), args.allow_pickle)

@@ -30,11 +30,7 @@ class UnloadLoRAAdapterRequest(_Body):
 async def load(server, req: LoadLoRAAdapterRequest) -> PlainTextResponse:
     """Read ``req.lora_path`` and put it in a free slot under ``req.lora_name``: 200, or 400
     saying why not (not an adapter, not of this model, the name taken, no free slot)."""
-    lm, name = server.lm, req.lora_name
-    if lm.adapters is None:
-        raise APIError.bad_request(
-            "this server has no LoRA slots; start it with --max-loras N", "lora_name"
-        )
+    lm, name = server.lm, req.lora_name  # the server has slots (Server.attach checks)
     if name == server.model_name:
         raise APIError.bad_request(
             f"lora_name {name!r} is the served model's own name; name the adapter otherwise",

@@ -82,6 +82,11 @@ class Server:
     def attach(self, lm, background: bool = True) -> None:
         """Serve ``lm`` (an ``arlm.LM``) from now on; the engine's step loop runs in a thread
         of its own, or (``background`` False) wherever the caller runs ``front.run()``."""
+        if self.config.allow_runtime_lora_updates and lm.adapters is None:
+            raise ValueError(
+                "allow_runtime_lora_updates loads LoRA adapters into free slots, and this model "
+                "has none; start with max_loras N (--max-loras)"
+            )
         if self.model_name in self.adapters(lm):
             raise ValueError(
                 f"a LoRA adapter is called {self.model_name!r}, the served model's own name; "
