@@ -119,6 +119,13 @@ def base(tmp_path_factory, cache_dir):
     return out
 
 
+def fine_tune_config(base, corpus, out, cache_dir, **settings) -> TrainConfig:
+    """A short fine-tune of ``base`` (the fixture's run) on ``corpus`` into ``out``: what the
+    fine-tuning tests share; ``settings`` give their steps, batches, rates and the rest."""
+    paths = dict(init_from=str(base), corpus=str(corpus), out=str(out), cache_dir=str(cache_dir))
+    return TrainConfig(**paths, **(dict(warmup_steps=2, eval_iters=2) | settings))
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, cache_dir):
     """A tiny model trained on the built-in corpus: (Trainer, TrainResult)."""

@@ -21,6 +21,7 @@ from arlm.train.preference import (
     encode_pair,
     sequence_logps,
 )
+from tests.conftest import fine_tune_config
 from tests.numerics import assert_close
 
 
@@ -128,19 +129,8 @@ def pairs(tmp_path_factory):
 
 
 def _dpo(tmp_path, base, pairs, cache_dir, **overrides):
-    settings = dict(
-        init_from=str(base),
-        corpus=str(pairs),
-        out=str(tmp_path / "dpo"),
-        steps=20,
-        batch_size=4,
-        lr=1e-2,
-        warmup_steps=2,
-        eval_interval=10,
-        eval_iters=2,
-        cache_dir=str(cache_dir),
-    )
-    return TrainConfig(**{**settings, **overrides})
+    settings = dict(steps=20, batch_size=4, lr=1e-2, eval_interval=10)
+    return fine_tune_config(base, pairs, tmp_path / "dpo", cache_dir, **settings | overrides)
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])

@@ -14,6 +14,7 @@ from arlm.formats.read import read_model
 from arlm.model.lora import LoRALinear, merge_lora
 from arlm.model.quantize import quantize
 from arlm.train import TrainConfig, Trainer
+from tests.conftest import fine_tune_config
 from tests.numerics import assert_close
 
 # a corpus the base model never saw: repeated enough that a few steps learn it
@@ -30,20 +31,8 @@ def corpus(tmp_path_factory):
 
 
 def _tune(tmp_path, base, corpus, cache_dir, **overrides):
-    settings = dict(
-        init_from=str(base),
-        corpus=str(corpus),
-        out=str(tmp_path / "tuned"),
-        steps=12,
-        batch_size=4,
-        block_size=32,
-        warmup_steps=2,
-        eval_interval=6,
-        eval_iters=2,
-        log_interval=2,
-        cache_dir=str(cache_dir),
-    )
-    return TrainConfig(**{**settings, **overrides})
+    settings = dict(steps=12, batch_size=4, block_size=32, eval_interval=6, log_interval=2)
+    return fine_tune_config(base, corpus, tmp_path / "tuned", cache_dir, **settings | overrides)
 
 
 def _logits(model, ids):

@@ -11,6 +11,7 @@ from arlm.tokenizer import EOT, Tokenizer
 from arlm.train import TrainConfig, Trainer
 from arlm.train.chat import IGNORE, ChatSplit, corpus_kind, encode_example, load_chat
 from arlm.train.corpus import CorpusError, builtin_documents
+from tests.conftest import fine_tune_config
 
 # ChatML, as Qwen's templates write it; <|im_end|> ends a turn and a generation
 CHATML = (
@@ -170,19 +171,8 @@ def chats(tmp_path_factory):
 
 
 def _sft(tmp_path, base, chats, cache_dir, **overrides):
-    settings = dict(
-        init_from=str(base),
-        corpus=str(chats),
-        out=str(tmp_path / "sft"),
-        steps=30,
-        batch_size=8,
-        lr=3e-3,
-        warmup_steps=2,
-        eval_interval=10,
-        eval_iters=2,
-        cache_dir=str(cache_dir),
-    )
-    return TrainConfig(**{**settings, **overrides})
+    settings = dict(steps=30, batch_size=8, lr=3e-3, eval_interval=10)
+    return fine_tune_config(base, chats, tmp_path / "sft", cache_dir, **settings | overrides)
 
 
 def test_a_model_tuned_on_conversations_answers_as_taught_and_stops(

@@ -215,20 +215,22 @@ class DecodeGraphs:
                 *tiles,
                 *lengths,
                 *(b for s in spans for b in s.blocks),
-                *(adapters or [-1] * rows),
+                *(adapters or ()),
             ]
         )
-        sizes = [len(tokens), rows, rows, picked, len(tiles), len(spans), sum(lengths), rows]
+        sizes = [len(tokens), rows, rows, picked, len(tiles), len(spans), sum(lengths)]
+        sizes.append(len(adapters or ()))
         split = ints.split(sizes)
         tokens_in, positions, ends, picks, tiles_in, table_lengths, blocks, slots = split
         staging[rows:, :TABLE] = 0
         staging[rows:, WRITE] = self._spare_cell
-        staging[rows:, ADAPTER] = -1
         staging[rows:, TABLE:] = spare
         staging[num_fed:rows, 0] = tokens_in
         staging[:rows, 1] = positions
         staging[:rows, 2] = ends
-        staging[:rows, ADAPTER] = slots
+        if adapters is not None:  # else the column is never read
+            staging[:rows, ADAPTER] = slots
+            staging[rows:, ADAPTER] = -1
         staging[:picked, SELECT] = picks
         staging[picked:, SELECT] = 0  # padding: row 0's logits again, dropped
         num_tiles = lone + len(tiles) // 2

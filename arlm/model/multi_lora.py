@@ -45,7 +45,7 @@ class AdapterRows:
         check_int("slots", slots, 1)
         self.names: list[str | None] = [None] * slots
         self._loads = [0] * slots  # adapters each slot has held, for ``salt``
-        self.dtype = dtype
+        self.dtype, self.device = dtype, device
         self._slots = torch.arange(slots, device=device)
         self.mask: torch.Tensor | None = None
 
@@ -127,7 +127,7 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"slices {slices} do not cover the {base.out_features} output rows")
         self.rank = rank
         width = len(rows) * len(self.slices) * rank
-        kw = dict(bias=False, dtype=rows.dtype, device=rows._slots.device)
+        kw = dict(bias=False, dtype=rows.dtype, device=rows.device)
         # linear layers of their own, so that ``arlm.model.packing.pack`` gives them the CPU
         # kernel it gives the base (on a CPU, interleaving oneDNN's products with ATen's costs
         # each a thread-pool hand-over: a 2048 x 3072 layer's base product measured 1.6 ms

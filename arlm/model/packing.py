@@ -55,11 +55,13 @@ class PackedLinear(nn.Module):
 
     def unpack(self) -> nn.Linear:
         """The float layer this was packed from (a copy of its weight in the plain layout)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         weight = self.packed.to_dense()
-        linear.to(weight.dtype).requires_grad_(False)
+        bias = self.bias is not None
+        linear = nn.utils.skip_init(  # no initial draw: every weight is copied in
+            nn.Linear, self.in_features, self.out_features, bias=bias, dtype=weight.dtype
+        ).requires_grad_(False)
         linear.weight.copy_(weight)
-        if self.bias is not None:
+        if bias:
             linear.bias.copy_(self.bias)
         return linear
 

@@ -205,11 +205,14 @@ class Server:
         """The names of the LoRA adapters ``lm`` serves beside its base model now."""
         return () if lm.adapters is None else lm.adapters.loaded
 
+    def served(self) -> tuple[str, ...]:
+        """The model names requests may give now: the base's, then its LoRA adapters'."""
+        return (self.model_name, *self.adapters(self.lm))
+
     def check_model(self, model: str | None) -> None:
         """404 for a model name this server does not serve now."""
-        served = (self.model_name, *self.adapters(self.lm))
-        if model is not None and model not in served:
-            raise model_not_found(model, served)
+        if model is not None and model not in self.served():
+            raise model_not_found(model, self.served())
 
     def served_name(self, req) -> str:
         """The model a request runs on, as its answer names it: the LoRA adapter its ``model``
@@ -231,8 +234,7 @@ class Server:
             raise APIError(503, str(e)) from None
         except InvalidRequest as e:  # the engine's admission checks name the field at fault
             if e.param == "model":  # an adapter unloaded since the request was prepared
-                served = (self.model_name, *self.adapters(self.lm))
-                raise model_not_found(req.model, served) from None
+                raise model_not_found(req.model, self.served()) from None
             raise APIError.bad_request(e, e.param) from None
         except ValueError as e:
             raise APIError.bad_request(e, "prompt") from None
