@@ -20,7 +20,7 @@ from arlm.engine.tensor_parallel import TensorParallelGroup
 from arlm.formats.generation_config import sampling_defaults
 from arlm.formats.stored import stored_weights
 from arlm.kv_cache import CacheConfig
-from arlm.model.multi_lora import AdapterRows
+from arlm.model.adapter_store import AdapterStore
 from arlm.model.packing import pack
 from arlm.model.quantize import quantize as quantize_weights
 from arlm.model.transformer import Transformer
@@ -63,9 +63,9 @@ class LM:
     the command line, or to the server) takes when it does not set them; ``arlm.load`` fills
     them from the model's generation_config.json. ``speculative``: speculative decoding
     (``arlm.speculative.SpeculativeConfig``), ``draft`` the draft model of its method "draft";
-    a setting that cannot work is refused here. ``adapters``: the LoRA adapters loaded into
-    ``model``'s slots (``arlm.formats.read.load_lora_modules``), which ``generate`` and
-    ``stream`` name. The engine is built at the first generation.
+    a setting that cannot work is refused here. ``adapters``: the LoRA adapters served beside
+    ``model`` (``arlm.formats.read.load_lora_modules``), which ``generate`` and ``stream``
+    name. The engine is built at the first generation.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class LM:
         tensor_parallel: TensorParallelGroup | None = None,
         speculative: SpeculativeConfig | None = None,
         draft: Transformer | None = None,
-        adapters: AdapterRows | None = None,
+        adapters: AdapterStore | None = None,
     ) -> None:
         self.model = model.eval()
         self.adapters = adapters
@@ -208,21 +208,24 @@ class LM:
         return result
 
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Load the LoRA adapter in ``path`` (a PEFT folder or Hub id) into a free slot, for
-        requests to name as ``name`` (see ``arlm.load``'s ``max_loras``)."""
-        from arlm.formats.read import install_adapter, read_lora_module
+        """Serve the LoRA adapter in ``path`` (a PEFT folder or Hub id) as ``name``, for
+        requests to name (see ``arlm.load``'s ``max_cpu_loras``)."""
+        from arlm.formats.read import read_lora_module
 
-        adapter = read_lora_module(self.model, name, path)
-        install_adapter(self.model, self._slots(), name, adapter)
+        store = self._store()
+        store.add(name, read_lora_module(self.model, name, path))
 
     def unload_adapter(self, name: str) -> None:
-        """Free the slot of the LoRA adapter called ``name``; refused while requests run on it."""
-        self._slots()
+        """Stop serving the LoRA adapter called ``name``; refused while requests run on it."""
+        self._store()
         self.engine.unload_adapter(name)
 
-    def _slots(self) -> AdapterRows:
+    def _store(self) -> AdapterStore:
         if self.adapters is None:
-            raise ValueError("this model has no LoRA slots; load it with max_loras or lora_modules")
+            raise ValueError(
+                "this model has no LoRA slots; load it with lora_modules, max_loras or "
+                "max_cpu_loras"
+            )
         return self.adapters
 
     def _base_only(self, adapter: str | list[str | None] | None, what: str) -> None:
@@ -289,8 +292,9 @@ class LM:
         adapter called ``adapter`` (None: the base model)."""
         if adapter is None:
             return self.model(idx, **kwargs)
-        slot = self._slots().slot(adapter)
-        with self.adapters.using(torch.full((idx.numel(),), slot, device=self.device)):
+        self._store()
+        slot = self.engine.place_adapter(adapter)
+        with self.adapters.rows.using(torch.full((idx.numel(),), slot, device=self.device)):
             return self.model(idx, **kwargs)
 
     @torch.inference_mode()
@@ -389,6 +393,7 @@ def load(
     lora_modules: dict[str, str | os.PathLike] | None = None,
     max_loras: int | None = None,
     max_lora_rank: int | None = None,
+    max_cpu_loras: int | None = None,
 ) -> LM | None:
     """Load an arlm checkpoint directory, a Hugging Face model folder, or a Hugging Face Hub
     model by id (``"org/name"``; a local path of that name wins).
@@ -457,10 +462,14 @@ def load(
     request gives them (``{"sql": "runs/sql-lora"}``, vLLM's ``--lora-modules``): each held
     beside the base's weights, unmerged, so that every request of a batch may run with its own
     (``generate(..., adapter="sql")``) or none. See ``arlm.model.multi_lora``.
-    max_loras: the adapters that may be loaded at once (None: those of ``lora_modules``); with
-    more than given, every adaptable layer gets slots and ``LM.load_adapter`` fills the free
-    ones while the model serves. max_lora_rank: the largest rank a slot takes (None: the
-    largest given, else 16).
+    max_loras: the slots, adapters that one step may mix (None: one per entry of
+    ``lora_modules``); with fewer slots than adapters, each waits in host memory until a
+    request names it, then takes the slot no running request holds that was used longest ago
+    (``arlm.model.adapter_store``). max_cpu_loras: the adapters held in host memory, those in
+    slots among them (None: the more of ``lora_modules`` and ``max_loras``); with room beyond
+    those given, every adaptable layer gets slots and ``LM.load_adapter`` adds adapters while
+    the model serves. max_lora_rank: the largest rank a slot takes (None: the largest given,
+    else 16).
     """
     # every argument, for workers that load the same model (arlm.launch)
     arguments = dict(locals())
@@ -483,11 +492,11 @@ def load(
     )
     if speculative is not None and not isinstance(speculative, SpeculativeConfig):
         speculative = SpeculativeConfig.from_json(speculative)
-    serving_adapters = lora_modules is not None or max_loras is not None
+    serving_adapters = any(x is not None for x in (lora_modules, max_loras, max_cpu_loras))
     if max_lora_rank is not None and not serving_adapters:
         raise ValueError(
             "max_lora_rank sizes the slots of LoRA adapters served beside the model; give "
-            "lora_modules or max_loras with it"
+            "lora_modules, max_loras or max_cpu_loras with it"
         )
     if serving_adapters and tensor_parallel_size != 1:
         raise ValueError(
@@ -531,7 +540,9 @@ def load(
     )
     served = None  # before quantizing: the slots wrap the float layers, which quantize then
     if serving_adapters:
-        served = load_lora_modules(model, lora_modules or {}, max_loras, max_lora_rank)
+        served = load_lora_modules(
+            model, lora_modules or {}, max_loras, max_lora_rank, max_cpu_loras
+        )
     if quantize is not None:
         quantize_weights(model, quantize, group_size)
     draft = None

@@ -21,14 +21,17 @@ every adapter once), the median of ``--rounds``:
 
 - arlm base: ``arlm.load(base)``, ``lm.generate(prompts)``;
 - arlm LoRA: ``arlm.load(base, lora_modules={...})``, ``lm.generate(prompts, adapter=[...])``,
-  the mixed workload. The two arlm sides are loaded in this process and run in alternating
-  rounds, so drift in the machine's speed falls on both alike;
+  the mixed workload, a slot per adapter;
+- arlm LoRA S slots (with ``--max-loras S`` below K): the same with ``max_loras=S``, the
+  adapters taking turns in the slots (``arlm.model.adapter_store``). The arlm sides are loaded
+  in this process and run in alternating rounds, so drift in the machine's speed falls on all
+  alike;
 - vLLM base and vLLM LoRA: vLLM's CPU build (``enforce_eager``, in its own virtual environment:
   ``benchmarks/peers/vllm_offline.py``, how to install it is in its docstring), each in a
-  process of its own; LoRA with ``enable_lora=True, max_loras=K, max_lora_rank=rank`` and a
-  ``LoRARequest`` per request. Skipped, saying so, when that environment is missing. vLLM
-  0.32's CPU build serves LoRA (its ``PunicaWrapperCPU``, torch ops; LoRA turns its
-  compilation off, which ``enforce_eager`` does anyway);
+  process of its own; LoRA with ``enable_lora=True, max_loras=S`` (default K),
+  ``max_lora_rank=rank`` and a ``LoRARequest`` per request. Skipped, saying so, when that
+  environment is missing. vLLM 0.32's CPU build serves LoRA (its ``PunicaWrapperCPU``, torch
+  ops; LoRA turns its compilation off, which ``enforce_eager`` does anyway);
 - transformers base and PEFT LoRA: ``PeftModel`` with every adapter loaded (``load_adapter``),
   ``model.generate(..., adapter_names=[...])``, PEFT's mixed-adapter batch, and the same model
   under ``disable_adapter()`` for the base. ``generate`` is one static batch: all requests run
@@ -197,23 +200,29 @@ def run_arlm(folder: Path, adapters: dict[str, Path], requests: list[dict], args
         enable_prefix_caching=False,
         kv_cache_memory_gib=1.0,
     )
+    prompts = [r["prompt_token_ids"] for r in requests]
+    names = [r["lora"] for r in requests]
     loads = {}
     start = time.perf_counter()
     base = arlm.load(folder, **common)
     loads["arlm base"] = time.perf_counter() - start
     start = time.perf_counter()
-    lora = arlm.load(folder, lora_modules={k: str(v) for k, v in adapters.items()}, **common)
+    modules = {k: str(v) for k, v in adapters.items()}
+    lora = arlm.load(folder, lora_modules=modules, **common)
     loads["arlm LoRA"] = time.perf_counter() - start
+    sides = {"arlm base": (base, None), "arlm LoRA": (lora, names)}
+    if args.max_loras < len(adapters):  # the same adapters taking turns in fewer slots
+        side = f"arlm LoRA {args.max_loras} slots"
+        start = time.perf_counter()
+        fewer = arlm.load(folder, lora_modules=modules, max_loras=args.max_loras, **common)
+        loads[side] = time.perf_counter() - start
+        sides[side] = (fewer, names)
 
-    prompts = [r["prompt_token_ids"] for r in requests]
-    names = [r["lora"] for r in requests]
     settings = dict(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, progress=False)
     warm = [list(range(1, 17))] * (len(adapters) + 1)
     warm_settings = dict(settings, max_tokens=4)
-    base.generate(warm, **warm_settings)
-    lora.generate(warm, adapter=[*adapters, None], **warm_settings)
-
-    sides = {"arlm base": (base, None), "arlm LoRA": (lora, names)}
+    for lm, adapter in sides.values():
+        lm.generate(warm, adapter=adapter and [*adapters, None], **warm_settings)
     times = {side: [] for side in sides}
     outputs = {}
     for _ in range(args.rounds):
@@ -239,7 +248,7 @@ def run_vllm(
     if adapters:
         for name, adapter in adapters.items():
             cmd += ["--lora", f"{name}={adapter}"]
-        cmd += ["--max-lora-rank", str(args.rank), "--max-loras", str(len(adapters))]
+        cmd += ["--max-lora-rank", str(args.rank), "--max-loras", str(args.max_loras)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         errors = [line for line in run.stderr.splitlines() if "Error" in line] or [run.stderr]
@@ -316,9 +325,12 @@ def same(a: list[list[int]], b: list[list[int]], rows: list[int]) -> str:
     return f"{identical}/{len(rows)} identical, {share:.0%} of tokens before the first difference"
 
 
-def token_checks(results: dict, on_adapters: list[int], on_base: list[int]) -> dict[str, str]:
+def token_checks(
+    results: dict, on_adapters: list[int], on_base: list[int], fewer: str
+) -> dict[str, str]:
     """Prints and returns how the sides' greedy tokens agree: arlm's mixed batch against its
-    base-only run and against each peer's, each peer's against its own base-only run."""
+    base-only run, against the adapters taking turns in ``fewer`` slots, and against each
+    peer's; each peer's against its own base-only run."""
 
     def outputs(side: str) -> list[list[int]] | None:
         r = results.get(side)
@@ -329,6 +341,7 @@ def token_checks(results: dict, on_adapters: list[int], on_base: list[int]) -> d
     checks = [
         ("arlm mixed batch, base requests vs arlm base-only", arlm_lora, arlm_base, on_base),
         ("arlm mixed batch, adapter requests vs arlm base-only", arlm_lora, arlm_base, on_adapters),
+        (f"{fewer} vs a slot each", outputs(fewer), arlm_lora, every),
     ]
     for peer, base in (("vLLM", "vLLM base"), ("PEFT", "transformers base")):
         peer_lora, peer_base = outputs(f"{peer} LoRA"), outputs(base)
@@ -375,9 +388,18 @@ def main() -> None:
         help="who writes the adapters every side loads: PEFT, or arlm as its trainer does "
         "(then the token checks show vLLM and PEFT reading arlm's adapters)",
     )
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        help="slots of arlm's and vLLM's LoRA sides (default: one per adapter); fewer than "
+        "--adapters adds an arlm side with that many, the adapters taking turns in them",
+    )
     args = p.parse_args()
     if args.adapters < 1 or args.requests < 1 or args.rounds < 1:
         p.error("--adapters, --requests and --rounds must be at least 1")
+    args.max_loras = args.max_loras or args.adapters
+    if not 1 <= args.max_loras <= args.adapters:
+        p.error("--max-loras must be between 1 and --adapters")
 
     began = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -440,10 +462,12 @@ def main() -> None:
 
     print("ratios (output tok/s):")
     ratios = {}
+    fewer = f"arlm LoRA {args.max_loras} slots"  # vLLM's LoRA side has --max-loras slots too
     for name, top, bottom in (
-        ("arlm LoRA / vLLM LoRA", "arlm LoRA", "vLLM LoRA"),
+        ("arlm LoRA / vLLM LoRA", fewer if fewer in results else "arlm LoRA", "vLLM LoRA"),
         ("arlm base / vLLM base", "arlm base", "vLLM base"),
         ("arlm LoRA / arlm base (the adapters' cost)", "arlm LoRA", "arlm base"),
+        (f"{fewer} / arlm LoRA (a slot each: the turns' cost)", fewer, "arlm LoRA"),
         ("vLLM LoRA / vLLM base (the adapters' cost)", "vLLM LoRA", "vLLM base"),
         ("PEFT LoRA / transformers base (the adapters' cost)", "PEFT LoRA", "transformers base"),
         ("arlm LoRA / PEFT LoRA", "arlm LoRA", "PEFT LoRA"),
@@ -454,7 +478,7 @@ def main() -> None:
             print(f"  {name}: {a / b:.2f}x")
 
     print("greedy tokens:")
-    agreement = token_checks(results, on_adapters, on_base)
+    agreement = token_checks(results, on_adapters, on_base, fewer)
 
     OUT.mkdir(exist_ok=True)
     path = OUT / "multi_lora.json"

@@ -18,6 +18,7 @@ import arlm
 from arlm.engine import AdapterBusy
 from arlm.formats.checkpoint import CheckpointError
 from arlm.formats.read import load_lora_modules
+from arlm.model.adapter_store import AdapterStore, ServedAdapter
 from arlm.model.lora import LoRAConfig, LoRALinear
 from arlm.model.multi_lora import AdapterRows, MultiLoRALinear
 from arlm.serve.config import ServeConfig
@@ -82,14 +83,58 @@ def test_each_row_gets_its_own_adapter():
         assert rows.mask is None and torch.equal(layer(x), base(x))
 
 
-def test_adapter_rows_refuse_what_they_cannot_hold():
-    rows = AdapterRows(2, torch.float32, torch.device("cpu"))
-    assert rows.claim("a") == 0 and rows.claim("b") == 1
-    with pytest.raises(ValueError, match="no LoRA adapter named 'c' is loaded; loaded: a, b"):
-        rows.slot("c")
+def _store(slots: int, max_adapters: int) -> tuple[AdapterStore, MultiLoRALinear]:
+    rows = AdapterRows(slots, torch.float32, torch.device("cpu"))
+    model = nn.Sequential(nn.Linear(6, 4))
+    model[0] = layer = MultiLoRALinear(model[0], ((4, True),), rank=2, rows=rows)
+    return AdapterStore(model, rows, max_adapters), layer
+
+
+def _adapter(value: float, rank: int = 2) -> ServedAdapter:
+    pair = (torch.full((rank, 6), value), torch.ones(4, rank))
+    return ServedAdapter(LoRAConfig(rank=rank, alpha=rank), {"0": [pair]})
+
+
+def test_the_store_places_adapters_in_slots_least_recently_used_first():
+    store, layer = _store(slots=2, max_adapters=4)
+    for i, name in enumerate("abcd"):
+        store.add(name, _adapter(i + 1.0))
+    assert store.place("a", pinned=()) == 0 and store.place("b", pinned=()) == 1
+    assert store.place("a", pinned=()) == 0  # held already: nothing written
+    assert store.slot_writes == 2
+    assert store.place("c", pinned=()) == 1  # over "b", used longer ago than "a"
+    assert store.place("d", pinned={1}) == 0  # "c" runs: over "a", though used later
+    assert store.rows.names == ["d", "c"] and store.slot_writes == 4
+    assert store.place("a", pinned={0, 1}) is None  # every slot runs another adapter
+    # each slot holds its adapter's numbers, the layer's own product of them
+    x = torch.ones(1, 2, 6)
+    with torch.no_grad(), store.rows.using(torch.tensor([0, 1])):
+        update = layer(x) - layer.base(x)
+    assert update[0, 0].tolist() == [2 * 6 * 4.0] * 4 and update[0, 1].tolist() == [2 * 6 * 3.0] * 4
+    store.remove("c")  # its slot is free, and taken first
+    assert store.rows.names == ["d", None] and store.place("b", pinned={0}) == 1
+
+
+def test_the_store_refuses_what_it_cannot_hold():
+    store, layer = _store(slots=1, max_adapters=2)
+    store.add("a", _adapter(1.0))
+    first_key = store.key("a")
+    with pytest.raises(ValueError, match="'a' is loaded already"):
+        store.add("a", _adapter(1.0))
     with pytest.raises(ValueError, match="name ' c' is not allowed"):
-        rows.claim(" c")
-    layer = MultiLoRALinear(nn.Linear(6, 4), ((4, True),), rank=2, rows=rows)
+        store.add(" c", _adapter(1.0))
+    with pytest.raises(ValueError, match="rank 3, above the slots' 2"):
+        store.add("c", _adapter(1.0, rank=3))
+    with pytest.raises(ValueError, match="adapts 1, which has no slots here"):
+        store.add("c", ServedAdapter(LoRAConfig(rank=2, alpha=2), {"1": [None]}))
+    store.add("b", _adapter(2.0))
+    with pytest.raises(ValueError, match=r"all 2 LoRA adapters this model holds .* \(a, b\)"):
+        store.add("c", _adapter(1.0))
+    with pytest.raises(ValueError, match="no LoRA adapter named 'c' is loaded; loaded: a, b"):
+        store.place("c", pinned=())
+    store.remove("a")
+    store.add("a", _adapter(5.0))  # the same name, another adapter: other prefix-cache blocks
+    assert store.key("a") != first_key
     with pytest.raises(ValueError, match="rank 3 exceeds the slots' 2"):
         layer.load(0, [(torch.zeros(3, 6), torch.zeros(4, 3))], 1.0)
 
@@ -299,29 +344,66 @@ def _greedy(lm, prompt: str, adapter: str | None):
     return lm.generate(prompt, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=adapter)
 
 
-def test_adapters_load_into_free_slots_and_unload(folders, alone):
-    """Two slots, filled and freed while the model serves: each adapter computes what it does
-    merged; a slot reused by another adapter keeps none of the first's updates (in the layers
-    the second leaves alone) nor its prefix-cache blocks (the long prompt, cached there)."""
-    lm = _load(folders["base"], max_loras=2, max_lora_rank=8)
-    assert lm.adapters.loaded == ()
+def test_adapters_added_and_removed_while_serving(folders, alone):
+    """Room for two adapters and one slot, filled and emptied while the model serves: each
+    adapter computes what it does merged; a slot rewritten by another adapter keeps none of the
+    first's updates (in the layers the second leaves alone); an adapter's prefix-cache blocks
+    serve it after it left its slot and came back, never another adapter, nor one added later
+    under its name."""
+    lm = _load(folders["base"], max_loras=1, max_cpu_loras=2, max_lora_rank=8)
+    assert lm.adapters.names == ()
     lm.load_adapter("all", folders["all"])
     lm.load_adapter("qv", folders["qv"])
     for name in ("all", "qv", None):
         _assert_same(_greedy(lm, PROMPTS[0], name), alone[name][0])
-    with pytest.raises(ValueError, match=r"all 2 LoRA slots are taken \(all, qv\)"):
+    assert lm.adapters.rows.names == ["qv"]
+    out = _greedy(lm, PROMPTS[0], "all")  # back into the slot, over "qv"
+    _assert_same(out, alone["all"][0])
+    assert out.usage.cached_prompt_tokens > 0  # its own blocks, from before it left
+    with pytest.raises(ValueError, match=r"all 2 LoRA adapters this model holds are loaded"):
         lm.load_adapter("mlp", folders["mlp"])
     with pytest.raises(ValueError, match="'qv' is loaded already"):
         lm.load_adapter("qv", folders["qv"])
     lm.unload_adapter("all")
     with pytest.raises(ValueError, match="no LoRA adapter named 'all' is loaded; loaded: qv"):
         _greedy(lm, PROMPTS[0], "all")
-    lm.load_adapter("mlp", folders["mlp"])  # into the slot "all" held
-    assert lm.adapters.names == ["mlp", "qv"]
-    out = _greedy(lm, PROMPTS[0], "mlp")
+    lm.load_adapter("all", folders["mlp"])  # the name again, another adapter
+    out = _greedy(lm, PROMPTS[0], "all")
     _assert_same(out, alone["mlp"][0])
-    assert out.usage.cached_prompt_tokens == 0  # not the blocks "all" computed in that slot
+    assert out.usage.cached_prompt_tokens == 0  # not the blocks the first "all" computed
     _assert_same(_greedy(lm, PROMPTS[0], "qv"), alone["qv"][0])
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_more_adapters_than_slots(folders, alone, slots):
+    """Three adapters and the base through fewer slots, every mix in one batch: each request
+    computes what its adapter merged does, adapters taking turns in the slots."""
+    lm = _load(folders["base"], lora_modules={n: folders[n] for n in ADAPTERS}, max_loras=slots)
+    prompts, adapters = _every_mix()
+    outs = lm.generate(prompts, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=adapters)
+    for i, (out, name) in enumerate(zip(outs, adapters, strict=True)):
+        _assert_same(out, alone[name][i // (len(ADAPTERS) + 1)])
+    # each adapter went into a slot, the waiting ones once a slot was free: not once per row
+    assert len(ADAPTERS) <= lm.adapters.slot_writes < len(adapters)
+
+
+def test_a_request_whose_adapter_has_no_slot_waits_and_others_pass(folders):
+    """One slot: a request on another adapter than the running one waits, and the requests
+    behind it on the running adapter or the base go ahead; it runs once the slot is free."""
+    lm = _load(folders["base"], lora_modules={n: folders[n] for n in ADAPTERS}, max_loras=1)
+    engine, params = lm.engine, arlm.SamplingParams(max_tokens=4, temperature=0)
+    ids = [engine.add_request(PROMPTS[1], params, adapter=a) for a in ("qv", "mlp", "qv", None)]
+    engine.step()
+    stats = engine.stats()
+    assert stats["running"] == 3 and stats["waiting"] == 1
+    assert (stats["running_lora_adapters"], stats["waiting_lora_adapters"]) == ("qv", "mlp")
+    with pytest.raises(ValueError, match="every LoRA slot holds an adapter that running"):
+        lm.logits(lm.tokenizer.encode(PROMPTS[1]), adapter="all")
+    done = {i: engine.next_output(i).finished for i in ids}
+    while not all(done.values()):
+        for i in ids:
+            done[i] = done[i] or engine.next_output(i).finished
+    assert lm.adapters.rows.names == ["mlp"] and engine.stats()["lora_slot_writes"] == 2
 
 
 def test_an_adapter_in_use_is_not_unloaded(folders):
@@ -336,25 +418,28 @@ def test_an_adapter_in_use_is_not_unloaded(folders):
     while not engine.next_output(request).finished:
         pass
     lm.unload_adapter("qv")
-    assert lm.adapters.loaded == ()
+    assert lm.adapters.names == ()
 
 
 def test_slots_refuse_adapters_they_cannot_hold(folders):
     lm = _load(folders["base"], max_loras=2, max_lora_rank=4)
     with pytest.raises(ValueError, match="rank 8, above the slots' 4; start with a larger"):
         lm.load_adapter("qv", folders["qv"])
-    assert lm.adapters.loaded == ()
+    assert lm.adapters.names == ()
     # slots only for the layers of the adapters given: another adapter's layers have none
     only = _load(folders["base"], lora_modules={"qv": folders["qv"]})
     only.unload_adapter("qv")
     with pytest.raises(ValueError, match="adapts h.0.mlp.c_fc, which has no slots here"):
         only.load_adapter("mlp", folders["mlp"])
-    with pytest.raises(ValueError, match="has no LoRA slots; load it with max_loras"):
+    with pytest.raises(ValueError, match="has no LoRA slots; load it with lora_modules"):
         _load(folders["base"]).load_adapter("qv", folders["qv"])
     with pytest.raises(ValueError, match="max_lora_rank sizes the slots"):
         _load(folders["base"], max_lora_rank=8)
-    with pytest.raises(ValueError, match="max_loras=1 is not allowed"):
-        _load(folders["base"], lora_modules={"a": folders["qv"], "b": folders["mlp"]}, max_loras=1)
+    two = {"a": folders["qv"], "b": folders["mlp"]}
+    with pytest.raises(ValueError, match="max_cpu_loras=1 is not allowed; .* >= the 2 adapters"):
+        _load(folders["base"], lora_modules=two, max_cpu_loras=1)
+    with pytest.raises(ValueError, match="max_cpu_loras=2 is not allowed"):
+        _load(folders["base"], lora_modules=two, max_loras=3, max_cpu_loras=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +470,31 @@ def test_server_routes_requests_by_model_name(served, alone, folders):
         assert httpx.post(s.url + "/v1/load_lora_adapter", json=body).status_code == 404
 
 
+def test_server_serves_more_adapters_than_slots(folders, alone):
+    """Three adapters through one slot, asked for at once by concurrent clients: each answer is
+    its adapter's, and /metrics counts the slot writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lm = _load(folders["base"], lora_modules={n: folders[n] for n in ADAPTERS}, max_loras=1)
+    with LiveServer(lm, ServeConfig(prepare_workers=0), name="base") as s:
+
+        def complete(model: str) -> str:
+            body = {"model": model, "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS}
+            r = httpx.post(s.url + "/v1/completions", json=body | {"temperature": 0}, timeout=60)
+            return r.json()["choices"][0]["text"]
+
+        names = [*ADAPTERS, "base"] * 2
+        with ThreadPoolExecutor(len(names)) as pool:
+            texts = list(pool.map(complete, names))
+        for name, text in zip(names, texts, strict=True):
+            assert text == alone[None if name == "base" else name][1].text
+        metrics = httpx.get(s.url + "/metrics").text
+        writes = float(metrics.split("\narlm:lora_slot_writes_total ")[1].split()[0])
+        assert writes >= len(ADAPTERS) and 'max_lora="1"' in metrics
+
+
 def test_runtime_updates_need_slots(folders):
-    with pytest.raises(ValueError, match="has none; start with max_loras N"):
+    with pytest.raises(ValueError, match="has no LoRA slots; start with max_cpu_loras N"):
         LiveServer(_load(folders["base"]), ServeConfig(allow_runtime_lora_updates=True))
 
 
@@ -414,7 +522,8 @@ def test_server_loads_and_unloads_adapters_at_runtime(folders, alone):
         r = complete("qv")
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone["qv"][1].text
         r = post("/v1/load_lora_adapter", lora_name="mlp", lora_path=str(folders["mlp"]))
-        assert r.status_code == 400 and "slots are taken" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "adapters this model holds are loaded" in message
         r = post("/v1/load_lora_adapter", lora_name="base", lora_path=str(folders["mlp"]))
         assert r.status_code == 400 and "the served model's own name" in r.text
         r = post("/v1/load_lora_adapter", lora_name="x", lora_path=str(folders["base"]))
@@ -435,7 +544,7 @@ def test_cli_serve_parses_lora_modules(folders, capsys):
         serve.lora_module("runs/sql-lora")
     # refused before the model loads
     assert main(["serve", str(folders["base"]), "--allow-runtime-lora-updates"]) != 0
-    assert "give --max-loras N" in capsys.readouterr().err
+    assert "give --max-cpu-loras N" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

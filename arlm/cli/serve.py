@@ -51,8 +51,15 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--max-loras",
         type=int,
-        help="LoRA adapters that may be loaded at once; above the --lora-modules given, free "
-        "slots for --allow-runtime-lora-updates (default: one per --lora-modules)",
+        help="LoRA slots: the adapters one step may mix; with fewer than --lora-modules, an "
+        "adapter takes a slot when a request names it (default: one per --lora-modules)",
+    )
+    p.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        help="LoRA adapters held in host memory, those in slots among them; room beyond the "
+        "--lora-modules given is for --allow-runtime-lora-updates (default: the more of "
+        "--lora-modules and --max-loras)",
     )
     p.add_argument(
         "--max-lora-rank",
@@ -86,13 +93,13 @@ def run(args: argparse.Namespace) -> None:
         if len(set(names)) != len(names):
             raise ValueError(f"--lora-modules names {names} repeat; give each adapter its own")
         kwargs["lora_modules"] = dict(args.lora_modules)
-    for name in ("max_loras", "max_lora_rank"):
+    for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    if config.allow_runtime_lora_updates and "max_loras" not in kwargs:
+    if config.allow_runtime_lora_updates and not {"max_loras", "max_cpu_loras"} & set(kwargs):
         raise ValueError(
-            "--allow-runtime-lora-updates loads LoRA adapters into free slots; give --max-loras N "
-            "(more than the --lora-modules given) for them"
+            "--allow-runtime-lora-updates adds LoRA adapters beside those given; give "
+            "--max-cpu-loras N (more than the --lora-modules given) or --max-loras N for them"
         )
     # a Hub id downloads now, before the server starts; it is then served under its id
     local = Path(args.model).exists()

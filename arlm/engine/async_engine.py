@@ -169,7 +169,7 @@ class AsyncEngine:
         no room for them all now, ``EngineDead`` when the loop has stopped on an error."""
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error!r}")
-        self.engine.adapter_slot(adapter)
+        self.engine.check_adapter(adapter)
         checked = []
         for prompt, params, request_id in requests:
             if request_id in self._streams:

@@ -38,7 +38,7 @@ from arlm.engine.stats import engine_stats
 from arlm.engine.tensor_parallel import TensorParallelGroup, TensorParallelRunner
 from arlm.engine.token_chain import TokenChain
 from arlm.kv_cache.config import CacheConfig
-from arlm.model.multi_lora import AdapterRows
+from arlm.model.adapter_store import AdapterStore
 from arlm.model.transformer import Transformer
 from arlm.sampling.params import SamplingParams
 from arlm.speculative.config import SpeculativeConfig
@@ -56,8 +56,9 @@ class Engine:
     ranks ``model`` is split over, this one rank 0 (``arlm.engine.tensor_parallel``); None: the
     model is whole here. ``speculative``: speculative decoding (``arlm.engine.speculation``),
     with ``draft`` the draft model for its method "draft". ``adapters``: the LoRA adapters
-    loaded into ``model``'s slots (``arlm.formats.read.load_lora_modules``), which a request
-    names (``add_request``'s ``adapter``)."""
+    served beside ``model`` (``arlm.formats.read.load_lora_modules``), which a request names
+    (``add_request``'s ``adapter``): the scheduler admits a sequence once its adapter is in one
+    of ``model``'s slots (``arlm.model.adapter_store``)."""
 
     def __init__(
         self,
@@ -68,7 +69,7 @@ class Engine:
         tensor_parallel: TensorParallelGroup | None = None,
         speculative: SpeculativeConfig | None = None,
         draft: Transformer | None = None,
-        adapters: AdapterRows | None = None,
+        adapters: AdapterStore | None = None,
     ) -> None:
         if adapters is not None and tensor_parallel is not None:
             raise ValueError(
@@ -98,7 +99,8 @@ class Engine:
             sizes.held_blocks,
         )
         if tensor_parallel is None:
-            self.runner = ModelRunner(*runner_args, adapters=adapters)
+            rows = None if adapters is None else adapters.rows
+            self.runner = ModelRunner(*runner_args, adapters=rows)
         else:  # the other ranks run each step too (arlm.engine.tensor_parallel)
             self.runner = TensorParallelRunner(*runner_args, group=tensor_parallel)
         self.block_manager: BlockManager | None = None
@@ -125,6 +127,7 @@ class Engine:
             sizes.max_num_seqs,
             sizes.max_num_batched_tokens,
             config.preemption_mode,
+            adapters,
         )
         # an end id outside the vocabulary is never sampled: it ends nothing, and a processor
         # that indexed logits by it would fail
@@ -185,7 +188,7 @@ class Engine:
         (None: the base model); its request id. Refuses, with the reason, a prompt the engine
         cannot run (``arlm.engine.requests``)."""
         params = params or SamplingParams()
-        slot = self.adapter_slot(adapter)
+        self.check_adapter(adapter)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -200,8 +203,8 @@ class Engine:
             end_ids=self.end_ids,
             block_size=self.block_size,
             device=self.device,
-            adapter=slot,
-            salt=b"" if slot < 0 else self.adapters.salt(slot),
+            adapter=adapter,
+            salt=b"" if adapter is None else self.adapters.key(adapter),
         )
         self.requests[request_id] = seqs
         for seq in seqs:
@@ -214,11 +217,11 @@ class Engine:
                 self.scheduler.add(seq)
         return request_id
 
-    def adapter_slot(self, adapter: str | None) -> int:
-        """The slot of the LoRA adapter called ``adapter`` (-1 for None: the base model), or an
-        ``InvalidRequest`` naming those loaded."""
+    def check_adapter(self, adapter: str | None) -> None:
+        """An ``InvalidRequest`` naming the LoRA adapters served where none is called
+        ``adapter`` (None: the base model, always served)."""
         if adapter is None:
-            return -1
+            return
         if self.adapters is None:
             raise InvalidRequest(
                 f"no LoRA adapters are loaded, so none called {adapter!r}; load them with "
@@ -226,21 +229,36 @@ class Engine:
                 "model",
             )
         try:
-            return self.adapters.slot(adapter)
+            self.adapters.check_known(adapter)
         except ValueError as e:
             raise InvalidRequest(str(e), "model") from None
 
     def unload_adapter(self, name: str) -> None:
-        """Free the slot of the LoRA adapter called ``name`` (``AdapterBusy`` while requests
-        run on it; an ``InvalidRequest`` if none is loaded by that name)."""
-        slot = self.adapter_slot(name)
-        running = sum(s.adapter == slot for seqs in self.requests.values() for s in seqs)
+        """Stop serving the LoRA adapter called ``name`` (``AdapterBusy`` while requests run
+        on it; an ``InvalidRequest`` if none is loaded by that name)."""
+        self.check_adapter(name)
+        running = sum(
+            s.adapter == name and not s.finished for seqs in self.requests.values() for s in seqs
+        )
         if running:
             raise AdapterBusy(
                 f"{running} sequences still run on LoRA adapter {name!r}; unload it once they "
                 "finish"
             )
-        self.adapters.release(name)
+        self.adapters.remove(name)
+
+    def place_adapter(self, name: str) -> int:
+        """The slot of the LoRA adapter called ``name`` for a forward outside the engine's
+        steps (``LM.score``), written there if it is in none; a ValueError when every slot
+        holds an adapter that running sequences use."""
+        self.check_adapter(name)
+        slot = self.scheduler.place_adapter(name)
+        if slot is None:
+            raise ValueError(
+                f"every LoRA slot holds an adapter that running sequences use, so {name!r} has "
+                "none now; score once they finish, or start with more slots (max_loras)"
+            )
+        return slot
 
     def check_prompt(self, prompt: str | list[int]) -> list[int]:
         """The token ids of ``prompt``, or a ValueError saying why the engine cannot run it."""

@@ -114,11 +114,11 @@ def new_sequences(
     end_ids: frozenset[int],
     block_size: int,
     device: torch.device,
-    adapter: int = -1,
+    adapter: str | None = None,
     salt: bytes = b"",
 ) -> list[Sequence]:
-    """The ``params.n`` samples of one request, run with the LoRA adapter in slot ``adapter``
-    (-1: the base model), whose prompt blocks' hashes take ``salt`` (an adapter's blocks are
+    """The ``params.n`` samples of one request, run with the LoRA adapter called ``adapter``
+    (None: the base model), whose prompt blocks' hashes take ``salt`` (an adapter's blocks are
     its own)."""
     # prompt log-probabilities need every prompt position computed, so such a sequence neither
     # takes nor offers prefix-cache hits

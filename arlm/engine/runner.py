@@ -263,6 +263,6 @@ class ModelRunner:
 def _adapter_slots(batch: ScheduledBatch) -> list[int]:
     """Each position's LoRA adapter slot, in the order ``ModelRunner._forward`` lays the
     positions out: decode rows, verify rows' positions, prompt chunks' tokens."""
-    slots = [s.adapter for s in batch.decode]
-    slots += [s.adapter for s, g in batch.verify for _ in range(1 + len(g))]
-    return slots + [s.adapter for s, n in batch.prefill for _ in range(n)]
+    slots = [s.adapter_slot for s in batch.decode]
+    slots += [s.adapter_slot for s, g in batch.verify for _ in range(1 + len(g))]
+    return slots + [s.adapter_slot for s, n in batch.prefill for _ in range(n)]

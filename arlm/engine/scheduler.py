@@ -28,6 +28,11 @@ rows that sampled them, preempting no one.
 
 With ``block_manager`` None (the windowed cache: one sequence, memory fixed by its window)
 there is nothing to count.
+
+With LoRA adapters (``arlm.model.adapter_store``), a sequence is admitted once its adapter is
+in one of the model's slots, written over a slot no running sequence holds if need be; one
+whose adapter finds no slot waits, and those behind it that fit go ahead (as vLLM's scheduler
+skips them), so a step never mixes more adapters than there are slots.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 
 from arlm.engine.block_manager import BlockManager
 from arlm.engine.sequence import Sequence, Status
+from arlm.model.adapter_store import AdapterStore
 
 PREEMPTION_MODES = ("auto", "recompute", "swap")
 
@@ -69,6 +75,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         preemption_mode: str = "auto",
+        adapters: AdapterStore | None = None,
     ) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
@@ -86,6 +93,7 @@ class Scheduler:
         # goes in chunks that keep their steps in the graphs rather than one eager step
         self.mixed_step_tokens: int | None = None
         self.preemption_mode = preemption_mode
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.swapped: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -176,19 +184,22 @@ class Scheduler:
     ) -> None:
         """Bring in swapped-out, then waiting sequences, first come first served, while the
         budget, ``max_num_seqs`` (``ending`` of the running not counted), the pool and
-        ``admits`` allow."""
+        ``admits`` allow; a waiting one whose LoRA adapter has no slot now is passed over."""
         bm = self.block_manager
         limit = self.max_num_seqs + ending
         while self.swapped and budget > 0 and len(self.running) < limit:
             seq = self.swapped[0]
             if not bm.can_swap_in(seq) or (admits is not None and not admits(seq)):
                 return
+            if not self._place_adapter(seq):
+                break
             self.swapped.popleft()
             bm.swap_in(seq)
             bm.ensure(seq, len(seq.token_ids))  # can_swap_in counted its next block
             self._run(seq)
             batch.decode.append(seq)  # swapped out while decoding: one position pending
             budget -= 1
+        passed_over = []
         while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             fits = bm is None or bm.can_allocate(seq, watermark=bool(self.running))
@@ -196,6 +207,9 @@ class Scheduler:
                 break
             if admits is not None and not admits(seq):
                 break
+            if not self._place_adapter(seq):
+                passed_over.append(self.waiting.popleft())
+                continue
             self.waiting.popleft()
             if bm is not None:
                 bm.allocate(seq)
@@ -205,6 +219,24 @@ class Scheduler:
             self._run(seq)
             batch.prefill.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(passed_over))
+
+    def _place_adapter(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s LoRA adapter (if any) is in a slot now, for it to run on:
+        written into one that no running sequence holds where it is in none."""
+        if seq.adapter is None:
+            return True
+        slot = self.place_adapter(seq.adapter)
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        return True
+
+    def place_adapter(self, name: str) -> int | None:
+        """The slot of the LoRA adapter ``name``, written over one that no running sequence
+        holds where it is in none; None when each slot holds another's running sequences."""
+        pinned = {s.adapter_slot for s in self.running if s.adapter is not None}
+        return self.adapters.place(name, pinned)
 
     def next_admission(self) -> Sequence | None:
         """The swapped-out or waiting sequence the next ``schedule`` would bring in first (the

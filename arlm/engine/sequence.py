@@ -46,7 +46,8 @@ class Sequence:
     end_ids: frozenset[int]
     guard: LoopGuard | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks
-    adapter: int = -1  # the LoRA adapter's slot (arlm.model.multi_lora), -1: the base model
+    adapter: str | None = None  # the LoRA adapter's name (arlm.model.adapter_store), or None
+    adapter_slot: int = -1  # the slot it is in while the sequence runs, -1: the base model
 
     status: Status = Status.WAITING
     num_cached: int = 0  # leading positions whose keys and values are in the cache

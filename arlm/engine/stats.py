@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 def engine_stats(engine: Engine) -> dict[str, float | str]:
     """Gauges and counters of the engine now (the block counts are 0 with the windowed
-    cache, which has no blocks); with adapter slots, ``max_lora`` and the names of the adapters
-    running and waiting sequences use (``running_lora_adapters``, ``waiting_lora_adapters``:
-    comma-separated, as vLLM's ``lora_requests_info`` labels them)."""
+    cache, which has no blocks); with LoRA adapters, the slots (``max_lora``), the adapters
+    written into them (``lora_slot_writes``) and the names of the adapters running and waiting
+    sequences use (``running_lora_adapters``, ``waiting_lora_adapters``: comma-separated, as
+    vLLM's ``lora_requests_info`` labels them)."""
     bm, sched, chain = engine.block_manager, engine.scheduler, engine.chain
     graphs = engine.runner.decode_graphs
     used = bm.num_used_blocks if bm else 0
@@ -46,13 +47,14 @@ def engine_stats(engine: Engine) -> dict[str, float | str]:
 
 
 def _lora_stats(engine: Engine) -> dict[str, float | str]:
-    names, sched = engine.adapters.names, engine.scheduler
+    sched = engine.scheduler
 
     def used(seqs) -> str:
-        return ",".join(sorted({names[s.adapter] for s in seqs if s.adapter >= 0}))
+        return ",".join(sorted({s.adapter for s in seqs if s.adapter is not None}))
 
     return {
-        "max_lora": len(names),
+        "max_lora": len(engine.adapters.rows),
+        "lora_slot_writes": engine.adapters.slot_writes,
         "running_lora_adapters": used(sched.running),
         "waiting_lora_adapters": used([*sched.waiting, *sched.swapped]),
     }

@@ -27,6 +27,7 @@ from arlm.formats.checkpoint import read_json, read_tensors, tensors_to_bytes
 from arlm.formats.hf import _layout, hf_model_type
 from arlm.formats.verify import CheckpointError, check_finite
 from arlm.model.lora import LoRAConfig, Slices, add_lora, lora_modules, merge_lora
+from arlm.model.multi_lora import SlicePairs
 from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 
@@ -288,10 +289,6 @@ def adapter_files(model: Transformer, adapter: Adapter) -> dict[str, bytes]:
         ADAPTER_CONFIG: json.dumps(config, indent=2).encode(),
         ADAPTER_WEIGHTS: tensors_to_bytes(tensors, {"format": "pt"}),
     }
-
-
-# per slice of a layer: its adapter's (A, B), or None where the slice is not adapted
-SlicePairs = list[tuple[torch.Tensor, torch.Tensor] | None]
 
 
 def read_adapter_tensors(

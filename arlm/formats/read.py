@@ -6,7 +6,6 @@ the adapters a server holds beside its base model, unmerged (``load_lora_modules
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,14 +15,13 @@ from arlm.formats.checkpoint import CheckpointError, load_model
 from arlm.formats.hub import resolve
 from arlm.formats.peft import (
     ALL_LINEAR,
-    SlicePairs,
     apply_adapter,
     is_adapter_dir,
     lora_targets,
     read_adapter,
     read_adapter_tensors,
 )
-from arlm.model.lora import LoRAConfig
+from arlm.model.adapter_store import AdapterStore, ServedAdapter
 from arlm.model.multi_lora import AdapterRows, MultiLoRALinear, add_adapter_slots
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
@@ -89,15 +87,6 @@ def read_chain(
 DEFAULT_MAX_LORA_RANK = 16
 
 
-@dataclass(frozen=True)
-class ServedAdapter:
-    """A LoRA adapter read and checked for serving, not yet in a slot: its settings and each
-    adapted layer's (A, B) per slice (``read_adapter_tensors``)."""
-
-    lora: LoRAConfig
-    tensors: dict[str, SlicePairs]
-
-
 def read_lora_module(model: Transformer, name: str, path: str | os.PathLike) -> ServedAdapter:
     """The adapter called ``name`` in ``path`` (a PEFT folder or Hub id) for serving beside
     ``model``, read and checked; adapters trained on adapters are refused (merge them first)."""
@@ -124,16 +113,28 @@ def load_lora_modules(
     modules: dict[str, str | os.PathLike],
     max_loras: int | None = None,
     max_lora_rank: int | None = None,
-) -> AdapterRows:
-    """Give ``model`` slots for ``max_loras`` LoRA adapters (default: one per entry of
+    max_cpu_loras: int | None = None,
+) -> AdapterStore:
+    """Give ``model`` slots for ``max_loras`` LoRA adapters at once (default: one per entry of
     ``modules``) of rank up to ``max_lora_rank`` (default: the largest given, else 16), held
-    beside its weights unmerged (``arlm.model.multi_lora``), and load each of ``modules``
-    (name -> folder or Hub id) into one; the slots. With more slots than adapters, every
-    adaptable layer gets slots, so that any adapter of the model can be loaded later
-    (``install_adapter``); otherwise only the layers the given adapters adapt. Every adapter
-    is read and checked before ``model`` is changed."""
-    slots = len(modules) if max_loras is None else max_loras
-    check_int("max_loras", slots, max(len(modules), 1), f">= 1 and >= the {len(modules)} given")
+    beside its weights unmerged (``arlm.model.multi_lora``), and serve each of ``modules``
+    (name -> folder or Hub id) from host memory, written into a slot when a request needs it
+    (``arlm.model.adapter_store``); the store, which holds up to ``max_cpu_loras`` adapters
+    (default: the more of the adapters given and the slots). With room for adapters beyond
+    those given, every adaptable layer gets slots, so that any adapter of the model can be
+    added later (``AdapterStore.add``); otherwise only the layers the given adapters adapt.
+    Every adapter is read and checked before ``model`` is changed."""
+    slots = max(len(modules), 1) if max_loras is None else max_loras
+    check_int("max_loras", slots, 1)
+    held = max(len(modules), slots) if max_cpu_loras is None else max_cpu_loras
+    at_least = max(len(modules), slots)
+    check_int(
+        "max_cpu_loras",
+        held,
+        at_least,
+        f">= the {len(modules)} adapters given and the {slots} slots (max_loras): it is how "
+        "many adapters are held in host memory, those in slots among them",
+    )
     if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
         raise ValueError("the model holds LoRA adapter slots already; load them all at once")
     read = {name: read_lora_module(model, name, path) for name, path in modules.items()}
@@ -141,40 +142,14 @@ def load_lora_modules(
     rank = max_lora_rank if max_lora_rank is not None else max(ranks, default=DEFAULT_MAX_LORA_RANK)
     check_int("max_lora_rank", rank, max(ranks, default=1), f">= the given ranks {ranks}")
     for name in read:  # before the model changes
-        AdapterRows.check_name(name)
+        AdapterStore.check_name(name)
     targets = lora_targets(model, ALL_LINEAR)  # every adaptable layer
-    if slots == len(read):  # only those the adapters adapt
+    if held == len(read):  # only those the adapters adapt
         targets = {path: targets[path] for a in read.values() for path in a.tensors}
     weights = model.wte.weight
     rows = AdapterRows(slots, weights.dtype, weights.device)
     add_adapter_slots(model, targets, rank, rows)
+    store = AdapterStore(model, rows, held)
     for name, adapter in read.items():
-        install_adapter(model, rows, name, adapter)
-    return rows
-
-
-def install_adapter(
-    model: Transformer, rows: AdapterRows, name: str, adapter: ServedAdapter
-) -> int:
-    """Write ``adapter`` into a free slot of ``model`` under ``name``; its slot. Layers with
-    slots that the adapter leaves alone get zeros there (a slot may have held another
-    adapter). Refused, changing nothing, where the slots cannot hold it."""
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
-    outside = sorted(set(adapter.tensors) - set(layers))
-    if outside:
-        raise ValueError(
-            f"LoRA adapter {name!r} adapts {outside[0]}, which has no slots here: slots were made "
-            "for the layers of the adapters loaded at start; start with more slots than "
-            "adapters (max_loras) to give every layer slots"
-        )
-    rank = next(iter(layers.values())).rank
-    if adapter.lora.rank > rank:
-        raise ValueError(
-            f"LoRA adapter {name!r} has rank {adapter.lora.rank}, above the slots' {rank}; "
-            "start with a larger max_lora_rank"
-        )
-    slot = rows.claim(name)
-    for path, layer in layers.items():
-        pairs = adapter.tensors.get(path, [None] * len(layer.slices))
-        layer.load(slot, pairs, adapter.lora.scaling)
-    return slot
+        store.add(name, adapter)
+    return store

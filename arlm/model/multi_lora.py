@@ -14,7 +14,8 @@ number of slots (about ``2 * slots * projections * rank / in_features`` of the b
 is why they are few (vLLM's ``max_loras``). Each slot's block is ``slices * rank`` wide (the
 widest adapter's rank, smaller ranks zero-padded); an adapter's scaling is folded into its
 ``B``, so slots of different ranks and alphas mix. A slot can be filled and freed while the
-model serves (``AdapterRows.claim`` / ``release``, ``MultiLoRALinear.load``).
+model serves (``MultiLoRALinear.load``): ``arlm.model.adapter_store`` keeps more adapters than
+slots in host memory and writes each into a slot when a request needs it.
 """
 
 from __future__ import annotations
@@ -29,76 +30,30 @@ from arlm.model.lora import Slices
 from arlm.model.packing import PackedLinear
 from arlm.validate import check_int
 
+# one adapted layer's (A (rank, in), B (rows, rank)) per slice of its output, None where the
+# adapter leaves that projection alone
+SlicePairs = list[tuple[torch.Tensor, torch.Tensor] | None]
+
 
 class AdapterRows:
     """The adapter slots of one model's ``MultiLoRALinear`` layers, and which slot each token
     of the next forward uses: set by whoever runs the model (the engine's runner) before each
     forward.
 
-    ``names[i]`` is the adapter in slot i, None while the slot is free. ``mask`` is (tokens,
-    slots), one where a token uses that slot, or None when no token of the forward uses any
-    (the base alone, at no cost); only ``using`` sets it. ``claim`` and ``release`` change
-    which adapter a slot holds: whoever calls them keeps forwards and requests from running
-    meanwhile (the engine's loop thread, between steps)."""
+    ``names[i]`` is the adapter in slot i, None while the slot is free; the adapters' owner
+    (``arlm.model.adapter_store.AdapterStore``) writes them and the slots' weights. ``mask`` is
+    (tokens, slots), one where a token uses that slot, or None when no token of the forward
+    uses any (the base alone, at no cost); only ``using`` sets it."""
 
     def __init__(self, slots: int, dtype: torch.dtype, device: torch.device) -> None:
         check_int("slots", slots, 1)
         self.names: list[str | None] = [None] * slots
-        self._loads = [0] * slots  # adapters each slot has held, for ``salt``
         self.dtype, self.device = dtype, device
         self._slots = torch.arange(slots, device=device)
         self.mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.names)
-
-    @property
-    def loaded(self) -> tuple[str, ...]:
-        """The names of the adapters held, in slot order."""
-        return tuple(name for name in self.names if name is not None)
-
-    def slot(self, name: str) -> int:
-        """The slot of the adapter called ``name``; a ValueError naming those loaded."""
-        if name is not None and name in self.names:
-            return self.names.index(name)
-        loaded = ", ".join(self.loaded) or "none"
-        raise ValueError(f"no LoRA adapter named {name!r} is loaded; loaded: {loaded}")
-
-    def salt(self, slot: int) -> bytes:
-        """What the prefix cache mixes into the hashes of blocks computed with the adapter in
-        ``slot``: the slot and how many adapters it has held, so that the blocks of an adapter
-        since unloaded are never hits for the next one there."""
-        return f"lora {slot}.{self._loads[slot]}".encode()
-
-    @staticmethod
-    def check_name(name: str) -> None:
-        """Refuse a name no request's model field could give."""
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise ValueError(
-                f"LoRA adapter name {name!r} is not allowed; a name is a non-empty text without "
-                "leading or trailing spaces (what a request's model field gives)"
-            )
-
-    def claim(self, name: str) -> int:
-        """A free slot, now ``name``'s; a ValueError for a name in use or taken slots."""
-        self.check_name(name)
-        if name in self.names:
-            raise ValueError(f"a LoRA adapter named {name!r} is loaded already")
-        if None not in self.names:
-            raise ValueError(
-                f"all {len(self)} LoRA slots are taken ({', '.join(self.loaded)}); unload one "
-                "first, or start with more slots (max_loras)"
-            )
-        slot = self.names.index(None)
-        self.names[slot] = name
-        self._loads[slot] += 1
-        return slot
-
-    def release(self, name: str) -> int:
-        """Free the slot of ``name`` (its weights stay until another adapter is written)."""
-        slot = self.slot(name)
-        self.names[slot] = None
-        return slot
 
     @contextmanager
     def using(self, slots: torch.Tensor | None) -> Iterator[None]:
@@ -138,9 +93,7 @@ class MultiLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b.weight)
 
     @torch.no_grad()
-    def load(
-        self, slot: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None], scaling: float
-    ) -> None:
+    def load(self, slot: int, pairs: SlicePairs, scaling: float) -> None:
         """Put an adapter in ``slot``: ``pairs`` holds each slice's (A (rank, in), B (rows,
         rank)), or None where the adapter leaves that projection alone (zeros there); its
         ``scaling`` is folded into ``B``. Slots packed for the CPU's kernel are written

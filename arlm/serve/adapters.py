@@ -1,9 +1,10 @@
-"""LoRA adapters loaded into a running server's free slots and unloaded from them, as vLLM's
+"""LoRA adapters added to a running server and removed from it, as vLLM's
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` do (``--allow-runtime-lora-updates``;
-slots from ``--max-loras``). The files are read and checked in a thread of their own; the slot
-is written in the engine's loop thread between steps (``AsyncEngine.call``), so no forward
-sees half an adapter and no request names one before it is whole. A slot's prefix-cache blocks
-never serve the next adapter there (``AdapterRows.salt``)."""
+room for them from ``--max-cpu-loras``). The files are read and checked in a thread of their
+own; the adapter joins the engine's store (``arlm.model.adapter_store``) in the engine's loop
+thread between steps (``AsyncEngine.call``), so no request names one before it is whole. An
+adapter's prefix-cache blocks never serve another, nor one added later under its name
+(``AdapterStore.key``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import asyncio
 from fastapi.responses import PlainTextResponse
 
 from arlm.engine import AdapterBusy, InvalidRequest
-from arlm.formats.read import install_adapter, read_lora_module
+from arlm.formats.read import read_lora_module
 from arlm.serve.errors import APIError
 from arlm.serve.protocol import _Body
 
@@ -28,8 +29,8 @@ class UnloadLoRAAdapterRequest(_Body):
 
 
 async def load(server, req: LoadLoRAAdapterRequest) -> PlainTextResponse:
-    """Read ``req.lora_path`` and put it in a free slot under ``req.lora_name``: 200, or 400
-    saying why not (not an adapter, not of this model, the name taken, no free slot)."""
+    """Read ``req.lora_path`` and serve it as ``req.lora_name``: 200, or 400 saying why not
+    (not an adapter, not of this model, the name taken, no room)."""
     lm, name = server.lm, req.lora_name  # the server has slots (Server.attach checks)
     if name == server.model_name:
         raise APIError.bad_request(
@@ -38,14 +39,14 @@ async def load(server, req: LoadLoRAAdapterRequest) -> PlainTextResponse:
         )
     try:
         adapter = await asyncio.to_thread(read_lora_module, lm.model, name, req.lora_path)
-        await server.front.call(lambda: install_adapter(lm.model, lm.adapters, name, adapter))
+        await server.front.call(lambda: lm.adapters.add(name, adapter))
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise APIError.bad_request(e, "lora_path") from None
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
 async def unload(server, req: UnloadLoRAAdapterRequest) -> PlainTextResponse:
-    """Free the slot of ``req.lora_name``: 200, 404 when none is loaded by that name, 409 while
+    """Stop serving ``req.lora_name``: 200, 404 when none is loaded by that name, 409 while
     requests still run on it."""
     lm, name = server.lm, req.lora_name
     try:

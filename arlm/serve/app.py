@@ -84,8 +84,9 @@ class Server:
         of its own, or (``background`` False) wherever the caller runs ``front.run()``."""
         if self.config.allow_runtime_lora_updates and lm.adapters is None:
             raise ValueError(
-                "allow_runtime_lora_updates loads LoRA adapters into free slots, and this model "
-                "has none; start with max_loras N (--max-loras)"
+                "allow_runtime_lora_updates adds LoRA adapters beside the model, and this model "
+                "has no LoRA slots; start with max_cpu_loras N or max_loras N "
+                "(--max-cpu-loras, --max-loras)"
             )
         if self.model_name in self.adapters(lm):
             raise ValueError(
@@ -203,7 +204,7 @@ class Server:
     @staticmethod
     def adapters(lm) -> tuple[str, ...]:
         """The names of the LoRA adapters ``lm`` serves beside its base model now."""
-        return () if lm.adapters is None else lm.adapters.loaded
+        return () if lm.adapters is None else lm.adapters.names
 
     def served(self) -> tuple[str, ...]:
         """The model names requests may give now: the base's, then its LoRA adapters'."""

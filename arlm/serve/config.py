@@ -77,8 +77,9 @@ class ServeConfig:
     )
     allow_runtime_lora_updates: bool = option(
         False,
-        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, which load LoRA "
-        "adapters from paths clients give into free slots (--max-loras) while the server runs",
+        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, which add LoRA "
+        "adapters from paths clients give (up to --max-cpu-loras) and remove them while the "
+        "server runs",
     )
 
     def __post_init__(self) -> None:

@@ -8,8 +8,8 @@ engine's latest ``stats()`` at each scrape: running, waiting and swapped-out seq
 usage (blocks held over all blocks), prefix-cache queries and hits (in tokens), blocks brought
 back from the host tier, preemptions (``arlm.engine.scheduler``), loops detected and broken,
 with speculative decoding vLLM's ``spec_decode`` counters (``arlm.engine.speculation``), and
-with LoRA adapter slots vLLM's ``lora_requests_info``: the adapters running and waiting
-sequences use, in its labels.
+with LoRA adapter slots vLLM's ``lora_requests_info`` (the adapters running and waiting
+sequences use, in its labels) and the adapters written into slots.
 """
 
 from __future__ import annotations
@@ -167,6 +167,11 @@ class _EngineCollector:
                     "Seconds spent in the proposer.",
                     s["spec_decode_draft_seconds"],
                 ),
+            )
+        if "lora_slot_writes" in s:  # LoRA adapters (arlm.model.adapter_store)
+            counters["lora_slot_writes"] = (
+                "LoRA adapters written into a slot, when a request named one in none.",
+                s["lora_slot_writes"],
             )
         for name, (text, value) in counters.items():
             yield CounterMetricFamily(p + name, text, value=value)
