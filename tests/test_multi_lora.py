@@ -344,6 +344,28 @@ def _greedy(lm, prompt: str, adapter: str | None):
     return lm.generate(prompt, temperature=0, max_tokens=MAX_TOKENS, logprobs=0, adapter=adapter)
 
 
+@pytest.mark.parametrize("max_passes", [4, None])
+def test_a_waiting_adapter_is_not_passed_over_forever(folders, max_passes):
+    """One slot, and a request on "qv" arriving every step: a request on "mlp" waits while they
+    go ahead, but after ``max_passes`` steps they wait behind it, and it runs once the slot's
+    requests finish. (None: never their turn to wait; "mlp" does not run.)"""
+    lm = _load(folders["base"], lora_modules={n: folders[n] for n in ADAPTERS}, max_loras=1)
+    engine, params = lm.engine, arlm.SamplingParams(max_tokens=12, temperature=0)
+    engine.scheduler.max_passes = max_passes or 10**9
+    engine.add_request(PROMPTS[1], params, adapter="qv")
+    waiting = engine.add_request(PROMPTS[1], params, adapter="mlp")
+    steps = 0
+    while engine.stats()["running_lora_adapters"] != "mlp" and steps < 60:
+        engine.add_request(PROMPTS[1], params, adapter="qv")
+        engine.step()
+        steps += 1
+    ran = engine.stats()["running_lora_adapters"] == "mlp"
+    assert ran == (max_passes is not None)
+    if ran:  # the slot's "qv" requests (at most 12 steps each) finished first
+        assert max_passes < steps <= max_passes + params.max_tokens + 2
+        engine.abort(waiting)
+
+
 def test_adapters_added_and_removed_while_serving(folders, alone):
     """Room for two adapters and one slot, filled and emptied while the model serves: each
     adapter computes what it does merged; a slot rewritten by another adapter keeps none of the

@@ -32,7 +32,10 @@ there is nothing to count.
 With LoRA adapters (``arlm.model.adapter_store``), a sequence is admitted once its adapter is
 in one of the model's slots, written over a slot no running sequence holds if need be; one
 whose adapter finds no slot waits, and those behind it that fit go ahead (as vLLM's scheduler
-skips them), so a step never mixes more adapters than there are slots.
+skips them), so a step never mixes more adapters than there are slots. Passed over in
+``MAX_PASSES`` steps, it stops the ones behind it instead, so that a steady stream of requests
+on the adapters in slots cannot keep it waiting forever: the slots' sequences finish, and it
+takes one.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from arlm.engine.sequence import Sequence, Status
 from arlm.model.adapter_store import AdapterStore
 
 PREEMPTION_MODES = ("auto", "recompute", "swap")
+# steps a waiting sequence whose LoRA adapter has no slot lets those behind it go first
+MAX_PASSES = 64
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Scheduler:
         self.mixed_step_tokens: int | None = None
         self.preemption_mode = preemption_mode
         self.adapters = adapters
+        self.max_passes = MAX_PASSES
         self.waiting: deque[Sequence] = deque()
         self.swapped: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -208,6 +214,9 @@ class Scheduler:
             if admits is not None and not admits(seq):
                 break
             if not self._place_adapter(seq):
+                if seq.passes >= self.max_passes:
+                    break  # its turn: nothing behind it goes ahead any more
+                seq.passes += 1
                 passed_over.append(self.waiting.popleft())
                 continue
             self.waiting.popleft()

@@ -48,6 +48,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of the prompt's full blocks
     adapter: str | None = None  # the LoRA adapter's name (arlm.model.adapter_store), or None
     adapter_slot: int = -1  # the slot it is in while the sequence runs, -1: the base model
+    passes: int = 0  # steps others went ahead of it while its adapter had no slot
 
     status: Status = Status.WAITING
     num_cached: int = 0  # leading positions whose keys and values are in the cache
