@@ -32,14 +32,16 @@ there is nothing to count.
 With LoRA adapters (``arlm.model.adapter_store``), a sequence is admitted once its adapter is
 in one of the model's slots, written over a slot no running sequence holds if need be; one
 whose adapter finds no slot waits, and those behind it that fit go ahead (as vLLM's scheduler
-skips them), so a step never mixes more adapters than there are slots. Passed over in
-``MAX_PASSES`` steps, it stops the ones behind it instead, so that a steady stream of requests
-on the adapters in slots cannot keep it waiting forever: the slots' sequences finish, and it
-takes one.
+skips them), so a step never mixes more adapters than there are slots: requests queued
+together are served an adapter's group at a time. Passed over in ``MAX_PASSES`` steps, it
+holds back the adapter sequences that came after it was first passed over, so that a steady
+stream of requests on the adapters in slots cannot keep it waiting forever: the slots'
+sequences finish, and it takes one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -206,6 +208,7 @@ class Scheduler:
             batch.decode.append(seq)  # swapped out while decoding: one position pending
             budget -= 1
         passed_over = []
+        hold_after = math.inf  # adapter sequences that came later wait behind a starved one
         while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             fits = bm is None or bm.can_allocate(seq, watermark=bool(self.running))
@@ -213,10 +216,14 @@ class Scheduler:
                 break
             if admits is not None and not admits(seq):
                 break
-            if not self._place_adapter(seq):
-                if seq.passes >= self.max_passes:
-                    break  # its turn: nothing behind it goes ahead any more
+            if seq.adapter is not None and (
+                seq.arrival_time > hold_after or not self._place_adapter(seq)
+            ):
+                if seq.passed_since is None:
+                    seq.passed_since = time.perf_counter()
                 seq.passes += 1
+                if seq.passes > self.max_passes:
+                    hold_after = min(hold_after, seq.passed_since)
                 passed_over.append(self.waiting.popleft())
                 continue
             self.waiting.popleft()

@@ -49,6 +49,7 @@ class Sequence:
     adapter: str | None = None  # the LoRA adapter's name (arlm.model.adapter_store), or None
     adapter_slot: int = -1  # the slot it is in while the sequence runs, -1: the base model
     passes: int = 0  # steps others went ahead of it while its adapter had no slot
+    passed_since: float | None = None  # when that first happened
 
     status: Status = Status.WAITING
     num_cached: int = 0  # leading positions whose keys and values are in the cache
