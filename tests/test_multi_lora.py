@@ -409,6 +409,35 @@ def test_more_adapters_than_slots(folders, alone, slots):
     assert len(ADAPTERS) <= lm.adapters.slot_writes < len(adapters)
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_requests_take_their_adapter_again(served, folders, mode):
+    """Through two slots and a third of the KV memory they need: sequences preempted (their
+    blocks recomputed, or swapped to the host and back) come back on their own adapter, in
+    whichever slot it is then, and give the tokens a slot each gives with room to spare."""
+    prompts, adapters = _every_mix()
+    kwargs = dict(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    want = served.generate(prompts, adapter=adapters, **kwargs)
+    c, bs = served.config, 8
+    block = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * bs  # bytes of a block, float32
+    need = [-(-(len(served.tokenizer.encode(p)) + 40) // bs) for p in prompts]
+    pool = max(sum(need) // 3, max(need) + 2)
+    lm = _load(
+        folders["base"],
+        lora_modules={n: folders[n] for n in ADAPTERS},
+        max_loras=2,
+        kv_block_size=bs,
+        kv_cache_memory_gib=(pool + 0.5) * block / 2**30,
+        kv_offload_gib=sum(need) * block / 2**30 if mode == "swap" else 0.0,
+        preemption_mode=mode,
+    )
+    outs = lm.generate(prompts, adapter=adapters, **kwargs)
+    for got, expected in zip(outs, want, strict=True):
+        _assert_same(got, expected)
+    assert lm.engine.stats()["preemptions"] > 0
+    if mode == "swap":
+        assert lm.engine.scheduler.num_swaps > 0
+
+
 def test_a_request_whose_adapter_has_no_slot_waits_and_others_pass(folders):
     """One slot: a request on another adapter than the running one waits, and the requests
     behind it on the running adapter or the base go ahead; it runs once the slot is free."""
@@ -608,13 +637,17 @@ def test_folders_that_cannot_be_served_are_refused(folders, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_replay_mixed_adapters_as_eager_steps(folders):
+@pytest.mark.parametrize("slots", [None, 1])
+def test_cuda_graphs_replay_mixed_adapters_as_eager_steps(folders, slots):
     """On CUDA the decode steps replay graphs captured with the adapters' masked products:
-    every mix of adapters over 40 steps gives the eager engine's tokens."""
+    every mix of adapters over 40 steps gives the eager engine's tokens; with one slot, the
+    adapters written into it in place between overlapped steps too."""
     modules = {name: folders[name] for name in ADAPTERS}
     prompts, adapters = _every_mix()
     kwargs = dict(temperature=0, max_tokens=40, ignore_eos=True, adapter=adapters)
-    graphed = _load(folders["base"], device="cuda", dtype="float32", lora_modules=modules)
+    graphed = _load(
+        folders["base"], device="cuda", dtype="float32", lora_modules=modules, max_loras=slots
+    )
     eager = _load(
         folders["base"], device="cuda", dtype="float32", lora_modules=modules, enforce_eager=True
     )

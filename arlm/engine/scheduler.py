@@ -195,11 +195,13 @@ class Scheduler:
         ``admits`` allow; a waiting one whose LoRA adapter has no slot now is passed over."""
         bm = self.block_manager
         limit = self.max_num_seqs + ending
+        hold_after = math.inf  # adapter sequences that came later wait behind a starved one
         while self.swapped and budget > 0 and len(self.running) < limit:
             seq = self.swapped[0]
             if not bm.can_swap_in(seq) or (admits is not None and not admits(seq)):
                 return
-            if not self._place_adapter(seq):
+            if not self._place_adapter(seq):  # swapped out first: no one passes it
+                hold_after = seq.arrival_time
                 break
             self.swapped.popleft()
             bm.swap_in(seq)
@@ -208,7 +210,6 @@ class Scheduler:
             batch.decode.append(seq)  # swapped out while decoding: one position pending
             budget -= 1
         passed_over = []
-        hold_after = math.inf  # adapter sequences that came later wait behind a starved one
         while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             fits = bm is None or bm.can_allocate(seq, watermark=bool(self.running))
