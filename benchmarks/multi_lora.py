@@ -46,7 +46,8 @@ CPU build picks its own binding (on 2 cores: 1 compute thread, the other core fo
 engine process; see ``vllm_offline.py``), as in ``benchmarks/engine.py``.
 
 It prints a table (output tokens/s, the median round's seconds, each round's, and the seconds
-arlm and vLLM took to load) and the ratios: arlm LoRA over
+arlm and vLLM took to load), arlm's engine steps per round (and with fewer slots, the slot
+writes per round and what one costs, every adapter then placed in turn) and the ratios: arlm LoRA over
 vLLM LoRA, arlm base over vLLM base, and each engine's LoRA over its base (what serving
 adapters costs). Correctness, in the same run: how many requests give the same greedy tokens
 in arlm's mixed batch as in vLLM's (and PEFT's), and as arlm's base-only run for the requests
@@ -224,14 +225,37 @@ def run_arlm(folder: Path, adapters: dict[str, Path], requests: list[dict], args
     for lm, adapter in sides.values():
         lm.generate(warm, adapter=adapter and [*adapters, None], **warm_settings)
     times = {side: [] for side in sides}
-    outputs = {}
+    outputs, steps, writes = {}, {}, {}
     for _ in range(args.rounds):
         for side, (lm, adapter) in sides.items():
+            before = lm.engine.stats()
             start = time.perf_counter()
             completions = lm.generate(prompts, adapter=adapter, **settings)
             times[side].append(time.perf_counter() - start)
             outputs[side] = [c.token_ids for c in completions]
-    return {side: result(outputs[side], times[side], load_seconds=loads[side]) for side in sides}
+            after = lm.engine.stats()
+            steps[side] = after["steps"] - before["steps"]
+            writes[side] = after.get("lora_slot_writes", 0) - before.get("lora_slot_writes", 0)
+    results = {
+        side: result(
+            outputs[side],
+            times[side],
+            load_seconds=loads[side],
+            steps=steps[side],
+            slot_writes=writes[side],
+        )
+        for side in sides
+    }
+    fewer = f"arlm LoRA {args.max_loras} slots"
+    if fewer in sides:  # what one slot write costs: every adapter placed in turn
+        store = sides[fewer][0].adapters
+        first = store.slot_writes
+        start = time.perf_counter()
+        for name in adapters:
+            store.place(name, pinned=())
+        seconds = time.perf_counter() - start
+        results[fewer]["ms_per_slot_write"] = 1000 * seconds / max(store.slot_writes - first, 1)
+    return results
 
 
 def run_vllm(
@@ -452,6 +476,18 @@ def main() -> None:
         print(f"  {side:<20}{r['output_tokens_per_s']:10.1f}{r['seconds']:10.2f}{rounds:>24}{load}")
     if "PEFT LoRA" in results:
         print("  (transformers base / PEFT LoRA: all requests as one left-padded static batch)")
+    arlm_sides = [side for side, r in results.items() if "steps" in r]
+    print(
+        "  arlm engine steps per round: "
+        + ", ".join(f"{results[s]['steps']} ({s})" for s in arlm_sides)
+    )
+    fewer = f"arlm LoRA {args.max_loras} slots"
+    if fewer in results:
+        r = results[fewer]
+        print(
+            f"  {fewer}: {r['slot_writes']} slot writes per round, "
+            f"{r['ms_per_slot_write']:.1f} ms each"
+        )
     for r in results.values():
         if isinstance(r, str):
             print(r)
@@ -462,7 +498,7 @@ def main() -> None:
 
     print("ratios (output tok/s):")
     ratios = {}
-    fewer = f"arlm LoRA {args.max_loras} slots"  # vLLM's LoRA side has --max-loras slots too
+    # vLLM's LoRA side has --max-loras slots too
     for name, top, bottom in (
         ("arlm LoRA / vLLM LoRA", fewer if fewer in results else "arlm LoRA", "vLLM LoRA"),
         ("arlm base / vLLM base", "arlm base", "vLLM base"),
