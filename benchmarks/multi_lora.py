@@ -47,9 +47,9 @@ engine process; see ``vllm_offline.py``), as in ``benchmarks/engine.py``.
 
 It prints a table (output tokens/s, the median round's seconds, each round's, and the seconds
 arlm and vLLM took to load), arlm's engine steps per round (and with fewer slots, the slot
-writes per round and what one costs, every adapter then placed in turn) and the ratios: arlm LoRA over
-vLLM LoRA, arlm base over vLLM base, and each engine's LoRA over its base (what serving
-adapters costs). Correctness, in the same run: how many requests give the same greedy tokens
+writes per round and what one costs, every adapter then placed in turn) and the ratios: arlm
+LoRA over vLLM LoRA, arlm base over vLLM base, and each engine's LoRA over its base (what
+serving adapters costs). Correctness, in the same run: how many requests give the same greedy tokens
 in arlm's mixed batch as in vLLM's (and PEFT's), and as arlm's base-only run for the requests
 on the base; how many adapter requests differ from the base's tokens (that adapters apply).
 Random models have near-ties, so these are counts, not assertions. vLLM 0.32's CPU build gives
