@@ -13,14 +13,23 @@ windows of the same prepared corpus (``--block`` tokens, ``--batch`` windows a s
 - arlm LoRA: the same trainer with ``lora_rank`` (rank ``--rank``, alpha 2 x rank, on every
   attention and MLP projection: all-linear);
 - PEFT LoRA: ``peft.get_peft_model`` with the same rank, alpha and ``target_modules="all-linear"``
-  on transformers' model, AdamW over its trainable parameters.
+  on transformers' model, AdamW over its trainable parameters;
+- arlm QLoRA: arlm LoRA with ``quantize="int4"`` (``arlm train --quantize int4``): the frozen
+  layers int4 (groups of 32 inputs, a bfloat16 scale and minimum each: 5 bits a weight), the
+  output head float;
+- PEFT QLoRA: PEFT's LoRA on transformers' model loaded with bitsandbytes' ``load_in_4bit``
+  (NF4, blocks of 64 with a float32 absmax: 4.5 bits a weight, float32 compute) and
+  ``prepare_model_for_kbit_training`` without gradient checkpointing (arlm runs none here).
+  Skipped, saying so, where bitsandbytes is not installed (``pip install bitsandbytes``; its
+  CPU path is torch code, no download needed).
 
 Each side runs in its own worker process (its peak memory is its own), in turns, ``--steps``
 steps per turn for ``--rounds`` rounds after ``--warmup`` steps, one side at a time on every
 core. Per side: median ms/step, tokens/s, trainable parameters, the worker's peak RSS above what
-it held before loading the model, and for arlm the size of the checkpoint it writes (the whole
-model, or the adapter). Ratios: transformers' median step time over arlm's, PEFT's over arlm
-LoRA's.
+it held before loading the model and its RSS above that after the steps (what training holds:
+both quantized sides read the float model first, so their peaks include it), and for arlm the
+size of the checkpoint it writes (the whole model, or the adapter). Ratios: transformers' median
+step time over arlm's, PEFT's over arlm's for LoRA and QLoRA, and what QLoRA saves arlm.
 
 Run: ``python benchmarks/finetune.py`` (about 3 minutes on 2 cores).
 """
@@ -28,6 +37,7 @@ Run: ``python benchmarks/finetune.py`` (about 3 minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -58,7 +68,7 @@ SHAPES = {
         vocab_size=1024,
     ),
 }
-SIDES = ("arlm full", "transformers full", "arlm LoRA", "PEFT LoRA")
+SIDES = ("arlm full", "transformers full", "arlm LoRA", "PEFT LoRA", "arlm QLoRA", "PEFT QLoRA")
 LR = 1e-4
 
 
@@ -99,7 +109,9 @@ class Job:
 def _arlm_stepper(job: Job):
     from arlm.train import TrainConfig, Trainer
 
-    lora = {"lora_rank": job.rank} if job.side == "arlm LoRA" else {}
+    lora = {"lora_rank": job.rank} if "LoRA" in job.side else {}
+    if job.side == "arlm QLoRA":
+        lora["quantize"] = "int4"
     cfg = TrainConfig(
         init_from=job.model,
         corpus=job.shards,
@@ -129,9 +141,20 @@ def _hf_stepper(job: Job):
     from arlm.train.data import get_batch, open_shards
 
     shards = open_shards(Path(job.shards))
-    model = transformers.AutoModelForCausalLM.from_pretrained(job.model, dtype=torch.float32)
-    if job.side == "PEFT LoRA":
+    quantized = {}
+    if job.side == "PEFT QLoRA":
+        quantized["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        quantized["device_map"] = "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        job.model, dtype=torch.float32, **quantized
+    )
+    if "LoRA" in job.side:
         import peft
+
+        if quantized:
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         lora = peft.LoraConfig(
             r=job.rank, lora_alpha=2 * job.rank, target_modules="all-linear", task_type="CAUSAL_LM"
@@ -164,11 +187,16 @@ def worker(job: Job, conn) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     conn.send({"trainable": trainable})
     serve_steps(step, conn)
+    held = current_rss_mb() - baseline
     saved = saved_mb() if saved_mb else None
-    conn.send({"peak_rss_mb": peak_rss_mb() - baseline, "saved_mb": saved})
+    conn.send({"peak_rss_mb": peak_rss_mb() - baseline, "held_mb": held, "saved_mb": saved})
 
 
 def compare(args, model: Path, shards: Path, workdir: Path) -> dict:
+    sides = list(SIDES)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        sides.remove("PEFT QLoRA")
+        print("PEFT QLoRA skipped: bitsandbytes is not installed (pip install bitsandbytes)")
     jobs = {
         side: Job(
             side,
@@ -180,35 +208,43 @@ def compare(args, model: Path, shards: Path, workdir: Path) -> dict:
             args.rank,
             args.threads,
         )  # fmt: skip
-        for side in SIDES
+        for side in sides
     }
     times, info = take_turns(worker, jobs, args)
     tokens = args.batch * args.block
     rows = {}
-    for side in SIDES:
+    for side in sides:
         median = statistics.median(times[side])
         rows[side] = {
             "ms_per_step": median * 1e3,
             "tokens_per_s": tokens / median,
             **info[side],
         }
+
+    def ratio(top: str, bottom: str, key: str = "ms_per_step") -> float | None:
+        if top not in rows or bottom not in rows:
+            return None
+        return rows[top][key] / rows[bottom][key]
+
     ratios = {
-        "full: transformers / arlm step time": rows["transformers full"]["ms_per_step"]
-        / rows["arlm full"]["ms_per_step"],
-        "LoRA: PEFT / arlm step time": rows["PEFT LoRA"]["ms_per_step"]
-        / rows["arlm LoRA"]["ms_per_step"],
-        "arlm: full / LoRA step time": rows["arlm full"]["ms_per_step"]
-        / rows["arlm LoRA"]["ms_per_step"],
+        "full: transformers / arlm step time": ratio("transformers full", "arlm full"),
+        "LoRA: PEFT / arlm step time": ratio("PEFT LoRA", "arlm LoRA"),
+        "QLoRA: PEFT / arlm step time": ratio("PEFT QLoRA", "arlm QLoRA"),
+        "arlm: full / LoRA step time": ratio("arlm full", "arlm LoRA"),
+        "arlm: QLoRA / LoRA step time": ratio("arlm QLoRA", "arlm LoRA"),
+        "arlm: QLoRA / LoRA memory held": ratio("arlm QLoRA", "arlm LoRA", "held_mb"),
+        "QLoRA: PEFT / arlm memory held": ratio("PEFT QLoRA", "arlm QLoRA", "held_mb"),
     }
+    ratios = {name: value for name, value in ratios.items() if value is not None}
     print(f"\n{args.shape}, windows of {args.block} x {args.batch}, LoRA rank {args.rank}, "
           f"medians of {args.rounds} x {args.steps} steps")  # fmt: skip
     print(f"{'side':<18} {'ms/step':>9} {'tokens/s':>9} {'trainable':>11} {'peak MB':>8} "
-          f"{'saved MB':>9}")  # fmt: skip
+          f"{'held MB':>8} {'saved MB':>9}")  # fmt: skip
     for side, r in rows.items():
         saved = "" if r["saved_mb"] is None else f"{r['saved_mb']:.2f}"
         print(
             f"{side:<18} {r['ms_per_step']:>9.1f} {r['tokens_per_s']:>9,.0f} "
-            f"{r['trainable']:>11,} {r['peak_rss_mb']:>8.0f} {saved:>9}"
+            f"{r['trainable']:>11,} {r['peak_rss_mb']:>8.0f} {r['held_mb']:>8.0f} {saved:>9}"
         )
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")

@@ -133,9 +133,12 @@ def _dpo(tmp_path, base, pairs, cache_dir, **overrides):
     return fine_tune_config(base, pairs, tmp_path / "dpo", cache_dir, **settings | overrides)
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path, base, pairs, cache_dir, lora):
-    options = {"lora_rank": 8} if lora else {"lr": 1e-3}
+@pytest.mark.parametrize(
+    "options",
+    [{"lora_rank": 8}, {"lora_rank": 8, "quantize": "int4"}, {"lr": 1e-3}],
+    ids=["lora", "qlora", "full"],
+)
+def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path, base, pairs, cache_dir, options):
     trainer = Trainer(_dpo(tmp_path, base, pairs, cache_dir, **options), progress=False)
     assert corpus_kind(str(pairs)) == "preference"
     assert isinstance(trainer.shards, PreferenceCorpus)

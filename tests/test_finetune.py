@@ -9,10 +9,10 @@ import torch
 
 import arlm
 from arlm.formats.checkpoint import save_model
-from arlm.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from arlm.formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_targets
 from arlm.formats.read import read_model
-from arlm.model.lora import LoRALinear, merge_lora
-from arlm.model.quantize import quantize
+from arlm.model.lora import LoRAConfig, LoRALinear, add_lora, merge_lora
+from arlm.model.quantize import Int4Linear, Int8Linear, quantize
 from arlm.train import TrainConfig, Trainer
 from tests.conftest import fine_tune_config
 from tests.numerics import assert_close
@@ -112,8 +112,10 @@ def test_lora_trains_only_the_adapters_and_loads_as_a_merged_model(
     assert not torch.allclose(_logits(read_model(base)[0], ids), adapted, atol=1e-2)
 
 
-def test_lora_resumes_to_the_same_adapters(tmp_path, base, corpus, cache_dir):
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_lora_resumes_to_the_same_adapters(tmp_path, base, corpus, cache_dir, quantize):
     lora = dict(lora_rank=2, lora_alpha=4.0, lora_dropout=0.1, lora_targets="q_proj,v_proj")
+    lora |= dict(quantize=quantize)
     straight = Trainer(_tune(tmp_path / "a", base, corpus, cache_dir, **lora), progress=False)
     straight.fit()
 
@@ -133,6 +135,76 @@ def test_lora_resumes_to_the_same_adapters(tmp_path, base, corpus, cache_dir):
         assert torch.equal(a[name], b[name]), name
     adapted = {n for n, m in resumed.model.named_modules() if isinstance(m, LoRALinear)}
     assert adapted == {f"h.{i}.attn.c_attn" for i in range(resumed.model.config.n_layer)}
+
+
+def test_qlora_trains_adapters_over_a_quantized_model(tmp_path, base, corpus, cache_dir):
+    """--quantize int4: the frozen layers are int4 (the output head stays float for the chunked
+    loss), only the adapters train, the loss falls, and the adapter, saved for the float base,
+    lowers the float model's loss on the corpus too."""
+    cfg = _tune(tmp_path, base, corpus, cache_dir, lora_rank=4, lr=1e-2, quantize="int4")
+    trainer = Trainer(cfg, progress=False)
+    model = trainer.model
+    wrappers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert wrappers and all(isinstance(w.base, Int4Linear) for w in wrappers)
+    assert type(model.lm_head) is torch.nn.Linear
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n for n in trained)
+    before = trainer.evaluate()
+    result = trainer.fit()
+    assert result.val_loss < before - 0.15, (before, result.val_loss)
+    adapter = json.loads((result.out / ADAPTER_CONFIG).read_text())
+    assert adapter["base_model_name_or_path"] == str(base.resolve())
+    ids = torch.tensor(trainer.tokenizer.encode(NEW_TEXT[:200])[:48])[None]
+
+    def loss(m):
+        with torch.no_grad():
+            return m(ids[:, :-1], targets=ids[:, 1:])[1].item()
+
+    assert loss(arlm.load(result.out, dtype="float32").model) < loss(read_model(base)[0]) - 0.15
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_qlora_gradients_are_those_of_the_dequantized_model(base, method):
+    """The adapters' gradients over a quantized model equal those over a float model holding
+    the dequantized weights, and autograd keeps no float copy of a quantized weight between
+    the forward and the backward pass (the float model's pass keeps one per layer)."""
+    torch.manual_seed(0)
+    quantized, _ = read_model(base)
+    add_lora(quantized, LoRAConfig(4, 8.0), lora_targets(quantized, "all-linear"))
+    for p in quantized.parameters():
+        if p.requires_grad:  # B starts at zero: no gradient would reach A
+            torch.nn.init.normal_(p, std=0.1)
+    quantize(quantized, method, head=False)
+    dense = read_model(base)[0]
+    add_lora(dense, LoRAConfig(4, 8.0), lora_targets(dense, "all-linear"))
+    adapters = {k: v for k, v in quantized.state_dict().items() if ".lora_" in k}
+    dense.load_state_dict(adapters, strict=False)  # the rest is the same checkpoint's
+    shapes = set()
+    for name, module in quantized.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            target = dense.get_submodule(name)
+            target.weight.data = module.dequantize(torch.float32)
+            shapes.add(tuple(target.weight.shape))
+    ids = torch.randint(0, quantized.config.vocab_size, (2, 24))
+
+    def grads(model):
+        saved = []
+
+        def pack(t):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids[:, :-1], targets=ids[:, 1:])[1]
+        loss.backward()
+        kept = sum(shape in shapes for shape in saved)
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, kept
+
+    (got, kept), (want, dense_kept) = grads(quantized), grads(dense)
+    assert got.keys() == want.keys()
+    for name in got:
+        assert_close(got[name], want[name], scale=want[name].abs().max().item())
+    assert kept == 0 and dense_kept > 0
 
 
 def test_an_adapter_trained_on_an_adapter_loads_through_both(tmp_path, base, corpus, cache_dir):
@@ -208,6 +280,9 @@ def test_merge_lora_leaves_plain_linear_layers(tmp_path, base, corpus, cache_dir
         ({"lora_rank": 4, "sharding": "fsdp"}, "fsdp is not supported with --lora-rank"),
         ({"lora_alpha": 4.0}, "lora_alpha=4.0 is a LoRA option, but lora_rank is not set"),
         ({"lora_targets": "q_proj"}, "lora_targets=q_proj is a LoRA option"),
+        ({"quantize": "int4"}, "quantize=int4 is a LoRA option"),
+        ({"lora_rank": 4, "quantize": "int2"}, "quantize='int2' is not allowed"),
+        ({"lora_rank": 4, "group_size": 48}, "group_size=48 is not allowed"),
     ],
 )
 def test_bad_fine_tuning_options_are_named(tmp_path, overrides, message):

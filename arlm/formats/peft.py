@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from arlm.formats.hf import _layout, hf_model_type
 from arlm.formats.verify import CheckpointError, check_finite
 from arlm.model.lora import LoRAConfig, Slices, add_lora, lora_modules, merge_lora
 from arlm.model.multi_lora import SlicePairs
-from arlm.model.quantize import require_float
 from arlm.model.transformer import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -144,8 +143,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
 
 def _hf_modules(config: ModelConfig) -> tuple[dict[str, tuple[tuple[str, int], ...]], set[str]]:
     """The Hugging Face module names of ``config``'s model: arlm path of each adaptable linear
-    -> its modules with their rows, in order; and the names of every other module."""
-    require_float(config, "LoRA adapters")
+    -> its modules with their rows, in order; and the names of every other module (the same
+    for a model whose frozen layers are quantized: QLoRA's adapters are named as LoRA's)."""
     model_type = hf_model_type(config)
     if model_type == "gemma3":
         raise ValueError(
@@ -153,8 +152,10 @@ def _hf_modules(config: ModelConfig) -> tuple[dict[str, tuple[tuple[str, int], .
             "modules under the multimodal model's, beside a vision tower's of the same names; "
             "supported: gemma3_text folders"
         )
-    with torch.device("meta"):  # the layout of a model without adapters, whatever `model` holds
-        bare = Transformer(config)
+    # the layout of a float model without adapters, whatever `model` holds (adapters,
+    # quantized frozen layers)
+    with torch.device("meta"):
+        bare = Transformer(replace(config, quantization=None))
     adaptable, others = {}, {"lm_head"}  # a tied head is a module too
     for name, src in _layout(bare, "transformer.", model_type).items():
         modules = tuple(hf.rpartition(".")[0] for hf in src.hf_names)

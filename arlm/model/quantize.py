@@ -11,6 +11,11 @@ embedding reads one row per token, so its size costs memory, not decode time). A
 projection gets its own quantized copy. These modules compute by dequantizing the weight, which
 works on every device; ``arlm.model.packing`` swaps in the fast CPU kernels. The arithmetic is
 ``arlm.quant``'s.
+
+Gradients flow through them to their inputs, so LoRA adapters train over a quantized frozen
+model (QLoRA, ``arlm train --lora-rank R --quantize int4``): the backward pass dequantizes the
+weight again rather than keeping the forward's float copy, so the frozen model stays quantized
+in memory through a training step, a layer's float weight alive only while it computes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,20 @@ from arlm import quant
 from arlm.config import INT4_GROUP_SIZES, QUANT_METHODS
 
 
+class _DequantizedProduct(torch.autograd.Function):
+    """``x @ W^T`` for a quantized layer's frozen ``W``, dequantized in the forward and again
+    in the backward: autograd keeps no float copy of ``W`` between them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (grad @ ctx.layer.dequantize(grad.dtype)).to(ctx.dtype), None
+
+
 class _QuantizedLinear(nn.Module):
     """What the quantized layers share: a forward through their dequantized weight, and scales
     that keep their dtype."""
@@ -33,7 +52,10 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        out = _DequantizedProduct.apply(x, self)
+        return out if bias is None else out + bias
 
     def _apply(self, fn, recurse=True):
         # casting the model to bfloat16 moves the scales to its device but keeps them as they
@@ -62,7 +84,7 @@ class Int8Linear(_QuantizedLinear):
         codes, scale = quant.quantize_int8(w, torch.float32, 1e-12)
         module.weight, module.weight_scale = codes, scale[:, 0]
         if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().clone())
+            module.bias = nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
         return module.to(linear.weight.device)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -98,7 +120,7 @@ class Int4Linear(_QuantizedLinear):
         module.weight = packed.reshape(n, k // 2)
         module.weight_scale, module.weight_min = scale[..., 0], low[..., 0]
         if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().clone())
+            module.bias = nn.Parameter(linear.bias.detach().clone(), linear.bias.requires_grad)
         return module.to(linear.weight.device)
 
     def codes(self) -> torch.Tensor:
@@ -121,9 +143,11 @@ def quantized_linear(
     return Int4Linear(in_features, out_features, bias, group_size)
 
 
-def quantize(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
+def quantize(model: nn.Module, method: str, group_size: int = 32, head: bool = True) -> nn.Module:
     """Quantize ``model`` (a ``Transformer`` with float weights) in place and return it; its
-    config records the method, so ``save_model`` writes a checkpoint that loads quantized."""
+    config records the method, so ``save_model`` writes a checkpoint that loads quantized.
+    ``head`` False keeps the output projection float (QLoRA training: the chunked loss reads
+    its weight; such a model is not saved whole)."""
     if method not in QUANT_METHODS:
         raise ValueError(f"quantization {method!r} is not supported; choose one of {QUANT_METHODS}")
     if model.config.quantization is not None:
@@ -134,7 +158,7 @@ def quantize(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
         # every linear layer of the blocks and the head, but a mixture of experts' routers and
         # shared expert's gate, and served LoRA adapters' slots (arlm.model.multi_lora)
         gate = name.endswith((".router", ".shared_gate", ".lora_a", ".lora_b"))
-        layer = name.startswith("h.") and not gate or name == "lm_head"
+        layer = name.startswith("h.") and not gate or (head and name == "lm_head")
         if isinstance(module, nn.Linear) and layer:
             if method == "int8":
                 swaps[name] = Int8Linear.from_linear(module)

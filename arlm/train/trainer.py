@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from arlm.atomic import atomic_path
-from arlm.config import PRESETS, ModelConfig, option
+from arlm.config import INT4_GROUP_SIZES, PRESETS, QUANT_METHODS, ModelConfig, option
 from arlm.formats.checkpoint import (
     CheckpointError,
     load_model,
@@ -43,7 +43,7 @@ from arlm.formats.peft import (
 )
 from arlm.formats.read import read_model
 from arlm.model.lora import LoRAConfig, add_lora
-from arlm.model.quantize import require_float
+from arlm.model.quantize import quantize, require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
 from arlm.train.chat import ChatCorpus, ChatSplit, corpus_kind, load_chat
@@ -196,6 +196,15 @@ class TrainConfig:
         help="the projections LoRA adapts, by their Hugging Face names, comma-separated "
         "(q_proj,v_proj,...; c_attn,c_fc,... for GPT-2), or all-linear",
     )
+    quantize: str | None = option(
+        None,
+        help="with --lora-rank: hold the frozen model's linear layers in int8 or int4 (QLoRA), "
+        "the adapters training in float32 over them (default: float32)",
+        choices=QUANT_METHODS,
+    )
+    group_size: int = option(
+        32, help=f"with --quantize int4, inputs per group, one of {INT4_GROUP_SIZES}"
+    )
     dpo_beta: float = option(
         DPO_BETA,
         help="with a preference corpus: DPO's beta, how strongly the loss holds the model to its "
@@ -286,6 +295,7 @@ class TrainConfig:
                 "lora_alpha": self.lora_alpha is not None,
                 "lora_dropout": self.lora_dropout != 0.0,
                 "lora_targets": self.lora_targets != LORA_TARGETS,
+                "quantize": self.quantize is not None,
             }
             for name, set_ in given.items():
                 if set_:
@@ -300,6 +310,14 @@ class TrainConfig:
                 "--init-from (a checkpoint to adapt); a new model trains whole"
             )
         check_int("lora_rank", self.lora_rank, 1)
+        if self.quantize is not None and self.quantize not in QUANT_METHODS:
+            raise ValueError(
+                f"quantize={self.quantize!r} is not allowed; choose one of {QUANT_METHODS}"
+            )
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(
+                f"group_size={self.group_size} is not allowed; choose one of {INT4_GROUP_SIZES}"
+            )
         alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
         return LoRAConfig(self.lora_rank, alpha, self.lora_dropout)
 
@@ -456,6 +474,9 @@ class Trainer:
             add_lora(self.model, cfg.lora, lora_targets(self.model, cfg.lora_target_modules))
             if resume:
                 load_adapter_weights(self.model, self.out)
+            if cfg.quantize is not None:  # QLoRA: the frozen layers quantized, the adapters not
+                quantize(self.model, cfg.quantize, cfg.group_size, head=False)
+                self.model.to(self.device)  # the device holds the quantized model only
         elif resume and pretrained is None:  # the whole weights, before a sharding cuts them up
             self._load_weights()
         if cfg.activation_checkpointing:
@@ -529,10 +550,12 @@ class Trainer:
 
     def _pretrained(self, resume: bool) -> tuple[Transformer, Tokenizer]:
         """The model and tokenizer of ``init_from``, in float32 on the training device, with
-        this run's dropout. A resumed full fine-tune reads its model from its own folder."""
+        this run's dropout (QLoRA's in host memory: it moves once quantized). A resumed full
+        fine-tune reads its model from its own folder."""
         cfg = self.cfg
         source = self.out if resume and cfg.lora is None else resolve(cfg.init_from)
-        model, tokenizer = read_model(source, device=self.device)
+        device = "cpu" if cfg.quantize is not None else self.device
+        model, tokenizer = read_model(source, device=device)
         require_float(model.config, f"fine-tuning {cfg.init_from}")
         model.float().set_dropout(cfg.dropout)
         model.requires_grad_(True)  # an adapter folder's merged model comes frozen
