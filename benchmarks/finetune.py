@@ -26,8 +26,9 @@ windows of the same prepared corpus (``--block`` tokens, ``--batch`` windows a s
 Each side runs in its own worker process (its peak memory is its own), in turns, ``--steps``
 steps per turn for ``--rounds`` rounds after ``--warmup`` steps, one side at a time on every
 core. Per side: median ms/step, tokens/s, trainable parameters, the worker's peak RSS above what
-it held before loading the model and its RSS above that after the steps (what training holds:
-both quantized sides read the float model first, so their peaks include it), and for arlm the
+it held before loading the model and its RSS above that after the steps, freed memory given back
+to the system first (``malloc_trim``): what training holds (both quantized sides read the float
+model first, so their peaks include it), and for arlm the
 size of the checkpoint it writes (the whole model, or the adapter). Ratios: transformers' median
 step time over arlm's, PEFT's over arlm's for LoRA and QLoRA, and what QLoRA saves arlm.
 
@@ -37,6 +38,7 @@ Run: ``python benchmarks/finetune.py`` (about 3 minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -187,6 +189,9 @@ def worker(job: Job, conn) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     conn.send({"trainable": trainable})
     serve_steps(step, conn)
+    # memory freed since loading (a quantized side's float weights) back to the system, so
+    # that the RSS counts what is held, not what malloc keeps for reuse
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     held = current_rss_mb() - baseline
     saved = saved_mb() if saved_mb else None
     conn.send({"peak_rss_mb": peak_rss_mb() - baseline, "held_mb": held, "saved_mb": saved})
