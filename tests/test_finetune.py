@@ -161,6 +161,8 @@ def test_qlora_trains_adapters_over_a_quantized_model(tmp_path, base, corpus, ca
             return m(ids[:, :-1], targets=ids[:, 1:])[1].item()
 
     assert loss(arlm.load(result.out, dtype="float32").model) < loss(read_model(base)[0]) - 0.15
+    with pytest.raises(ValueError, match="hold no float weights to merge them into"):
+        merge_lora(model)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -89,7 +89,9 @@ def run(args: argparse.Namespace) -> None:
         if is_sharded(trainer.model):  # this rank held a shard: the whole model is on disk
             lm = LM(*load_model(result.out, device=trainer.device))
         else:
-            if trainer.cfg.lora is not None:  # training is over: the adapters join the weights
+            # training is over: the adapters join the weights (QLoRA's stay beside its
+            # quantized layers, which hold no float weights to join)
+            if trainer.cfg.lora is not None and trainer.cfg.quantize is None:
                 merge_lora(trainer.model)
             lm = LM(trainer.model, trainer.tokenizer)
         print(f"sample (temperature 0.8, seed 0):\n{args.sample}", end="")

@@ -178,7 +178,13 @@ def merge_lora(model: nn.Module) -> None:
     """Put each ``LoRALinear``'s base linear back in its place, holding the merged weight: the
     model computes what it did with the adapters, at the cost it had without them. Parameters
     stay frozen (``add_lora`` froze them); this is for inference and export."""
-    for path, wrapper in lora_modules(model).items():
+    wrappers = lora_modules(model)
+    if any(not isinstance(w.base, nn.Linear) for w in wrappers.values()):
+        raise ValueError(
+            "the adapters sit on quantized layers (QLoRA), which hold no float weights to merge "
+            "them into; load the adapter with its float base (arlm.load on the run folder)"
+        )
+    for path, wrapper in wrappers.items():
         base = wrapper.base
         with torch.no_grad():
             base.weight.copy_(wrapper.merged_weight())
