@@ -16,6 +16,7 @@ from arlm.train.chat import IGNORE, CorpusError, corpus_kind
 from arlm.train.corpus import builtin_documents
 from arlm.train.preference import (
     PreferenceCorpus,
+    PreferenceLoss,
     PreferenceSplit,
     dpo_loss,
     encode_pair,
@@ -109,6 +110,49 @@ def test_dpo_loss_is_the_papers_formula():
     assert dpo_loss(reference, reference, beta).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
+def test_the_other_losses_are_their_papers_formulas():
+    policy = torch.tensor([-3.0, -5.0, -4.0, -2.0])  # chosen 0, 1 then rejected 0, 1
+    reference = torch.tensor([-3.5, -5.0, -3.0, -2.5])
+    beta, eps = 0.1, 0.2
+    margins = [(-3.0 + 3.5) - (-4.0 + 3.0), (-5.0 + 5.0) - (-2.0 + 2.5)]
+
+    def log_sigmoid(z):
+        return -math.log(1 + math.exp(-z))
+
+    cases = {
+        ("sigmoid", eps): [
+            -(1 - eps) * log_sigmoid(beta * m) - eps * log_sigmoid(-beta * m) for m in margins
+        ],
+        ("hinge", 0.0): [max(0.0, 1 - beta * m) for m in margins],
+        ("ipo", 0.0): [(m - 1 / (2 * beta)) ** 2 for m in margins],
+    }
+    for (kind, smoothing), losses in cases.items():
+        got = dpo_loss(policy, reference, beta, kind, smoothing).item()
+        assert got == pytest.approx(sum(losses) / 2, rel=1e-6), kind
+
+
+def test_ipo_takes_each_answers_mean_log_probability(tmp_path):
+    """IPO's margins are of log-probabilities averaged over each answer's tokens (TRL's), the
+    others' of their sums; the rewards are beta times the policy's over the reference's."""
+    torch.manual_seed(0)
+    config = ModelConfig.preset("llama-tiny", vocab_size=64, n_layer=1)
+    model, reference = Transformer(config).eval(), Transformer(config).eval()
+    x = torch.randint(0, 64, (2, 6))
+    y = torch.tensor([[5, IGNORE, 7, 8, IGNORE, IGNORE], [IGNORE] * 5 + [3]])
+    with torch.no_grad():
+        sums = sequence_logps(model, x, y), sequence_logps(reference, x, y)
+        means = sequence_logps(model, x, y, mean=True), sequence_logps(reference, x, y, mean=True)
+        assert_close(means[0], sums[0] / torch.tensor([3.0, 1.0]), scale=float(sums[0].abs().max()))
+        for kind, (policy, ref) in [("ipo", means), ("sigmoid", sums), ("hinge", sums)]:
+            got = PreferenceLoss(0.1, model, reference, kind).rewards(model, x, y)
+            want = dpo_loss(policy, ref, 0.1, kind)
+            assert got.loss.item() == pytest.approx(want.item(), rel=1e-5), kind
+            assert_close(got.chosen, 0.1 * (policy[:1] - ref[:1]), scale=1.0)
+            assert_close(got.rejected, 0.1 * (policy[1:] - ref[1:]), scale=1.0)
+    for kind, start in [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 25.0)]:
+        assert PreferenceLoss(0.1, model, reference, kind).start == pytest.approx(start)
+
+
 # --- training ------------------------------------------------------------------------------
 
 
@@ -146,6 +190,11 @@ def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path, base, pairs, cache_di
     assert trainer.evaluate() == pytest.approx(math.log(2), abs=1e-5)
     result = trainer.fit()
     assert result.val_loss < 0.3, result.val_loss  # from log 2 = 0.69
+    # the rewards: every validation pair's chosen answer wins, by a margin the log shows
+    rewards = trainer.val_rewards
+    assert rewards["val_reward_accuracy"] == 1.0 and rewards["val_reward_margin"] > 0.5
+    logged = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["val_reward_accuracy"] == 1.0
     lm = arlm.load(result.out)
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Is 99 a number?"}])
     chosen, rejected = (lm.score(prompt + answer).total_logprob for answer in (" Yes.", " No."))
@@ -176,3 +225,23 @@ def test_dpo_resumes_exactly_and_needs_a_model(tmp_path, base, pairs, cache_dir)
     text.write_text("plain text, no pairs. " * 200)
     with pytest.raises(ValueError, match="dpo_beta=0.5 applies to preference pairs"):
         Trainer(_dpo(tmp_path / "d", base, text, cache_dir, dpo_beta=0.5), progress=False)
+    with pytest.raises(ValueError, match="dpo_loss=ipo applies to preference pairs"):
+        Trainer(_dpo(tmp_path / "e", base, text, cache_dir, dpo_loss="ipo"), progress=False)
+    with pytest.raises(ValueError, match="dpo_loss='kto' is not allowed"):
+        TrainConfig(dpo_loss="kto")
+    with pytest.raises(ValueError, match=r"dpo_label_smoothing=0.5 is not allowed; .* \[0, 0.5\)"):
+        TrainConfig(dpo_label_smoothing=0.5)
+    with pytest.raises(ValueError, match="smooths the sigmoid loss, and dpo_loss is 'hinge'"):
+        TrainConfig(dpo_loss="hinge", dpo_label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("kind", ["hinge", "ipo"])
+def test_the_other_losses_learn_the_preference(tmp_path, base, pairs, cache_dir, kind):
+    options = dict(lora_rank=8, dpo_loss=kind, steps=12, eval_interval=12)
+    trainer = Trainer(_dpo(tmp_path, base, pairs, cache_dir, **options), progress=False)
+    start = trainer.evaluate()
+    assert start == pytest.approx(trainer.preference.start, rel=1e-4)
+    assert trainer.val_rewards["val_reward_accuracy"] == 0.0  # every margin 0: no pair won
+    result = trainer.fit()
+    assert result.val_loss < 0.8 * start
+    assert trainer.val_rewards["val_reward_accuracy"] > 0.9

@@ -80,7 +80,13 @@ def run(args: argparse.Namespace) -> None:
     if trainer.preference is None:
         loss += f" (perplexity {math.exp(result.val_loss):.2f})"
     else:
-        loss += " (DPO; log 2 = 0.6931 where training began)"
+        rewards, preference = trainer.val_rewards, trainer.preference
+        loss += f" ({preference.kind} loss; {preference.start:.4f} where training began)"
+        if rewards:
+            loss += (
+                f", reward accuracy {rewards['val_reward_accuracy']:.0%}, margin "
+                f"{rewards['val_reward_margin']:.3f}"
+            )
     print(
         f"trained to step {result.step} in {result.seconds:.0f}s; {loss}; "
         f"checkpoint in {result.out}"

@@ -16,12 +16,26 @@ It starts at log 2 (the model is its reference) and falls as the model raises th
 answer's likelihood relative to the rejected one's, each measured against the reference, so it
 cannot drift far from the reference. With LoRA the reference is the frozen model itself, its
 adapters switched off (no second copy); a full fine-tune keeps a frozen copy of the start.
+
+Other losses of the same margin ``m`` (TRL's ``loss_type`` names, ``DPO_LOSSES``):
+
+- ``sigmoid`` with label smoothing ``eps`` (conservative DPO, Mitchell 2023: each label
+  wrong with probability ``eps``): ``-(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)``;
+- ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 - beta m)``;
+- ``ipo`` (Azar et al. 2023): ``(m - 1 / (2 beta))^2``, with each answer's log-probability the
+  mean over its tokens, as TRL computes it: a squared loss that pulls the margin to a target
+  rather than to infinity.
+
+The rewards DPO implies, ``beta (log p - log q)`` per answer, give what TRL logs: the share of
+pairs whose chosen answer's reward beats the rejected one's (reward accuracy) and the mean
+difference (reward margin); the trainer reports them on the validation pairs.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +54,7 @@ from arlm.train.chat import (
     read_examples,
 )
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo")
 SHAPE = (
     'each line must be one JSON object {"prompt": ..., "chosen": ..., "rejected": ...}: a '
     "string prompt with string answers, or a list of messages with answers that are lists of "
@@ -107,34 +122,77 @@ def load_preferences(path: str, tokenizer: Tokenizer) -> PreferenceCorpus:
     return PreferenceCorpus(PreferenceSplit(train), PreferenceSplit(val), tokenizer)
 
 
-def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def sequence_logps(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: bool = False
+) -> torch.Tensor:
     """Each row's summed log-probability (float32) of its targets ``y`` (``IGNORE``: none) after
-    the inputs ``x``; one row's log-softmax at a time, so only the logits are held whole."""
+    the inputs ``x``, or with ``mean`` its mean over the targets; one row's log-softmax at a
+    time, so only the logits are held whole."""
     logits, _ = model(x)
     sums = []
     for row, targets in zip(logits, y, strict=True):
         logp = torch.log_softmax(row.float(), dim=-1)
         taken = logp.gather(-1, targets.clamp(min=0)[:, None])[:, 0]
-        sums.append(torch.where(targets != IGNORE, taken, 0.0).sum())
+        counted = targets != IGNORE
+        total = torch.where(counted, taken, 0.0).sum()
+        sums.append(total / counted.sum().clamp(min=1) if mean else total)
     return torch.stack(sums)
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
-    """The mean DPO loss of pairs whose chosen answers' log-probabilities are the first half of
-    ``policy`` and ``reference`` (2n,) and the rejected answers' the second."""
+def dpo_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    beta: float,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The mean loss ``kind`` (one of ``DPO_LOSSES``, see the module's docstring) of pairs whose
+    chosen answers' log-probabilities are the first half of ``policy`` and ``reference`` (2n,)
+    and the rejected answers' the second."""
     n = policy.numel() // 2
     margin = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
-    return -F.logsigmoid(beta * margin).mean()
+    if kind == "hinge":
+        return F.relu(1 - beta * margin).mean()
+    if kind == "ipo":
+        return ((margin - 1 / (2 * beta)) ** 2).mean()
+    wrong = F.logsigmoid(-beta * margin) * label_smoothing if label_smoothing else 0.0
+    return -(F.logsigmoid(beta * margin) * (1 - label_smoothing) + wrong).mean()
+
+
+class PairRewards(NamedTuple):
+    """A batch's loss, and per pair the chosen and the rejected answer's implied reward
+    ``beta (log p - log q)`` (detached)."""
+
+    loss: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
 
 
 class PreferenceLoss:
-    """The DPO loss of a batch (``PreferenceSplit.batch``) for the model being trained, against
-    ``reference`` or, with None, the same model with its LoRA adapters off."""
+    """The preference loss (``kind``, one of ``DPO_LOSSES``) of a batch
+    (``PreferenceSplit.batch``) for the model being trained, against ``reference`` or, with
+    None, the same model with its LoRA adapters off."""
 
-    def __init__(self, beta: float, model: Transformer, reference: Transformer | None) -> None:
+    def __init__(
+        self,
+        beta: float,
+        model: Transformer,
+        reference: Transformer | None,
+        kind: str = "sigmoid",
+        label_smoothing: float = 0.0,
+    ) -> None:
         if reference is None and not lora_modules(model):
             raise ValueError("a reference model is needed where the model has no adapters")
+        if kind not in DPO_LOSSES:
+            raise ValueError(f"dpo_loss={kind!r} is not allowed; choose one of {DPO_LOSSES}")
         self.beta, self.model, self.reference = beta, model, reference
+        self.kind, self.label_smoothing = kind, label_smoothing
+
+    @property
+    def start(self) -> float:
+        """The loss where training begins, the model its own reference (every margin 0)."""
+        zero = torch.zeros(2)
+        return dpo_loss(zero, zero, self.beta, self.kind, self.label_smoothing).item()
 
     @torch.no_grad()
     def reference_logps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -144,10 +202,20 @@ class PreferenceLoss:
         model.eval()
         try:
             with adapters_disabled(model) if self.reference is None else nullcontext():
-                return sequence_logps(model, x, y)
+                return sequence_logps(model, x, y, mean=self.kind == "ipo")
         finally:
             model.train(training)
 
+    def rewards(self, forward: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> PairRewards:
+        """The batch's loss and its pairs' rewards. ``forward``: the model as the step calls
+        it (wrapped for data parallelism)."""
+        policy = sequence_logps(forward, x, y, mean=self.kind == "ipo")
+        reference = self.reference_logps(x, y)
+        loss = dpo_loss(policy, reference, self.beta, self.kind, self.label_smoothing)
+        reward = self.beta * (policy.detach() - reference)
+        n = reward.numel() // 2
+        return PairRewards(loss, reward[:n], reward[n:])
+
     def loss(self, forward: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``forward``: the model as the step calls it (wrapped for data parallelism)."""
-        return dpo_loss(sequence_logps(forward, x, y), self.reference_logps(x, y), self.beta)
+        """The batch's loss (``rewards``' first part)."""
+        return self.rewards(forward, x, y).loss

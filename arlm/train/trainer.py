@@ -51,6 +51,7 @@ from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
 from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
 from arlm.train.preference import (
+    DPO_LOSSES,
     PreferenceCorpus,
     PreferenceLoss,
     PreferenceSplit,
@@ -210,6 +211,17 @@ class TrainConfig:
         help="with a preference corpus: DPO's beta, how strongly the loss holds the model to its "
         "reference (the model as training began)",
     )
+    dpo_loss: str = option(
+        "sigmoid",
+        help="with a preference corpus: the loss of each pair's margin, TRL's names: sigmoid "
+        "(DPO), hinge (SLiC) or ipo (IPO)",
+        choices=DPO_LOSSES,
+    )
+    dpo_label_smoothing: float = option(
+        0.0,
+        help="with --dpo-loss sigmoid: the chance that a pair's labels are swapped (conservative "
+        "DPO), in [0, 0.5)",
+    )
 
     def __post_init__(self) -> None:
         if self.sharding not in SHARDINGS:
@@ -248,6 +260,18 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
         check_float("dpo_beta", self.dpo_beta, lambda b: b > 0, "> 0")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ValueError(
+                f"dpo_loss={self.dpo_loss!r} is not allowed; choose one of {DPO_LOSSES}"
+            )
+        check_float(
+            "dpo_label_smoothing", self.dpo_label_smoothing, lambda e: 0 <= e < 0.5, "in [0, 0.5)"
+        )
+        if self.dpo_label_smoothing and self.dpo_loss != "sigmoid":
+            raise ValueError(
+                f"dpo_label_smoothing={self.dpo_label_smoothing} smooths the sigmoid loss, and "
+                f"dpo_loss is {self.dpo_loss!r}; drop one of them"
+            )
         self.remedies  # noqa: B018 (checks the remedy options now)
         self.lora  # noqa: B018 (and the LoRA options)
 
@@ -489,6 +513,7 @@ class Trainer:
         self.batch_generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.last_val_loss = float("nan")
+        self.val_rewards: dict[str, float] = {}  # preference pairs' (``evaluate``)
         self.last_loss = float("nan")  # of the last step whose loss the host has read
         self.positions = 0  # input positions this process has trained on (for tokens/s)
         self._stop_requested = False  # asked of this process (Ctrl-C, request_stop)
@@ -509,14 +534,23 @@ class Trainer:
             )
         # preference pairs train by DPO, against the model as it began
         self.preference: PreferenceLoss | None = None
-        if cfg.dpo_beta != DPO_BETA and not isinstance(self.shards, PreferenceCorpus):
-            raise ValueError(
-                f"dpo_beta={cfg.dpo_beta} applies to preference pairs, and {cfg.corpus} holds "
-                "none; drop --dpo-beta or train on a .jsonl of prompt, chosen and rejected"
-            )
+        given = {
+            "dpo_beta": cfg.dpo_beta != DPO_BETA,
+            "dpo_loss": cfg.dpo_loss != "sigmoid",
+            "dpo_label_smoothing": cfg.dpo_label_smoothing != 0.0,
+        }
+        for name, set_ in given.items():
+            if set_ and not isinstance(self.shards, PreferenceCorpus):
+                raise ValueError(
+                    f"{name}={getattr(cfg, name)} applies to preference pairs, and {cfg.corpus} "
+                    f"holds none; drop --{name.replace('_', '-')} or train on a .jsonl of "
+                    "prompt, chosen and rejected"
+                )
         if isinstance(self.shards, PreferenceCorpus):
             reference = None if cfg.lora is not None else self._reference()
-            self.preference = PreferenceLoss(cfg.dpo_beta, self.model, reference)
+            self.preference = PreferenceLoss(
+                cfg.dpo_beta, self.model, reference, cfg.dpo_loss, cfg.dpo_label_smoothing
+            )
         adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.flops_per_token = model_flops_per_token(
             self.model.config, self.window, adapters if cfg.lora is not None else None
@@ -696,7 +730,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over ``eval_iters`` batches (the same batches every time),
-        shared out among the ranks."""
+        shared out among the ranks. With preference pairs, ``val_rewards`` then holds their
+        reward accuracy and mean reward margin."""
         self.model.eval()
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         b, world = self.cfg.batch_size, self.world
@@ -705,7 +740,9 @@ class Trainer:
         if isinstance(self.shards.val, TokenSplit):
             block = min(block, len(self.shards.val) - 1)
         starts = self._draw(self.shards.val, self.cfg.eval_iters * b, block, generator)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        # the loss summed over batches; with pairs, those whose chosen answer's reward won,
+        # their reward margins summed, and the pairs
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)
         # a sharded model's forward is a collective (each block all-gathers its weights), so
         # there every rank runs the same number of batches; a rank past the last one reruns its
         # first and does not count it
@@ -717,14 +754,25 @@ class Trainer:
             j = i if i < self.cfg.eval_iters else 0
             x, y = self._batch(self.shards.val, starts[j * b : (j + 1) * b], block)
             with self._autocast():
+                pairs = total.new_zeros(3)
                 if self.preference is not None:
-                    loss = self.preference.loss(self.model, x, y)
+                    loss, chosen, rejected = self.preference.rewards(self.model, x, y)
+                    pairs[0] = (chosen > rejected).sum()
+                    pairs[1] = (chosen - rejected).sum()
+                    pairs[2] = chosen.numel()
                 else:
                     _, loss = self.model(x, y, return_logits=False)
             if i < self.cfg.eval_iters:
-                total += loss.double()
+                total[0] += loss.double()
+                total[1:] += pairs
         self.model.train()
-        return sum_over_ranks(total, world).item() / self.cfg.eval_iters
+        loss, won, margin, pairs = sum_over_ranks(total, world).tolist()
+        if self.preference is not None:
+            self.val_rewards = {
+                "val_reward_accuracy": won / pairs,
+                "val_reward_margin": margin / pairs,
+            }
+        return loss / self.cfg.eval_iters
 
     def _log(self, record: dict) -> None:
         if self.world.is_main:
@@ -864,6 +912,12 @@ class Trainer:
                     if self.preference is None:  # a DPO loss is no cross-entropy
                         record["val_ppl"] = math.exp(self.last_val_loss)
                         line += f", perplexity {record['val_ppl']:.2f}"
+                    else:
+                        record |= self.val_rewards
+                        line += (
+                            f", reward accuracy {self.val_rewards['val_reward_accuracy']:.0%}, "
+                            f"margin {self.val_rewards['val_reward_margin']:.3f}"
+                        )
                     self._log(record)
                     if self.world.is_main:
                         bar.write(line)
