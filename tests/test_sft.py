@@ -1,17 +1,29 @@
 """Supervised fine-tuning on conversations: the chat template renders them, only the assistant's
 turns are targets, and a model tuned on them answers as taught and stops."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import arlm
+from arlm.config import ModelConfig
+from arlm.model.transformer import Transformer
 from arlm.tokenizer import EOT, Tokenizer
 from arlm.train import TrainConfig, Trainer
-from arlm.train.chat import IGNORE, ChatSplit, corpus_kind, encode_example, load_chat
+from arlm.train.chat import (
+    IGNORE,
+    ChatSplit,
+    PackedSplit,
+    corpus_kind,
+    encode_example,
+    load_chat,
+    pack_examples,
+)
 from arlm.train.corpus import CorpusError, builtin_documents
 from tests.conftest import fine_tune_config
+from tests.numerics import assert_close
 
 # ChatML, as Qwen's templates write it; <|im_end|> ends a turn and a generation
 CHATML = (
@@ -105,6 +117,43 @@ def test_a_batch_is_whole_examples_padded_and_cut(tokenizer):
     assert x[1, m:].eq(7).all() and y[1, m:].eq(IGNORE).all()
     x, y = split.batch([0], window=3, pad_id=7)
     assert x.tolist() == [a.ids[:3].tolist()]
+
+
+def test_packing_lays_every_example_once_into_rows_of_the_window():
+    lengths = [7, 3, 9, 2, 5, 5, 1, 9, 4]
+    rows = pack_examples(lengths, window=10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 5  # 45 positions: 5 rows of 10 is the least
+    assert pack_examples(lengths, window=10) == rows  # the same layout every time
+
+
+def test_a_packed_row_computes_each_example_as_alone(tokenizer):
+    """Packed examples attend only to themselves from position 0: each one's logits equal
+    its own forward, for rotary, sliding-window and learned-position models; the packed
+    batch's loss is the padded batch's."""
+    texts = [("a b c d e f", " g h"), ("x", " y"), ("one two three", " four five"), ("p q", " r")]
+    examples = [encode_example(tokenizer, {"prompt": p, "completion": c}, "t") for p, c in texts]
+    packed = PackedSplit(ChatSplit(examples), window=32)
+    assert len(packed) == 1 and packed.rows == [[0, 1, 2, 3]]
+    x, y, positions, segments = packed.batch([0], window=32, pad_id=7)
+    px, py = ChatSplit(examples).batch([0, 1, 2, 3], window=32, pad_id=7)
+    for family, extra in [("llama", {}), ("llama", {"sliding_window": 4}), ("gpt2", {})]:
+        torch.manual_seed(0)
+        config = ModelConfig.preset(family + "-tiny" if family == "llama" else "tiny")
+        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, **extra)
+        model = Transformer(config).eval()
+        with torch.no_grad():
+            together = model(x, positions=positions, segments=segments)[0][0]
+            at = 0
+            for e in examples:
+                n = len(e.ids) - 1
+                alone = model(torch.from_numpy(e.ids[:n])[None])[0][0]
+                assert_close(together[at : at + n], alone, scale=alone.abs().max().item())
+                at += n
+            loss = model(x, y, positions=positions, segments=segments)[1]
+            padded = model(px, py)[1]
+        assert_close(loss, padded, scale=padded.item())
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
@@ -205,6 +254,25 @@ def test_lora_on_conversations_resumes_exactly(tmp_path, base, chats, cache_dir)
     a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_packed_conversations_train_as_taught(tmp_path, base, chats, cache_dir):
+    """--packing: rows of several conversations; the model learns them as unpacked, in fewer
+    rows a step."""
+    trainer = Trainer(_sft(tmp_path, base, chats, cache_dir, packing=True), progress=False)
+    train = trainer.shards.train
+    assert isinstance(train, PackedSplit) and len(train) <= len(train.split) / 2
+    before = trainer.evaluate()
+    result = trainer.fit()
+    assert result.val_loss < before / 4, (before, result.val_loss)
+    lm = arlm.load(result.out)
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about owls."}])
+    out = lm.generate(prompt, max_tokens=20, temperature=0)
+    assert (out.text, out.finish_reason) == (" Noted.\n", "stop")
+    text = tmp_path / "text.txt"
+    text.write_text("plain text. " * 300)
+    with pytest.raises(ValueError, match="packing packs conversations, and .* holds text"):
+        Trainer(_sft(tmp_path / "t", base, text, cache_dir, packing=True), progress=False)
 
 
 def test_conversations_need_a_model_and_no_remedies(tmp_path, base, chats, cache_dir):

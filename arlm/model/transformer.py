@@ -462,6 +462,18 @@ class Block(nn.Module):
         return x, self.resid_dropout(h)
 
 
+def segment_masks(segments: torch.Tensor, windows: list[int | None]) -> list[torch.Tensor]:
+    """Each layer's attention mask (B, 1, T, T) for rows of packed examples: a query sees the
+    keys of its own segment (``segments`` (B, T)) at or before it, and within the layer's
+    window (None: no window), one mask per distinct window."""
+    T = segments.size(1)
+    index = torch.arange(T, device=segments.device)
+    behind = index[None, :] - index[:, None]  # key - query: <= 0 at or before the query
+    base = ((segments[:, :, None] == segments[:, None, :]) & (behind <= 0))[:, None]
+    masks = {w: base if w is None or w >= T else base & (behind > -w) for w in set(windows)}
+    return [masks[w] for w in windows]
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -607,6 +619,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         return_logits: bool = True,
         seq_ends: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for token ids ``idx`` (B, T) at positions ``start_pos .. start_pos+T-1``.
 
@@ -621,6 +634,8 @@ class Transformer(nn.Module):
         ``logits_at`` (K,) only the given positions of a one-row batch: logits (1, K, vocab).
         ``seq_ends`` (B, T), with ``positions``: how far each token's sequence reaches in this
         forward (LongRoPE chooses its factors by it; default: the furthest position + 1).
+        ``segments`` (B, T), teacher forcing only: each token attends to the earlier tokens of
+        its own segment alone (examples packed into one row, ``positions`` restarting at each).
         """
         B, T = idx.shape
         if positions is None:
@@ -645,7 +660,11 @@ class Transformer(nn.Module):
             rotate = functools.partial(self._rotate, kind=full if isinstance(full, str) else "long")
         x = self.drop(x)
         masks = self._no_masks
-        if kv_cache is not None:
+        if segments is not None:
+            if kv_cache is not None:
+                raise ValueError("segments are for teacher forcing; a KV cache holds one sequence")
+            masks = segment_masks(segments, self.windows)
+        elif kv_cache is not None:
             kv_cache.prepare(start_pos, T, rotate)
         elif self.config.sliding_window is not None:
             masks = layer_masks(self.windows, 0, T, idx.device)

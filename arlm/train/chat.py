@@ -19,10 +19,15 @@ added (as a target), so the model learns to stop.
 Examples are held in memory (a conversation is a few thousand tokens at most, a fine-tuning set
 thousands of them). A batch is a set of whole examples, each from its first token, cut at the
 training window and padded to the longest row; padding and context positions take no loss.
+Packed (``PackedSplit``, ``arlm train --packing``), a row holds several examples one after
+another, laid out once by best-fit decreasing into rows of the window: each attends only to
+itself and its positions start at 0, so it computes what it would alone, without the padding
+short examples leave in a batch of long ones.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,12 +196,77 @@ class ChatSplit:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
+class PackedSplit:
+    """The examples of a ``ChatSplit`` packed into rows of up to ``window`` input positions
+    (each example cut at the window, as unpacked): a draw is a row of examples."""
+
+    def __init__(self, split: ChatSplit, window: int) -> None:
+        self.split, self.window = split, window
+        lengths = [min(window, len(e.ids) - 1) for e in split.examples]
+        self.rows = pack_examples(lengths, window)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def tokens(self) -> int:
+        return self.split.tokens
+
+    def sample(self, n: int, generator: torch.Generator) -> list[int]:
+        """``n`` row indices drawn uniformly, with one draw from ``generator``."""
+        return torch.randint(len(self.rows), (n,), generator=generator).tolist()
+
+    def batch(self, indices: list[int], window: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+        """Inputs, targets, positions and segments (each (n, T)) of the rows ``indices``:
+        each row's examples one after another, the k-th one segment k, its positions from 0;
+        padded to the longest row (segment -1, no targets). ``window`` is the split's."""
+        if window != self.window:
+            raise ValueError(f"the rows were packed for a window of {self.window}, not {window}")
+        examples = self.split.examples
+        fills = [sum(min(window, len(examples[i].ids) - 1) for i in self.rows[r]) for r in indices]
+        x = np.full((len(indices), max(fills)), pad_id, dtype=np.int64)
+        y = np.full_like(x, IGNORE)
+        positions, segments = np.zeros_like(x), np.full_like(x, -1)
+        for r, row in enumerate(indices):
+            at = 0
+            for k, i in enumerate(self.rows[row]):
+                e = examples[i]
+                n = min(window, len(e.ids) - 1)
+                x[r, at : at + n] = e.ids[:n]
+                y[r, at : at + n] = np.where(e.trained[1 : n + 1], e.ids[1 : n + 1], IGNORE)
+                positions[r, at : at + n] = np.arange(n)
+                segments[r, at : at + n] = k
+                at += n
+        return tuple(torch.from_numpy(a) for a in (x, y, positions, segments))
+
+
+def pack_examples(lengths: list[int], window: int) -> list[list[int]]:
+    """Indices of examples of ``lengths`` (each at most ``window``) grouped into rows of at most
+    ``window`` positions, best fit decreasing: the longest first, each into the row it leaves
+    the least room in (a new row where none has room). Each row lists its examples in order."""
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (positions left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            rows.append([i])
+            left, row = window - n, len(rows) - 1
+        else:
+            left, row = room.pop(at)
+            rows[row].append(i)
+            left -= n
+        if left > 0:
+            bisect.insort(room, (left, row))
+    return [sorted(row) for row in rows]
+
+
 @dataclass
 class ChatCorpus:
     """A chat corpus encoded: its train and validation examples, and the tokenizer."""
 
-    train: ChatSplit
-    val: ChatSplit
+    train: ChatSplit | PackedSplit
+    val: ChatSplit | PackedSplit
     tokenizer: Tokenizer
 
 

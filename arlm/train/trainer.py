@@ -46,7 +46,7 @@ from arlm.model.lora import LoRAConfig, add_lora
 from arlm.model.quantize import quantize, require_float
 from arlm.model.transformer import Transformer
 from arlm.tokenizer import Tokenizer
-from arlm.train.chat import ChatCorpus, ChatSplit, corpus_kind, load_chat
+from arlm.train.chat import ChatCorpus, ChatSplit, PackedSplit, corpus_kind, load_chat
 from arlm.train.data import Shards, TokenSplit, default_cache_dir, sample_starts
 from arlm.train.distributed import barrier, init_world, sum_over_ranks
 from arlm.train.flops import model_flops_per_token, peak_flops
@@ -71,7 +71,8 @@ from arlm.train.sharding import (
 )
 from arlm.validate import check_float, check_int
 
-Split = TokenSplit | ChatSplit | PreferenceSplit  # what training batches are drawn from
+# what training batches are drawn from
+Split = TokenSplit | ChatSplit | PackedSplit | PreferenceSplit
 LORA_TARGETS = ALL_LINEAR  # every projection in the blocks, as QLoRA found best
 DPO_BETA = 0.1  # TRL's default
 STATE_TENSORS = "train_state.safetensors"
@@ -161,6 +162,11 @@ class TrainConfig:
     )
     activation_checkpointing: bool = option(
         False, help="recompute each block's activations in the backward pass (less memory)"
+    )
+    packing: bool = option(
+        False,
+        help="with a conversations corpus: pack several examples into each row of the window, "
+        "each attending only to itself (no padding between short examples)",
     )
     cache_dir: str | None = option(
         None, help="where encoded corpora are cached (default: ~/.cache/arlm)"
@@ -494,6 +500,16 @@ class Trainer:
                 f"block_size={cfg.block_size} is longer than the context of {cfg.init_from} "
                 f"({context} positions); choose at most that"
             )
+        if cfg.packing:  # rows of several conversations, laid out once for the window
+            if not isinstance(self.shards, ChatCorpus):
+                what = "preference pairs" if kind == "preference" else "text"
+                raise ValueError(
+                    f"packing packs conversations, and {cfg.corpus} holds {what}: text windows "
+                    "are full already, and DPO compares each pair's answers row by row; drop "
+                    "--packing"
+                )
+            train, val = (PackedSplit(s, self.window) for s in (self.shards.train, self.shards.val))
+            self.shards = ChatCorpus(train, val, self.tokenizer)
         if cfg.lora is not None:  # a frozen model and its adapters, which alone train
             add_lora(self.model, cfg.lora, lora_targets(self.model, cfg.lora_target_modules))
             if resume:
@@ -713,19 +729,21 @@ class Trainer:
 
     def _batch(
         self, split: Split, picks: list[int], block: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Inputs (B, T) and their targets on the training device: windows of ``block`` tokens
         and the same shifted by one, or whole examples (``ChatSplit.batch``; a preference
-        batch's rows are each pair's chosen answers, then its rejected ones)."""
+        batch's rows are each pair's chosen answers, then its rejected ones); and for packed
+        examples the model's ``positions`` and ``segments`` (``PackedSplit.batch``)."""
         if isinstance(split, TokenSplit):
             windows = split.windows(picks, block)  # (B, block + 1)
-            x, y = windows[:, :-1], windows[:, 1:]
+            tensors = (windows[:, :-1], windows[:, 1:])
         else:
             pad = self.tokenizer.eos_token_ids[0] if self.tokenizer.eos_token_ids else 0
-            x, y = split.batch(picks, block, pad)
+            tensors = split.batch(picks, block, pad)
         if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            tensors = tuple(t.pin_memory() for t in tensors)
+        x, y, *packed = (t.to(self.device, non_blocking=True) for t in tensors)
+        return x, y, dict(zip(("positions", "segments"), packed, strict=True)) if packed else {}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -752,7 +770,7 @@ class Trainer:
             if i >= self.cfg.eval_iters and not is_sharded(self.model):
                 break
             j = i if i < self.cfg.eval_iters else 0
-            x, y = self._batch(self.shards.val, starts[j * b : (j + 1) * b], block)
+            x, y, packed = self._batch(self.shards.val, starts[j * b : (j + 1) * b], block)
             with self._autocast():
                 pairs = total.new_zeros(3)
                 if self.preference is not None:
@@ -761,7 +779,7 @@ class Trainer:
                     pairs[1] = (chosen - rejected).sum()
                     pairs[2] = chosen.numel()
                 else:
-                    _, loss = self.model(x, y, return_logits=False)
+                    _, loss = self.model(x, y, return_logits=False, **packed)
             if i < self.cfg.eval_iters:
                 total[0] += loss.double()
                 total[1:] += pairs
@@ -798,7 +816,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(cfg.grad_accum):
             first = (k * world.size + world.rank) * b
-            x, y = self._batch(self.shards.train, starts[first : first + b], block)
+            x, y, packed = self._batch(self.shards.train, starts[first : first + b], block)
             self.positions += x.numel()  # of this rank, padding included
             # the gradients are averaged over ranks once, in the last micro-step's backward
             last = k == cfg.grad_accum - 1
@@ -809,7 +827,7 @@ class Trainer:
                     elif self.preference is not None:
                         loss = self.preference.loss(self.forward_model, x, y)
                     else:
-                        _, loss = self.forward_model(x, y, return_logits=False)
+                        _, loss = self.forward_model(x, y, return_logits=False, **packed)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach().double() / cfg.grad_accum
         values = total[None]
@@ -861,6 +879,8 @@ class Trainer:
             rows = f"{self.global_batch} sequences x {self.window} = {tokens_per_step:,} tokens"
             if isinstance(self.shards.train, ChatSplit):
                 rows = f"{self.global_batch} examples of up to {self.window} tokens"
+            elif isinstance(self.shards.train, PackedSplit):
+                rows = f"{self.global_batch} rows of packed examples, up to {self.window} tokens"
             elif isinstance(self.shards.train, PreferenceSplit):
                 rows = f"{self.global_batch} pairs of answers of up to {self.window} tokens"
             print(
