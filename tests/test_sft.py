@@ -130,15 +130,16 @@ def test_packing_lays_every_example_once_into_rows_of_the_window():
 
 def test_a_packed_row_computes_each_example_as_alone(tokenizer):
     """Packed examples attend only to themselves from position 0: each one's logits equal
-    its own forward, for rotary, sliding-window and learned-position models; the packed
-    batch's loss is the padded batch's."""
+    its own forward, for rotary, sliding-window, score-capped (Gemma 2's attention, formed
+    whole) and learned-position models; the packed batch's loss is the padded batch's."""
     texts = [("a b c d e f", " g h"), ("x", " y"), ("one two three", " four five"), ("p q", " r")]
     examples = [encode_example(tokenizer, {"prompt": p, "completion": c}, "t") for p, c in texts]
     packed = PackedSplit(ChatSplit(examples), window=32)
     assert len(packed) == 1 and packed.rows == [[0, 1, 2, 3]]
     x, y, positions, segments = packed.batch([0], window=32, pad_id=7)
     px, py = ChatSplit(examples).batch([0, 1, 2, 3], window=32, pad_id=7)
-    for family, extra in [("llama", {}), ("llama", {"sliding_window": 4}), ("gpt2", {})]:
+    cases = [("llama", {}), ("llama", {"sliding_window": 4}), ("llama", {"attn_softcap": 5.0})]
+    for family, extra in [*cases, ("gpt2", {})]:
         torch.manual_seed(0)
         config = ModelConfig.preset(family + "-tiny" if family == "llama" else "tiny")
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, **extra)
