@@ -230,6 +230,12 @@ def test_a_model_tuned_on_conversations_answers_as_taught_and_stops(
 ):
     trainer = Trainer(_sft(tmp_path, base, chats, cache_dir), progress=False)
     assert len(trainer.shards.train) + len(trainer.shards.val) == 80
+    _learns_to_answer_as_taught(trainer)
+
+
+def _learns_to_answer_as_taught(trainer: Trainer) -> None:
+    """The run's loss falls to a quarter, and the tuned model answers as the corpus does and
+    stops."""
     before = trainer.evaluate()
     result = trainer.fit()
     assert result.val_loss < before / 4, (before, result.val_loss)
@@ -263,13 +269,7 @@ def test_packed_conversations_train_as_taught(tmp_path, base, chats, cache_dir):
     trainer = Trainer(_sft(tmp_path, base, chats, cache_dir, packing=True), progress=False)
     train = trainer.shards.train
     assert isinstance(train, PackedSplit) and len(train) <= len(train.split) / 2
-    before = trainer.evaluate()
-    result = trainer.fit()
-    assert result.val_loss < before / 4, (before, result.val_loss)
-    lm = arlm.load(result.out)
-    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about owls."}])
-    out = lm.generate(prompt, max_tokens=20, temperature=0)
-    assert (out.text, out.finish_reason) == (" Noted.\n", "stop")
+    _learns_to_answer_as_taught(trainer)
     text = tmp_path / "text.txt"
     text.write_text("plain text. " * 300)
     with pytest.raises(ValueError, match="packing packs conversations, and .* holds text"):

@@ -126,8 +126,8 @@ def load_lora_modules(
     Every adapter is read and checked before ``model`` is changed."""
     slots = max(len(modules), 1) if max_loras is None else max_loras
     check_int("max_loras", slots, 1)
-    held = max(len(modules), slots) if max_cpu_loras is None else max_cpu_loras
     at_least = max(len(modules), slots)
+    held = at_least if max_cpu_loras is None else max_cpu_loras
     check_int(
         "max_cpu_loras",
         held,

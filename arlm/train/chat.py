@@ -202,8 +202,9 @@ class PackedSplit:
 
     def __init__(self, split: ChatSplit, window: int) -> None:
         self.split, self.window = split, window
-        lengths = [min(window, len(e.ids) - 1) for e in split.examples]
-        self.rows = pack_examples(lengths, window)
+        # each example's input positions, cut at the window as unpacked
+        self.lengths = [min(window, len(e.ids) - 1) for e in split.examples]
+        self.rows = pack_examples(self.lengths, window)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -222,16 +223,15 @@ class PackedSplit:
         padded to the longest row (segment -1, no targets). ``window`` is the split's."""
         if window != self.window:
             raise ValueError(f"the rows were packed for a window of {self.window}, not {window}")
-        examples = self.split.examples
-        fills = [sum(min(window, len(examples[i].ids) - 1) for i in self.rows[r]) for r in indices]
+        examples, lengths = self.split.examples, self.lengths
+        fills = [sum(lengths[i] for i in self.rows[r]) for r in indices]
         x = np.full((len(indices), max(fills)), pad_id, dtype=np.int64)
         y = np.full_like(x, IGNORE)
         positions, segments = np.zeros_like(x), np.full_like(x, -1)
         for r, row in enumerate(indices):
             at = 0
             for k, i in enumerate(self.rows[row]):
-                e = examples[i]
-                n = min(window, len(e.ids) - 1)
+                e, n = examples[i], lengths[i]
                 x[r, at : at + n] = e.ids[:n]
                 y[r, at : at + n] = np.where(e.trained[1 : n + 1], e.ids[1 : n + 1], IGNORE)
                 positions[r, at : at + n] = np.arange(n)
